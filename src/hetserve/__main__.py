@@ -1,0 +1,3 @@
+from hetserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The ``hetserve`` command line: one small function per verb; the work lives in the packages."""
+from __future__ import annotations
+
+import argparse
+import sys
+from .errors import HetserveError
+from .report.tables import err_console, key_values, print_json, table
+
+
+def _gpu_catalogue(cluster_path: str | None):
+    from .specs.clusters import Cluster
+    from .specs.gpus import builtin_gpus
+
+    return Cluster.load(cluster_path).gpus if cluster_path else builtin_gpus()
+
+
+def cmd_gpus(args) -> int:
+    gpus = _gpu_catalogue(args.cluster)
+    if args.json:
+        print_json({name: g.model_dump() for name, g in gpus.items()})
+        return 0
+    rows = []
+    for g in gpus.values():
+        rows.append((g.name, g.vendor, g.memory_gb, g.memory_bw_gb_per_s, g.tflops.get("fp32"), g.half_tflops,
+                     g.tflops.get("fp8"), g.tflops.get("int8"), g.tflops.get("int4"),
+                     f"{g.fabric.kind} {g.fabric.gb_per_s:g}", g.tdp_w, g.price_per_hour))
+    table("GPU catalogue (dense TFLOPS; sources: hetserve gpus --json)",
+          ["gpu", "vendor", "mem GB", "GB/s", "fp32", "fp16/bf16", "fp8", "int8", "int4", "fabric GB/s",
+           "TDP W", "$/h"], rows)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .specs.models import builtin_model_names, load_model
+
+    models = [load_model(n) for n in builtin_model_names()]
+    if args.json:
+        print_json({m.name: m.summary() for m in models})
+        return 0
+    cols = ["name", "family", "layers", "hidden", "heads", "kv_heads", "experts", "params_b",
+            "weights_gb_16bit", "weights_gb_4bit", "kv_kb_per_token"]
+    table("Built-in models (derived from each config.json)", cols,
+          [[m.summary()[c] for c in cols] for m in models])
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .costmodel.estimate import estimate
+    from .errors import allowed, suggest
+    from .specs.models import load_model
+
+    gpus = _gpu_catalogue(args.cluster)
+    if args.gpu not in gpus:
+        raise HetserveError(f"--gpu: unknown GPU '{args.gpu}'{suggest(args.gpu, gpus)}; known: {allowed(gpus)}")
+    est = estimate(load_model(args.model), gpus[args.gpu], tp=args.tp, pp=args.pp, batch=args.batch,
+                   prompt=args.prompt, output=args.output, weight_bits=args.weight_bits)
+    if args.json:
+        print_json(est.as_dict())
+    else:
+        d = est.as_dict()
+        key_values(f"{est.model} on {est.tp * est.pp} x {est.gpu} (TP {est.tp}, PP {est.pp}, "
+                   f"{est.weight_bits}-bit weights), batch {est.batch}, {est.prompt} in / {est.output} out",
+                   [(k, d[k]) for k in ("prefill_ms", "decode_ms_per_token", "e2e_ms", "tokens_per_s",
+                                        "weights_gb_per_gpu", "kv_gb_per_gpu", "memory_gb_per_gpu",
+                                        "usable_gb_per_gpu", "kv_capacity_tokens", "fits")])
+        if not est.fits:
+            err_console.print(f"[bold red]does not fit:[/] {est.reason}")
+    return 0 if est.fits else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("gpus", help="list the GPU catalogue")
+    g.add_argument("--cluster", help="cluster file whose 'gpus:' additions/overrides to include")
+    g.add_argument("--json", action="store_true", help="print JSON (with every figure's source)")
+    g.set_defaults(func=cmd_gpus)
+
+    m = sub.add_parser("models", help="list the built-in models and their derived sizes")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    e = sub.add_parser("estimate", help="latency, throughput and memory of one batch on a TP x PP GPU group")
+    e.add_argument("--model", required=True, help="built-in name or path of a config.json")
+    e.add_argument("--gpu", required=True, help="GPU name (see: hetserve gpus)")
+    e.add_argument("--cluster", help="cluster file defining extra GPUs")
+    e.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    e.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split evenly)")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
+    e.add_argument("--output", type=int, default=128, help="output tokens per request")
+    e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_estimate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HetserveError as exc:
+        print(f"hetserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

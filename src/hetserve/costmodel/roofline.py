@@ -1,0 +1,210 @@
+"""Roofline cost model: spec-sheet peaks times efficiency factors, per layer and per phase.
+
+A batch on a server is summarised by four numbers (``BatchShape``): new tokens computed, sequences,
+attention (query, key) pairs and KV tokens read. Each layer is two kernels groups, timed separately:
+the weight GEMMs, bound by FLOPs or by weight bytes, and attention, bound by FLOPs or by KV bytes.
+Low-bit weights without a native kernel path pay a dequantisation pass; tensor parallelism adds two
+all-reduces per layer. ``ServerTimer`` folds all constants once so a call is a few float operations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..specs.clusters import Link
+from ..specs.gpus import GPUSpec
+from ..specs.models import ModelSpec
+from .links import allreduce_time
+
+#: Operations per weight for a standalone dequantisation pass (unpack, scale, zero, store).
+DEQUANT_OPS_PER_WEIGHT = 4.0
+#: Fixed per-layer time (kernel launches, norms, small ops) when the GPU spec gives none, seconds.
+LAYER_OVERHEAD_S = 20e-6
+#: Fraction of device memory the runtime may use (the rest is the framework's and the driver's).
+MEMORY_UTILISATION = 0.9
+#: Fraction of a fabric's per-direction bandwidth that collectives achieve. PCIe cards in cloud
+#: machines usually lack peer-to-peer access, so NCCL stages through host memory.
+COLLECTIVE_EFFICIENCY = {"nvlink": 0.8, "xgmi": 0.7, "infinity-fabric": 0.7, "hccs": 0.7, "roce": 0.7,
+                         "pcie": 0.25, "none": 0.25}
+#: Bytes of activations live per batch token per unit of hidden size (residual, norms, QKV, MLP).
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 2 * 8
+
+
+def collective_link(gpu: GPUSpec) -> Link:
+    """The path a tensor-parallel collective sees inside one node of ``gpu``."""
+    f = gpu.fabric
+    return Link(f.gb_per_s * 1e9 * COLLECTIVE_EFFICIENCY[f.kind], f.latency_us * 1e-6)
+
+
+@dataclass(frozen=True)
+class ServerShape:
+    """What the cost model needs of a server: GPU, TP degree and the bits of each layer it holds."""
+
+    gpu: GPUSpec
+    tp: int
+    layer_bits: tuple[int, ...]
+    first: bool = True          # holds the embedding
+    last: bool = True           # holds the final norm and LM head
+    kv_dtype_bytes: float = 2.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bits)
+
+    def bits_counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for b in self.layer_bits:
+            out[b] = out.get(b, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    new_tokens: float
+    seqs: float
+    attn_pairs: float
+    kv_read_tokens: float
+
+    @staticmethod
+    def prefill(prompt_lens, cached: int = 0) -> "BatchShape":
+        n = float(sum(prompt_lens))
+        pairs = sum(p * cached + p * (p + 1) / 2 for p in prompt_lens)
+        return BatchShape(n, float(len(prompt_lens)), pairs, n + cached * len(prompt_lens))
+
+    @staticmethod
+    def decode(batch: float, total_context: float) -> "BatchShape":
+        """``batch`` sequences decoding one token each over ``total_context`` tokens in all."""
+        return BatchShape(batch, batch, total_context + batch, total_context + batch)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Per-GPU memory of a server, bytes."""
+
+    capacity: float
+    usable: float
+    weights: float
+    activations: float
+    kv_bytes_per_token: float    # per GPU, for one token across the server's layers
+
+    @property
+    def kv_room(self) -> float:
+        return self.usable - self.weights - self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_room > 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return max(0, int(self.kv_room / self.kv_bytes_per_token)) if self.kv_bytes_per_token else 0
+
+
+@dataclass
+class ServerTimer:
+    """Compiled timing of one server: ``time(new_tokens, seqs, pairs, kv_read)`` in seconds."""
+
+    shape: ServerShape
+    model: ModelSpec
+    _groups: list[tuple[int, float, float, float, int]] = field(default_factory=list)
+    _moe: bool = False
+
+    def __post_init__(self) -> None:
+        s, m, g = self.shape, self.model, self.shape.gpu
+        eff_c, eff_m = g.efficiency.compute, g.efficiency.memory
+        bw = g.memory_bw_gb_per_s * 1e9 * eff_m
+        half = g.half_tflops * 1e12 * eff_c
+        tp = s.tp
+        self._moe = m.num_experts > 1
+        self._groups = []
+        for bits, count in s.bits_counts().items():
+            flops_per_token = m.linear_flops_per_token_layer / tp / (g.tflops_for_bits(bits) * 1e12 * eff_c)
+            weight_read = m.layer_weight_bytes(bits) / tp / bw
+            dequant = 0.0
+            if not g.has_native_weight_path(bits):
+                vector = g.tflops.get("fp32", g.half_tflops / 8) * 1e12 * eff_c
+                dequant = m.matmul_params_per_layer / tp * DEQUANT_OPS_PER_WEIGHT / vector
+            self._groups.append((count, flops_per_token, weight_read, dequant, bits))
+        kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
+        self._kv_read = m.kv_bytes_per_token_layer(s.kv_dtype_bytes) * kv_heads_per_gpu / m.num_kv_heads / bw
+        self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / half
+        self._overhead = LAYER_OVERHEAD_S * s.num_layers
+        self._ar_bytes_per_token = m.hidden_size * 2.0    # fp16 activations, per all-reduce
+        self._link = collective_link(g)
+        head_params = m.vocab_size * m.hidden_size / tp
+        self._head_flop = 2 * head_params / half if s.last else 0.0
+        self._head_read = 2 * head_params / bw if s.last else 0.0
+
+    def time(self, new_tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
+        if new_tokens <= 0:
+            return 0.0
+        t = self._overhead
+        for count, per_token, weight_read, dequant, bits in self._groups:
+            if self._moe:
+                weight_read *= self.model.layer_weight_bytes_read(bits, new_tokens) / \
+                    self.model.layer_weight_bytes(bits)
+            linear = per_token * new_tokens
+            t += count * ((linear if linear > weight_read else weight_read) + dequant)
+        attn_c = self._attn_flop * attn_pairs
+        attn_m = self._kv_read * kv_read_tokens
+        t += self.shape.num_layers * (attn_c if attn_c > attn_m else attn_m)
+        if self.shape.tp > 1:
+            # two all-reduces per layer: after attention and after the MLP
+            t += 2 * self.shape.num_layers * allreduce_time(self._ar_bytes_per_token * new_tokens,
+                                                            self.shape.tp, self._link)
+        if self.shape.last:
+            head_c = self._head_flop * seqs
+            t += head_c if head_c > self._head_read else self._head_read
+        return t
+
+    def batch_time(self, batch: BatchShape) -> float:
+        return self.time(batch.new_tokens, batch.seqs, batch.attn_pairs, batch.kv_read_tokens)
+
+
+class RooflineCostModel:
+    """The roofline backend of the cost model for one model."""
+
+    name = "roofline"
+
+    def __init__(self, model: ModelSpec, memory_utilisation: float = MEMORY_UTILISATION):
+        self.model = model
+        self.memory_utilisation = memory_utilisation
+        self._timers: dict[ServerShape, ServerTimer] = {}
+
+    def timer(self, shape: ServerShape) -> ServerTimer:
+        t = self._timers.get(shape)
+        if t is None:
+            t = self._timers[shape] = ServerTimer(shape, self.model)
+        return t
+
+    def batch_time(self, shape: ServerShape, batch: BatchShape) -> float:
+        return self.timer(shape).batch_time(batch)
+
+    def prefill_time(self, shape: ServerShape, prompt_lens, cached: int = 0) -> float:
+        return self.batch_time(shape, BatchShape.prefill(prompt_lens, cached))
+
+    def decode_time(self, shape: ServerShape, batch: int, total_context: float) -> float:
+        return self.batch_time(shape, BatchShape.decode(batch, total_context))
+
+    def activation_bytes(self, shape: ServerShape, max_batch_tokens: int, max_seqs: int) -> float:
+        m = self.model
+        per_token = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * m.hidden_size + 2 * 2 * m.intermediate_size / shape.tp
+        logits = 4.0 * m.vocab_size * max_seqs / shape.tp if shape.last else 0.0
+        return per_token * max_batch_tokens + logits
+
+    def memory(self, shape: ServerShape, max_batch_tokens: int = 8192, max_seqs: int = 256) -> MemoryBreakdown:
+        m, tp = self.model, shape.tp
+        weights = sum(m.layer_weight_bytes(b) for b in shape.layer_bits) / tp
+        emb = m.vocab_size * m.hidden_size * 2.0
+        if shape.first:
+            weights += (emb + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2))
+                        * 2.0) / tp
+        if shape.last and (not m.tie_embeddings or not shape.first):
+            weights += emb / tp
+        kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
+        kv_per_token = (m.kv_bytes_per_token_layer(shape.kv_dtype_bytes) * kv_heads_per_gpu / m.num_kv_heads
+                        * shape.num_layers)
+        cap = shape.gpu.memory_gb * 1e9
+        return MemoryBreakdown(capacity=cap, usable=cap * self.memory_utilisation, weights=weights,
+                               activations=self.activation_bytes(shape, max_batch_tokens, max_seqs),
+                               kv_bytes_per_token=kv_per_token)

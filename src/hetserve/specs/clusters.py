@@ -1,0 +1,186 @@
+"""Cluster specs: nodes of GPUs, each node's fabric, and the network between nodes.
+
+A cluster file (YAML)::
+
+    name: mixed-dc
+    gpus:                      # optional: add GPUs or override catalogued fields
+      h100-sxm: {price_per_hour: 3.50}
+    nodes:
+      - {name: h100, gpu: h100-sxm, count: 8, zone: east}
+      - {name: t4, gpu: t4, count: 4, zone: west, replicas: 3}   # t4-0, t4-1, t4-2
+    network:
+      gbit_per_s: 100          # default between nodes
+      latency_ms: 0.1
+      zones:  [{a: east, b: west, gbit_per_s: 1, latency_ms: 40}]
+      pairs:  [{a: h100, b: t4-0, gbit_per_s: 400, latency_ms: 0.02}]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from ..errors import HetserveError, allowed, suggest
+from .gpus import Fabric, GPUOverride, GPUSpec, Strict, builtin_gpus
+from .loading import load_yaml_model, validate
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point path: bandwidth in bytes/s (per direction) and one-way latency in seconds."""
+
+    bandwidth: float
+    latency: float
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+class NodeSpec(Strict):
+    name: str = Field(min_length=1)
+    gpu: str
+    count: int = Field(default=1, ge=1, le=64)
+    zone: str = "default"
+    fabric: Fabric | None = Field(default=None, description="override the GPU's intra-node fabric")
+    replicas: int = Field(default=1, ge=1, description="identical nodes named NAME-0 .. NAME-(N-1)")
+
+
+class LinkOverride(Strict):
+    a: str
+    b: str
+    gbit_per_s: float = Field(gt=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+
+
+class NetworkSpec(Strict):
+    gbit_per_s: float = Field(default=100.0, gt=0, description="default inter-node bandwidth, Gbit/s")
+    latency_ms: float = Field(default=0.05, ge=0, description="default inter-node one-way latency")
+    zones: list[LinkOverride] = []
+    pairs: list[LinkOverride] = []
+
+
+class ClusterFile(Strict):
+    name: str = "cluster"
+    gpus: dict[str, GPUOverride] = {}
+    nodes: list[NodeSpec] = Field(min_length=1)
+    network: NetworkSpec = NetworkSpec()
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    gpu: GPUSpec
+    count: int
+    zone: str
+    fabric: Fabric
+
+    @property
+    def intra_link(self) -> Link:
+        return Link(self.fabric.gb_per_s * 1e9, self.fabric.latency_us * 1e-6)
+
+
+class Cluster:
+    """A validated cluster: nodes with resolved GPU specs and a link between any two nodes."""
+
+    def __init__(self, spec: ClusterFile, source: str | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self.source = source
+        self.gpus = resolve_gpus(spec.gpus, source)
+        nodes: list[Node] = []
+        for i, n in enumerate(spec.nodes):
+            if n.gpu not in self.gpus:
+                raise HetserveError(f"nodes[{i}].gpu: unknown GPU '{n.gpu}'{suggest(n.gpu, self.gpus)}; "
+                                    f"known: {allowed(self.gpus)} (or define it under 'gpus:')", source=source)
+            gpu = self.gpus[n.gpu]
+            names = [n.name] if n.replicas == 1 else [f"{n.name}-{r}" for r in range(n.replicas)]
+            for name in names:
+                nodes.append(Node(name, gpu, n.count, n.zone, n.fabric or gpu.fabric))
+        seen: set[str] = set()
+        for node in nodes:
+            if node.name in seen:
+                raise HetserveError(f"nodes: node name '{node.name}' appears twice; names must be unique",
+                                    source=source)
+            seen.add(node.name)
+        self.nodes: dict[str, Node] = {n.name: n for n in nodes}
+        zones = {n.zone for n in nodes}
+        net = spec.network
+        for kind, entries, known in (("zones", net.zones, zones), ("pairs", net.pairs, set(self.nodes))):
+            for j, o in enumerate(entries):
+                for end in ("a", "b"):
+                    value = getattr(o, end)
+                    if value not in known:
+                        what = "zone" if kind == "zones" else "node"
+                        raise HetserveError(f"network.{kind}[{j}].{end}: unknown {what} '{value}'"
+                                            f"{suggest(value, known)}; known: {allowed(known)}", source=source)
+        self._zone_links = {frozenset((o.a, o.b)): o for o in net.zones}
+        self._pair_links = {frozenset((o.a, o.b)): o for o in net.pairs}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Cluster":
+        spec = load_yaml_model(ClusterFile, path, "cluster file")
+        return cls(spec, source=str(path))
+
+    @cached_property
+    def total_gpus(self) -> int:
+        return sum(n.count for n in self.nodes.values())
+
+    def gpu_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes.values():
+            out[n.gpu.name] = out.get(n.gpu.name, 0) + n.count
+        return out
+
+    def link(self, a: str, b: str) -> Link:
+        """The path between nodes ``a`` and ``b`` (the node's fabric when a == b)."""
+        if a == b:
+            return self.nodes[a].intra_link
+        o = self._pair_links.get(frozenset((a, b)))
+        if o is None:
+            za, zb = self.nodes[a].zone, self.nodes[b].zone
+            o = self._zone_links.get(frozenset((za, zb)))
+        if o is None:
+            net = self.spec.network
+            return Link(net.gbit_per_s * 1e9 / 8, net.latency_ms * 1e-3)
+        return Link(o.gbit_per_s * 1e9 / 8, o.latency_ms * 1e-3)
+
+    def price_per_hour(self) -> float:
+        return sum(n.gpu.price_per_hour * n.count for n in self.nodes.values())
+
+    def summary(self) -> dict:
+        return {"name": self.name, "nodes": len(self.nodes), "gpus": self.total_gpus,
+                "by_type": self.gpu_counts(), "price_per_hour": round(self.price_per_hour(), 2)}
+
+
+def resolve_gpus(overrides: dict[str, GPUOverride], source: str | None = None) -> dict[str, GPUSpec]:
+    """The catalogue with a cluster file's additions and overrides applied."""
+    gpus = dict(builtin_gpus())
+    for name, o in overrides.items():
+        base_name = o.base or name
+        changes = o.model_dump(exclude_none=True, exclude={"base"})
+        if base_name in gpus:
+            merged = gpus[base_name].model_dump()
+            merged.update(changes)
+            merged["name"] = name
+            if "sources" not in changes:
+                merged["sources"] = {**merged["sources"], **{k: f"cluster file {source}" for k in changes}}
+        else:
+            if o.base:
+                raise HetserveError(f"gpus.{name}.base: unknown GPU '{o.base}'{suggest(o.base, gpus)}",
+                                    source=source)
+            if name not in gpus and not _is_complete(changes):
+                raise HetserveError(
+                    f"gpus.{name}: '{name}' is not in the catalogue{suggest(name, gpus)}; a new GPU needs "
+                    "vendor, memory_gb, memory_bw_gb_per_s, tflops, fabric, tdp_w, price_per_hour, "
+                    "weight_dtypes and kv_dtypes (or 'base: <catalogued gpu>')", source=source)
+            merged = {"name": name, "sources": {k: f"cluster file {source}" for k in changes}, **changes}
+        gpus[name] = validate(GPUSpec, merged, source, prefix=f"gpus.{name}")
+    return gpus
+
+
+def _is_complete(fields: dict) -> bool:
+    need = {"vendor", "memory_gb", "memory_bw_gb_per_s", "tflops", "fabric", "tdp_w", "price_per_hour",
+            "weight_dtypes", "kv_dtypes"}
+    return need <= set(fields)

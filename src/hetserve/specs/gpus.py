@@ -1,0 +1,125 @@
+"""GPU specs: one accelerator type, with a source for every figure.
+
+The shipped catalogue lives in ``specs/data/gpus.yaml``; a cluster file may add GPUs or override fields
+of catalogued ones (``gpus:`` section). Throughput figures are *dense* (no structured sparsity).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Vendor = Literal["nvidia", "amd", "huawei", "intel", "other"]
+FabricKind = Literal["nvlink", "xgmi", "hccs", "pcie", "roce", "infinity-fabric", "none"]
+DType = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4"]
+
+#: Numeric dtypes in the order a cost model prefers for 16-bit work.
+HALF_DTYPES: tuple[DType, ...] = ("bf16", "fp16")
+
+
+class Strict(BaseModel):
+    """Base for every user-facing spec: unknown keys are errors (catches misspelt keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Fabric(Strict):
+    kind: FabricKind
+    gb_per_s: float = Field(ge=0, description="GB/s per direction per GPU")
+    latency_us: float = Field(default=5.0, ge=0, description="one-hop latency of a collective step")
+
+
+class Efficiency(Strict):
+    """Fractions of peak a well-tuned kernel sustains (roofline correction factors)."""
+
+    compute: float = Field(default=0.7, gt=0, le=1)
+    memory: float = Field(default=0.8, gt=0, le=1)
+
+
+class GPUSpec(Strict):
+    name: str
+    vendor: Vendor
+    memory_gb: float = Field(gt=0, description="device memory, GB (1e9 bytes)")
+    memory_bw_gb_per_s: float = Field(gt=0, description="memory bandwidth, GB/s")
+    tflops: dict[DType, float] = Field(description="dense TFLOPS (TOPS for int) per dtype")
+    fabric: Fabric
+    tdp_w: float = Field(gt=0)
+    idle_w: float | None = Field(default=None, ge=0, description="idle draw; default 20% of TDP")
+    price_per_hour: float = Field(ge=0, description="USD per GPU-hour")
+    weight_dtypes: list[str] = Field(description="weight formats with a native or fused kernel path")
+    kv_dtypes: list[DType]
+    efficiency: Efficiency = Efficiency()
+    sources: dict[str, str] = Field(description="field name -> where the figure comes from")
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "GPUSpec":
+        for dtype, value in self.tflops.items():
+            if value <= 0:
+                raise ValueError(f"tflops.{dtype} must be > 0 (leave the dtype out if unsupported)")
+        if not any(d in self.tflops for d in ("fp16", "bf16")):
+            raise ValueError("tflops needs fp16 or bf16: the cost model times 16-bit work with it")
+        return self
+
+    def __hash__(self) -> int:  # specs key cost-model caches; equal specs share a name
+        return hash(self.name)
+
+    @property
+    def idle_watts(self) -> float:
+        return self.idle_w if self.idle_w is not None else 0.2 * self.tdp_w
+
+    @property
+    def half_tflops(self) -> float:
+        """Dense 16-bit tensor throughput (the faster of bf16/fp16 the GPU has)."""
+        return max(self.tflops.get(d, 0.0) for d in HALF_DTYPES)
+
+    def tflops_for_bits(self, weight_bits: int) -> float:
+        """Throughput of a matmul whose weights have ``weight_bits``; activations stay 16-bit unless
+        the GPU has a native low-precision path (fp8/int8 at 8 bits)."""
+        if weight_bits == 8:
+            native = max(self.tflops.get("fp8", 0.0), self.tflops.get("int8", 0.0))
+            if native and ("fp8" in self.weight_dtypes or "int8" in self.weight_dtypes):
+                return native
+        return self.half_tflops
+
+    def has_native_weight_path(self, weight_bits: int) -> bool:
+        """Whether low-bit weights run without a separate dequantisation pass."""
+        if weight_bits >= 16:
+            return True
+        names = {8: ("fp8", "int8"), 4: ("int4", "fp4", "nf4"), 3: ("int3",)}.get(weight_bits, ())
+        return any(n in self.weight_dtypes for n in names)
+
+
+class GPUOverride(Strict):
+    """Fields a cluster file may change on a catalogued GPU (or, all given, a new one)."""
+
+    vendor: Vendor | None = None
+    memory_gb: float | None = Field(default=None, gt=0)
+    memory_bw_gb_per_s: float | None = Field(default=None, gt=0)
+    tflops: dict[DType, float] | None = None
+    fabric: Fabric | None = None
+    tdp_w: float | None = Field(default=None, gt=0)
+    idle_w: float | None = Field(default=None, ge=0)
+    price_per_hour: float | None = Field(default=None, ge=0)
+    weight_dtypes: list[str] | None = None
+    kv_dtypes: list[DType] | None = None
+    efficiency: Efficiency | None = None
+    sources: dict[str, str] | None = None
+    notes: str | None = None
+    base: str | None = Field(default=None, description="catalogued GPU to start from")
+
+
+class Catalog(Strict):
+    gpus: list[GPUSpec]
+
+
+@lru_cache(maxsize=1)
+def builtin_gpus() -> dict[str, GPUSpec]:
+    """The shipped catalogue, keyed by name."""
+    from .loading import load_yaml_model
+
+    path = resources.files("hetserve.specs").joinpath("data/gpus.yaml")
+    catalog = load_yaml_model(Catalog, path)
+    return {gpu.name: gpu for gpu in catalog.gpus}

@@ -1,0 +1,297 @@
+"""Model specs: an architecture read from a Hugging Face ``config.json``.
+
+Only the architecture is typed in (it comes from the config); everything else — parameters, weight bytes
+at a bit-width, FLOPs, KV bytes — is derived here. Families: Llama (Llama 2/3, Mistral, Qwen2/2.5,
+SmolLM), Mixtral-style MoE, OPT and BLOOM.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property, lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import HetserveError, allowed, suggest
+from .loading import read_mapping, validate
+
+Family = Literal["llama", "mixtral", "opt", "bloom"]
+
+#: Bits per weight the planner and cost model know, and the group size of group-wise quantisation.
+WEIGHT_BITS = (16, 8, 4, 3)
+QUANT_GROUP_SIZE = 128
+#: Bytes of metadata per quantisation group: a 16-bit scale and a 16-bit zero point.
+QUANT_GROUP_META_BYTES = 4
+
+_LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe"}
+
+
+class ModelSpec(BaseModel):
+    """A decoder-only transformer, as far as serving cost is concerned."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    family: Family
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    max_positions: int = Field(gt=0)
+    tie_embeddings: bool = False
+    num_experts: int = Field(default=1, ge=1)
+    experts_per_token: int = Field(default=1, ge=1)
+    gated_mlp: bool = True          # SwiGLU (3 matrices) vs plain (2 matrices)
+    linear_bias: bool = False       # biases on every projection (OPT, BLOOM)
+    qkv_bias: bool = False          # biases on q/k/v only (Qwen2)
+    layer_norm_bias: bool = False   # LayerNorm (weight+bias) vs RMSNorm (weight)
+    learned_positions: bool = False  # OPT's learned positional embedding table
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_kv_heads}) must divide "
+                             f"num_attention_heads ({self.num_heads})")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError("num_experts_per_tok exceeds num_local_experts")
+        return self
+
+    # ---- parameters ---------------------------------------------------------------------------
+    @cached_property
+    def attention_params(self) -> int:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        weights = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+        bias = 0
+        if self.linear_bias:
+            bias = q + 2 * kv + self.hidden_size
+        elif self.qkv_bias:
+            bias = q + 2 * kv
+        return weights + bias
+
+    @cached_property
+    def expert_params(self) -> int:
+        """Parameters of one MLP (one expert for MoE)."""
+        mats = 3 if self.gated_mlp else 2
+        bias = (self.intermediate_size + self.hidden_size) if self.linear_bias else 0
+        return mats * self.hidden_size * self.intermediate_size + bias
+
+    @cached_property
+    def router_params(self) -> int:
+        return self.hidden_size * self.num_experts if self.num_experts > 1 else 0
+
+    @cached_property
+    def norm_params(self) -> int:
+        return 2 * self.hidden_size * (2 if self.layer_norm_bias else 1)
+
+    @cached_property
+    def params_per_layer(self) -> int:
+        return (self.attention_params + self.num_experts * self.expert_params + self.router_params
+                + self.norm_params)
+
+    @cached_property
+    def active_params_per_layer(self) -> int:
+        """Parameters one token multiplies through (MoE: only its routed experts)."""
+        return (self.attention_params + self.experts_per_token * self.expert_params + self.router_params
+                + self.norm_params)
+
+    @cached_property
+    def matmul_params_per_layer(self) -> int:
+        """Parameters in weight matrices (the part that quantisation shrinks)."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
+        return attn + self.num_experts * mlp
+
+    @cached_property
+    def embedding_params(self) -> int:
+        """Input embedding (+ learned positions) and, if untied, the LM head; final norm included."""
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_embeddings else emb
+        pos = self.max_positions * self.hidden_size if self.learned_positions else 0
+        extra_norm = 2 * self.hidden_size if self.family == "bloom" else 0  # BLOOM's embedding LayerNorm
+        final_norm = self.hidden_size * (2 if self.layer_norm_bias else 1)
+        return emb + head + pos + extra_norm + final_norm
+
+    @cached_property
+    def total_params(self) -> int:
+        return self.num_layers * self.params_per_layer + self.embedding_params
+
+    # ---- bytes ------------------------------------------------------------------------------------
+    def layer_weight_bytes(self, bits: int = 16) -> float:
+        """Bytes of one layer's weights with matrices at ``bits`` (group-wise scales and zeros for
+        < 16 bits); norms and biases stay 16-bit."""
+        matrix = self.matmul_params_per_layer
+        other = self.params_per_layer - matrix
+        if bits >= 16:
+            return 2.0 * (matrix + other)
+        groups = math.ceil(matrix / QUANT_GROUP_SIZE)
+        return matrix * bits / 8 + groups * QUANT_GROUP_META_BYTES + 2.0 * other
+
+    def embedding_bytes(self) -> float:
+        """Embedding and LM head stay 16-bit (as common weight-only quantisers leave them)."""
+        return 2.0 * self.embedding_params
+
+    def weight_bytes(self, bits: int = 16) -> float:
+        return self.num_layers * self.layer_weight_bytes(bits) + self.embedding_bytes()
+
+    def kv_bytes_per_token_layer(self, dtype_bytes: float = 2) -> float:
+        """K and V of one token in one layer (GQA: only the KV heads are stored)."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> float:
+        return self.num_layers * self.kv_bytes_per_token_layer(dtype_bytes)
+
+    # ---- FLOPs --------------------------------------------------------------------------------------
+    @cached_property
+    def linear_flops_per_token_layer(self) -> int:
+        """2 FLOPs per multiply-add through every weight a token uses in one layer."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
+        return 2 * (attn + self.experts_per_token * mlp + self.router_params)
+
+    def attention_flops_layer(self, new_tokens: float, context_before: float) -> float:
+        """QK^T and softmax(QK^T)V FLOPs in one layer for ``new_tokens`` appended to a sequence that
+        already holds ``context_before`` tokens (causal: token i attends to all before it and itself)."""
+        pairs = new_tokens * context_before + new_tokens * (new_tokens + 1) / 2
+        return 4.0 * self.num_heads * self.head_dim * pairs
+
+    def prefill_flops_layer(self, prompt_len: int) -> float:
+        """FLOPs per layer to prefill one prompt (linear + quadratic attention)."""
+        return prompt_len * self.linear_flops_per_token_layer + self.attention_flops_layer(prompt_len, 0)
+
+    def prefill_flops_per_token_layer(self, prompt_len: int) -> float:
+        return self.prefill_flops_layer(prompt_len) / prompt_len
+
+    def decode_flops_per_token_layer(self, context: int) -> float:
+        """FLOPs per layer for one decode token with ``context`` tokens before it."""
+        return self.linear_flops_per_token_layer + self.attention_flops_layer(1, context)
+
+    def experts_touched(self, tokens: float) -> float:
+        """Expected distinct experts a batch of ``tokens`` routes to (uniform routing)."""
+        if self.num_experts == 1:
+            return 1.0
+        miss = (1 - self.experts_per_token / self.num_experts) ** tokens
+        return self.num_experts * (1 - miss)
+
+    def layer_weight_bytes_read(self, bits: int, tokens: float) -> float:
+        """Weight bytes a batch of ``tokens`` reads from memory in one layer (MoE: touched experts)."""
+        full = self.layer_weight_bytes(bits)
+        if self.num_experts == 1:
+            return full
+        one_expert = full * (self.expert_params / self.params_per_layer)
+        return full - (self.num_experts - self.experts_touched(tokens)) * one_expert
+
+    def check_tp(self, tp: int, field: str = "tp") -> None:
+        """Raise a clear error if ``tp`` cannot split this model's attention heads."""
+        if tp < 1 or self.num_heads % tp:
+            divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
+            raise HetserveError(f"{field}={tp} does not divide the {self.num_heads} attention heads of "
+                                f"{self.name}; use one of {divisors}")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "family": self.family, "layers": self.num_layers,
+            "hidden": self.hidden_size, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
+            "intermediate": self.intermediate_size, "vocab": self.vocab_size,
+            "experts": self.num_experts, "params_b": round(self.total_params / 1e9, 3),
+            "weights_gb_16bit": round(self.weight_bytes(16) / 1e9, 2),
+            "weights_gb_4bit": round(self.weight_bytes(4) / 1e9, 2),
+            "kv_kb_per_token": round(self.kv_bytes_per_token(2) / 1e3, 1),
+            "source": self.source,
+        }
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    if default is not None:
+        return default
+    raise HetserveError(f"config.json lacks '{keys[0]}'")
+
+
+def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> ModelSpec:
+    """Build a ModelSpec from a Hugging Face ``config.json`` dict."""
+    mtype = str(cfg.get("model_type", "")).lower()
+    if mtype in _LLAMA_TYPES or mtype == "mixtral":
+        hidden = _get(cfg, "hidden_size")
+        heads = _get(cfg, "num_attention_heads")
+        spec = dict(
+            family="mixtral" if mtype == "mixtral" or cfg.get("num_local_experts") else "llama",
+            num_layers=_get(cfg, "num_hidden_layers"), hidden_size=hidden, num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            intermediate_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
+            max_positions=_get(cfg, "max_position_embeddings", default=4096),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            num_experts=cfg.get("num_local_experts") or 1,
+            experts_per_token=cfg.get("num_experts_per_tok") or 1,
+            qkv_bias=mtype.startswith("qwen2") or bool(cfg.get("attention_bias", False)),
+        )
+    elif mtype == "opt":
+        hidden = _get(cfg, "hidden_size")
+        heads = _get(cfg, "num_attention_heads")
+        spec = dict(family="opt", num_layers=_get(cfg, "num_hidden_layers"), hidden_size=hidden,
+                    num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                    intermediate_size=_get(cfg, "ffn_dim"), vocab_size=_get(cfg, "vocab_size"),
+                    max_positions=_get(cfg, "max_position_embeddings", default=2048),
+                    tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), gated_mlp=False,
+                    linear_bias=bool(cfg.get("enable_bias", True)), layer_norm_bias=True,
+                    learned_positions=True)
+    elif mtype == "bloom":
+        hidden = _get(cfg, "hidden_size", "n_embed")
+        heads = _get(cfg, "n_head", "num_attention_heads")
+        spec = dict(family="bloom", num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
+                    hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                    intermediate_size=4 * hidden, vocab_size=_get(cfg, "vocab_size"),
+                    max_positions=cfg.get("seq_length") or 2048, tie_embeddings=True, gated_mlp=False,
+                    linear_bias=True, layer_norm_bias=True)
+    else:
+        raise HetserveError(f"model_type '{mtype}' is not supported; supported: "
+                            "llama, mistral, qwen2, mixtral, opt, bloom")
+    return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
+
+
+_MODEL_DIR = "data/models"
+
+
+@lru_cache(maxsize=1)
+def builtin_model_names() -> tuple[str, ...]:
+    root = resources.files("hetserve.specs").joinpath(_MODEL_DIR)
+    return tuple(sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json")))
+
+
+@lru_cache(maxsize=64)
+def _builtin(name: str) -> ModelSpec:
+    path = resources.files("hetserve.specs").joinpath(f"{_MODEL_DIR}/{name}.json")
+    cfg = read_mapping(path, "model config")
+    return model_from_hf_config(cfg, name, source=cfg.get("_source", ""))
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A built-in model by name, or a ``config.json`` (or a directory holding one) by path."""
+    key = str(name_or_path).strip()
+    if key.lower() in builtin_model_names():
+        return _builtin(key.lower())
+    path = Path(key)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.exists():
+        cfg = read_mapping(path, "model config")
+        name = path.parent.name if path.name == "config.json" else path.stem
+        try:
+            return model_from_hf_config(cfg, name or path.stem, source=str(path))
+        except HetserveError as exc:
+            raise HetserveError(str(exc), source=str(path)) from None
+    raise HetserveError(f"unknown model '{key}'{suggest(key, builtin_model_names())}; use a built-in name "
+                        f"({allowed(builtin_model_names())}) or the path of a Hugging Face config.json")
