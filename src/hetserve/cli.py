@@ -68,6 +68,75 @@ def cmd_estimate(args) -> int:
     return 0 if est.fits else 1
 
 
+SUMMARY_ROWS = ("requests", "completed", "dropped", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms",
+                "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms", "throughput_rps", "throughput_tok_s", "goodput_rps",
+                "slo_attainment", "slo_met", "preemptions", "bytes_transferred", "gpus", "cost_per_hour",
+                "cost_per_mtok", "joules_per_token", "makespan_s", "iterations")
+
+
+def cmd_simulate(args) -> int:
+    import time
+    from pathlib import Path
+
+    from .plan import load_plan
+    from .sim import simulate
+    from .specs.workloads import Workload
+
+    if args.duration is not None and args.duration <= 0:
+        raise HetserveError(f"--duration={args.duration} must be > 0")
+    dep = load_plan(args.plan)
+    wl = Workload.load(args.workload)
+    requests = wl.sample(seed=args.seed, duration_s=args.duration, rate=args.rate)
+    if len(requests) == 0:
+        raise HetserveError(f"{args.workload}: no request arrives within the duration; raise --duration or the rate")
+    t0 = time.perf_counter()
+    with _progress(len(requests), enabled=not args.json) as advance:
+        result = simulate(dep, requests, wl.slo, seed=args.seed, progress=advance)
+    summary = dict(result.summary, plan=dep.name, workload=wl.name, wall_s=time.perf_counter() - t0)
+    if args.out:
+        from .sim.plots import latency_cdfs, utilisation
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        files = [result.records.write(out / f"requests.{args.records}")]
+        files.append(latency_cdfs(result.records, out / "latency_cdf.png", f"{dep.name} x {wl.name}"))
+        files.append(utilisation(result.servers, result.bin_width, out / "utilisation.png", f"{dep.name}"))
+        (out / "summary.json").write_text(__import__("json").dumps(summary, indent=2, default=float))
+        summary["files"] = [str(f) for f in files if f]
+    if args.json:
+        print_json(summary)
+        return 0
+    key_values(f"{dep.name} ({dep.gpus_used()} GPUs) x {wl.name}: {len(requests)} requests, seed {args.seed}",
+               [(k, summary.get(k)) for k in SUMMARY_ROWS])
+    table("Servers", ["server", "utilisation"], sorted(summary["utilisation"].items()))
+    if summary.get("files"):
+        print("wrote: " + ", ".join(summary["files"]))
+    return 0
+
+
+class _progress:
+    """A rich progress bar over arrivals on a terminal; a no-op otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and sys.stderr.isatty() and total >= 2000
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True, console=err_console)
+        self.bar.start()
+        task = self.bar.add_task("simulating", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -93,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("simulate", help="replay a workload against a plan (discrete-event simulation)")
+    s.add_argument("--plan", required=True, help="plan YAML (see docs/plan.md)")
+    s.add_argument("--workload", required=True, help="workload YAML (see docs/files.md)")
+    s.add_argument("--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)")
+    s.add_argument("--rate", type=float, help="override the mean arrival rate (requests/s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
+    s.add_argument("--records", choices=["csv", "parquet"], default="csv")
+    s.set_defaults(func=cmd_simulate)
     return p
 
 

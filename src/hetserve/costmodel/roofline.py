@@ -128,6 +128,7 @@ class ServerTimer:
         kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
         self._kv_read = m.kv_bytes_per_token_layer(s.kv_dtype_bytes) * kv_heads_per_gpu / m.num_kv_heads / bw
         self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / half
+        self._layers = s.num_layers
         self._overhead = LAYER_OVERHEAD_S * s.num_layers
         self._ar_bytes_per_token = m.hidden_size * 2.0    # fp16 activations, per all-reduce
         self._link = collective_link(g)
@@ -138,6 +139,18 @@ class ServerTimer:
     def time(self, new_tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
         if new_tokens <= 0:
             return 0.0
+        attn_c = self._attn_flop * attn_pairs
+        attn_m = self._kv_read * kv_read_tokens
+        return self._fixed(new_tokens, seqs) + self._layers * (attn_c if attn_c > attn_m else attn_m)
+
+    def decode_affine(self, batch: float) -> tuple[float, float]:
+        """``(a, b)`` with ``time(batch, batch, kv, kv) == a + b * kv``: a decode step of ``batch``
+        sequences is affine in the KV tokens it reads (attention pairs equal KV reads in decode)."""
+        per_kv = self._attn_flop if self._attn_flop > self._kv_read else self._kv_read
+        return self._fixed(batch, batch), self._layers * per_kv
+
+    def _fixed(self, new_tokens: float, seqs: float) -> float:
+        """Everything but attention: weight GEMMs, dequantisation, overheads, all-reduces, LM head."""
         t = self._overhead
         for count, per_token, weight_read, dequant, bits in self._groups:
             if self._moe:
@@ -145,13 +158,9 @@ class ServerTimer:
                     self.model.layer_weight_bytes(bits)
             linear = per_token * new_tokens
             t += count * ((linear if linear > weight_read else weight_read) + dequant)
-        attn_c = self._attn_flop * attn_pairs
-        attn_m = self._kv_read * kv_read_tokens
-        t += self.shape.num_layers * (attn_c if attn_c > attn_m else attn_m)
         if self.shape.tp > 1:
             # two all-reduces per layer: after attention and after the MLP
-            t += 2 * self.shape.num_layers * allreduce_time(self._ar_bytes_per_token * new_tokens,
-                                                            self.shape.tp, self._link)
+            t += 2 * self._layers * allreduce_time(self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link)
         if self.shape.last:
             head_c = self._head_flop * seqs
             t += head_c if head_c > self._head_read else self._head_read

@@ -36,7 +36,8 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
 
 
 def key_values(title: str, items: Iterable[tuple[str, Any]]) -> None:
-    t = Table(title=title, title_justify="left", show_header=False)
+    console.print(title, style="bold", highlight=False)
+    t = Table(show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     for k, v in items:

@@ -1,0 +1,356 @@
+"""The plan: the one contract between the planner, the simulator, the runtime and the exporters.
+
+A plan names a model and a cluster file and lists *servers* (a tensor-parallel group of identical
+GPUs on one node holding a contiguous layer range, each layer at a chosen precision), *instances* (a
+chain of servers with a role: prefill, decode or mixed, and its scheduler settings) and *routing*.
+``load_plan`` validates a plan against its cluster and model and returns a ``Deployment`` with
+everything resolved (GPU specs, cost-model shapes, links, KV capacities). docs/plan.md documents it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from .costmodel.roofline import RooflineCostModel, ServerShape
+from .errors import HetserveError, allowed, suggest
+from .specs.clusters import Cluster, Link, Node
+from .specs.gpus import Strict
+from .specs.loading import load_yaml_model, validate
+from .specs.models import WEIGHT_BITS, ModelSpec, load_model
+
+PLAN_VERSION = 1
+Role = Literal["prefill", "decode", "mixed"]
+KV_DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0}
+ROUTING_POLICIES = ("round-robin", "weighted", "least-work", "power-of-two", "jffc")
+HANDOFF_POLICIES = ("weighted", "least-work", "round-robin")
+
+
+class ServerPlan(Strict):
+    name: str = Field(min_length=1)
+    node: str
+    gpus: list[int] = Field(min_length=1, description="GPU indices within the node; len = TP degree")
+    layers: tuple[int, int] = Field(description="[start, end) layer range")
+    bits: int | list[int] = Field(default=16, description="weight bits: one for all layers or one per layer")
+    kv_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    def layer_bits(self) -> tuple[int, ...]:
+        n = self.layers[1] - self.layers[0]
+        return tuple(self.bits) if isinstance(self.bits, list) else (self.bits,) * n
+
+
+class InstancePlan(Strict):
+    name: str = Field(min_length=1)
+    role: Role
+    chain: list[str] = Field(min_length=1, description="server names, first layer to last")
+    max_batch_size: int = Field(default=256, ge=1)
+    max_batch_tokens: int = Field(default=8192, ge=1)
+    chunk_size: int | None = Field(default=None, ge=1, description="chunked prefill; None = whole prompts")
+    policy: Literal["prefill-first", "decode-first"] = "decode-first"
+    micro_batches: int = Field(default=1, ge=1, description="batches in flight through the chain")
+    kv_share: float = Field(default=1.0, gt=0, le=1, description="share of each server's KV room")
+    block_size: int = Field(default=16, ge=1)
+
+
+class RoutingPlan(Strict):
+    policy: Literal["round-robin", "weighted", "least-work", "power-of-two", "jffc"] = "least-work"
+    weights: dict[str, float] = {}
+    handoff: Literal["weighted", "least-work", "round-robin"] = "least-work"
+    handoff_weights: dict[str, dict[str, float]] = {}
+    layerwise_kv: bool = Field(default=True, description="stream KV layer by layer behind prefill")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"weight of '{k}' must be >= 0")
+        return v
+
+    @field_validator("handoff_weights")
+    @classmethod
+    def _non_negative_handoff(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for p, ws in v.items():
+            for d, w in ws.items():
+                if w < 0:
+                    raise ValueError(f"weight of '{p}' -> '{d}' must be >= 0")
+        return v
+
+
+class PlanFile(Strict):
+    version: int = PLAN_VERSION
+    name: str = "plan"
+    model: str
+    cluster: str = Field(description="cluster file, relative to the plan file")
+    servers: list[ServerPlan] = Field(min_length=1)
+    instances: list[InstancePlan] = Field(min_length=1)
+    routing: RoutingPlan = RoutingPlan()
+    predicted: dict[str, float | int | str | None] = {}
+    notes: str = ""
+
+
+# ---- the resolved deployment ------------------------------------------------------------------------
+@dataclass
+class Server:
+    plan: ServerPlan
+    node: Node
+    shape: ServerShape
+    instances: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def num_gpus(self) -> int:
+        return self.plan.tp
+
+
+@dataclass
+class Instance:
+    plan: InstancePlan
+    servers: list[Server]
+    kv_capacity_tokens: int
+    hops: list[Link]                 # link from servers[i] to servers[i+1]
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def role(self) -> str:
+        return self.plan.role
+
+
+class Deployment:
+    """A validated plan with its cluster and model resolved."""
+
+    def __init__(self, spec: PlanFile, cluster: Cluster, model: ModelSpec, source: str | None = None):
+        self.spec, self.cluster, self.model, self.source = spec, cluster, model, source
+        self.cost_model = RooflineCostModel(model)
+        self.servers: dict[str, Server] = {}
+        self.instances: dict[str, Instance] = {}
+        self._build()
+
+    # -- construction and validation --
+    def _err(self, msg: str) -> HetserveError:
+        return HetserveError(msg, source=self.source)
+
+    def _build(self) -> None:
+        m, spec = self.model, self.spec
+        if spec.version != PLAN_VERSION:
+            raise self._err(f"version: this hetserve reads plan version {PLAN_VERSION}, got {spec.version}")
+        used: dict[tuple[str, int], str] = {}
+        chain_pos: dict[str, list[tuple[int, int]]] = {}
+        for i, s in enumerate(spec.servers):
+            where = f"servers[{i}] ({s.name})"
+            if s.name in self.servers:
+                raise self._err(f"{where}.name: server name '{s.name}' is used twice")
+            if len(set(s.gpus)) != len(s.gpus):
+                raise self._err(f"{where}.gpus: {s.gpus} lists a GPU twice; list each GPU index once")
+            node = self.cluster.nodes.get(s.node)
+            if node is None:
+                raise self._err(f"{where}.node: unknown node '{s.node}'{suggest(s.node, self.cluster.nodes)}; "
+                                f"nodes: {allowed(self.cluster.nodes)}")
+            for g in s.gpus:
+                if not 0 <= g < node.count:
+                    raise self._err(f"{where}.gpus: GPU index {g} does not exist on node {node.name} "
+                                    f"(it has {node.count} GPUs: 0..{node.count - 1})")
+                if (node.name, g) in used:
+                    raise self._err(f"{where}.gpus: GPU {g} of node {node.name} is already used by server "
+                                    f"'{used[(node.name, g)]}'; a GPU belongs to one server")
+                used[(node.name, g)] = s.name
+            try:
+                m.check_tp(s.tp, f"tp (len(gpus))")
+            except HetserveError as exc:
+                raise self._err(f"{where}.gpus: {exc}") from None
+            start, end = s.layers
+            if not 0 <= start < end <= m.num_layers:
+                raise self._err(f"{where}.layers: [{start}, {end}) is not a layer range of {m.name} "
+                                f"(need 0 <= start < end <= {m.num_layers})")
+            bits = s.layer_bits()
+            if len(bits) != end - start:
+                raise self._err(f"{where}.bits: {len(bits)} values for {end - start} layers; give one value "
+                                "or one per layer")
+            bad = [b for b in bits if b not in WEIGHT_BITS]
+            if bad:
+                raise self._err(f"{where}.bits: {bad[0]} is not supported; use one of {list(WEIGHT_BITS)}")
+            if s.kv_dtype not in node.gpu.kv_dtypes and not (s.kv_dtype == "fp32"):
+                raise self._err(f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
+                                f"supported: {node.gpu.kv_dtypes}")
+            shape = ServerShape(node.gpu, s.tp, bits, first=start == 0, last=end == m.num_layers,
+                                kv_dtype_bytes=KV_DTYPE_BYTES[s.kv_dtype])
+            self.servers[s.name] = Server(s, node, shape)
+            chain_pos[s.name] = []
+
+        shares: dict[str, float] = {name: 0.0 for name in self.servers}
+        for i, inst in enumerate(spec.instances):
+            where = f"instances[{i}] ({inst.name})"
+            if inst.name in self.instances:
+                raise self._err(f"{where}.name: instance name '{inst.name}' is used twice")
+            chain: list[Server] = []
+            expect = 0
+            for j, sname in enumerate(inst.chain):
+                srv = self.servers.get(sname)
+                if srv is None:
+                    raise self._err(f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}")
+                start, end = srv.plan.layers
+                if start != expect:
+                    what = "covered twice" if start < expect else "not covered"
+                    lo, hi = sorted((start, expect))
+                    raise self._err(f"{where}.chain: layers {lo}..{hi - 1} are {what} (server '{sname}' starts "
+                                    f"at layer {start}, the chain so far ends at {expect})")
+                expect = end
+                if chain and srv.node.gpu.vendor != chain[0].node.gpu.vendor:
+                    raise self._err(f"{where}.chain: a pipeline never spans vendors ({chain[0].node.gpu.vendor} "
+                                    f"server '{chain[0].name}' and {srv.node.gpu.vendor} server '{sname}'); "
+                                    "hand KV between vendors with prefill and decode instances instead")
+                chain.append(srv)
+            if expect != m.num_layers:
+                raise self._err(f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
+                                f"must hold all {m.num_layers} layers of {m.name}")
+            for srv in chain:
+                srv.instances.append(inst.name)
+                shares[srv.name] += inst.kv_share
+            hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
+            self.instances[inst.name] = Instance(inst, chain, 0, hops)
+
+        for name, total in shares.items():
+            if total > 1.0 + 1e-9:
+                users = self.servers[name].instances
+                raise self._err(f"server '{name}' is shared by {users} whose kv_share adds up to {total:.2f}; "
+                                "the shares of one server must add up to at most 1")
+        unused = [n for n, s in self.servers.items() if not s.instances]
+        if unused:
+            raise self._err(f"servers {unused} are on no instance's chain; remove them or add them to a chain")
+        self._check_memory()
+        self._check_roles()
+
+    def _check_memory(self) -> None:
+        gb = 1e9
+        for inst in self.instances.values():
+            caps = []
+            for srv in inst.servers:
+                users = [self.instances[n].plan for n in srv.instances if n in self.instances] or [inst.plan]
+                mem = self.cost_model.memory(srv.shape, max(u.max_batch_tokens for u in users),
+                                             max(u.max_batch_size for u in users))
+                if not mem.fits and mem.activations > mem.usable - mem.weights > 0:
+                    raise self._err(
+                        f"server '{srv.name}' does not fit: activations for max_batch_tokens="
+                        f"{max(u.max_batch_tokens for u in users)} need {mem.activations / gb:.1f} GB per GPU beside "
+                        f"{mem.weights / gb:.1f} GB of weights ({mem.usable / gb:.1f} GB usable on a {srv.node.gpu.name});"
+                        " lower max_batch_tokens or max_batch_size of its instances")
+                if not mem.fits:
+                    raise self._err(
+                        f"server '{srv.name}' does not fit: {srv.plan.layers[1] - srv.plan.layers[0]} layers need "
+                        f"{mem.weights / gb:.1f} GB of weights + {mem.activations / gb:.1f} GB of activations per "
+                        f"GPU, but a {srv.node.gpu.name} has {mem.usable / gb:.1f} GB usable; give it fewer layers, "
+                        "more GPUs (tp) or fewer weight bits")
+                caps.append(int(mem.kv_room * inst.plan.kv_share / mem.kv_bytes_per_token))
+            inst.kv_capacity_tokens = min(caps)
+            longest = inst.plan.block_size
+            if inst.kv_capacity_tokens < longest:
+                raise self._err(f"instance '{inst.name}' has room for {inst.kv_capacity_tokens} KV tokens, less than "
+                                "one block; give its servers fewer layers or more memory")
+
+    def _check_roles(self) -> None:
+        roles = {i.role for i in self.instances.values()}
+        if "decode" in roles and "prefill" not in roles:
+            raise self._err("instances: decode instances need a prefill instance to hand them KV caches; add one "
+                            "with role: prefill, or make them mixed")
+        if "prefill" in roles and "decode" not in roles:
+            raise self._err("instances: prefill instances need a decode instance to hand KV caches to; add one "
+                            "with role: decode, or make them mixed")
+        r = self.spec.routing
+        entry = {n for n, i in self.instances.items() if i.role in ("prefill", "mixed")}
+        for name in r.weights:
+            if name not in entry:
+                raise self._err(f"routing.weights: '{name}' is not a prefill or mixed instance; "
+                                f"those are {allowed(entry)}")
+        if r.policy == "weighted" and not any(r.weights.get(n, 0) > 0 for n in entry):
+            raise self._err("routing.weights: policy 'weighted' needs a positive weight for at least one "
+                            f"of {allowed(entry)}")
+        decode = {n for n, i in self.instances.items() if i.role == "decode"}
+        if r.handoff_weights and r.handoff != "weighted":
+            raise self._err(f"routing.handoff_weights: given, but routing.handoff is '{r.handoff}'; set "
+                            "handoff: weighted to use them, or remove them")
+        for p, ws in r.handoff_weights.items():
+            if not any(w > 0 for w in ws.values()):
+                raise self._err(f"routing.handoff_weights.{p}: needs a positive weight for at least one decode "
+                                "instance")
+            if p not in self.instances or self.instances[p].role != "prefill":
+                raise self._err(f"routing.handoff_weights: '{p}' is not a prefill instance")
+            for d in ws:
+                if d not in decode:
+                    raise self._err(f"routing.handoff_weights.{p}: '{d}' is not a decode instance")
+
+    # -- queries --
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def gpus_used(self) -> int:
+        return sum(s.num_gpus for s in self.servers.values())
+
+    def gpu_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.servers.values():
+            out[s.node.gpu.name] = out.get(s.node.gpu.name, 0) + s.num_gpus
+        return out
+
+    def cost_per_hour(self) -> float:
+        return sum(s.node.gpu.price_per_hour * s.num_gpus for s in self.servers.values())
+
+    def kv_link(self, prefill: str, decode: str) -> Link:
+        """The path KV takes from a prefill instance's last server to a decode instance's first one."""
+        a = self.instances[prefill].servers[-1].node.name
+        b = self.instances[decode].servers[0].node.name
+        return self.cluster.link(a, b)
+
+    def kv_conversion_needed(self, prefill: str, decode: str) -> bool:
+        """KV crosses vendors or formats (dtype, TP layout) and must be converted on the way."""
+        p, d = self.instances[prefill].servers[-1], self.instances[decode].servers[0]
+        return (p.node.gpu.vendor != d.node.gpu.vendor or p.plan.kv_dtype != d.plan.kv_dtype
+                or p.plan.tp != d.plan.tp)
+
+
+def load_plan(path: str | Path) -> Deployment:
+    spec = load_yaml_model(PlanFile, path, "plan file")
+    base = Path(path).parent
+    cluster_path = Path(spec.cluster)
+    if not cluster_path.is_absolute():
+        cluster_path = base / cluster_path
+    if not cluster_path.exists():
+        raise HetserveError(f"cluster: file {cluster_path} not found (paths are relative to the plan file)",
+                            source=str(path))
+    cluster = Cluster.load(cluster_path)
+    try:
+        model = load_model(spec.model)
+    except HetserveError as exc:
+        raise HetserveError(f"model: {exc}", source=str(path)) from None
+    return Deployment(spec, cluster, model, source=str(path))
+
+
+def deployment_from_dict(data: dict, cluster: Cluster, model: ModelSpec, source: str = "plan") -> Deployment:
+    """Validate an in-memory plan (as the planner builds it) against a loaded cluster and model."""
+    return Deployment(validate(PlanFile, data, source), cluster, model, source)
+
+
+def save_plan(spec: PlanFile, path: str | Path, cluster_path: str | Path | None = None) -> None:
+    """Write ``spec`` as YAML. ``cluster_path`` (where the cluster file really is) is rewritten relative
+    to the new file, so the saved plan finds its cluster from wherever it is written."""
+    import os
+
+    data = spec.model_dump(mode="json", exclude_defaults=False)
+    if cluster_path is not None:
+        target = Path(path).resolve().parent
+        data["cluster"] = os.path.relpath(Path(cluster_path).resolve(), target)
+    Path(path).write_text(f"# hetserve plan (version {PLAN_VERSION}); see docs/plan.md\n"
+                          + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))

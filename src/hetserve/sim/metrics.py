@@ -1,0 +1,166 @@
+"""Per-request records and the summary of a simulation (definitions in docs/simulate.md).
+
+- TTFT: arrival -> the first output token is produced (end of the prefill step that samples it; for
+  disaggregated plans the prefill instance streams it, as in Splitwise).
+- TPOT: (finish - first token) / (output tokens - 1), for requests with more than one output token.
+- E2E: arrival -> last output token.
+- Throughput: output tokens of completed requests / makespan (first arrival -> last completion).
+- Goodput: completed requests that met every SLO the workload sets / makespan; SLO attainment: their
+  share of all requests (dropped ones count as misses).
+- Energy: each GPU draws its idle power for the whole makespan, plus (TDP - idle) while busy.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..specs.workloads import SLO
+
+RECORD_FIELDS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "entry_instance", "decode_instance",
+                 "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s", "first_token_s",
+                 "finish_s", "preemptions", "kv_bytes", "dropped")
+
+
+@dataclass
+class Records:
+    """Column arrays, one row per request."""
+
+    n: int
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    entry: list = field(default_factory=list)
+    decode: list = field(default_factory=list)
+    prefill_start: np.ndarray = None
+    prefill_end: np.ndarray = None
+    transfer_start: np.ndarray = None
+    transfer_end: np.ndarray = None
+    first_token: np.ndarray = None
+    finish: np.ndarray = None
+    preemptions: np.ndarray = None
+    kv_bytes: np.ndarray = None
+    dropped: np.ndarray = None
+
+    def __post_init__(self) -> None:
+        nan = lambda: np.full(self.n, np.nan)
+        for name in ("prefill_start", "prefill_end", "transfer_start", "transfer_end", "first_token", "finish",
+                     "kv_bytes"):
+            if getattr(self, name) is None:
+                setattr(self, name, nan())
+        if self.preemptions is None:
+            self.preemptions = np.zeros(self.n, dtype=np.int64)
+        if self.dropped is None:
+            self.dropped = np.zeros(self.n, dtype=bool)
+        if not self.entry:
+            self.entry = [""] * self.n
+        if not self.decode:
+            self.decode = [""] * self.n
+
+    @property
+    def completed(self) -> np.ndarray:
+        return ~np.isnan(self.finish) & ~self.dropped
+
+    def ttft(self) -> np.ndarray:
+        return self.first_token - self.arrival
+
+    def tpot(self) -> np.ndarray:
+        steps = self.output - 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(steps > 0, (self.finish - self.first_token) / np.maximum(steps, 1), np.nan)
+
+    def e2e(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    def write(self, path: Path) -> Path:
+        cols = [np.arange(self.n), self.arrival, self.prompt, self.output, self.entry, self.decode,
+                self.prefill_start, self.prefill_end, self.transfer_start, self.transfer_end, self.first_token,
+                self.finish, self.preemptions, self.kv_bytes, self.dropped]
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({k: list(v) if isinstance(v, list) else v for k, v in zip(RECORD_FIELDS, cols)}),
+                           path)
+            return path
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(RECORD_FIELDS)
+            for row in zip(*cols):
+                w.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
+        return path
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    v = values[~np.isnan(values)]
+    return float(np.percentile(v, q)) if len(v) else None
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1e3
+
+
+def meets_slo(rec: Records, slo: SLO) -> np.ndarray:
+    ok = rec.completed.copy()
+    if slo.ttft_ms is not None:
+        ok &= rec.ttft() * 1e3 <= slo.ttft_ms
+    if slo.tpot_ms is not None:
+        tp = rec.tpot()
+        ok &= np.isnan(tp) | (tp * 1e3 <= slo.tpot_ms)
+    if slo.e2e_ms is not None:
+        ok &= rec.e2e() * 1e3 <= slo.e2e_ms
+    return ok
+
+
+def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, makespan: float,
+              server_util: dict[str, float], peak_kv: dict[str, float], bytes_transferred: float,
+              gpus: int, iterations: int) -> dict:
+    done = rec.completed
+    out_tokens = float(rec.output[done].sum())
+    in_tokens = float(rec.prompt[done].sum())
+    span = max(makespan, 1e-9)
+    tput = out_tokens / span
+    good = meets_slo(rec, slo)
+    ttft, tpot, e2e = rec.ttft()[done], rec.tpot()[done], rec.e2e()[done]
+    q = slo.percentile
+    s = {
+        "requests": int(rec.n),
+        "completed": int(done.sum()),
+        "dropped": int(rec.n - done.sum()),
+        "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p90_ms": _ms(_pct(ttft, 90)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
+        "tpot_p50_ms": _ms(_pct(tpot, 50)), "tpot_p90_ms": _ms(_pct(tpot, 90)), "tpot_p99_ms": _ms(_pct(tpot, 99)),
+        "e2e_p50_ms": _ms(_pct(e2e, 50)), "e2e_p90_ms": _ms(_pct(e2e, 90)), "e2e_p99_ms": _ms(_pct(e2e, 99)),
+        "throughput_rps": float(done.sum()) / span,
+        "throughput_tok_s": tput,
+        "input_tok_s": in_tokens / span,
+        "goodput_rps": float(good.sum()) / span,
+        "slo_attainment": float(good.sum()) / max(rec.n, 1),
+        f"ttft_p{q:g}_ms": _ms(_pct(ttft, q)), f"tpot_p{q:g}_ms": _ms(_pct(tpot, q)),
+        "makespan_s": makespan,
+        "preemptions": int(rec.preemptions.sum()),
+        "bytes_transferred": bytes_transferred,
+        "gpus": gpus,
+        "cost_per_hour": cost_per_hour,
+        "cost_per_mtok": cost_per_hour / (tput * 3600) * 1e6 if tput > 0 else None,
+        "energy_j": energy_j,
+        "joules_per_token": energy_j / out_tokens if out_tokens else None,
+        "iterations": iterations,
+        "utilisation": server_util,
+        "peak_kv_fraction": peak_kv,
+    }
+    s["slo_met"] = _slo_met(s, slo)
+    return s
+
+
+def _slo_met(s: dict, slo: SLO) -> bool:
+    q = f"{slo.percentile:g}"
+    checks = []
+    if slo.ttft_ms is not None:
+        checks.append(s.get(f"ttft_p{q}_ms") is not None and s[f"ttft_p{q}_ms"] <= slo.ttft_ms)
+    if slo.tpot_ms is not None:
+        v = s.get(f"tpot_p{q}_ms")
+        checks.append(v is None or v <= slo.tpot_ms)
+    return all(checks) and s["dropped"] == 0

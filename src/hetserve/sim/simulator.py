@@ -1,0 +1,339 @@
+"""The discrete-event simulator: replay requests against a deployment.
+
+Events are processed in time order from one heap. Kinds:
+- ARRIVAL: a request is routed to a prefill/mixed instance (or waits in the router's queue under JFFC);
+- STAGE: a lane's batch reaches stage ``s`` of its chain and queues on that server (FIFO);
+- DONE: a lane's step (or a run of decode steps) ends; the shared scheduler advances its sequences;
+- XFER: a KV transfer on a link may have completed (stale versions are ignored);
+- KV_READY: a transferred KV cache (plus the first token's state) arrives at a decode instance.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..costmodel.links import kv_transfer_time
+from ..plan import Deployment
+from ..scheduling.routing import make_policy
+from ..scheduling.sequence import Sequence
+from ..specs.workloads import SLO, Requests
+from .instance import Lane, SimInstance, SimServer
+from .links import SharedLink
+from .metrics import Records, summarise
+
+ARRIVAL, STAGE, DONE, XFER, KV_READY = range(5)
+#: Bytes of KV converted per second when formats differ (a device-side copy kernel; conservative).
+KV_CONVERSION_BYTES_PER_S = 100e9
+
+
+@dataclass
+class SimResult:
+    summary: dict
+    records: Records
+    servers: dict[str, SimServer]
+    bin_width: float
+
+
+class Simulator:
+    def __init__(self, dep: Deployment, requests: Requests, slo: SLO, *, seed: int = 0,
+                 drain_s: float | None = None, progress=None, util_bins: int = 120):
+        self.dep, self.req, self.slo = dep, requests, slo
+        n = len(requests)
+        horizon = float(requests.arrival_s[-1]) if n else 0.0
+        self.limit = horizon + (drain_s if drain_s is not None else max(600.0, horizon))
+        self.bin_width = max(self.limit / util_bins, 1e-3)
+        self.servers = {
+            name: SimServer(name, s.num_gpus, s.node.gpu.idle_watts, s.node.gpu.tdp_w, bin_width=self.bin_width)
+            for name, s in dep.servers.items()}
+        self.instances = {name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()}
+        self.entry = [i for i in self.instances.values() if i.role in ("prefill", "mixed")]
+        self.decoders = [i for i in self.instances.values() if i.role == "decode"]
+        for inst in self.entry:
+            if inst.role == "prefill":
+                inst.downstream = self.decoders
+        r = dep.spec.routing
+        self.router = make_policy(r.policy, r.weights, seed)
+        self.handoff_default = make_policy(r.handoff, None, seed + 1)
+        self.handoff_by_prefill = {p: make_policy("weighted", w) for p, w in r.handoff_weights.items()}
+        self.layerwise = r.layerwise_kv
+        self.rec = Records(n, requests.arrival_s.astype(float), requests.prompt_tokens.astype(np.int64),
+                           requests.output_tokens.astype(np.int64))
+        self.heap: list = []
+        self._counter = 0
+        self.links: dict[tuple[str, str], SharedLink] = {}
+        self.central: list[int] = []          # request ids waiting for a free chain (JFFC)
+        self.iterations = 0
+        self.peak_kv = {name: 0.0 for name in self.instances}
+        self.progress = progress
+        self.hashes = requests.block_hashes
+        self.clock = [0.0]
+        for inst in self.instances.values():
+            inst.clock = self.clock
+
+    # ---- heap ----------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload) -> None:
+        self._counter += 1
+        heapq.heappush(self.heap, (t, self._counter, kind, payload))
+
+    def run(self) -> SimResult:
+        if len(self.req):
+            self.push(float(self.req.arrival_s[0]), ARRIVAL, 0)
+        now = 0.0
+        while self.heap:
+            t, _, kind, payload = heapq.heappop(self.heap)
+            if t > self.limit:
+                break
+            now = t
+            self.clock[0] = t
+            if kind == DONE:
+                lane, version = payload
+                if version == lane.version:
+                    self._on_done(lane, t)
+            elif kind == STAGE:
+                self._enter_stage(payload[0], payload[1], t)
+            elif kind == ARRIVAL:
+                self._on_arrival(payload, t)
+            elif kind == XFER:
+                self._on_transfer(payload[0], payload[1], t)
+            else:
+                self._on_kv_ready(payload[0], payload[1], t)
+        return self._result(now)
+
+    # ---- arrivals and routing -----------------------------------------------------------------
+    def _on_arrival(self, i: int, t: float) -> None:
+        nxt = i + 1
+        if nxt < len(self.req):
+            self.push(float(self.req.arrival_s[nxt]), ARRIVAL, nxt)
+        if self.progress is not None:
+            self.progress(1)
+        p, o = int(self.rec.prompt[i]), int(self.rec.output[i])
+        cands = [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
+        if self.decoders and not any(d.fits(p, o) for d in self.decoders):
+            cands = []
+        if not cands:
+            self.rec.dropped[i] = True
+            return
+        if self.router.queues:
+            self.central.append(i)
+            self._dispatch_central(t)
+            return
+        self._admit(self.router.choose(cands), i, t)
+
+    def _dispatch_central(self, t: float) -> None:
+        while self.central:
+            i = self.central[0]
+            p, o = int(self.rec.prompt[i]), int(self.rec.output[i])
+            cands = [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
+            inst = self.router.choose(cands)
+            if inst is None:
+                return
+            self.central.pop(0)
+            self._admit(inst, i, t)
+
+    def _admit(self, inst: SimInstance, i: int, t: float) -> None:
+        o = int(self.rec.output[i]) if inst.role == "mixed" else 1
+        seq = Sequence(seq_id=i, prompt_len=int(self.rec.prompt[i]), max_tokens=o, arrival_time=t)
+        self._attach_keys(seq, i)
+        self.rec.entry[i] = inst.name
+        self._enqueue(inst, seq, t)
+
+    def _enqueue(self, inst: SimInstance, seq: Sequence, t: float) -> None:
+        lane = inst.add(seq)
+        if not lane.busy:
+            self._start_step(lane, t)
+        else:
+            self._cut_run(lane, t)
+
+    def _attach_keys(self, seq: Sequence, i: int) -> None:
+        if self.hashes is not None and self.hashes[i]:
+            seq.block_keys = self.hashes[i]
+            seq.block_key_tokens = 512
+        else:
+            seq.cacheable = False
+
+    # ---- stepping ----------------------------------------------------------------------------------
+    def _start_step(self, lane: Lane, t: float) -> None:
+        sched = lane.scheduler
+        batch = sched.schedule()
+        for seq in batch.preempted:
+            self.rec.preemptions[seq.seq_id] += 1
+            inst = lane.instance
+            inst.pending_prompt += seq.prompt_len + seq.num_output_tokens - 1 - seq.num_transferred_tokens
+        if not batch.items:
+            lane.busy = False
+            return
+        lane.busy = True
+        lane.batch = batch
+        inst = lane.instance
+        new = seqs = 0
+        pairs = kv = 0.0
+        for it in batch.items:
+            n, start = it.num_tokens, it.start
+            new += n
+            pairs += n * start + n * (n + 1) / 2
+            kv += start + n
+            if it.is_prefill and math.isnan(self.rec.prefill_start[it.seq.seq_id]):
+                self.rec.prefill_start[it.seq.seq_id] = t
+        seqs = len(batch.items)
+        used = sched.blocks.num_used_blocks / sched.blocks.num_blocks
+        if used > self.peak_kv[inst.name]:
+            self.peak_kv[inst.name] = used
+        lane.shape = (new, seqs, pairs, kv)
+        lane.t0 = t
+        lane.steps = 1
+        if not inst.exclusive:
+            self._enter_stage(lane, 0, t)
+            return
+        # One lane on its own servers: the step's time is known now. A pure-decode batch runs as many
+        # steps as nothing could change; an arrival to this instance cuts the run short (_cut_run).
+        lane.shares = inst.stage_shares(new, seqs, pairs, kv)
+        steps = sched.decode_steps_available(batch) if new == seqs else 1
+        if steps > 1:
+            lane.a, lane.b = inst.decode_affine(seqs)
+            lane.kv0, lane.n, lane.steps = kv, seqs, steps
+        else:
+            lane.duration = inst.step_time(new, seqs, pairs, kv)
+        self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
+
+    def _cut_run(self, lane: Lane, t: float) -> None:
+        """A sequence joined ``lane``'s queue at ``t`` during a run of decode steps: end the run at the
+        first step boundary at or after ``t``, where a step-by-step scheduler would first see it."""
+        if not lane.busy or lane.steps <= 1:
+            return
+        done = lane.steps_done_by(t)
+        k = done if done >= 1 and lane.t0 + lane.total(done) >= t else done + 1
+        if k < lane.steps:
+            lane.steps = max(k, 1)
+            lane.version += 1
+            self.push(lane.t0 + lane.total(lane.steps), DONE, (lane, lane.version))
+
+    def _enter_stage(self, lane: Lane, s: int, t: float) -> None:
+        inst = lane.instance
+        srv = inst.servers[s]
+        start = t if t > srv.free_at else srv.free_at
+        dt = inst.timers[s].time(*lane.shape)
+        srv.occupy(start, dt)
+        end = start + dt
+        if s + 1 < len(inst.servers):
+            self.push(end + inst.hop_time(s, lane.shape[0]), STAGE, (lane, s + 1))
+        else:
+            self.push(end, DONE, (lane, lane.version))
+
+    def _on_done(self, lane: Lane, t: float) -> None:
+        self.iterations += lane.steps
+        inst = lane.instance
+        if inst.exclusive:
+            offset, total = lane.t0, t - lane.t0
+            for srv, share in zip(inst.servers, lane.shares):
+                srv.occupy(offset, total * share)    # stages run one after another within a step
+                offset += total * share
+        batch = lane.batch
+        sched = lane.scheduler
+        for it in batch.items:
+            if it.is_prefill:
+                inst.pending_prompt -= it.num_tokens
+        before = {it.seq.seq_id: it.seq.num_output_tokens for it in batch.items if it.samples}
+        if lane.steps > 1:
+            finished = sched.postprocess_decode_steps(batch, lane.steps)
+        else:
+            finished = sched.postprocess(batch)
+        for it in batch.items:
+            seq = it.seq
+            sid = seq.seq_id
+            if sid in before:
+                inst.pending_output -= seq.num_output_tokens - before[sid]
+                if it.is_prefill and seq.num_computed_tokens >= seq.prompt_len and \
+                        math.isnan(self.rec.prefill_end[sid]):
+                    self.rec.prefill_end[sid] = t
+                if math.isnan(self.rec.first_token[sid]):
+                    self.rec.first_token[sid] = t
+        for seq in finished:
+            inst.requests -= 1
+            if inst.role == "prefill":
+                self._hand_off(inst, seq, t)
+            else:
+                self.rec.finish[seq.seq_id] = t
+        lane.batch = None
+        lane.busy = False
+        self._start_step(lane, t)
+        if finished and self.central:
+            self._dispatch_central(t)
+
+    # ---- prefill -> decode ---------------------------------------------------------------------------
+    def _hand_off(self, inst: SimInstance, seq: Sequence, t: float) -> None:
+        i = seq.seq_id
+        out = int(self.rec.output[i])
+        if out <= 1:
+            self.rec.finish[i] = t
+            return
+        p = int(self.rec.prompt[i])
+        cands = [d for d in self.decoders if d.fits(p, out)]
+        policy = self.handoff_by_prefill.get(inst.name, self.handoff_default)
+        dec = policy.choose(cands)
+        self.rec.decode[i] = dec.name
+        nbytes = p * inst.kv_bytes_per_token
+        self.rec.kv_bytes[i] = nbytes
+        self.rec.transfer_start[i] = t
+        link_spec = self.dep.kv_link(inst.name, dec.name)
+        conv = nbytes / KV_CONVERSION_BYTES_PER_S if self.dep.kv_conversion_needed(inst.name, dec.name) else 0.0
+        prefill_time = t - self.rec.prefill_start[i]
+        exposed = kv_transfer_time(nbytes, link_spec, prefill_time=prefill_time, layers=self.dep.model.num_layers,
+                                   layerwise=self.layerwise) - link_spec.latency
+        delay = link_spec.latency + conv
+        if math.isinf(link_spec.bandwidth) or exposed <= 0:
+            self.push(t + delay, KV_READY, (dec, seq))
+            return
+        key = (inst.servers[-1].name, dec.servers[0].name)
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = SharedLink(link_spec.bandwidth, link_spec.latency, updated=t)
+        link.add(t, i, exposed * link_spec.bandwidth, (dec, seq, delay))
+        link.bytes_moved += nbytes - exposed * link_spec.bandwidth   # streamed behind prefill
+        self.push(link.next_completion(), XFER, (key, link.version))
+
+    def _on_transfer(self, key, version: int, t: float) -> None:
+        link = self.links[key]
+        if version != link.version:
+            return
+        for tr in link.pop_done(t):
+            dec, seq, delay = tr.payload
+            self.push(t + delay, KV_READY, (dec, seq))
+        nxt = link.next_completion()
+        if nxt is not None:
+            self.push(nxt, XFER, (key, link.version))
+
+    def _on_kv_ready(self, dec: SimInstance, seq: Sequence, t: float) -> None:
+        i = seq.seq_id
+        self.rec.transfer_end[i] = t
+        d = Sequence(seq_id=i, prompt_len=seq.prompt_len, max_tokens=int(self.rec.output[i]), arrival_time=t)
+        d.num_output_tokens = 1
+        d.num_transferred_tokens = seq.prompt_len
+        d.cacheable = False
+        self._enqueue(dec, d, t)
+
+    # ---- results -------------------------------------------------------------------------------------
+    def _result(self, now: float) -> SimResult:
+        rec = self.rec
+        unfinished = np.isnan(rec.finish) & ~rec.dropped
+        rec.dropped |= unfinished
+        done = ~np.isnan(rec.finish)
+        first = float(rec.arrival[0]) if rec.n else 0.0
+        last = float(np.nanmax(rec.finish)) if done.any() else now
+        makespan = max(last - first, 1e-9)
+        util = {name: min(1.0, s.busy / makespan) for name, s in self.servers.items()}
+        energy = sum(s.gpus * (s.idle_w * makespan + (s.busy_w - s.idle_w) * min(s.busy, makespan))
+                     for s in self.servers.values())
+        summary = summarise(rec, self.slo, cost_per_hour=self.dep.cost_per_hour(), energy_j=energy,
+                            makespan=makespan, server_util=util, peak_kv=dict(self.peak_kv),
+                            bytes_transferred=float(np.nansum(rec.kv_bytes)), gpus=self.dep.gpus_used(),
+                            iterations=self.iterations)
+        return SimResult(summary, rec, self.servers, self.bin_width)
+
+
+def simulate(dep: Deployment, requests: Requests, slo: SLO, *, seed: int = 0, drain_s: float | None = None,
+             progress=None) -> SimResult:
+    return Simulator(dep, requests, slo, seed=seed, drain_s=drain_s, progress=progress).run()
