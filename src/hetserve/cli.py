@@ -114,6 +114,81 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from .plan import PlanFile, save_plan
+    from .planner import Planner
+    from .planner.quality import parse_quality
+    from .specs.clusters import Cluster
+    from .specs.models import load_model
+    from .specs.workloads import Workload
+
+    cluster = Cluster.load(args.cluster)
+    model = load_model(args.model)
+    workload = Workload.load(args.workload)
+    out = Path(args.out)
+    planner = Planner(cluster, model, workload, args.objective, cluster_ref=str(Path(args.cluster).resolve()),
+                      model_ref=args.model, budget=args.budget, quality=parse_quality(args.quality), seed=args.seed,
+                      time_limit=args.time_limit)
+    with _stage_progress(enabled=not args.json) as tick:
+        planner.progress = tick
+        result = planner.run()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = PlanFile.model_validate(result.plan)
+    save_plan(spec, out, cluster_path=args.cluster)
+    s = result.summary
+    report = {
+        "objective": result.objective, "objective_value": result.value, "objective_sense": result.sense,
+        "throughput_tok_s": s["throughput_tok_s"], "goodput_rps": s["goodput_rps"],
+        "cost_per_hour": s["cost_per_hour"], "gpus_used": result.deployment.gpus_used(),
+        "gpus_by_type": result.deployment.gpu_counts(), "instances": len(result.deployment.instances),
+        "ttft_p90_ms": s["ttft_p90_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "slo_attainment": s["slo_attainment"],
+        "joules_per_token": s["joules_per_token"], "search_seconds": result.seconds, "searched": result.searched,
+        "predicted": result.predicted, "reasons": result.reasons, "plan": str(out),
+        "alternatives": result.alternatives,
+    }
+    if args.json:
+        print_json(report)
+        return 0
+    key_values(f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}",
+               [(k, report[k]) for k in ("objective_value", "throughput_tok_s", "goodput_rps", "cost_per_hour",
+                                         "gpus_used", "gpus_by_type", "instances", "ttft_p90_ms", "tpot_p90_ms",
+                                         "slo_attainment", "search_seconds")])
+    table("Instances", ["instance", "role", "chain (server: node, GPUs, layers, bits)"],
+          [(i.name, i.role, "; ".join(f"{srv.name}: {srv.node.name} x{srv.plan.tp} L{srv.plan.layers[0]}-"
+                                       f"{srv.plan.layers[1] - 1} {srv.plan.bits if isinstance(srv.plan.bits, int) else 'mixed'}"
+                                       for srv in i.servers))
+           for i in result.deployment.instances.values()])
+    for r in result.reasons:
+        print(f"- {r}")
+    print(f"wrote {out}")
+    return 0
+
+
+class _stage_progress:
+    """A progress bar over the search's time budget on a terminal; a no-op otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True, console=err_console)
+        self.bar.start()
+        task = self.bar.add_task("planning", total=1.0)
+        return lambda what, frac: self.bar.update(task, completed=frac, description=what)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
 class _progress:
     """A rich progress bar over arrivals on a terminal; a no-op otherwise."""
 
@@ -162,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_estimate)
+
+    pl = sub.add_parser("plan", help="choose a deployment for a cluster, model and workload")
+    pl.add_argument("--cluster", required=True, help="cluster YAML (see docs/files.md)")
+    pl.add_argument("--model", required=True, help="built-in name or path of a config.json")
+    pl.add_argument("--workload", required=True, help="workload YAML: rates, lengths and SLOs")
+    pl.add_argument("--objective", default="goodput", choices=["throughput", "goodput", "cost", "power"])
+    pl.add_argument("--budget", type=float, help="most USD per hour to spend")
+    pl.add_argument("--quality", help="'lossless' or the share of sensitivity-weighted bits that may be removed "
+                                      "(default 0.3)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")
+    pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("simulate", help="replay a workload against a plan (discrete-event simulation)")
     s.add_argument("--plan", required=True, help="plan YAML (see docs/plan.md)")

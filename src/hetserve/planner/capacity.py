@@ -1,0 +1,184 @@
+"""Analytic, queueing-aware capacity of one instance for a workload (what the planner optimises over).
+
+For a chain of stages (the cost model's timers plus hops) and a workload's mean prompt ``P`` and
+output ``O``, each role gets the largest request rate it sustains while its SLOs hold at the
+workload's percentile:
+
+- prefill: batches of prompts up to the token budget; TTFT = the prompt's own prefill plus the
+  queueing delay of an M/M/1-like queue at that utilisation, at the percentile;
+- decode: the largest batch whose step time meets TPOT and whose KV fits; rate = B / (O * step);
+- mixed: prefill time is taken out of the decode loop (each decode interval stretches by
+  1 / (1 - prefill share)); both TTFT and TPOT must hold.
+
+Pipelines keep ``m`` batches in flight: a step's latency is the sum of the stages and hops, and the
+cycle of one lane is max(latency, m * slowest stage).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..costmodel.roofline import ServerTimer
+from ..specs.workloads import SLO
+
+#: Highest utilisation the planner plans for (queues explode beyond it).
+MAX_UTILISATION = 0.9
+#: Share of KV capacity the planner fills on average (room for the longer requests of a mix).
+KV_HEADROOM = 0.8
+
+
+@dataclass
+class ChainTiming:
+    """Step times of one instance's chain."""
+
+    timers: list[ServerTimer]
+    hop_latency: list[float]
+    hop_byte_time: list[float]        # seconds per activation token per hop
+    micro_batches: int = 1
+
+    def _stages(self, new: float, seqs: float, pairs: float, kv: float) -> tuple[float, float]:
+        times = [t.time(new, seqs, pairs, kv) for t in self.timers]
+        hops = sum(lat + b * new for lat, b in zip(self.hop_latency, self.hop_byte_time))
+        return sum(times) + hops, max(times)
+
+    def cycle(self, new: float, seqs: float, pairs: float, kv: float) -> tuple[float, float]:
+        """(latency of one lane's step, time between that lane's steps) for a batch of this shape per lane."""
+        latency, slowest = self._stages(new, seqs, pairs, kv)
+        return latency, max(latency, self.micro_batches * slowest)
+
+    def prefill(self, prompt: float, batch: int) -> tuple[float, float]:
+        """(TTFT of a prompt alone, requests/s at saturation) for lanes of ``batch`` prompts."""
+        alone, _ = self.cycle(prompt, 1, prompt * (prompt + 1) / 2, prompt)
+        n = batch * prompt
+        _, cyc = self.cycle(n, batch, batch * prompt * (prompt + 1) / 2, n)
+        return alone, self.micro_batches * batch / cyc
+
+    def decode(self, batch: float, context: float) -> tuple[float, float]:
+        """(TPOT, output tokens/s) with ``batch`` sequences decoding (split over the lanes)."""
+        lane = max(batch / self.micro_batches, 1.0)
+        kv = lane * (context + 1)
+        _, cyc = self.cycle(lane, lane, kv, kv)
+        return cyc, self.micro_batches * lane / cyc
+
+
+def _queue_wait(service: float, rho: float, q: float) -> float:
+    """Waiting time at percentile q (0..1) of an M/M/1-like queue with mean service ``service``."""
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return math.inf
+    mu_minus_lambda = (1 - rho) / service
+    return max(0.0, math.log(rho / (1 - q)) / mu_minus_lambda) if rho > 1 - q else 0.0
+
+
+@dataclass
+class Capacity:
+    rate: float                  # requests/s sustained within the SLOs (0 if none)
+    ttft: float                  # TTFT (s) at that rate, at the percentile
+    tpot: float                  # TPOT (s) at that rate
+    busy_per_request: float      # GPU-seconds of busy time per request (for energy)
+    batch: float                 # decode batch in steady state (0 for prefill)
+    limit: str                   # what bounds the rate: "ttft", "tpot", "kv", "batch", "compute"
+
+
+def _bisect(ok, hi: float, iters: int = 40) -> float:
+    """Largest x in [0, hi] with ok(x), assuming ok is monotone (true then false)."""
+    if hi <= 0 or not ok(hi * 1e-6):
+        return 0.0
+    if ok(hi):
+        return hi
+    lo = hi * 1e-6
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def prefill_capacity(ch: ChainTiming, prompt: float, slo: SLO | None, max_batch_tokens: int,
+                     max_rate_by_link: float = math.inf) -> Capacity:
+    batch = max(1, int(max_batch_tokens // max(prompt, 1)))
+    alone, mu = ch.prefill(prompt, batch)
+    service = 1.0 / mu
+    q = (slo.percentile if slo else 90) / 100
+    target = slo.ttft_ms / 1e3 if slo and slo.ttft_ms else math.inf
+
+    def ttft(rate):
+        return alone + _queue_wait(service, rate / mu, q)
+
+    top = min(mu * MAX_UTILISATION, max_rate_by_link)
+    rate = _bisect(lambda r: ttft(r) <= target, top)
+    limit = "ttft" if rate < top * 0.999 else ("link" if max_rate_by_link < mu * MAX_UTILISATION else "compute")
+    busy = service * ch.micro_batches            # each stage is busy 1/m of the cycle per lane
+    return Capacity(rate, ttft(rate) if rate else alone, 0.0, busy, 0.0, limit)
+
+
+def decode_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | None, max_batch: int,
+                    kv_tokens: int) -> Capacity:
+    context = prompt + output / 2
+    kv_limit = KV_HEADROOM * kv_tokens / (prompt + output / 2 + 1)
+    target = slo.tpot_ms / 1e3 if slo and slo.tpot_ms else math.inf
+    top = min(float(max_batch), kv_limit)
+    if top < 1:
+        return Capacity(0.0, 0.0, math.inf, math.inf, 0.0, "kv")
+    b = _bisect(lambda x: ch.decode(x, context)[0] <= target, top)
+    if b < 1:
+        tpot, _ = ch.decode(1, context)
+        return Capacity(0.0, 0.0, tpot, math.inf, 0.0, "tpot")
+    tpot, tok_s = ch.decode(b, context)
+    limit = "tpot" if b < top * 0.999 else ("kv" if kv_limit < max_batch else "batch")
+    rate = tok_s / max(output, 1) * MAX_UTILISATION
+    return Capacity(rate, 0.0, tpot, tpot / b * output, b, limit)
+
+
+def mixed_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | None, max_batch: int,
+                   max_batch_tokens: int, kv_tokens: int) -> Capacity:
+    context = prompt + output / 2
+    batch = max(1, int(max_batch_tokens // max(prompt, 1)))
+    alone, mu_p = ch.prefill(prompt, batch)
+    s_p = 1.0 / mu_p                                  # prefill seconds per request
+    q = (slo.percentile if slo else 90) / 100
+    ttft_target = slo.ttft_ms / 1e3 if slo and slo.ttft_ms else math.inf
+    tpot_target = slo.tpot_ms / 1e3 if slo and slo.tpot_ms else math.inf
+    kv_limit = KV_HEADROOM * kv_tokens / (context + 1)
+    top_b = min(float(max_batch), kv_limit)
+    out = max(output, 1.0)
+
+    def state(rate):
+        """(feasible, ttft, tpot, batch) at ``rate``."""
+        f_p = rate * s_p
+        if f_p >= MAX_UTILISATION or top_b < 1:
+            return False, math.inf, math.inf, 0.0
+        need = rate * out / (1 - f_p)                # decode tokens/s while not prefilling
+        if ch.decode(top_b, context)[1] < need:
+            return False, math.inf, math.inf, 0.0
+        b = _bisect(lambda x: ch.decode(x, context)[1] < need, top_b)   # smallest batch that keeps up
+        b = max(b, 1.0)
+        step, _ = ch.decode(b, context)
+        tpot = step / (1 - f_p)
+        rho = f_p + rate * out * step / b
+        ttft = alone + _queue_wait(s_p + step, min(rho, 0.999) if rho < 1 else 1.0, q)
+        return rho < 1, ttft, tpot, b
+
+    def ok(rate):
+        good, ttft, tpot, _ = state(rate)
+        return good and ttft <= ttft_target and tpot <= tpot_target
+
+    rate = _bisect(ok, mu_p * MAX_UTILISATION)
+    if rate <= 0:
+        step1, _ = ch.decode(1, context)
+        return Capacity(0.0, alone, step1, math.inf, 0.0, "ttft" if alone > ttft_target else "tpot")
+    _, ttft, tpot, b = state(rate)
+    good_hi = state(rate * 1.01)
+    if not good_hi[0]:
+        limit = "compute" if rate * s_p < MAX_UTILISATION * 0.99 else "prefill"
+    elif good_hi[2] > tpot_target:
+        limit = "tpot"
+    else:
+        limit = "ttft"
+    if b >= top_b * 0.999:
+        limit = "kv" if kv_limit < max_batch else "batch"
+    step, _ = ch.decode(b, context)
+    return Capacity(rate, ttft, tpot, s_p * ch.micro_batches + out * step / b, b, limit)

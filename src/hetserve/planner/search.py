@@ -1,0 +1,323 @@
+"""The planner: templates -> MILP allocations -> concrete plans -> simulator confirmation.
+
+1. Candidate instances (templates.py) over every pool and asymmetric cross-pool chain, each with a
+   queueing-aware capacity for the workload (capacity.py).
+2. Allocations (allocate.py) by MILP for the objective, over all roles and also restricted to colocated
+   (mixed) and to disaggregated (prefill + decode) instances, so both designs are compared.
+3. Each allocation becomes a plan (build.py) with request weights from the LP flows or least-work
+   routing, and is simulated on the workload; the best simulated one wins. The first plan is ready
+   after the first MILP (anytime); the search stops at the time limit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ..errors import HetserveError
+from ..plan import Deployment, deployment_from_dict
+from ..sim import simulate
+from ..specs.clusters import Cluster
+from ..specs.models import ModelSpec
+from ..specs.workloads import SLO, Workload
+from .allocate import OBJECTIVES, Allocation, solve
+from .build import PlacementError, build_plan
+from .quality import describe_bits
+from .templates import Template, TemplateFactory, pools_of
+
+#: Requests a confirmation simulation aims for (its duration follows from the rate).
+CONFIRM_REQUESTS = 1200
+#: Simulations spent finding the highest rate that meets the SLOs (goodput objective).
+GOODPUT_STEPS = 4
+
+
+@dataclass
+class Candidate:
+    label: str
+    alloc: Allocation
+    plan: dict
+    dep: Deployment
+    summary: dict
+    score: float
+
+
+@dataclass
+class PlanResult:
+    plan: dict
+    deployment: Deployment
+    objective: str
+    sense: str
+    value: float
+    summary: dict                 # simulated metrics of the chosen plan
+    predicted: dict               # analytic figures of the chosen allocation
+    reasons: list[str]
+    searched: dict
+    seconds: float
+    alternatives: list[dict] = field(default_factory=list)
+
+
+def _score(objective: str, s: dict, target_rate: float | None) -> float:
+    """Simulated objective in 'higher is better' form."""
+    if objective == "throughput":
+        return s["throughput_tok_s"]
+    if objective == "goodput":
+        return s["goodput_rps"] if s["slo_met"] else s["goodput_rps"] * 0.5
+    ok = s["slo_met"] and s["throughput_rps"] >= 0.95 * (target_rate or 0)
+    penalty = 0.0 if ok else 1e12
+    if objective == "cost":
+        return -(s["cost_per_hour"] + penalty)
+    return -(s["energy_j"] / max(s["makespan_s"], 1e-9) + penalty)
+
+
+def _value(objective: str, s: dict) -> float:
+    goodput = s.get("offered_rps", s["goodput_rps"]) if s["slo_met"] else s["goodput_rps"]
+    return {"throughput": s["throughput_tok_s"], "goodput": goodput, "cost": s["cost_per_hour"],
+            "power": s["energy_j"] / max(s["makespan_s"], 1e-9)}[objective]
+
+
+class Planner:
+    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, objective: str, *,
+                 cluster_ref: str, model_ref: str, budget: float | None = None, quality: float = 0.3,
+                 seed: int = 0, time_limit: float = 60.0, progress=None, simulate_confirm: bool = True):
+        if objective not in OBJECTIVES:
+            raise HetserveError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+        if budget is not None and budget <= 0:
+            raise HetserveError(f"--budget={budget} must be > 0 (USD per hour)")
+        if time_limit <= 0:
+            raise HetserveError(f"--time-limit={time_limit} must be > 0 seconds")
+        self.cluster, self.model, self.workload = cluster, model, workload
+        self.objective, self.budget, self.quality, self.seed = objective, budget, quality, seed
+        self.time_limit, self.progress, self.confirm = time_limit, progress, simulate_confirm
+        self.cluster_ref, self.model_ref = cluster_ref, model_ref
+        self.prompt, self.output = workload.mean_lengths(seed)
+        self.rate = workload.mean_rate
+        self.slo: SLO = workload.slo
+        self._t0 = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _tick(self, what: str) -> None:
+        if self.progress:
+            self.progress(what, min(self._elapsed() / self.time_limit, 1.0))
+
+    # ---- the search --------------------------------------------------------------------------------------
+    def run(self) -> PlanResult:
+        self._tick("candidate instances")
+        slo = None if self.objective == "throughput" else self.slo
+        factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality)
+        templates = factory.all()
+        pools = {p.key: p.total for p in pools_of(self.cluster)}
+        if not templates:
+            raise HetserveError(self._why_nothing_fits())
+        usable = [t for t in templates if (t.cap_free if self.objective == "throughput" else t.cap).rate > 0]
+        roles = {t.role for t in usable}
+        if "mixed" not in roles and not {"prefill", "decode"} <= roles:
+            raise HetserveError(self._why_slo_unreachable(templates))
+        if self.budget is not None and min(t.price for t in usable) > self.budget:
+            cheapest = min(usable, key=lambda t: t.price)
+            raise HetserveError(f"--budget ${self.budget:.2f}/h is below the cheapest deployment that fits and meets "
+                                f"the SLOs: {cheapest.describe()} at ${cheapest.price:.2f}/h")
+        self._tick("allocating")
+        variants = [("joint", None), ("colocated", {"mixed"}), ("disaggregated", {"prefill", "decode"})]
+        allocs: list[tuple[str, Allocation]] = []
+        seen = set()
+        limit = max(1.0, self.time_limit / 6)
+        for label, roles in variants:
+            a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
+                      roles=roles)
+            if a is None:
+                continue
+            key = tuple(sorted(a.counts.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            allocs.append((label, a))
+        if not allocs:
+            raise HetserveError(self._why_rate_unreachable(templates, pools))
+        candidates: list[Candidate] = []
+        for n, (label, alloc) in enumerate(allocs):
+            for policy in (("least-work", "weighted") if n == 0 else ("least-work",)):
+                if candidates and self._elapsed() > self.time_limit * 0.6:
+                    break
+                self._tick(f"confirming {label} ({policy})")
+                cand = self._candidate(f"{label}/{policy}", alloc, templates, policy)
+                if cand is not None:
+                    candidates.append(cand)
+        if not candidates:
+            raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
+        if self.objective == "goodput":
+            for cand in sorted(candidates, key=lambda c: -c.score)[:2]:
+                if self._elapsed() > self.time_limit * 0.9:
+                    break
+                self._tick(f"highest rate within the SLOs: {cand.label}")
+                self._goodput_search(cand)
+        sense = "max" if self.objective in ("throughput", "goodput") else "min"
+        best = max(candidates, key=lambda c: c.score)
+        alloc = best.alloc
+        predicted = {
+            "requests_per_s": round(alloc.rate, 4),
+            "output_tok_s": round(alloc.rate * self.output, 2),
+            "cost_per_hour": round(alloc.price, 4),
+            "power_w": round(alloc.power_w, 1),
+        }
+        plan = best.plan
+        plan["predicted"] = {**{f"analytic_{k}": v for k, v in predicted.items()},
+                             **{f"simulated_{k}": (round(best.summary[k], 4) if isinstance(best.summary[k], float)
+                                                  else best.summary[k])
+                                for k in ("throughput_tok_s", "goodput_rps", "ttft_p90_ms", "tpot_p90_ms",
+                                          "slo_attainment", "cost_per_hour") if best.summary.get(k) is not None},
+                             "objective": self.objective}
+        reasons = self._reasons(best, candidates, templates)
+        plan["notes"] = " ".join(reasons)
+        searched = {"templates": len(templates), "allocations": len(allocs), "simulated": len(candidates),
+                    "pools": len(pools)}
+        alts = [{"label": c.label, "value": _value(self.objective, c.summary), "gpus": c.dep.gpus_used(),
+                 "cost_per_hour": c.summary["cost_per_hour"]} for c in candidates]
+        return PlanResult(plan, best.dep, self.objective, sense, _value(self.objective, best.summary), best.summary,
+                          predicted, reasons, searched, self._elapsed(), alts)
+
+    def _candidate(self, label: str, alloc: Allocation, templates: list[Template], policy: str) -> Candidate | None:
+        try:
+            plan = build_plan(self.cluster, self.cluster_ref, self.model, templates, alloc, self.prompt,
+                              f"{self.model.name}-{self.objective}", policy)
+        except PlacementError:
+            return None
+        plan["model"] = self.model_ref
+        dep = deployment_from_dict(plan, self.cluster, self.model, source="planned plan")
+        if self.objective == "throughput":
+            rate = alloc.rate * 1.2            # saturate: measure what it sustains
+        elif self.objective == "goodput":
+            rate = alloc.rate
+        else:
+            rate = self.rate
+        summary = self._simulate(dep, rate)
+        if summary is None:
+            return None
+        return Candidate(label, alloc, plan, dep, summary, _score(self.objective, summary, rate))
+
+    def _simulate(self, dep: Deployment, rate: float) -> dict | None:
+        rate = max(rate, 1e-3)
+        duration = min(max(CONFIRM_REQUESTS / rate, 20.0), 600.0)
+        reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
+        if len(reqs) == 0:
+            return None
+        summary = simulate(dep, reqs, self.slo, seed=self.seed, drain_s=max(60.0, duration)).summary
+        summary["offered_rps"] = len(reqs) / duration
+        return summary
+
+    def _goodput_search(self, cand: Candidate) -> None:
+        """Goodput = the highest offered rate at which the SLO percentiles hold (bisection in simulation,
+        starting from the analytic capacity); the candidate keeps the summary at that rate."""
+        hi = cand.alloc.rate
+        if cand.summary["slo_met"]:
+            up = self._simulate(cand.dep, hi * 1.25)
+            if up is not None and up["slo_met"]:
+                cand.summary, cand.score = up, up["offered_rps"]
+            else:
+                cand.score = cand.summary["offered_rps"]
+            return
+        lo, best = 0.0, None
+        for _ in range(GOODPUT_STEPS):
+            mid = (lo + hi) / 2
+            s = self._simulate(cand.dep, mid)
+            if s is not None and s["slo_met"]:
+                lo, best = mid, s
+            else:
+                hi = mid
+        if best is not None:
+            cand.summary, cand.score = best, best["offered_rps"]
+        else:
+            cand.score = 0.0
+
+    # ---- explanations -------------------------------------------------------------------------------------
+    def _reasons(self, best: Candidate, cands: list[Candidate], templates: list[Template]) -> list[str]:
+        out = []
+        used = [templates[j] for j in best.alloc.counts]
+        roles = {t.role for t in used}
+        design = "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
+            "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
+        others = [c for c in cands if c is not best and c.label.split("/")[0] != best.label.split("/")[0]]
+        comp = ""
+        if others:
+            o = max(others, key=lambda c: c.score)
+            comp = (f" (the best {o.label.split('/')[0]} plan simulated {_value(self.objective, o.summary):.4g} vs "
+                    f"{_value(self.objective, best.summary):.4g} {self._unit()})")
+        out.append(f"Chose {design}{comp}, routing {best.label.split('/')[1]}.")
+        limits = {}
+        for t in used:
+            limits[t.cap.limit] = limits.get(t.cap.limit, 0) + 1
+        main = max(limits, key=limits.get)
+        out.append(f"Bottleneck: {self._limit_text(main)}.")
+        by_type: dict[str, list[float]] = {}
+        for name, u in best.summary["utilisation"].items():
+            g = best.dep.servers[name].node.gpu.name
+            by_type.setdefault(g, []).append(u)
+        util = ", ".join(f"{g} {sum(v) / len(v):.0%}" for g, v in sorted(by_type.items()))
+        out.append(f"Utilisation by GPU type: {util}.")
+        cluster_types = self.cluster.gpu_counts()
+        used_types = best.dep.gpu_counts()
+        idle = [f"{n - used_types.get(g, 0)} x {g}" for g, n in sorted(cluster_types.items()) if n > used_types.get(g, 0)]
+        if idle:
+            out.append(f"Left unused: {', '.join(idle)} (adding them did not improve the objective"
+                       f"{' within the budget' if self.budget else ''}).")
+        quant = [t for t in used if t.quantised]
+        if quant:
+            bits = [b for s in quant[0].stages for b in s.bits]
+            out.append(f"Traded precision for memory/speed within the quality budget {self.quality:g}: "
+                       f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}.")
+        pipes = [t for t in used if len(t.stages) > 1]
+        if pipes:
+            out.append(f"Pipelines: {pipes[0].describe().split(': ')[1]}.")
+        return out
+
+    def _unit(self) -> str:
+        return {"throughput": "tok/s", "goodput": "req/s", "cost": "$/h", "power": "W"}[self.objective]
+
+    @staticmethod
+    def _limit_text(limit: str) -> str:
+        return {"ttft": "the TTFT target (prefill queueing)", "tpot": "the TPOT target (decode batch size)",
+                "kv": "KV-cache memory", "batch": "the maximum batch size", "compute": "compute",
+                "prefill": "prefill compute", "link": "the network carrying KV caches"}.get(limit, limit)
+
+    def _why_nothing_fits(self) -> str:
+        m = self.model
+        gb = 1e9
+        total = sum(n.gpu.memory_gb * n.count for n in self.cluster.nodes.values()) * 0.9
+        w16, w4 = m.weight_bytes(16) / gb, m.weight_bytes(4) / gb
+        biggest = max(self.cluster.gpus[g].memory_gb for g in self.cluster.gpu_counts())
+        if w4 < total * 0.85 and self.quality < 0.75:
+            need = w16 - total * 0.85
+            return (f"{m.name} does not fit at this quality budget: {w16:.0f} GB of weights at 16 bits against "
+                    f"~{total:.0f} GB usable in the cluster; it fits with 4-bit weights on more layers "
+                    f"(--quality 0.75 allows all layers at 4 bits, {w4:.0f} GB), or add "
+                    f"{math.ceil(max(need, 0) / (biggest * 0.9))} more {biggest:.0f} GB GPUs")
+        need = w4 - total * 0.85
+        return (f"{m.name} does not fit: even at 4 bits its weights take {w4:.0f} GB and the cluster has ~{total:.0f} GB "
+                f"usable; needs {max(1, math.ceil(need / (biggest * 0.9)))} more {biggest:.0f} GB GPUs")
+
+    def _why_slo_unreachable(self, templates: list[Template]) -> str:
+        slo = self.slo
+        q = f"p{slo.percentile:g}"
+        best_ttft = min(t.cap.ttft for t in templates if t.role != "decode" and t.cap.ttft > 0) if any(
+            t.role != "decode" for t in templates) else math.inf
+        best_tpot = min((t.cap.tpot for t in templates if t.role != "prefill" and t.cap.tpot > 0), default=math.inf)
+        parts = []
+        if slo.ttft_ms and best_ttft * 1e3 > slo.ttft_ms:
+            parts.append(f"best reachable TTFT {q} is {best_ttft:.2f} s (target {slo.ttft_ms / 1e3:.2f} s)")
+        if slo.tpot_ms and best_tpot * 1e3 > slo.tpot_ms:
+            parts.append(f"best reachable TPOT {q} is {best_tpot * 1e3:.0f} ms (target {slo.tpot_ms:.0f} ms)")
+        if not parts:
+            parts.append("no instance meets both SLOs at once")
+        return (f"the workload's SLOs cannot be met on this cluster for {self.model.name} (mean prompt "
+                f"{self.prompt:.0f}, output {self.output:.0f} tokens): " + "; ".join(parts) +
+                "; relax the SLO or add faster GPUs")
+
+    def _why_rate_unreachable(self, templates: list[Template], pools: dict[str, int]) -> str:
+        best = solve(templates, pools, "goodput", budget=self.budget, time_limit=max(1.0, self.time_limit / 6))
+        if best is None:
+            return "no allocation meets the SLOs within the inventory and budget"
+        within = f" within ${self.budget:.2f}/h" if self.budget else ""
+        return (f"the workload asks for {self.rate:.2f} req/s but the cluster sustains at most "
+                f"{best.rate:.2f} req/s within the SLOs{within} (at ${best.price:.2f}/h); lower the rate, relax the "
+                "SLOs, raise the budget or add GPUs")

@@ -1,0 +1,329 @@
+"""Candidate instances ("templates") the allocation chooses counts of.
+
+GPUs are grouped into *pools*: nodes with the same GPU type, GPUs per node and zone. A template is a
+chain of stages, each a tensor-parallel group inside one node of a pool, with its layer range and
+per-layer bits, a role and scheduler settings, and its analytic capacity for the workload.
+
+Generated per pool: every TP degree that divides both the heads and the node size, with the fewest
+pipeline stages that fit (and one more), at 16 bits and, under the quality budget, with lower-bit
+layers where they make the model fit or decode faster. Across pools: asymmetric chains (HexGen /
+Helix style) of one TP group per pool with layers split in proportion to stage speed under each
+stage's memory; these are what makes a model fit that no single node holds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..costmodel.roofline import RooflineCostModel, ServerShape
+from ..specs.clusters import Cluster
+from ..specs.gpus import GPUSpec
+from ..specs.models import ModelSpec
+from ..specs.workloads import SLO
+from .capacity import Capacity, ChainTiming, decode_capacity, mixed_capacity, prefill_capacity
+from .quality import sensitivity
+
+ROLES = ("mixed", "prefill", "decode")
+MAX_STAGES = 8
+SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
+    "mixed": (256, 4096, 2048),
+    "prefill": (64, 16384, 8192),
+    "decode": (256, 8192, 2048),
+}
+
+
+@dataclass(frozen=True)
+class Pool:
+    key: str
+    gpu: GPUSpec
+    gpus_per_node: int
+    zone: str
+    nodes: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return self.gpus_per_node * len(self.nodes)
+
+
+@dataclass(frozen=True)
+class Stage:
+    pool: Pool
+    tp: int
+    start: int
+    end: int
+    bits: tuple[int, ...]
+
+
+@dataclass
+class Template:
+    name: str
+    role: str
+    stages: list[Stage]
+    micro_batches: int
+    gpus: dict[str, int]
+    price: float
+    idle_w: float
+    dynamic_w: float
+    kv_tokens: int
+    settings: tuple[int, int, int]
+    cap: Capacity                          # within the SLOs
+    cap_free: Capacity                     # ignoring SLOs (throughput objective)
+    kv_bytes_per_token: float = 0.0
+    quantised: bool = field(default=False)
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(self.gpus.values())
+
+    @property
+    def vendor(self) -> str:
+        return self.stages[0].pool.gpu.vendor
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.stages:
+            b = sorted(set(s.bits))
+            bits = f"{b[0]}-bit" if len(b) == 1 else "/".join(str(x) for x in b) + "-bit"
+            parts.append(f"{s.pool.gpu.name} TP{s.tp} L{s.start}-{s.end - 1} {bits}")
+        return f"{self.role}: " + " -> ".join(parts)
+
+
+def pools_of(cluster: Cluster) -> list[Pool]:
+    groups: dict[tuple, list[str]] = {}
+    for node in cluster.nodes.values():
+        groups.setdefault((node.gpu.name, node.count, node.zone), []).append(node.name)
+    return [Pool(f"{g}/{c}x@{z}", cluster.gpus[g], c, z, tuple(sorted(nodes)))
+            for (g, c, z), nodes in sorted(groups.items())]
+
+
+def split_even(n: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+class TemplateFactory:
+    """Builds templates and their capacities for one cluster, model and workload."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, prompt: float, output: float, slo: SLO | None,
+                 quality: float, cost_model: RooflineCostModel | None = None):
+        self.cluster, self.model = cluster, model
+        self.prompt, self.output, self.slo, self.quality = prompt, output, slo, quality
+        self.cm = cost_model or RooflineCostModel(model)
+        self.sens = sensitivity(model)
+        self._count = 0
+
+    # ---- precision ------------------------------------------------------------------------------
+    def _bits_for(self, spans: list[tuple[int, int]], caps: list[float], quantise_more: bool) -> list[int] | None:
+        """Per-layer bits so each span's weights fit its byte cap, removing the least sensitive bits;
+        with ``quantise_more`` spend the whole quality budget (lower bits decode faster)."""
+        m = self.model
+        bits = [16] * m.num_layers
+        allowed = self.quality * 16 * sum(self.sens)
+        spent = 0.0
+        order = sorted(range(m.num_layers), key=lambda i: (self.sens[i], i))
+        span_of = [0] * m.num_layers
+        for k, (a, b) in enumerate(spans):
+            for l in range(a, b):
+                span_of[l] = k
+        weight = [sum(m.layer_weight_bytes(bits[l]) for l in range(a, b)) for a, b in spans]
+        for hi, lo in ((16, 8), (8, 4)):
+            for l in order:
+                k = span_of[l]
+                if bits[l] != hi:
+                    continue
+                over = weight[k] > caps[k]
+                if not over and not quantise_more:
+                    continue
+                cost = self.sens[l] * (hi - lo)
+                if spent + cost > allowed + 1e-9:
+                    continue
+                weight[k] -= m.layer_weight_bytes(hi) - m.layer_weight_bytes(lo)
+                bits[l] = lo
+                spent += cost
+        if any(w > c for w, c in zip(weight, caps)):
+            return None
+        return bits
+
+    def _weight_cap(self, pool: Pool, tp: int, first: bool, last: bool, role: str) -> float:
+        """Bytes of layer weights a stage may hold, leaving activations and a share for the KV cache."""
+        max_batch, max_tokens, _ = SETTINGS[role]
+        shape = ServerShape(pool.gpu, tp, (), first=first, last=last)
+        mem = self.cm.memory(shape, max_tokens, max_batch)
+        room = mem.usable - mem.weights - mem.activations          # weights here: embedding/head only
+        return room * tp * 0.85                                     # keep >= 15% for KV
+
+    # ---- templates ---------------------------------------------------------------------------------
+    def single_pool(self, pool: Pool) -> list[Template]:
+        m = self.model
+        out: list[Template] = []
+        tps = [t for t in range(1, pool.gpus_per_node + 1)
+               if pool.gpus_per_node % t == 0 and m.num_heads % t == 0]
+        for tp in tps:
+            groups = pool.total // tp
+            found = 0
+            for pp in range(1, min(MAX_STAGES, groups, m.num_layers) + 1):
+                spans = split_even(m.num_layers, pp)
+                made = self._variants(pool, tp, spans)
+                out.extend(made)
+                if made:
+                    found += 1
+                    if found == 2:
+                        break
+        return out
+
+    def _variants(self, pool: Pool, tp: int, spans: list[tuple[int, int]]) -> list[Template]:
+        out = []
+        for role in ROLES:
+            caps = [self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role) for a, b in spans]
+            seen = set()
+            for more in (False, True):
+                if more and self.quality == 0:
+                    continue
+                bits = self._bits_for(spans, caps, more)
+                if bits is None or tuple(bits) in seen:
+                    continue
+                seen.add(tuple(bits))
+                stages = [Stage(pool, tp, a, b, tuple(bits[a:b])) for a, b in spans]
+                t = self.make(role, stages)
+                if t is not None:
+                    out.append(t)
+        return out
+
+    def hetero_chains(self, pools: list[Pool], max_len: int = 4) -> list[Template]:
+        """Asymmetric chains: one TP group (a whole node) from each of 2..max_len pools, fastest first."""
+        m = self.model
+        ranked = sorted(pools, key=lambda p: -p.gpu.memory_bw_gb_per_s * p.gpus_per_node)
+        out = []
+        by_vendor: dict[str, list[Pool]] = {}
+        for p in ranked:
+            by_vendor.setdefault(p.gpu.vendor, []).append(p)
+        for vendor_pools in by_vendor.values():
+            for length in range(2, min(max_len, len(vendor_pools)) + 1):
+                for start in range(0, len(vendor_pools) - length + 1):
+                    chosen = vendor_pools[start:start + length]
+                    tps = []
+                    for p in chosen:
+                        t = max(t for t in range(1, p.gpus_per_node + 1)
+                                if p.gpus_per_node % t == 0 and m.num_heads % t == 0)
+                        tps.append(t)
+                    spans = self._balanced_spans(chosen, tps)
+                    if spans is None:
+                        continue
+                    out.extend(self._variants_multi(chosen, tps, spans))
+        return out
+
+    def _balanced_spans(self, pools: list[Pool], tps: list[int]) -> list[tuple[int, int]] | None:
+        """Layer counts in proportion to each stage's speed, capped by what its memory holds (4-bit at
+        the most), rounded so every stage has at least one layer."""
+        m = self.model
+        L = m.num_layers
+        speed = [p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)]
+        cap_layers = [int(self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed") // m.layer_weight_bytes(4))
+                      for i, (p, t) in enumerate(zip(pools, tps))]
+        if sum(cap_layers) < L or min(cap_layers) < 1:
+            return None
+        share = [0.0] * len(pools)
+        free = list(range(len(pools)))
+        left = float(L)
+        while free:
+            total = sum(speed[i] for i in free)
+            over = [i for i in free if left * speed[i] / total > cap_layers[i]]
+            if not over:
+                for i in free:
+                    share[i] = left * speed[i] / total
+                break
+            for i in over:
+                share[i] = cap_layers[i]
+                left -= cap_layers[i]
+                free.remove(i)
+        counts = [max(1, int(round(s))) for s in share]
+        while sum(counts) > L:
+            i = max(range(len(counts)), key=lambda k: counts[k] - share[k])
+            counts[i] -= 1
+        while sum(counts) < L:
+            i = max(range(len(counts)), key=lambda k: share[k] - counts[k])
+            counts[i] += 1
+        spans, start = [], 0
+        for c in counts:
+            spans.append((start, start + c))
+            start += c
+        return spans
+
+    def _variants_multi(self, pools, tps, spans) -> list[Template]:
+        out = []
+        for role in ROLES:
+            caps = [self._weight_cap(p, t, a == 0, b == self.model.num_layers, role)
+                    for p, t, (a, b) in zip(pools, tps, spans)]
+            bits = self._bits_for(spans, caps, False)
+            if bits is None:
+                continue
+            stages = [Stage(p, t, a, b, tuple(bits[a:b])) for p, t, (a, b) in zip(pools, tps, spans)]
+            tpl = self.make(role, stages)
+            if tpl is not None:
+                out.append(tpl)
+        return out
+
+    # ---- one template ---------------------------------------------------------------------------------
+    def make(self, role: str, stages: list[Stage]) -> Template | None:
+        m, cm = self.model, self.cm
+        settings = SETTINGS[role]
+        max_batch, max_tokens, _ = settings
+        shapes = [ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers)
+                  for s in stages]
+        kv = math.inf
+        for shape in shapes:
+            mem = cm.memory(shape, max_tokens, max_batch)
+            if not mem.fits:
+                return None
+            kv = min(kv, mem.kv_capacity_tokens)
+        if kv < self.prompt + self.output:
+            return None
+        hops = []
+        for a, b in zip(stages, stages[1:]):
+            if a.pool is b.pool and a.tp + b.tp <= a.pool.gpus_per_node:
+                link = self.cluster.nodes[a.pool.nodes[0]].intra_link
+            else:
+                na = a.pool.nodes[0]
+                nb = b.pool.nodes[0] if b.pool is not a.pool else (b.pool.nodes[1] if len(b.pool.nodes) > 1
+                                                                   else b.pool.nodes[0])
+                link = self.cluster.link(na, nb)
+            hops.append(link)
+        act = m.hidden_size * 2.0
+        ch = ChainTiming([cm.timer(s) for s in shapes], [h.latency for h in hops],
+                         [act / h.bandwidth for h in hops], micro_batches=len(stages))
+        kv_bytes = m.kv_bytes_per_token(2)
+        if role == "prefill":
+            net = self.cluster.spec.network.gbit_per_s * 1e9 / 8
+            link_rate = net / (self.prompt * kv_bytes)
+            cap = prefill_capacity(ch, self.prompt, self.slo, max_tokens, link_rate)
+            free = prefill_capacity(ch, self.prompt, None, max_tokens, link_rate)
+        elif role == "decode":
+            cap = decode_capacity(ch, self.prompt, self.output, self.slo, max_batch, kv)
+            free = decode_capacity(ch, self.prompt, self.output, None, max_batch, kv)
+        else:
+            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv)
+            free = mixed_capacity(ch, self.prompt, self.output, None, max_batch, max_tokens, kv)
+        if free.rate <= 0:
+            return None
+        gpus: dict[str, int] = {}
+        for s in stages:
+            gpus[s.pool.key] = gpus.get(s.pool.key, 0) + s.tp
+        self._count += 1
+        price = sum(s.pool.gpu.price_per_hour * s.tp for s in stages)
+        idle = sum(s.pool.gpu.idle_watts * s.tp for s in stages)
+        dyn = sum((s.pool.gpu.tdp_w - s.pool.gpu.idle_watts) * s.tp for s in stages) / len(stages)
+        return Template(f"t{self._count}", role, stages, len(stages), gpus, price, idle, dyn, int(kv), settings,
+                        cap, free, kv_bytes, any(b < 16 for s in stages for b in s.bits))
+
+    def all(self) -> list[Template]:
+        pools = pools_of(self.cluster)
+        out = []
+        for pool in pools:
+            out.extend(self.single_pool(pool))
+        out.extend(self.hetero_chains(pools))
+        return out

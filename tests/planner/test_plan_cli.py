@@ -1,0 +1,90 @@
+"""`hetserve plan` end to end: a plan the simulator accepts, the JSON a user scripts against, clear
+answers to asks that cannot be met, and the same plan for the same seed."""
+import json
+
+import pytest
+
+from hetserve.plan import load_plan
+
+CLUSTER = """
+name: small
+nodes:
+  - {name: a, gpu: a100-80gb, count: 4}
+  - {name: l, gpu: l4, count: 4}
+network: {gbit_per_s: 100, latency_ms: 0.1}
+"""
+WORKLOAD = """
+arrivals: {kind: poisson, rate: 3}
+prompt: {kind: lognormal, mean: 800, cv: 0.8, max: 4000}
+output: {kind: lognormal, mean: 150, cv: 0.8, max: 1000}
+slo: {ttft_ms: 2000, tpot_ms: 100}
+duration_s: 120
+"""
+
+
+@pytest.fixture
+def files(write):
+    return write("cluster.yaml", CLUSTER), write("work.yaml", WORKLOAD)
+
+
+def plan(run_cli, files, tmp_path, *extra, model="llama-3.1-8b", out="plan.yaml"):
+    cluster, work = files
+    return run_cli("plan", "--cluster", cluster, "--model", model, "--workload", work, "--out", tmp_path / out,
+                   "--time-limit", "40", "--json", *extra)
+
+
+@pytest.mark.parametrize("objective", ["goodput", "cost"])
+def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--objective", objective)
+    assert code == 0, err
+    d = json.loads(out)
+    for key in ("objective", "throughput_tok_s", "goodput_rps", "cost_per_hour", "gpus_used", "search_seconds", "plan"):
+        assert key in d, key
+    assert d["objective"] == objective and 0 < d["gpus_used"] <= 8 and d["reasons"]
+    dep = load_plan(d["plan"])                  # the written plan is valid on its own
+    assert dep.gpus_used() == d["gpus_used"]
+    assert dep.spec.predicted["objective"] == objective
+    code, out, err = run_cli("simulate", "--plan", d["plan"], "--workload", files[1], "--duration", "60", "--json")
+    s = json.loads(out)
+    assert code == 0 and s["completed"] > 100
+    if objective == "cost":
+        assert s["slo_met"]
+        top = json.loads(plan(run_cli, files, tmp_path, "--objective", "goodput", out="g.yaml")[1])
+        assert d["cost_per_hour"] <= top["cost_per_hour"]
+
+
+def test_same_seed_same_plan(run_cli, files, tmp_path):
+    a = plan(run_cli, files, tmp_path, "--seed", "3", out="a.yaml")
+    b = plan(run_cli, files, tmp_path, "--seed", "3", out="b.yaml")
+    assert a[0] == b[0] == 0
+    assert (tmp_path / "a.yaml").read_text() == (tmp_path / "b.yaml").read_text()
+
+
+def test_lossless_quality_keeps_16_bits(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--quality", "lossless")
+    assert code == 0, err
+    dep = load_plan(json.loads(out)["plan"])
+    assert all(b == 16 for s in dep.servers.values() for b in s.plan.layer_bits())
+
+
+def test_model_that_cannot_fit_says_what_would(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, model="llama-3.1-405b")
+    assert code == 2 and "Traceback" not in err
+    assert "does not fit" in err and "more 80 GB GPUs" in err
+
+
+def test_unreachable_slo_reports_the_best_reachable(run_cli, write, files, tmp_path):
+    work = write("tight.yaml", WORKLOAD.replace("ttft_ms: 2000", "ttft_ms: 5"))
+    code, out, err = run_cli("plan", "--cluster", files[0], "--model", "llama-3.1-8b", "--workload", work,
+                             "--out", tmp_path / "x.yaml", "--json")
+    assert code == 2 and "best reachable TTFT p90 is" in err and "target 0.01 s" in err
+
+
+def test_budget_too_small_names_the_cheapest(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--budget", "0.1")
+    assert code == 2 and "cheapest deployment" in err and "$" in err
+
+
+def test_bad_quality_flag(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--quality", "high")
+    assert code == 2 and "--quality" in err and "lossless" in err
