@@ -306,8 +306,9 @@ class TemplateFactory:
             cap = decode_capacity(ch, self.prompt, self.output, self.slo, max_batch, kv)
             free = decode_capacity(ch, self.prompt, self.output, None, max_batch, kv)
         else:
-            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv)
-            free = mixed_capacity(ch, self.prompt, self.output, None, max_batch, max_tokens, kv)
+            chunk = settings[2]
+            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv, chunk)
+            free = mixed_capacity(ch, self.prompt, self.output, None, max_batch, max_tokens, kv, chunk)
         if free.rate <= 0:
             return None
         gpus: dict[str, int] = {}
