@@ -136,22 +136,29 @@ class Planner:
         if not allocs:
             raise HetserveError(self._why_rate_unreachable(templates, pools))
         candidates: list[Candidate] = []
-        for n, (label, alloc) in enumerate(allocs):
-            for policy in (("least-work", "weighted") if n == 0 else ("least-work",)):
-                if candidates and self._elapsed() > self.time_limit * 0.6:
-                    break
-                self._tick(f"confirming {label} ({policy})")
-                cand = self._candidate(f"{label}/{policy}", alloc, templates, policy)
-                if cand is not None:
-                    candidates.append(cand)
+        for label, alloc in allocs:               # every design once, least-work routing
+            if candidates and self._elapsed() > self.time_limit * 0.5:
+                break
+            self._tick(f"confirming {label}")
+            cand = self._candidate(f"{label}/least-work", alloc, templates, "least-work")
+            if cand is not None:
+                candidates.append(cand)
         if not candidates:
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
         if self.objective == "goodput":
             for cand in sorted(candidates, key=lambda c: -c.score)[:2]:
-                if self._elapsed() > self.time_limit * 0.9:
+                if self._elapsed() > self.time_limit * 0.8:
                     break
                 self._tick(f"highest rate within the SLOs: {cand.label}")
                 self._goodput_search(cand)
+        lead = max(candidates, key=lambda c: c.score)
+        if self._elapsed() < self.time_limit * 0.8:       # the flows' weights instead of least-work
+            self._tick("confirming weighted routing")
+            alt = self._candidate(lead.label.split("/")[0] + "/weighted", lead.alloc, templates, "weighted")
+            if alt is not None:
+                if self.objective == "goodput" and self._elapsed() < self.time_limit * 0.9:
+                    self._goodput_search(alt)
+                candidates.append(alt)
         sense = "max" if self.objective in ("throughput", "goodput") else "min"
         best = max(candidates, key=lambda c: c.score)
         alloc = best.alloc
@@ -188,7 +195,7 @@ class Planner:
         if self.objective == "throughput":
             rate = alloc.rate * 1.2            # saturate: measure what it sustains
         elif self.objective == "goodput":
-            rate = alloc.rate
+            rate = alloc.rate * 0.8            # the analytic model's rate, with a margin
         else:
             rate = self.rate
         summary = self._simulate(dep, rate)
@@ -209,15 +216,18 @@ class Planner:
     def _goodput_search(self, cand: Candidate) -> None:
         """Goodput = the highest offered rate at which the SLO percentiles hold (bisection in simulation,
         starting from the analytic capacity); the candidate keeps the summary at that rate."""
-        hi = cand.alloc.rate
+        start = cand.alloc.rate * 0.8
         if cand.summary["slo_met"]:
-            up = self._simulate(cand.dep, hi * 1.25)
-            if up is not None and up["slo_met"]:
-                cand.summary, cand.score = up, up["offered_rps"]
-            else:
-                cand.score = cand.summary["offered_rps"]
+            best, rate = cand.summary, start
+            for _ in range(GOODPUT_STEPS - 1):      # climb while the SLOs hold
+                rate *= 1.2
+                up = self._simulate(cand.dep, rate)
+                if up is None or not up["slo_met"]:
+                    break
+                best = up
+            cand.summary, cand.score = best, best["offered_rps"]
             return
-        lo, best = 0.0, None
+        lo, hi, best = 0.0, start, None
         for _ in range(GOODPUT_STEPS):
             mid = (lo + hi) / 2
             s = self._simulate(cand.dep, mid)

@@ -283,10 +283,7 @@ class Scheduler:
         finished: list[Sequence] = []
         for item in batch.items:
             seq = item.seq
-            assert seq.token_ids is None, "runs of decode steps are for count-only sequences"
             end = item.start + steps
-            grown = self.blocks.grow(seq, end)
-            assert grown, "decode_steps_available allowed more steps than there are free blocks"
             seq.num_computed_tokens = end
             seq.num_output_tokens += steps
             self.blocks.register_computed(seq)

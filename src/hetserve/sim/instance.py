@@ -127,9 +127,11 @@ class SimInstance:
                                   policy=inst.plan.policy.replace("-", "_"))
             self.lanes.append(Lane(self, i, Scheduler(cfg, BlockManager(max(1, total_blocks // lanes), bs))))
         shared = any(len(s.instances) > 1 for s in inst.servers)
-        #: One lane on servers nobody else uses: a step's time is known when it starts, and runs of
-        #: decode steps can be advanced together.
-        self.exclusive = lanes == 1 and not shared
+        #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
+        #: can be advanced together. With m lanes a lane's step takes the pipeline's steady-state cycle,
+        #: max(latency, m x slowest stage); servers shared with other instances queue stage by stage.
+        self.exclusive = not shared
+        self.num_lanes = lanes
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         # speed and work estimates from the cost model
         prefill_1k = self.step_time(REF_PROMPT, 1, REF_PROMPT * (REF_PROMPT + 1) / 2, REF_PROMPT)
@@ -142,7 +144,9 @@ class SimInstance:
         self.pending_prompt = 0
         self.pending_output = 0
         self.requests = 0          # admitted and not finished
-        self.downstream: list[SimInstance] = []   # decode instances a prefill instance hands off to
+        #: For a prefill instance: the least outstanding work among the decode instances it hands off
+        #: to, set by the simulator before each routing decision.
+        self.downstream_work = 0.0
         self.clock = [0.0]                          # the simulator's current time, shared
         self.max_requests = inst.plan.max_batch_size
 
@@ -156,24 +160,40 @@ class SimInstance:
             t += lat + per_byte * new_tokens
         return t
 
-    def decode_affine(self, batch: float) -> tuple[float, float]:
-        """``(a, b)``: a decode step of ``batch`` sequences through the chain takes ``a + b * kv``."""
+    def cycle_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
+        """Time between one lane's steps: its latency, or with m lanes in flight m x the slowest stage."""
+        latency = self.step_time(new_tokens, seqs, pairs, kv_read)
+        if self.num_lanes == 1:
+            return latency
+        slowest = max(timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers)
+        return max(latency, self.num_lanes * slowest)
+
+    def decode_affine(self, batch: float, kv: float) -> tuple[float, float]:
+        """``(a, b)``: a lane's decode step of ``batch`` sequences takes ``a + b * kv`` (the cycle term
+        that dominates at ``kv``)."""
         a = b = 0.0
+        stages = []
         for timer in self.timers:
             ta, tb = timer.decode_affine(batch)
             a += ta
             b += tb
+            stages.append((ta, tb))
         for lat, per_byte in zip(self.hop_latency, self.hop_byte_time):
             a += lat + per_byte * batch
+        if self.num_lanes > 1:
+            sa, sb = max(stages, key=lambda ab: ab[0] + ab[1] * kv)
+            sa, sb = sa * self.num_lanes, sb * self.num_lanes
+            if sa + sb * kv > a + b * kv:
+                return sa, sb
         return a, b
 
     def stage_shares(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> list[float]:
-        """Each server's share of a step's time (a single server: [1.0])."""
-        if len(self.timers) == 1:
+        """Each server's busy share of a lane's cycle (a single server alone: [1.0])."""
+        if len(self.timers) == 1 and self.num_lanes == 1:
             return [1.0]
         times = [timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers]
-        total = self.step_time(new_tokens, seqs, pairs, kv_read)
-        return [x / total for x in times]
+        cycle = self.cycle_time(new_tokens, seqs, pairs, kv_read)
+        return [x / cycle for x in times]
 
     def hop_time(self, i: int, new_tokens: float) -> float:
         return self.hop_latency[i] + self.hop_byte_time[i] * new_tokens
@@ -188,9 +208,7 @@ class SimInstance:
             if lane.busy and lane.steps > 1:      # a run of decode steps part-way through
                 output -= lane.steps_done_by(now) * lane.n
         own = self.pending_prompt * self.prefill_cost_per_token + output * self.decode_cost_per_token
-        if self.downstream:
-            own += min(d.outstanding_work() for d in self.downstream)
-        return own
+        return own + self.downstream_work
 
     def has_free_slot(self) -> bool:
         if self.requests >= self.max_requests:

@@ -52,9 +52,7 @@ class Simulator:
         self.instances = {name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()}
         self.entry = [i for i in self.instances.values() if i.role in ("prefill", "mixed")]
         self.decoders = [i for i in self.instances.values() if i.role == "decode"]
-        for inst in self.entry:
-            if inst.role == "prefill":
-                inst.downstream = self.decoders
+        self.prefillers = [i for i in self.entry if i.role == "prefill"]
         r = dep.spec.routing
         self.router = make_policy(r.policy, r.weights, seed)
         self.handoff_default = make_policy(r.handoff, None, seed + 1)
@@ -121,13 +119,22 @@ class Simulator:
             self.central.append(i)
             self._dispatch_central(t)
             return
+        self._see_decoders()
         self._admit(self.router.choose(cands), i, t)
+
+    def _see_decoders(self) -> None:
+        """Let prefill instances count the decode pool's congestion in their outstanding work."""
+        if self.prefillers:
+            down = min(d.outstanding_work() for d in self.decoders)
+            for p in self.prefillers:
+                p.downstream_work = down
 
     def _dispatch_central(self, t: float) -> None:
         while self.central:
             i = self.central[0]
             p, o = int(self.rec.prompt[i]), int(self.rec.output[i])
             cands = [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
+            self._see_decoders()
             inst = self.router.choose(cands)
             if inst is None:
                 return
@@ -188,15 +195,15 @@ class Simulator:
         if not inst.exclusive:
             self._enter_stage(lane, 0, t)
             return
-        # One lane on its own servers: the step's time is known now. A pure-decode batch runs as many
-        # steps as nothing could change; an arrival to this instance cuts the run short (_cut_run).
+        # Servers of its own: the step's time is known now. A pure-decode batch runs as many steps as
+        # nothing could change; an arrival to this lane cuts the run short (_cut_run).
         lane.shares = inst.stage_shares(new, seqs, pairs, kv)
         steps = sched.decode_steps_available(batch) if new == seqs else 1
         if steps > 1:
-            lane.a, lane.b = inst.decode_affine(seqs)
+            lane.a, lane.b = inst.decode_affine(seqs, kv)
             lane.kv0, lane.n, lane.steps = kv, seqs, steps
         else:
-            lane.duration = inst.step_time(new, seqs, pairs, kv)
+            lane.duration = inst.cycle_time(new, seqs, pairs, kv)
         self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
 
     def _cut_run(self, lane: Lane, t: float) -> None:
@@ -229,7 +236,7 @@ class Simulator:
         if inst.exclusive:
             offset, total = lane.t0, t - lane.t0
             for srv, share in zip(inst.servers, lane.shares):
-                srv.occupy(offset, total * share)    # stages run one after another within a step
+                srv.occupy(offset, total * share)    # a lane's stages run one after another
                 offset += total * share
         batch = lane.batch
         sched = lane.scheduler
