@@ -90,7 +90,7 @@ def cmd_simulate(args) -> int:
     if len(requests) == 0:
         raise HetserveError(f"{args.workload}: no request arrives within the duration; raise --duration or the rate")
     t0 = time.perf_counter()
-    with _progress(len(requests), enabled=not args.json) as advance:
+    with _progress("simulating", len(requests), enabled=not args.json and len(requests) >= 2000) as advance:
         result = simulate(dep, requests, wl.slo, seed=args.seed, progress=advance)
     summary = dict(result.summary, plan=dep.name, workload=wl.name, wall_s=time.perf_counter() - t0)
     if args.out:
@@ -131,7 +131,7 @@ def cmd_plan(args) -> int:
     planner = Planner(cluster, model, workload, args.objective, cluster_ref=str(Path(args.cluster).resolve()),
                       model_ref=args.model, budget=args.budget, quality=parse_quality(args.quality), seed=args.seed,
                       time_limit=args.time_limit)
-    with _stage_progress(enabled=not args.json) as tick:
+    with _progress("planning", 1.0, enabled=not args.json) as tick:
         planner.progress = tick
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,34 +166,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
-class _stage_progress:
-    """A progress bar over the search's time budget on a terminal; a no-op otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True, console=err_console)
-        self.bar.start()
-        task = self.bar.add_task("planning", total=1.0)
-        return lambda what, frac: self.bar.update(task, completed=frac, description=what)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
-
-
 class _progress:
-    """A rich progress bar over arrivals on a terminal; a no-op otherwise."""
+    """A transient rich progress bar on a terminal (a no-op elsewhere). Entering it yields
+    ``update(advance=1)`` for counted work, or ``update(description, completed_fraction)`` when
+    ``total`` is 1.0 (the planner's time budget)."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled and sys.stderr.isatty() and total >= 2000
+    def __init__(self, label: str, total: float, enabled: bool):
+        self.label, self.total, self.enabled = label, total, enabled and sys.stderr.isatty()
         self.bar = None
 
     def __enter__(self):
@@ -203,7 +182,9 @@ class _progress:
 
         self.bar = Progress(transient=True, console=err_console)
         self.bar.start()
-        task = self.bar.add_task("simulating", total=self.total)
+        task = self.bar.add_task(self.label, total=self.total)
+        if self.total == 1.0:
+            return lambda what, frac: self.bar.update(task, completed=frac, description=what)
         return lambda n: self.bar.advance(task, n)
 
     def __exit__(self, *exc):

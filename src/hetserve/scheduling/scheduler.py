@@ -281,6 +281,10 @@ class Scheduler:
         """Advance ``batch`` (for which ``decode_steps_available`` allowed ``steps``) by ``steps`` decode
         steps at once; the state afterwards equals ``steps`` rounds of schedule() and postprocess()."""
         finished: list[Sequence] = []
+        for item in batch.items:  # grow everyone before anyone frees, as step-by-step scheduling does
+            assert item.seq.token_ids is None, "runs of decode steps are for count-only sequences"
+            grown = self.blocks.grow(item.seq, item.start + steps)
+            assert grown, "decode_steps_available allowed more steps than there are free blocks"
         for item in batch.items:
             seq = item.seq
             end = item.start + steps

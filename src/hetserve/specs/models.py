@@ -102,13 +102,21 @@ class ModelSpec(BaseModel):
                 + self.norm_params)
 
     @cached_property
-    def matmul_params_per_layer(self) -> int:
-        """Parameters in weight matrices (the part that quantisation shrinks)."""
+    def attention_matrix_params(self) -> int:
+        """Weights of the q, k, v and output projections (no biases)."""
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
-        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
-        return attn + self.num_experts * mlp
+        return self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+
+    @cached_property
+    def expert_matrix_params(self) -> int:
+        """Weights of one MLP's matrices (no biases)."""
+        return (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
+
+    @cached_property
+    def matmul_params_per_layer(self) -> int:
+        """Parameters in weight matrices (the part that quantisation shrinks)."""
+        return self.attention_matrix_params + self.num_experts * self.expert_matrix_params
 
     @cached_property
     def embedding_params(self) -> int:
@@ -153,11 +161,8 @@ class ModelSpec(BaseModel):
     @cached_property
     def linear_flops_per_token_layer(self) -> int:
         """2 FLOPs per multiply-add through every weight a token uses in one layer."""
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
-        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
-        return 2 * (attn + self.experts_per_token * mlp + self.router_params)
+        return 2 * (self.attention_matrix_params + self.experts_per_token * self.expert_matrix_params
+                    + self.router_params)
 
     def attention_flops_layer(self, new_tokens: float, context_before: float) -> float:
         """QK^T and softmax(QK^T)V FLOPs in one layer for ``new_tokens`` appended to a sequence that
