@@ -27,6 +27,7 @@ from .templates import Template, TemplateFactory, pools_of
 
 #: Requests a confirmation simulation aims for (its duration follows from the rate).
 CONFIRM_REQUESTS = 1200
+CONFIRM_PER_INSTANCE = 15
 #: Simulations spent finding the highest rate that meets the SLOs (goodput objective).
 GOODPUT_STEPS = 4
 
@@ -204,12 +205,15 @@ class Planner:
         return Candidate(label, alloc, plan, dep, summary, _score(self.objective, summary, rate))
 
     def _simulate(self, dep: Deployment, rate: float) -> dict | None:
+        """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, and a
+        drain long enough for the longest requests to finish (an unfinished one counts as dropped)."""
         rate = max(rate, 1e-3)
-        duration = min(max(CONFIRM_REQUESTS / rate, 20.0), 600.0)
+        wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
+        duration = min(max(wanted / rate, 10.0), 600.0)
         reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
         if len(reqs) == 0:
             return None
-        summary = simulate(dep, reqs, self.slo, seed=self.seed, drain_s=max(60.0, duration)).summary
+        summary = simulate(dep, reqs, self.slo, seed=self.seed, drain_s=max(300.0, 2 * duration)).summary
         summary["offered_rps"] = len(reqs) / duration
         return summary
 
