@@ -193,6 +193,21 @@ class _progress:
         return False
 
 
+def cmd_generate(args) -> int:
+    from .runtime.generate import run_generate
+
+    for flag, value, ok in (("--max-tokens", args.max_tokens, args.max_tokens >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--top-k", args.top_k, args.top_k >= 0)):
+        if not ok:
+            raise HetserveError(f"{flag}={value} is out of range (max-tokens >= 1, temperature >= 0, "
+                                "0 < top-p <= 1, top-k >= 0)")
+    run_generate(args.model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat, system=args.system,
+                 stop=args.stop, dtype=args.dtype, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -243,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
     s.add_argument("--records", choices=["csv", "parquet"], default="csv")
     s.set_defaults(func=cmd_simulate)
+    gen = sub.add_parser("generate", help="generate text with a real model (one prompt)")
+    gen.add_argument("model", help="GGUF file, Hugging Face directory, or smollm2-135m")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument("--system", help="system message for the chat template")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    gen.set_defaults(func=cmd_generate)
     return p
 
 

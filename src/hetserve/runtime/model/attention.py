@@ -1,0 +1,86 @@
+"""Attention over a paged KV cache.
+
+Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``. A step's
+tokens arrive as one flat batch: first ``num_decodes`` single decode tokens (one per sequence), then
+one contiguous span per sequence that computes several tokens (a prompt or a prompt chunk). New K/V
+are written to their cache slots first, then every query attends to its sequence's blocks:
+
+* decodes: all sequences at once -- their blocks are gathered into a padded ``[D, S]`` batch with a
+  length mask, one ``scaled_dot_product_attention`` call;
+* spans: one call each (a span is already a large matrix product). A span that starts a sequence uses
+  its fresh K/V with a causal mask; one that continues earlier KV gathers its blocks.
+
+The metadata (slots, block tables, masks) is built once per step by the model runner, not per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PrefillSpan:
+    """Rows ``[start, end)`` of the flat batch: one sequence's new tokens, attending to ``context_len``."""
+
+    start: int
+    end: int
+    context_len: int                 # tokens visible to the last query: earlier KV + this span
+    block_table: Tensor | None = None  # [num_blocks] long; only when the span continues earlier KV
+    mask: Tensor | None = None         # [end - start, context_len] bool, True = may attend
+
+    @property
+    def continues(self) -> bool:
+        return self.context_len > self.end - self.start
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: Tensor                    # [T] long: cache slot (block * block_size + offset) per row
+    num_decodes: int = 0                    # rows [0, num_decodes) are single decode tokens
+    decode_block_tables: Tensor | None = None  # [D, max_blocks] long (padding entries are masked)
+    decode_mask: Tensor | None = None          # [D, 1, 1, max_blocks * block_size] bool
+    prefills: tuple[PrefillSpan, ...] = ()
+
+
+def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu") -> Tensor:
+    """[q_len, context_len] mask for queries that are the last ``q_len`` of ``context_len`` tokens."""
+    query_pos = torch.arange(context_len - q_len, context_len, device=device)
+    return torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+
+
+def _gather(cache: Tensor, block_table: Tensor) -> Tensor:
+    """The cache blocks of ``block_table`` ([nb] or [D, nb]) as tokens: [(D,) nb * block_size, kvh, hd]."""
+    blocks = cache.index_select(0, block_table.reshape(-1))   # [D * nb, block_size, kvh, hd]
+    return blocks.view(*block_table.shape[:-1], -1, *cache.shape[2:])
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    meta: AttentionMetadata) -> Tensor:
+    """q: [T, heads, hd]; k, v: [T, kv_heads, hd] for the new tokens. Returns [T, heads, hd]."""
+    kv_heads, hd = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    d = meta.num_decodes
+    if d:
+        keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]
+        values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                                           enable_gqa=True)                  # [D, heads, 1, hd]
+        out[:d] = o.squeeze(2)
+    for span in meta.prefills:
+        qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)             # [1, heads, L, hd]
+        if span.continues:
+            ctx = span.context_len
+            keys = _gather(k_cache, span.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
+            values = _gather(v_cache, span.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=span.mask, enable_gqa=True)
+        else:
+            keys = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
+            values = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
+        out[span.start:span.end] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,266 @@
+"""A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) in plain PyTorch.
+
+A ``LlamaModel`` holds the decoder layers ``[layer_start, layer_end)`` of a model, so one process (or
+one pipeline stage) can own a slice: the slice starting at layer 0 owns the token embedding, the
+slice ending at the last layer owns the final norm and the LM head. Parameters are named like the
+Hugging Face checkpoints (``layers.N.self_attn.q_proj.weight`` with N the *global* layer index);
+q/k/v and gate/up are stored fused, and ``load_weights`` places each checkpoint tensor.
+
+The forward pass takes one flat batch of tokens (all sequences of a step together) plus attention
+metadata for the paged KV cache; see ``attention.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttentionMetadata, paged_attention
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> Tensor:
+    """Rotary inverse frequencies (fp32), with linear or Llama 3 frequency scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.kind == "linear":
+        return inv_freq / rs.factor
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    blend = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - blend) * scaled / rs.factor + blend * scaled
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.inv_freq = rope_inv_freq(config)  # kept fp32 whatever the model's dtype: not a buffer
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin, [T, 1, head_dim], for the given absolute positions."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of each head (Hugging Face layout). x: [T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.split = (config.q_size, config.kv_size, config.kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Decoder layers ``[layer_start, layer_end)``; parameters are allocated but not initialised."""
+
+    def __init__(self, config: LlamaConfig, layer_start: int = 0, layer_end: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        layer_end = config.num_layers if layer_end is None else layer_end
+        if not 0 <= layer_start < layer_end <= config.num_layers:
+            raise ValueError(f"layer range [{layer_start}, {layer_end}) is not within the model's "
+                             f"{config.num_layers} layers")
+        self.config, self.layer_start, self.layer_end = config, layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
+            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_start, layer_end))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
+        self.to(dtype)                  # still on the meta device: no memory yet
+        self.to_empty(device=device)    # allocate, uninitialised, directly in the run dtype
+        if self.is_first and self.is_last and config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].mlp.down_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].mlp.down_proj.weight.device
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata,
+                kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """x: token ids [T] on the first slice, else hidden states [T, hidden] from the slice before.
+
+        Returns hidden states [T, hidden] (after the final norm on the last slice).
+        ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer.
+        """
+        h = self.embed_tokens(x) if self.is_first else x
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, meta, cache)
+        return self.norm(h) if self.is_last else h
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits [N, vocab] for the given rows of final hidden states (last slice only)."""
+        if not self.is_last:
+            raise RuntimeError("only the slice holding the last layer computes logits")
+        return self.lm_head(hidden).float()
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _weight_targets(self) -> tuple[dict[str, Tensor], set[str]]:
+        """Checkpoint tensor name -> the parameter (or fused slice) it fills, and the optional names."""
+        c = self.config
+        targets: dict[str, Tensor] = {}
+        optional: set[str] = set()
+        if self.is_first:
+            targets["embed_tokens.weight"] = self.embed_tokens.weight.data
+        if self.is_last:
+            targets["norm.weight"] = self.norm.weight.data
+            if c.tie_word_embeddings and self.is_first:
+                optional.add("lm_head.weight")  # the same tensor as the embedding
+                targets["lm_head.weight"] = self.lm_head.weight.data
+            elif c.tie_word_embeddings:
+                targets["embed_tokens.weight"] = self.lm_head.weight.data
+                optional.add("lm_head.weight")
+                targets["lm_head.weight"] = self.lm_head.weight.data
+            else:
+                targets["lm_head.weight"] = self.lm_head.weight.data
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{self.layer_start + i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            offsets = (0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size)
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                targets[f"{p}self_attn.{name}.weight"] = attn.qkv_proj.weight.data[offsets[j]:offsets[j + 1]]
+                if c.qkv_bias:
+                    targets[f"{p}self_attn.{name}.bias"] = attn.qkv_proj.bias.data[offsets[j]:offsets[j + 1]]
+            targets[f"{p}self_attn.o_proj.weight"] = attn.o_proj.weight.data
+            if c.o_bias:
+                targets[f"{p}self_attn.o_proj.bias"] = attn.o_proj.bias.data
+            n = c.intermediate_size
+            targets[f"{p}mlp.gate_proj.weight"] = mlp.gate_up_proj.weight.data[:n]
+            targets[f"{p}mlp.up_proj.weight"] = mlp.gate_up_proj.weight.data[n:]
+            targets[f"{p}mlp.down_proj.weight"] = mlp.down_proj.weight.data
+            targets[f"{p}input_layernorm.weight"] = layer.input_layernorm.weight.data
+            targets[f"{p}post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.data
+        return targets, optional
+
+    def checkpoint_items(self) -> Iterable[tuple[str, Tensor]]:
+        """This slice's weights under checkpoint names (fused tensors split back), as loaders yield them."""
+        targets, optional = self._weight_targets()
+        return ((name, tensor) for name, tensor in targets.items() if name not in optional)
+
+    def wants(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this slice (lets loaders skip the rest)."""
+        if name.startswith("layers."):
+            return self.layer_start <= int(name.split(".", 2)[1]) < self.layer_end
+        if name == "embed_tokens.weight":
+            return self.is_first or (self.is_last and self.config.tie_word_embeddings)
+        if name in ("norm.weight", "lm_head.weight"):
+            return self.is_last
+        return name == "rope_freqs"
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Fill parameters from (Hugging Face style name, tensor) pairs; other slices' names are ignored.
+
+        ``rope_freqs`` (GGUF's per-frequency divisors for long-context scaling) adjusts the rotary
+        frequencies. Raises ValueError on a shape mismatch or when a parameter is left unfilled.
+        """
+        targets, optional = self._weight_targets()
+        seen: set[str] = set()
+        for name, tensor in weights:
+            if name == "rope_freqs":
+                self.rotary.inv_freq = self.rotary.inv_freq / tensor.float().to(self.rotary.inv_freq.device)
+                continue
+            target = targets.get(name)
+            if target is None:
+                continue
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                                 f"{tuple(target.shape)}")
+            target.copy_(tensor)
+            seen.add(name)
+        missing = set(targets) - optional - seen
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0) -> "LlamaModel":
+        """Random weights with unit-scale activations, for tests that need no checkpoint."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                values = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)
+            elif name == "embed_tokens.weight":
+                values = torch.randn(param.shape, generator=gen)
+            elif name.endswith("bias"):
+                values = 0.1 * torch.randn(param.shape, generator=gen)
+            else:
+                values = torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[-1])
+            param.copy_(values)
+        return self

