@@ -179,3 +179,25 @@ def test_jffc_prefers_the_fastest_free_chain_and_queues_when_all_are_busy():
     assert r.completed.all()
     # the last two waited in the central queue for a free slot
     assert (r.prefill_start[4:] > 0).all()
+
+
+def test_transfers_complete_late_in_a_long_simulation():
+    """Far into simulated time the clock's float resolution is coarse; overlapping transfers must still
+    finish (a leftover fraction of a byte once rescheduled itself at the same instant forever)."""
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("the simulation stopped advancing")
+
+    dep = _pd(200)
+    rng = np.random.default_rng(1)
+    arrivals = 17_000 + np.cumsum(rng.exponential(0.01, 300))
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        r = simulate(dep, requests(arrivals, rng.integers(200, 3000, 300), 3), NO_SLO)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert r.summary["completed"] == 300
+    assert np.all(r.records.transfer_end >= r.records.transfer_start)

@@ -43,7 +43,9 @@ class SharedLink:
 
     def pop_done(self, now: float) -> list[Transfer]:
         self._advance(now)
-        eps = self.bandwidth * 1e-12 + 1e-6
+        # what is left after rounding of the clock counts as sent: one nanosecond of the link's
+        # bandwidth (far above the resolution of a float clock at any simulated time)
+        eps = self.bandwidth * 1e-9 + 1.0
         done = [tr for tr in self.active if tr.remaining <= eps]
         if done:
             self.active = [tr for tr in self.active if tr.remaining > eps]
