@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
     s.add_argument("--records", choices=["csv", "parquet"], default="csv")
     s.set_defaults(func=cmd_simulate)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
+
     gen = sub.add_parser("generate", help="generate text with a real model (one prompt)")
     gen.add_argument("model", help="GGUF file, Hugging Face directory, or smollm2-135m")
     gen.add_argument("prompt")

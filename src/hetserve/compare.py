@@ -1,0 +1,517 @@
+"""``hetserve compare``: every strategy on one scenario, on the same cost model and the same simulator.
+
+A *scenario* (``examples/scenarios/*.yaml``) names a cluster, a model, a workload, an objective (and
+optionally a budget and a quality budget), the strategy whose paper it reproduces (``baseline``) and
+the one that paper compared against (``reference``). ``run_compare`` plans with each strategy, then
+simulates each plan on the same requests (same seed) and scores it the same way:
+
+- ``throughput``: output tokens/s at the scenario's offered load (sense max);
+- ``goodput``: the highest offered rate (requests/s) at which the workload's SLO percentiles hold
+  (TTFT, TPOT and E2E targets, nothing dropped), found by the same search for every strategy: from
+  the scenario's rate, doubling (or halving) until the SLOs fail (or hold), then ``BISECTION_STEPS``
+  geometric bisection steps; every probe replays the scenario's number of requests, over at least
+  ``MIN_WINDOW_S`` seconds of arrivals (sense max);
+- ``cost`` / ``power``: $/hour / average watts of the plan if it carries the scenario's offered load
+  within the SLOs (percentiles hold, nothing dropped), else infeasible (``objective_value`` null; sense
+  min).
+
+A plan that costs more than the scenario's budget is infeasible whatever its objective.
+
+The other columns (throughput, goodput, TTFT/TPOT p90, $/h, $/Mtok, J/token) come from the simulation at
+the scenario's offered rate. ``--out DIR`` writes ``compare.json``, each strategy's plan (and the
+cluster files they refer to) and PNG plots: the objective per strategy, latency CDFs, cost vs throughput.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from .errors import HetserveError, allowed, suggest
+
+# numpy, pydantic, the specs, the planner and the simulator are imported where they are used: building
+# the CLI parser (``add_compare_parser``) must stay as light as the other verbs.
+
+UNITS = {"throughput": "tok/s", "goodput": "req/s", "cost": "$/h", "power": "W"}
+SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
+#: Probes of the goodput search after the SLO boundary is bracketed.
+BISECTION_STEPS = 5
+#: Most doublings or halvings of the rate while bracketing.
+BRACKET_STEPS = 8
+#: Fewest requests a simulation replays.
+MIN_REQUESTS = 50
+#: Shortest arrival window of a goodput probe: shorter bursts are absorbed by queues and KV caches
+#: and would overstate the sustainable rate.
+MIN_WINDOW_S = 20.0
+
+
+@cache
+def scenario_schema():
+    """The scenario file's schema (pydantic), built on first use: registering the CLI verb must stay as
+    light as the other verbs."""
+    from pydantic import Field
+
+    from .specs.clusters import ClusterFile
+    from .specs.gpus import Strict
+    from .specs.workloads import WorkloadFile
+
+    class Scenario(Strict):
+        name: str
+        description: str = ""
+        cluster: str | ClusterFile = Field(description="cluster file (relative to the scenario) or inline")
+        reference_cluster: str | ClusterFile | None = Field(
+            default=None, description="the reference strategy plans on this cluster instead (e.g. a homogeneous "
+                                      "fleet of equal hourly cost)")
+        model: str
+        workload: str | WorkloadFile
+        objective: Literal["throughput", "goodput", "cost", "power"]
+        budget: float | None = Field(default=None, gt=0, description="USD per hour")
+        quality: float | str | None = None
+        baseline: str
+        reference: str
+        strategies: list[str] | None = None
+        duration_s: float | None = Field(default=None, gt=0, description="seconds of arrivals at the offered rate")
+        time_limit_s: float = Field(default=30.0, gt=0, description="planning seconds per strategy")
+        headline: str = ""
+        notes: str
+
+    return Scenario
+
+
+class LoadedScenario:
+    """A scenario with its files resolved and loaded."""
+
+    def __init__(self, path: str | Path):
+        from .planner.quality import parse_quality
+        from .planner.strategies import STRATEGIES
+        from .specs.loading import load_yaml_model
+        from .specs.models import load_model
+        from .specs.workloads import Workload
+
+        self.path = Path(path)
+        self.spec = load_yaml_model(scenario_schema(), self.path, "scenario file")
+        src = str(self.path)
+        base = self.path.parent
+        for field in ("baseline", "reference"):
+            name = getattr(self.spec, field)
+            if name not in STRATEGIES:
+                raise HetserveError(f"{field}: unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: "
+                                    f"{allowed(STRATEGIES)}", source=src)
+        for i, name in enumerate(self.spec.strategies or []):
+            if name not in STRATEGIES:
+                raise HetserveError(f"strategies[{i}]: unknown strategy '{name}'{suggest(name, STRATEGIES)}; "
+                                    f"known: {allowed(STRATEGIES)}", source=src)
+        self.cluster, self.cluster_ref = self._cluster(self.spec.cluster, base, "cluster")
+        self.reference_cluster = None
+        if self.spec.reference_cluster is not None:
+            self.reference_cluster = self._cluster(self.spec.reference_cluster, base, "reference_cluster")
+        model_path = base / self.spec.model
+        try:
+            self.model = load_model(str(model_path) if model_path.suffix == ".json" and model_path.exists()
+                                    else self.spec.model)
+        except HetserveError as exc:
+            raise HetserveError(f"model: {exc}", source=src) from None
+        if isinstance(self.spec.workload, str):
+            wpath = base / self.spec.workload
+            if not wpath.exists():
+                raise HetserveError(f"workload: file {wpath} not found (paths are relative to the scenario file)",
+                                    source=src)
+            self.workload = Workload.load(wpath)
+        else:
+            self.workload = Workload(self.spec.workload, base, source=f"{src}: workload")
+        try:
+            self.quality = parse_quality(self.spec.quality)
+        except HetserveError as exc:
+            raise HetserveError(f"quality: {exc}", source=src) from None
+
+    def _cluster(self, value, base: Path, field: str):
+        from .specs.clusters import Cluster
+
+        if not isinstance(value, str):
+            return Cluster(value, source=f"{self.path}: {field}"), f"{self.spec.name}-{field}.yaml"
+        path = base / value
+        if not path.exists():
+            raise HetserveError(f"{field}: file {path} not found (paths are relative to the scenario file)",
+                                source=str(self.path))
+        return Cluster.load(path), str(path.resolve())
+
+    def context(self, strategy: str, seed: int, time_limit: float | None):
+        from .planner.strategies import StrategyContext
+
+        cluster, ref = self.cluster, self.cluster_ref
+        if strategy == self.spec.reference and self.reference_cluster is not None:
+            cluster, ref = self.reference_cluster
+        return StrategyContext(cluster, self.model, self.workload, self.spec.objective, model_ref=self.spec.model,
+                               cluster_ref=ref, budget=self.spec.budget, quality=self.quality, seed=seed,
+                               time_limit=time_limit or self.spec.time_limit_s)
+
+    def strategies(self, chosen: list[str] | None) -> list[str]:
+        from .planner.strategies import STRATEGIES, get_strategy
+
+        names = chosen or self.spec.strategies or list(STRATEGIES)
+        for n in names:
+            get_strategy(n)                                    # a clear error for a misspelt name
+        if "hetserve" in names:                               # ours last: the others' planning does not eat its time
+            names = [n for n in names if n != "hetserve"] + ["hetserve"]
+        return list(dict.fromkeys(names))
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+def slo_holds(summary: dict, records, slo) -> bool:
+    """The workload's percentile targets hold (TTFT, TPOT and E2E) and nothing was dropped."""
+    import numpy as np
+
+    if not summary["slo_met"]:
+        return False
+    if slo.e2e_ms is not None:
+        e2e = records.e2e()[records.completed]
+        e2e = e2e[~np.isnan(e2e)]
+        if not len(e2e) or np.percentile(e2e, slo.percentile) * 1e3 > slo.e2e_ms:
+            return False
+    return True
+
+
+class Evaluator:
+    """Simulates plans on one workload with one seed, the same way for every strategy."""
+
+    def __init__(self, workload, seed: int, duration: float):
+        self.workload, self.seed = workload, seed
+        self.base = workload.sample(seed=seed, duration_s=duration)
+        if len(self.base) == 0:
+            raise HetserveError(f"workload {workload.name}: no request arrives within {duration:g} s; raise duration_s")
+        self.duration = duration
+        self.n = max(len(self.base), MIN_REQUESTS)
+        self.rate = len(self.base) / duration
+
+    def run(self, dep, rate: float | None = None):
+        """The base simulation (``rate`` None: the scenario's requests, drained until all finish or the
+        simulator's default limit) or a probe at ``rate`` (drained for as long as it arrived, >= 60 s)."""
+        from .sim import simulate
+
+        if rate is None:
+            return simulate(dep, self.base, self.workload.slo, seed=self.seed)
+        duration = max(self.n / rate, MIN_WINDOW_S)
+        reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
+        return simulate(dep, reqs, self.workload.slo, seed=self.seed, drain_s=max(60.0, duration))
+
+    def max_rate(self, dep, base_holds: bool) -> tuple[float, int]:
+        """The highest offered rate at which the SLOs hold; (rate, simulations run)."""
+        slo = self.workload.slo
+        sims = 0
+
+        def holds(rate):
+            nonlocal sims
+            sims += 1
+            r = self.run(dep, rate)
+            return slo_holds(r.summary, r.records, slo)
+
+        lo = hi = None
+        r = self.rate
+        if base_holds:
+            lo = r
+            for _ in range(BRACKET_STEPS):
+                if holds(lo * 2):
+                    lo *= 2
+                else:
+                    hi = lo * 2
+                    break
+            if hi is None:
+                return lo, sims
+        else:
+            hi = r
+            for _ in range(BRACKET_STEPS):
+                if holds(hi / 2):
+                    lo = hi / 2
+                    break
+                hi /= 2
+            if lo is None:
+                return 0.0, sims
+        for _ in range(BISECTION_STEPS):
+            mid = math.sqrt(lo * hi)
+            if holds(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo, sims
+
+
+def _metrics(dep, result, slo, offered: float) -> dict:
+    import numpy as np
+
+    s = result.summary
+    rec = result.records
+    e2e = rec.e2e()[rec.completed]
+    e2e = e2e[~np.isnan(e2e)]
+    power = s["energy_j"] / max(s["makespan_s"], 1e-9)
+    return {
+        "offered_rps": offered, "requests": s["requests"], "completed": s["completed"], "dropped": s["dropped"],
+        "throughput_tok_s": s["throughput_tok_s"], "throughput_rps": s["throughput_rps"],
+        "goodput_rps": s["goodput_rps"], "slo_attainment": s["slo_attainment"],
+        "slo_met": bool(slo_holds(s, rec, slo)),
+        "ttft_p90_ms": s["ttft_p90_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "e2e_p90_ms": s["e2e_p90_ms"],
+        "e2e_mean_ms": float(np.mean(e2e)) * 1e3 if len(e2e) else None,
+        "cost_per_hour": s["cost_per_hour"], "cost_per_mtok": s["cost_per_mtok"],
+        "joules_per_token": s["joules_per_token"], "power_w": power,
+        "provisioned_w": sum(srv.node.gpu.tdp_w * srv.num_gpus for srv in dep.servers.values()),
+        "gpus": dep.gpus_used(), "gpus_by_type": dep.gpu_counts(), "instances": len(dep.instances),
+        "roles": sorted({i.role for i in dep.instances.values()}),
+    }
+
+
+def ratio(a: float | None, b: float | None, sense: str) -> float | None:
+    """How many times better ``a`` is than ``b`` (> 1: better), or None when undefined (a value missing
+    or zero)."""
+    if a is None or b is None:
+        return None
+    if sense == "max":
+        return a / b if b > 0 else None
+    return b / a if a > 0 else None
+
+
+def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, out_dir: str | Path | None = None,
+                seed: int = 0, *, requests: int | None = None, time_limit: float | None = None,
+                progress=None) -> dict:
+    """Plan with each strategy and simulate each plan on the scenario's workload (same requests).
+
+    ``requests`` overrides how many requests each simulation replays (scaling the scenario's duration);
+    ``time_limit`` overrides the planning seconds per strategy. Returns the comparison as a dict:
+    ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
+    """
+    from .plan import deployment_from_dict
+    from .planner.strategies import get_strategy
+
+    sc = LoadedScenario(scenario_path)
+    spec = sc.spec
+    if requests is not None and requests < 1:
+        raise HetserveError(f"--requests={requests} must be >= 1")
+    if time_limit is not None and time_limit <= 0:
+        raise HetserveError(f"--time-limit={time_limit} must be > 0 seconds")
+    names = sc.strategies(strategies)
+    duration = spec.duration_s or sc.workload.spec.duration_s
+    if requests is not None:
+        duration = requests / sc.workload.mean_rate
+    ev = Evaluator(sc.workload, seed, duration)
+    objective, sense = spec.objective, SENSE[spec.objective]
+    results: dict[str, dict] = {}
+    sims: dict[str, object] = {}
+    plans: dict[str, tuple[dict, object]] = {}
+    for name in names:
+        if progress:
+            progress(name)
+        ctx = sc.context(name, seed, time_limit)
+        t0 = time.perf_counter()
+        try:
+            plan = get_strategy(name).plan(ctx)
+            dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+        except HetserveError as exc:
+            results[name] = {"error": str(exc), "objective_value": None, "objective_sense": sense,
+                             "objective_unit": UNITS[objective], "feasible": False,
+                             "plan_seconds": time.perf_counter() - t0, "cluster": ctx.cluster.name}
+            continue
+        planned = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = ev.run(dep)
+        m = _metrics(dep, result, sc.workload.slo, ev.rate)
+        simulations = 1
+        if objective == "throughput":
+            value, feasible = m["throughput_tok_s"], m["completed"] > 0
+        elif objective == "goodput":
+            value, simulations_more = ev.max_rate(dep, m["slo_met"])
+            simulations += simulations_more
+            feasible = value > 0
+            m["max_rate_within_slo"] = value
+        else:                                   # carried the offered load within the SLOs, nothing dropped
+            feasible = m["slo_met"]
+            value = (m["cost_per_hour"] if objective == "cost" else m["power_w"]) if feasible else None
+        if spec.budget is not None and m["cost_per_hour"] > spec.budget + 1e-6:
+            feasible, value = False, None                 # over the scenario's budget: not comparable
+        m["within_budget"] = spec.budget is None or m["cost_per_hour"] <= spec.budget + 1e-6
+        m.update({"objective_value": value, "objective_sense": sense, "objective_unit": UNITS[objective],
+                  "feasible": bool(feasible), "plan_seconds": planned, "sim_seconds": time.perf_counter() - t1,
+                  "simulations": simulations, "cluster": ctx.cluster.name, "notes": plan.get("notes", "")})
+        results[name] = m
+        sims[name] = result
+        plans[name] = (plan, ctx)
+    out = {
+        "scenario": spec.name, "description": spec.description, "model": sc.model.name,
+        "cluster": sc.cluster.name, "objective": objective, "objective_sense": sense,
+        "objective_unit": UNITS[objective], "budget": spec.budget, "quality": sc.quality, "seed": seed,
+        "baseline": spec.baseline, "reference": spec.reference, "offered_rps": ev.rate, "requests": len(ev.base),
+        "headline": spec.headline, "strategies": results, "ratios": _ratios(results, spec, sense),
+    }
+    if out_dir is not None:
+        out["files"] = _write(Path(out_dir), out, sims, plans, sc)
+    return out
+
+
+def _ratios(results: dict, spec, sense: str) -> dict:
+    val = {n: r.get("objective_value") for n, r in results.items()}
+    out = {"baseline_vs_reference": ratio(val.get(spec.baseline), val.get(spec.reference), sense)}
+    if "hetserve" in val:
+        out["hetserve_vs"] = {n: ratio(val["hetserve"], v, sense) for n, v in val.items() if n != "hetserve"}
+    return out
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+def _write(out: Path, report: dict, sims: dict, plans: dict, sc: LoadedScenario) -> list[str]:
+    import yaml
+
+    from .plan import PlanFile, save_plan
+    from .specs.loading import validate
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    plan_dir = out / "plans"
+    plan_dir.mkdir(exist_ok=True)
+    for name, (plan, ctx) in plans.items():
+        data = dict(plan)
+        cluster_file = Path(ctx.cluster_ref)
+        if not cluster_file.exists():                    # an inline cluster: write it beside the plans
+            cluster_file = plan_dir / Path(ctx.cluster_ref).name
+            cluster_file.write_text(yaml.safe_dump(ctx.cluster.spec.model_dump(mode="json", exclude_defaults=True),
+                                                   sort_keys=False))
+        spec = validate(PlanFile, data, f"{name} plan")
+        path = plan_dir / f"{name}.yaml"
+        save_plan(spec, path, cluster_path=cluster_file)
+        files.append(str(path))
+    path = out / "compare.json"
+    path.write_text(json.dumps(report, indent=2, default=_json_default))
+    files.append(str(path))
+    files += [str(p) for p in _plots(out, report, sims) if p]
+    return files
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
+    import numpy as np
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - depends on the install
+        return []
+    res = report["strategies"]
+    names = list(res)
+    paths = []
+    # objective per strategy
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    vals = [res[n].get("objective_value") or 0.0 for n in names]
+    colors = ["tab:red" if n == "hetserve" else ("tab:blue" if n == report["baseline"] else "tab:gray")
+              for n in names]
+    ax.bar(names, vals, color=colors)
+    ax.set_ylabel(f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})")
+    ax.set_title(f"{report['scenario']}: objective per strategy (0 = infeasible or failed)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out / "objective.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    # latency CDFs
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, result in sims.items():
+        rec = result.records
+        done = rec.completed
+        for ax, values in zip(axes, (rec.ttft()[done], rec.tpot()[done] * 1e3, rec.e2e()[done])):
+            v = np.sort(values[~np.isnan(values)])
+            if len(v):
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=name, lw=2 if name == "hetserve" else 1)
+    for ax, label in zip(axes, ("TTFT (s)", "TPOT (ms)", "end-to-end (s)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['scenario']}: latency at {report['offered_rps']:.3g} req/s offered")
+    fig.tight_layout()
+    p = out / "latency_cdf.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    # cost vs throughput
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in sims:
+        r = res[name]
+        ax.scatter(r["cost_per_hour"], r["throughput_tok_s"], s=60 if name == "hetserve" else 30)
+        ax.annotate(name, (r["cost_per_hour"], r["throughput_tok_s"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("cost ($/hour)")
+    ax.set_ylabel("throughput (output tok/s)")
+    ax.set_title(f"{report['scenario']}: cost vs throughput")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = out / "cost_throughput.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+TABLE_COLUMNS = ("strategy", "objective", "tok/s", "goodput rps", "TTFT p90 ms", "TPOT p90 ms", "$/h", "$/Mtok",
+                 "J/token", "plan s")
+
+
+def table_rows(report: dict) -> list[list]:
+    rows = []
+    for name, r in report["strategies"].items():
+        if "error" in r:
+            rows.append([name, "failed: " + r["error"][:80]] + [None] * 7 + [r.get("plan_seconds")])
+            continue
+        value = r["objective_value"]
+        rows.append([name, value if value is not None else "infeasible", r["throughput_tok_s"], r["goodput_rps"],
+                     r["ttft_p90_ms"], r["tpot_p90_ms"], r["cost_per_hour"], r["cost_per_mtok"],
+                     r["joules_per_token"], r["plan_seconds"]])
+    return rows
+
+
+def cmd_compare(args) -> int:
+    from .report.tables import err_console, print_json, table
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
+
+    def progress(name):
+        if not args.json:
+            err_console.print(f"planning and simulating: {name}", highlight=False)
+
+    report = run_compare(args.scenario, strategies, args.out, args.seed, requests=args.requests,
+                         time_limit=args.time_limit, progress=progress)
+    if args.json:
+        print_json(report["strategies"])
+        return 0
+    title = (f"{report['scenario']}: {report['model']} on {report['cluster']}, objective {report['objective']} "
+             f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
+             f"{report['offered_rps']:.3g} req/s, seed {report['seed']}")
+    table(title, TABLE_COLUMNS, table_rows(report))
+    r = report["ratios"]
+    if r.get("baseline_vs_reference") is not None:
+        print(f"{report['baseline']} vs {report['reference']}: {r['baseline_vs_reference']:.2f}x")
+    for name, x in (r.get("hetserve_vs") or {}).items():
+        print(f"hetserve vs {name}: " + ("-" if x is None else f"{x:.2f}x"))
+    if report.get("files"):
+        print("wrote: " + ", ".join(report["files"]))
+    return 0
+
+
+def add_compare_parser(subparsers) -> None:
+    c = subparsers.add_parser("compare", help="plan and simulate every strategy (ours and the baselines) on a scenario")
+    c.add_argument("scenario", metavar="SCENARIO", help="scenario YAML (see docs/baselines.md and examples/scenarios)")
+    c.add_argument("--strategies", help="comma-separated subset of the strategies (default: the scenario's, or "
+                                        "all; names in docs/baselines.md)")
+    c.add_argument("--json", action="store_true", help="print {strategy: metrics} as JSON")
+    c.add_argument("--out", help="directory for compare.json, the plans and PNG plots")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--requests", type=int, help="requests per simulation (default: the scenario's duration)")
+    c.add_argument("--time-limit", type=float, help="planning seconds per strategy (default: the scenario's)")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,37 @@
+"""Strategies: hetserve's planner and the published systems it is compared with (docs/baselines.md).
+
+Every strategy takes one ``StrategyContext`` and returns a plan dict valid for
+``hetserve.plan.deployment_from_dict``. ``get_strategy(name)`` looks one up by name.
+"""
+from __future__ import annotations
+
+from ...errors import HetserveError, suggest
+from .base import Strategy, StrategyContext
+from .chain import ChainComposition
+from .helix import Helix
+from .hexgen import HexGen
+from .homogeneous import Homogeneous
+from .llmpq import LLMPQ
+from .ours import Hetserve
+from .pdhetero import PDHetero
+from .petals import Petals
+from .splitwise import Splitwise
+from .uniform import Uniform
+
+#: Every strategy by name: ours first, then the baselines.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Hetserve(), Homogeneous(), Uniform(), HexGen(), LLMPQ(), Splitwise(), PDHetero(), Helix(), Petals(),
+    ChainComposition(),
+)}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy called ``name``; a clear error naming the known ones otherwise."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise HetserveError(f"unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: "
+                            f"{', '.join(STRATEGIES)}") from None
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyContext", "get_strategy"]

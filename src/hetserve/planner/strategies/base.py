@@ -1,0 +1,301 @@
+"""The strategy interface and what every strategy shares.
+
+A *strategy* is one way of choosing a deployment: hetserve's planner, or one of the published systems
+it is compared with (docs/baselines.md). Each gets the same ``StrategyContext`` (cluster, model,
+workload, objective, budget, quality budget, seed, time limit) and returns a plan dict that
+``hetserve.plan.deployment_from_dict`` accepts: the contract the planner writes.
+
+Shared here: the context (with the cost model, the workload's mean lengths and rate), the estimate of
+one instance on explicitly placed servers (the planner's ``ChainTiming`` and capacity functions over
+the real links between the chosen nodes), ``PlanWriter`` that names servers and instances, and
+``trial`` (a short simulation some strategies search with, as their papers do).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ...costmodel.roofline import RooflineCostModel, ServerShape
+from ...errors import HetserveError
+from ...plan import deployment_from_dict
+from ...specs.clusters import Cluster
+from ...specs.models import ModelSpec
+from ...specs.workloads import SLO, Workload
+from ..allocate import OBJECTIVES
+from ..capacity import (
+    Capacity,
+    ChainTiming,
+    decode_capacity,
+    mixed_capacity,
+    prefill_capacity,
+)
+from ..quality import removed_share, sensitivity
+from ..templates import SETTINGS, TemplateFactory
+
+#: Sense of each objective: maximised or minimised.
+SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
+#: Requests a strategy's own trial simulation replays (strategies that search by simulation).
+TRIAL_REQUESTS = 300
+#: Requests sampled to estimate the workload's long requests.
+LENGTH_SAMPLE = 2000
+
+
+@dataclass
+class StrategyContext:
+    """Everything a strategy may use to choose a plan."""
+
+    cluster: Cluster
+    model: ModelSpec
+    workload: Workload
+    objective: str = "goodput"
+    model_ref: str | None = None          # what the plan's `model:` says (default: the model's name)
+    cluster_ref: str = "cluster.yaml"     # what the plan's `cluster:` says
+    budget: float | None = None           # USD per hour
+    quality: float = 0.3                  # share of sensitivity-weighted weight bits that may be removed
+    seed: int = 0
+    time_limit: float = 60.0              # seconds, for strategies that search
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise HetserveError(f"objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
+        if self.budget is not None and self.budget <= 0:
+            raise HetserveError(f"budget={self.budget} must be > 0 (USD per hour)")
+        if not 0 <= self.quality <= 0.75:
+            raise HetserveError(f"quality={self.quality} is outside [0, 0.75]")
+        if self.time_limit <= 0:
+            raise HetserveError(f"time_limit={self.time_limit} must be > 0 seconds")
+        self.model_ref = self.model_ref or self.model.name
+        self.prompt, self.output = self.workload.mean_lengths(self.seed)
+        self.rate = self.workload.mean_rate
+        self.slo: SLO = self.workload.slo
+        self.cost_model = RooflineCostModel(self.model)
+        self.sens = sensitivity(self.model)
+
+    # ---- conveniences -------------------------------------------------------------------------------
+    @property
+    def capacity_slo(self) -> SLO | None:
+        """The SLO capacities are computed under: none for the throughput objective."""
+        return None if self.objective == "throughput" else self.slo
+
+    def factory(self, quality: float | None = None) -> TemplateFactory:
+        q = self.quality if quality is None else quality
+        return TemplateFactory(self.cluster, self.model, self.prompt, self.output, self.capacity_slo, q,
+                               cost_model=self.cost_model)
+
+    @property
+    def long_request(self) -> float:
+        """The 99th percentile of prompt + output tokens (what a KV share must hold so that long requests
+        are not dropped)."""
+        if not hasattr(self, "_long"):
+            import numpy as np
+
+            reqs = self.workload.sample(seed=self.seed, duration_s=LENGTH_SAMPLE / max(self.rate, 1e-9))
+            total = reqs.prompt_tokens + reqs.output_tokens
+            self._long = float(np.percentile(total, 99)) if len(total) else self.prompt + self.output
+        return self._long
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def time_left(self) -> float:
+        return self.time_limit - self.elapsed()
+
+    def bits_allowed(self, bits) -> bool:
+        """Whether per-layer ``bits`` stay within the quality budget."""
+        return removed_share(list(bits), self.sens) <= self.quality + 1e-9
+
+    def uniform_bit_choices(self) -> list[int]:
+        """One-precision widths (16, 8, 4, 3) the quality budget allows, widest first."""
+        return [b for b in (16, 8, 4, 3) if self.bits_allowed([b] * self.model.num_layers)]
+
+    def vendor_of(self, node: str) -> str:
+        return self.cluster.nodes[node].gpu.vendor
+
+
+# ---- explicit placement ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spot:
+    """A server to be: a TP group on one node holding layers [start, end) at per-layer bits."""
+
+    node: str
+    gpus: tuple[int, ...]
+    start: int
+    end: int
+    bits: tuple[int, ...]
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def layers(self) -> int:
+        return self.end - self.start
+
+
+def spot(node: str, gpus, start: int, end: int, bits=16) -> Spot:
+    b = tuple(bits) if isinstance(bits, (list, tuple)) else (int(bits),) * (end - start)
+    return Spot(node, tuple(gpus), start, end, b)
+
+
+@dataclass
+class Estimate:
+    """What the cost model predicts for one instance on explicitly placed servers."""
+
+    fits: bool
+    kv_tokens: int                # KV capacity of the instance (tokens), after kv_share
+    cap: Capacity | None          # within the SLOs (None when it does not fit)
+    free: Capacity | None         # ignoring the SLOs
+    timing: ChainTiming | None
+
+    def rate(self, objective: str) -> float:
+        c = self.free if objective == "throughput" else self.cap
+        return c.rate if c is not None else 0.0
+
+
+def shape_of(ctx: StrategyContext, s: Spot) -> ServerShape:
+    return ServerShape(ctx.cluster.nodes[s.node].gpu, s.tp, s.bits, first=s.start == 0,
+                       last=s.end == ctx.model.num_layers)
+
+
+def memory_of(ctx: StrategyContext, s: Spot, role: str = "mixed", settings=None):
+    max_batch, max_tokens, _ = settings or SETTINGS[role]
+    return ctx.cost_model.memory(shape_of(ctx, s), max_tokens, max_batch)
+
+
+def chain_timing(ctx: StrategyContext, spots: list[Spot], micro_batches: int = 1) -> ChainTiming:
+    """The planner's chain timing over the real links between the chosen nodes."""
+    act = ctx.model.hidden_size * 2.0
+    hops = [ctx.cluster.link(a.node, b.node) for a, b in zip(spots, spots[1:])]
+    return ChainTiming([ctx.cost_model.timer(shape_of(ctx, s)) for s in spots], [h.latency for h in hops],
+                       [act / h.bandwidth for h in hops], micro_batches=micro_batches)
+
+
+def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=None, micro_batches: int = 1,
+             kv_share: float = 1.0) -> Estimate:
+    """Memory check and analytic capacity (requests/s) of one instance, as the planner computes it."""
+    max_batch, max_tokens, _ = settings or SETTINGS[role]
+    kv = math.inf
+    for s in spots:
+        mem = memory_of(ctx, s, role, (max_batch, max_tokens, None))
+        if not mem.fits:
+            return Estimate(False, 0, None, None, None)
+        kv = min(kv, mem.kv_capacity_tokens * kv_share)
+    kv = int(kv)
+    if kv / micro_batches < ctx.prompt + ctx.output:        # each lane gets an equal share of the KV
+        return Estimate(False, kv, None, None, None)
+    ch = chain_timing(ctx, spots, micro_batches)
+    slo = ctx.capacity_slo
+    if role == "prefill":
+        cap = prefill_capacity(ch, ctx.prompt, slo, max_tokens)
+        free = prefill_capacity(ch, ctx.prompt, None, max_tokens)
+    elif role == "decode":
+        cap = decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv)
+        free = decode_capacity(ch, ctx.prompt, ctx.output, None, max_batch, kv)
+    else:
+        cap = mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv)
+        free = mixed_capacity(ch, ctx.prompt, ctx.output, None, max_batch, max_tokens, kv)
+    return Estimate(True, kv, cap, free, ch)
+
+
+def spots_price(ctx: StrategyContext, spots) -> float:
+    return sum(ctx.cluster.nodes[s.node].gpu.price_per_hour * s.tp for s in spots)
+
+
+def spots_idle_w(ctx: StrategyContext, spots) -> float:
+    return sum(ctx.cluster.nodes[s.node].gpu.idle_watts * s.tp for s in spots)
+
+
+# ---- writing plans -----------------------------------------------------------------------------------
+class PlanWriter:
+    """Collects servers and instances and returns a plan dict (validated by the caller)."""
+
+    def __init__(self, ctx: StrategyContext, name: str):
+        self.ctx, self.name = ctx, name
+        self.servers: list[dict] = []
+        self.instances: list[dict] = []
+        self._server_of: dict[Spot, str] = {}
+
+    def server(self, s: Spot, name: str | None = None) -> str:
+        """The server's name; a spot already written is the same server (a shared server)."""
+        if s in self._server_of:
+            return self._server_of[s]
+        name = name or f"{s.node}-g{s.gpus[0]}" + (f"-tp{s.tp}" if s.tp > 1 else "")
+        taken = {x["name"] for x in self.servers}
+        base, k = name, 1
+        while name in taken:
+            name, k = f"{base}-{k}", k + 1
+        bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
+        self.servers.append({"name": name, "node": s.node, "gpus": list(s.gpus), "layers": [s.start, s.end],
+                             "bits": bits})
+        self._server_of[s] = name
+        return name
+
+    def instance(self, name: str, role: str, chain: list[Spot], *, settings=None, micro_batches: int = 1,
+                 kv_share: float = 1.0, policy: str | None = None) -> str:
+        max_batch, max_tokens, chunk = settings or SETTINGS[role]
+        names = [self.server(s) for s in chain]
+        inst = {"name": name, "role": role, "chain": names, "max_batch_size": int(max_batch),
+                "max_batch_tokens": int(max_tokens), "chunk_size": chunk, "micro_batches": int(micro_batches)}
+        if kv_share < 1.0:                      # rounded down, so that shares of a server still add up to <= 1
+            inst["kv_share"] = max(math.floor(kv_share * 1e4) / 1e4, 1e-4)
+        if policy:
+            inst["policy"] = policy
+        self.instances.append(inst)
+        return name
+
+    def plan(self, routing: dict | None = None, notes: str = "") -> dict:
+        if not self.instances:
+            raise HetserveError(f"{self.name}: no instance could be placed on the cluster")
+        return {"version": 1, "name": self.name, "model": self.ctx.model_ref, "cluster": self.ctx.cluster_ref,
+                "servers": self.servers, "instances": self.instances,
+                "routing": routing or {"policy": "least-work"}, "notes": notes}
+
+
+# ---- trial simulations -------------------------------------------------------------------------------
+def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_REQUESTS) -> dict | None:
+    """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
+    search; the comparison itself simulates separately)."""
+    from ...sim import simulate
+
+    rate = max(rate, 1e-3)
+    duration = max(requests / rate, 5.0)
+    reqs = ctx.workload.sample(seed=ctx.seed, duration_s=duration, rate=rate)
+    if len(reqs) == 0:
+        return None
+    dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{plan.get('name', 'plan')} (trial)")
+    result = simulate(dep, reqs, ctx.slo, seed=ctx.seed, drain_s=max(60.0, duration))
+    s = result.summary
+    s["offered_rps"] = len(reqs) / duration
+    e2e = result.records.e2e()[result.records.completed]
+    s["e2e_mean_s"] = float(e2e.mean()) if len(e2e) and s["dropped"] == 0 else float("inf")
+    return s
+
+
+def trial_score(objective: str, s: dict | None, rate: float) -> float:
+    """A trial's objective in 'higher is better' form (as the planner scores its confirmations)."""
+    if s is None:
+        return -math.inf
+    if objective == "throughput":
+        return s["throughput_tok_s"]
+    if objective == "goodput":
+        return s["goodput_rps"]
+    ok = s["slo_met"] and s["throughput_rps"] >= 0.95 * rate
+    penalty = 0.0 if ok else 1e12
+    if objective == "cost":
+        return -(s["cost_per_hour"] + penalty)
+    return -(s["energy_j"] / max(s["makespan_s"], 1e-9) + penalty)
+
+
+class Strategy:
+    """One way of choosing a deployment. Subclasses set ``name`` and ``summary`` and implement ``plan``."""
+
+    name = "strategy"
+    summary = ""
+
+    def plan(self, ctx: StrategyContext) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name}>"

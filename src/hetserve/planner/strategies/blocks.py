@@ -1,0 +1,117 @@
+"""Block servers: what Petals and server chain composition place blocks (layers) on.
+
+Each node runs one *block server*: its GPUs as one tensor-parallel group holding a contiguous range of
+blocks at one bit-width, beside a KV-cache reservation. Placed servers form an interval graph: a server
+ending at block e may hand a request to any server starting at e; a *chain* is a path from block 0 to
+the last block. This module sizes servers (blocks that fit beside a cache reservation, time per block)
+and finds chains (the fastest path by Dijkstra, optionally with per-server extra costs).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from ...costmodel.roofline import ServerShape, ServerTimer
+from ..templates import SETTINGS
+from .base import Spot, StrategyContext, spot
+
+#: Batch at which a server's per-block speed is measured (Petals measures single-sequence inference).
+REF_BATCH = 1
+
+
+@dataclass
+class BlockServer:
+    node: str
+    gpus: tuple[int, ...]
+    block_time: float            # seconds per decode token per block (batch REF_BATCH)
+    prefill_block_time: float    # seconds per prompt per block
+    usable: float                # bytes per GPU for weights + cache (after activations)
+    timer: ServerTimer           # one block at the chosen bits
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    def decode_block_time(self, batch: float, context: float) -> float:
+        """Seconds of one decode step of ``batch`` sequences through one block."""
+        kv = batch * (context + 1)
+        return self.timer.time(batch, batch, kv, kv)
+
+
+def block_servers(ctx: StrategyContext, bits: int) -> list[BlockServer]:
+    """One server per node (its GPUs as one TP group), in the cluster file's order."""
+    m, cm = ctx.model, ctx.cost_model
+    max_batch, max_tokens, _ = SETTINGS["mixed"]
+    P, O = ctx.prompt, ctx.output
+    out = []
+    for node in ctx.cluster.nodes.values():
+        tp = max(t for t in range(1, node.count + 1) if node.count % t == 0 and m.num_heads % t == 0)
+        shape = ServerShape(node.gpu, tp, (bits,), first=False, last=False)
+        timer = cm.timer(shape)
+        kv = REF_BATCH * (P + O / 2 + 1)
+        mem = cm.memory(ServerShape(node.gpu, tp, (), first=False, last=False), max_tokens, max_batch)
+        out.append(BlockServer(node.name, tuple(range(tp)), timer.time(REF_BATCH, REF_BATCH, kv, kv) / REF_BATCH,
+                               timer.time(P, 1, P * (P + 1) / 2, P), mem.usable - mem.activations, timer))
+    return out
+
+
+def blocks_that_fit(ctx: StrategyContext, srv: BlockServer, bits: int, cache_tokens: float, first: bool = False,
+                    last: bool = False) -> int:
+    """Blocks a server holds beside a cache reservation of ``cache_tokens`` tokens in every block."""
+    m = ctx.model
+    per_block = (m.layer_weight_bytes(bits) + cache_tokens * m.kv_bytes_per_token_layer(2)) / srv.tp
+    room = srv.usable
+    emb = m.vocab_size * m.hidden_size * 2.0 / srv.tp
+    room -= emb * (int(first) + int(last))
+    return max(0, min(m.num_layers, int(room // per_block)))
+
+
+def fastest_chain(ctx: StrategyContext, placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer],
+                  extra: dict[str, float] | None = None, usable: set[str] | None = None) -> list[str] | None:
+    """Dijkstra from block 0 to the last block over servers whose ranges meet end to start; a server
+    costs its blocks' decode time per token plus ``extra``; a hop costs the link's latency."""
+    L = ctx.model.num_layers
+    extra = extra or {}
+    starts: dict[int, list[str]] = {}
+    for n, (s, e) in placed.items():
+        if usable is None or n in usable:
+            starts.setdefault(s, []).append(n)
+    heap = []
+    dist: dict[str, float] = {}
+    prev: dict[str, str | None] = {}
+    for n in starts.get(0, []):
+        d = servers[n].block_time * (placed[n][1] - placed[n][0]) + extra.get(n, 0.0)
+        heap.append((d, n, None))
+    heapq.heapify(heap)
+    while heap:
+        d, n, p = heapq.heappop(heap)
+        if n in dist:
+            continue
+        dist[n], prev[n] = d, p
+        e = placed[n][1]
+        if e == L:
+            chain = [n]
+            while prev[chain[-1]] is not None:
+                chain.append(prev[chain[-1]])
+            return chain[::-1]
+        for nxt in starts.get(e, []):
+            if nxt not in dist:
+                hop = ctx.cluster.link(n, nxt).latency
+                cost = servers[nxt].block_time * (placed[nxt][1] - placed[nxt][0]) + extra.get(nxt, 0.0)
+                heapq.heappush(heap, (d + hop + cost, nxt, n))
+    return None
+
+
+def chain_spots(placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer], chain: list[str],
+                bits: int) -> list[Spot]:
+    return [spot(n, servers[n].gpus, *placed[n], bits) for n in chain]
+
+
+def uniform_bits_for(ctx: StrategyContext, cache_tokens: float) -> int | None:
+    """The widest one-precision width (within the quality budget) at which the servers hold the model
+    at least once beside their cache reservation."""
+    for bits in ctx.uniform_bit_choices():
+        total = sum(blocks_that_fit(ctx, s, bits, cache_tokens) for s in block_servers(ctx, bits))
+        if total >= ctx.model.num_layers:
+            return bits
+    return None

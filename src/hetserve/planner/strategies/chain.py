@@ -1,0 +1,215 @@
+"""``chain``: server chain composition (Sun, He et al., 2026): GBP-CR placement, GCA cache allocation,
+JFFC dispatch.
+
+- **GBP-CR** (greedy block placement with cache reservation). Every server reserves cache for ``c``
+  concurrent jobs in each block it holds, so it holds m_j(c) = memory / (block bytes + c x cache per
+  job per block) blocks. Servers are taken fastest-per-block first and laid end to end: each takes
+  the next m_j(c) blocks of the chain being built (the last one of a chain only the blocks left); a
+  complete chain starts the next one. Servers stop being added once the complete chains can carry the
+  load (their job slots over their service times exceed the arrival rate at 70% utilisation); servers of
+  an unfinished chain are left out. A chain's service time for its ``c`` jobs comes from the cost model
+  with the jobs batched together (their prompts, then their tokens in steps of ``c``), so concurrent
+  jobs slow each other down as they do on a real server.
+- **GCA** (greedy cache allocation). Over all chains the placed servers compose (any server ending at
+  block e may hand to any server starting at e), repeatedly take the fastest chain (Dijkstra on
+  per-token service time plus link latencies) whose servers all have cache left, give it as many job
+  slots as its scarcest server has left (at most the ``c`` the placement reserved), and subtract. A
+  job slot is the cache of a request of the workload's mean length; a chain needs enough slots for its
+  99th-percentile request. A plan gives an instance one KV share for all of its servers, so a chain with
+  k slots takes the share k / (its scarcest server's slots) of each of its servers.
+- **JFFC**: requests go to the fastest chain with a free slot, otherwise wait in a central queue
+  (routing policy ``jffc``); a chain's slots are its ``max_batch_size`` and its share of each server's
+  cache is its ``kv_share``.
+
+``c`` is chosen by trying 1..16, estimating each placement's mean response time (the service time of
+the fastest slots that carry the load, plus an Erlang-C queueing delay over all slots) and simulating
+the six best estimates on the workload (mean response time decides), for each one-precision width the
+quality budget allows at which the servers hold the model (the paper's setting uses 4-bit NF4 blocks).
+One server per node.
+"""
+from __future__ import annotations
+
+import math
+
+from ...errors import HetserveError
+from ..templates import SETTINGS
+from .base import PlanWriter, Strategy, StrategyContext, memory_of, spot, trial
+from .blocks import (
+    BlockServer,
+    block_servers,
+    blocks_that_fit,
+    chain_spots,
+    fastest_chain,
+    uniform_bits_for,
+)
+
+MAX_RESERVATION = 16
+#: Reservations (best estimates first) checked by a short simulation of mean response time.
+SIMULATED = 6
+TARGET_UTILISATION = 0.7
+
+
+def erlang_c_wait(lam: float, mu: float, n: int) -> float:
+    """Mean wait in an M/M/n queue with arrival rate lam and per-server rate mu (inf if unstable)."""
+    if n <= 0 or mu <= 0:
+        return math.inf
+    a = lam / mu
+    rho = a / n
+    if rho >= 1:
+        return math.inf
+    term, total = 1.0, 1.0
+    for k in range(1, n):
+        term *= a / k
+        total += term
+    last = term * a / n / (1 - rho)
+    p_wait = last / (total + last)
+    return p_wait / (n * mu - lam)
+
+
+class ChainComposition(Strategy):
+    name = "chain"
+    summary = "server chain composition: GBP-CR block placement, GCA cache allocation, JFFC dispatch"
+
+    def plan(self, ctx: StrategyContext) -> dict:
+        m = ctx.model
+        job_tokens = ctx.prompt + ctx.output
+        widest = uniform_bits_for(ctx, job_tokens)
+        if widest is None:
+            raise HetserveError(f"chain: the servers of {ctx.cluster.name} do not hold {m.name} with one job's "
+                                "cache at any precision the quality budget allows; add GPUs or raise the "
+                                "quality budget")
+        found = []
+        for bits in [b for b in ctx.uniform_bit_choices() if b <= widest]:
+            servers = {s.node: s for s in block_servers(ctx, bits)}
+            for c in range(1, MAX_RESERVATION + 1):
+                placed = self.gbp_cr(ctx, servers, bits, c)
+                if not placed:
+                    continue
+                alloc = self.gca(ctx, servers, placed, bits, c)
+                if alloc:
+                    found.append((self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed, alloc))
+        if not found:
+            raise HetserveError(f"chain: no complete chain of {m.name}'s {m.num_layers} blocks with room for its "
+                                f"longer requests fits on {ctx.cluster.name}")
+        found.sort(key=lambda x: x[0])
+        best = None
+        for t, bits, c, servers, placed, alloc in found[:SIMULATED]:      # the best estimates, by simulation
+            plan = self._plan(ctx, t, bits, c, servers, placed, alloc)
+            s = trial(ctx, plan, ctx.rate)
+            mean = s["e2e_mean_s"] if s is not None else math.inf
+            if best is None or mean < best[0]:
+                best = (mean, plan)
+            if ctx.time_left() < 0:
+                break
+        return best[1]
+
+    def _plan(self, ctx, t, bits, c, servers, placed, alloc) -> dict:
+        writer = PlanWriter(ctx, f"chain-{ctx.model.name}")
+        _, max_tokens, chunk = SETTINGS["mixed"]
+        for i, (ch, slots, share) in enumerate(alloc):
+            writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
+                            settings=(slots, max_tokens, chunk), kv_share=share)
+        used = {n for ch, _, _ in alloc for n in ch}
+        return writer.plan({"policy": "jffc"},
+                           notes=f"Chain-composition baseline: cache reservation c={c}, {len(used)} servers at "
+                                 f"{bits}-bit, {len(alloc)} chains with {sum(s for _, s, _ in alloc)} job slots, "
+                                 f"estimated mean response {t:.2f} s.")
+
+    # ---- GBP-CR ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _service(ctx, servers, placed, ch, jobs: int = 1) -> float:
+        """Seconds a chain takes to serve ``jobs`` jobs that run on it together: their prompts, then their
+        output tokens in steps of ``jobs`` sequences (the cost model's batch times), plus the hops."""
+        t = 0.0
+        context = ctx.prompt + ctx.output / 2
+        for a, n in enumerate(ch):
+            span = placed[n][1] - placed[n][0]
+            srv = servers[n]
+            t += span * (jobs * srv.prefill_block_time + ctx.output * srv.decode_block_time(jobs, context))
+            if a:
+                t += (ctx.output + 1) * ctx.cluster.link(ch[a - 1], n).latency
+        return t
+
+    def gbp_cr(self, ctx, servers: dict[str, BlockServer], bits: int, c: int) -> dict[str, tuple[int, int]]:
+        L = ctx.model.num_layers
+        tokens = c * (ctx.prompt + ctx.output)
+        order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
+        placed: dict[str, tuple[int, int]] = {}
+        chain: list[str] = []
+        complete: list[list[str]] = []
+        pos = 0
+        for srv in order:
+            k = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0, last=True)
+            k_mid = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0)
+            k = k if pos + k_mid >= L else k_mid          # the last server of a chain also holds the head
+            if k < 1:
+                continue
+            end = min(pos + k, L)
+            placed[srv.node] = (pos, end)
+            chain.append(srv.node)
+            pos = end
+            if pos == L:
+                complete.append(chain)
+                chain, pos = [], 0
+                carried = sum(c / self._service(ctx, servers, placed, ch, c) for ch in complete)
+                if carried * TARGET_UTILISATION >= ctx.rate:
+                    break
+        for n in chain:                                   # an unfinished chain serves nobody
+            del placed[n]
+        return placed
+
+    # ---- GCA ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _slots(ctx, servers, placed, bits) -> dict[str, int]:
+        """Jobs (of the workload's mean length) each placed server's KV room holds, by the cost model's
+        memory accounting (what the plan loader will check)."""
+        job = ctx.prompt + ctx.output
+        out = {}
+        for n, span in placed.items():
+            mem = memory_of(ctx, spot(n, servers[n].gpus, *span, bits))
+            out[n] = int(mem.kv_capacity_tokens // job) if mem.fits else 0
+        return out
+
+    def gca(self, ctx, servers, placed, bits, c: int) -> list[tuple[list[str], int, float]]:
+        """(chain, job slots, KV share) in allocation order. A chain gets at most the ``c`` job slots the
+        placement reserved; a plan gives an instance one KV share on all of its servers, so a chain with
+        ``k`` slots takes the share k / (its scarcest server's slots) of every server on it."""
+        slots_of = self._slots(ctx, servers, placed, bits)
+        left = {n: 1.0 for n in placed}
+        least = math.ceil(ctx.long_request / (ctx.prompt + ctx.output))    # a long request must fit too
+        out = []
+        banned: set[str] = set()
+        while True:
+            usable = {n for n in placed if n not in banned and left[n] * slots_of[n] >= least}
+            ch = fastest_chain(ctx, placed, servers, usable=usable)
+            if ch is None:
+                return out
+            if any(ch == other for other, _, _ in out):   # a chain is allocated once (at most c slots)
+                banned.add(min(ch, key=lambda n: left[n] * slots_of[n]))
+                continue
+            scarce = min(slots_of[n] for n in ch)
+            slots = min(c, int(min(left[n] for n in ch) * scarce + 1e-9))
+            if slots < least:                  # too little cache left on this path: drop its scarcest server
+                banned.add(min(ch, key=lambda n: left[n] * slots_of[n]))
+                continue
+            share = slots / scarce
+            for n in ch:
+                left[n] -= share
+            out.append((ch, slots, share))
+
+    # ---- choosing c -----------------------------------------------------------------------------------
+    def response_time(self, ctx, servers, placed, alloc) -> float:
+        lam = ctx.rate
+        chains = sorted((self._service(ctx, servers, placed, ch, slots), slots) for ch, slots, _ in alloc)
+        used, cap = [], 0.0
+        for t, slots in chains:                            # JFFC fills the fastest slots first
+            used.append((t, slots))
+            cap += slots / t
+            if cap * TARGET_UTILISATION >= lam:
+                break
+        n = sum(s for _, s in used)
+        mean_service = sum(s for _, s in used) / cap if cap > 0 else math.inf
+        total_n = sum(s for _, s in chains)
+        total_rate = sum(s / t for t, s in chains)
+        wait = erlang_c_wait(lam, total_rate / max(total_n, 1), total_n)
+        return mean_service + wait if n else math.inf

@@ -1,0 +1,16 @@
+"""``hetserve``: ours, the planner of ``hetserve plan`` (docs/planner.md), as a strategy."""
+from __future__ import annotations
+
+from ..search import Planner
+from .base import Strategy, StrategyContext
+
+
+class Hetserve(Strategy):
+    name = "hetserve"
+    summary = "hetserve's planner: templates, allocation MILP, simulated confirmation"
+
+    def plan(self, ctx: StrategyContext) -> dict:
+        planner = Planner(ctx.cluster, ctx.model, ctx.workload, ctx.objective, cluster_ref=ctx.cluster_ref,
+                          model_ref=ctx.model_ref, budget=ctx.budget, quality=ctx.quality, seed=ctx.seed,
+                          time_limit=max(ctx.time_left(), 1.0))
+        return planner.run().plan

@@ -1,0 +1,157 @@
+"""``petals``: greedy block placement by throughput, shortest-path routing (Petals, ACL 2023 demo).
+
+Petals is a swarm of block servers. A server that joins takes the contiguous span of blocks it can
+hold (beside its attention-cache reservation) where the swarm is weakest: among its candidate spans it
+picks the one whose blocks' current throughputs, sorted, are lexicographically smallest. A block's
+throughput is the sum over the servers holding it of their tokens/s through it (a server's speed over
+its span length). After everyone has joined, servers move when moving raises the swarm's bottleneck
+throughput by more than 10% (Petals' periodic rebalancing). Clients route each request along the
+fastest chain by Dijkstra (compute per token plus link latency).
+
+In a plan a chain must cover every block exactly once, so spans here start or end where another span
+does (or at the first or last block) and are trimmed to meet another boundary within reach: a span may
+be shorter than what the server could hold. Servers join fastest first; 16-bit weights unless
+the swarm does not hold the model (then 8 or 4, the widest the quality budget allows); one server per
+node (its GPUs as a TP group). Chains: repeated Dijkstra, each time adding the found chain's load to
+its servers' costs (a loaded server is slower for the next client), until no new chain appears; a
+server on several chains splits its KV cache evenly among them. Requests go to the chain with the
+least outstanding work (a client picks the currently fastest route).
+"""
+from __future__ import annotations
+
+from ...errors import HetserveError
+from .base import PlanWriter, Strategy, StrategyContext
+from .blocks import (
+    BlockServer,
+    block_servers,
+    blocks_that_fit,
+    chain_spots,
+    fastest_chain,
+    uniform_bits_for,
+)
+
+#: Tokens of attention cache a Petals server reserves per block (its --attn_cache_tokens default).
+ATTN_CACHE_TOKENS = 16384
+REBALANCE_GAIN = 1.10
+MAX_CHAINS = 16
+
+
+class Petals(Strategy):
+    name = "petals"
+    summary = "greedy block placement by throughput; Dijkstra routing over block servers"
+
+    def plan(self, ctx: StrategyContext) -> dict:
+        L = ctx.model.num_layers
+        bits = uniform_bits_for(ctx, ATTN_CACHE_TOKENS)
+        if bits is None:
+            raise HetserveError(f"petals: the servers of {ctx.cluster.name} do not hold {ctx.model.name} beside "
+                                f"their {ATTN_CACHE_TOKENS}-token cache at any precision the quality budget "
+                                "allows; add GPUs or raise the quality budget")
+        servers = {s.node: s for s in block_servers(ctx, bits)}
+        order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
+        placed: dict[str, tuple[int, int]] = {}
+        for srv in order:
+            span = self._choose(ctx, srv, bits, placed, servers)
+            if span is not None:
+                placed[srv.node] = span
+        for _ in range(2):                                   # rebalancing
+            moved = False
+            for srv in order:
+                if srv.node not in placed:
+                    continue
+                before = self._bottleneck(placed, servers, L)
+                rest = {n: r for n, r in placed.items() if n != srv.node}
+                span = self._choose(ctx, srv, bits, rest, servers)
+                if span is None or span == placed[srv.node]:
+                    continue
+                trial = {**rest, srv.node: span}
+                if self._bottleneck(trial, servers, L) > before * REBALANCE_GAIN:
+                    placed, moved = trial, True
+            if not moved:
+                break
+        chains = self._chains(ctx, placed, servers)
+        if not chains:
+            raise HetserveError(f"petals: the swarm's spans on {ctx.cluster.name} form no complete chain of "
+                                f"{ctx.model.name}'s {L} blocks")
+        users: dict[str, int] = {}
+        for ch in chains:
+            for n in ch:
+                users[n] = users.get(n, 0) + 1
+        writer = PlanWriter(ctx, f"petals-{ctx.model.name}")
+        for i, ch in enumerate(chains):
+            share = min(1.0 / users[n] for n in ch)
+            writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
+                            micro_batches=max(1, min(len(ch), 4)), kv_share=share)
+        return writer.plan({"policy": "least-work"},
+                           notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.")
+
+    # ---- placement ------------------------------------------------------------------------------------
+    @staticmethod
+    def _speed(srv: BlockServer, span) -> float:
+        """Tokens/s a server adds to each block of its span."""
+        return 1.0 / (srv.block_time * (span[1] - span[0]))
+
+    def _throughputs(self, placed, servers, L) -> list[float]:
+        t = [0.0] * L
+        for n, span in placed.items():
+            v = self._speed(servers[n], span)
+            for b in range(*span):
+                t[b] += v
+        return t
+
+    def _bottleneck(self, placed, servers, L) -> float:
+        return min(self._throughputs(placed, servers, L))
+
+    def _choose(self, ctx, srv: BlockServer, bits: int, placed, servers):
+        """The span covering the weakest blocks. Spans start or end at an existing boundary (or the first
+        or last block) and are trimmed to end (or start) at another one when it lies within reach, so that
+        chains meet end to start."""
+        L = ctx.model.num_layers
+        cuts = sorted({0, L} | {x for span in placed.values() for x in span})
+        tput = self._throughputs(placed, servers, L)
+        fit = lambda first, last: blocks_that_fit(ctx, srv, bits, ATTN_CACHE_TOKENS, first=first, last=last)
+        candidates = set()
+        for c in cuts:
+            if c < L:                                   # start at c, end at the farthest boundary in reach
+                k = fit(c == 0, False)
+                if c + k >= L and fit(c == 0, True) >= L - c:
+                    candidates.add((c, L))
+                else:
+                    inside = [x for x in cuts if c < x <= c + k and x < L]
+                    if inside:
+                        candidates.add((c, inside[-1]))
+                    elif k >= 1:
+                        candidates.add((c, min(c + k, L - 1)))
+            if c > 0:                                   # end at c, start at the earliest boundary in reach
+                k = fit(False, c == L)
+                if c - k <= 0 and fit(True, c == L) >= c:
+                    candidates.add((0, c))
+                else:
+                    inside = [x for x in cuts if c - k <= x < c and x > 0]
+                    if inside:
+                        candidates.add((inside[0], c))
+                    elif k >= 1:
+                        candidates.add((max(c - k, 1), c))
+        best = None
+        for span in candidates:
+            aligned = (span[0] in cuts) + (span[1] in cuts)
+            key = (sorted(tput[span[0]:span[1]]), -aligned, -(span[1] - span[0]), span)
+            if best is None or key < best[0]:
+                best = (key, span)
+        return best[1] if best else None
+
+    # ---- routing --------------------------------------------------------------------------------------
+    def _chains(self, ctx, placed, servers) -> list[list[str]]:
+        load: dict[str, float] = {}
+        chains: list[list[str]] = []
+        seen = set()
+        for _ in range(MAX_CHAINS):
+            ch = fastest_chain(ctx, placed, servers, extra=load)
+            if ch is None or tuple(ch) in seen:
+                break
+            seen.add(tuple(ch))
+            chains.append(ch)
+            for n in ch:
+                span = placed[n]
+                load[n] = load.get(n, 0.0) + servers[n].block_time * (span[1] - span[0])
+        return chains

@@ -1,0 +1,203 @@
+"""`hetserve compare`: every strategy planned and simulated the same way on a scenario; the JSON a user
+scripts against; clear errors for a wrong scenario file; and, on every shipped scenario, hetserve's plan
+at least as good as the baseline of that scenario's paper and the reference that paper compared with."""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hetserve.compare import (
+    LoadedScenario,
+    add_compare_parser,
+    ratio,
+    run_compare,
+    slo_holds,
+)
+from hetserve.errors import HetserveError
+from hetserve.plan import load_plan
+from hetserve.specs.workloads import SLO
+
+SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "scenarios").glob("*.yaml"))
+
+TINY = {
+    "name": "tiny",
+    "description": "Llama-3.1-8B on one A100 and four L4s",
+    "cluster": {"name": "tiny-cluster", "nodes": [{"name": "a100", "gpu": "a100-80gb", "count": 1},
+                                                  {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2}]},
+    "model": "llama-3.1-8b",
+    "workload": {"arrivals": {"kind": "poisson", "rate": 2.0},
+                 "prompt": {"kind": "lognormal", "mean": 600, "cv": 0.5, "max": 2000},
+                 "output": {"kind": "lognormal", "mean": 100, "cv": 0.5, "max": 400},
+                 "slo": {"ttft_ms": 2000, "tpot_ms": 100}, "duration_s": 30},
+    "objective": "goodput",
+    "baseline": "hexgen",
+    "reference": "homogeneous",
+    "strategies": ["homogeneous", "hexgen", "hetserve"],
+    "time_limit_s": 4,
+    "notes": "a test scenario",
+}
+METRICS = ("objective_value", "objective_sense", "objective_unit", "feasible", "throughput_tok_s", "goodput_rps",
+           "ttft_p90_ms", "tpot_p90_ms", "cost_per_hour", "cost_per_mtok", "joules_per_token", "plan_seconds",
+           "gpus_by_type", "max_rate_within_slo")
+
+
+@pytest.fixture
+def tiny(write):
+    return write("tiny.yaml", yaml.safe_dump(TINY))
+
+
+def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_path):
+    out = tmp_path / "out"
+    report = run_compare(tiny, out_dir=out, seed=0, requests=40)
+    assert list(report["strategies"]) == ["homogeneous", "hexgen", "hetserve"]   # ours planned last
+    for name, m in report["strategies"].items():
+        for key in METRICS:
+            assert key in m, (name, key)
+        assert m["objective_sense"] == "max" and m["objective_unit"] == "req/s"
+        assert m["objective_value"] == m["max_rate_within_slo"] and m["objective_value"] > 0
+    assert report["requests"] > 20 and report["offered_rps"] == pytest.approx(2.0, rel=0.5)
+    assert set(report["ratios"]["hetserve_vs"]) == {"homogeneous", "hexgen"}
+    assert report["ratios"]["baseline_vs_reference"] == pytest.approx(
+        report["strategies"]["hexgen"]["objective_value"] / report["strategies"]["homogeneous"]["objective_value"])
+    for name in report["strategies"]:
+        dep = load_plan(out / "plans" / f"{name}.yaml")            # plans stand alone (inline cluster written)
+        assert dep.gpus_used() == report["strategies"][name]["gpus"]
+    for f in ("compare.json", "objective.png", "latency_cdf.png", "cost_throughput.png"):
+        assert (out / f).stat().st_size > 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["strategies"]["hetserve"]["objective_value"] == report["strategies"]["hetserve"]["objective_value"]
+
+
+def test_the_same_seed_gives_the_same_comparison(tiny):
+    a = run_compare(tiny, ["homogeneous"], seed=3, requests=40)["strategies"]["homogeneous"]
+    b = run_compare(tiny, ["homogeneous"], seed=3, requests=40)["strategies"]["homogeneous"]
+    assert a["objective_value"] == b["objective_value"] and a["ttft_p90_ms"] == b["ttft_p90_ms"]
+
+
+def test_cli_json_prints_metrics_by_strategy(tiny, capsys):
+    parser = argparse.ArgumentParser(prog="hetserve")
+    add_compare_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(tiny), "--strategies", "homogeneous,uniform", "--json",
+                              "--requests", "40"])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"homogeneous", "uniform"}
+    for m in data.values():
+        assert m["objective_sense"] == "max" and isinstance(m["objective_value"], float)
+
+
+def test_cli_table(tiny, capsys):
+    parser = argparse.ArgumentParser(prog="hetserve")
+    add_compare_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(tiny), "--strategies", "uniform", "--requests", "40"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "uniform" in out and "TTFT p90 ms" in out and "req/s, max" in out
+
+
+def test_a_strategy_that_cannot_plan_is_reported_not_fatal(write):
+    spec = dict(TINY, model="llama-2-70b", strategies=["hexgen", "homogeneous"])
+    spec["cluster"] = {"nodes": [{"name": "l4", "gpu": "l4", "count": 2}]}     # 48 GB: 70B never fits at 16 bits
+    report = run_compare(write("big.yaml", yaml.safe_dump(spec)), requests=20)
+    for m in report["strategies"].values():
+        assert "error" in m and m["objective_value"] is None and not m["feasible"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"baseline": "hexgn"}, "baseline: unknown strategy 'hexgn' (did you mean 'hexgen'?)"),
+    ({"strategies": ["petal"]}, "strategies[0]: unknown strategy 'petal' (did you mean 'petals'?)"),
+    ({"cluster": "nope.yaml"}, "cluster: file"),
+    ({"objective": "latency"}, "objective"),
+    ({"quality": "best"}, "quality: --quality='best'"),
+    ({"notes": None}, "notes"),
+])
+def test_scenario_mistakes_are_clear_errors(write, change, message):
+    spec = {k: v for k, v in {**TINY, **change}.items() if v is not None}
+    with pytest.raises(HetserveError) as exc:
+        LoadedScenario(write("bad.yaml", yaml.safe_dump(spec)))
+    assert message in str(exc.value) and "bad.yaml" in str(exc.value)
+
+
+def test_run_compare_rejects_a_misspelt_strategy(tiny):
+    with pytest.raises(HetserveError, match="did you mean 'splitwise'"):
+        run_compare(tiny, ["splitwse"])
+
+
+def test_ratio_says_how_many_times_better():
+    assert ratio(10, 5, "max") == 2 and ratio(5, 10, "min") == 2
+    assert ratio(1, 0, "max") is None and ratio(None, 3, "min") is None
+
+
+def test_slo_holds_checks_the_e2e_target_too():
+    class Rec:
+        completed = np.array([True, True, True])
+
+        @staticmethod
+        def e2e():
+            return np.array([1.0, 2.0, 9.0])
+
+    summary = {"slo_met": True}
+    assert slo_holds(summary, Rec, SLO(e2e_ms=10_000, percentile=90))
+    assert not slo_holds(summary, Rec, SLO(e2e_ms=5_000, percentile=90))
+    assert not slo_holds({"slo_met": False}, Rec, SLO())
+
+
+def test_every_scenario_names_its_papers_and_says_what_was_chosen():
+    assert {p.stem for p in SCENARIOS} >= {"pd-cross-vendor", "hexgen-70b", "llmpq-opt66b", "llmpq-bloom176b",
+                                           "splitwise-70b", "chain-bloom176b", "helix-24", "helix-24-geo"}
+    for path in SCENARIOS:
+        sc = LoadedScenario(path)
+        assert sc.spec.notes.strip() and sc.spec.headline and sc.spec.description
+        assert sc.spec.baseline != "hetserve" and sc.spec.reference != "hetserve"
+
+
+#: Scenarios where hetserve's planner does not beat the baseline (see docs/baselines.md): strict, so that a
+#: planner that starts winning there turns this into a failure and the mark is removed.
+PLANNER_LOSES = {
+    "llmpq-opt66b": "the planner's cross-pool chains use one max-TP group per pool and quantise only until "
+                    "the weights fit, so its KV cache (batch) is a third of LLM-PQ's; LLM-PQ wins on throughput",
+}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(
+    reason=PLANNER_LOSES[p.stem], strict=True)] if p.stem in PLANNER_LOSES else []) for p in SCENARIOS])
+def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(path):
+    sc = LoadedScenario(path).spec
+    report = run_compare(path, [sc.baseline, sc.reference, "hetserve"], time_limit=8)
+    res = report["strategies"]
+    ours = res["hetserve"]
+    assert "error" not in ours and ours["feasible"], ours
+    for name in (sc.baseline, sc.reference):
+        other = res[name]
+        if other.get("objective_value") is None:            # failed or infeasible: nothing to beat
+            continue
+        if report["objective_sense"] == "max":
+            assert ours["objective_value"] >= other["objective_value"], (name, ours["objective_value"],
+                                                                          other["objective_value"])
+        else:
+            assert ours["objective_value"] <= other["objective_value"], (name, ours["objective_value"],
+                                                                          other["objective_value"])
+
+
+#: Scenarios cheap enough to plan and simulate with every strategy in a test (a few seconds each), and the
+#: strategies that beat hetserve's planner there (docs/baselines.md).
+EVERY_STRATEGY = {
+    "llmpq-bloom176b": None,
+    "llmpq-opt66b": "LLM-PQ and Petals keep more KV room (more quantisation, pipeline stages per GPU)",
+    "chain-bloom176b": "LLM-PQ's single pipeline over all 12 servers sustains ~20% more requests/s within "
+                       "the SLOs; the planner's cross-pool chains take one group from at most 4 pools",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=why, strict=True)] if why else [])
+                                  for n, why in EVERY_STRATEGY.items()])
+def test_hetserve_is_at_least_as_good_as_every_strategy_on_the_small_scenarios(name):
+    path = next(p for p in SCENARIOS if p.stem == name)
+    report = run_compare(path, time_limit=8)
+    ours = report["strategies"]["hetserve"]["objective_value"]
+    for other, m in report["strategies"].items():
+        if other != "hetserve" and m.get("objective_value") is not None:
+            assert ours >= m["objective_value"], (other, ours, m["objective_value"])
