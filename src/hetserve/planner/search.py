@@ -25,6 +25,8 @@ from .build import PlacementError, build_plan
 from .quality import describe_bits
 from .templates import Template, TemplateFactory, pools_of
 
+#: Shared-server chain designs confirmed alongside the allocations when the cluster calls for them.
+CHAIN_DESIGNS = ("chain", "helix")
 #: Requests a confirmation simulation aims for (its duration follows from the rate).
 CONFIRM_REQUESTS = 1200
 CONFIRM_PER_INSTANCE = 15
@@ -144,6 +146,14 @@ class Planner:
             cand = self._candidate(f"{label}/least-work", alloc, templates, "least-work")
             if cand is not None:
                 candidates.append(cand)
+        if self._chains_called_for(templates):
+            for name in CHAIN_DESIGNS:              # shared-server chains over small or far servers
+                if self._elapsed() > self.time_limit * 0.5:
+                    break
+                self._tick(f"confirming {name} placement")
+                cand = self._strategy_candidate(name, allocs[0][1] if allocs else None)
+                if cand is not None:
+                    candidates.append(cand)
         if not candidates:
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
         if self.objective == "goodput":
@@ -153,7 +163,7 @@ class Planner:
                 self._tick(f"highest rate within the SLOs: {cand.label}")
                 self._goodput_search(cand)
         lead = max(candidates, key=lambda c: c.score)
-        if self._elapsed() < self.time_limit * 0.8:       # the flows' weights instead of least-work
+        if lead.alloc.counts and self._elapsed() < self.time_limit * 0.8:       # the flows' weights instead of least-work
             self._tick("confirming weighted routing")
             alt = self._candidate(lead.label.split("/")[0] + "/weighted", lead.alloc, templates, "weighted")
             if alt is not None:
@@ -204,6 +214,43 @@ class Planner:
             return None
         return Candidate(label, alloc, plan, dep, summary, _score(self.objective, summary, rate))
 
+    def _chains_called_for(self, templates: list[Template]) -> bool:
+        """Shared-server chains are worth confirming when no single node holds the model or the cluster
+        spans zones (servers far apart)."""
+        no_single_node = not any(len(t.stages) == 1 for t in templates)
+        zones = {n.zone for n in self.cluster.nodes.values()}
+        return no_single_node or len(zones) > 1
+
+    def _strategy_candidate(self, name: str, ref: Allocation | None) -> Candidate | None:
+        """A plan from a chain-placement design (server chain composition, Helix's max-flow placement),
+        confirmed by the same simulation as the allocations."""
+        from .strategies import get_strategy
+        from .strategies.base import StrategyContext
+
+        left = self.time_limit - self._elapsed()
+        ctx = StrategyContext(self.cluster, self.model, self.workload, self.objective, model_ref=self.model_ref,
+                              cluster_ref=self.cluster_ref, budget=self.budget, quality=self.quality,
+                              seed=self.seed, time_limit=max(1.0, left * 0.25))
+        try:
+            plan = get_strategy(name).plan(ctx)
+            dep = deployment_from_dict(plan, self.cluster, self.model, source=f"{name} placement")
+        except HetserveError:
+            return None
+        rate = ref.rate if ref is not None else self.rate
+        alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)
+        if self.objective == "throughput":
+            rate *= 1.2
+        elif self.objective == "goodput":
+            rate *= 0.8
+        else:
+            rate = self.rate
+        summary = self._simulate(dep, rate)
+        if summary is None:
+            return None
+        plan["name"] = f"{self.model.name}-{self.objective}"
+        return Candidate(f"{name}/{plan.get('routing', {}).get('policy', 'jffc')}", alloc, plan, dep, summary,
+                         _score(self.objective, summary, rate))
+
     def _simulate(self, dep: Deployment, rate: float) -> dict | None:
         """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, and a
         drain long enough for the longest requests to finish (an unfinished one counts as dropped)."""
@@ -248,9 +295,13 @@ class Planner:
     def _reasons(self, best: Candidate, cands: list[Candidate], templates: list[Template]) -> list[str]:
         out = []
         used = [templates[j] for j in best.alloc.counts]
-        roles = {t.role for t in used}
-        design = "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
-            "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
+        roles = {i.role for i in best.dep.instances.values()}
+        if not used:
+            design = {"chain": "server chain composition (chains sharing servers, JFFC dispatch)",
+                      "helix": "Helix-style max-flow layer placement"}.get(best.label.split("/")[0], best.label)
+        else:
+            design = "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
+                "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
         others = [c for c in cands if c is not best and c.label.split("/")[0] != best.label.split("/")[0]]
         comp = ""
         if others:
@@ -261,8 +312,9 @@ class Planner:
         limits = {}
         for t in used:
             limits[t.cap.limit] = limits.get(t.cap.limit, 0) + 1
-        main = max(limits, key=limits.get)
-        out.append(f"Bottleneck: {self._limit_text(main)}.")
+        if limits:
+            main = max(limits, key=limits.get)
+            out.append(f"Bottleneck: {self._limit_text(main)}.")
         by_type: dict[str, list[float]] = {}
         for name, u in best.summary["utilisation"].items():
             g = best.dep.servers[name].node.gpu.name
