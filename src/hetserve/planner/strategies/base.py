@@ -288,6 +288,24 @@ def trial_score(objective: str, s: dict | None, rate: float) -> float:
     return -(s["energy_j"] / max(s["makespan_s"], 1e-9) + penalty)
 
 
+def best_by_trial(ctx: StrategyContext, designs, build) -> dict | None:
+    """The plan of the best-scoring design: each ``(design, rate)`` in order is built with ``build(design)``
+    (None = skip) and simulated at its rate (saturating for throughput, the workload's for cost/power),
+    stopping when the time limit is spent and one plan exists."""
+    best = None
+    for design, rate in designs:
+        if best is not None and ctx.time_left() < 0:
+            break
+        plan = build(design)
+        if plan is None:
+            continue
+        sim_rate = rate * 1.2 if ctx.objective == "throughput" else (rate if ctx.objective == "goodput" else ctx.rate)
+        score = trial_score(ctx.objective, trial(ctx, plan, sim_rate), sim_rate)
+        if best is None or score > best[0]:
+            best = (score, plan)
+    return None if best is None else best[1]
+
+
 class Strategy:
     """One way of choosing a deployment. Subclasses set ``name`` and ``summary`` and implement ``plan``."""
 

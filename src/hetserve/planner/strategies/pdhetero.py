@@ -22,7 +22,7 @@ from ...errors import HetserveError
 from ..allocate import Allocation
 from ..build import PlacementError, build_plan
 from ..templates import pools_of
-from .base import Strategy, StrategyContext, trial, trial_score
+from .base import Strategy, StrategyContext, best_by_trial
 
 SIMULATIONS = 8
 
@@ -50,21 +50,11 @@ class PDHetero(Strategy):
         if not candidates:
             within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
             raise HetserveError(f"pd-hetero: no prefill/decode instance numbers fit {ctx.cluster.name}{within}")
-        best = None
-        for n_p, dec_counts, rate in candidates[:SIMULATIONS]:
-            if best is not None and ctx.time_left() < 0:
-                break
-            plan = self._build(ctx, pre, decs, n_p, dec_counts, rate)
-            if plan is None:
-                continue
-            sim_rate = rate * 1.2 if ctx.objective == "throughput" else (
-                rate if ctx.objective == "goodput" else ctx.rate)
-            score = trial_score(ctx.objective, trial(ctx, plan, sim_rate), sim_rate)
-            if best is None or score > best[0]:
-                best = (score, plan)
+        best = best_by_trial(ctx, [((n_p, d, rate), rate) for n_p, d, rate in candidates[:SIMULATIONS]],
+                             lambda c: self._build(ctx, pre, decs, *c))
         if best is None:
             raise HetserveError(f"pd-hetero: the instances do not pack into {ctx.cluster.name}'s nodes")
-        return best[1]
+        return best
 
     # ---- step 1 -----------------------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,7 @@ from ...errors import HetserveError
 from ..allocate import Allocation
 from ..build import PlacementError, build_plan
 from ..templates import Stage, pools_of
-from .base import Strategy, StrategyContext, trial, trial_score
+from .base import Strategy, StrategyContext, best_by_trial
 
 #: Designs whose best grid point is checked by simulation.
 SIMULATED_DESIGNS = 3
@@ -56,21 +56,11 @@ class Splitwise(Strategy):
             raise HetserveError(f"splitwise: no prompt/token machine split of {ctx.cluster.name} serves "
                                 f"{ctx.model.name}{within} at {ctx.rate:g} req/s within the SLOs")
         designs.sort(key=lambda d: -d[0])
-        best = None
-        for score, P, D, n_p, n_d, rate in designs[:SIMULATED_DESIGNS]:
-            if best is not None and ctx.time_left() < 0:
-                break
-            plan = self._build(ctx, P, D, n_p, n_d, rate)
-            if plan is None:
-                continue
-            sim_rate = rate * 1.2 if ctx.objective == "throughput" else (
-                rate if ctx.objective == "goodput" else ctx.rate)
-            s = trial_score(ctx.objective, trial(ctx, plan, sim_rate), sim_rate)
-            if best is None or s > best[0]:
-                best = (s, plan)
+        best = best_by_trial(ctx, [(d[1:], d[-1]) for d in designs[:SIMULATED_DESIGNS]],
+                             lambda d: self._build(ctx, *d))
         if best is None:
             raise HetserveError(f"splitwise: the chosen machines do not pack into {ctx.cluster.name}'s nodes")
-        return best[1]
+        return best
 
     def _grid(self, ctx, P, D):
         """The best (prompt machines, token machines) of one design, scored 'higher is better'."""
