@@ -276,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
+    from .bench.cli import add_bench_parser
+    from .runtime.api.cli import add_serve_parser
+
+    add_serve_parser(sub)
+    add_bench_parser(sub)
+    from .bench.quality import add_quality_parser
+
+    add_quality_parser(sub)
     return p
 
 

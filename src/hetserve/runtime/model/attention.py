@@ -63,13 +63,16 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     kv_heads, hd = k.shape[1], k.shape[2]
     k_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
         keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]
         values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
                                            enable_gqa=True)                  # [D, heads, 1, hd]
+        if not meta.prefills:  # a decode-only step: nothing else to place
+            return o.squeeze(2)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if d:
         out[:d] = o.squeeze(2)
     for span in meta.prefills:
         qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)             # [1, heads, L, hd]

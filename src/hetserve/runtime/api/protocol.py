@@ -1,0 +1,183 @@
+"""The OpenAI-compatible request bodies, their validation, and the error format.
+
+Request bodies are validated strictly: a field of the wrong JSON type (``"max_tokens": "5"``,
+``"temperature": true``) or an unknown field is an error, as with the OpenAI API. Every user mistake
+becomes an ``APIError`` that the server returns as ``{"error": {"message", "type", "param", "code"}}``
+with a 4xx status.
+
+hetserve extensions (accepted by both endpoints): ``top_k`` (0 = off), ``ignore_eos`` (keep generating
+past end-of-sequence tokens until ``max_tokens``) and ``stop_token_ids``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """A request the server refuses; rendered as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # hetserve extensions
+    top_k: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def check_supported(self) -> None:
+        """Refuse OpenAI options this server does not implement (rather than silently ignoring them)."""
+        if self.n != 1:
+            raise APIError(400, "n: only n=1 is supported; send separate requests for several samples", param="n")
+        if self.presence_penalty or self.frequency_penalty:
+            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise APIError(400, f"{name}: penalties are not supported; omit it or send 0", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported; omit it", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
+            raise APIError(400, "stop: stop strings must be non-empty", param="stop")
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name, value, ok in (("echo", self.echo, not self.echo), ("logprobs", self.logprobs, self.logprobs is None),
+                                ("best_of", self.best_of, self.best_of in (None, 1)),
+                                ("suffix", self.suffix, not self.suffix)):
+            if not ok:
+                raise APIError(400, f"{name}={value!r} is not supported; omit it", param=name)
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise APIError(400, "prompt: the list of prompts is empty", param="prompt")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Other keys (name, tool_call_id, ...) are passed to the chat template as they are.
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            d["content"] = "".join(p.text for p in self.content)
+        d.setdefault("content", "")
+        return d
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise APIError(400, "logprobs are not supported; omit logprobs and top_logprobs", param="logprobs")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise APIError(400, "tools are not supported by this server; omit tools and tool_choice", param="tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
+                           param="max_completion_tokens")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-plain"}
+
+
+def _param(loc: tuple) -> str:
+    """``('messages', 0, 'content', 'str')`` -> ``messages.0.content`` (drops union-member tags)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+    return ".".join(parts)
+
+
+def parse_body(raw: bytes, model: type[_Strict]):
+    """Decode and validate a JSON request body; APIError(400) naming the offending field otherwise."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        param = _param(first["loc"])
+        same = [e for e in errors if _param(e["loc"]) == param]
+        if first["type"] == "extra_forbidden":
+            message = f"{param}: unknown field; it is not a parameter of this endpoint"
+        elif first["type"] == "missing":
+            message = f"{param}: this field is required"
+        elif len(same) > 1:  # a union: name the forms it accepts
+            forms = dict.fromkeys(str(p) for e in same for p in e["loc"]
+                                  if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))
+            got = json.dumps(first.get("input"), default=str)[:60]
+            message = f"{param}: expected one of {', '.join(forms) or 'the documented forms'} (got {got})"
+        else:
+            message = f"{param}: {first['msg']} (got {json.dumps(first.get('input'), default=str)[:60]})"
+        raise APIError(400, message, param=param or None, code="invalid_value") from None
+    request.check_supported()
+    return request
