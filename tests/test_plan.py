@@ -149,6 +149,18 @@ def _tp3(d):
     d["servers"][1]["gpus"] = [3]
 
 
+def _smollm2(d):
+    """SmolLM2-135M (30 layers, 9 heads, 3 KV heads) in BASE's layout."""
+    d["model"] = "smollm2-135m"
+    d["servers"][0]["layers"], d["servers"][1]["layers"], d["servers"][2]["layers"] = [0, 15], [15, 30], [0, 30]
+
+
+def _smollm2_tp4(d):
+    _smollm2(d)
+    d["servers"][0]["gpus"] = [0, 1, 2, 3]
+    d["servers"][1].update(node="amd", gpus=[1])
+
+
 def _decode_without_prefill(d):
     d["instances"][1]["role"] = "decode"
 
@@ -194,8 +206,9 @@ CASES = [
      ["servers[2]", ".gpus", "GPU index 5", "node amd", "2 GPUs"]),
     ("gpu-on-two-servers", _set("servers", 1, "gpus", [1, 2]),
      ["servers[1]", ".gpus", "GPU 1 of node nv", "already used by server 'a'"]),
-    ("tp-not-dividing-heads", _tp3,
-     ["servers[0]", ".gpus", "tp (len(gpus))=3", "does not divide the 32 attention heads"]),
+    ("tp-cannot-split-heads", _smollm2_tp4,
+     ["servers[0]", ".gpus", "tp (len(gpus))=4", "cannot split the 9 attention heads (3 KV heads)",
+      "use one of [1, 2, 3, 9]"]),
     ("layer-covered-twice", _set("servers", 1, "layers", [12, 32]),
      ["instances[0] (pipe).chain", "layers 12..15 are covered twice"]),
     ("layer-gap", _set("servers", 1, "layers", [20, 32]),
@@ -266,6 +279,13 @@ def test_base_plan_is_valid(plan):
     dep = load_plan(plan())
     assert set(dep.servers) == {"a", "b", "c"}
     assert [s.name for s in dep.instances["pipe"].servers] == ["a", "b"]
+
+
+def test_tp_may_split_kv_heads_unevenly(plan):
+    dep = load_plan(plan(_smollm2))                # TP=2 over 3 KV heads: 2 + 1
+    assert dep.servers["a"].plan.tp == 2 and dep.model.name == "smollm2-135m"
+    dep = load_plan(plan(_tp3))                    # Llama-3.1-8B's 8 KV heads over 3 GPUs: 3 + 3 + 2
+    assert dep.servers["a"].plan.tp == 3
 
 
 def test_unknown_gpu_in_cluster(plan):

@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
     from .bench.cli import add_bench_parser
-    from .runtime.api.cli import add_serve_parser
+    from .runtime.api.cli import add_serve_parser, add_worker_parser
 
     add_serve_parser(sub)
+    add_worker_parser(sub)
     add_bench_parser(sub)
     from .bench.quality import add_quality_parser
 

@@ -36,6 +36,8 @@ class ServerPlan(Strict):
     layers: tuple[int, int] = Field(description="[start, end) layer range")
     bits: int | list[int] = Field(default=16, description="weight bits: one for all layers or one per layer")
     kv_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
+    kv_layout: Literal["token-major", "head-major"] = Field(
+        default="token-major", description="KV cache block layout: [tokens, heads, dim] or [heads, tokens, dim]")
 
     @property
     def tp(self) -> int:
@@ -318,7 +320,8 @@ class Deployment:
         """KV crosses vendors or formats (dtype, TP layout) and must be converted on the way."""
         p, d = self.instances[prefill].servers[-1], self.instances[decode].servers[0]
         return (p.node.gpu.vendor != d.node.gpu.vendor or p.plan.kv_dtype != d.plan.kv_dtype
-                or p.plan.tp != d.plan.tp)
+                or p.plan.tp != d.plan.tp or p.plan.kv_layout != d.plan.kv_layout
+                or self.instances[prefill].plan.block_size != self.instances[decode].plan.block_size)
 
 
 def load_plan(path: str | Path) -> Deployment:

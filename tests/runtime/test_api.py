@@ -14,8 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from hetserve.errors import HetserveError  # noqa: E402
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from hetserve.runtime.api import add_serve_parser, build_engine, cmd_serve  # noqa: E402
-from hetserve.runtime.api.cli import ServeOptions, plan_settings  # noqa: E402
+from hetserve.runtime.api import add_serve_parser, cmd_serve  # noqa: E402
 from hetserve.runtime.api.metrics import parse_prometheus  # noqa: E402
 from hetserve.runtime.api.server import BackgroundServer, create_app  # noqa: E402
 from hetserve.runtime.model.tiny import tiny_model, tiny_tokenizer  # noqa: E402
@@ -348,59 +347,6 @@ def test_serve_reports_user_mistakes_before_loading(tmp_path):
         cmd_serve(serve_args("--model", "smollm2-135m", "--port", "70000"))
     with pytest.raises(HetserveError, match="no such file"):
         cmd_serve(serve_args("--model", str(tmp_path / "missing.gguf")))
-
-
-PLAN = """
-version: 1
-name: smol
-model: smollm2-135m
-cluster: cluster.yaml
-servers:
-  - {{name: s0, node: n0, gpus: [0], layers: [0, 30], bits: {bits}}}
-instances:
-  - {{name: i0, role: mixed, chain: [s0], max_batch_size: 3, max_batch_tokens: 512, chunk_size: 64,
-     policy: prefill-first, block_size: 8}}
-"""
-CLUSTER = "name: one\nnodes:\n  - {name: n0, gpu: l4, count: 1}\n"
-
-
-def write_plan(tmp_path, bits) -> str:
-    (tmp_path / "cluster.yaml").write_text(CLUSTER)
-    path = tmp_path / "plan.yaml"
-    path.write_text(PLAN.format(bits=bits))
-    return str(path)
-
-
-def test_plan_settings_and_bits_apply(tmp_path):
-    per_layer = [16] * 10 + [8] * 10 + [4] * 10
-    settings, bits, notes = plan_settings(write_plan(tmp_path, per_layer), 30)
-    assert settings == dict(max_num_seqs=3, max_num_batched_tokens=512, prefill_chunk_size=64,
-                            policy="prefill_first", block_size=8)
-    assert bits == per_layer and "i0" in notes[0]
-    with pytest.raises(HetserveError, match="30 layers"):
-        plan_settings(write_plan(tmp_path, per_layer), 2)
-    with pytest.raises(HetserveError, match="bits"):
-        build_engine(ServeOptions(model=str(write_gguf(tmp_path / "t.gguf", MODEL)), plan=write_plan(tmp_path, 3)))
-
-
-def test_serve_a_plan_on_a_gguf_file(tmp_path):
-    """A uniform plan's bits and settings applied to the tiny model (2 layers), then served."""
-    from hetserve.runtime.model.tiny import tiny_config
-
-    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tiny_config(intermediate_size=192), seed=3))
-    opts = ServeOptions(model=str(path), plan=write_plan(tmp_path, 8), kv_cache_gb=0.01)
-    engine = build_engine(opts)
-    from hetserve.runtime.quant import layer_bits
-
-    assert layer_bits(engine.model) == [8, 8]
-    c = engine.config
-    assert (c.max_num_seqs, c.prefill_chunk_size, c.policy, c.block_size) == (3, 64, "prefill_first", 8)
-    assert engine.scheduler.config.max_num_batched_tokens == 512
-    with BackgroundServer(create_app(engine, "tiny-q8")) as srv:
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
-            r = c.post("/v1/completions", json={"model": "tiny-q8", "prompt": "hello", "max_tokens": 5,
-                                                "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
 # ---- the real model ------------------------------------------------------------------------------------

@@ -77,10 +77,28 @@ def test_opt_and_bloom_are_plain_mlps_with_bias():
 def test_check_tp_lists_valid_degrees():
     from hetserve.errors import HetserveError
 
-    m = load_model("smollm2-135m")
+    m = load_model("smollm2-135m")                 # 9 heads, 3 KV heads
     m.check_tp(3)
-    with pytest.raises(HetserveError, match=r"use one of \[1, 3, 9\]"):
-        m.check_tp(2)
+    m.check_tp(2)                                  # KV heads split 2 + 1
+    m.check_tp(9)                                  # each KV head on 3 ranks
+    for tp in (4, 6, 0):
+        with pytest.raises(HetserveError, match=r"cannot split the 9 attention heads \(3 KV heads\).*"
+                                                r"use one of \[1, 2, 3, 9\]"):
+            m.check_tp(tp)
+    big = load_model("llama-2-70b")                # 64 heads, 8 KV heads
+    for tp in (3, 5, 8, 16, 64):
+        big.check_tp(tp)
+    with pytest.raises(HetserveError, match=r"use one of \[1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64\]"):
+        big.check_tp(12)
+
+
+def test_tp_rule_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; from hetserve.specs.models import tp_supported; import hetserve.runtime.model.tp; "
+            "assert tp_supported(9, 3, 2) and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_kv_heads_must_divide_heads():

@@ -91,8 +91,8 @@ def test_malformed_trace_names_file(write):
 ESTIMATE_CASES = [
     ("unknown model", ["--model", "llama-9-70b", "--gpu", "h100-sxm"], ["unknown model 'llama-9-70b'"]),
     ("unknown gpu", ["--model", "llama-2-7b", "--gpu", "h1000"], ["--gpu", "unknown GPU 'h1000'"]),
-    ("tp does not divide heads", ["--model", "llama-2-70b", "--gpu", "a100-80gb", "--tp", "3"],
-     ["--tp=3 does not divide the 64 attention heads", "[1, 2, 4, 8"]),
+    ("tp cannot split heads", ["--model", "llama-2-70b", "--gpu", "a100-80gb", "--tp", "12"],
+     ["--tp=12 cannot split the 64 attention heads (8 KV heads)", "[1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]"]),
     ("pp too deep", ["--model", "smollm2-135m", "--gpu", "t4", "--pp", "31"], ["--pp=31"]),
     ("zero batch", ["--model", "llama-2-7b", "--gpu", "t4", "--batch", "0"], ["--batch=0 must be >= 1"]),
     ("missing model config", ["--model", "/nonexistent/config.json", "--gpu", "t4"], ["unknown model"]),

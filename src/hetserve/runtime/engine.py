@@ -48,6 +48,19 @@ class RequestOutput:
     new_text: str = ""
     finished: bool = False
     finish_reason: FinishReason | None = None
+    error: str | None = None                # the request failed (no instance could serve it)
+
+
+@dataclass
+class EngineLoad:
+    """What /metrics reports about an engine (one instance, or all of a plan's together)."""
+
+    waiting: int
+    running: int
+    blocks_used: int
+    blocks_total: int
+    steps: int
+    prefix_hit_tokens: int
 
 
 @dataclass
@@ -59,6 +72,37 @@ class _Request:
     decoder: IncrementalDecoder | None
     text: str = ""
     finish_reason: FinishReason | None = None
+
+    def accept(self, token: int, eos_token_ids: set[int]) -> str:
+        """Apply stop tokens and stop strings to a new token: set ``finish_reason`` to "stop" when the
+        request ends here; return the token's text delta (cut at a stop string)."""
+        p = self.params
+        if (token in p.stop_token_ids) or (not p.ignore_eos and token in eos_token_ids):
+            self.finish_reason = "stop"
+            return ""
+        if self.decoder is None:
+            return ""
+        delta = self.decoder.add(token)
+        if not delta:
+            return ""
+        before = len(self.text)
+        self.text += delta
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            search_from = max(0, before - longest + 1)
+            hits = [i for i in (self.text.find(s, search_from) for s in p.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                return self.text[before:] if cut > before else ""
+        return delta
+
+    def finish_text(self) -> str:
+        """The text still held back by the decoder when the request ends by length."""
+        tail = self.decoder.flush() if self.decoder is not None else ""
+        self.text += tail
+        return tail
 
 
 class LLMEngine:
@@ -121,6 +165,15 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def load(self) -> EngineLoad:
+        s = self.scheduler
+        return EngineLoad(len(s.waiting), len(s.running), s.blocks.num_used_blocks, s.blocks.num_blocks,
+                          s.stats.steps, s.stats.prefix_hit_tokens)
+
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for each request that produced a token this step."""
@@ -136,47 +189,21 @@ class LLMEngine:
         stopped: set[int] = set()
         deltas: dict[int, str] = {}
         for req, token in zip(reqs, tokens):
-            deltas[req.seq.seq_id] = self._check_stop(req, token, stopped)
+            deltas[req.seq.seq_id] = req.accept(token, self.eos_token_ids)
+            if req.finish_reason == "stop":
+                stopped.add(req.seq.seq_id)
         self.scheduler.postprocess(batch, {r.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped)
         outputs = []
         for req, token in zip(reqs, tokens):
             seq = req.seq
             if seq.is_finished:
                 req.finish_reason = req.finish_reason or "length"
-                if req.decoder is not None and req.finish_reason == "length":
-                    tail = req.decoder.flush()
-                    req.text += tail
-                    deltas[seq.seq_id] += tail
+                if req.finish_reason == "length":
+                    deltas[seq.seq_id] += req.finish_text()
                 del self._requests[seq.seq_id]
             outputs.append(RequestOutput(seq.seq_id, req.prompt_token_ids, seq.output_token_ids, req.text,
                                          [token], deltas[seq.seq_id], seq.is_finished, req.finish_reason))
         return outputs
-
-    def _check_stop(self, req: _Request, token: int, stopped: set[int]) -> str:
-        """Apply stop tokens and stop strings to the new token; return its text delta."""
-        p = req.params
-        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids):
-            req.finish_reason = "stop"
-            stopped.add(req.seq.seq_id)
-            return ""
-        if req.decoder is None:
-            return ""
-        delta = req.decoder.add(token)
-        if not delta:
-            return ""
-        before = len(req.text)
-        req.text += delta
-        if p.stop:
-            longest = max(len(s) for s in p.stop)
-            search_from = max(0, before - longest + 1)
-            hits = [i for i in (req.text.find(s, search_from) for s in p.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                req.text = req.text[:cut]
-                req.finish_reason = "stop"
-                stopped.add(req.seq.seq_id)
-                return req.text[before:] if cut > before else ""
-        return delta
 
     # ---- convenience --------------------------------------------------------------------------
     def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],

@@ -12,6 +12,9 @@ Formats (``G`` = group size, consecutive input columns of one output row; 64 or 
   group's minimum) per group. Two values share a byte: within a group, the first ``G/2`` columns sit in
   the low nibbles and the last ``G/2`` in the high nibbles.
 
+Groups run along the input features, so on a tensor-parallel shard they must divide the shard's own:
+``o_proj`` takes its query heads x head_dim, ``down_proj`` its intermediate columns.
+
 Scales and offsets are stored as float16, rounded so that no value has to be clipped: every weight is
 within ``s / 2`` of its dequantised value. The forward pass dequantises the weight on the fly into a
 scratch buffer shared by all quantised layers of the thread and multiplies in the activations' dtype,
@@ -33,6 +36,10 @@ GROUP_SIZES = (64, 128)
 _PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 _FP16_MIN_NORMAL = 2.0 ** -14
 _NIBBLES = 0x0F0F0F0F
+
+
+class QuantGroupError(HetserveError, ValueError):
+    """A projection's input features are not a multiple of the quantisation group size."""
 
 
 def _scale_up(s: Tensor) -> Tensor:
@@ -202,6 +209,9 @@ def quantize_model(model: nn.Module, bits: int | Sequence[int], group_size: int 
     if group_size not in GROUP_SIZES:
         raise HetserveError(f"group size {group_size} is not supported; use one of {list(GROUP_SIZES)}")
     per_layer = parse_layer_bits(bits, len(model.layers))
+    # A tensor-parallel shard's o_proj and down_proj take only its heads' and columns' inputs.
+    tp = getattr(model, "tp", None)
+    where = f" on tensor-parallel rank {tp.rank} of {tp.size}" if tp is not None and tp.size > 1 else ""
     for layer, b in zip(model.layers, per_layer):
         if b == 16:
             continue
@@ -211,8 +221,11 @@ def quantize_model(model: nn.Module, bits: int | Sequence[int], group_size: int 
             if isinstance(current, QuantLinear):
                 raise HetserveError("the model is already quantised; quantise a freshly loaded model")
             if current.in_features % group_size:
-                raise HetserveError(f"{name} has {current.in_features} input features, not a multiple of the "
-                                    f"group size {group_size}; use group size 64")
+                fits = [g for g in GROUP_SIZES if current.in_features % g == 0]
+                fix = f"use group size {fits[0]}" if fits else \
+                    f"no supported group size {list(GROUP_SIZES)} divides it; keep these layers at 16 bits"
+                raise QuantGroupError(f"{name} has {current.in_features} input features{where}, not a multiple "
+                                      f"of the group size {group_size}; {fix}")
             setattr(parent, name, QuantLinear(current, b, group_size, search))
     return model
 

@@ -28,6 +28,25 @@ QUANT_GROUP_META_BYTES = 4
 _LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe"}
 
 
+def tp_supported(num_heads: int, num_kv_heads: int, tp: int) -> bool:
+    """Whether ``tp`` ranks can each hold whole GQA groups or a whole part of one.
+
+    Up to one rank per KV head, the KV heads are split (unevenly if need be) and each rank takes the
+    query heads of its KV heads; beyond that, each KV head is replicated on ``tp / num_kv_heads`` ranks
+    that split its group's query heads evenly.
+    """
+    if tp < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        return False
+    if tp <= num_kv_heads:
+        return True
+    return num_heads % tp == 0 and tp % num_kv_heads == 0
+
+
+def tp_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Every tensor-parallel degree ``tp_supported`` accepts."""
+    return [tp for tp in range(1, num_heads + 1) if tp_supported(num_heads, num_kv_heads, tp)]
+
+
 class ModelSpec(BaseModel):
     """A decoder-only transformer, as far as serving cost is concerned."""
 
@@ -197,11 +216,13 @@ class ModelSpec(BaseModel):
         return full - (self.num_experts - self.experts_touched(tokens)) * one_expert
 
     def check_tp(self, tp: int, field: str = "tp") -> None:
-        """Raise a clear error if ``tp`` cannot split this model's attention heads."""
-        if tp < 1 or self.num_heads % tp:
-            divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
-            raise HetserveError(f"{field}={tp} does not divide the {self.num_heads} attention heads of "
-                                f"{self.name}; use one of {divisors}")
+        """Raise a clear error if tensor parallelism of degree ``tp`` cannot split this model's heads
+        (see ``tp_supported``)."""
+        if not tp_supported(self.num_heads, self.num_kv_heads, tp):
+            raise HetserveError(f"{field}={tp} cannot split the {self.num_heads} attention heads "
+                                f"({self.num_kv_heads} KV heads) of {self.name}: tp must be at most the KV "
+                                f"heads, or a multiple of them that divides the attention heads; use one of "
+                                f"{tp_degrees(self.num_heads, self.num_kv_heads)}")
 
     def summary(self) -> dict[str, Any]:
         return {

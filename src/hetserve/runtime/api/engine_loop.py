@@ -77,9 +77,9 @@ class EngineLoop:
 
     def state(self) -> tuple[int, int, int, int]:
         """(waiting requests incl. not yet admitted, running requests, KV blocks used, KV blocks total)."""
-        s = self.engine.scheduler
+        load = self.engine.load()
         pending = max(0, self._submitted - self._admitted)
-        return len(s.waiting) + pending, len(s.running), s.blocks.num_used_blocks, s.blocks.num_blocks
+        return load.waiting + pending, load.running, load.blocks_used, load.blocks_total
 
     # ---- called from the event loop ------------------------------------------------------------
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int,
@@ -92,6 +92,9 @@ class EngineLoop:
         self._submitted += 1
         self._commands.append(("add", list(prompt_ids), params, tracked, future))
         self._wake.set()
+        wake = getattr(self.engine, "wake", None)   # an engine waiting on its workers takes it in now
+        if wake is not None:
+            wake()
         await asyncio.wrap_future(future)
         return tracked
 
@@ -154,14 +157,20 @@ class EngineLoop:
         now = time.perf_counter()
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         m = self.metrics
-        stats = self.engine.scheduler.stats
+        load = self.engine.load()
         with m.lock:
-            m.steps.inc(stats.steps - self._last_stats[0])
-            m.prefix_hits.inc(stats.prefix_hit_tokens - self._last_stats[1])
-            self._last_stats = (stats.steps, stats.prefix_hit_tokens)
+            m.steps.inc(load.steps - self._last_stats[0])
+            m.prefix_hits.inc(load.prefix_hit_tokens - self._last_stats[1])
+            self._last_stats = (load.steps, load.prefix_hit_tokens)
             for out in outputs:
                 t = self._tracked.get(out.request_id)
                 if t is None:
+                    continue
+                if out.error is not None:   # no instance left to serve it
+                    t.finished = True
+                    del self._tracked[out.request_id]
+                    m.finished.inc(1, "abort")
+                    by_loop[t.loop].append((t.queue, (t.index, RuntimeError(out.error))))
                     continue
                 if t.first_token is None:
                     t.first_token = now

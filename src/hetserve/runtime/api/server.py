@@ -167,7 +167,7 @@ async def _completions(request: Request, loop: EngineLoop, engine: LLMEngine, se
         texts = [req.prompt]
     else:
         texts = list(req.prompt)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     prompts = []
     for i, p in enumerate(texts):
         param = "prompt" if len(texts) == 1 else f"prompt.{i}"

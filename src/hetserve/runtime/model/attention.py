@@ -1,6 +1,8 @@
 """Attention over a paged KV cache.
 
-Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``. A step's
+Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``: contiguous
+(token-major storage, the fast path) or a strided view of head-major storage (``kvcache.token_major_view``),
+whose new K/V are written by (block, offset) indexing instead of flat slots. A step's
 tokens arrive as one flat batch: first ``num_decodes`` single decode tokens (one per sequence), then
 one contiguous span per sequence that computes several tokens (a prompt or a prompt chunk). New K/V
 are written to their cache slots first, then every query attends to its sequence's blocks:
@@ -43,6 +45,9 @@ class AttentionMetadata:
     decode_block_tables: Tensor | None = None  # [D, max_blocks] long (padding entries are masked)
     decode_mask: Tensor | None = None          # [D, 1, 1, max_blocks * block_size] bool
     prefills: tuple[PrefillSpan, ...] = ()
+    # for strided (head-major) caches, once per step; without them each layer derives them from slots
+    slot_blocks: Tensor | None = None          # [T] long: slot_mapping // block_size
+    slot_offsets: Tensor | None = None         # [T] long: slot_mapping % block_size
 
 
 def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu") -> Tensor:
@@ -57,12 +62,28 @@ def _gather(cache: Tensor, block_table: Tensor) -> Tensor:
     return blocks.view(*block_table.shape[:-1], -1, *cache.shape[2:])
 
 
+def _write_strided(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata) -> None:
+    """Store new K/V in caches that are strided views (no flat slot index exists for them)."""
+    blocks, offsets = meta.slot_blocks, meta.slot_offsets
+    if blocks is None or offsets is None:
+        block_size = k_cache.shape[1]
+        blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
+    k_cache[blocks, offsets] = k
+    v_cache[blocks, offsets] = v
+
+
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                     meta: AttentionMetadata) -> Tensor:
-    """q: [T, heads, hd]; k, v: [T, kv_heads, hd] for the new tokens. Returns [T, heads, hd]."""
-    kv_heads, hd = k.shape[1], k.shape[2]
-    k_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, v)
+    """q: [T, heads, hd]; k, v: [T, kv_heads, hd] for the new tokens. Returns [T, heads, hd].
+
+    The caches are ``[num_blocks, block_size, kv_heads, hd]``, contiguous or a head-major storage's view.
+    """
+    if k_cache.is_contiguous():
+        kv_heads, hd = k.shape[1], k.shape[2]
+        k_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, v)
+    else:
+        _write_strided(k, v, k_cache, v_cache, meta)
     d = meta.num_decodes
     if d:
         keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]

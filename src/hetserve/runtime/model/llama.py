@@ -6,20 +6,27 @@ slice ending at the last layer owns the final norm and the LM head. Parameters a
 Hugging Face checkpoints (``layers.N.self_attn.q_proj.weight`` with N the *global* layer index);
 q/k/v and gate/up are stored fused, and ``load_weights`` places each checkpoint tensor.
 
+Tensor parallelism (``tp_size > 1``): each rank holds a shard of every layer (``tp.py``): its query
+and KV heads in ``qkv_proj`` and ``o_proj``, its intermediate columns in ``gate_up_proj`` and
+``down_proj``. The output and down projections then hold partial sums, completed by one
+``torch.distributed.all_reduce`` each. Embedding, norms and LM head are replicated on every rank.
+
 The forward pass takes one flat batch of tokens (all sequences of a step together) plus attention
 metadata for the paged KV cache; see ``attention.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionMetadata, paged_attention
 from .config import LlamaConfig
+from .tp import TPShard, tp_shards
 
 
 class RMSNorm(nn.Module):
@@ -79,12 +86,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    """Self-attention over ``shard``'s heads (all heads when None)."""
+
+    def __init__(self, config: LlamaConfig, shard: TPShard | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.split = (config.q_size, config.kv_size, config.kv_size)
+        heads = config.num_heads if shard is None else shard.num_heads
+        kv_heads = config.num_kv_heads if shard is None else shard.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, config.head_dim
+        self.split = (heads * config.head_dim, kv_heads * config.head_dim, kv_heads * config.head_dim)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        # The output bias is added once: by rank 0, before its partial sum enters the all-reduce.
+        o_bias = config.o_bias and (shard is None or shard.rank == 0)
+        self.o_proj = nn.Linear(self.split[0], config.hidden_size, bias=o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
@@ -99,23 +112,56 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    """SwiGLU over ``shard``'s intermediate columns (all when None)."""
+
+    def __init__(self, config: LlamaConfig, shard: TPShard | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        n = config.intermediate_size if shard is None else shard.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * n, bias=False)
+        self.down_proj = nn.Linear(n, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
+class ShardedAttention(Attention):
+    """One rank's heads; the partial output projections of all ranks are summed in place."""
+
+    def __init__(self, config: LlamaConfig, shard: TPShard, group: dist.ProcessGroup | None):
+        super().__init__(config, shard)
+        self.group = group
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        out = super().forward(x, cos, sin, meta, kv_cache)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class ShardedMLP(MLP):
+    """One rank's intermediate columns; the partial down projections of all ranks are summed in place."""
+
+    def __init__(self, config: LlamaConfig, shard: TPShard, group: dist.ProcessGroup | None):
+        super().__init__(config, shard)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    """A whole layer (``shard`` None) or one tensor-parallel rank's shard of it."""
+
+    def __init__(self, config: LlamaConfig, shard: TPShard | None = None,
+                 group: dist.ProcessGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config) if shard is None else ShardedAttention(config, shard, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if shard is None else ShardedMLP(config, shard, group)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
@@ -123,21 +169,40 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class WeightTarget(NamedTuple):
+    """Where one checkpoint tensor goes: ``param`` (a parameter or a view into a fused one) receives
+    ``tensor[index]`` (the whole tensor when ``index`` is None) of a checkpoint tensor of ``shape``."""
+
+    param: Tensor
+    index: tuple[slice, ...] | None
+    shape: tuple[int, ...]
+
+
 class LlamaModel(nn.Module):
-    """Decoder layers ``[layer_start, layer_end)``; parameters are allocated but not initialised."""
+    """Decoder layers ``[layer_start, layer_end)``, whole or as tensor-parallel rank ``tp_rank`` of
+    ``tp_size`` (summing partial results over ``tp_group``, the default group when None); parameters
+    are allocated but not initialised."""
 
     def __init__(self, config: LlamaConfig, layer_start: int = 0, layer_end: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         layer_end = config.num_layers if layer_end is None else layer_end
         if not 0 <= layer_start < layer_end <= config.num_layers:
             raise ValueError(f"layer range [{layer_start}, {layer_end}) is not within the model's "
                              f"{config.num_layers} layers")
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tensor-parallel rank {tp_rank} is not one of {tp_size} ranks")
         self.config, self.layer_start, self.layer_end = config, layer_start, layer_end
         self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
+        shards = tp_shards(config.num_heads, config.num_kv_heads, config.intermediate_size, tp_size)
+        self.tp: TPShard = shards[tp_rank]
+        self.tp_group = tp_group
+        shard = self.tp if tp_size > 1 else None  # tp_size 1: the plain modules, no all-reduce
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
-            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_start, layer_end))
+            self.layers = nn.ModuleList(DecoderLayer(config, shard, tp_group)
+                                        for _ in range(layer_start, layer_end))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
         self.to(dtype)                  # still on the meta device: no memory yet
@@ -152,6 +217,11 @@ class LlamaModel(nn.Module):
         if self.is_first and self.is_last and config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank attends with and caches (all of them without tensor parallelism)."""
+        return self.tp.num_kv_heads
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,47 +252,73 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden).float()
 
     # ---- weights ------------------------------------------------------------------------------
-    def _weight_targets(self) -> tuple[dict[str, Tensor], set[str]]:
-        """Checkpoint tensor name -> the parameter (or fused slice) it fills, and the optional names."""
-        c = self.config
-        targets: dict[str, Tensor] = {}
+    def _weight_targets(self) -> tuple[dict[str, WeightTarget], set[str]]:
+        """Checkpoint tensor name -> where (and which part of it) it goes, and the optional names.
+
+        A tensor-parallel shard takes rows of q/k/v (and their biases) and gate/up, columns of o and down;
+        the o_proj bias only on rank 0 (the other ranks hold none).
+        """
+        c, tp = self.config, self.tp
+        hd, hidden, n = c.head_dim, c.hidden_size, c.intermediate_size
+        targets: dict[str, WeightTarget] = {}
         optional: set[str] = set()
+
+        def whole(param: Tensor) -> WeightTarget:
+            return WeightTarget(param, None, tuple(param.shape))
+
+        def part(param: Tensor, index: tuple[slice, ...], shape: tuple[int, ...]) -> WeightTarget:
+            return WeightTarget(param, index if tp.size > 1 else None, shape)
+
         if self.is_first:
-            targets["embed_tokens.weight"] = self.embed_tokens.weight.data
+            targets["embed_tokens.weight"] = whole(self.embed_tokens.weight.data)
         if self.is_last:
-            targets["norm.weight"] = self.norm.weight.data
+            targets["norm.weight"] = whole(self.norm.weight.data)
             if c.tie_word_embeddings and self.is_first:
                 optional.add("lm_head.weight")  # the same tensor as the embedding
-                targets["lm_head.weight"] = self.lm_head.weight.data
+                targets["lm_head.weight"] = whole(self.lm_head.weight.data)
             elif c.tie_word_embeddings:
-                targets["embed_tokens.weight"] = self.lm_head.weight.data
+                targets["embed_tokens.weight"] = whole(self.lm_head.weight.data)
                 optional.add("lm_head.weight")
-                targets["lm_head.weight"] = self.lm_head.weight.data
+                targets["lm_head.weight"] = whole(self.lm_head.weight.data)
             else:
-                targets["lm_head.weight"] = self.lm_head.weight.data
+                targets["lm_head.weight"] = whole(self.lm_head.weight.data)
+        q_rows, kv_rows = slice(tp.q_start * hd, tp.q_end * hd), slice(tp.kv_start * hd, tp.kv_end * hd)
+        mlp_rows = slice(tp.mlp_start, tp.mlp_end)
+        sources = {"q_proj": (q_rows, c.q_size), "k_proj": (kv_rows, c.kv_size), "v_proj": (kv_rows, c.kv_size)}
         for i, layer in enumerate(self.layers):
             p = f"layers.{self.layer_start + i}."
             attn, mlp = layer.self_attn, layer.mlp
-            offsets = (0, c.q_size, c.q_size + c.kv_size, c.q_size + 2 * c.kv_size)
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                targets[f"{p}self_attn.{name}.weight"] = attn.qkv_proj.weight.data[offsets[j]:offsets[j + 1]]
+            offset = 0
+            for name, (rows, full) in sources.items():
+                local = rows.stop - rows.start
+                w = attn.qkv_proj.weight.data[offset:offset + local]
+                targets[f"{p}self_attn.{name}.weight"] = part(w, (rows,), (full, hidden))
                 if c.qkv_bias:
-                    targets[f"{p}self_attn.{name}.bias"] = attn.qkv_proj.bias.data[offsets[j]:offsets[j + 1]]
-            targets[f"{p}self_attn.o_proj.weight"] = attn.o_proj.weight.data
-            if c.o_bias:
-                targets[f"{p}self_attn.o_proj.bias"] = attn.o_proj.bias.data
-            n = c.intermediate_size
-            targets[f"{p}mlp.gate_proj.weight"] = mlp.gate_up_proj.weight.data[:n]
-            targets[f"{p}mlp.up_proj.weight"] = mlp.gate_up_proj.weight.data[n:]
-            targets[f"{p}mlp.down_proj.weight"] = mlp.down_proj.weight.data
-            targets[f"{p}input_layernorm.weight"] = layer.input_layernorm.weight.data
-            targets[f"{p}post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.data
+                    b = attn.qkv_proj.bias.data[offset:offset + local]
+                    targets[f"{p}self_attn.{name}.bias"] = part(b, (rows,), (full,))
+                offset += local
+            targets[f"{p}self_attn.o_proj.weight"] = part(attn.o_proj.weight.data, (slice(None), q_rows),
+                                                          (hidden, c.q_size))
+            if attn.o_proj.bias is not None:
+                targets[f"{p}self_attn.o_proj.bias"] = whole(attn.o_proj.bias.data)
+            local = mlp_rows.stop - mlp_rows.start
+            gate_up = mlp.gate_up_proj.weight.data
+            targets[f"{p}mlp.gate_proj.weight"] = part(gate_up[:local], (mlp_rows,), (n, hidden))
+            targets[f"{p}mlp.up_proj.weight"] = part(gate_up[local:], (mlp_rows,), (n, hidden))
+            targets[f"{p}mlp.down_proj.weight"] = part(mlp.down_proj.weight.data, (slice(None), mlp_rows),
+                                                       (hidden, n))
+            targets[f"{p}input_layernorm.weight"] = whole(layer.input_layernorm.weight.data)
+            targets[f"{p}post_attention_layernorm.weight"] = whole(layer.post_attention_layernorm.weight.data)
         return targets, optional
 
     def checkpoint_items(self) -> Iterable[tuple[str, Tensor]]:
-        """This slice's weights under checkpoint names (fused tensors split back), as loaders yield them."""
+        """This slice's weights under checkpoint names (fused tensors split back), as loaders yield them.
+
+        A tensor-parallel shard yields its own parts (q/k/v/gate/up rows, o/down columns, o bias on rank 0
+        only), so they do not have the checkpoint's shapes: a shard loads from a whole model's items.
+        """
         targets, optional = self._weight_targets()
-        return ((name, tensor) for name, tensor in targets.items() if name not in optional)
+        return ((name, target.param) for name, target in targets.items() if name not in optional)
 
     def wants(self, name: str) -> bool:
         """Whether checkpoint tensor ``name`` belongs to this slice (lets loaders skip the rest)."""
@@ -238,6 +334,7 @@ class LlamaModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Fill parameters from (Hugging Face style name, tensor) pairs; other slices' names are ignored.
 
+        Tensors are whole checkpoint tensors; a tensor-parallel shard copies its part of each.
         ``rope_freqs`` (GGUF's per-frequency divisors for long-context scaling) adjusts the rotary
         frequencies. Raises ValueError on a shape mismatch or when a parameter is left unfilled.
         """
@@ -250,10 +347,10 @@ class LlamaModel(nn.Module):
             target = targets.get(name)
             if target is None:
                 continue
-            if tuple(tensor.shape) != tuple(target.shape):
+            if tuple(tensor.shape) != target.shape:
                 raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                                 f"{tuple(target.shape)}")
-            target.copy_(tensor)
+                                 f"{target.shape}")
+            target.param.copy_(tensor if target.index is None else tensor[target.index])
             seen.add(name)
         missing = set(targets) - optional - seen
         if missing:

@@ -2,7 +2,8 @@
 
 Both paths yield ``(name, tensor)`` pairs under Hugging Face parameter names (without the ``model.``
 prefix) that ``LlamaModel.load_weights`` places; tensors outside the model's layer range are skipped
-before they are read or dequantised.
+before they are read or dequantised. A tensor-parallel shard reads each tensor of its layers whole, one
+at a time, and keeps its part, so a process never holds more than its shard plus one checkpoint tensor.
 
 GGUF: quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with ``gguf.quants``. For the
 ``llama`` architecture, llama.cpp's converter reorders the rows of ``attn_q``/``attn_k`` within each
@@ -114,11 +115,14 @@ def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, layer_start: int = 0,
-              layer_end: int | None = None, device: str = "cpu") -> tuple[LlamaModel, dict[str, Any]]:
-    """The model (layers ``[layer_start, layer_end)``) of a GGUF file, and the file's metadata."""
+              layer_end: int | None = None, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
+              tp_group: Any = None) -> tuple[LlamaModel, dict[str, Any]]:
+    """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
+    of a GGUF file, and the file's metadata."""
     reader, meta = read_gguf(path)
     config = LlamaConfig.from_gguf(meta, {t.name for t in reader.tensors})
-    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device)
+    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
+                       tp_size=tp_size, tp_group=tp_group)
     model.load_weights(gguf_weights(reader, config, model.wants))
     return model.eval(), meta
 
@@ -139,13 +143,16 @@ def safetensors_weights(directory: str | Path, wanted: Callable[[str], bool]) ->
 
 
 def load_hf_directory(directory: str | Path, *, dtype: torch.dtype = torch.float32, layer_start: int = 0,
-                      layer_end: int | None = None, device: str = "cpu") -> LlamaModel:
-    """The model of a Hugging Face directory (``config.json`` + ``*.safetensors``)."""
+                      layer_end: int | None = None, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
+                      tp_group: Any = None) -> LlamaModel:
+    """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
+    of a Hugging Face directory (``config.json`` + ``*.safetensors``)."""
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{directory}: no config.json")
     config = LlamaConfig.from_hf(json.loads(config_file.read_text()))
-    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device)
+    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
+                       tp_size=tp_size, tp_group=tp_group)
     model.load_weights(safetensors_weights(directory, model.wants))
     return model.eval()

@@ -75,8 +75,12 @@ def parse_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
     return getattr(torch, DTYPES[dtype])
 
 
-def load_model(model: str, *, dtype: "str | torch.dtype" = "float32") -> "tuple[LlamaModel, Tokenizer]":
-    """The whole model and its tokenizer for a path or known name."""
+def load_model(model: str, *, dtype: "str | torch.dtype" = "float32", layer_start: int = 0,
+               layer_end: int | None = None, tp_rank: int = 0, tp_size: int = 1,
+               tp_group: "torch.distributed.ProcessGroup | None" = None) -> "tuple[LlamaModel, Tokenizer]":
+    """The model and its tokenizer for a path or known name: by default the whole model; a worker can
+    load only layers ``[layer_start, layer_end)`` and only its tensor-parallel shard (``tp_rank`` of
+    ``tp_size``, all-reducing over ``tp_group``). Only those weights are read."""
     path, torch_dtype = resolve_model(model), parse_dtype(dtype)
     try:
         from .loading import load_gguf, load_hf_directory
@@ -84,11 +88,12 @@ def load_model(model: str, *, dtype: "str | torch.dtype" = "float32") -> "tuple[
     except ImportError as exc:
         raise ModelSourceError(f"loading models needs the '{exc.name}' package: "
                                f"pip install 'hetserve[engine]'") from exc
+    part = dict(layer_start=layer_start, layer_end=layer_end, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     try:
         if path.is_file():
-            net, meta = load_gguf(path, dtype=torch_dtype)
+            net, meta = load_gguf(path, dtype=torch_dtype, **part)
             return net, Tokenizer.from_gguf(meta)
-        return load_hf_directory(path, dtype=torch_dtype), Tokenizer.from_directory(path)
+        return load_hf_directory(path, dtype=torch_dtype, **part), Tokenizer.from_directory(path)
     except ModelSourceError:
         raise
     except (ValueError, OSError, KeyError) as exc:  # unreadable or unsupported file contents
