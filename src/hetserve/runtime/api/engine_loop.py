@@ -46,7 +46,7 @@ class Tracked:
 class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
-        self.metrics = metrics or ServerMetrics(self.state)
+        self.metrics = metrics or ServerMetrics(self.state, getattr(engine, "cluster_gauges", None))
         self._commands: deque = deque()
         self._wake = threading.Event()
         self._tracked: dict[int, Tracked] = {}

@@ -74,6 +74,23 @@ class Gauge(_Metric):
         return self.header() + [f"{self.name} {_num(self.read())}"]
 
 
+class LabelledGauge(_Metric):
+    """A gauge with one sample per label set, e.g. per instance or per worker of a plan."""
+
+    kind = "gauge"
+
+    def __init__(self, name, help, samples: dict[tuple[tuple[str, str], ...], float]):
+        super().__init__(name, help)
+        self.samples = samples
+
+    def lines(self) -> list[str]:
+        out = self.header()
+        for labels, value in self.samples.items():
+            text = ",".join(f'{k}="{v}"' for k, v in labels)
+            out.append(f"{self.name}{{{text}}} {_num(value)}" if text else f"{self.name} {_num(value)}")
+        return out
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -103,9 +120,11 @@ class Histogram(_Metric):
 class ServerMetrics:
     """Everything ``/metrics`` reports. ``engine_state`` returns (waiting, running, kv used, kv total)."""
 
-    def __init__(self, engine_state: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)):
+    def __init__(self, engine_state: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
+                 cluster_gauges: Callable[[], list[LabelledGauge]] | None = None):
         self.lock = threading.Lock()
         self.engine_state = engine_state
+        self.cluster_gauges = cluster_gauges   # per instance and per worker, when serving a plan
         self.requests = Counter("hetserve_requests_total",
                                 "HTTP requests to the generation endpoints, by endpoint and status code",
                                 ("endpoint", "status"))
@@ -139,6 +158,8 @@ class ServerMetrics:
                        self.steps, self.ttft, self.tpot, self.e2e]
             lines = [line for m in metrics for line in m.lines()]
         lines += [line for g in gauges for line in g.lines()]
+        if self.cluster_gauges is not None:
+            lines += [line for g in self.cluster_gauges() for line in g.lines()]
         return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ metadata for the paged KV cache; see ``attention.py``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -233,16 +233,23 @@ class LlamaModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+                kv_caches: Sequence[tuple[Tensor, Tensor]],
+                after_layer: Callable[[int], None] | None = None) -> Tensor:
         """x: token ids [T] on the first slice, else hidden states [T, hidden] from the slice before.
 
         Returns hidden states [T, hidden] (after the final norm on the last slice).
-        ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer.
+        ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer. ``after_layer(i)`` runs once
+        layer ``i`` of the slice has written its KV (a prefill worker streams it out from there).
         """
         h = self.embed_tokens(x) if self.is_first else x
         cos, sin = self.rotary(positions, h.dtype)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, meta, cache)
+        if after_layer is None:
+            for layer, cache in zip(self.layers, kv_caches, strict=True):
+                h = layer(h, cos, sin, meta, cache)
+        else:
+            for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                h = layer(h, cos, sin, meta, cache)
+                after_layer(i)
         return self.norm(h) if self.is_last else h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

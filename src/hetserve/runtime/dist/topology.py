@@ -1,0 +1,113 @@
+"""A plan as processes: which rank holds which server's layers and heads, and how instances chain them.
+
+Rank 0 is the driver (router, schedulers, API). Every GPU of every server is one worker rank, in plan
+order: server ``s`` with TP degree ``t`` takes ``t`` consecutive ranks, TP rank 0 first. Instances are
+chains of servers; a server named by several instances is one set of processes holding a KV cache for
+each (its ``kv_share`` of the room). Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...errors import HetserveError
+from ...plan import Deployment
+
+RUN_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    rank: int
+    server: str
+    tp_rank: int
+    tp_size: int
+    tp_ranks: tuple[int, ...]          # every rank of this server, TP rank 0 first
+    layers: tuple[int, int]            # [start, end) of the model's layers
+    bits: tuple[int, ...]              # weight bits per layer (16 = the run dtype)
+    dtype: str                         # float32 | float16 | bfloat16: weights, activations and KV
+    kv_layout: str                     # token-major | head-major
+    node: str
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    name: str
+    role: str                          # mixed | prefill | decode
+    stages: tuple[tuple[int, ...], ...]  # per server in the chain: its ranks, TP rank 0 first
+    servers: tuple[str, ...]
+    block_size: int
+    lanes: int                         # micro-batches in flight through the chain
+    kv_share: float
+    max_batch_size: int
+    max_batch_tokens: int
+    chunk_size: int | None
+    policy: str                        # decode_first | prefill_first
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(r for stage in self.stages for r in stage)
+
+    @property
+    def last(self) -> int:
+        """The rank that returns logits to the driver (TP rank 0 of the last stage)."""
+        return self.stages[-1][0]
+
+
+@dataclass
+class Topology:
+    model: str                         # the plan's model name
+    num_layers: int
+    workers: dict[int, WorkerSpec]     # by rank (1..world-1)
+    instances: dict[str, InstanceSpec]
+    routing_policy: str
+    routing_weights: dict[str, float]
+    handoff_policy: str
+    handoff_weights: dict[str, dict[str, float]]
+    servers: dict[str, tuple[int, ...]] = field(default_factory=dict)   # server name -> its ranks
+
+    @property
+    def world_size(self) -> int:
+        return 1 + len(self.workers)
+
+    def instances_of(self, rank: int) -> list[InstanceSpec]:
+        return [i for i in self.instances.values() if rank in i.ranks]
+
+    def ranks_of(self, servers: list[str] | None) -> list[int]:
+        """The worker ranks of the named servers (all workers when None)."""
+        if servers is None:
+            return sorted(self.workers)
+        unknown = [s for s in servers if s not in self.servers]
+        if unknown:
+            raise HetserveError(f"--servers: unknown server(s) {unknown}; the plan has {sorted(self.servers)}")
+        return sorted(r for s in servers for r in self.servers[s])
+
+
+def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
+    """Ranks for ``dep``'s servers. ``dtype`` (float32/float16/bfloat16) overrides every server's kv_dtype."""
+    workers: dict[int, WorkerSpec] = {}
+    servers: dict[str, tuple[int, ...]] = {}
+    rank = 1
+    for srv in dep.servers.values():
+        p = srv.plan
+        run_dtype = dtype or RUN_DTYPES.get(p.kv_dtype)
+        if run_dtype is None:
+            raise HetserveError(f"server '{p.name}': kv_dtype {p.kv_dtype} cannot be served by the engine "
+                                f"(it runs KV in {', '.join(RUN_DTYPES)}); set kv_dtype or pass --dtype",
+                                source=dep.source)
+        ranks = tuple(range(rank, rank + p.tp))
+        for tp_rank, r in enumerate(ranks):
+            workers[r] = WorkerSpec(r, p.name, tp_rank, p.tp, ranks, tuple(p.layers), p.layer_bits(), run_dtype,
+                                    p.kv_layout, p.node)
+        servers[p.name] = ranks
+        rank += p.tp
+    instances = {}
+    for inst in dep.instances.values():
+        p = inst.plan
+        stages = tuple(servers[s.name] for s in inst.servers)
+        lanes = max(p.micro_batches, 1)
+        instances[p.name] = InstanceSpec(p.name, p.role, stages, tuple(s.name for s in inst.servers), p.block_size,
+                                         lanes, p.kv_share, p.max_batch_size, p.max_batch_tokens, p.chunk_size,
+                                         p.policy.replace("-", "_"))
+    r = dep.spec.routing
+    return Topology(dep.spec.model, dep.model.num_layers, workers, instances, r.policy, dict(r.weights), r.handoff,
+                    {k: dict(v) for k, v in r.handoff_weights.items()}, servers)

@@ -1,0 +1,237 @@
+"""A worker process: one GPU of one server of a plan -- its layer range, its TP shard, a KV cache per
+instance it serves -- executing the driver's commands in the order they arrive.
+
+Every worker sees the commands of all instances it serves in one global order (the driver sends them
+that way), so pipeline stages shared by several chains never wait on each other in a cycle.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .channel import (DRIVER, TAG_HIDDEN, TAG_KV, TAG_LOGITS, KVDrop, KVInstall, KVRecv, Shutdown, Step,
+                      recv_command, recv_tensor, send_tensor)
+from .topology import InstanceSpec, Topology, WorkerSpec
+
+log = logging.getLogger("hetserve.worker")
+TIMEOUT = datetime.timedelta(days=7)   # workers wait for commands as long as the server is up
+
+
+def init_distributed(rank: int, world_size: int, master: str) -> None:
+    """Join the job's process group (the driver, rank 0, hosts the rendezvous at ``master``)."""
+    dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size,
+                            timeout=TIMEOUT)
+
+
+def tp_groups(topo: Topology) -> dict[str, object]:
+    """One process group per server with TP > 1; every rank must create them, in the same order."""
+    return {name: dist.new_group(list(ranks)) for name, ranks in topo.servers.items() if len(ranks) > 1}
+
+
+def local_device(local_index: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_index % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+@dataclass
+class _Staged:
+    """KV of one hand-off arriving for this worker: per layer, the pieces of its heads."""
+
+    num_tokens: int
+    pieces: list[tuple[int, int, Tensor, object]]   # (layer, first head, [2, heads, T, hd] buffer, work)
+
+
+class Worker:
+    def __init__(self, topo: Topology, rank: int, model: str, kv_cache_gb: float,
+                 device: torch.device, group_size: int = 64):
+        from ..kvcache import allocate_kv_caches, token_major_view
+        from ..model.source import load_model, parse_dtype
+        from ..quant import quantize_model
+        from .sizing import instance_blocks
+
+        self.topo, self.rank, self.device = topo, rank, device
+        self.spec: WorkerSpec = topo.workers[rank]
+        groups = tp_groups(topo)
+        s = self.spec
+        self.dtype = parse_dtype(s.dtype)
+        self.model, _ = load_model(model, dtype=self.dtype, layer_start=s.layers[0], layer_end=s.layers[1],
+                                   tp_rank=s.tp_rank, tp_size=s.tp_size, tp_group=groups.get(s.server))
+        self.model.to(device)
+        if any(b != 16 for b in s.bits):
+            quantize_model(self.model, list(s.bits), group_size)
+        c = self.model.config
+        num_blocks = instance_blocks(topo, c, kv_cache_gb)
+        self.kv_heads = (self.model.tp.kv_start, self.model.tp.kv_end) if s.tp_size > 1 else (0, c.num_kv_heads)
+        self.instances: dict[str, InstanceSpec] = {i.name: i for i in topo.instances_of(rank)}
+        self.caches: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        self.views: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for name, inst in self.instances.items():
+            caches = allocate_kv_caches(len(self.model.layers), num_blocks[name], inst.block_size,
+                                        self.kv_heads[1] - self.kv_heads[0], c.head_dim, self.dtype, device,
+                                        s.kv_layout)
+            self.caches[name] = caches
+            self.views[name] = [(token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout))
+                                for k, v in caches]
+        self.staged: dict[int, _Staged] = {}
+        self.sending: list = []   # works (with their buffers) of KV still leaving
+
+    # ---- the command loop ---------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            command = recv_command(DRIVER)
+            if isinstance(command, Shutdown):
+                return
+            with torch.inference_mode():
+                if isinstance(command, Step):
+                    self.step(command)
+                elif isinstance(command, KVRecv):
+                    self.post_kv_receives(command)
+                elif isinstance(command, KVInstall):
+                    self.install(command)
+                elif isinstance(command, KVDrop):
+                    self.staged.pop(command.key, None)
+            self.sending = [(w, buf) for w, buf in self.sending if not w.is_completed()]
+
+    def _stage(self, inst: InstanceSpec) -> int:
+        return next(i for i, ranks in enumerate(inst.stages) if self.rank in ranks)
+
+    def step(self, cmd: Step) -> None:
+        inst = self.instances[cmd.instance]
+        k = self._stage(inst)
+        meta = _meta_to(cmd.meta, self.device)
+        positions = cmd.positions.to(self.device)
+        if k == 0:
+            x = cmd.ids.to(self.device)
+        else:
+            prev = self.topo.workers[inst.stages[k - 1][0]]
+            x = recv_tensor((cmd.ids.numel(), self.model.config.hidden_size), _dtype(prev.dtype), prev.rank,
+                            TAG_HIDDEN, self.device).to(self.dtype)
+        stream = self._kv_streamer(cmd) if cmd.kv_out else None
+        h = self.model(x, positions, meta, self.views[cmd.instance], after_layer=stream)
+        if self.spec.tp_rank != 0:
+            return
+        if k == len(inst.stages) - 1:
+            # logits of the sampling rows, or a one-element "done" when the step samples nothing
+            out = self.model.compute_logits(h[cmd.sample_rows]) if cmd.sample_rows else torch.zeros(1)
+            work, _ = send_tensor(out, DRIVER, TAG_LOGITS)
+            work.wait()
+            return
+        for dst in inst.stages[k + 1]:
+            self.sending.append(send_tensor(h, dst, TAG_HIDDEN))
+
+    # ---- KV hand-off ----------------------------------------------------------------------------
+    def _kv_streamer(self, cmd: Step):
+        """A callback sending each layer's KV of the step's finished prompts as soon as the layer ran."""
+        from ..kvcache import extract_kv
+
+        first, lo_heads = self.spec.layers[0], self.kv_heads[0]
+        outs = [(out, [r for r in out.routes if r[0] == self.rank]) for out in cmd.kv_out]
+
+        def after_layer(i: int) -> None:
+            layer = first + i
+            for out, mine in outs:
+                routes = [r for r in mine if r[2][0] <= layer < r[2][1]]
+                if not routes:
+                    continue
+                k_cache, v_cache = self.caches[cmd.instance][i]
+                k, v = extract_kv(k_cache, v_cache, self.spec.kv_layout, out.block_table, out.num_tokens)
+                for _, dst, _, (h0, h1) in routes:
+                    kv = torch.stack((k[h0 - lo_heads:h1 - lo_heads], v[h0 - lo_heads:h1 - lo_heads]))
+                    self.sending.append(send_tensor(kv, dst, TAG_KV))
+
+        return after_layer
+
+    def post_kv_receives(self, cmd: KVRecv) -> None:
+        mine = [r for r in cmd.routes if r[1] == self.rank]
+        hd = self.model.config.head_dim
+        pieces = []
+        for layer in range(*self.spec.layers):
+            for src, _, (l0, l1), (h0, h1) in mine:
+                if l0 <= layer < l1:
+                    buf = torch.empty((2, h1 - h0, cmd.num_tokens, hd), dtype=_dtype(cmd.src_dtype))
+                    pieces.append((layer, h0, buf, dist.irecv(buf, src, tag=TAG_KV)))
+        self.staged[cmd.key] = _Staged(cmd.num_tokens, pieces)
+
+    def install(self, cmd: KVInstall) -> None:
+        from ..kvcache import install_kv
+
+        staged = self.staged.pop(cmd.key)
+        first = self.spec.layers[0]
+        by_layer: dict[int, list[tuple[int, Tensor]]] = {}
+        for layer, h0, buf, work in staged.pieces:
+            work.wait()
+            by_layer.setdefault(layer, []).append((h0, buf))
+        if len(by_layer) != len(self.model.layers):
+            raise RuntimeError(f"hand-off {cmd.key}: KV arrived for {len(by_layer)} of this worker's "
+                               f"{len(self.model.layers)} layers")
+        for layer, pieces in by_layer.items():
+            pieces.sort(key=lambda p: p[0])
+            kv = pieces[0][1] if len(pieces) == 1 else torch.cat([b for _, b in pieces], dim=1)
+            kv = kv.to(self.device)
+            k_cache, v_cache = self.caches[cmd.instance][layer - first]
+            install_kv(k_cache, v_cache, self.spec.kv_layout, cmd.block_table, kv[0], kv[1])
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _meta_to(meta, device: torch.device):
+    if device.type == "cpu":
+        return meta
+    from dataclasses import replace
+
+    def move(t):
+        return None if t is None else t.to(device)
+
+    spans = tuple(replace(s, block_table=move(s.block_table), mask=move(s.mask)) for s in meta.prefills)
+    return replace(meta, slot_mapping=move(meta.slot_mapping), decode_block_tables=move(meta.decode_block_tables),
+                   decode_mask=move(meta.decode_mask), prefills=spans)
+
+
+# ---- process entry point ---------------------------------------------------------------------------
+def run_worker(plan: str, model: str, rank: int, master: str, kv_cache_gb: float, dtype: str | None,
+               threads: int, local_index: int, group_size: int = 64) -> None:
+    """Load this rank's part of ``plan`` and serve commands until the driver shuts it down."""
+    from ...plan import load_plan
+    from .topology import topology_from_plan
+
+    torch.set_num_threads(threads)
+    topo = topology_from_plan(load_plan(plan), dtype)
+    init_distributed(rank, topo.world_size, master)
+    worker = Worker(topo, rank, model, kv_cache_gb, local_device(local_index), group_size)
+    dist.barrier()   # everyone loaded: the driver may start
+    try:
+        worker.serve()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m hetserve.runtime.dist.worker")
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--master", required=True, help="HOST:PORT of the driver's rendezvous")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.25)
+    ap.add_argument("--dtype")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--local-index", type=int, default=0)
+    ap.add_argument("--group-size", type=int, default=64)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HETSERVE_LOG", "WARNING"))
+    run_worker(a.plan, a.model, a.rank, a.master, a.kv_cache_gb, a.dtype, a.threads, a.local_index, a.group_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
