@@ -38,8 +38,9 @@ def reference() -> dict[str, list[int]]:
     return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
 
 
-def generate(engine, prompts=PROMPTS, tokens=TOKENS) -> dict[str, list[int]]:
-    ids = {engine.add_request(p, SamplingParams(max_tokens=tokens, temperature=0)): p for p in prompts}
+def generate(engine, prompts=PROMPTS, tokens=TOKENS, ignore_eos=False) -> dict[str, list[int]]:
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=ignore_eos)
+    ids = {engine.add_request(p, params): p for p in prompts}
     done = {}
     deadline = time.monotonic() + 600
     while engine.has_unfinished_requests():
@@ -100,16 +101,17 @@ def test_shared_server_serves_both_chains(reference):
 
 
 def test_bf16_decode_agreement():
-    """fp32 prefill, bf16 decode: the first token is the prefill's; report how many tokens agree."""
+    """fp32 prefill, bf16 decode: the first token is the prefill's; report how many tokens agree (greedy
+    decoding diverges for good once one token differs, so the rate is mostly how long they stay equal)."""
     prompts = [f"Write one sentence about {topic}." for topic in (
         "rivers", "mountains", "bread", "chess", "the moon", "bees", "trains", "libraries", "volcanoes", "tea",
         "winter", "lighthouses", "octopuses", "paper", "glass", "clocks", "maps", "salt", "bridges", "owls")]
     ref_engine = LLMEngine.from_model("smollm2-135m", EngineConfig())
     ref = {p: o.token_ids for p, o in zip(prompts, ref_engine.generate(
-        prompts, SamplingParams(max_tokens=TOKENS, temperature=0)))}
+        prompts, SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)))}
     engine = start_cluster(str(PLANS / "smollm2-pd-bf16.yaml"), kv_cache_gb=KV_GB)
     try:
-        got = generate(engine, prompts)
+        got = generate(engine, prompts, ignore_eos=True)
     finally:
         engine.shutdown()
     assert all(got[p][0] == ref[p][0] for p in prompts)   # sampled from the fp32 prefill's logits

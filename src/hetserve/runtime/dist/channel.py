@@ -2,8 +2,9 @@
 
 Commands (driver -> worker) are pickled dataclasses sent as a length then a byte tensor; tensors
 between workers (activations, KV) and logits back to the driver are sent raw, both ends knowing the
-shape from the command. Each kind of traffic has its own tag so streams between the same two ranks
-never interleave. Tensors on an accelerator are staged through host memory (gloo moves CPU tensors).
+shape from the command. Each kind of traffic (and each KV hand-off)
+has its own tag, so streams between the same two ranks never interleave. Tensors on an accelerator
+are staged through host memory (gloo moves CPU tensors).
 """
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-TAG_COMMAND, TAG_HIDDEN, TAG_KV, TAG_LOGITS = 1, 2, 3, 4
+TAG_COMMAND, TAG_HIDDEN, TAG_LOGITS = 1, 2, 4
 DRIVER = 0
+
+
+def kv_tag(key: int) -> int:
+    """Each hand-off's KV has a tag of its own: one prefill step streams several requests' layers
+    interleaved, and the decode side posts its receives per request."""
+    return 1000 + key
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -70,13 +77,6 @@ class KVDrop:
 @dataclass
 class Shutdown:
     pass
-
-
-def send_command(command: Any, dst: int) -> list:
-    """Non-blocking: returns the works; keep them (and so the buffers) until they complete."""
-    payload = torch.frombuffer(bytearray(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-    size = torch.tensor([payload.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst, tag=TAG_COMMAND), dist.isend(payload, dst, tag=TAG_COMMAND)]
 
 
 def encode_command(command: Any) -> tuple[Tensor, Tensor]:

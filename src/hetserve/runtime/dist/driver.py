@@ -385,6 +385,9 @@ class ClusterEngine:
         lane.flight = None
         if not inst.up:
             return
+        for seq_id, (dec, key) in flight.handoffs.items():
+            if seq_id not in self._by_seq:       # aborted while its prefill ran: free the staged KV
+                self._send(KVDrop(key), self.instances[dec].spec.ranks)
         live = [it for it in flight.sampling if it.seq.seq_id in self._by_seq]
         rows = [flight.sampling.index(it) for it in live]
         reqs = [self._by_seq[it.seq.seq_id] for it in live]
@@ -448,6 +451,9 @@ class ClusterEngine:
             req.attempts += 1
             req.instance = None
         for lane in inst.lanes:
+            for dec, key in (lane.flight.handoffs.values() if lane.flight else ()):
+                if self.instances[dec].up:       # KV that will never come: drop the receives
+                    self._send(KVDrop(key), self.instances[dec].spec.ranks)
             lane.flight = None
         for req in orphans:
             self._route(req, outputs)

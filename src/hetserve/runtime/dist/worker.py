@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .channel import (DRIVER, TAG_HIDDEN, TAG_KV, TAG_LOGITS, KVDrop, KVInstall, KVRecv, Shutdown, Step,
-                      recv_command, recv_tensor, send_tensor)
+from .channel import (DRIVER, TAG_HIDDEN, TAG_LOGITS, KVDrop, KVInstall, KVRecv, Shutdown, Step,
+                      kv_tag, recv_command, recv_tensor, send_tensor)
 from .topology import InstanceSpec, Topology, WorkerSpec
 
 log = logging.getLogger("hetserve.worker")
@@ -144,7 +144,7 @@ class Worker:
                 k, v = extract_kv(k_cache, v_cache, self.spec.kv_layout, out.block_table, out.num_tokens)
                 for _, dst, _, (h0, h1) in routes:
                     kv = torch.stack((k[h0 - lo_heads:h1 - lo_heads], v[h0 - lo_heads:h1 - lo_heads]))
-                    self.sending.append(send_tensor(kv, dst, TAG_KV))
+                    self.sending.append(send_tensor(kv, dst, kv_tag(out.key)))
 
         return after_layer
 
@@ -156,7 +156,7 @@ class Worker:
             for src, _, (l0, l1), (h0, h1) in mine:
                 if l0 <= layer < l1:
                     buf = torch.empty((2, h1 - h0, cmd.num_tokens, hd), dtype=_dtype(cmd.src_dtype))
-                    pieces.append((layer, h0, buf, dist.irecv(buf, src, tag=TAG_KV)))
+                    pieces.append((layer, h0, buf, dist.irecv(buf, src, tag=kv_tag(cmd.key))))
         self.staged[cmd.key] = _Staged(cmd.num_tokens, pieces)
 
     def install(self, cmd: KVInstall) -> None:
