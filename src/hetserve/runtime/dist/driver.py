@@ -201,27 +201,21 @@ class ClusterEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    @staticmethod
+    def _load_of(lanes: list[_Lane], queued: int = 0, steps: int | None = None) -> EngineLoad:
+        scheds = [ln.scheduler for ln in lanes]
+        return EngineLoad(sum(len(s.waiting) for s in scheds) + queued, sum(len(s.running) for s in scheds),
+                          sum(s.blocks.num_used_blocks for s in scheds), sum(s.blocks.num_blocks for s in scheds),
+                          sum(s.stats.steps for s in scheds) if steps is None else steps,
+                          sum(s.stats.prefix_hit_tokens for s in scheds))
+
     def load(self) -> EngineLoad:
-        lanes = [ln for i in self.instances.values() if i.up for ln in i.lanes]
-        return EngineLoad(sum(len(ln.scheduler.waiting) for ln in lanes) + len(self._queued),
-                          sum(len(ln.scheduler.running) for ln in lanes),
-                          sum(ln.scheduler.blocks.num_used_blocks for ln in lanes),
-                          sum(ln.scheduler.blocks.num_blocks for ln in lanes),
-                          sum(ln.scheduler.stats.steps for ln in lanes),
-                          sum(ln.scheduler.stats.prefix_hit_tokens for ln in lanes))
+        return self._load_of([ln for i in self.instances.values() if i.up for ln in i.lanes], len(self._queued))
 
     def instance_loads(self) -> dict[str, tuple[bool, EngineLoad]]:
         """Per instance: whether it is up, and its load (for /metrics)."""
-        out = {}
-        for name, inst in self.instances.items():
-            ls = inst.lanes
-            out[name] = (inst.up, EngineLoad(sum(len(ln.scheduler.waiting) for ln in ls),
-                                             sum(len(ln.scheduler.running) for ln in ls),
-                                             sum(ln.scheduler.blocks.num_used_blocks for ln in ls),
-                                             sum(ln.scheduler.blocks.num_blocks for ln in ls),
-                                             self.instance_steps[name],
-                                             sum(ln.scheduler.stats.prefix_hit_tokens for ln in ls)))
-        return out
+        return {name: (inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name]))
+                for name, inst in self.instances.items()}
 
     def wake(self) -> None:
         """Return from a ``step`` waiting on the workers (a request arrived that an idle lane may take)."""
