@@ -1,9 +1,9 @@
 """Serving a plan over worker processes against one worker, at the same offered load.
 
-    python benchmarks/serve_plans.py [--duration 60] [--rate 0.5] [--seed 0] [--json]
+    python benchmarks/serve_plans.py [--duration 60] [--rate 0.25] [--seed 0] [--json]
 
-For each plan in benchmarks/plans/ (one worker; a 3-stage pipeline 7/13/10; prefill -> decode with KV
-conversion), start `hetserve serve --plan` on a free port, send one warm-up request, replay
+For each plan in benchmarks/plans/ (one worker; a 3-stage pipeline 7/13/10 with 3 micro-batches in
+flight, and with one; prefill -> decode with KV conversion), start `hetserve serve --plan` on a free port, send one warm-up request, replay
 benchmarks/plans/serve-load.yaml with `hetserve bench` (same seed: the same requests at the same times),
 stop the server. Prints throughput and latency percentiles and each plan's ratio to the one-worker run
 (overhead = ratio - 1 for latencies; the target is <= 20%). Every worker runs one torch thread.
@@ -24,7 +24,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 PLANS = [("one worker", "smollm2-one-worker.yaml"), ("3-stage pipeline", "smollm2-pipeline-3.yaml"),
-         ("prefill -> decode", "smollm2-pd-1-1.yaml")]
+         ("3 stages, 1 lane", "smollm2-pipeline-3-one-lane.yaml"), ("prefill -> decode", "smollm2-pd-1-1.yaml")]
 KEYS = ["throughput_tok_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms",
         "slo_attainment", "completed"]
 
@@ -72,7 +72,7 @@ def run_plan(plan: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--rate", type=float, default=0.5)
+    ap.add_argument("--rate", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
