@@ -56,6 +56,28 @@ def test_preemption_and_recompute_give_identical_tokens(reference):
     assert eng.scheduler.blocks.num_free_blocks == 16
 
 
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
+def test_decodes_from_the_dense_copy_give_the_tokens_of_gathering(reference, layout):
+    """Decode attention over the runner's dense K/V copy -- rows kept from step to step, moved as requests
+    finish at different lengths, reloaded after preemption -- generates what gathering the blocks from
+    the paged cache does."""
+    from hetserve.runtime.model_runner import ModelRunner
+
+    lengths = (3, 16, 7, 12, 16)
+    outputs, used = {}, {}
+    for dense in (True, False):
+        eng = engine(num_kv_blocks=14, enable_prefix_caching=False)
+        eng.runner = ModelRunner(MODEL, 14, 4, kv_layout=layout)
+        eng.runner.decode_kv.max_bytes = 1 << 30 if dense else 0
+        assign, used[dense] = eng.runner.decode_kv.assign, []
+        eng.runner.decode_kv.assign = lambda *a, log=used[dense], f=assign: log.append(f(*a)) or log[-1]
+        outs = eng.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+        outputs[dense] = [o.token_ids for o in outs]
+        assert eng.scheduler.stats.preemptions > 0
+    assert outputs[True] == outputs[False] == [r[:n] for r, n in zip(reference, lengths)]
+    assert all(used[True]) and used[False] and not any(used[False])
+
+
 def test_seeded_sampling_survives_preemption():
     params = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     ample = generated(engine(), **params)

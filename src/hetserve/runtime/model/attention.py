@@ -7,8 +7,10 @@ tokens arrive as one flat batch: first ``num_decodes`` single decode tokens (one
 one contiguous span per sequence that computes several tokens (a prompt or a prompt chunk). New K/V
 are written to their cache slots first, then every query attends to its sequence's blocks:
 
-* decodes: all sequences at once -- their blocks are gathered into a padded ``[D, S]`` batch with a
-  length mask, one ``scaled_dot_product_attention`` call;
+* decodes: all sequences at once, one ``scaled_dot_product_attention`` call over a padded ``[D, S]``
+  batch with a length mask. The keys and values come from the model runner's dense per-sequence copy
+  when the layer's cache carries one (``decode_kv_index`` set: read in place, the new token appended), else
+  the sequences' blocks are gathered from the paged cache;
 * spans: one call each (a span is already a large matrix product). A span that starts a sequence uses
   its fresh K/V with a causal mask; one that continues earlier KV gathers its blocks.
 
@@ -48,6 +50,9 @@ class AttentionMetadata:
     # for strided (head-major) caches, once per step; without them each layer derives them from slots
     slot_blocks: Tensor | None = None          # [T] long: slot_mapping // block_size
     slot_offsets: Tensor | None = None         # [T] long: slot_mapping % block_size
+    # decodes read a dense copy ([2, rows, kv_heads, capacity, head_dim] per layer, decode d in row d): where
+    # each decode's new K/V goes in its flattened [rows * kv_heads * capacity, head_dim] view
+    decode_kv_index: Tensor | None = None      # [D * kv_heads] long
 
 
 def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu") -> Tensor:
@@ -73,21 +78,30 @@ def _write_strided(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta:
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: AttentionMetadata) -> Tensor:
+                    meta: AttentionMetadata, decode_kv: Tensor | None = None) -> Tensor:
     """q: [T, heads, hd]; k, v: [T, kv_heads, hd] for the new tokens. Returns [T, heads, hd].
 
     The caches are ``[num_blocks, block_size, kv_heads, hd]``, contiguous or a head-major storage's view.
+    ``decode_kv`` is the layer's dense decode copy ``[2, rows, kv_heads, capacity, hd]``; the decodes use
+    it when ``meta.decode_kv_index`` is set.
     """
+    kv_heads, hd = k.shape[1], k.shape[2]
     if k_cache.is_contiguous():
-        kv_heads, hd = k.shape[1], k.shape[2]
         k_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kv_heads, hd).index_copy_(0, meta.slot_mapping, v)
     else:
         _write_strided(k, v, k_cache, v_cache, meta)
     d = meta.num_decodes
     if d:
-        keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]
-        values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+        if decode_kv is not None and meta.decode_kv_index is not None:
+            width = meta.decode_mask.shape[-1]
+            dense_k, dense_v = decode_kv[0], decode_kv[1]                    # [rows, kvh, capacity, hd]
+            dense_k.view(-1, hd).index_copy_(0, meta.decode_kv_index, k[:d].reshape(-1, hd))
+            dense_v.view(-1, hd).index_copy_(0, meta.decode_kv_index, v[:d].reshape(-1, hd))
+            keys, values = dense_k[:d, :, :width], dense_v[:d, :, :width]    # [D, kvh, S, hd] views
+        else:
+            keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]
+            values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
                                            enable_gqa=True)                  # [D, heads, 1, hd]
         if not meta.prefills:  # a decode-only step: nothing else to place

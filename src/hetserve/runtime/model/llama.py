@@ -85,6 +85,80 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+# Projections of a decode batch (a few rows) on CPU: BLAS splits x @ W^T between its threads by rows,
+# which leaves them short of work (with one row, a matrix-vector product that scales poorly). Up to this
+# many rows an fp32 ``nn.Linear`` is computed so that the threads split the output features instead:
+# 1.3-2x faster products on two threads from 2 to 128 rows (4-32 rows most), no slower on one.
+FEW_ROWS = 128
+_CHUNK = 4096   # output features per product of a very wide projection (the LM head); ~10% faster than one
+
+
+def _fast_path(linear: nn.Module, x: Tensor) -> bool:
+    """An fp32 ``nn.Linear`` on CPU with a few rows (one row only with several threads to split it)."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    return (type(linear) is nn.Linear and 0 < rows <= FEW_ROWS and x.device.type == "cpu"
+            and linear.weight.dtype == torch.float32 and (rows > 1 or torch.get_num_threads() > 1))
+
+
+def _by_halves(linear: nn.Linear, x: Tensor) -> Tensor | None:
+    """``linear(x)`` as [2, rows, out / 2]: one batched product over the two halves of the output
+    features (a thread each, each streaming its half of the weight as the one-product form does).
+    None when the weight is neither [out, in] nor input-major contiguous, or out is odd."""
+    w = linear.weight
+    n, k = w.shape
+    if n % 2:
+        return None
+    if w.is_contiguous():
+        halves = w.view(2, n // 2, k).transpose(1, 2)              # [2, in, out / 2] views
+    elif w.t().is_contiguous():
+        halves = w.t().view(k, 2, n // 2).transpose(0, 1)
+    else:
+        return None
+    xs = x.expand(2, *x.shape)
+    if linear.bias is None:
+        return torch.bmm(xs, halves)
+    return torch.baddbmm(linear.bias.view(2, 1, n // 2), xs, halves)
+
+
+def _transposed_product(linear: nn.Linear, x: Tensor) -> Tensor:
+    """W @ x^T for an [out, in] contiguous weight (the threads split W's rows), as a [rows, out] view."""
+    w, b = linear.weight, linear.bias
+    n = w.shape[0]
+    if n <= 2 * _CHUNK:
+        return (torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())).t()
+    out = torch.empty(n, x.shape[0], dtype=x.dtype, device=x.device)
+    for s in range(0, n, _CHUNK):
+        if b is None:
+            torch.mm(w[s:s + _CHUNK], x.t(), out=out[s:s + _CHUNK])
+        else:
+            torch.addmm(b[s:s + _CHUNK, None], w[s:s + _CHUNK], x.t(), out=out[s:s + _CHUNK])
+    return out.t()
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for x [rows, in]. A few rows through an fp32 ``nn.Linear``: W @ x^T when the weight
+    is [out, in] contiguous and there are several rows (the result is a transposed view), else by halves
+    (joined with a small copy when there are several rows). Anything else: the module itself."""
+    if not _fast_path(linear, x):
+        return linear(x)
+    if x.shape[0] > 1 and linear.weight.is_contiguous():
+        return _transposed_product(linear, x)
+    y = _by_halves(linear, x)
+    if y is None:
+        return linear(x)
+    return y.transpose(0, 1).reshape(x.shape[0], -1)
+
+
+def project_halves(linear: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The two halves of ``linear(x)``'s output features (gate and up of a fused projection), by halves
+    when ``project`` would take that form: no joining copy."""
+    if _fast_path(linear, x) and not (x.shape[0] > 1 and linear.weight.is_contiguous()):
+        y = _by_halves(linear, x)
+        if y is not None:
+            return y[0], y[1]
+    return project(linear, x).chunk(2, dim=-1)
+
+
 class Attention(nn.Module):
     """Self-attention over ``shard``'s heads (all heads when None)."""
 
@@ -100,15 +174,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.split[0], config.hidden_size, bias=o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+                kv_cache: tuple[Tensor, ...]) -> Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = project(self.qkv_proj, x)
         qk_size = self.split[0] + self.split[1]
         qk = apply_rope(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]   # queries and keys rotated together
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.o_proj(o.reshape(t, -1))
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, kv_cache[2] if len(kv_cache) > 2 else None)
+        return project(self.o_proj, o.reshape(t, -1))
 
 
 class MLP(nn.Module):
@@ -121,8 +195,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(n, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = project_halves(self.gate_up_proj, x)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class ShardedAttention(Attention):
@@ -133,8 +207,8 @@ class ShardedAttention(Attention):
         self.group = group
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
-        out = super().forward(x, cos, sin, meta, kv_cache)
+                kv_cache: tuple[Tensor, ...]) -> Tensor:
+        out = super().forward(x, cos, sin, meta, kv_cache).contiguous()
         dist.all_reduce(out, group=self.group)
         return out
 
@@ -147,7 +221,7 @@ class ShardedMLP(MLP):
         self.group = group
 
     def forward(self, x: Tensor) -> Tensor:
-        out = super().forward(x)
+        out = super().forward(x).contiguous()
         dist.all_reduce(out, group=self.group)
         return out
 
@@ -164,7 +238,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config) if shard is None else ShardedMLP(config, shard, group)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+                kv_cache: tuple[Tensor, ...]) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -209,8 +283,9 @@ class LlamaModel(nn.Module):
         self.to_empty(device=device)    # allocate, uninitialised, directly in the run dtype
         for layer in self.layers if dtype == torch.float32 else ():
             # fp32: the two wide projections are stored input-major (an [out, in] view of [in, out] memory);
-            # CPU BLAS streams that layout ~1.6x faster in the single-token products of decoding. (Not for
-            # 16-bit weights: their CPU kernels take another path whose rounding differs for that layout.)
+            # CPU BLAS streams that layout ~1.2-1.6x faster in the single-token products of decoding, and
+            # ``project`` computes a decode batch's products about as fast from it as from [out, in]. (Not
+            # for 16-bit weights: their CPU kernels take another path whose rounding differs for that layout.)
             for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
                 linear.weight = nn.Parameter(torch.empty(linear.in_features, linear.out_features, dtype=dtype,
                                                          device=device).t())
@@ -238,7 +313,8 @@ class LlamaModel(nn.Module):
         """x: token ids [T] on the first slice, else hidden states [T, hidden] from the slice before.
 
         Returns hidden states [T, hidden] (after the final norm on the last slice).
-        ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer. ``after_layer(i)`` runs once
+        ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer, optionally followed by the layer's
+        dense decode copy (see ``paged_attention``). ``after_layer(i)`` runs once
         layer ``i`` of the slice has written its KV (a prefill worker streams it out from there).
         """
         h = self.embed_tokens(x) if self.is_first else x
@@ -256,7 +332,7 @@ class LlamaModel(nn.Module):
         """fp32 logits [N, vocab] for the given rows of final hidden states (last slice only)."""
         if not self.is_last:
             raise RuntimeError("only the slice holding the last layer computes logits")
-        return self.lm_head(hidden).float()
+        return project(self.lm_head, hidden).float()
 
     # ---- weights ------------------------------------------------------------------------------
     def _weight_targets(self) -> tuple[dict[str, WeightTarget], set[str]]:
