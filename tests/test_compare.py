@@ -156,10 +156,7 @@ def test_every_scenario_names_its_papers_and_says_what_was_chosen():
 
 #: Scenarios where hetserve's planner does not beat the baseline (see docs/baselines.md). Not strict: the
 #: searches on both sides are time-limited, so the margin moves with machine load; the loss is reported.
-PLANNER_LOSES = {
-    "llmpq-opt66b": "the planner's cross-pool chains use one max-TP group per pool and quantise only until "
-                    "the weights fit, so its KV cache (batch) is a third of LLM-PQ's; LLM-PQ wins on throughput",
-}
+PLANNER_LOSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(
@@ -184,11 +181,10 @@ def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(pa
 
 #: Scenarios cheap enough to plan and simulate with every strategy in a test (a few seconds each), and the
 #: strategies that beat hetserve's planner there (docs/baselines.md).
-EVERY_STRATEGY = {
+EVERY_STRATEGY: dict[str, str | None] = {
     "llmpq-bloom176b": None,
-    "llmpq-opt66b": "LLM-PQ and Petals keep more KV room (more quantisation, pipeline stages per GPU)",
-    "chain-bloom176b": "LLM-PQ's single pipeline over all 12 servers sustains ~20% more requests/s within "
-                       "the SLOs; the planner's cross-pool chains take one group from at most 4 pools",
+    "llmpq-opt66b": None,
+    "chain-bloom176b": None,
 }
 
 

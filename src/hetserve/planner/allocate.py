@@ -48,9 +48,11 @@ def _power(templates, counts, flows) -> float:
 
 
 def solve(templates: list[Template], pools: dict[str, int], objective: str, *, rate: float | None = None,
-          budget: float | None = None, time_limit: float = 30.0, roles: set[str] | None = None) -> Allocation | None:
-    """The optimal allocation, or None if nothing is feasible."""
-    idx = [j for j, t in enumerate(templates) if _cap(t, objective) > 0 and (roles is None or t.role in roles)]
+          budget: float | None = None, time_limit: float = 30.0, roles: set[str] | None = None,
+          exclude: set[int] | None = None) -> Allocation | None:
+    """The optimal allocation, or None if nothing is feasible. ``exclude``: template indices not to use."""
+    idx = [j for j, t in enumerate(templates) if _cap(t, objective) > 0 and (roles is None or t.role in roles)
+           and (exclude is None or j not in exclude)]
     if not idx:
         return None
     n = len(idx)

@@ -3,7 +3,8 @@
 1. Candidate instances (templates.py) over every pool and asymmetric cross-pool chain, each with a
    queueing-aware capacity for the workload (capacity.py).
 2. Allocations (allocate.py) by MILP for the objective, over all roles and also restricted to colocated
-   (mixed) and to disaggregated (prefill + decode) instances, so both designs are compared.
+   (mixed) and to disaggregated (prefill + decode) instances, so both designs are compared; plus the
+   runner-up and the optimum without every-server chains when the joint one uses them.
 3. Each allocation becomes a plan (build.py) with request weights from the LP flows or least-work
    routing, and is simulated on the workload; the best simulated one wins. The first plan is ready
    after the first MILP (anytime); the search stops at the time limit.
@@ -32,6 +33,10 @@ CONFIRM_REQUESTS = 1200
 CONFIRM_PER_INSTANCE = 15
 #: Simulations spent finding the highest rate that meets the SLOs (goodput objective).
 GOODPUT_STEPS = 4
+#: Allocations (best simulated first) also confirmed with weighted routing (goodput: the best only).
+WEIGHTED_LEADS = 2
+#: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
+MAX_REPLAY = 4 * CONFIRM_REQUESTS
 
 
 @dataclass
@@ -108,7 +113,8 @@ class Planner:
     def run(self) -> PlanResult:
         self._tick("candidate instances")
         slo = None if self.objective == "throughput" else self.slo
-        factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality)
+        factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality,
+                                  lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"))
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
@@ -138,6 +144,22 @@ class Planner:
             allocs.append((label, a))
         if not allocs:
             raise HetserveError(self._why_rate_unreachable(templates, pools))
+        # Two more designs for the simulation to judge, where the analytic capacities are least sure: the
+        # runner-up (the best allocation without the joint optimum's templates: near-equal designs, e.g. two
+        # instances against one longer chain, differ by less than the capacity model's accuracy) and, if
+        # the joint optimum uses chains that make every server of several pools a stage, the optimum
+        # without them (long chains over slow links can simulate below their analytic rate).
+        first = allocs[0][1]
+        extra = [("runner-up", set(first.counts))]
+        spread = {j for j, t in enumerate(templates) if t.layout == "every-server"}
+        if spread & set(first.counts):
+            extra.append(("short-chains", spread))
+        for label, exclude in extra:
+            a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
+                      exclude=exclude)
+            if a is not None and tuple(sorted(a.counts.items())) not in seen:
+                seen.add(tuple(sorted(a.counts.items())))
+                allocs.append((label, a))
         candidates: list[Candidate] = []
         for label, alloc in allocs:               # every design once, least-work routing
             if candidates and self._elapsed() > self.time_limit * 0.5:
@@ -157,13 +179,26 @@ class Planner:
         if not candidates:
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
         if self.objective == "goodput":
-            for cand in sorted(candidates, key=lambda c: -c.score)[:2]:
+            # The rate search for the two allocations of highest analytic goodput, and for a chain placement
+            # if it simulated best: one simulation at 0.8x the analytic rate ranks plans whose SLOs failed
+            # there (scored at half their goodput) below plans that passed at a lower rate, so it is not the
+            # ranking to trust between allocations.
+            searched = sorted((c for c in candidates if c.alloc.counts), key=lambda c: -c.alloc.rate)[:2]
+            top = max(candidates, key=lambda c: c.score)
+            if top not in searched:
+                searched.append(top)
+            for cand in searched:
                 if self._elapsed() > self.time_limit * 0.8:
                     break
                 self._tick(f"highest rate within the SLOs: {cand.label}")
                 self._goodput_search(cand)
-        lead = max(candidates, key=lambda c: c.score)
-        if lead.alloc.counts and self._elapsed() < self.time_limit * 0.8:       # the flows' weights instead of least-work
+        # The flows' weights instead of least-work, for the two best allocations (routing can reorder them);
+        # for goodput, where each confirmation is a rate search of several simulations, for the best only.
+        leads = sorted((c for c in candidates if c.alloc.counts), key=lambda c: -c.score)[
+            :1 if self.objective == "goodput" else WEIGHTED_LEADS]
+        for lead in leads:
+            if self._elapsed() >= self.time_limit * 0.8:
+                break
             self._tick("confirming weighted routing")
             alt = self._candidate(lead.label.split("/")[0] + "/weighted", lead.alloc, templates, "weighted")
             if alt is not None:
@@ -204,12 +239,11 @@ class Planner:
         plan["model"] = self.model_ref
         dep = deployment_from_dict(plan, self.cluster, self.model, source="planned plan")
         if self.objective == "throughput":
-            rate = alloc.rate * 1.2            # saturate: measure what it sustains
-        elif self.objective == "goodput":
-            rate = alloc.rate * 0.8            # the analytic model's rate, with a margin
+            rate = alloc.rate                  # the workload as given if it saturates the plan, else 1.2 x
+            summary = self._simulate_throughput(dep, rate)
         else:
-            rate = self.rate
-        summary = self._simulate(dep, rate)
+            rate = alloc.rate * 0.8 if self.objective == "goodput" else self.rate   # goodput: with a margin
+            summary = self._simulate(dep, rate)
         if summary is None:
             return None
         return Candidate(label, alloc, plan, dep, summary, _score(self.objective, summary, rate))
@@ -239,12 +273,10 @@ class Planner:
         rate = ref.rate if ref is not None else self.rate
         alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)
         if self.objective == "throughput":
-            rate *= 1.2
-        elif self.objective == "goodput":
-            rate *= 0.8
+            summary = self._simulate_throughput(dep, rate)
         else:
-            rate = self.rate
-        summary = self._simulate(dep, rate)
+            rate = rate * 0.8 if self.objective == "goodput" else self.rate
+            summary = self._simulate(dep, rate)
         if summary is None:
             return None
         plan["name"] = f"{self.model.name}-{self.objective}"
@@ -263,6 +295,21 @@ class Planner:
         summary = simulate(dep, reqs, self.slo, seed=self.seed, drain_s=max(300.0, 2 * duration)).summary
         summary["offered_rps"] = len(reqs) / duration
         return summary
+
+    def _simulate_throughput(self, dep: Deployment, capacity: float) -> dict | None:
+        """Throughput is output tokens/s at the workload's offered load, every request drained. When the
+        workload arrives faster than the plan's analytic ``capacity`` and is small enough to replay (e.g.
+        an offline batch), that is the workload as given: how many requests arrive together decides how
+        full the last batches are. Otherwise the plan is saturated at 1.2 x ``capacity``."""
+        n = self.rate * self.workload.spec.duration_s
+        if self.rate >= capacity and n <= MAX_REPLAY:
+            reqs = self.workload.sample(seed=self.seed)
+            if len(reqs):
+                duration = self.workload.spec.duration_s
+                summary = simulate(dep, reqs, self.slo, seed=self.seed).summary      # drained
+                summary["offered_rps"] = len(reqs) / duration
+                return summary
+        return self._simulate(dep, capacity * 1.2)
 
     def _goodput_search(self, cand: Candidate) -> None:
         """Goodput = the highest offered rate at which the SLO percentiles hold (bisection in simulation,
@@ -308,7 +355,8 @@ class Planner:
             o = max(others, key=lambda c: c.score)
             comp = (f" (the best {o.label.split('/')[0]} plan simulated {_value(self.objective, o.summary):.4g} vs "
                     f"{_value(self.objective, best.summary):.4g} {self._unit()})")
-        out.append(f"Chose {design}{comp}, routing {best.label.split('/')[1]}.")
+        source = f" from the {best.label.split('/')[0]} allocation" if used else ""
+        out.append(f"Chose {design}{source}{comp}, routing {best.label.split('/')[1]}.")
         limits = {}
         for t in used:
             limits[t.cap.limit] = limits.get(t.cap.limit, 0) + 1

@@ -6,9 +6,11 @@ per-layer bits, a role and scheduler settings, and its analytic capacity for the
 
 Generated per pool: every TP degree that divides both the heads and the node size, with the fewest
 pipeline stages that fit (and one more), at 16 bits and, under the quality budget, with lower-bit
-layers where they make the model fit or decode faster. Across pools: asymmetric chains (HexGen /
-Helix style) of one TP group per pool with layers split in proportion to stage speed under each
-stage's memory; these are what makes a model fit that no single node holds.
+layers where they make the model fit, decode faster or leave more KV room (``_bits_for`` modes).
+Across pools: asymmetric chains of one TP group per pool (HexGen / Helix), of every node of the pools
+and of every GPU of the pools (LLM-PQ: one pipeline over a small cluster), with layers split in
+proportion to stage speed or to stage memory under each stage's memory; these are what makes a model
+fit that no single node holds, and what puts every small server of a cluster to work.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from .quality import sensitivity
 
 ROLES = ("mixed", "prefill", "decode")
 MAX_STAGES = 8
+#: Most stages in a cross-pool chain (LLM-PQ-style chains put every GPU of a small cluster in one).
+MAX_CHAIN_STAGES = 16
 SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
     "mixed": (256, 4096, 2048),
     "prefill": (64, 16384, 8192),
@@ -70,6 +74,9 @@ class Template:
     cap_free: Capacity                     # ignoring SLOs (throughput objective)
     kv_bytes_per_token: float = 0.0
     quantised: bool = field(default=False)
+    #: How its stages were laid out: "pool" (one pool), "per-pool" (one TP group per pool, across pools) or
+    #: "every-server" (every node or every GPU of several pools a stage, across pools).
+    layout: str = "pool"
 
     @property
     def num_gpus(self) -> int:
@@ -110,17 +117,30 @@ class TemplateFactory:
     """Builds templates and their capacities for one cluster, model and workload."""
 
     def __init__(self, cluster: Cluster, model: ModelSpec, prompt: float, output: float, slo: SLO | None,
-                 quality: float, cost_model: RooflineCostModel | None = None):
+                 quality: float, cost_model: RooflineCostModel | None = None, lane_tokens: float | None = None,
+                 precisions: tuple[str, ...] = ("fit", "spread")):
         self.cluster, self.model = cluster, model
+        #: Modes of ``_bits_for`` tried per template (the planner adds "deep"; the baselines that build on
+        #: this factory keep the two they were written with).
+        self.precisions = precisions
+        #: Tokens (prompt + output) a micro-batch lane's share of the KV cache must hold (the simulator and
+        #: the runtime split an instance's cache equally over its lanes); a chain whose cache is small for its
+        #: stage count gets fewer lanes. None: only the whole cache must hold a mean request.
+        self.lane_tokens = lane_tokens
         self.prompt, self.output, self.slo, self.quality = prompt, output, slo, quality
         self.cm = cost_model or RooflineCostModel(model)
         self.sens = sensitivity(model)
         self._count = 0
 
     # ---- precision ------------------------------------------------------------------------------
-    def _bits_for(self, spans: list[tuple[int, int]], caps: list[float], quantise_more: bool) -> list[int] | None:
-        """Per-layer bits so each span's weights fit its byte cap, removing the least sensitive bits;
-        with ``quantise_more`` spend the whole quality budget (lower bits decode faster)."""
+    def _bits_for(self, spans: list[tuple[int, int]], caps: list[float], mode: str = "fit") -> list[int] | None:
+        """Per-layer bits so each span's weights fit its byte cap, removing the least sensitive bits first.
+
+        ``fit``: only until every span fits. ``spread``: spend the whole quality budget, every layer to 8 bits
+        before any to 4 (lower bits decode faster). ``deep``: spend it least sensitive layer first, each down
+        to 4 bits before the next; for the same budget this frees the most memory (a step from 16 to 8 or 8 to
+        4 bits saves the same bytes per unit of sensitivity, so the cheapest layers should take both), which
+        is KV room: LLM-PQ's trade of precision for batch size."""
         m = self.model
         bits = [16] * m.num_layers
         allowed = self.quality * 16 * sum(self.sens)
@@ -131,13 +151,16 @@ class TemplateFactory:
             for l in range(a, b):
                 span_of[l] = k
         weight = [sum(m.layer_weight_bytes(bits[l]) for l in range(a, b)) for a, b in spans]
-        for hi, lo in ((16, 8), (8, 4)):
-            for l in order:
+        steps = ((16, 8), (8, 4))
+        passes = [[(l, hi, lo) for l in order for hi, lo in steps]] if mode == "deep" else \
+            [[(l, hi, lo) for l in order] for hi, lo in steps]
+        for moves in passes:
+            for l, hi, lo in moves:
                 k = span_of[l]
                 if bits[l] != hi:
                     continue
                 over = weight[k] > caps[k]
-                if not over and not quantise_more:
+                if not over and mode == "fit":
                     continue
                 cost = self.sens[l] * (hi - lo)
                 if spent + cost > allowed + 1e-9:
@@ -148,6 +171,15 @@ class TemplateFactory:
         if any(w > c for w, c in zip(weight, caps)):
             return None
         return bits
+
+    def _precisions(self, spans: list[tuple[int, int]], caps: list[float]) -> list[list[int]]:
+        """The distinct per-layer bits of each mode (only ``fit`` for a lossless budget)."""
+        out: list[list[int]] = []
+        for mode in self.precisions if self.quality > 0 else ("fit",):
+            bits = self._bits_for(spans, caps, mode)
+            if bits is not None and bits not in out:
+                out.append(bits)
+        return out
 
     def _weight_cap(self, pool: Pool, tp: int, first: bool, last: bool, role: str) -> float:
         """Bytes of layer weights a stage may hold, leaving activations and a share for the KV cache."""
@@ -180,14 +212,7 @@ class TemplateFactory:
         out = []
         for role in ROLES:
             caps = [self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role) for a, b in spans]
-            seen = set()
-            for more in (False, True):
-                if more and self.quality == 0:
-                    continue
-                bits = self._bits_for(spans, caps, more)
-                if bits is None or tuple(bits) in seen:
-                    continue
-                seen.add(tuple(bits))
+            for bits in self._precisions(spans, caps):
                 stages = [Stage(pool, tp, a, b, tuple(bits[a:b])) for a, b in spans]
                 t = self.make(role, stages)
                 if t is not None:
@@ -195,36 +220,76 @@ class TemplateFactory:
         return out
 
     def hetero_chains(self, pools: list[Pool], max_len: int = 4) -> list[Template]:
-        """Asymmetric chains: one TP group (a whole node) from each of 2..max_len pools, fastest first."""
-        m = self.model
+        """Asymmetric chains over 2..max_len pools of one vendor (consecutive in speed order), and over all of
+        a vendor's pools when there are more. Each set of pools is tried with three stage layouts:
+        one whole-node TP group per pool (HexGen / Helix), every node of the pools a stage, and every GPU a
+        stage (LLM-PQ); the last two group stages by zone so that a chain crosses each zone boundary once."""
         ranked = sorted(pools, key=lambda p: -p.gpu.memory_bw_gb_per_s * p.gpus_per_node)
         out = []
         by_vendor: dict[str, list[Pool]] = {}
         for p in ranked:
             by_vendor.setdefault(p.gpu.vendor, []).append(p)
+        seen: set[tuple] = set()
         for vendor_pools in by_vendor.values():
-            for length in range(2, min(max_len, len(vendor_pools)) + 1):
-                for start in range(0, len(vendor_pools) - length + 1):
-                    chosen = vendor_pools[start:start + length]
-                    tps = []
-                    for p in chosen:
-                        t = max(t for t in range(1, p.gpus_per_node + 1)
-                                if p.gpus_per_node % t == 0 and m.num_heads % t == 0)
-                        tps.append(t)
-                    spans = self._balanced_spans(chosen, tps)
-                    if spans is None:
+            windows = [vendor_pools[start:start + length]
+                       for length in range(2, min(max_len, len(vendor_pools)) + 1)
+                       for start in range(0, len(vendor_pools) - length + 1)]
+            if len(vendor_pools) > max_len:
+                windows.append(vendor_pools)
+            for chosen in windows:
+                for layout in self._stage_layouts(chosen, len(chosen) <= max_len):
+                    key = tuple((p.key, t) for p, t in layout)
+                    if key in seen:
                         continue
-                    out.extend(self._variants_multi(chosen, tps, spans))
+                    seen.add(key)
+                    stage_pools = [p for p, _ in layout]
+                    tps = [t for _, t in layout]
+                    kind = "per-pool" if [p.key for p in stage_pools] == [p.key for p in chosen] else "every-server"
+                    splits = []
+                    for by in ("speed", "memory"):
+                        spans = self._balanced_spans(stage_pools, tps, by)
+                        if spans is not None and spans not in splits:
+                            splits.append(spans)
+                    for spans in splits:
+                        for t in self._variants_multi(stage_pools, tps, spans):
+                            t.layout = kind
+                            out.append(t)
         return out
 
-    def _balanced_spans(self, pools: list[Pool], tps: list[int]) -> list[tuple[int, int]] | None:
-        """Layer counts in proportion to each stage's speed, capped by what its memory holds (4-bit at
-        the most), rounded so every stage has at least one layer."""
+    def _max_tp(self, pool: Pool) -> int:
+        return max(t for t in range(1, pool.gpus_per_node + 1)
+                   if pool.gpus_per_node % t == 0 and self.model.num_heads % t == 0)
+
+    def _stage_layouts(self, chosen: list[Pool], one_per_pool: bool) -> list[list[tuple[Pool, int]]]:
+        """(pool, TP) per stage: one whole-node group per pool; every node a stage; every GPU a stage."""
+        out = []
+        if one_per_pool:
+            out.append([(p, self._max_tp(p)) for p in chosen])
+        zones: list[str] = []
+        for p in chosen:
+            if p.zone not in zones:
+                zones.append(p.zone)
+        grouped = sorted(chosen, key=lambda p: zones.index(p.zone))          # stable: speed order in a zone
+        limit = min(MAX_CHAIN_STAGES, self.model.num_layers)
+        every_node = [(p, self._max_tp(p)) for p in grouped for _ in p.nodes]
+        every_gpu = [(p, 1) for p in grouped for _ in range(p.total)]
+        for layout in (every_node, every_gpu):
+            if len(layout) <= limit and layout not in out:
+                out.append(layout)
+        return out
+
+    def _balanced_spans(self, pools: list[Pool], tps: list[int], by: str = "speed") -> list[tuple[int, int]] | None:
+        """Layer counts in proportion to each stage's speed (``by="speed"``: balanced step times) or to its
+        memory room (``by="memory"``: balanced KV room, so the chain's KV cache is not bounded by one
+        crowded stage), capped by what its memory holds (4-bit at the most), rounded so every stage has
+        at least one layer."""
         m = self.model
         L = m.num_layers
-        speed = [p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)]
-        cap_layers = [int(self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed") // m.layer_weight_bytes(4))
-                      for i, (p, t) in enumerate(zip(pools, tps))]
+        room = [self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed")
+                for i, (p, t) in enumerate(zip(pools, tps))]
+        speed = ([p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)] if by == "speed"
+                 else [max(r, 0.0) for r in room])
+        cap_layers = [int(r // m.layer_weight_bytes(4)) for r in room]
         if sum(cap_layers) < L or min(cap_layers) < 1:
             return None
         share = [0.0] * len(pools)
@@ -259,13 +324,11 @@ class TemplateFactory:
         for role in ROLES:
             caps = [self._weight_cap(p, t, a == 0, b == self.model.num_layers, role)
                     for p, t, (a, b) in zip(pools, tps, spans)]
-            bits = self._bits_for(spans, caps, False)
-            if bits is None:
-                continue
-            stages = [Stage(p, t, a, b, tuple(bits[a:b])) for p, t, (a, b) in zip(pools, tps, spans)]
-            tpl = self.make(role, stages)
-            if tpl is not None:
-                out.append(tpl)
+            for bits in self._precisions(spans, caps):
+                stages = [Stage(p, t, a, b, tuple(bits[a:b])) for p, t, (a, b) in zip(pools, tps, spans)]
+                tpl = self.make(role, stages)
+                if tpl is not None:
+                    out.append(tpl)
         return out
 
     # ---- one template ---------------------------------------------------------------------------------
@@ -283,6 +346,11 @@ class TemplateFactory:
             kv = min(kv, mem.kv_capacity_tokens)
         if kv < self.prompt + self.output:
             return None
+        lanes = len(stages)                     # micro-batches in flight: one per stage keeps every stage busy
+        if self.lane_tokens is not None:        # ... unless a lane's share of the cache cannot hold a request
+            lanes = min(lanes, int(kv // self.lane_tokens))
+            if lanes < 1:
+                return None
         hops = []
         for a, b in zip(stages, stages[1:]):
             if a.pool is b.pool and a.tp + b.tp <= a.pool.gpus_per_node:
@@ -295,7 +363,7 @@ class TemplateFactory:
             hops.append(link)
         act = m.hidden_size * 2.0
         ch = ChainTiming([cm.timer(s) for s in shapes], [h.latency for h in hops],
-                         [act / h.bandwidth for h in hops], micro_batches=len(stages))
+                         [act / h.bandwidth for h in hops], micro_batches=lanes)
         kv_bytes = m.kv_bytes_per_token(2)
         if role == "prefill":
             net = self.cluster.spec.network.gbit_per_s * 1e9 / 8
@@ -318,7 +386,7 @@ class TemplateFactory:
         price = sum(s.pool.gpu.price_per_hour * s.tp for s in stages)
         idle = sum(s.pool.gpu.idle_watts * s.tp for s in stages)
         dyn = sum((s.pool.gpu.tdp_w - s.pool.gpu.idle_watts) * s.tp for s in stages) / len(stages)
-        return Template(f"t{self._count}", role, stages, len(stages), gpus, price, idle, dyn, int(kv), settings,
+        return Template(f"t{self._count}", role, stages, lanes, gpus, price, idle, dyn, int(kv), settings,
                         cap, free, kv_bytes, any(b < 16 for s in stages for b in s.bits))
 
     def all(self) -> list[Template]:
