@@ -226,7 +226,7 @@ def main() -> None:
                 "met" if ((r >= float(target[3:-1])) if target.startswith(">=") else (r <= float(target[3:-1])))
                 else "MISSED")
             print(f"{name:<50} {a:10.1f} {b:13.1f} {r:6.2f}x  {target} {verdict}")
-    del hf
+    hf = None   # free its memory before the quantised runs
 
     if args.skip_quant:
         return
