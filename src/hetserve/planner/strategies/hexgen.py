@@ -4,38 +4,55 @@ HexGen's scheduler has two levels, and so does this strategy:
 
 1. **Grouping (evolutionary search, seeded).** The cluster's GPUs are cut into *units* (a node, or
    half of a node with four or more GPUs). A genome assigns every unit to a replica group or leaves it
-   unused. Mutations move a unit to another group (or a new one, or out), merge two groups, split one,
-   or swap two units; tournament selection with elitism keeps the best genomes. Fitness is the sum of
-   the groups' analytic capacities for the objective (requests/s within the SLOs for goodput, without
-   them for throughput); genomes over the budget drop units (a seeded choice) until they fit; for cost
-   and power, the cheapest grouping that carries the workload's rate.
+   unused. The first genomes are one group per node, per zone, per vendor, all in one, every unit
+   alone; the rest are random. Mutations move a unit to another group (or a new one, or out), rejoin
+   a node's units, merge two groups, split one, or swap two units; tournament selection with elitism
+   keeps the best genomes, until the generations or the search time run out or the best stalls.
+   Fitness is what HexGen maximises: the request rate the whole fleet serves within the deadline,
+   i.e. the sum of the groups' analytic capacities (requests/s within the SLOs for goodput, without
+   them for throughput), since requests are dispatched to the groups in proportion to those
+   capacities; genomes over the budget drop units (a seeded choice) until they fit; for cost and
+   power, the cheapest grouping that carries the workload's rate.
 2. **Asymmetric parallelism per group.** A group's nodes are ordered by zone (so slow cross-zone links
    are crossed as few times as possible) and speed; every node's GPUs form one or more pipeline
    stages of one TP degree (each node may pick its own degree). Layers go to stages so that the slowest
    stage is as fast as possible, within each stage's memory at 16 bits (HexGen's cost model; the
-   bottleneck split is found exactly by bisection on the stage time). Each TP combination is priced
-   with the planner's capacity model over the real links, and the best one is the group's pipeline.
+   bottleneck split is found exactly by bisection on the stage time). Each TP combination (fewest
+   stages first, at most ``MAX_TP_COMBOS``) is priced with the planner's capacity model over the real
+   links, and the best one is the group's pipeline.
 
 16-bit weights only; every replica is a colocated (mixed) instance: no prefill/decode disaggregation.
-A group never spans vendors. Requests go to the replica with the least outstanding work.
+A group never spans vendors. Requests are routed to the replicas with weights equal to their capacities
+(HexGen's dispatch in proportion to each group's serving capacity).
 """
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
+from ..capacity import mixed_capacity
 from ..templates import SETTINGS
-from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
+from .base import (
+    PlanWriter,
+    Spot,
+    Strategy,
+    StrategyContext,
+    chain_timing,
+    memory_of,
+    spot,
+)
 
 POPULATION = 24
-GENERATIONS = 60
+GENERATIONS = 200
+STALL = 40                 # generations without a better genome before the search stops
 TOURNAMENT = 3
 ELITE = 2
 MAX_TP_COMBOS = 24
-SEARCH_SHARE = 0.5        # of the time limit spent evolving
+SEARCH_SHARE = 0.6        # of the time limit spent evolving
 KV_RESERVE = 0.15          # share of each stage's free memory kept for the KV cache
 
 
@@ -99,7 +116,10 @@ class GroupPlanner:
             tps = [t for t in range(g, 0, -1) if g % t == 0 and ctx.model.num_heads % t == 0]
             options.append(tps[:3])
         best = None
-        for combo in itertools.islice(itertools.product(*options), MAX_TP_COMBOS):
+        combos = itertools.islice(itertools.product(*options), 20 * MAX_TP_COMBOS)
+        # fewest stages (highest TP) first, so that every node's degree varies, not only the last nodes'
+        combos = sorted(combos, key=lambda c: (sum(len(per_node[n]) // t for n, t in zip(order, c)), c[::-1]))
+        for combo in combos[:MAX_TP_COMBOS]:
             stages = []
             for n, tp in zip(order, combo):
                 gpus = sorted(per_node[n])
@@ -111,12 +131,28 @@ class GroupPlanner:
             if spans is None:
                 continue
             spots = [spot(n, g, a, b, 16) for (n, g), (a, b) in zip(stages, spans)]
-            est = estimate(ctx, "mixed", spots, micro_batches=len(spots))
-            rate = est.rate(ctx.objective if ctx.objective in ("throughput", "goodput") else "goodput")
-            if est.fits and rate > 0 and (best is None or rate > best.rate):
+            rate = self._rate(spots)
+            if rate > 0 and (best is None or rate > best.rate):
                 best = Group(spots, rate, sum(nodes[s.node].gpu.price_per_hour * s.tp for s in spots),
                              sum(nodes[s.node].gpu.idle_watts * s.tp for s in spots))
         return best
+
+    def _rate(self, spots: list[Spot]) -> float:
+        """The pipeline's capacity (requests/s) for the objective: within the SLOs, except for throughput.
+        As ``base.estimate`` for a mixed instance with a lane per stage, computing only what is used."""
+        ctx = self.ctx
+        max_batch, max_tokens, _ = SETTINGS["mixed"]
+        kv = math.inf
+        for s in spots:
+            mem = memory_of(ctx, s, "mixed")
+            if not mem.fits:
+                return 0.0
+            kv = min(kv, mem.kv_capacity_tokens)
+        kv = int(kv)
+        if kv / len(spots) < ctx.prompt + ctx.output:
+            return 0.0
+        ch = chain_timing(ctx, spots, len(spots))
+        return mixed_capacity(ch, ctx.prompt, ctx.output, ctx.capacity_slo, max_batch, max_tokens, kv).rate
 
     def _split(self, stages) -> list[tuple[int, int]] | None:
         """Contiguous layer counts minimising the slowest stage, within each stage's memory."""
@@ -208,51 +244,65 @@ class HexGen(Strategy):
                 g[used.pop()] = -1
             return g
 
-        population = [within_budget(self._seed_genome(units, rng, k)) for k in range(POPULATION)]
+        population = [within_budget(self._seed_genome(units, rng, k, ctx)) for k in range(POPULATION)]
         scored = sorted(((fitness(g), g) for g in population), key=lambda x: -x[0])
+        stall = 0
         for _ in range(GENERATIONS):
-            if ctx.elapsed() > deadline:
+            if ctx.elapsed() > deadline or stall >= STALL:
                 break
+            top = scored[0][0]
             nxt = [g for _, g in scored[:ELITE]]
             while len(nxt) < POPULATION:
                 parent = max(rng.sample(scored, min(TOURNAMENT, len(scored))), key=lambda x: x[0])[1]
-                nxt.append(within_budget(self._mutate(parent, rng)))
+                nxt.append(within_budget(self._mutate(parent, rng, units)))
             scored = sorted(((fitness(g), g) for g in nxt), key=lambda x: -x[0])
+            stall = stall + 1 if scored[0][0] <= top + 1e-9 else 0
         best = scored[0][1]
         groups = [gp.group(g) for g in groups_of(best)]
         groups = [g for g in groups if g is not None]
         if not groups:
             raise HetserveError(f"hexgen: no group of GPUs in {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
                                 "(HexGen does not quantise); add GPUs or use a smaller model")
+        groups = sorted(groups, key=lambda g: -g.rate)
         writer = PlanWriter(ctx, f"hexgen-{ctx.model.name}")
-        for i, g in enumerate(sorted(groups, key=lambda g: -g.rate)):
-            writer.instance(f"replica-{i}", "mixed", g.spots, micro_batches=len(g.spots))
+        weights = {}
+        for i, g in enumerate(groups):
+            weights[writer.instance(f"replica-{i}", "mixed", g.spots, micro_batches=len(g.spots))] = max(round(g.rate, 4), 1e-4)
         desc = "; ".join(" -> ".join(f"{ctx.cluster.nodes[s.node].gpu.name} TP{s.tp} x{s.layers}L" for s in g.spots)
-                         for g in groups)
-        return writer.plan({"policy": "least-work"}, notes=f"HexGen baseline: {len(groups)} replicas: {desc}.")
+                         + f" ({g.rate:.2f} req/s)" for g in groups)
+        routing = {"policy": "weighted", "weights": weights} if len(groups) > 1 else {"policy": "least-work"}
+        return writer.plan(routing, notes=f"HexGen baseline: {len(groups)} replicas, requests dispatched in "
+                                          f"proportion to their capacities: {desc}.")
 
     @staticmethod
-    def _seed_genome(units: list[Unit], rng: random.Random, k: int) -> list[int]:
-        """Initial genomes: one group per node, one per zone, everything in one group, and random cuts."""
-        if k == 0:
-            nodes = sorted({u.node for u in units})
-            return [nodes.index(u.node) for u in units]
-        if k == 1:
-            return list(range(len(units)))
-        if k == 2:
+    def _seed_genome(units: list[Unit], rng: random.Random, k: int, ctx: StrategyContext) -> list[int]:
+        """Initial genomes: one group per node, per zone, per vendor, everything in one group, every unit
+        alone, and random cuts."""
+        nodes = ctx.cluster.nodes
+        keys = {0: lambda u: u.node, 1: lambda u: nodes[u.node].zone, 2: lambda u: nodes[u.node].gpu.vendor}
+        if k in keys:
+            labels = sorted({str(keys[k](u)) for u in units})
+            return [labels.index(str(keys[k](u))) for u in units]
+        if k == 3:
             return [0] * len(units)
+        if k == 4:
+            return list(range(len(units)))
         groups = rng.randint(1, max(1, len(units)))
         return [rng.randrange(groups) for _ in units]
 
     @staticmethod
-    def _mutate(genome: list[int], rng: random.Random) -> list[int]:
+    def _mutate(genome: list[int], rng: random.Random, units: list[Unit]) -> list[int]:
         g = list(genome)
         used = sorted({x for x in g if x >= 0})
         new_id = (max(used) + 1) if used else 0
         kind = rng.random()
         i = rng.randrange(len(g))
-        if kind < 0.35:                                   # move a unit
+        if kind < 0.3:                                    # move a unit
             g[i] = rng.choice(used + [new_id, -1]) if used else new_id
+        elif kind < 0.4:                                  # rejoin the unit's node: its other units follow it
+            for j, u in enumerate(units):
+                if u.node == units[i].node:
+                    g[j] = g[i]
         elif kind < 0.55 and len(used) >= 2:              # merge two groups
             a, b = rng.sample(used, 2)
             g = [a if x == b else x for x in g]
