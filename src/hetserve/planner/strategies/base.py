@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ...costmodel.roofline import RooflineCostModel, ServerShape
 from ...errors import HetserveError
@@ -141,13 +143,24 @@ def spot(node: str, gpus, start: int, end: int, bits=16) -> Spot:
 
 @dataclass
 class Estimate:
-    """What the cost model predicts for one instance on explicitly placed servers."""
+    """What the cost model predicts for one instance on explicitly placed servers. Each capacity is
+    computed when first asked for, so a search that ranks by one of them pays for that one only."""
 
     fits: bool
     kv_tokens: int                # KV capacity of the instance (tokens), after kv_share
-    cap: Capacity | None          # within the SLOs (None when it does not fit)
-    free: Capacity | None         # ignoring the SLOs
     timing: ChainTiming | None
+    capacity: Callable[[SLO | None], Capacity] | None = field(default=None, repr=False)  # under an SLO or None
+    slo: SLO | None = None        # the SLO of ``cap``
+
+    @cached_property
+    def cap(self) -> Capacity | None:
+        """Within the SLOs (None when it does not fit)."""
+        return self.capacity(self.slo) if self.fits else None
+
+    @cached_property
+    def free(self) -> Capacity | None:
+        """Ignoring the SLOs (None when it does not fit)."""
+        return self.capacity(None) if self.fits else None
 
     def rate(self, objective: str) -> float:
         c = self.free if objective == "throughput" else self.cap
@@ -180,23 +193,22 @@ def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=Non
     for s in spots:
         mem = memory_of(ctx, s, role, (max_batch, max_tokens, None))
         if not mem.fits:
-            return Estimate(False, 0, None, None, None)
+            return Estimate(False, 0, None)
         kv = min(kv, mem.kv_capacity_tokens * kv_share)
     kv = int(kv)
     if kv / micro_batches < ctx.prompt + ctx.output:        # each lane gets an equal share of the KV
-        return Estimate(False, kv, None, None, None)
+        return Estimate(False, kv, None)
     ch = chain_timing(ctx, spots, micro_batches)
-    slo = ctx.capacity_slo
     if role == "prefill":
-        cap = prefill_capacity(ch, ctx.prompt, slo, max_tokens)
-        free = prefill_capacity(ch, ctx.prompt, None, max_tokens)
+        def capacity(slo: SLO | None) -> Capacity:
+            return prefill_capacity(ch, ctx.prompt, slo, max_tokens)
     elif role == "decode":
-        cap = decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv)
-        free = decode_capacity(ch, ctx.prompt, ctx.output, None, max_batch, kv)
+        def capacity(slo: SLO | None) -> Capacity:
+            return decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv)
     else:
-        cap = mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv)
-        free = mixed_capacity(ch, ctx.prompt, ctx.output, None, max_batch, max_tokens, kv)
-    return Estimate(True, kv, cap, free, ch)
+        def capacity(slo: SLO | None) -> Capacity:
+            return mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv)
+    return Estimate(True, kv, ch, capacity, ctx.capacity_slo)
 
 
 def spots_price(ctx: StrategyContext, spots) -> float:

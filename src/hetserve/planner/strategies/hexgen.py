@@ -28,23 +28,13 @@ A group never spans vendors. Requests are routed to the replicas with weights eq
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
-from ..capacity import mixed_capacity
 from ..templates import SETTINGS
-from .base import (
-    PlanWriter,
-    Spot,
-    Strategy,
-    StrategyContext,
-    chain_timing,
-    memory_of,
-    spot,
-)
+from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 
 POPULATION = 24
 GENERATIONS = 200
@@ -138,21 +128,9 @@ class GroupPlanner:
         return best
 
     def _rate(self, spots: list[Spot]) -> float:
-        """The pipeline's capacity (requests/s) for the objective: within the SLOs, except for throughput.
-        As ``base.estimate`` for a mixed instance with a lane per stage, computing only what is used."""
-        ctx = self.ctx
-        max_batch, max_tokens, _ = SETTINGS["mixed"]
-        kv = math.inf
-        for s in spots:
-            mem = memory_of(ctx, s, "mixed")
-            if not mem.fits:
-                return 0.0
-            kv = min(kv, mem.kv_capacity_tokens)
-        kv = int(kv)
-        if kv / len(spots) < ctx.prompt + ctx.output:
-            return 0.0
-        ch = chain_timing(ctx, spots, len(spots))
-        return mixed_capacity(ch, ctx.prompt, ctx.output, ctx.capacity_slo, max_batch, max_tokens, kv).rate
+        """The pipeline's capacity (requests/s) for the objective: within the SLOs, except for throughput."""
+        objective = "throughput" if self.ctx.objective == "throughput" else "goodput"
+        return estimate(self.ctx, "mixed", spots, micro_batches=len(spots)).rate(objective)
 
     def _split(self, stages) -> list[tuple[int, int]] | None:
         """Contiguous layer counts minimising the slowest stage, within each stage's memory."""
