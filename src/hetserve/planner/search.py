@@ -132,16 +132,17 @@ class Planner:
         allocs: list[tuple[str, Allocation]] = []
         seen = set()
         limit = max(1.0, self.time_limit / 6)
-        for label, roles in variants:
+
+        def allocate(label: str, **restrict) -> None:
+            """Solve the allocation MILP under ``restrict`` (roles= or exclude=); keep a new allocation."""
             a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
-                      roles=roles)
-            if a is None:
-                continue
-            key = tuple(sorted(a.counts.items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            allocs.append((label, a))
+                      **restrict)
+            if a is not None and tuple(sorted(a.counts.items())) not in seen:
+                seen.add(tuple(sorted(a.counts.items())))
+                allocs.append((label, a))
+
+        for label, roles in variants:
+            allocate(label, roles=roles)
         if not allocs:
             raise HetserveError(self._why_rate_unreachable(templates, pools))
         # Two more designs for the simulation to judge, where the analytic capacities are least sure: the
@@ -155,11 +156,7 @@ class Planner:
         if spread & set(first.counts):
             extra.append(("short-chains", spread))
         for label, exclude in extra:
-            a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
-                      exclude=exclude)
-            if a is not None and tuple(sorted(a.counts.items())) not in seen:
-                seen.add(tuple(sorted(a.counts.items())))
-                allocs.append((label, a))
+            allocate(label, exclude=exclude)
         candidates: list[Candidate] = []
         for label, alloc in allocs:               # every design once, least-work routing
             if candidates and self._elapsed() > self.time_limit * 0.5:
