@@ -135,15 +135,21 @@ def _transposed_product(linear: nn.Linear, x: Tensor) -> Tensor:
     return out.t()
 
 
-def project(linear: nn.Module, x: Tensor) -> Tensor:
-    """``linear(x)`` for x [rows, in]. A few rows through an fp32 ``nn.Linear``: W @ x^T when the weight
-    is [out, in] contiguous and there are several rows (the result is a transposed view), else by halves
-    (joined with a small copy when there are several rows). Anything else: the module itself."""
+def _form(linear: nn.Module, x: Tensor) -> str:
+    """How ``project`` computes ``linear(x)``: ``transposed`` (W @ x^T: an [out, in] contiguous fp32 weight
+    and several rows), ``halves`` (a few rows otherwise) or ``module`` (the module itself)."""
     if not _fast_path(linear, x):
-        return linear(x)
-    if x.shape[0] > 1 and linear.weight.is_contiguous():
+        return "module"
+    return "transposed" if x.shape[0] > 1 and linear.weight.is_contiguous() else "halves"
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for x [rows, in], in the form ``_form`` picks (W @ x^T is a transposed view; by halves is
+    joined with a small copy when there are several rows)."""
+    form = _form(linear, x)
+    if form == "transposed":
         return _transposed_product(linear, x)
-    y = _by_halves(linear, x)
+    y = _by_halves(linear, x) if form == "halves" else None
     if y is None:
         return linear(x)
     return y.transpose(0, 1).reshape(x.shape[0], -1)
@@ -152,10 +158,9 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
 def project_halves(linear: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """The two halves of ``linear(x)``'s output features (gate and up of a fused projection), by halves
     when ``project`` would take that form: no joining copy."""
-    if _fast_path(linear, x) and not (x.shape[0] > 1 and linear.weight.is_contiguous()):
-        y = _by_halves(linear, x)
-        if y is not None:
-            return y[0], y[1]
+    y = _by_halves(linear, x) if _form(linear, x) == "halves" else None
+    if y is not None:
+        return y[0], y[1]
     return project(linear, x).chunk(2, dim=-1)
 
 
