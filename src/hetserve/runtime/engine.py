@@ -105,6 +105,24 @@ class _Request:
         return tail
 
 
+def prompt_token_ids(prompt: str | Seq[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    """The prompt's token ids (text is encoded with ``tokenizer``), checked: not empty, within the
+    vocabulary, and leaving room for at least one new token in ``max_model_len``. ValueError otherwise."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass token ids")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {max_model_len - 1}")
+    return ids
+
+
 class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None = None,
                  config: EngineConfig | None = None):
@@ -136,19 +154,7 @@ class LLMEngine:
         """Queue a prompt (text or token ids); returns the request id. ``max_tokens`` is capped so the
         request fits in ``max_model_len``."""
         params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {self.max_model_len - 1}")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.model.config.vocab_size, self.max_model_len)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         request_id = next(self._ids)
         seq = Sequence(request_id, len(ids), max_tokens, token_ids=ids)

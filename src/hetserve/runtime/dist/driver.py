@@ -23,7 +23,7 @@ import torch
 from ...scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence
 from ...scheduling.routing import make_policy
 from ..detokenizer import IncrementalDecoder
-from ..engine import EngineLoad, RequestOutput, _Request
+from ..engine import EngineLoad, RequestOutput, _Request, prompt_token_ids
 from ..model_runner import prepare_batch
 from ..sampling import SamplingParams, sample
 from .channel import TAG_LOGITS, KVDrop, KVInstall, KVOut, KVRecv, Shutdown, Step, encode_command, send_encoded
@@ -168,13 +168,7 @@ class ClusterEngine:
 
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {self.max_model_len - 1}")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size, self.max_model_len)
         if not any(i.up for i in self.entry):
             raise RuntimeError("no instance is up to serve the request")
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
@@ -439,9 +433,9 @@ class ClusterEngine:
         inst.stop()
         orphans = [r for r in self._requests.values() if r.instance == inst.name]
         for req in orphans:
-            self._by_seq.pop(req.state.seq.seq_id, None) if req.state.seq is not None else None
-            if req.install is not None:
-                req.install = None
+            if req.state.seq is not None:
+                self._by_seq.pop(req.state.seq.seq_id, None)
+            req.install = None
             req.attempts += 1
             req.instance = None
         for lane in inst.lanes:
