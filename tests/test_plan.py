@@ -255,6 +255,8 @@ CASES = [
      ["instances[2] (solo).name", "used twice"]),
     ("kv-share-above-one-on-instance", _set("instances", 1, "kv_share", 1.5),
      ["instances[1].kv_share", "less than or equal to 1"]),
+    ("kv-share-of-a-server-above-one", _set("instances", 0, "kv_share", {"a": 1.2, "b": 1.0}),
+     ["instances[0].kv_share", "server 'a'", "less than or equal to 1"]),
     ("unknown-routing-policy", _set("routing", {"policy": "random"}),
      ["routing.policy", "jffc", "'random'"]),
     ("wrong-version", lambda d: d.update(version=2),
@@ -324,6 +326,36 @@ def test_kv_capacity_shrinks_with_kv_share(plan):
     half = load_plan(plan(_set("instances", 0, "kv_share", 0.5), name="half.yaml")).instances["pipe"].kv_capacity_tokens
     assert full > 0 and half < full
     assert abs(2 * half - full) <= 2
+
+
+def test_kv_share_per_server(plan):
+    """A share per server: the instance holds what its tightest server gives it, and each server's
+    shares add up on that server alone."""
+    full = load_plan(plan()).instances["pipe"].kv_capacity_tokens
+    back_half = load_plan(plan(_set("instances", 0, "kv_share", {"a": 1.0, "b": 0.5}), name="b.yaml"))
+    assert abs(2 * back_half.instances["pipe"].kv_capacity_tokens - full) <= 2
+
+    def roomy_tail(d):             # i1 takes most of x and little of z; i2 the rest of z
+        _over_shared(d)
+        d["instances"][0]["kv_share"] = {"x": 0.9, "z": 0.2}
+        d["instances"][1]["kv_share"] = {"y": 1.0, "z": 0.8}
+
+    dep = load_plan(plan(roomy_tail, name="roomy.yaml"))
+    assert dep.instances["i1"].plan.share_on("z") == 0.2 and dep.instances["i2"].plan.share_on("z") == 0.8
+
+    def over(d):
+        roomy_tail(d)
+        d["instances"][1]["kv_share"]["z"] = 0.85
+    assert all(x in load_error(plan(over, name="over.yaml")) for x in ("server 'z'", "1.05", "at most 1"))
+
+    def missing(d):
+        d["instances"][0]["kv_share"] = {"a": 0.5}
+    msg = load_error(plan(missing, name="missing.yaml"))
+    assert "instances[0] (pipe).kv_share" in msg and "no share for ['b']" in msg
+
+    def stranger(d):
+        d["instances"][0]["kv_share"] = {"a": 0.5, "b": 0.5, "c": 0.5}
+    assert "names ['c'], not on its chain" in load_error(plan(stranger, name="stranger.yaml"))
 
 
 def test_kv_capacity_is_the_smallest_server(plan):

@@ -57,8 +57,22 @@ class InstancePlan(Strict):
     chunk_size: int | None = Field(default=None, ge=1, description="chunked prefill; None = whole prompts")
     policy: Literal["prefill-first", "decode-first"] = "decode-first"
     micro_batches: int = Field(default=1, ge=1, description="batches in flight through the chain")
-    kv_share: float = Field(default=1.0, gt=0, le=1, description="share of each server's KV room")
+    kv_share: float | dict[str, float] = Field(
+        default=1.0, description="share of each server's KV room: one for every server of the chain, or per server")
     block_size: int = Field(default=16, ge=1)
+
+    @field_validator("kv_share")
+    @classmethod
+    def _share_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for where, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if not 0 < x <= 1:
+                what = f"the share of server '{where}'" if where else "a share"
+                raise ValueError(f"{what} must be greater than 0 and less than or equal to 1")
+        return v
+
+    def share_on(self, server: str) -> float:
+        """This instance's share of ``server``'s KV room."""
+        return self.kv_share[server] if isinstance(self.kv_share, dict) else self.kv_share
 
 
 class RoutingPlan(Strict):
@@ -218,9 +232,15 @@ class Deployment:
             if expect != m.num_layers:
                 raise self._err(f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
                                 f"must hold all {m.num_layers} layers of {m.name}")
+            if isinstance(inst.kv_share, dict) and set(inst.kv_share) != set(inst.chain):
+                missing = [x for x in inst.chain if x not in inst.kv_share]
+                extra = [x for x in inst.kv_share if x not in inst.chain]
+                what = f"has no share for {missing}" if missing else f"names {extra}, not on its chain"
+                raise self._err(f"{where}.kv_share: {what}; give one share per server of the chain "
+                                f"{inst.chain}, or a single number for all of them")
             for srv in chain:
                 srv.instances.append(inst.name)
-                shares[srv.name] += inst.kv_share
+                shares[srv.name] += inst.share_on(srv.name)
             hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
             self.instances[inst.name] = Instance(inst, chain, 0, hops)
 
@@ -255,7 +275,7 @@ class Deployment:
                         f"{mem.weights / gb:.1f} GB of weights + {mem.activations / gb:.1f} GB of activations per "
                         f"GPU, but a {srv.node.gpu.name} has {mem.usable / gb:.1f} GB usable; give it fewer layers, "
                         "more GPUs (tp) or fewer weight bits")
-                caps.append(int(mem.kv_room * inst.plan.kv_share / mem.kv_bytes_per_token))
+                caps.append(int(mem.kv_room * inst.plan.share_on(srv.name) / mem.kv_bytes_per_token))
             inst.kv_capacity_tokens = min(caps)
             longest = inst.plan.block_size
             if inst.kv_capacity_tokens < longest:

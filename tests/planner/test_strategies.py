@@ -54,7 +54,7 @@ def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     used: dict[str, float] = {}
     for inst in dep.instances.values():
         for srv in inst.servers:
-            used[srv.name] = used.get(srv.name, 0.0) + inst.plan.kv_share
+            used[srv.name] = used.get(srv.name, 0.0) + inst.plan.share_on(srv.name)
     assert max(used.values()) <= 1 + 1e-9
     reqs = ctx.workload.sample(seed=0, duration_s=10)
     s = simulate(dep, reqs, ctx.slo).summary
@@ -191,7 +191,7 @@ def test_helix_max_flow_is_positive_and_covers_every_layer():
     on = {}
     for inst in dep.instances.values():
         for srv in inst.servers:
-            on[srv.name] = on.get(srv.name, 0.0) + inst.plan.kv_share
+            on[srv.name] = on.get(srv.name, 0.0) + inst.plan.share_on(srv.name)
     assert len(dep.instances) == 1 or max(on.values()) <= 1 + 1e-9
 
 
@@ -212,7 +212,9 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
     shared = [s for s, u in users.items() if len(u) > 1]
     assert shared, "the A10 heads both chains"
     for s in shared:
-        assert sum(dep.instances[i].plan.kv_share for i in users[s]) <= 1 + 1e-9
+        shares = [dep.instances[i].plan.share_on(s) for i in users[s]]
+        assert sum(shares) <= 1 + 1e-9
+        assert shares == pytest.approx([1 / len(shares)] * len(shares), abs=1e-3)   # split evenly
     assert all(len(i.servers) > 1 for i in dep.instances.values())
     assert plan["routing"]["policy"] == "least-work"
 
@@ -228,11 +230,14 @@ def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers
     alloc = ChainComposition().gca(ctx, servers, placed, 16, c=3)
     chains = [tuple(ch) for ch, _, _ in alloc]
     assert len(chains) > 2                       # composed across the two placed chains
+    capacity = ChainComposition._slots(ctx, servers, placed, 16)
     share: dict[str, float] = {}
-    for ch, slots, s in alloc:
-        assert slots >= 1 and 0 < s <= 1
-        for n in ch:
-            share[n] = share.get(n, 0.0) + s
+    for ch, slots, shares in alloc:
+        assert 1 <= slots <= 3 and len(shares) == len(ch)
+        for n, x in zip(ch, shares):
+            assert 0 < x <= 1
+            assert x * capacity[n] == pytest.approx(slots)     # every server holds the chain's job slots
+            share[n] = share.get(n, 0.0) + x
     assert max(share.values()) <= 1 + 1e-9
     assert any(sum(n in ch for ch in chains) > 1 for n in placed)
 

@@ -167,6 +167,27 @@ def test_shared_server_time_shares_compute():
         servers[:2], [dict(inst[0], kv_share=1.0)]).instances["c1"].kv_capacity_tokens
 
 
+def test_shared_server_batches_the_chains_waiting_on_it():
+    """Two chains through one decode-bound server: it reads its weights once per step for both, so
+    together they decode as fast as one instance with the same requests, and much faster than two
+    batches run one after the other."""
+    server = [{"name": "a", "node": "n", "gpus": [0], "layers": [0, 32]}]
+    alone = make_deployment(server, [{"name": "c", "role": "mixed", "chain": ["a"]}])
+    two = make_deployment(server, [{"name": "c1", "role": "mixed", "chain": ["a"], "kv_share": 0.5},
+                                   {"name": "c2", "role": "mixed", "chain": ["a"], "kv_share": 0.5}],
+                          routing={"policy": "round-robin"})
+    reqs = lambda: requests(np.zeros(32), 64, 256)
+    one = simulate(alone, reqs(), NO_SLO).summary
+    both = simulate(two, reqs(), NO_SLO).summary
+    assert both["completed"] == one["completed"] == 32
+    assert both["makespan_s"] == pytest.approx(one["makespan_s"], rel=0.05)
+    # the same steps run separately would read the weights twice per token
+    timer = alone.cost_model.timer(alone.servers["a"].shape)
+    merged, split = timer.batch_time(BatchShape.decode(32, 320)), 2 * timer.batch_time(BatchShape.decode(16, 320))
+    assert split > 1.5 * merged
+    assert both["makespan_s"] < 0.8 * 255 * split
+
+
 def test_jffc_prefers_the_fastest_free_chain_and_queues_when_all_are_busy():
     nodes = [{"name": "fast", "gpu": "h100-sxm", "count": 1}, {"name": "slow", "gpu": "l40s", "count": 1}]
     servers = [{"name": "f", "node": "fast", "gpus": [0], "layers": [0, 32]},

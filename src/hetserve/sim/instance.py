@@ -1,7 +1,10 @@
 """Simulated servers and instances.
 
-A ``SimServer`` is a compute resource with a FIFO timeline (``free_at``); instances whose chains share
-a server queue on it, which is how a shared server's compute is time-shared. A ``SimInstance`` runs the
+A ``SimServer`` is a compute resource. A server on one instance's chain has a FIFO timeline
+(``free_at``). A server on several instances' chains batches: whatever waits on it when it becomes free
+(the batches of every chain through it, up to the largest token budget among them) runs as one step,
+so the server reads its weights once for all of them, as a block server batching the requests of
+every path through it does. A ``SimInstance`` runs the
 shared scheduler (``hetserve.scheduling``) in one or more *lanes*: a lane is one batch in flight through
 the chain (``micro_batches`` lanes keep a pipeline's stages busy), with its own scheduler and an equal
 share of the instance's KV blocks.
@@ -9,6 +12,7 @@ share of the instance's KV blocks.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..costmodel.roofline import ServerTimer
@@ -31,6 +35,30 @@ class SimServer:
     busy: float = 0.0
     bins: list[float] = field(default_factory=list)   # busy seconds per utilisation bin
     bin_width: float = 1.0
+    # a server shared by several instances: its timer, its step's token budget and the (lane, stage)
+    # batches waiting for the next step
+    timer: ServerTimer | None = None
+    token_budget: int = 0
+    waiting: deque = field(default_factory=deque)
+    running: bool = False
+
+    @property
+    def batching(self) -> bool:
+        return self.timer is not None
+
+    def take_step(self) -> tuple[list, tuple[float, float, float, float]]:
+        """The waiting batches the next step runs (in arrival order, within the token budget; at least
+        one) and the shape of the merged step."""
+        taken, new, seqs, pairs, kv = [], 0.0, 0.0, 0.0, 0.0
+        while self.waiting:
+            lane, stage = self.waiting[0]
+            n, q, p, k = lane.shape
+            if taken and new + n > self.token_budget:
+                break
+            self.waiting.popleft()
+            taken.append((lane, stage))
+            new, seqs, pairs, kv = new + n, seqs + q, pairs + p, kv + k
+        return taken, (new, seqs, pairs, kv)
 
     def occupy(self, start: float, duration: float) -> None:
         self.busy += duration

@@ -2,7 +2,10 @@
 
 Events are processed in time order from one heap. Kinds:
 - ARRIVAL: a request is routed to a prefill/mixed instance (or waits in the router's queue under JFFC);
-- STAGE: a lane's batch reaches stage ``s`` of its chain and queues on that server (FIFO);
+- STAGE: a lane's batch reaches stage ``s`` of its chain and queues on that server (FIFO, or waits
+  for the next batched step of a server shared by several instances);
+- SERVED: a shared server's batched step ends (each batch in it moves to its next stage), or its next
+  step starts with every batch waiting on it;
 - DONE: a lane's step (or a run of decode steps) ends; the shared scheduler advances its sequences;
 - XFER: a KV transfer on a link may have completed (stale versions are ignored);
 - KV_READY: a transferred KV cache (plus the first token's state) arrives at a decode instance.
@@ -25,7 +28,7 @@ from .instance import Lane, SimInstance, SimServer
 from .links import SharedLink
 from .metrics import Records, summarise
 
-ARRIVAL, STAGE, DONE, XFER, KV_READY = range(5)
+ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
 #: Bytes of KV converted per second when formats differ (a device-side copy kernel; conservative).
 KV_CONVERSION_BYTES_PER_S = 100e9
 
@@ -50,6 +53,12 @@ class Simulator:
             name: SimServer(name, s.num_gpus, s.node.gpu.idle_watts, s.node.gpu.tdp_w, bin_width=self.bin_width)
             for name, s in dep.servers.items()}
         self.instances = {name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()}
+        for name, s in dep.servers.items():
+            if len(s.instances) > 1:
+                users = [dep.instances[i] for i in s.instances]
+                srv = self.servers[name]
+                srv.timer = dep.cost_model.timer(s.shape)
+                srv.token_budget = max(u.plan.max_batch_tokens for u in users)
         self.entry = [i for i in self.instances.values() if i.role in ("prefill", "mixed")]
         self.decoders = [i for i in self.instances.values() if i.role == "decode"]
         self.prefillers = [i for i in self.entry if i.role == "prefill"]
@@ -93,6 +102,8 @@ class Simulator:
                     self._on_done(lane, t)
             elif kind == STAGE:
                 self._enter_stage(payload[0], payload[1], t)
+            elif kind == SERVED:
+                self._on_served(payload[0], payload[1], t)
             elif kind == ARRIVAL:
                 self._on_arrival(payload, t)
             elif kind == XFER:
@@ -221,14 +232,42 @@ class Simulator:
     def _enter_stage(self, lane: Lane, s: int, t: float) -> None:
         inst = lane.instance
         srv = inst.servers[s]
+        if srv.batching:
+            srv.waiting.append((lane, s))
+            if not srv.running:
+                self._start_soon(srv, t)
+            return
         start = t if t > srv.free_at else srv.free_at
         dt = inst.timers[s].time(*lane.shape)
         srv.occupy(start, dt)
-        end = start + dt
+        self._leave_stage(lane, s, start + dt)
+
+    def _leave_stage(self, lane: Lane, s: int, end: float) -> None:
+        inst = lane.instance
         if s + 1 < len(inst.servers):
             self.push(end + inst.hop_time(s, lane.shape[0]), STAGE, (lane, s + 1))
         else:
             self.push(end, DONE, (lane, lane.version))
+
+    def _start_soon(self, srv: SimServer, t: float) -> None:
+        """A shared server starts its next step at ``t`` once every event of that instant has been seen,
+        so that batches arriving together (or handed back by the step that just ended) run together."""
+        srv.running = True
+        self.push(t, SERVED, (srv, None))
+
+    def _on_served(self, srv: SimServer, taken: list | None, t: float) -> None:
+        if taken is not None:                 # a step ended: its batches move on
+            for lane, s in taken:
+                self._leave_stage(lane, s, t)
+            self._start_soon(srv, t)
+            return
+        if not srv.waiting:
+            srv.running = False
+            return
+        taken, shape = srv.take_step()
+        dt = srv.timer.time(*shape)
+        srv.occupy(t, dt)
+        self.push(t + dt, SERVED, (srv, taken))
 
     def _on_done(self, lane: Lane, t: float) -> None:
         self.iterations += lane.steps

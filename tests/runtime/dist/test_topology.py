@@ -38,6 +38,7 @@ def test_a_shared_server_is_one_set_of_processes_for_both_chains():
     head = t.servers["head"][0]
     assert {i.name for i in t.instances_of(head)} == {"chain-a", "chain-b"}
     assert [i.name for i in t.instances_of(t.servers["tail-b"][0])] == ["chain-b"]
+    assert t.instances["chain-b"].servers == ("head", "tail-b") and t.instances["chain-b"].kv_shares == (0.5, 1.0)
 
 
 def test_dtypes_layouts_and_roles():
@@ -71,6 +72,6 @@ def test_blocks_are_what_the_tightest_worker_holds():
     assert blocks["prefill"] == int(gb * 2**30) // (2 * 30 * 16 * 2 * 64 * 4)
     assert blocks["decode"] == int(gb * 2**30) // (2 * 30 * 32 * 3 * 64 * 4)
     shared = instance_blocks(topo("smollm2-shared.yaml"), SmolConfig, gb)
-    assert shared["chain-a"] == int(gb * 0.5 * 2**30) // (2 * 15 * 16 * 3 * 64 * 4)
+    assert shared["chain-a"] == int(gb * 0.5 * 2**30) // (2 * 15 * 16 * 3 * 64 * 4)   # half the head's room
     with pytest.raises(ValueError, match="micro-batch lanes"):
         instance_blocks(topo("smollm2-pipeline.yaml"), SmolConfig, 1e-6)

@@ -245,13 +245,22 @@ class PlanWriter:
         return name
 
     def instance(self, name: str, role: str, chain: list[Spot], *, settings=None, micro_batches: int = 1,
-                 kv_share: float = 1.0, policy: str | None = None) -> str:
+                 kv_share: float | list[float] = 1.0, policy: str | None = None) -> str:
+        """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server."""
         max_batch, max_tokens, chunk = settings or SETTINGS[role]
         names = [self.server(s) for s in chain]
         inst = {"name": name, "role": role, "chain": names, "max_batch_size": int(max_batch),
                 "max_batch_tokens": int(max_tokens), "chunk_size": chunk, "micro_batches": int(micro_batches)}
-        if kv_share < 1.0:                      # rounded down, so that shares of a server still add up to <= 1
-            inst["kv_share"] = max(math.floor(kv_share * 1e4) / 1e4, 1e-4)
+        # rounded down, so that the shares of a server still add up to <= 1
+        rounded = lambda x: max(math.floor(min(x, 1.0) * 1e4) / 1e4, 1e-4)
+        if isinstance(kv_share, (list, tuple)):
+            shares = [rounded(x) for x in kv_share]
+            if len(set(shares)) > 1:
+                inst["kv_share"] = dict(zip(names, shares))
+            elif shares[0] < 1.0:
+                inst["kv_share"] = shares[0]
+        elif kv_share < 1.0:
+            inst["kv_share"] = rounded(kv_share)
         if policy:
             inst["policy"] = policy
         self.instances.append(inst)

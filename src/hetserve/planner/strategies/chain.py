@@ -13,19 +13,23 @@ JFFC dispatch.
 - **GCA** (greedy cache allocation). Over all chains the placed servers compose (any server ending at
   block e may hand to any server starting at e), repeatedly take the fastest chain (Dijkstra on
   per-token service time plus link latencies) whose servers all have cache left, give it as many job
-  slots as its scarcest server has left (at most the ``c`` the placement reserved), and subtract. A
-  job slot is the cache of a request of the workload's mean length; a chain needs enough slots for its
-  99th-percentile request. A plan gives an instance one KV share for all of its servers, so a chain with
-  k slots takes the share k / (its scarcest server's slots) of each of its servers.
+  slots as its scarcest server has left (at most the ``c`` the placement reserved), and subtract them
+  from every server on it. A job slot is the cache of a request of the workload's mean length; a chain
+  needs enough slots for its 99th-percentile request. A chain with k slots takes, on each of its
+  servers, the share k / (that server's slots): the plan's per-server ``kv_share``.
 - **JFFC**: requests go to the fastest chain with a free slot, otherwise wait in a central queue
-  (routing policy ``jffc``); a chain's slots are its ``max_batch_size`` and its share of each server's
-  cache is its ``kv_share``.
+  (routing policy ``jffc``); a chain's slots are its ``max_batch_size``.
 
-``c`` is chosen by trying 1..16, estimating each placement's mean response time (the service time of
-the fastest slots that carry the load, plus an Erlang-C queueing delay over all slots) and simulating
-the six best estimates on the workload (mean response time decides), for each one-precision width the
-quality budget allows at which the servers hold the model (the paper's setting uses 4-bit NF4 blocks).
-One server per node.
+A chain's jobs are independent sessions, so they pipeline: a chain with k slots runs min(its servers,
+k / the slots of a long request) micro-batch lanes, and a job's service time is the lanes' cycle (one
+lane's trip through the chain, or the busiest server's work for all lanes if longer).
+
+``c`` is chosen by trying 1..16 (and GBP-CR's stopping rule: servers for the load at 70% utilisation, or
+every server), estimating each placement's mean response time (the service time of the fastest slots
+that carry the load, plus an Erlang-C queueing delay over all slots) and simulating the candidates in
+order of that estimate on the workload while the time limit lasts (at most 48; mean response time
+decides), for each one-precision width the quality budget allows at which the servers hold the model
+(the paper's setting uses 4-bit NF4 blocks). One server per node.
 """
 from __future__ import annotations
 
@@ -45,8 +49,10 @@ from .blocks import (
 
 MAX_RESERVATION = 16
 #: Reservations (best estimates first) checked by a short simulation of mean response time.
-SIMULATED = 6
-TARGET_UTILISATION = 0.7
+SIMULATED = 48
+#: Utilisations GBP-CR may plan its chains for: at 0.7 it stops adding servers once the chains carry the
+#: load with 30% to spare; at 0 it places every server (less queueing for a lower mean response time).
+UTILISATION_TARGETS = (0.7, 0.0)
 
 
 def erlang_c_wait(lam: float, mu: float, n: int) -> float:
@@ -82,12 +88,14 @@ class ChainComposition(Strategy):
         for bits in [b for b in ctx.uniform_bit_choices() if b <= widest]:
             servers = {s.node: s for s in block_servers(ctx, bits)}
             for c in range(1, MAX_RESERVATION + 1):
-                placed = self.gbp_cr(ctx, servers, bits, c)
-                if not placed:
-                    continue
-                alloc = self.gca(ctx, servers, placed, bits, c)
-                if alloc:
-                    found.append((self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed, alloc))
+                for target in UTILISATION_TARGETS:
+                    placed = self.gbp_cr(ctx, servers, bits, c, target)
+                    if not placed or any((b, k, p) == (bits, c, placed) for _, b, k, _, p, _ in found):
+                        continue
+                    alloc = self.gca(ctx, servers, placed, bits, c)
+                    if alloc:
+                        found.append((self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed,
+                                      alloc))
         if not found:
             raise HetserveError(f"chain: no complete chain of {m.name}'s {m.num_layers} blocks with room for its "
                                 f"longer requests fits on {ctx.cluster.name}")
@@ -108,7 +116,8 @@ class ChainComposition(Strategy):
         _, max_tokens, chunk = SETTINGS["mixed"]
         for i, (ch, slots, share) in enumerate(alloc):
             writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
-                            settings=(slots, max_tokens, chunk), kv_share=share)
+                            settings=(slots, max_tokens, chunk), micro_batches=self._lanes(ctx, ch, slots),
+                            kv_share=share)
         used = {n for ch, _, _ in alloc for n in ch}
         return writer.plan({"policy": "jffc"},
                            notes=f"Chain-composition baseline: cache reservation c={c}, {len(used)} servers at "
@@ -116,21 +125,33 @@ class ChainComposition(Strategy):
                                  f"estimated mean response {t:.2f} s.")
 
     # ---- GBP-CR ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _service(ctx, servers, placed, ch, jobs: int = 1) -> float:
-        """Seconds a chain takes to serve ``jobs`` jobs that run on it together: their prompts, then their
-        output tokens in steps of ``jobs`` sequences (the cost model's batch times), plus the hops."""
-        t = 0.0
+    @classmethod
+    def _lanes(cls, ctx, ch, jobs: int) -> int:
+        """Jobs are independent sessions: as many move through the chain at once as it has servers, each
+        lane with room for a long request."""
+        return max(1, min(len(ch), jobs // cls._long_job_slots(ctx)))
+
+    @classmethod
+    def _service(cls, ctx, servers, placed, ch, jobs: int = 1) -> float:
+        """Seconds a job takes on a chain that serves ``jobs`` jobs at once: they run in lanes that
+        pipeline through the servers; a lane's jobs run together (their prompts, then their output tokens
+        in steps, at the cost model's batch times). The time is the lanes' cycle: one lane's trip through
+        every server and hop, or the busiest server's work for all lanes if that is longer."""
+        lanes = cls._lanes(ctx, ch, jobs)
+        per_lane = jobs / lanes
         context = ctx.prompt + ctx.output / 2
+        stages, trip = [], 0.0
         for a, n in enumerate(ch):
             span = placed[n][1] - placed[n][0]
             srv = servers[n]
-            t += span * (jobs * srv.prefill_block_time + ctx.output * srv.decode_block_time(jobs, context))
+            stages.append(span * (per_lane * srv.prefill_block_time
+                                  + ctx.output * srv.decode_block_time(per_lane, context)))
             if a:
-                t += (ctx.output + 1) * ctx.cluster.link(ch[a - 1], n).latency
-        return t
+                trip += (ctx.output + 1) * ctx.cluster.link(ch[a - 1], n).latency
+        return max(trip + sum(stages), lanes * max(stages))
 
-    def gbp_cr(self, ctx, servers: dict[str, BlockServer], bits: int, c: int) -> dict[str, tuple[int, int]]:
+    def gbp_cr(self, ctx, servers: dict[str, BlockServer], bits: int, c: int,
+               target: float) -> dict[str, tuple[int, int]]:
         L = ctx.model.num_layers
         tokens = c * (ctx.prompt + ctx.output)
         order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
@@ -152,7 +173,7 @@ class ChainComposition(Strategy):
                 complete.append(chain)
                 chain, pos = [], 0
                 carried = sum(c / self._service(ctx, servers, placed, ch, c) for ch in complete)
-                if carried * TARGET_UTILISATION >= ctx.rate:
+                if target > 0 and carried * target >= ctx.rate:
                     break
         for n in chain:                                   # an unfinished chain serves nobody
             del placed[n]
@@ -170,32 +191,34 @@ class ChainComposition(Strategy):
             out[n] = int(mem.kv_capacity_tokens // job) if mem.fits else 0
         return out
 
-    def gca(self, ctx, servers, placed, bits, c: int) -> list[tuple[list[str], int, float]]:
-        """(chain, job slots, KV share) in allocation order. A chain gets at most the ``c`` job slots the
-        placement reserved; a plan gives an instance one KV share on all of its servers, so a chain with
-        ``k`` slots takes the share k / (its scarcest server's slots) of every server on it."""
+    @staticmethod
+    def _long_job_slots(ctx) -> int:
+        """Job slots (of the mean request) a long (99th-percentile) request needs."""
+        return math.ceil(ctx.long_request / (ctx.prompt + ctx.output))
+
+    def gca(self, ctx, servers, placed, bits, c: int) -> list[tuple[list[str], int, list[float]]]:
+        """(chain, job slots, KV share of each of its servers) in allocation order. A chain gets as many
+        job slots as its scarcest server has left, at most the ``c`` the placement reserved; each server
+        gives it the cache of those slots and keeps the rest for other chains."""
         slots_of = self._slots(ctx, servers, placed, bits)
-        left = {n: 1.0 for n in placed}
-        least = math.ceil(ctx.long_request / (ctx.prompt + ctx.output))    # a long request must fit too
+        left = dict(slots_of)
+        least = self._long_job_slots(ctx)
         out = []
         banned: set[str] = set()
         while True:
-            usable = {n for n in placed if n not in banned and left[n] * slots_of[n] >= least}
+            usable = {n for n in placed if n not in banned and left[n] >= least}
             ch = fastest_chain(ctx, placed, servers, usable=usable)
             if ch is None:
                 return out
             if any(ch == other for other, _, _ in out):   # a chain is allocated once (at most c slots)
-                banned.add(min(ch, key=lambda n: left[n] * slots_of[n]))
+                banned.add(min(ch, key=lambda n: left[n]))
                 continue
-            scarce = min(slots_of[n] for n in ch)
-            slots = min(c, int(min(left[n] for n in ch) * scarce + 1e-9))
-            if slots < least:                  # too little cache left on this path: drop its scarcest server
-                banned.add(min(ch, key=lambda n: left[n] * slots_of[n]))
-                continue
-            share = slots / scarce
+            slots = min(c, min(left[n] for n in ch))
+            if slots < least:                  # the reservation holds no long request: this c cannot serve
+                return out
             for n in ch:
-                left[n] -= share
-            out.append((ch, slots, share))
+                left[n] -= slots
+            out.append((ch, slots, [slots / slots_of[n] for n in ch]))
 
     # ---- choosing c -----------------------------------------------------------------------------------
     def response_time(self, ctx, servers, placed, alloc) -> float:
@@ -205,7 +228,7 @@ class ChainComposition(Strategy):
         for t, slots in chains:                            # JFFC fills the fastest slots first
             used.append((t, slots))
             cap += slots / t
-            if cap * TARGET_UTILISATION >= lam:
+            if cap * UTILISATION_TARGETS[0] >= lam:
                 break
         n = sum(s for _, s in used)
         mean_service = sum(s for _, s in used) / cap if cap > 0 else math.inf

@@ -130,9 +130,9 @@ class Helix(Strategy):
         weights = {}
         for i, (path, f) in enumerate(paths):
             chain = [spot(n, gpus[n], *placement.ranges[n]) for n in path]
-            share = min(f / through[n] for n in path)
             lanes = max(1, min(len(chain), 4))
-            name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=share)
+            name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes,
+                                   kv_share=[f / through[n] for n in path])
             weights[name] = round(f, 6)
         routing = {"policy": "weighted", "weights": weights}
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}"

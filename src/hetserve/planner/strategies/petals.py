@@ -79,9 +79,8 @@ class Petals(Strategy):
                 users[n] = users.get(n, 0) + 1
         writer = PlanWriter(ctx, f"petals-{ctx.model.name}")
         for i, ch in enumerate(chains):
-            share = min(1.0 / users[n] for n in ch)
             writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
-                            micro_batches=max(1, min(len(ch), 4)), kv_share=share)
+                            micro_batches=max(1, min(len(ch), 4)), kv_share=[1.0 / users[n] for n in ch])
         return writer.plan({"policy": "least-work"},
                            notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.")
 

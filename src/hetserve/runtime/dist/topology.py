@@ -37,7 +37,7 @@ class InstanceSpec:
     servers: tuple[str, ...]
     block_size: int
     lanes: int                         # micro-batches in flight through the chain
-    kv_share: float
+    kv_shares: tuple[float, ...]       # per server in the chain: its share of that server's KV room
     max_batch_size: int
     max_batch_tokens: int
     chunk_size: int | None
@@ -106,7 +106,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
         stages = tuple(servers[s.name] for s in inst.servers)
         lanes = max(p.micro_batches, 1)
         instances[p.name] = InstanceSpec(p.name, p.role, stages, tuple(s.name for s in inst.servers), p.block_size,
-                                         lanes, p.kv_share, p.max_batch_size, p.max_batch_tokens, p.chunk_size,
+                                         lanes, tuple(p.share_on(s.name) for s in inst.servers), p.max_batch_size, p.max_batch_tokens, p.chunk_size,
                                          p.policy.replace("-", "_"))
     r = dep.spec.routing
     return Topology(dep.spec.model, dep.model.num_layers, workers, instances, r.policy, dict(r.weights), r.handoff,
