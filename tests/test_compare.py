@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -14,11 +13,9 @@ from hetserve.compare import (
     add_compare_parser,
     ratio,
     run_compare,
-    slo_holds,
 )
 from hetserve.errors import HetserveError
 from hetserve.plan import load_plan
-from hetserve.specs.workloads import SLO
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "scenarios").glob("*.yaml"))
 
@@ -129,20 +126,6 @@ def test_run_compare_rejects_a_misspelt_strategy(tiny):
 def test_ratio_says_how_many_times_better():
     assert ratio(10, 5, "max") == 2 and ratio(5, 10, "min") == 2
     assert ratio(1, 0, "max") is None and ratio(None, 3, "min") is None
-
-
-def test_slo_holds_checks_the_e2e_target_too():
-    class Rec:
-        completed = np.array([True, True, True])
-
-        @staticmethod
-        def e2e():
-            return np.array([1.0, 2.0, 9.0])
-
-    summary = {"slo_met": True}
-    assert slo_holds(summary, Rec, SLO(e2e_ms=10_000, percentile=90))
-    assert not slo_holds(summary, Rec, SLO(e2e_ms=5_000, percentile=90))
-    assert not slo_holds({"slo_met": False}, Rec, SLO())
 
 
 def test_every_scenario_names_its_papers_and_says_what_was_chosen():

@@ -10,7 +10,8 @@ simulates each plan on the same requests (same seed) and scores it the same way:
   (TTFT, TPOT and E2E targets, nothing dropped), found by the same search for every strategy: from
   the scenario's rate, doubling (or halving) until the SLOs fail (or hold), then ``BISECTION_STEPS``
   geometric bisection steps; every probe replays the scenario's number of requests, over at least
-  ``MIN_WINDOW_S`` seconds of arrivals (sense max);
+  ``MIN_WINDOW_S`` seconds of arrivals and, with an E2E target, at least ``DEADLINE_WINDOWS`` deadlines
+  (``hetserve.sim.metrics.probe_window_s``) (sense max);
 - ``cost`` / ``power``: $/hour / average watts of the plan if it carries the scenario's offered load
   within the SLOs (percentiles hold, nothing dropped), else infeasible (``objective_value`` null; sense
   min).
@@ -160,20 +161,6 @@ class LoadedScenario:
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------
-def slo_holds(summary: dict, records, slo) -> bool:
-    """The workload's percentile targets hold (TTFT, TPOT and E2E) and nothing was dropped."""
-    import numpy as np
-
-    if not summary["slo_met"]:
-        return False
-    if slo.e2e_ms is not None:
-        e2e = records.e2e()[records.completed]
-        e2e = e2e[~np.isnan(e2e)]
-        if not len(e2e) or np.percentile(e2e, slo.percentile) * 1e3 > slo.e2e_ms:
-            return False
-    return True
-
-
 class Evaluator:
     """Simulates plans on one workload with one seed, the same way for every strategy."""
 
@@ -190,23 +177,22 @@ class Evaluator:
         """The base simulation (``rate`` None: the scenario's requests, drained until all finish or the
         simulator's default limit) or a probe at ``rate`` (drained for as long as it arrived, >= 60 s)."""
         from .sim import simulate
+        from .sim.metrics import probe_window_s
 
         if rate is None:
             return simulate(dep, self.base, self.workload.slo, seed=self.seed)
-        duration = max(self.n / rate, MIN_WINDOW_S)
+        duration = max(self.n / rate, MIN_WINDOW_S, probe_window_s(self.workload.slo))
         reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
         return simulate(dep, reqs, self.workload.slo, seed=self.seed, drain_s=max(60.0, duration))
 
     def max_rate(self, dep, base_holds: bool) -> tuple[float, int]:
         """The highest offered rate at which the SLOs hold; (rate, simulations run)."""
-        slo = self.workload.slo
         sims = 0
 
         def holds(rate):
             nonlocal sims
             sims += 1
-            r = self.run(dep, rate)
-            return slo_holds(r.summary, r.records, slo)
+            return self.run(dep, rate).summary["slo_met"]
 
         lo = hi = None
         r = self.rate
@@ -238,7 +224,7 @@ class Evaluator:
         return lo, sims
 
 
-def _metrics(dep, result, slo, offered: float) -> dict:
+def _metrics(dep, result, offered: float) -> dict:
     import numpy as np
 
     s = result.summary
@@ -250,7 +236,7 @@ def _metrics(dep, result, slo, offered: float) -> dict:
         "offered_rps": offered, "requests": s["requests"], "completed": s["completed"], "dropped": s["dropped"],
         "throughput_tok_s": s["throughput_tok_s"], "throughput_rps": s["throughput_rps"],
         "goodput_rps": s["goodput_rps"], "slo_attainment": s["slo_attainment"],
-        "slo_met": bool(slo_holds(s, rec, slo)),
+        "slo_met": bool(s["slo_met"]),
         "ttft_p90_ms": s["ttft_p90_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "e2e_p90_ms": s["e2e_p90_ms"],
         "e2e_mean_ms": float(np.mean(e2e)) * 1e3 if len(e2e) else None,
         "cost_per_hour": s["cost_per_hour"], "cost_per_mtok": s["cost_per_mtok"],
@@ -314,7 +300,7 @@ def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, 
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
         result = ev.run(dep)
-        m = _metrics(dep, result, sc.workload.slo, ev.rate)
+        m = _metrics(dep, result, ev.rate)
         simulations = 1
         if objective == "throughput":
             value, feasible = m["throughput_tok_s"], m["completed"] > 0

@@ -80,6 +80,13 @@ def test_unreachable_slo_reports_the_best_reachable(run_cli, write, files, tmp_p
     assert code == 2 and "best reachable TTFT p90 is" in err and "target 0.01 s" in err
 
 
+def test_unreachable_e2e_target_reports_the_best_reachable(run_cli, write, files, tmp_path):
+    work = write("tight-e2e.yaml", WORKLOAD.replace("ttft_ms: 2000", "ttft_ms: 20, e2e_ms: 50"))
+    code, out, err = run_cli("plan", "--cluster", files[0], "--model", "llama-3.1-8b", "--workload", work,
+                             "--out", tmp_path / "x.yaml", "--json")
+    assert code == 2 and "best reachable E2E p90 is" in err and "target 0.05 s" in err
+
+
 def test_budget_too_small_names_the_cheapest(run_cli, files, tmp_path):
     code, out, err = plan(run_cli, files, tmp_path, "--budget", "0.1")
     assert code == 2 and "cheapest deployment" in err and "$" in err

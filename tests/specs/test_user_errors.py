@@ -61,6 +61,7 @@ WORKLOAD_CASES = [
     ("percentile > 100", WORKLOAD_OK.replace("tpot_ms: 50", "tpot_ms: 50, percentile: 150"), ["slo.percentile"]),
     ("lengths required", "arrivals: {kind: poisson, rate: 1}\n", ["'prompt' length distribution is required"]),
     ("misspelt slo key", WORKLOAD_OK.replace("ttft_ms", "ttf_ms"), ["unknown key 'ttf_ms'", "did you mean 'ttft_ms'"]),
+    ("e2e below ttft", WORKLOAD_OK.replace("tpot_ms: 50", "e2e_ms: 500"), ["slo", "e2e_ms (500) is below ttft_ms (1000)"]),
 ]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import HetserveError
 from ..plan import Deployment, deployment_from_dict
 from ..sim import simulate
+from ..sim.metrics import probe_window_s
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
@@ -100,6 +101,7 @@ class Planner:
         self.prompt, self.output = workload.mean_lengths(seed)
         self.rate = workload.mean_rate
         self.slo: SLO = workload.slo
+        self.output_q = workload.output_percentile(self.slo.percentile, seed)
         self._t0 = time.perf_counter()
 
     def _elapsed(self) -> float:
@@ -114,7 +116,8 @@ class Planner:
         self._tick("candidate instances")
         slo = None if self.objective == "throughput" else self.slo
         factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality,
-                                  lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"))
+                                  lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"),
+                                  output_q=self.output_q)
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
@@ -281,11 +284,12 @@ class Planner:
                          _score(self.objective, summary, rate))
 
     def _simulate(self, dep: Deployment, rate: float) -> dict | None:
-        """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, and a
-        drain long enough for the longest requests to finish (an unfinished one counts as dropped)."""
+        """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, over
+        enough E2E deadlines to expose an overload (``probe_window_s``), and a drain long enough for the
+        longest requests to finish (an unfinished one counts as dropped)."""
         rate = max(rate, 1e-3)
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
-        duration = min(max(wanted / rate, 10.0), 600.0)
+        duration = min(max(wanted / rate, 10.0, probe_window_s(self.slo)), 600.0)
         reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
         if len(reqs) == 0:
             return None
@@ -388,6 +392,7 @@ class Planner:
     @staticmethod
     def _limit_text(limit: str) -> str:
         return {"ttft": "the TTFT target (prefill queueing)", "tpot": "the TPOT target (decode batch size)",
+                "e2e": "the E2E target (prefill queueing and decode batch size)",
                 "kv": "KV-cache memory", "batch": "the maximum batch size", "compute": "compute",
                 "prefill": "prefill compute", "link": "the network carrying KV caches"}.get(limit, limit)
 
@@ -413,13 +418,21 @@ class Planner:
         best_ttft = min(t.cap.ttft for t in templates if t.role != "decode" and t.cap.ttft > 0) if any(
             t.role != "decode" for t in templates) else math.inf
         best_tpot = min((t.cap.tpot for t in templates if t.role != "prefill" and t.cap.tpot > 0), default=math.inf)
+
+        def least(role):
+            return min((t.cap.e2e for t in templates if t.role == role and t.cap.e2e > 0), default=math.inf)
+
+        best_e2e = min(least("mixed"), least("prefill") + least("decode"))
         parts = []
         if slo.ttft_ms and best_ttft * 1e3 > slo.ttft_ms:
             parts.append(f"best reachable TTFT {q} is {best_ttft:.2f} s (target {slo.ttft_ms / 1e3:.2f} s)")
         if slo.tpot_ms and best_tpot * 1e3 > slo.tpot_ms:
             parts.append(f"best reachable TPOT {q} is {best_tpot * 1e3:.0f} ms (target {slo.tpot_ms:.0f} ms)")
+        if slo.e2e_ms and best_e2e * 1e3 > slo.e2e_ms:
+            parts.append(f"best reachable E2E {q} is {best_e2e:.2f} s for a {q} output of {self.output_q:.0f} tokens "
+                         f"(target {slo.e2e_ms / 1e3:.2f} s)")
         if not parts:
-            parts.append("no instance meets both SLOs at once")
+            parts.append("no instance meets all of the SLOs at once")
         return (f"the workload's SLOs cannot be met on this cluster for {self.model.name} (mean prompt "
                 f"{self.prompt:.0f}, output {self.output:.0f} tokens): " + "; ".join(parts) +
                 "; relax the SLO or add faster GPUs")

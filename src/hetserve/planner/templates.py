@@ -118,8 +118,10 @@ class TemplateFactory:
 
     def __init__(self, cluster: Cluster, model: ModelSpec, prompt: float, output: float, slo: SLO | None,
                  quality: float, cost_model: RooflineCostModel | None = None, lane_tokens: float | None = None,
-                 precisions: tuple[str, ...] = ("fit", "spread")):
+                 precisions: tuple[str, ...] = ("fit", "spread"), output_q: float | None = None):
         self.cluster, self.model = cluster, model
+        #: Output tokens at the SLO percentile, for the E2E target (None: the mean output).
+        self.output_q = output_q
         #: Modes of ``_bits_for`` tried per template (the planner adds "deep"; the baselines that build on
         #: this factory keep the two they were written with).
         self.precisions = precisions
@@ -371,11 +373,12 @@ class TemplateFactory:
             cap = prefill_capacity(ch, self.prompt, self.slo, max_tokens, link_rate)
             free = prefill_capacity(ch, self.prompt, None, max_tokens, link_rate)
         elif role == "decode":
-            cap = decode_capacity(ch, self.prompt, self.output, self.slo, max_batch, kv)
+            cap = decode_capacity(ch, self.prompt, self.output, self.slo, max_batch, kv, self.output_q)
             free = decode_capacity(ch, self.prompt, self.output, None, max_batch, kv)
         else:
             chunk = settings[2]
-            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv, chunk)
+            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv, chunk,
+                                 self.output_q)
             free = mixed_capacity(ch, self.prompt, self.output, None, max_batch, max_tokens, kv, chunk)
         if free.rate <= 0:
             return None

@@ -8,6 +8,8 @@
 - Goodput: completed requests that met every SLO the workload sets / makespan; SLO attainment: their
   share of all requests (dropped ones count as misses).
 - Energy: each GPU draws its idle power for the whole makespan, plus (TDP - idle) while busy.
+- ``slo_met``: every percentile target the workload sets holds (TTFT, TPOT, E2E) and nothing was
+  dropped. A simulation at a fixed rate that is to decide an E2E target spans ``probe_window_s``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..specs.workloads import SLO
+
+#: Arrival windows, in E2E deadlines, that a rate probe must span: a burst shorter than the deadline is
+#: absorbed by the queues however slow the plan, and over ``k`` deadlines an overload of more than about
+#: 1 + 1 / (0.9 k) times the sustainable rate pushes the p90 request past the deadline.
+DEADLINE_WINDOWS = 10
 
 RECORD_FIELDS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "entry_instance", "decode_instance",
                  "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s", "first_token_s",
@@ -139,6 +146,7 @@ def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, 
         "goodput_rps": float(good.sum()) / span,
         "slo_attainment": float(good.sum()) / max(rec.n, 1),
         f"ttft_p{q:g}_ms": _ms(_pct(ttft, q)), f"tpot_p{q:g}_ms": _ms(_pct(tpot, q)),
+        f"e2e_p{q:g}_ms": _ms(_pct(e2e, q)),
         "makespan_s": makespan,
         "preemptions": int(rec.preemptions.sum()),
         "bytes_transferred": bytes_transferred,
@@ -155,7 +163,15 @@ def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, 
     return s
 
 
+def probe_window_s(slo: SLO) -> float:
+    """Shortest arrival window (s) over which a simulation at a fixed rate can tell whether the SLO's
+    E2E target holds at that rate (0 without an E2E target)."""
+    return DEADLINE_WINDOWS * slo.e2e_ms / 1e3 if slo.e2e_ms is not None else 0.0
+
+
 def _slo_met(s: dict, slo: SLO) -> bool:
+    """The workload's percentile targets hold (TTFT, TPOT and E2E over completed requests) and nothing
+    was dropped."""
     q = f"{slo.percentile:g}"
     checks = []
     if slo.ttft_ms is not None:
@@ -163,4 +179,7 @@ def _slo_met(s: dict, slo: SLO) -> bool:
     if slo.tpot_ms is not None:
         v = s.get(f"tpot_p{q}_ms")
         checks.append(v is None or v <= slo.tpot_ms)
+    if slo.e2e_ms is not None:
+        v = s.get(f"e2e_p{q}_ms")
+        checks.append(v is not None and v <= slo.e2e_ms)
     return all(checks) and s["dropped"] == 0

@@ -92,10 +92,17 @@ Length = Annotated[Union[FixedLength, UniformLength, LognormalLength, EmpiricalL
 
 
 class SLO(Strict):
-    ttft_ms: float | None = Field(default=None, gt=0)
-    tpot_ms: float | None = Field(default=None, gt=0)
-    e2e_ms: float | None = Field(default=None, gt=0)
+    ttft_ms: float | None = Field(default=None, gt=0, description="time to first token")
+    tpot_ms: float | None = Field(default=None, gt=0, description="time per output token after the first")
+    e2e_ms: float | None = Field(default=None, gt=0, description="arrival -> last output token")
     percentile: float = Field(default=90, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _e2e_covers_ttft(self) -> "SLO":
+        if self.e2e_ms is not None and self.ttft_ms is not None and self.e2e_ms < self.ttft_ms:
+            raise ValueError(f"e2e_ms ({self.e2e_ms:g}) is below ttft_ms ({self.ttft_ms:g}); the end-to-end "
+                             "latency includes the time to the first token")
+        return self
 
 
 class WorkloadFile(Strict):
@@ -244,13 +251,23 @@ class Workload:
             return a.rate if a.rate else len(tr.arrival_s) / span * a.rate_scale
         return a.rate
 
-    def mean_lengths(self, seed: int = 0, n: int = 20000) -> tuple[float, float]:
-        """Mean prompt and output tokens (exact for traces; sampled for distributions)."""
+    def _length_sample(self, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(seed)
         trace = self._trace(self.spec.arrivals) if isinstance(self.spec.arrivals, TraceArrivals) else None
         p = self._lengths(self.spec.prompt, n, rng, trace, "prompt")
         o = self._lengths(self.spec.output, n, rng, trace, "output")
+        return p, o
+
+    def mean_lengths(self, seed: int = 0, n: int = 20000) -> tuple[float, float]:
+        """Mean prompt and output tokens (exact for traces; sampled for distributions)."""
+        p, o = self._length_sample(seed, n)
         return float(np.mean(p)), float(np.mean(o))
+
+    def output_percentile(self, percentile: float, seed: int = 0, n: int = 20000) -> float:
+        """Output tokens at ``percentile`` (0-100) of the length distribution (what an E2E target at that
+        percentile is planned for)."""
+        _, o = self._length_sample(seed, n)
+        return float(np.percentile(o, percentile))
 
     def sample(self, seed: int = 0, duration_s: float | None = None, rate: float | None = None) -> Requests:
         """Requests arriving within ``duration_s`` (default: the file's; a trace: its length unless

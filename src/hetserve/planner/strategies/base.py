@@ -72,6 +72,7 @@ class StrategyContext:
         self.prompt, self.output = self.workload.mean_lengths(self.seed)
         self.rate = self.workload.mean_rate
         self.slo: SLO = self.workload.slo
+        self.output_q = self.workload.output_percentile(self.slo.percentile, self.seed)
         self.cost_model = RooflineCostModel(self.model)
         self.sens = sensitivity(self.model)
 
@@ -84,7 +85,7 @@ class StrategyContext:
     def factory(self, quality: float | None = None) -> TemplateFactory:
         q = self.quality if quality is None else quality
         return TemplateFactory(self.cluster, self.model, self.prompt, self.output, self.capacity_slo, q,
-                               cost_model=self.cost_model)
+                               cost_model=self.cost_model, output_q=self.output_q)
 
     @property
     def long_request(self) -> float:
@@ -204,10 +205,11 @@ def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=Non
             return prefill_capacity(ch, ctx.prompt, slo, max_tokens)
     elif role == "decode":
         def capacity(slo: SLO | None) -> Capacity:
-            return decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv)
+            return decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv, ctx.output_q)
     else:
         def capacity(slo: SLO | None) -> Capacity:
-            return mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv)
+            return mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv,
+                                  output_q=ctx.output_q)
     return Estimate(True, kv, ch, capacity, ctx.capacity_slo)
 
 
@@ -279,9 +281,10 @@ def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_R
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
     from ...sim import simulate
+    from ...sim.metrics import probe_window_s
 
     rate = max(rate, 1e-3)
-    duration = max(requests / rate, 5.0)
+    duration = max(requests / rate, 5.0, probe_window_s(ctx.slo))
     reqs = ctx.workload.sample(seed=ctx.seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:
         return None

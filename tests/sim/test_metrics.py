@@ -1,0 +1,42 @@
+"""`slo_met` holds every percentile target the workload sets: TTFT, TPOT and end to end; a rate probe
+spans enough E2E deadlines to tell an overload."""
+import pytest
+
+from hetserve.sim import simulate
+from hetserve.sim.metrics import DEADLINE_WINDOWS, probe_window_s
+from hetserve.specs.workloads import SLO
+from tests.sim.conftest import requests
+
+
+def test_an_e2e_target_alone_can_fail_the_slo(one_server):
+    # requests one at a time (no queueing): TTFT and TPOT are the same for all, E2E grows with the output
+    outputs = [20] * 8 + [400] * 2
+    reqs = requests([30.0 * k for k in range(len(outputs))], 256, outputs)
+    base = simulate(one_server, reqs, SLO(percentile=90)).summary
+    ttft_ms, tpot_ms, e2e_ms = base["ttft_p90_ms"], base["tpot_p90_ms"], base["e2e_p90_ms"]
+    assert e2e_ms > 2 * base["e2e_p50_ms"]
+
+    per_token = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, percentile=90)
+    assert simulate(one_server, reqs, per_token).summary["slo_met"]
+    tight = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, e2e_ms=e2e_ms * 0.9, percentile=90)
+    s = simulate(one_server, reqs, tight).summary
+    assert s["ttft_p90_ms"] <= tight.ttft_ms and s["tpot_p90_ms"] <= tight.tpot_ms
+    assert not s["slo_met"]
+    loose = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, e2e_ms=e2e_ms * 1.1, percentile=90)
+    assert simulate(one_server, reqs, loose).summary["slo_met"]
+
+
+def test_a_probe_over_ten_deadlines_exposes_an_overload_a_short_burst_hides(one_server):
+    # one request at a time; offered 1.3x what the server completes
+    alone = simulate(one_server, requests([0.0], 256, 20), SLO()).summary["e2e_p50_ms"] / 1e3
+    slo = SLO(e2e_ms=alone * 20 * 1e3, percentile=90)
+    rate = 1.3 / alone
+
+    def met(window):
+        n = int(rate * window)
+        return simulate(one_server, requests([k / rate for k in range(n)], 256, 20), slo).summary["slo_met"]
+
+    assert probe_window_s(slo) == pytest.approx(DEADLINE_WINDOWS * alone * 20)
+    assert probe_window_s(SLO(ttft_ms=1000)) == 0
+    assert met(slo.e2e_ms / 1e3)
+    assert not met(probe_window_s(slo))
