@@ -50,9 +50,12 @@ from .blocks import (
 MAX_RESERVATION = 16
 #: Reservations (best estimates first) checked by a short simulation of mean response time.
 SIMULATED = 48
-#: Utilisations GBP-CR may plan its chains for: at 0.7 it stops adding servers once the chains carry the
-#: load with 30% to spare; at 0 it places every server (less queueing for a lower mean response time).
-UTILISATION_TARGETS = (0.7, 0.0)
+#: Utilisation GBP-CR plans its chains for: it stops adding servers once the chains carry the load with
+#: 30% to spare (and JFFC's estimate fills the fastest slots up to it).
+TARGET_UTILISATION = 0.7
+#: GBP-CR's stopping rules tried: that target, or 0 (place every server: less queueing, a lower mean
+#: response time).
+UTILISATION_TARGETS = (TARGET_UTILISATION, 0.0)
 
 
 def erlang_c_wait(lam: float, mu: float, n: int) -> float:
@@ -88,10 +91,12 @@ class ChainComposition(Strategy):
         for bits in [b for b in ctx.uniform_bit_choices() if b <= widest]:
             servers = {s.node: s for s in block_servers(ctx, bits)}
             for c in range(1, MAX_RESERVATION + 1):
+                seen: list[dict] = []                       # the stopping rules may place the same servers
                 for target in UTILISATION_TARGETS:
                     placed = self.gbp_cr(ctx, servers, bits, c, target)
-                    if not placed or any((b, k, p) == (bits, c, placed) for _, b, k, _, p, _ in found):
+                    if not placed or placed in seen:
                         continue
+                    seen.append(placed)
                     alloc = self.gca(ctx, servers, placed, bits, c)
                     if alloc:
                         found.append((self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed,
@@ -172,8 +177,8 @@ class ChainComposition(Strategy):
             if pos == L:
                 complete.append(chain)
                 chain, pos = [], 0
-                carried = sum(c / self._service(ctx, servers, placed, ch, c) for ch in complete)
-                if target > 0 and carried * target >= ctx.rate:
+                if target > 0 and target * sum(c / self._service(ctx, servers, placed, ch, c)
+                                               for ch in complete) >= ctx.rate:
                     break
         for n in chain:                                   # an unfinished chain serves nobody
             del placed[n]
@@ -228,7 +233,7 @@ class ChainComposition(Strategy):
         for t, slots in chains:                            # JFFC fills the fastest slots first
             used.append((t, slots))
             cap += slots / t
-            if cap * UTILISATION_TARGETS[0] >= lam:
+            if cap * TARGET_UTILISATION >= lam:
                 break
         n = sum(s for _, s in used)
         mean_service = sum(s for _, s in used) / cap if cap > 0 else math.inf
