@@ -10,8 +10,8 @@ simulates each plan on the same requests (same seed) and scores it the same way:
   (TTFT, TPOT and E2E targets, nothing dropped), found by the same search for every strategy: from
   the scenario's rate, doubling (or halving) until the SLOs fail (or hold), then ``BISECTION_STEPS``
   geometric bisection steps; every probe replays the scenario's number of requests, over at least
-  ``MIN_WINDOW_S`` seconds of arrivals and, with an E2E target, at least ``DEADLINE_WINDOWS`` deadlines
-  (``hetserve.sim.metrics.probe_window_s``) (sense max);
+  ``MIN_WINDOW_S`` seconds of arrivals and at least ``DEADLINE_WINDOWS`` times the longer of the TTFT
+  and E2E targets (``hetserve.sim.metrics.probe_window_s``) (sense max);
 - ``cost`` / ``power``: $/hour / average watts of the plan if it carries the scenario's offered load
   within the SLOs (percentiles hold, nothing dropped), else infeasible (``objective_value`` null; sense
   min).

@@ -1,5 +1,5 @@
 """`slo_met` holds every percentile target the workload sets: TTFT, TPOT and end to end; a rate probe
-spans enough E2E deadlines to tell an overload."""
+spans enough TTFT or E2E deadlines to tell an overload."""
 import pytest
 
 from hetserve.sim import simulate
@@ -26,17 +26,25 @@ def test_an_e2e_target_alone_can_fail_the_slo(one_server):
     assert simulate(one_server, reqs, loose).summary["slo_met"]
 
 
-def test_a_probe_over_ten_deadlines_exposes_an_overload_a_short_burst_hides(one_server):
-    # one request at a time; offered 1.3x what the server completes
+@pytest.mark.parametrize("target", ["e2e_ms", "ttft_ms"])
+def test_a_probe_over_ten_deadlines_exposes_an_overload_a_short_burst_hides(one_server, target):
+    # one request at a time; offered 1.3x what the server completes: the queue, and with it both TTFT and
+    # E2E, grows with the length of the burst
     alone = simulate(one_server, requests([0.0], 256, 20), SLO()).summary["e2e_p50_ms"] / 1e3
-    slo = SLO(e2e_ms=alone * 20 * 1e3, percentile=90)
+    deadline_s = alone * 20
+    slo = SLO(**{target: deadline_s * 1e3}, percentile=90)
     rate = 1.3 / alone
 
     def met(window):
         n = int(rate * window)
         return simulate(one_server, requests([k / rate for k in range(n)], 256, 20), slo).summary["slo_met"]
 
-    assert probe_window_s(slo) == pytest.approx(DEADLINE_WINDOWS * alone * 20)
-    assert probe_window_s(SLO(ttft_ms=1000)) == 0
-    assert met(slo.e2e_ms / 1e3)
+    assert probe_window_s(slo) == pytest.approx(DEADLINE_WINDOWS * deadline_s)
+    assert met(deadline_s)
     assert not met(probe_window_s(slo))
+
+
+def test_the_probe_window_follows_the_longer_queueing_target():
+    assert probe_window_s(SLO(ttft_ms=1000, e2e_ms=30000)) == pytest.approx(DEADLINE_WINDOWS * 30)
+    assert probe_window_s(SLO(ttft_ms=2000, tpot_ms=100)) == pytest.approx(DEADLINE_WINDOWS * 2)
+    assert probe_window_s(SLO(tpot_ms=100)) == 0

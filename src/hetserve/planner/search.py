@@ -285,7 +285,7 @@ class Planner:
 
     def _simulate(self, dep: Deployment, rate: float) -> dict | None:
         """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, over
-        enough E2E deadlines to expose an overload (``probe_window_s``), and a drain long enough for the
+        enough TTFT and E2E deadlines to expose an overload (``probe_window_s``), and a drain long enough for the
         longest requests to finish (an unfinished one counts as dropped)."""
         rate = max(rate, 1e-3)
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
@@ -340,24 +340,32 @@ class Planner:
             cand.score = 0.0
 
     # ---- explanations -------------------------------------------------------------------------------------
+    @staticmethod
+    def _design(cand: Candidate) -> str:
+        """What kind of plan a candidate is, in words."""
+        if not cand.alloc.counts:
+            return {"chain": "server chain composition (chains sharing servers, JFFC dispatch)",
+                    "helix": "Helix-style max-flow layer placement"}.get(cand.label.split("/")[0], cand.label)
+        roles = {i.role for i in cand.dep.instances.values()}
+        return "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
+            "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
+
     def _reasons(self, best: Candidate, cands: list[Candidate], templates: list[Template]) -> list[str]:
         out = []
         used = [templates[j] for j in best.alloc.counts]
-        roles = {i.role for i in best.dep.instances.values()}
-        if not used:
-            design = {"chain": "server chain composition (chains sharing servers, JFFC dispatch)",
-                      "helix": "Helix-style max-flow layer placement"}.get(best.label.split("/")[0], best.label)
-        else:
-            design = "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
-                "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
-        others = [c for c in cands if c is not best and c.label.split("/")[0] != best.label.split("/")[0]]
-        comp = ""
+        design = self._design(best)
+        value = lambda c: f"{_value(self.objective, c.summary):.4g}"
+        others = [c for c in cands if self._design(c) != design]
+        same = [c for c in cands if c is not best and self._design(c) == design and c.alloc.counts != best.alloc.counts]
+        comp = []
         if others:
             o = max(others, key=lambda c: c.score)
-            comp = (f" (the best {o.label.split('/')[0]} plan simulated {_value(self.objective, o.summary):.4g} vs "
-                    f"{_value(self.objective, best.summary):.4g} {self._unit()})")
+            comp.append(f"the best {self._design(o).split(' (')[0]} plan simulated {value(o)}")
+        if same:
+            comp.append(f"the next allocation of this design {value(max(same, key=lambda c: c.score))}")
+        vs = f" ({'; '.join(comp)}; this plan {value(best)} {self._unit()})" if comp else ""
         source = f" from the {best.label.split('/')[0]} allocation" if used else ""
-        out.append(f"Chose {design}{source}{comp}, routing {best.label.split('/')[1]}.")
+        out.append(f"Chose {design}{source}{vs}, routing {best.label.split('/')[1]}.")
         limits = {}
         for t in used:
             limits[t.cap.limit] = limits.get(t.cap.limit, 0) + 1

@@ -9,7 +9,7 @@
   share of all requests (dropped ones count as misses).
 - Energy: each GPU draws its idle power for the whole makespan, plus (TDP - idle) while busy.
 - ``slo_met``: every percentile target the workload sets holds (TTFT, TPOT, E2E) and nothing was
-  dropped. A simulation at a fixed rate that is to decide an E2E target spans ``probe_window_s``.
+  dropped. A simulation at a fixed rate that is to decide a TTFT or E2E target spans ``probe_window_s``.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import numpy as np
 
 from ..specs.workloads import SLO
 
-#: Arrival windows, in E2E deadlines, that a rate probe must span: a burst shorter than the deadline is
-#: absorbed by the queues however slow the plan, and over ``k`` deadlines an overload of more than about
-#: 1 + 1 / (0.9 k) times the sustainable rate pushes the p90 request past the deadline.
+#: Arrival windows, in TTFT or E2E deadlines, that a rate probe must span: a burst shorter than the
+#: deadline is absorbed by the queues however slow the plan, and over ``k`` deadlines an overload of more
+#: than about 1 + 1 / (0.9 k) times the sustainable rate pushes the p90 request past the deadline.
 DEADLINE_WINDOWS = 10
 
 RECORD_FIELDS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "entry_instance", "decode_instance",
@@ -165,8 +165,10 @@ def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, 
 
 def probe_window_s(slo: SLO) -> float:
     """Shortest arrival window (s) over which a simulation at a fixed rate can tell whether the SLO's
-    E2E target holds at that rate (0 without an E2E target)."""
-    return DEADLINE_WINDOWS * slo.e2e_ms / 1e3 if slo.e2e_ms is not None else 0.0
+    queueing targets hold at that rate: ``DEADLINE_WINDOWS`` times the longer of the TTFT and E2E targets
+    (0 without either; TPOT does not grow with a queue)."""
+    targets = [t for t in (slo.ttft_ms, slo.e2e_ms) if t is not None]
+    return DEADLINE_WINDOWS * max(targets) / 1e3 if targets else 0.0
 
 
 def _slo_met(s: dict, slo: SLO) -> bool:

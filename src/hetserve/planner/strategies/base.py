@@ -39,6 +39,8 @@ from ..templates import SETTINGS, TemplateFactory
 SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
 #: Requests a strategy's own trial simulation replays (strategies that search by simulation).
 TRIAL_REQUESTS = 300
+#: Longest arrival window of a trial that judges the SLOs (the planner's confirmations use the same cap).
+MAX_TRIAL_WINDOW_S = 600.0
 #: Requests sampled to estimate the workload's long requests.
 LENGTH_SAMPLE = 2000
 
@@ -284,7 +286,8 @@ def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_R
     from ...sim.metrics import probe_window_s
 
     rate = max(rate, 1e-3)
-    duration = max(requests / rate, 5.0, probe_window_s(ctx.slo))
+    window = 0.0 if ctx.objective == "throughput" else min(probe_window_s(ctx.slo), MAX_TRIAL_WINDOW_S)
+    duration = max(requests / rate, 5.0, window)
     reqs = ctx.workload.sample(seed=ctx.seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:
         return None
