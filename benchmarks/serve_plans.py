@@ -5,8 +5,9 @@
 For each plan in benchmarks/plans/ (one worker; a 3-stage pipeline 7/13/10 with 3 micro-batches in
 flight, and with one; prefill -> decode with KV conversion), start `hetserve serve --plan` on a free port, send one warm-up request, replay
 benchmarks/plans/serve-load.yaml with `hetserve bench` (same seed: the same requests at the same times),
-stop the server. Prints throughput and latency percentiles and each plan's ratio to the one-worker run
-(overhead = ratio - 1 for latencies; the target is <= 20%). Every worker runs one torch thread.
+stop the server. Prints the start-up time (launch until /health answers), throughput and latency
+percentiles and each plan's ratio to the one-worker run (overhead = ratio - 1 for latencies; the target
+is <= 20%). Every worker runs one torch thread.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 PLANS = [("one worker", "smollm2-one-worker.yaml"), ("3-stage pipeline", "smollm2-pipeline-3.yaml"),
          ("3 stages, 1 lane", "smollm2-pipeline-3-one-lane.yaml"), ("prefill -> decode", "smollm2-pd-1-1.yaml")]
-KEYS = ["throughput_tok_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms",
+KEYS = ["startup_s", "throughput_tok_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms",
         "slo_attainment", "completed"]
 
 
@@ -42,7 +43,8 @@ def run_plan(plan: Path, args) -> dict:
                                "--kv-cache-gb", "0.1", "--threads", "1", "--log-level", "warning"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 600
+        started = time.monotonic()
+        deadline = started + 600
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"server for {plan.name} exited:\n{server.stderr.read()[-2000:]}")
@@ -53,14 +55,15 @@ def run_plan(plan: Path, args) -> dict:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server for {plan.name} did not start")
-            time.sleep(1)
+            time.sleep(0.2)
+        startup = time.monotonic() - started
         httpx.post(url + "/v1/completions", json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 8},
                    timeout=120)
         out = subprocess.run([sys.executable, "-m", "hetserve.cli", "bench", "--url", url, "--workload",
                               str(HERE / "plans" / "serve-load.yaml"), "--duration", str(args.duration),
                               "--rate", str(args.rate), "--seed", str(args.seed), "--json"],
                              capture_output=True, text=True, check=True)
-        return json.loads(out.stdout)
+        return {"startup_s": startup, **json.loads(out.stdout)}
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -91,7 +94,7 @@ def main() -> None:
     for name, r in rows.items():
         if name == "one worker":
             continue
-        ratios = ", ".join(f"{k} {r[k] / base[k]:.2f}x" for k in KEYS[:7] if base.get(k))
+        ratios = ", ".join(f"{k} {r[k] / base[k]:.2f}x" for k in KEYS[1:8] if base.get(k))
         print(f"{name} vs one worker: {ratios}")
 
 

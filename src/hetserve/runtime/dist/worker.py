@@ -62,7 +62,8 @@ class Worker:
         s = self.spec
         self.dtype = parse_dtype(s.dtype)
         self.model, _ = load_model(model, dtype=self.dtype, layer_start=s.layers[0], layer_end=s.layers[1],
-                                   tp_rank=s.tp_rank, tp_size=s.tp_size, tp_group=groups.get(s.server))
+                                   tp_rank=s.tp_rank, tp_size=s.tp_size, tp_group=groups.get(s.server),
+                                   tokenizer=False)
         self.model.to(device)
         if any(b != 16 for b in s.bits):
             quantize_model(self.model, list(s.bits), group_size)

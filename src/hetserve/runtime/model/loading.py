@@ -67,29 +67,13 @@ def unpermute_rope_rows(w: Tensor, num_heads: int) -> Tensor:
 
 
 # ---- GGUF -----------------------------------------------------------------------------------
-def _field_value(field: Any) -> Any:
-    from gguf import GGUFValueType
+def read_gguf(path: str | Path, *, arrays: bool = True):
+    """(file, metadata dict) of a GGUF file (``gguf_file.GGUFFile``: the tensors are memory-mapped);
+    ``arrays=False`` skips long metadata arrays, i.e. the tokenizer's vocabulary and merges."""
+    from .gguf_file import GGUFFile
 
-    def scalar(part: np.ndarray, kind: GGUFValueType) -> Any:
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
-        value = part.tolist()
-        return value[0] if isinstance(value, list) else value
-
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        return [scalar(field.parts[i], field.types[-1]) for i in field.data]
-    return scalar(field.parts[field.data[0]], kind)
-
-
-def read_gguf(path: str | Path):
-    """(reader, metadata dict) of a GGUF file; the reader memory-maps the tensors."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    meta = {name: _field_value(field) for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
-    return reader, meta
+    f = GGUFFile(path, arrays=arrays)
+    return f, f.meta
 
 
 def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
@@ -116,10 +100,10 @@ def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, layer_start: int = 0,
               layer_end: int | None = None, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
-              tp_group: Any = None) -> tuple[LlamaModel, dict[str, Any]]:
+              tp_group: Any = None, arrays: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
     """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
-    of a GGUF file, and the file's metadata."""
-    reader, meta = read_gguf(path)
+    of a GGUF file, and the file's metadata (without the tokenizer's arrays if ``arrays`` is False)."""
+    reader, meta = read_gguf(path, arrays=arrays)
     config = LlamaConfig.from_gguf(meta, {t.name for t in reader.tensors})
     model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
                        tp_size=tp_size, tp_group=tp_group)

@@ -77,10 +77,12 @@ def parse_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
 
 def load_model(model: str, *, dtype: "str | torch.dtype" = "float32", layer_start: int = 0,
                layer_end: int | None = None, tp_rank: int = 0, tp_size: int = 1,
-               tp_group: "torch.distributed.ProcessGroup | None" = None) -> "tuple[LlamaModel, Tokenizer]":
+               tp_group: "torch.distributed.ProcessGroup | None" = None,
+               tokenizer: bool = True) -> "tuple[LlamaModel, Tokenizer | None]":
     """The model and its tokenizer for a path or known name: by default the whole model; a worker can
     load only layers ``[layer_start, layer_end)`` and only its tensor-parallel shard (``tp_rank`` of
-    ``tp_size``, all-reducing over ``tp_group``). Only those weights are read."""
+    ``tp_size``, all-reducing over ``tp_group``). Only those weights are read; ``tokenizer=False``
+    skips the tokenizer (None in its place)."""
     path, torch_dtype = resolve_model(model), parse_dtype(dtype)
     try:
         from .loading import load_gguf, load_hf_directory
@@ -91,10 +93,12 @@ def load_model(model: str, *, dtype: "str | torch.dtype" = "float32", layer_star
     part = dict(layer_start=layer_start, layer_end=layer_end, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     try:
         if path.is_file():
-            net, meta = load_gguf(path, dtype=torch_dtype, **part)
-            return net, Tokenizer.from_gguf(meta)
-        return load_hf_directory(path, dtype=torch_dtype, **part), Tokenizer.from_directory(path)
+            net, meta = load_gguf(path, dtype=torch_dtype, arrays=tokenizer, **part)
+            return net, Tokenizer.from_gguf(meta) if tokenizer else None
+        net = load_hf_directory(path, dtype=torch_dtype, **part)
+        return net, Tokenizer.from_directory(path) if tokenizer else None
     except ModelSourceError:
         raise
     except (ValueError, OSError, KeyError) as exc:  # unreadable or unsupported file contents
-        raise ModelSourceError(f"{path}: {exc}") from exc
+        text = str(exc)
+        raise ModelSourceError(text if text.startswith(str(path)) else f"{path}: {text}") from exc
