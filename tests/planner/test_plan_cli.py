@@ -1,6 +1,7 @@
 """`hetserve plan` end to end: a plan the simulator accepts, the JSON a user scripts against, clear
 answers to asks that cannot be met, and the same plan for the same seed."""
 import json
+import re
 
 import pytest
 
@@ -41,6 +42,13 @@ def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_
     for key in ("objective", "throughput_tok_s", "goodput_rps", "cost_per_hour", "gpus_used", "search_seconds", "plan"):
         assert key in d, key
     assert d["objective"] == objective and 0 < d["gpus_used"] <= 8 and d["reasons"]
+    # the first reason says what was chosen over what, quoting simulated figures of the alternatives
+    chose = d["reasons"][0]
+    assert chose.startswith("Chose ") and "runner-up" not in chose
+    quoted = re.findall(r"simulated ([0-9.e+-]+)|design ([0-9.e+-]+)|this plan ([0-9.e+-]+)", chose)
+    simulated = {f"{a['value']:.4g}" for a in d["alternatives"]}
+    assert quoted or len(d["alternatives"]) == 1, chose
+    assert all(v in simulated for group in quoted for v in group if v), (chose, simulated)
     dep = load_plan(d["plan"])                  # the written plan is valid on its own
     assert dep.gpus_used() == d["gpus_used"]
     assert dep.spec.predicted["objective"] == objective
