@@ -13,6 +13,7 @@ from hetserve.compare import (
     add_compare_parser,
     ratio,
     run_compare,
+    table_rows,
 )
 from hetserve.errors import HetserveError
 from hetserve.plan import load_plan
@@ -180,3 +181,13 @@ def test_hetserve_is_at_least_as_good_as_every_strategy_on_the_small_scenarios(n
     for other, m in report["strategies"].items():
         if other != "hetserve" and m.get("objective_value") is not None:
             assert ours >= m["objective_value"], (other, ours, m["objective_value"])
+
+
+def test_the_table_says_when_a_plan_finished_no_request_and_when_it_is_infeasible():
+    row = dict(throughput_tok_s=0.0, goodput_rps=0.0, ttft_p90_ms=None, tpot_p90_ms=None, cost_per_hour=10.2,
+               cost_per_mtok=None, joules_per_token=None, plan_seconds=0.1)
+    report = {"strategies": {"stuck": {**row, "objective_value": 0.0, "completed": 0},
+                             "slow": {**row, "objective_value": 0.0, "completed": 3},
+                             "over": {**row, "objective_value": None, "completed": 5}}}
+    cells = {r[0]: r[1] for r in table_rows(report)}
+    assert cells == {"stuck": "0 (no request finished)", "slow": 0.0, "over": "infeasible"}

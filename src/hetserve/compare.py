@@ -456,7 +456,11 @@ def table_rows(report: dict) -> list[list]:
             rows.append([name, "failed: " + r["error"][:80]] + [None] * 7 + [r.get("plan_seconds")])
             continue
         value = r["objective_value"]
-        rows.append([name, value if value is not None else "infeasible", r["throughput_tok_s"], r["goodput_rps"],
+        if value is None:
+            value = "infeasible"
+        elif not r.get("completed"):
+            value = f"{value:g} (no request finished)"
+        rows.append([name, value, r["throughput_tok_s"], r["goodput_rps"],
                      r["ttft_p90_ms"], r["tpot_p90_ms"], r["cost_per_hour"], r["cost_per_mtok"],
                      r["joules_per_token"], r["plan_seconds"]])
     return rows
