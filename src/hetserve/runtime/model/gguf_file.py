@@ -22,12 +22,12 @@ DEFAULT_ALIGNMENT = 32
 #: when asked for.
 SMALL_ARRAY = 64
 
-# GGUF value types (the format's numbering, as in gguf.GGUFValueType)
+# GGUF value types (the format's numbering, as in gguf.GGUFValueType): strings, arrays, and numbers
+# stored little-endian as these NumPy types
 _STRING, _ARRAY = 8, 9
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-            12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMBERS = {k: np.dtype(t).newbyteorder("<") for k, t in {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
+    10: np.uint64, 11: np.int64, 12: np.float64}.items()}
 # unquantised tensor types and their element dtypes (ggml numbering, as in gguf.GGMLQuantizationType)
 _PLAIN = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
@@ -109,9 +109,7 @@ class GGUFFile:
 
     # ---- header decoding ------------------------------------------------------------------------
     def _u32(self) -> int:
-        (v,) = struct.unpack_from("<I", self._raw, self._pos)
-        self._pos += 4
-        return v
+        return int(self._numbers(4, 1)[0])
 
     def _string(self) -> str:
         (n,) = struct.unpack_from("<Q", self._raw, self._pos)
@@ -127,13 +125,8 @@ class GGUFFile:
         if kind == _ARRAY:
             item, n = struct.unpack_from("<IQ", self._raw, self._pos)
             self._pos += 12
-            if item in _NUMPY:
-                dtype = np.dtype(_NUMPY[item]).newbyteorder("<")
-                end = self._pos + n * dtype.itemsize
-                if end > len(self._raw):
-                    raise struct.error("an array runs past the end of the file")
-                values = np.frombuffer(self._raw[self._pos:end], dtype=dtype)
-                self._pos = end
+            if item in _NUMBERS:
+                values = self._numbers(item, n)
                 return values.tolist() if self._arrays or n <= SMALL_ARRAY else SkippedArray(item, n)
             if self._arrays or n <= SMALL_ARRAY:
                 return [self._value(item) for _ in range(n)]
@@ -148,9 +141,16 @@ class GGUFFile:
                 for _ in range(n):
                     self._value(item)
             return SkippedArray(item, n)
-        fmt = _SCALARS.get(kind)
-        if fmt is None:
+        if kind not in _NUMBERS:
             raise GGUFFormatError(f"{self.path}: unknown metadata value type {kind}")
-        (v,) = struct.unpack_from(fmt, self._raw, self._pos)
-        self._pos += struct.calcsize(fmt)
-        return v
+        return self._numbers(kind, 1)[0].item()
+
+    def _numbers(self, kind: int, n: int) -> np.ndarray:
+        """``n`` numbers of value type ``kind`` at the read position."""
+        dtype = _NUMBERS[kind]
+        end = self._pos + n * dtype.itemsize
+        if end > len(self._raw):
+            raise struct.error("a value runs past the end of the file")
+        values = np.frombuffer(self._raw[self._pos:end], dtype=dtype)
+        self._pos = end
+        return values
