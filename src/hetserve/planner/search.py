@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import HetserveError
 from ..plan import Deployment, deployment_from_dict
 from ..sim import simulate
-from ..sim.metrics import probe_window_s
+from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
@@ -98,10 +98,9 @@ class Planner:
         self.objective, self.budget, self.quality, self.seed = objective, budget, quality, seed
         self.time_limit, self.progress, self.confirm = time_limit, progress, simulate_confirm
         self.cluster_ref, self.model_ref = cluster_ref, model_ref
-        self.prompt, self.output = workload.mean_lengths(seed)
-        self.rate = workload.mean_rate
         self.slo: SLO = workload.slo
-        self.output_q = workload.output_percentile(self.slo.percentile, seed)
+        self.prompt, self.output, self.output_q = workload.length_stats(self.slo.percentile, seed)
+        self.rate = workload.mean_rate
         self._t0 = time.perf_counter()
 
     def _elapsed(self) -> float:
@@ -140,8 +139,9 @@ class Planner:
             """Solve the allocation MILP under ``restrict`` (roles= or exclude=); keep a new allocation."""
             a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
                       **restrict)
-            if a is not None and tuple(sorted(a.counts.items())) not in seen:
-                seen.add(tuple(sorted(a.counts.items())))
+            key = None if a is None else tuple(sorted(a.counts.items()))
+            if key is not None and key not in seen:
+                seen.add(key)
                 allocs.append((label, a))
 
         for label, roles in variants:
@@ -289,7 +289,7 @@ class Planner:
         longest requests to finish (an unfinished one counts as dropped)."""
         rate = max(rate, 1e-3)
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
-        duration = min(max(wanted / rate, 10.0, probe_window_s(self.slo)), 600.0)
+        duration = min(max(wanted / rate, 10.0, probe_window_s(self.slo)), MAX_SEARCH_WINDOW_S)
         reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
         if len(reqs) == 0:
             return None

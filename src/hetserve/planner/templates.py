@@ -36,6 +36,12 @@ SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
 }
 
 
+
+def tp_choices(gpus: int, model: ModelSpec) -> list[int]:
+    """Tensor-parallel degrees the planner gives a group of ``gpus`` GPUs: those dividing both the GPU
+    count and the model's attention heads, ascending."""
+    return [t for t in range(1, gpus + 1) if gpus % t == 0 and model.num_heads % t == 0]
+
 @dataclass(frozen=True)
 class Pool:
     key: str
@@ -195,9 +201,7 @@ class TemplateFactory:
     def single_pool(self, pool: Pool) -> list[Template]:
         m = self.model
         out: list[Template] = []
-        tps = [t for t in range(1, pool.gpus_per_node + 1)
-               if pool.gpus_per_node % t == 0 and m.num_heads % t == 0]
-        for tp in tps:
+        for tp in tp_choices(pool.gpus_per_node, m):
             groups = pool.total // tp
             found = 0
             for pp in range(1, min(MAX_STAGES, groups, m.num_layers) + 1):
@@ -259,8 +263,7 @@ class TemplateFactory:
         return out
 
     def _max_tp(self, pool: Pool) -> int:
-        return max(t for t in range(1, pool.gpus_per_node + 1)
-                   if pool.gpus_per_node % t == 0 and self.model.num_heads % t == 0)
+        return tp_choices(pool.gpus_per_node, self.model)[-1]
 
     def _stage_layouts(self, chosen: list[Pool], one_per_pool: bool) -> list[list[tuple[Pool, int]]]:
         """(pool, TP) per stage: one whole-node group per pool; every node a stage; every GPU a stage."""

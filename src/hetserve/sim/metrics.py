@@ -26,6 +26,9 @@ from ..specs.workloads import SLO
 #: deadline is absorbed by the queues however slow the plan, and over ``k`` deadlines an overload of more
 #: than about 1 + 1 / (0.9 k) times the sustainable rate pushes the p90 request past the deadline.
 DEADLINE_WINDOWS = 10
+#: Longest arrival window a planning search replays in one simulation (the planner's confirmations and
+#: the strategies' trials; ``hetserve compare`` does not cap its probes).
+MAX_SEARCH_WINDOW_S = 600.0
 
 RECORD_FIELDS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "entry_instance", "decode_instance",
                  "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s", "first_token_s",

@@ -251,23 +251,14 @@ class Workload:
             return a.rate if a.rate else len(tr.arrival_s) / span * a.rate_scale
         return a.rate
 
-    def _length_sample(self, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def length_stats(self, percentile: float, seed: int = 0, n: int = 20000) -> tuple[float, float, float]:
+        """Mean prompt and output tokens, and output tokens at ``percentile`` (0-100: what an E2E target at
+        that percentile is planned for), from one sample (exact for traces; sampled for distributions)."""
         rng = np.random.default_rng(seed)
         trace = self._trace(self.spec.arrivals) if isinstance(self.spec.arrivals, TraceArrivals) else None
         p = self._lengths(self.spec.prompt, n, rng, trace, "prompt")
         o = self._lengths(self.spec.output, n, rng, trace, "output")
-        return p, o
-
-    def mean_lengths(self, seed: int = 0, n: int = 20000) -> tuple[float, float]:
-        """Mean prompt and output tokens (exact for traces; sampled for distributions)."""
-        p, o = self._length_sample(seed, n)
-        return float(np.mean(p)), float(np.mean(o))
-
-    def output_percentile(self, percentile: float, seed: int = 0, n: int = 20000) -> float:
-        """Output tokens at ``percentile`` (0-100) of the length distribution (what an E2E target at that
-        percentile is planned for)."""
-        _, o = self._length_sample(seed, n)
-        return float(np.percentile(o, percentile))
+        return float(np.mean(p)), float(np.mean(o)), float(np.percentile(o, percentile))
 
     def sample(self, seed: int = 0, duration_s: float | None = None, rate: float | None = None) -> Requests:
         """Requests arriving within ``duration_s`` (default: the file's; a trace: its length unless

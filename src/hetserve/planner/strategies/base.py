@@ -39,8 +39,6 @@ from ..templates import SETTINGS, TemplateFactory
 SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
 #: Requests a strategy's own trial simulation replays (strategies that search by simulation).
 TRIAL_REQUESTS = 300
-#: Longest arrival window of a trial that judges the SLOs (the planner's confirmations use the same cap).
-MAX_TRIAL_WINDOW_S = 600.0
 #: Requests sampled to estimate the workload's long requests.
 LENGTH_SAMPLE = 2000
 
@@ -71,10 +69,9 @@ class StrategyContext:
         if self.time_limit <= 0:
             raise HetserveError(f"time_limit={self.time_limit} must be > 0 seconds")
         self.model_ref = self.model_ref or self.model.name
-        self.prompt, self.output = self.workload.mean_lengths(self.seed)
-        self.rate = self.workload.mean_rate
         self.slo: SLO = self.workload.slo
-        self.output_q = self.workload.output_percentile(self.slo.percentile, self.seed)
+        self.prompt, self.output, self.output_q = self.workload.length_stats(self.slo.percentile, self.seed)
+        self.rate = self.workload.mean_rate
         self.cost_model = RooflineCostModel(self.model)
         self.sens = sensitivity(self.model)
 
@@ -283,10 +280,10 @@ def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_R
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
     from ...sim import simulate
-    from ...sim.metrics import probe_window_s
+    from ...sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
 
     rate = max(rate, 1e-3)
-    window = 0.0 if ctx.objective == "throughput" else min(probe_window_s(ctx.slo), MAX_TRIAL_WINDOW_S)
+    window = 0.0 if ctx.objective == "throughput" else min(probe_window_s(ctx.slo), MAX_SEARCH_WINDOW_S)
     duration = max(requests / rate, 5.0, window)
     reqs = ctx.workload.sample(seed=ctx.seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:

@@ -12,7 +12,7 @@ import heapq
 from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape, ServerTimer
-from ..templates import SETTINGS
+from ..templates import SETTINGS, tp_choices
 from .base import Spot, StrategyContext, spot
 
 #: Batch at which a server's per-block speed is measured (Petals measures single-sequence inference).
@@ -45,7 +45,7 @@ def block_servers(ctx: StrategyContext, bits: int) -> list[BlockServer]:
     P, O = ctx.prompt, ctx.output
     out = []
     for node in ctx.cluster.nodes.values():
-        tp = max(t for t in range(1, node.count + 1) if node.count % t == 0 and m.num_heads % t == 0)
+        tp = tp_choices(node.count, m)[-1]
         shape = ServerShape(node.gpu, tp, (bits,), first=False, last=False)
         timer = cm.timer(shape)
         kv = REF_BATCH * (P + O / 2 + 1)

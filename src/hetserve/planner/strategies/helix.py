@@ -33,7 +33,7 @@ from scipy.sparse import coo_array
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ..capacity import KV_HEADROOM
-from ..templates import SETTINGS
+from ..templates import SETTINGS, tp_choices
 from .base import PlanWriter, Strategy, StrategyContext, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
@@ -85,7 +85,7 @@ class Helix(Strategy):
         max_batch, max_tokens, _ = SETTINGS["mixed"]
         out = []
         for node in ctx.cluster.nodes.values():
-            tp = max(t for t in range(1, node.count + 1) if node.count % t == 0 and m.num_heads % t == 0)
+            tp = tp_choices(node.count, m)[-1]
             gpu = node.gpu
             kmax = int(WEIGHT_SHARE * gpu.memory_gb * 1e9 * tp // m.layer_weight_bytes(16))
             caps = []

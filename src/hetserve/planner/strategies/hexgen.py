@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
-from ..templates import SETTINGS
+from ..templates import SETTINGS, tp_choices
 from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 
 POPULATION = 24
@@ -102,9 +102,7 @@ class GroupPlanner:
         order = sorted(per_node, key=lambda n: (nodes[n].zone, -nodes[n].gpu.memory_bw_gb_per_s, n))
         options = []
         for n in order:
-            g = len(per_node[n])
-            tps = [t for t in range(g, 0, -1) if g % t == 0 and ctx.model.num_heads % t == 0]
-            options.append(tps[:3])
+            options.append(tp_choices(len(per_node[n]), ctx.model)[::-1][:3])
         best = None
         combos = itertools.islice(itertools.product(*options), 20 * MAX_TP_COMBOS)
         # fewest stages (highest TP) first, so that every node's degree varies, not only the last nodes'

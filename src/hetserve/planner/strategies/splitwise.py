@@ -20,7 +20,7 @@ from __future__ import annotations
 from ...errors import HetserveError
 from ..allocate import Allocation
 from ..build import PlacementError, build_plan
-from ..templates import Stage, pools_of
+from ..templates import Stage, pools_of, tp_choices
 from .base import Strategy, StrategyContext, best_by_trial
 
 #: Designs whose best grid point is checked by simulation.
@@ -36,8 +36,7 @@ class Splitwise(Strategy):
         L = ctx.model.num_layers
         machines = []                  # (pool, tp, instances per machine, prefill template, decode template)
         for pool in pools_of(ctx.cluster):
-            tp = max(t for t in range(1, pool.gpus_per_node + 1)
-                     if pool.gpus_per_node % t == 0 and ctx.model.num_heads % t == 0)
+            tp = tp_choices(pool.gpus_per_node, ctx.model)[-1]
             stage = Stage(pool, tp, 0, L, (16,) * L)
             pre, dec = factory.make("prefill", [stage]), factory.make("decode", [stage])
             if pre is not None and dec is not None:
