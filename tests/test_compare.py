@@ -111,6 +111,7 @@ def test_a_strategy_that_cannot_plan_is_reported_not_fatal(write):
     ({"objective": "latency"}, "objective"),
     ({"quality": "best"}, "quality: --quality='best'"),
     ({"notes": None}, "notes"),
+    ({"max_batch_size": 0}, "max_batch_size"),
 ])
 def test_scenario_mistakes_are_clear_errors(write, change, message):
     spec = {k: v for k, v in {**TINY, **change}.items() if v is not None}
@@ -161,6 +162,16 @@ def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(pa
         else:
             assert ours["objective_value"] <= other["objective_value"], (name, ours["objective_value"],
                                                                           other["objective_value"])
+
+
+def test_hexgen_beats_the_homogeneous_fleet_of_equal_cost_on_its_own_engine():
+    """HexGen's headline direction in its own setting (scenario hexgen-70b: an engine that runs one
+    sequence per batch): its plan on the mixed 48 GB / 24 GB fleet sustains a higher request rate within
+    the deadline than the A100 fleet of the same hourly cost (by 2.5x when measured for BENCHMARKS.md;
+    asserted with a margin, as both searches are time-limited)."""
+    path = next(p for p in SCENARIOS if p.stem == "hexgen-70b")
+    res = run_compare(path, ["hexgen", "homogeneous"], time_limit=8)["strategies"]
+    assert res["hexgen"]["objective_value"] >= 1.5 * res["homogeneous"]["objective_value"], res
 
 
 #: Scenarios cheap enough to plan and simulate with every strategy in a test (a few seconds each), and the

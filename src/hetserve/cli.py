@@ -130,7 +130,7 @@ def cmd_plan(args) -> int:
     out = Path(args.out)
     planner = Planner(cluster, model, workload, args.objective, cluster_ref=str(Path(args.cluster).resolve()),
                       model_ref=args.model, budget=args.budget, quality=parse_quality(args.quality), seed=args.seed,
-                      time_limit=args.time_limit)
+                      time_limit=args.time_limit, max_seqs=args.max_batch_size)
     with _progress("planning", 1.0, enabled=not args.json) as tick:
         planner.progress = tick
         result = planner.run()
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default 0.3)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")
+    pl.add_argument("--max-batch-size", type=int, metavar="N",
+                    help="the engine runs at most N sequences in one batch (per micro-batch of a pipeline, as "
+                         "vLLM's --max-num-seqs); default: the planner's per-role settings")
     pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)

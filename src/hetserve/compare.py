@@ -76,6 +76,9 @@ def scenario_schema():
         strategies: list[str] | None = None
         duration_s: float | None = Field(default=None, gt=0, description="seconds of arrivals at the offered rate")
         time_limit_s: float = Field(default=30.0, gt=0, description="planning seconds per strategy")
+        max_batch_size: int | None = Field(
+            default=None, ge=1, description="the serving engine's most sequences in one batch (per micro-batch "
+                                            "lane), for every strategy")
         headline: str = ""
         notes: str
 
@@ -147,7 +150,7 @@ class LoadedScenario:
             cluster, ref = self.reference_cluster
         return StrategyContext(cluster, self.model, self.workload, self.spec.objective, model_ref=self.spec.model,
                                cluster_ref=ref, budget=self.spec.budget, quality=self.quality, seed=seed,
-                               time_limit=time_limit or self.spec.time_limit_s)
+                               time_limit=time_limit or self.spec.time_limit_s, max_seqs=self.spec.max_batch_size)
 
     def strategies(self, chosen: list[str] | None) -> list[str]:
         from .planner.strategies import STRATEGIES, get_strategy

@@ -67,3 +67,16 @@ def test_an_e2e_target_bounds_the_prefill_ttft(chain):
     assert 0 < tight.rate < free.rate and tight.limit == "e2e" and tight.ttft <= target + 1e-9
     assert prefill_capacity(chain, PROMPT, SLO(e2e_ms=free.ttft * 1e3 * 10), MAX_TOKENS).rate == free.rate
 
+
+
+def test_a_lane_prefills_no_more_prompts_at_once_than_its_share_of_the_batch_limit(chain):
+    """Short prompts are bound by reading the weights, so batching them is what makes prefill fast: an
+    engine held to one sequence per batch prefills them one by one, far slower than the token budget's
+    256 prompts per batch (4.6x here); a loose limit changes nothing."""
+    short = 32.0
+    free = prefill_capacity(chain, short, None, MAX_TOKENS)
+    assert prefill_capacity(chain, short, None, MAX_TOKENS, max_batch=256).rate == pytest.approx(free.rate)
+    assert prefill_capacity(chain, short, None, MAX_TOKENS, max_batch=1).rate < 0.3 * free.rate
+    one_mixed = mixed_capacity(chain, PROMPT, OUTPUT, None, 1, MAX_TOKENS, KV)
+    assert one_mixed.rate < 0.2 * mixed_capacity(chain, PROMPT, OUTPUT, None, MAX_BATCH, MAX_TOKENS, KV).rate
+    assert one_mixed.batch <= 1.0 + 1e-9

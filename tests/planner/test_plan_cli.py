@@ -103,3 +103,14 @@ def test_budget_too_small_names_the_cheapest(run_cli, files, tmp_path):
 def test_bad_quality_flag(run_cli, files, tmp_path):
     code, out, err = plan(run_cli, files, tmp_path, "--quality", "high")
     assert code == 2 and "--quality" in err and "lossless" in err
+
+
+def test_max_batch_size_holds_every_instance_to_that_many_sequences_per_lane(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--max-batch-size", "2")
+    assert code == 0, err
+    dep = load_plan(tmp_path / "plan.yaml")
+    assert dep.instances
+    for inst in dep.instances.values():
+        assert inst.plan.max_batch_size <= 2 * inst.plan.micro_batches, inst.plan
+    code, out, err = plan(run_cli, files, tmp_path, "--max-batch-size", "0")
+    assert code == 2 and "--max-batch-size=0" in err and "at least 1" in err

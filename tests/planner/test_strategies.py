@@ -7,6 +7,7 @@ from hetserve.plan import deployment_from_dict
 from hetserve.planner.quality import removed_share, sensitivity
 from hetserve.planner.strategies import STRATEGIES, StrategyContext, get_strategy
 from hetserve.planner.strategies.helix import Helix, decompose
+from hetserve.planner.templates import pools_of
 from hetserve.sim import simulate
 from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.models import load_model
@@ -61,6 +62,36 @@ def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     assert s["completed"] > 0.9 * len(reqs)
 
 
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_keeps_to_an_engine_that_runs_one_sequence_per_batch(name):
+    """With ``max_seqs`` (a scenario's ``max_batch_size``) no instance may batch more than that per
+    micro-batch lane, and the simulator then never runs more sequences in an instance than it has lanes."""
+    ctx = context(MIXED_NVIDIA, max_seqs=1)
+    plan, dep = plan_of(name, ctx)
+    for inst in dep.instances.values():
+        assert inst.plan.max_batch_size <= inst.plan.micro_batches, (inst.name, inst.plan)
+    reqs = ctx.workload.sample(seed=0, duration_s=10)
+    assert simulate(dep, reqs, ctx.slo).summary["completed"] > 0
+
+
+def test_an_engine_that_batches_little_leaves_weights_the_room_kv_did_not_need():
+    """Llama-2-70B at 16 bits on two A100-80GB: the usual KV reserve (15% of free memory) leaves too
+    little room for the weights; one sequence per batch needs about 1 GB of KV, so TP2 replicas fit."""
+    hx = {"arrivals": {"kind": "poisson", "rate": 0.5},
+          "prompt": {"kind": "lognormal", "mean": 512, "cv": 1.0, "max": 4096},
+          "output": {"kind": "lognormal", "mean": 128, "cv": 1.0, "max": 1024},
+          "slo": {"e2e_ms": 35000, "percentile": 90}, "duration_s": 60}
+    nodes = [{"name": "a100", "gpu": "a100-80gb", "count": 8}]
+
+    def tp_of_one_stage_replicas(**kw):
+        ctx = context(nodes, model="llama-2-70b", workload=hx, quality=0.0, **kw)
+        pool = pools_of(ctx.cluster)[0]
+        return {t.stages[0].tp for t in ctx.factory().single_pool(pool) if len(t.stages) == 1}
+
+    assert 2 not in tp_of_one_stage_replicas()
+    assert 2 in tp_of_one_stage_replicas(max_seqs=1)
+
+
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(HetserveError) as exc:
         get_strategy("hexgn")
@@ -73,6 +104,8 @@ def test_context_rejects_bad_settings():
         context(MIXED_NVIDIA, objective="latency")
     with pytest.raises(HetserveError, match="budget=-1"):
         context(MIXED_NVIDIA, budget=-1)
+    with pytest.raises(HetserveError, match="max_batch_size=0 must be at least 1"):
+        context(MIXED_NVIDIA, max_seqs=0)
 
 
 def test_homogeneous_uses_one_gpu_type_and_identical_replicas():

@@ -121,9 +121,18 @@ def _bisect(ok, hi: float, iters: int = 40) -> float:
     return lo
 
 
+def _prompts_per_batch(ch: ChainTiming, prompt: float, max_batch_tokens: int, max_batch: int | None) -> int:
+    """Prompts one lane prefills together: as many as the token budget holds, at most the lane's share of
+    the instance's ``max_batch`` sequences."""
+    batch = int(max_batch_tokens // max(prompt, 1))
+    if max_batch is not None:
+        batch = min(batch, max_batch // ch.micro_batches)
+    return max(1, batch)
+
+
 def prefill_capacity(ch: ChainTiming, prompt: float, slo: SLO | None, max_batch_tokens: int,
-                     max_rate_by_link: float = math.inf) -> Capacity:
-    batch = max(1, int(max_batch_tokens // max(prompt, 1)))
+                     max_rate_by_link: float = math.inf, max_batch: int | None = None) -> Capacity:
+    batch = _prompts_per_batch(ch, prompt, max_batch_tokens, max_batch)
     alone, mu = ch.prefill(prompt, batch)
     service = 1.0 / mu
     q = (slo.percentile if slo else 90) / 100
@@ -177,7 +186,7 @@ def mixed_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | Non
     a request of ``output_q`` tokens is its TTFT plus ``output_q - 1`` mean token intervals.
     """
     context = prompt + output / 2
-    batch = max(1, int(max_batch_tokens // max(prompt, 1)))
+    batch = _prompts_per_batch(ch, prompt, max_batch_tokens, max_batch)
     alone, mu_p = ch.prefill(prompt, batch)
     s_p = 1.0 / mu_p                                  # prefill seconds per request at full batches
     q = (slo.percentile if slo else 90) / 100

@@ -87,13 +87,18 @@ def _value(objective: str, s: dict) -> float:
 class Planner:
     def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, objective: str, *,
                  cluster_ref: str, model_ref: str, budget: float | None = None, quality: float = 0.3,
-                 seed: int = 0, time_limit: float = 60.0, progress=None, simulate_confirm: bool = True):
+                 seed: int = 0, time_limit: float = 60.0, progress=None, simulate_confirm: bool = True,
+                 max_seqs: int | None = None):
         if objective not in OBJECTIVES:
             raise HetserveError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         if budget is not None and budget <= 0:
             raise HetserveError(f"--budget={budget} must be > 0 (USD per hour)")
         if time_limit <= 0:
             raise HetserveError(f"--time-limit={time_limit} must be > 0 seconds")
+        if max_seqs is not None and max_seqs < 1:
+            raise HetserveError(f"--max-batch-size={max_seqs} must be at least 1 (sequences per batch)")
+        #: Most sequences the engine runs in one batch, per micro-batch lane (None: the planner's defaults).
+        self.max_seqs = max_seqs
         self.cluster, self.model, self.workload = cluster, model, workload
         self.objective, self.budget, self.quality, self.seed = objective, budget, quality, seed
         self.time_limit, self.progress, self.confirm = time_limit, progress, simulate_confirm
@@ -116,7 +121,8 @@ class Planner:
         slo = None if self.objective == "throughput" else self.slo
         factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality,
                                   lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"),
-                                  output_q=self.output_q)
+                                  output_q=self.output_q, max_seqs=self.max_seqs,
+                                  long_tokens=self.workload.long_request(self.seed) if self.max_seqs else None)
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
@@ -264,7 +270,7 @@ class Planner:
         left = self.time_limit - self._elapsed()
         ctx = StrategyContext(self.cluster, self.model, self.workload, self.objective, model_ref=self.model_ref,
                               cluster_ref=self.cluster_ref, budget=self.budget, quality=self.quality,
-                              seed=self.seed, time_limit=max(1.0, left * 0.25))
+                              seed=self.seed, time_limit=max(1.0, left * 0.25), max_seqs=self.max_seqs)
         try:
             plan = get_strategy(name).plan(ctx)
             dep = deployment_from_dict(plan, self.cluster, self.model, source=f"{name} placement")

@@ -29,6 +29,8 @@ ROLES = ("mixed", "prefill", "decode")
 MAX_STAGES = 8
 #: Most stages in a cross-pool chain (LLM-PQ-style chains put every GPU of a small cluster in one).
 MAX_CHAIN_STAGES = 16
+#: Share of a stage's free memory kept for the KV cache when the planner places weights.
+KV_RESERVE = 0.15
 SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
     "mixed": (256, 4096, 2048),
     "prefill": (64, 16384, 8192),
@@ -36,11 +38,38 @@ SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
 }
 
 
+def role_settings(role: str, lanes: int = 1, max_seqs: int | None = None) -> tuple[int, int, int]:
+    """(max_batch_size, max_batch_tokens, chunk_size) of an instance of ``role`` with ``lanes`` micro-batch
+    lanes when the engine runs at most ``max_seqs`` sequences in one batch (None: no limit beyond the
+    role's). A plan's ``max_batch_size`` counts the whole instance, so the limit is ``max_seqs`` per lane."""
+    max_batch, max_tokens, chunk = SETTINGS[role]
+    if max_seqs is not None:
+        max_batch = min(max_batch, max_seqs * max(lanes, 1))
+    return max_batch, max_tokens, chunk
+
 
 def tp_choices(gpus: int, model: ModelSpec) -> list[int]:
     """Tensor-parallel degrees the planner gives a group of ``gpus`` GPUs: those dividing both the GPU
     count and the model's attention heads, ascending."""
     return [t for t in range(1, gpus + 1) if gpus % t == 0 and model.num_heads % t == 0]
+
+def weight_room(cm: RooflineCostModel, gpu: GPUSpec, tp: int, first: bool, last: bool, role: str, stages: int = 1,
+                max_seqs: int | None = None, long_tokens: float = 0.0) -> float:
+    """Bytes of layer weights a TP group may hold as one stage of a ``stages``-stage chain, beside the
+    activations of its role's batches and room for the KV cache: ``KV_RESERVE`` of the rest or, when the
+    engine runs at most ``max_seqs`` sequences per batch, what that many requests of ``long_tokens`` per
+    lane need on this stage's share of the layers if that is less (an engine that batches little needs
+    little cache)."""
+    max_batch, max_tokens, _ = role_settings(role, stages, max_seqs)
+    mem = cm.memory(ServerShape(gpu, tp, (), first=first, last=last), max_tokens, max_batch)
+    room = mem.usable - mem.weights - mem.activations          # weights here: embedding/head only
+    reserve = room * KV_RESERVE
+    if max_seqs is not None:
+        m = cm.model
+        need = max_batch * long_tokens * m.kv_bytes_per_token_layer(2) * (m.num_layers / stages) / tp
+        reserve = min(reserve, need)
+    return (room - reserve) * tp
+
 
 @dataclass(frozen=True)
 class Pool:
@@ -124,8 +153,13 @@ class TemplateFactory:
 
     def __init__(self, cluster: Cluster, model: ModelSpec, prompt: float, output: float, slo: SLO | None,
                  quality: float, cost_model: RooflineCostModel | None = None, lane_tokens: float | None = None,
-                 precisions: tuple[str, ...] = ("fit", "spread"), output_q: float | None = None):
+                 precisions: tuple[str, ...] = ("fit", "spread"), output_q: float | None = None,
+                 max_seqs: int | None = None, long_tokens: float | None = None):
         self.cluster, self.model = cluster, model
+        #: Most sequences the engine runs in one batch (per micro-batch lane); None: the roles' settings.
+        #: With a limit, stages keep KV room for that many ``long_tokens`` requests per lane (``weight_room``).
+        self.max_seqs = max_seqs
+        self.long_tokens = long_tokens if long_tokens is not None else prompt + output
         #: Output tokens at the SLO percentile, for the E2E target (None: the mean output).
         self.output_q = output_q
         #: Modes of ``_bits_for`` tried per template (the planner adds "deep"; the baselines that build on
@@ -189,13 +223,9 @@ class TemplateFactory:
                 out.append(bits)
         return out
 
-    def _weight_cap(self, pool: Pool, tp: int, first: bool, last: bool, role: str) -> float:
-        """Bytes of layer weights a stage may hold, leaving activations and a share for the KV cache."""
-        max_batch, max_tokens, _ = SETTINGS[role]
-        shape = ServerShape(pool.gpu, tp, (), first=first, last=last)
-        mem = self.cm.memory(shape, max_tokens, max_batch)
-        room = mem.usable - mem.weights - mem.activations          # weights here: embedding/head only
-        return room * tp * 0.85                                     # keep >= 15% for KV
+    def _weight_cap(self, pool: Pool, tp: int, first: bool, last: bool, role: str, stages: int = 1) -> float:
+        """Bytes of layer weights a stage of a ``stages``-stage chain may hold (``weight_room``)."""
+        return weight_room(self.cm, pool.gpu, tp, first, last, role, stages, self.max_seqs, self.long_tokens)
 
     # ---- templates ---------------------------------------------------------------------------------
     def single_pool(self, pool: Pool) -> list[Template]:
@@ -217,7 +247,8 @@ class TemplateFactory:
     def _variants(self, pool: Pool, tp: int, spans: list[tuple[int, int]]) -> list[Template]:
         out = []
         for role in ROLES:
-            caps = [self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role) for a, b in spans]
+            caps = [self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role, len(spans))
+                    for a, b in spans]
             for bits in self._precisions(spans, caps):
                 stages = [Stage(pool, tp, a, b, tuple(bits[a:b])) for a, b in spans]
                 t = self.make(role, stages)
@@ -290,7 +321,7 @@ class TemplateFactory:
         at least one layer."""
         m = self.model
         L = m.num_layers
-        room = [self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed")
+        room = [self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed", len(pools))
                 for i, (p, t) in enumerate(zip(pools, tps))]
         speed = ([p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)] if by == "speed"
                  else [max(r, 0.0) for r in room])
@@ -327,7 +358,7 @@ class TemplateFactory:
     def _variants_multi(self, pools, tps, spans) -> list[Template]:
         out = []
         for role in ROLES:
-            caps = [self._weight_cap(p, t, a == 0, b == self.model.num_layers, role)
+            caps = [self._weight_cap(p, t, a == 0, b == self.model.num_layers, role, len(spans))
                     for p, t, (a, b) in zip(pools, tps, spans)]
             for bits in self._precisions(spans, caps):
                 stages = [Stage(p, t, a, b, tuple(bits[a:b])) for p, t, (a, b) in zip(pools, tps, spans)]
@@ -339,8 +370,7 @@ class TemplateFactory:
     # ---- one template ---------------------------------------------------------------------------------
     def make(self, role: str, stages: list[Stage]) -> Template | None:
         m, cm = self.model, self.cm
-        settings = SETTINGS[role]
-        max_batch, max_tokens, _ = settings
+        max_batch, max_tokens, _ = role_settings(role, len(stages), self.max_seqs)
         shapes = [ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers)
                   for s in stages]
         kv = math.inf
@@ -356,6 +386,8 @@ class TemplateFactory:
             lanes = min(lanes, int(kv // self.lane_tokens))
             if lanes < 1:
                 return None
+        settings = role_settings(role, lanes, self.max_seqs)
+        max_batch = settings[0]
         hops = []
         for a, b in zip(stages, stages[1:]):
             if a.pool is b.pool and a.tp + b.tp <= a.pool.gpus_per_node:
@@ -373,8 +405,8 @@ class TemplateFactory:
         if role == "prefill":
             net = self.cluster.spec.network.gbit_per_s * 1e9 / 8
             link_rate = net / (self.prompt * kv_bytes)
-            cap = prefill_capacity(ch, self.prompt, self.slo, max_tokens, link_rate)
-            free = prefill_capacity(ch, self.prompt, None, max_tokens, link_rate)
+            cap = prefill_capacity(ch, self.prompt, self.slo, max_tokens, link_rate, max_batch)
+            free = prefill_capacity(ch, self.prompt, None, max_tokens, link_rate, max_batch)
         elif role == "decode":
             cap = decode_capacity(ch, self.prompt, self.output, self.slo, max_batch, kv, self.output_q)
             free = decode_capacity(ch, self.prompt, self.output, None, max_batch, kv)

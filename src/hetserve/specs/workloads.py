@@ -260,6 +260,16 @@ class Workload:
         o = self._lengths(self.spec.output, n, rng, trace, "output")
         return float(np.mean(p)), float(np.mean(o)), float(np.percentile(o, percentile))
 
+    def long_request(self, seed: int = 0, percentile: float = 99, n: int = 2000) -> float:
+        """Prompt + output tokens of a long request: the ``percentile`` of about ``n`` sampled requests (what
+        a KV share must hold so that long requests are not dropped)."""
+        reqs = self.sample(seed=seed, duration_s=n / max(self.mean_rate, 1e-9))
+        total = reqs.prompt_tokens + reqs.output_tokens
+        if not len(total):
+            prompt, output, _ = self.length_stats(percentile, seed)
+            return prompt + output
+        return float(np.percentile(total, percentile))
+
     def sample(self, seed: int = 0, duration_s: float | None = None, rate: float | None = None) -> Requests:
         """Requests arriving within ``duration_s`` (default: the file's; a trace: its length unless
         given). ``rate`` overrides the mean arrival rate (used by the planner's rate search)."""

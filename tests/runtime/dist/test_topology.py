@@ -75,3 +75,15 @@ def test_blocks_are_what_the_tightest_worker_holds():
     assert shared["chain-a"] == int(gb * 0.5 * 2**30) // (2 * 15 * 16 * 3 * 64 * 4)   # half the head's room
     with pytest.raises(ValueError, match="micro-batch lanes"):
         instance_blocks(topo("smollm2-pipeline.yaml"), SmolConfig, 1e-6)
+
+
+def test_an_instances_lanes_share_its_max_batch_size_as_in_the_simulator():
+    """The plan's max_batch_size (16 here) counts the whole instance: three lanes run at most 5 each, as
+    the simulator runs them, not 16 each."""
+    import queue
+
+    from hetserve.runtime.dist.driver import InstanceRunner
+
+    spec = topo("smollm2-pipeline.yaml").instances["chain"]
+    runner = InstanceRunner(spec, num_blocks=30, vocab=10, results=queue.Queue(), prefix_caching=False)
+    assert [lane.scheduler.config.max_num_seqs for lane in runner.lanes] == [5, 5, 5]

@@ -33,7 +33,7 @@ from ..capacity import (
     prefill_capacity,
 )
 from ..quality import removed_share, sensitivity
-from ..templates import SETTINGS, TemplateFactory
+from ..templates import SETTINGS, TemplateFactory, role_settings
 
 #: Sense of each objective: maximised or minimised.
 SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
@@ -57,6 +57,7 @@ class StrategyContext:
     quality: float = 0.3                  # share of sensitivity-weighted weight bits that may be removed
     seed: int = 0
     time_limit: float = 60.0              # seconds, for strategies that search
+    max_seqs: int | None = None           # most sequences the engine runs in one batch (per micro-batch lane)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,8 @@ class StrategyContext:
             raise HetserveError(f"quality={self.quality} is outside [0, 0.75]")
         if self.time_limit <= 0:
             raise HetserveError(f"time_limit={self.time_limit} must be > 0 seconds")
+        if self.max_seqs is not None and self.max_seqs < 1:
+            raise HetserveError(f"max_batch_size={self.max_seqs} must be at least 1 (sequences per batch)")
         self.model_ref = self.model_ref or self.model.name
         self.slo: SLO = self.workload.slo
         self.prompt, self.output, self.output_q = self.workload.length_stats(self.slo.percentile, self.seed)
@@ -84,19 +87,24 @@ class StrategyContext:
     def factory(self, quality: float | None = None) -> TemplateFactory:
         q = self.quality if quality is None else quality
         return TemplateFactory(self.cluster, self.model, self.prompt, self.output, self.capacity_slo, q,
-                               cost_model=self.cost_model, output_q=self.output_q)
+                               cost_model=self.cost_model, output_q=self.output_q, max_seqs=self.max_seqs,
+                               long_tokens=self.long_request if self.max_seqs is not None else None)
 
-    @property
+    def settings(self, role: str, lanes: int = 1, given: tuple | None = None) -> tuple[int, int, int | None]:
+        """(max_batch_size, max_batch_tokens, chunk_size) of an instance with ``lanes`` micro-batch lanes: the
+        ``given`` settings (default: the role's), with the batch held to the engine's ``max_seqs`` per lane."""
+        if given is None:
+            return role_settings(role, lanes, self.max_seqs)
+        max_batch, max_tokens, chunk = given
+        if self.max_seqs is not None:
+            max_batch = min(max_batch, self.max_seqs * max(lanes, 1))
+        return max_batch, max_tokens, chunk
+
+    @cached_property
     def long_request(self) -> float:
         """The 99th percentile of prompt + output tokens (what a KV share must hold so that long requests
         are not dropped)."""
-        if not hasattr(self, "_long"):
-            import numpy as np
-
-            reqs = self.workload.sample(seed=self.seed, duration_s=LENGTH_SAMPLE / max(self.rate, 1e-9))
-            total = reqs.prompt_tokens + reqs.output_tokens
-            self._long = float(np.percentile(total, 99)) if len(total) else self.prompt + self.output
-        return self._long
+        return self.workload.long_request(self.seed, 99, LENGTH_SAMPLE)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -188,7 +196,7 @@ def chain_timing(ctx: StrategyContext, spots: list[Spot], micro_batches: int = 1
 def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=None, micro_batches: int = 1,
              kv_share: float = 1.0) -> Estimate:
     """Memory check and analytic capacity (requests/s) of one instance, as the planner computes it."""
-    max_batch, max_tokens, _ = settings or SETTINGS[role]
+    max_batch, max_tokens, _ = ctx.settings(role, micro_batches, settings)
     kv = math.inf
     for s in spots:
         mem = memory_of(ctx, s, role, (max_batch, max_tokens, None))
@@ -201,7 +209,7 @@ def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=Non
     ch = chain_timing(ctx, spots, micro_batches)
     if role == "prefill":
         def capacity(slo: SLO | None) -> Capacity:
-            return prefill_capacity(ch, ctx.prompt, slo, max_tokens)
+            return prefill_capacity(ch, ctx.prompt, slo, max_tokens, max_batch=max_batch)
     elif role == "decode":
         def capacity(slo: SLO | None) -> Capacity:
             return decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv, ctx.output_q)
@@ -248,7 +256,7 @@ class PlanWriter:
     def instance(self, name: str, role: str, chain: list[Spot], *, settings=None, micro_batches: int = 1,
                  kv_share: float | list[float] = 1.0, policy: str | None = None) -> str:
         """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server."""
-        max_batch, max_tokens, chunk = settings or SETTINGS[role]
+        max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
         names = [self.server(s) for s in chain]
         inst = {"name": name, "role": role, "chain": names, "max_batch_size": int(max_batch),
                 "max_batch_tokens": int(max_tokens), "chunk_size": chunk, "micro_batches": int(micro_batches)}

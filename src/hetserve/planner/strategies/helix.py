@@ -83,6 +83,7 @@ class Helix(Strategy):
         m, cm = ctx.model, ctx.cost_model
         P, O = ctx.prompt, ctx.output
         max_batch, max_tokens, _ = SETTINGS["mixed"]
+        batch_cap = max_batch if ctx.max_seqs is None else min(max_batch, ctx.max_seqs)
         out = []
         for node in ctx.cluster.nodes.values():
             tp = tp_choices(node.count, m)[-1]
@@ -94,11 +95,11 @@ class Helix(Strategy):
                 mem = cm.memory(shape, max_tokens, max_batch)
                 if not mem.fits:
                     break
-                B = min(float(max_batch), KV_HEADROOM * mem.kv_capacity_tokens / (P + O / 2 + 1))
+                B = min(float(batch_cap), KV_HEADROOM * mem.kv_capacity_tokens / (P + O / 2 + 1))
                 if B < 1:
                     break
                 timer = cm.timer(shape)
-                n = max(1, int(max_tokens // max(P, 1)))
+                n = max(1, min(int(max_tokens // max(P, 1)), batch_cap))
                 pre = timer.time(n * P, n, n * P * (P + 1) / 2, n * P) / n
                 kv = B * (P + O / 2 + 1)
                 step = timer.time(B, B, kv, kv)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
-from ..templates import SETTINGS, tp_choices
+from ..templates import tp_choices, weight_room
 from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 
 POPULATION = 24
@@ -43,7 +43,6 @@ TOURNAMENT = 3
 ELITE = 2
 MAX_TP_COMBOS = 24
 SEARCH_SHARE = 0.6        # of the time limit spent evolving
-KV_RESERVE = 0.15          # share of each stage's free memory kept for the KV cache
 
 
 @dataclass(frozen=True)
@@ -135,13 +134,12 @@ class GroupPlanner:
         ctx, L = self.ctx, self.ctx.model.num_layers
         S = len(stages)
         cost, cap, extra = [], [], []
-        max_batch, max_tokens, _ = SETTINGS["mixed"]
+        long = ctx.long_request if ctx.max_seqs is not None else 0.0
         for i, (n, gpus) in enumerate(stages):
             gpu, tp = ctx.cluster.nodes[n].gpu, len(gpus)
             first, last = i == 0, i == S - 1
-            mem = ctx.cost_model.memory(ServerShape(gpu, tp, (), first=first, last=last), max_tokens, max_batch)
-            room = (mem.usable - mem.weights - mem.activations) * (1 - KV_RESERVE)
-            cap.append(int(room * tp // self.layer_bytes) if room > 0 else 0)
+            room = weight_room(ctx.cost_model, gpu, tp, first, last, "mixed", S, ctx.max_seqs, long)
+            cap.append(int(room // self.layer_bytes) if room > 0 else 0)
             one = ctx.cost_model.timer(ServerShape(gpu, tp, (16,), first=False, last=False)).time(*self.step)
             cost.append(one)
             extra.append(ctx.cost_model.timer(ServerShape(gpu, tp, (), first=False, last=last)).time(*self.step)

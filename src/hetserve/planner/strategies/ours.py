@@ -12,5 +12,5 @@ class Hetserve(Strategy):
     def plan(self, ctx: StrategyContext) -> dict:
         planner = Planner(ctx.cluster, ctx.model, ctx.workload, ctx.objective, cluster_ref=ctx.cluster_ref,
                           model_ref=ctx.model_ref, budget=ctx.budget, quality=ctx.quality, seed=ctx.seed,
-                          time_limit=max(ctx.time_left(), 1.0))
+                          time_limit=max(ctx.time_left(), 1.0), max_seqs=ctx.max_seqs)
         return planner.run().plan

@@ -62,8 +62,10 @@ class InstanceRunner:
                  prefix_caching: bool):
         self.spec, self.name, self.vocab = spec, spec.name, vocab
         per_lane = num_blocks // spec.lanes
+        #: A plan's max_batch_size counts the whole instance; each lane runs its share (as the simulator).
+        self.lane_seqs = max(1, spec.max_batch_size // spec.lanes)
         self.lanes = [
-            _Lane(i, Scheduler(SchedulerConfig(max_num_seqs=spec.max_batch_size,
+            _Lane(i, Scheduler(SchedulerConfig(max_num_seqs=self.lane_seqs,
                                                max_num_batched_tokens=spec.max_batch_tokens,
                                                prefill_chunk_size=spec.chunk_size, policy=spec.policy),
                                BlockManager(per_lane, spec.block_size, prefix_caching and spec.role != "decode")),
@@ -84,7 +86,7 @@ class InstanceRunner:
         return sum(lane.load for lane in self.lanes) / self.speed
 
     def has_free_slot(self) -> bool:
-        return self.up and any(lane.load < self.spec.max_batch_size for lane in self.lanes)
+        return self.up and any(lane.load < self.lane_seqs for lane in self.lanes)
 
     def add(self, seq: Sequence) -> int:
         lane = min(self.lanes, key=lambda ln: ln.load)
