@@ -96,6 +96,20 @@ def test_cli_table(tiny, capsys):
     assert "uniform" in out and "TTFT p90 ms" in out and "req/s, max" in out
 
 
+def test_a_scenarios_engine_batch_limit_holds_for_every_strategys_plan(write, tmp_path, capsys):
+    path = write("engine.yaml", yaml.safe_dump(dict(TINY, max_batch_size=2)))
+    report = run_compare(path, ["homogeneous", "hexgen"], out_dir=tmp_path / "out", requests=40)
+    assert report["max_batch_size"] == 2
+    for name in ("homogeneous", "hexgen"):
+        dep = load_plan(tmp_path / "out" / "plans" / f"{name}.yaml")
+        assert all(i.plan.max_batch_size <= 2 * i.plan.micro_batches for i in dep.instances.values()), name
+    parser = argparse.ArgumentParser(prog="hetserve")
+    add_compare_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(path), "--strategies", "uniform", "--requests", "40"])
+    assert args.func(args) == 0
+    assert "at most 2 sequences per batch" in " ".join(capsys.readouterr().out.split())     # the title wraps
+
+
 def test_a_strategy_that_cannot_plan_is_reported_not_fatal(write):
     spec = dict(TINY, model="llama-2-70b", strategies=["hexgen", "homogeneous"])
     spec["cluster"] = {"nodes": [{"name": "l4", "gpu": "l4", "count": 2}]}     # 48 GB: 70B never fits at 16 bits

@@ -327,9 +327,9 @@ def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, 
     out = {
         "scenario": spec.name, "description": spec.description, "model": sc.model.name,
         "cluster": sc.cluster.name, "objective": objective, "objective_sense": sense,
-        "objective_unit": UNITS[objective], "budget": spec.budget, "quality": sc.quality, "seed": seed,
-        "baseline": spec.baseline, "reference": spec.reference, "offered_rps": ev.rate, "requests": len(ev.base),
-        "headline": spec.headline, "strategies": results, "ratios": _ratios(results, spec, sense),
+        "objective_unit": UNITS[objective], "budget": spec.budget, "quality": sc.quality,
+        "max_batch_size": spec.max_batch_size, "seed": seed, "baseline": spec.baseline, "reference": spec.reference,
+        "offered_rps": ev.rate, "requests": len(ev.base), "headline": spec.headline, "strategies": results, "ratios": _ratios(results, spec, sense),
     }
     if out_dir is not None:
         out["files"] = _write(Path(out_dir), out, sims, plans, sc)
@@ -485,7 +485,8 @@ def cmd_compare(args) -> int:
         return 0
     title = (f"{report['scenario']}: {report['model']} on {report['cluster']}, objective {report['objective']} "
              f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
-             f"{report['offered_rps']:.3g} req/s, seed {report['seed']}")
+             f"{report['offered_rps']:.3g} req/s, seed {report['seed']}"
+             + (f", at most {report['max_batch_size']} sequences per batch" if report["max_batch_size"] else ""))
     table(title, TABLE_COLUMNS, table_rows(report))
     r = report["ratios"]
     if r.get("baseline_vs_reference") is not None:

@@ -67,7 +67,7 @@ def test_every_strategy_keeps_to_an_engine_that_runs_one_sequence_per_batch(name
     """With ``max_seqs`` (a scenario's ``max_batch_size``) no instance may batch more than that per
     micro-batch lane, and the simulator then never runs more sequences in an instance than it has lanes."""
     ctx = context(MIXED_NVIDIA, max_seqs=1)
-    plan, dep = plan_of(name, ctx)
+    _, dep = plan_of(name, ctx)
     for inst in dep.instances.values():
         assert inst.plan.max_batch_size <= inst.plan.micro_batches, (inst.name, inst.plan)
     reqs = ctx.workload.sample(seed=0, duration_s=10)

@@ -38,20 +38,24 @@ SETTINGS = {  # max_batch_size, max_batch_tokens, chunk_size per role
 }
 
 
+def batch_limit(max_batch: int, lanes: int, max_seqs: int | None) -> int:
+    """An instance's ``max_batch_size`` when the engine runs at most ``max_seqs`` sequences in one batch
+    (None: no limit): a plan's ``max_batch_size`` counts the whole instance, so ``max_seqs`` per lane."""
+    return max_batch if max_seqs is None else min(max_batch, max_seqs * max(lanes, 1))
+
+
 def role_settings(role: str, lanes: int = 1, max_seqs: int | None = None) -> tuple[int, int, int]:
     """(max_batch_size, max_batch_tokens, chunk_size) of an instance of ``role`` with ``lanes`` micro-batch
-    lanes when the engine runs at most ``max_seqs`` sequences in one batch (None: no limit beyond the
-    role's). A plan's ``max_batch_size`` counts the whole instance, so the limit is ``max_seqs`` per lane."""
+    lanes, its batch held to ``max_seqs`` per lane (``batch_limit``)."""
     max_batch, max_tokens, chunk = SETTINGS[role]
-    if max_seqs is not None:
-        max_batch = min(max_batch, max_seqs * max(lanes, 1))
-    return max_batch, max_tokens, chunk
+    return batch_limit(max_batch, lanes, max_seqs), max_tokens, chunk
 
 
 def tp_choices(gpus: int, model: ModelSpec) -> list[int]:
     """Tensor-parallel degrees the planner gives a group of ``gpus`` GPUs: those dividing both the GPU
     count and the model's attention heads, ascending."""
     return [t for t in range(1, gpus + 1) if gpus % t == 0 and model.num_heads % t == 0]
+
 
 def weight_room(cm: RooflineCostModel, gpu: GPUSpec, tp: int, first: bool, last: bool, role: str, stages: int = 1,
                 max_seqs: int | None = None, long_tokens: float = 0.0) -> float:

@@ -33,7 +33,7 @@ from ..capacity import (
     prefill_capacity,
 )
 from ..quality import removed_share, sensitivity
-from ..templates import SETTINGS, TemplateFactory, role_settings
+from ..templates import SETTINGS, TemplateFactory, batch_limit
 
 #: Sense of each objective: maximised or minimised.
 SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
@@ -93,12 +93,8 @@ class StrategyContext:
     def settings(self, role: str, lanes: int = 1, given: tuple | None = None) -> tuple[int, int, int | None]:
         """(max_batch_size, max_batch_tokens, chunk_size) of an instance with ``lanes`` micro-batch lanes: the
         ``given`` settings (default: the role's), with the batch held to the engine's ``max_seqs`` per lane."""
-        if given is None:
-            return role_settings(role, lanes, self.max_seqs)
-        max_batch, max_tokens, chunk = given
-        if self.max_seqs is not None:
-            max_batch = min(max_batch, self.max_seqs * max(lanes, 1))
-        return max_batch, max_tokens, chunk
+        max_batch, max_tokens, chunk = given or SETTINGS[role]
+        return batch_limit(max_batch, lanes, self.max_seqs), max_tokens, chunk
 
     @cached_property
     def long_request(self) -> float:
