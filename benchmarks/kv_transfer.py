@@ -55,12 +55,10 @@ CASES: dict[str, tuple[End, End]] = {
 def model_shapes() -> Shapes:
     """SmolLM2-135M's KV shapes from its GGUF, or the known values when the package is missing."""
     try:
-        from hetserve.runtime.model.config import LlamaConfig
         from hetserve.runtime.model.loading import read_gguf
         from hetserve.runtime.model.source import resolve_model
 
-        reader, meta = read_gguf(resolve_model("smollm2-135m"))
-        c = LlamaConfig.from_gguf(meta, {t.name for t in reader.tensors})
+        _, c = read_gguf(resolve_model("smollm2-135m"))
         return Shapes(c.num_layers, c.num_kv_heads, c.head_dim, "SmolLM2-135M-Instruct GGUF config")
     except Exception:  # noqa: BLE001 - any failure falls back to the same numbers
         return Shapes()

@@ -142,5 +142,5 @@ def test_synthesised_prompts_have_about_the_asked_length():
     from hetserve.runtime.model.source import resolve_model
     from hetserve.runtime.model.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m"))[1])
+    tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m"))[0].meta)
     assert abs(len(tok.encode(text)) - 200) <= 4   # one token per word with a byte-level BPE vocabulary

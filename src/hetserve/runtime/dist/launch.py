@@ -108,8 +108,8 @@ def load_config(model: str):
 
     path = resolve_model(model)
     if path.is_file():
-        reader, meta = read_gguf(path)
-        return LlamaConfig.from_gguf(meta, {t.name for t in reader.tensors}), Tokenizer.from_gguf(meta)
+        reader, config = read_gguf(path)
+        return config, Tokenizer.from_gguf(reader.meta)
     import json
 
     return LlamaConfig.from_hf(json.loads((path / "config.json").read_text())), Tokenizer.from_directory(path)

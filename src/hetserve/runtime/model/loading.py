@@ -68,12 +68,13 @@ def unpermute_rope_rows(w: Tensor, num_heads: int) -> Tensor:
 
 # ---- GGUF -----------------------------------------------------------------------------------
 def read_gguf(path: str | Path, *, arrays: bool = True):
-    """(file, metadata dict) of a GGUF file (``gguf_file.GGUFFile``: the tensors are memory-mapped);
-    ``arrays=False`` skips long metadata arrays, i.e. the tokenizer's vocabulary and merges."""
+    """(file, model config) of a GGUF file: the file is a ``gguf_file.GGUFFile`` (metadata in ``.meta``,
+    tensors memory-mapped); ``arrays=False`` skips long metadata arrays, i.e. the tokenizer's vocabulary
+    and merges."""
     from .gguf_file import GGUFFile
 
     f = GGUFFile(path, arrays=arrays)
-    return f, f.meta
+    return f, LlamaConfig.from_gguf(f.meta, {t.name for t in f.tensors})
 
 
 def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
@@ -103,12 +104,11 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, layer_sta
               tp_group: Any = None, arrays: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
     """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
     of a GGUF file, and the file's metadata (without the tokenizer's arrays if ``arrays`` is False)."""
-    reader, meta = read_gguf(path, arrays=arrays)
-    config = LlamaConfig.from_gguf(meta, {t.name for t in reader.tensors})
+    reader, config = read_gguf(path, arrays=arrays)
     model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
                        tp_size=tp_size, tp_group=tp_group)
     model.load_weights(gguf_weights(reader, config, model.wants))
-    return model.eval(), meta
+    return model.eval(), reader.meta
 
 
 # ---- Hugging Face safetensors directory -----------------------------------------------------

@@ -76,7 +76,7 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any]) -> "Tokenizer":
-        """From GGUF metadata (key -> value), as read by ``loading.read_gguf``."""
+        """From GGUF metadata (key -> value), a ``gguf_file.GGUFFile``'s ``meta``."""
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
