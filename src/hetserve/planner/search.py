@@ -119,10 +119,10 @@ class Planner:
     def run(self) -> PlanResult:
         self._tick("candidate instances")
         slo = None if self.objective == "throughput" else self.slo
+        long = self.workload.long_request(self.seed) if self.max_seqs is not None else None
         factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality,
                                   lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"),
-                                  output_q=self.output_q, max_seqs=self.max_seqs,
-                                  long_tokens=self.workload.long_request(self.seed) if self.max_seqs else None)
+                                  output_q=self.output_q, max_seqs=self.max_seqs, long_tokens=long)
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:

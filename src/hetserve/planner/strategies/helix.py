@@ -33,7 +33,7 @@ from scipy.sparse import coo_array
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ..capacity import KV_HEADROOM
-from ..templates import SETTINGS, tp_choices
+from ..templates import tp_choices
 from .base import PlanWriter, Strategy, StrategyContext, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
@@ -82,8 +82,7 @@ class Helix(Strategy):
     def machines(self, ctx: StrategyContext) -> list[Machine]:
         m, cm = ctx.model, ctx.cost_model
         P, O = ctx.prompt, ctx.output
-        max_batch, max_tokens, _ = SETTINGS["mixed"]
-        batch_cap = max_batch if ctx.max_seqs is None else min(max_batch, ctx.max_seqs)
+        max_batch, max_tokens, _ = ctx.settings("mixed")          # a machine's batch, within the engine's limit
         out = []
         for node in ctx.cluster.nodes.values():
             tp = tp_choices(node.count, m)[-1]
@@ -95,11 +94,11 @@ class Helix(Strategy):
                 mem = cm.memory(shape, max_tokens, max_batch)
                 if not mem.fits:
                     break
-                B = min(float(batch_cap), KV_HEADROOM * mem.kv_capacity_tokens / (P + O / 2 + 1))
+                B = min(float(max_batch), KV_HEADROOM * mem.kv_capacity_tokens / (P + O / 2 + 1))
                 if B < 1:
                     break
                 timer = cm.timer(shape)
-                n = max(1, min(int(max_tokens // max(P, 1)), batch_cap))
+                n = max(1, min(int(max_tokens // max(P, 1)), max_batch))
                 pre = timer.time(n * P, n, n * P * (P + 1) / 2, n * P) / n
                 kv = B * (P + O / 2 + 1)
                 step = timer.time(B, B, kv, kv)
