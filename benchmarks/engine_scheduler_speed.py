@@ -5,6 +5,7 @@
 Requests arrive in bursts; each step is schedule() + postprocess() with no model. Prints steps/s and
 microseconds per step and per scheduled sequence.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,10 @@ def main() -> None:
     ap.add_argument("--prefix-keys", action="store_true", help="give requests shared 512-token prefix keys")
     args = ap.parse_args()
     rng = random.Random(0)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096,
-                                          prefill_chunk_size=args.chunk),
-                          BlockManager(args.blocks, args.block_size))
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, prefill_chunk_size=args.chunk),
+        BlockManager(args.blocks, args.block_size),
+    )
     pending = []
     for i in range(args.requests):
         prompt = rng.randint(50, 4000)
@@ -33,8 +35,9 @@ def main() -> None:
         if args.prefix_keys:
             shared = rng.randint(0, 3)
             keys = [shared * 1000 + j for j in range(-(-prompt // 512))]
-        pending.append(Sequence(i, prompt, rng.randint(10, 400), block_keys=keys,
-                                block_key_tokens=512 if keys else None))
+        pending.append(
+            Sequence(i, prompt, rng.randint(10, 400), block_keys=keys, block_key_tokens=512 if keys else None)
+        )
     pending.reverse()
     steps = scheduled = 0
     start = time.perf_counter()
@@ -48,10 +51,14 @@ def main() -> None:
         scheduled += len(batch)
     elapsed = time.perf_counter() - start
     s = scheduler.stats
-    print(f"{steps} steps in {elapsed:.2f} s: {steps / elapsed:,.0f} steps/s, {elapsed / steps * 1e6:.0f} us/step, "
-          f"{elapsed / scheduled * 1e6:.2f} us per scheduled sequence")
-    print(f"prefill tokens {s.prefill_tokens:,}, decode tokens {s.decode_tokens:,}, prefix hits "
-          f"{s.prefix_hit_tokens:,}, preemptions {s.preemptions}")
+    print(
+        f"{steps} steps in {elapsed:.2f} s: {steps / elapsed:,.0f} steps/s, {elapsed / steps * 1e6:.0f} us/step, "
+        f"{elapsed / scheduled * 1e6:.2f} us per scheduled sequence"
+    )
+    print(
+        f"prefill tokens {s.prefill_tokens:,}, decode tokens {s.decode_tokens:,}, prefix hits "
+        f"{s.prefix_hit_tokens:,}, preemptions {s.preemptions}"
+    )
 
 
 if __name__ == "__main__":

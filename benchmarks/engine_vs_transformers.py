@@ -20,6 +20,7 @@ rows), each product timed as the engine computes it, best of 3. No engine that c
 in fp32 can be faster, so transformers' time over this floor bounds the ratio any such engine reaches on
 the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,28 @@ from hetserve.runtime.model.source import load_model
 from hetserve.runtime.quant import linear_weight_bytes, quantize_model
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOPICS = ["the history of the bicycle", "how bees communicate", "why the sky is blue", "the rules of chess",
-          "how to bake bread", "the water cycle", "volcanoes", "the first computers", "how vaccines work",
-          "the life of octopuses", "ancient Rome's roads", "how rainbows form", "the Moon's phases",
-          "coral reefs", "how airplanes fly", "the invention of paper", "desert plants", "glaciers",
-          "lighthouses", "the Silk Road"]
+TOPICS = [
+    "the history of the bicycle",
+    "how bees communicate",
+    "why the sky is blue",
+    "the rules of chess",
+    "how to bake bread",
+    "the water cycle",
+    "volcanoes",
+    "the first computers",
+    "how vaccines work",
+    "the life of octopuses",
+    "ancient Rome's roads",
+    "how rainbows form",
+    "the Moon's phases",
+    "coral reefs",
+    "how airplanes fly",
+    "the invention of paper",
+    "desert plants",
+    "glaciers",
+    "lighthouses",
+    "the Silk Road",
+]
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -53,8 +71,10 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def long_prompt(tokenizer, n_tokens: int, salt: str) -> list[int]:
-    text = (f"{salt}. " + "The library at the edge of town keeps old maps, letters and diaries from the people "
-            "who built the harbour, and every winter its volunteers copy a few of them by hand. ") * 40
+    text = (
+        f"{salt}. " + "The library at the edge of town keeps old maps, letters and diaries from the people "
+        "who built the harbour, and every winter its volunteers copy a few of them by hand. "
+    ) * 40
     return tokenizer.encode(text)[:n_tokens]
 
 
@@ -116,13 +136,19 @@ def theirs_batch(model, pad_id: int, prompts: list[list[int]], tokens: int) -> f
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):           # left padding, as batched generation needs
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    for i, p in enumerate(prompts):  # left padding, as batched generation needs
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                             pad_token_id=pad_id, **GREEDY)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            pad_token_id=pad_id,
+            **GREEDY,
+        )
         elapsed = time.perf_counter() - start
     assert out.shape[1] - width == tokens
     return len(prompts) * tokens / elapsed
@@ -153,6 +179,7 @@ def product_seconds(model, rows: int, head_rows: int) -> float:
             for m in linears:
                 project(m, inputs[id(m)])
             project(model.lm_head, head)
+
     return _best(run)
 
 
@@ -192,9 +219,11 @@ def main() -> None:
     salts = iter(range(10**6))
     for n in threads:
         torch.set_num_threads(n)
-        print(f"\nthreads {torch.get_num_threads()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-              f"(on {os.cpu_count()} CPUs)")
-        ours_single(engine, single, 4)      # warm-up both
+        print(
+            f"\nthreads {torch.get_num_threads()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+            f"(on {os.cpu_count()} CPUs)"
+        )
+        ours_single(engine, single, 4)  # warm-up both
         theirs_single(hf, single, 4)
         rows = []
         t_ours = median(lambda: ours_single(engine, single, args.tokens), args.repeats)
@@ -202,37 +231,69 @@ def main() -> None:
         rows.append(("1 request: decode tok/s", t_ours, t_hf, t_ours / t_hf, ">= 1.1x"))
         b_ours = median(lambda: ours_batch(engine, prompts, args.tokens), args.repeats)
         b_hf = median(lambda: theirs_batch(hf, pad, prompts, args.tokens), args.repeats)
-        rows.append((f"{args.concurrent} requests x {args.tokens} tokens: output tok/s", b_ours, b_hf, b_ours / b_hf,
-                     ">= 2.5x"))
+        rows.append(
+            (
+                f"{args.concurrent} requests x {args.tokens} tokens: output tok/s",
+                b_ours,
+                b_hf,
+                b_ours / b_hf,
+                ">= 2.5x",
+            )
+        )
         floor = batch_floor(model, prompts, args.tokens)
         rows.append(("  fp32 products alone (the floor): output tok/s", floor, b_hf, floor / b_hf, "bound"))
         fresh = lambda: ours_ttft(engine, long_prompt(tokenizer, args.prompt_tokens, f"Note {next(salts)}"))  # noqa: E731
         ttft_ours = median(fresh, args.repeats)
-        ttft_hf = median(lambda: theirs_prefill(hf, long_prompt(tokenizer, args.prompt_tokens, "Note x")),
-                         args.repeats)
-        rows.append((f"TTFT, fresh {args.prompt_tokens}-token prompt (ms)", ttft_ours * 1e3, ttft_hf * 1e3,
-                     ttft_ours / ttft_hf, "<= 1x"))
+        ttft_hf = median(
+            lambda: theirs_prefill(hf, long_prompt(tokenizer, args.prompt_tokens, "Note x")), args.repeats
+        )
+        rows.append(
+            (
+                f"TTFT, fresh {args.prompt_tokens}-token prompt (ms)",
+                ttft_ours * 1e3,
+                ttft_hf * 1e3,
+                ttft_ours / ttft_hf,
+                "<= 1x",
+            )
+        )
         repeated = long_prompt(tokenizer, args.prompt_tokens, f"Repeated {n}")
         ours_ttft(engine, repeated)
         ttft_cached = median(lambda: ours_ttft(engine, repeated), args.repeats)
-        rows.append(("TTFT, same prompt again, prefix cache (ms)", ttft_cached * 1e3, ttft_hf * 1e3,
-                     ttft_cached / ttft_hf, "<= 0.2x"))
+        rows.append(
+            (
+                "TTFT, same prompt again, prefix cache (ms)",
+                ttft_cached * 1e3,
+                ttft_hf * 1e3,
+                ttft_cached / ttft_hf,
+                "<= 0.2x",
+            )
+        )
 
-        print(f"SmolLM2-135M fp32, {args.repeats} repeats (median), {torch.get_num_threads()} threads, "
-              f"load average after {os.getloadavg()[0]:.2f}")
+        print(
+            f"SmolLM2-135M fp32, {args.repeats} repeats (median), {torch.get_num_threads()} threads, "
+            f"load average after {os.getloadavg()[0]:.2f}"
+        )
         print(f"{'measure':<50} {'hetserve':>10} {'transformers':>13} {'ratio':>7}  target")
         for name, a, b, r, target in rows:
-            verdict = "" if target == "bound" else (
-                "met" if ((r >= float(target[3:-1])) if target.startswith(">=") else (r <= float(target[3:-1])))
-                else "MISSED")
+            verdict = (
+                ""
+                if target == "bound"
+                else (
+                    "met"
+                    if ((r >= float(target[3:-1])) if target.startswith(">=") else (r <= float(target[3:-1])))
+                    else "MISSED"
+                )
+            )
             print(f"{name:<50} {a:10.1f} {b:13.1f} {r:6.2f}x  {target} {verdict}")
-    hf = None   # free its memory before the quantised runs
+    hf = None  # free its memory before the quantised runs
 
     if args.skip_quant:
         return
-    print(f"\nweight-only quantisation (group 64): projection weights, whole model, tokens/s")
-    print(f"{'weights':<8} {'proj MB':>8} {'vs fp32':>8} {'model MB':>9} {'1-req decode tok/s':>19} "
-          f"{f'{args.concurrent}-req tok/s':>12}")
+    print("\nweight-only quantisation (group 64): projection weights, whole model, tokens/s")
+    print(
+        f"{'weights':<8} {'proj MB':>8} {'vs fp32':>8} {'model MB':>9} {'1-req decode tok/s':>19} "
+        f"{f'{args.concurrent}-req tok/s':>12}"
+    )
     base_bytes = linear_weight_bytes(model)
     for bits in (16, 8, 4):
         net = model if bits == 16 else quantize_model(copy.deepcopy(model), bits)
@@ -242,8 +303,10 @@ def main() -> None:
         bat = median(lambda: ours_batch(eng, prompts, args.tokens), args.repeats)
         size = linear_weight_bytes(net)
         total = _model_bytes(net)
-        print(f"{'fp32' if bits == 16 else f'int{bits}':<8} {size / 2**20:8.1f} {size / base_bytes:7.3f}x "
-              f"{total / 2**20:9.1f} {dec:19.1f} {bat:12.1f}")
+        print(
+            f"{'fp32' if bits == 16 else f'int{bits}':<8} {size / 2**20:8.1f} {size / base_bytes:7.3f}x "
+            f"{total / 2**20:9.1f} {dec:19.1f} {bat:12.1f}"
+        )
 
 
 def _model_bytes(model) -> int:

@@ -12,6 +12,7 @@ head_dim 64), the KV random. Cases, each the median of --repeats runs after one 
 A transfer is timed on the sender from a barrier until the receiver acknowledges that every layer is
 installed. "bytes" are the canonical K/V bytes sent (the sender's dtype). Each process uses one thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hetserve.runtime.kvcache import KVLayout, allocate_kv_caches, extract_kv, install_kv, recv_kv_layer, send_kv_layer
+from hetserve.runtime.kvcache import (
+    KVLayout,
+    allocate_kv_caches,
+    extract_kv,
+    install_kv,
+    recv_kv_layer,
+    send_kv_layer,
+)
 
 
 @dataclass(frozen=True)
@@ -89,16 +97,27 @@ def copy_floor(shapes: Shapes, tokens: int, repeats: int) -> list[float]:
     return times[1:]
 
 
-def _worker(rank: int, port: int, shapes: Shapes, tokens: int, repeats: int, results: "mp.SimpleQueue") -> None:
+def _worker(
+    rank: int, port: int, shapes: Shapes, tokens: int, repeats: int, results: mp.SimpleQueue
+) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=300)
+    )
     try:
         for name, (src, dst) in CASES.items():
             end = src if rank == 0 else dst
             num_blocks, table = block_table(tokens, end.block_size, seed=rank)
-            caches = allocate_kv_caches(shapes.num_layers, num_blocks, end.block_size, shapes.num_kv_heads,
-                                        shapes.head_dim, getattr(torch, end.dtype), "cpu", end.layout)
+            caches = allocate_kv_caches(
+                shapes.num_layers,
+                num_blocks,
+                end.block_size,
+                shapes.num_kv_heads,
+                shapes.head_dim,
+                getattr(torch, end.dtype),
+                "cpu",
+                end.layout,
+            )
             if rank == 0:
                 for layer, (k_cache, v_cache) in enumerate(caches):
                     install_kv(k_cache, v_cache, end.layout, table, *layer_kv(shapes, layer, tokens))
@@ -119,7 +138,9 @@ def _worker(rank: int, port: int, shapes: Shapes, tokens: int, repeats: int, res
                     dist.recv(ack, 1)
                 else:
                     for k_cache, v_cache in caches:
-                        k, v = recv_kv_layer(shapes.num_kv_heads, tokens, shapes.head_dim, getattr(torch, src.dtype), 0)
+                        k, v = recv_kv_layer(
+                            shapes.num_kv_heads, tokens, shapes.head_dim, getattr(torch, src.dtype), 0
+                        )
                         t = time.perf_counter()
                         install_kv(k_cache, v_cache, end.layout, table, k, v)
                         part += time.perf_counter() - t
@@ -170,21 +191,49 @@ def main() -> None:
     for name, ts in times.items():
         seconds = statistics.median(ts)
         src, dst = CASES.get(name, (None, None))
-        rows.append(dict(case=name, src=asdict(src) if src else None, dst=asdict(dst) if dst else None,
-                         bytes=nbytes, seconds=seconds, bytes_per_s=nbytes / seconds, vs_copy=seconds / floor,
-                         extract_s=extract_s.get(name), install_s=install_s.get(name), runs=ts))
+        rows.append(
+            dict(
+                case=name,
+                src=asdict(src) if src else None,
+                dst=asdict(dst) if dst else None,
+                bytes=nbytes,
+                seconds=seconds,
+                bytes_per_s=nbytes / seconds,
+                vs_copy=seconds / floor,
+                extract_s=extract_s.get(name),
+                install_s=install_s.get(name),
+                runs=ts,
+            )
+        )
     if args.json:
-        print(json.dumps(dict(shapes=asdict(shapes), tokens=args.tokens, repeats=args.repeats,
-                              torch=torch.__version__, load_avg=os.getloadavg(), results=rows), indent=2))
+        print(
+            json.dumps(
+                dict(
+                    shapes=asdict(shapes),
+                    tokens=args.tokens,
+                    repeats=args.repeats,
+                    torch=torch.__version__,
+                    load_avg=os.getloadavg(),
+                    results=rows,
+                ),
+                indent=2,
+            )
+        )
         return
-    print(f"{shapes.source}: {shapes.num_layers} layers x {shapes.num_kv_heads} KV heads x head_dim "
-          f"{shapes.head_dim}, {args.tokens} tokens, median of {args.repeats}")
-    print(f"{'case':<12} {'from -> to':<52} {'bytes':>11} {'ms':>8} {'MB/s':>8} {'x copy':>7} "
-          f"{'extract ms':>10} {'install ms':>10}")
+    print(
+        f"{shapes.source}: {shapes.num_layers} layers x {shapes.num_kv_heads} KV heads x head_dim "
+        f"{shapes.head_dim}, {args.tokens} tokens, median of {args.repeats}"
+    )
+    print(
+        f"{'case':<12} {'from -> to':<52} {'bytes':>11} {'ms':>8} {'MB/s':>8} {'x copy':>7} "
+        f"{'extract ms':>10} {'install ms':>10}"
+    )
     for r in rows:
         route = f"{_end(r['src'])} -> {_end(r['dst'])}" if r["src"] else "in-process clone"
-        print(f"{r['case']:<12} {route:<52} {r['bytes']:>11,} {1e3 * r['seconds']:>8.1f} "
-              f"{r['bytes_per_s'] / 1e6:>8.0f} {r['vs_copy']:>7.1f} {_ms(r['extract_s'])} {_ms(r['install_s'])}")
+        print(
+            f"{r['case']:<12} {route:<52} {r['bytes']:>11,} {1e3 * r['seconds']:>8.1f} "
+            f"{r['bytes_per_s'] / 1e6:>8.0f} {r['vs_copy']:>7.1f} {_ms(r['extract_s'])} {_ms(r['install_s'])}"
+        )
 
 
 def _end(e: dict) -> str:

@@ -7,6 +7,7 @@ plans Llama-3.1-70B for a chat workload at a rate that loads the cluster, and re
 the plan's simulated goodput (highest rate within the SLOs), GPUs used and what was searched. Targets
 on a 2-core machine: 64 GPUs <= 30 s, 512 GPUs <= 5 min (given as --time-limit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,13 @@ from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.models import load_model
 from hetserve.specs.workloads import Workload
 
-MIX = [("h100-sxm", 8, 0.25), ("a100-80gb", 8, 0.25), ("l40s", 4, 0.25), ("l4", 4, 0.125), ("mi300x", 8, 0.125)]
+MIX = [
+    ("h100-sxm", 8, 0.25),
+    ("a100-80gb", 8, 0.25),
+    ("l40s", 4, 0.25),
+    ("l4", 4, 0.125),
+    ("mi300x", 8, 0.125),
+]
 LIMITS = {64: 30.0, 512: 300.0}
 
 
@@ -27,20 +34,35 @@ def cluster(gpus: int) -> Cluster:
     nodes = []
     for name, per, share in MIX:
         count = max(1, round(gpus * share / per))
-        nodes.append({"name": name, "gpu": name, "count": per, "replicas": count,
-                      "zone": "east" if name in ("h100-sxm", "a100-80gb", "mi300x") else "west"})
-    spec = {"name": f"bench-{gpus}", "nodes": nodes,
-            "network": {"gbit_per_s": 200, "latency_ms": 0.02,
-                        "zones": [{"a": "east", "b": "west", "gbit_per_s": 50, "latency_ms": 2}]}}
+        nodes.append(
+            {
+                "name": name,
+                "gpu": name,
+                "count": per,
+                "replicas": count,
+                "zone": "east" if name in ("h100-sxm", "a100-80gb", "mi300x") else "west",
+            }
+        )
+    spec = {
+        "name": f"bench-{gpus}",
+        "nodes": nodes,
+        "network": {
+            "gbit_per_s": 200,
+            "latency_ms": 0.02,
+            "zones": [{"a": "east", "b": "west", "gbit_per_s": 50, "latency_ms": 2}],
+        },
+    }
     return Cluster(ClusterFile.model_validate(spec), source=spec["name"])
 
 
 def workload(rate: float) -> Workload:
     tmp = Path(tempfile.mkdtemp()) / "chat.yaml"
-    tmp.write_text(f"name: chat\narrivals: {{kind: poisson, rate: {rate}}}\n"
-                   "prompt: {kind: lognormal, mean: 1000, cv: 1.0, max: 8000}\n"
-                   "output: {kind: lognormal, mean: 200, cv: 1.0, max: 2000}\n"
-                   "slo: {ttft_ms: 2000, tpot_ms: 100, percentile: 90}\n")
+    tmp.write_text(
+        f"name: chat\narrivals: {{kind: poisson, rate: {rate}}}\n"
+        "prompt: {kind: lognormal, mean: 1000, cv: 1.0, max: 8000}\n"
+        "output: {kind: lognormal, mean: 200, cv: 1.0, max: 2000}\n"
+        "slo: {ttft_ms: 2000, tpot_ms: 100, percentile: 90}\n"
+    )
     return Workload.load(tmp)
 
 
@@ -53,14 +75,23 @@ def main() -> None:
         c = cluster(size)
         wl = workload(rate=size / 4)
         t0 = time.perf_counter()
-        res = Planner(c, model, wl, "goodput", cluster_ref="-", model_ref="llama-3.1-70b",
-                      time_limit=LIMITS.get(size, size * 0.5)).run()
+        res = Planner(
+            c,
+            model,
+            wl,
+            "goodput",
+            cluster_ref="-",
+            model_ref="llama-3.1-70b",
+            time_limit=LIMITS.get(size, size * 0.5),
+        ).run()
         wall = time.perf_counter() - t0
-        print(f"{c.total_gpus:4d} GPUs ({len(c.gpu_counts())} types): {wall:6.1f} s (limit "
-              f"{LIMITS.get(size, size * 0.5):.0f} s)  goodput {res.value:.2f} req/s within SLOs "
-              f"(analytic {res.predicted['requests_per_s']:.2f})  GPUs used {res.deployment.gpus_used()}  "
-              f"instances {len(res.deployment.instances)}  ${res.summary['cost_per_hour']:.0f}/h  "
-              f"searched {res.searched}")
+        print(
+            f"{c.total_gpus:4d} GPUs ({len(c.gpu_counts())} types): {wall:6.1f} s (limit "
+            f"{LIMITS.get(size, size * 0.5):.0f} s)  goodput {res.value:.2f} req/s within SLOs "
+            f"(analytic {res.predicted['requests_per_s']:.2f})  GPUs used {res.deployment.gpus_used()}  "
+            f"instances {len(res.deployment.instances)}  ${res.summary['cost_per_hour']:.0f}/h  "
+            f"searched {res.searched}"
+        )
         print("      " + " | ".join(res.reasons[:2]))
 
 

@@ -9,6 +9,7 @@ stop the server. Prints the start-up time (launch until /health answers), throug
 percentiles and each plan's ratio to the one-worker run (overhead = ratio - 1 for latencies; the target
 is <= 20%). Every worker runs one torch thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,24 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).resolve().parent
-PLANS = [("one worker", "smollm2-one-worker.yaml"), ("3-stage pipeline", "smollm2-pipeline-3.yaml"),
-         ("3 stages, 1 lane", "smollm2-pipeline-3-one-lane.yaml"), ("prefill -> decode", "smollm2-pd-1-1.yaml")]
-KEYS = ["startup_s", "throughput_tok_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms",
-        "slo_attainment", "completed"]
+PLANS = [
+    ("one worker", "smollm2-one-worker.yaml"),
+    ("3-stage pipeline", "smollm2-pipeline-3.yaml"),
+    ("3 stages, 1 lane", "smollm2-pipeline-3-one-lane.yaml"),
+    ("prefill -> decode", "smollm2-pd-1-1.yaml"),
+]
+KEYS = [
+    "startup_s",
+    "throughput_tok_s",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "slo_attainment",
+    "completed",
+]
 
 
 def free_port() -> int:
@@ -39,9 +54,27 @@ def free_port() -> int:
 def run_plan(plan: Path, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "hetserve.cli", "serve", "--plan", str(plan), "--port", str(port),
-                               "--kv-cache-gb", "0.1", "--threads", "1", "--log-level", "warning"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hetserve.cli",
+            "serve",
+            "--plan",
+            str(plan),
+            "--port",
+            str(port),
+            "--kv-cache-gb",
+            "0.1",
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         started = time.monotonic()
         deadline = started + 600
@@ -57,12 +90,33 @@ def run_plan(plan: Path, args) -> dict:
                 raise RuntimeError(f"server for {plan.name} did not start")
             time.sleep(0.2)
         startup = time.monotonic() - started
-        httpx.post(url + "/v1/completions", json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 8},
-                   timeout=120)
-        out = subprocess.run([sys.executable, "-m", "hetserve.cli", "bench", "--url", url, "--workload",
-                              str(HERE / "plans" / "serve-load.yaml"), "--duration", str(args.duration),
-                              "--rate", str(args.rate), "--seed", str(args.seed), "--json"],
-                             capture_output=True, text=True, check=True)
+        httpx.post(
+            url + "/v1/completions",
+            json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 8},
+            timeout=120,
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hetserve.cli",
+                "bench",
+                "--url",
+                url,
+                "--workload",
+                str(HERE / "plans" / "serve-load.yaml"),
+                "--duration",
+                str(args.duration),
+                "--rate",
+                str(args.rate),
+                "--seed",
+                str(args.seed),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return {"startup_s": startup, **json.loads(out.stdout)}
     finally:
         server.send_signal(signal.SIGINT)
@@ -83,11 +137,17 @@ def main() -> None:
     rows = {name: run_plan(HERE / "plans" / file, args) for name, file in PLANS}
     base = rows["one worker"]
     if args.json:
-        print(json.dumps({"load_before": load, "results": {n: {k: r.get(k) for k in KEYS} for n, r in rows.items()}},
-                         indent=2))
+        print(
+            json.dumps(
+                {"load_before": load, "results": {n: {k: r.get(k) for k in KEYS} for n, r in rows.items()}},
+                indent=2,
+            )
+        )
         return
-    print(f"SmolLM2-135M fp32, Poisson {args.rate} req/s for {args.duration:.0f} s, prompts 32-256, 32 output tokens; "
-          f"1 thread per worker; load before {load[0]:.2f}")
+    print(
+        f"SmolLM2-135M fp32, Poisson {args.rate} req/s for {args.duration:.0f} s, prompts 32-256, 32 output tokens; "
+        f"1 thread per worker; load before {load[0]:.2f}"
+    )
     print(f"{'plan':<20}" + "".join(f"{k:>18}" for k in KEYS))
     for name, r in rows.items():
         print(f"{name:<20}" + "".join(f"{r.get(k, float('nan')):>18.3f}" for k in KEYS))

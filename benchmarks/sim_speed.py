@@ -6,6 +6,7 @@ Runs in this process (one core). Reports wall time, requests/s and simulated ite
 trace as is, and for the trace repeated ``--repeat`` times back to back (same load, ``repeat`` x the
 requests) to check that cost grows linearly. Targets: <= 10 s for the trace; <= 12x the time for 10x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,17 @@ def run(plan_path: Path, reqs: Requests) -> dict:
     result = simulate(dep, reqs, SLO_)
     wall = time.perf_counter() - t0
     s = result.summary
-    return {"requests": len(reqs), "wall_s": wall, "requests_per_s": len(reqs) / wall,
-            "iterations": s["iterations"], "iterations_per_s": s["iterations"] / wall,
-            "completed": s["completed"], "dropped": s["dropped"], "ttft_p90_ms": s["ttft_p90_ms"],
-            "throughput_tok_s": s["throughput_tok_s"]}
+    return {
+        "requests": len(reqs),
+        "wall_s": wall,
+        "requests_per_s": len(reqs) / wall,
+        "iterations": s["iterations"],
+        "iterations_per_s": s["iterations"] / wall,
+        "completed": s["completed"],
+        "dropped": s["dropped"],
+        "ttft_p90_ms": s["ttft_p90_ms"],
+        "throughput_tok_s": s["throughput_tok_s"],
+    }
 
 
 def main() -> None:
@@ -52,9 +60,11 @@ def main() -> None:
     base = run(Path(args.plan), tiled(trace, 1))
     big = run(Path(args.plan), tiled(trace, args.repeat))
     for label, r in (("1x", base), (f"{args.repeat}x", big)):
-        print(f"{label:>4}: {r['requests']:>7} requests  {r['wall_s']:7.2f} s  {r['requests_per_s']:9.0f} req/s  "
-              f"{r['iterations']:>9} iterations  {r['iterations_per_s']:9.0f} it/s  completed {r['completed']}  "
-              f"dropped {r['dropped']}  TTFT p90 {r['ttft_p90_ms']:.0f} ms  {r['throughput_tok_s']:.0f} tok/s")
+        print(
+            f"{label:>4}: {r['requests']:>7} requests  {r['wall_s']:7.2f} s  {r['requests_per_s']:9.0f} req/s  "
+            f"{r['iterations']:>9} iterations  {r['iterations_per_s']:9.0f} it/s  completed {r['completed']}  "
+            f"dropped {r['dropped']}  TTFT p90 {r['ttft_p90_ms']:.0f} ms  {r['throughput_tok_s']:.0f} tok/s"
+        )
     print(f"time ratio {args.repeat}x / 1x: {big['wall_s'] / base['wall_s']:.2f}")
 
 

@@ -1,6 +1,7 @@
 """`hetserve compare`: every strategy planned and simulated the same way on a scenario; the JSON a user
 scripts against; clear errors for a wrong scenario file; and, on every shipped scenario, hetserve's plan
 at least as good as the baseline of that scenario's paper and the reference that paper compared with."""
+
 import argparse
 import json
 from pathlib import Path
@@ -23,13 +24,21 @@ SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "scenario
 TINY = {
     "name": "tiny",
     "description": "Llama-3.1-8B on one A100 and four L4s",
-    "cluster": {"name": "tiny-cluster", "nodes": [{"name": "a100", "gpu": "a100-80gb", "count": 1},
-                                                  {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2}]},
+    "cluster": {
+        "name": "tiny-cluster",
+        "nodes": [
+            {"name": "a100", "gpu": "a100-80gb", "count": 1},
+            {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2},
+        ],
+    },
     "model": "llama-3.1-8b",
-    "workload": {"arrivals": {"kind": "poisson", "rate": 2.0},
-                 "prompt": {"kind": "lognormal", "mean": 600, "cv": 0.5, "max": 2000},
-                 "output": {"kind": "lognormal", "mean": 100, "cv": 0.5, "max": 400},
-                 "slo": {"ttft_ms": 2000, "tpot_ms": 100}, "duration_s": 30},
+    "workload": {
+        "arrivals": {"kind": "poisson", "rate": 2.0},
+        "prompt": {"kind": "lognormal", "mean": 600, "cv": 0.5, "max": 2000},
+        "output": {"kind": "lognormal", "mean": 100, "cv": 0.5, "max": 400},
+        "slo": {"ttft_ms": 2000, "tpot_ms": 100},
+        "duration_s": 30,
+    },
     "objective": "goodput",
     "baseline": "hexgen",
     "reference": "homogeneous",
@@ -37,9 +46,22 @@ TINY = {
     "time_limit_s": 4,
     "notes": "a test scenario",
 }
-METRICS = ("objective_value", "objective_sense", "objective_unit", "feasible", "throughput_tok_s", "goodput_rps",
-           "ttft_p90_ms", "tpot_p90_ms", "cost_per_hour", "cost_per_mtok", "joules_per_token", "plan_seconds",
-           "gpus_by_type", "max_rate_within_slo")
+METRICS = (
+    "objective_value",
+    "objective_sense",
+    "objective_unit",
+    "feasible",
+    "throughput_tok_s",
+    "goodput_rps",
+    "ttft_p90_ms",
+    "tpot_p90_ms",
+    "cost_per_hour",
+    "cost_per_mtok",
+    "joules_per_token",
+    "plan_seconds",
+    "gpus_by_type",
+    "max_rate_within_slo",
+)
 
 
 @pytest.fixture
@@ -50,7 +72,7 @@ def tiny(write):
 def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_path):
     out = tmp_path / "out"
     report = run_compare(tiny, out_dir=out, seed=0, requests=40)
-    assert list(report["strategies"]) == ["homogeneous", "hexgen", "hetserve"]   # ours planned last
+    assert list(report["strategies"]) == ["homogeneous", "hexgen", "hetserve"]  # ours planned last
     for name, m in report["strategies"].items():
         for key in METRICS:
             assert key in m, (name, key)
@@ -59,14 +81,19 @@ def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_pat
     assert report["requests"] > 20 and report["offered_rps"] == pytest.approx(2.0, rel=0.5)
     assert set(report["ratios"]["hetserve_vs"]) == {"homogeneous", "hexgen"}
     assert report["ratios"]["baseline_vs_reference"] == pytest.approx(
-        report["strategies"]["hexgen"]["objective_value"] / report["strategies"]["homogeneous"]["objective_value"])
+        report["strategies"]["hexgen"]["objective_value"]
+        / report["strategies"]["homogeneous"]["objective_value"]
+    )
     for name in report["strategies"]:
-        dep = load_plan(out / "plans" / f"{name}.yaml")            # plans stand alone (inline cluster written)
+        dep = load_plan(out / "plans" / f"{name}.yaml")  # plans stand alone (inline cluster written)
         assert dep.gpus_used() == report["strategies"][name]["gpus"]
     for f in ("compare.json", "objective.png", "latency_cdf.png", "cost_throughput.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "compare.json").read_text())
-    assert saved["strategies"]["hetserve"]["objective_value"] == report["strategies"]["hetserve"]["objective_value"]
+    assert (
+        saved["strategies"]["hetserve"]["objective_value"]
+        == report["strategies"]["hetserve"]["objective_value"]
+    )
 
 
 def test_the_same_seed_gives_the_same_comparison(tiny):
@@ -78,8 +105,9 @@ def test_the_same_seed_gives_the_same_comparison(tiny):
 def test_cli_json_prints_metrics_by_strategy(tiny, capsys):
     parser = argparse.ArgumentParser(prog="hetserve")
     add_compare_parser(parser.add_subparsers())
-    args = parser.parse_args(["compare", str(tiny), "--strategies", "homogeneous,uniform", "--json",
-                              "--requests", "40"])
+    args = parser.parse_args(
+        ["compare", str(tiny), "--strategies", "homogeneous,uniform", "--json", "--requests", "40"]
+    )
     assert args.func(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"homogeneous", "uniform"}
@@ -107,26 +135,29 @@ def test_a_scenarios_engine_batch_limit_holds_for_every_strategys_plan(write, tm
     add_compare_parser(parser.add_subparsers())
     args = parser.parse_args(["compare", str(path), "--strategies", "uniform", "--requests", "40"])
     assert args.func(args) == 0
-    assert "at most 2 sequences per batch" in " ".join(capsys.readouterr().out.split())     # the title wraps
+    assert "at most 2 sequences per batch" in " ".join(capsys.readouterr().out.split())  # the title wraps
 
 
 def test_a_strategy_that_cannot_plan_is_reported_not_fatal(write):
     spec = dict(TINY, model="llama-2-70b", strategies=["hexgen", "homogeneous"])
-    spec["cluster"] = {"nodes": [{"name": "l4", "gpu": "l4", "count": 2}]}     # 48 GB: 70B never fits at 16 bits
+    spec["cluster"] = {"nodes": [{"name": "l4", "gpu": "l4", "count": 2}]}  # 48 GB: 70B never fits at 16 bits
     report = run_compare(write("big.yaml", yaml.safe_dump(spec)), requests=20)
     for m in report["strategies"].values():
         assert "error" in m and m["objective_value"] is None and not m["feasible"]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"baseline": "hexgn"}, "baseline: unknown strategy 'hexgn' (did you mean 'hexgen'?)"),
-    ({"strategies": ["petal"]}, "strategies[0]: unknown strategy 'petal' (did you mean 'petals'?)"),
-    ({"cluster": "nope.yaml"}, "cluster: file"),
-    ({"objective": "latency"}, "objective"),
-    ({"quality": "best"}, "quality: --quality='best'"),
-    ({"notes": None}, "notes"),
-    ({"max_batch_size": 0}, "max_batch_size"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"baseline": "hexgn"}, "baseline: unknown strategy 'hexgn' (did you mean 'hexgen'?)"),
+        ({"strategies": ["petal"]}, "strategies[0]: unknown strategy 'petal' (did you mean 'petals'?)"),
+        ({"cluster": "nope.yaml"}, "cluster: file"),
+        ({"objective": "latency"}, "objective"),
+        ({"quality": "best"}, "quality: --quality='best'"),
+        ({"notes": None}, "notes"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
 def test_scenario_mistakes_are_clear_errors(write, change, message):
     spec = {k: v for k, v in {**TINY, **change}.items() if v is not None}
     with pytest.raises(HetserveError) as exc:
@@ -145,8 +176,16 @@ def test_ratio_says_how_many_times_better():
 
 
 def test_every_scenario_names_its_papers_and_says_what_was_chosen():
-    assert {p.stem for p in SCENARIOS} >= {"pd-cross-vendor", "hexgen-70b", "llmpq-opt66b", "llmpq-bloom176b",
-                                           "splitwise-70b", "chain-bloom176b", "helix-24", "helix-24-geo"}
+    assert {p.stem for p in SCENARIOS} >= {
+        "pd-cross-vendor",
+        "hexgen-70b",
+        "llmpq-opt66b",
+        "llmpq-bloom176b",
+        "splitwise-70b",
+        "chain-bloom176b",
+        "helix-24",
+        "helix-24-geo",
+    }
     for path in SCENARIOS:
         sc = LoadedScenario(path)
         assert sc.spec.notes.strip() and sc.spec.headline and sc.spec.description
@@ -158,8 +197,19 @@ def test_every_scenario_names_its_papers_and_says_what_was_chosen():
 PLANNER_LOSES: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(
-    reason=PLANNER_LOSES[p.stem], strict=False)] if p.stem in PLANNER_LOSES else []) for p in SCENARIOS])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            id=p.stem,
+            marks=[pytest.mark.xfail(reason=PLANNER_LOSES[p.stem], strict=False)]
+            if p.stem in PLANNER_LOSES
+            else [],
+        )
+        for p in SCENARIOS
+    ],
+)
 def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(path):
     sc = LoadedScenario(path).spec
     report = run_compare(path, [sc.baseline, sc.reference, "hetserve"], time_limit=8)
@@ -168,14 +218,20 @@ def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(pa
     assert "error" not in ours and ours["feasible"], ours
     for name in (sc.baseline, sc.reference):
         other = res[name]
-        if other.get("objective_value") is None:            # failed or infeasible: nothing to beat
+        if other.get("objective_value") is None:  # failed or infeasible: nothing to beat
             continue
         if report["objective_sense"] == "max":
-            assert ours["objective_value"] >= other["objective_value"], (name, ours["objective_value"],
-                                                                          other["objective_value"])
+            assert ours["objective_value"] >= other["objective_value"], (
+                name,
+                ours["objective_value"],
+                other["objective_value"],
+            )
         else:
-            assert ours["objective_value"] <= other["objective_value"], (name, ours["objective_value"],
-                                                                          other["objective_value"])
+            assert ours["objective_value"] <= other["objective_value"], (
+                name,
+                ours["objective_value"],
+                other["objective_value"],
+            )
 
 
 def test_hexgen_beats_the_homogeneous_fleet_of_equal_cost_on_its_own_engine():
@@ -197,8 +253,13 @@ EVERY_STRATEGY: dict[str, str | None] = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=why, strict=False)] if why else [])
-                                  for n, why in EVERY_STRATEGY.items()])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.xfail(reason=why, strict=False)] if why else [])
+        for n, why in EVERY_STRATEGY.items()
+    ],
+)
 def test_hetserve_is_at_least_as_good_as_every_strategy_on_the_small_scenarios(name):
     path = next(p for p in SCENARIOS if p.stem == name)
     report = run_compare(path, time_limit=8)
@@ -209,10 +270,22 @@ def test_hetserve_is_at_least_as_good_as_every_strategy_on_the_small_scenarios(n
 
 
 def test_the_table_says_when_a_plan_finished_no_request_and_when_it_is_infeasible():
-    row = dict(throughput_tok_s=0.0, goodput_rps=0.0, ttft_p90_ms=None, tpot_p90_ms=None, cost_per_hour=10.2,
-               cost_per_mtok=None, joules_per_token=None, plan_seconds=0.1)
-    report = {"strategies": {"stuck": {**row, "objective_value": 0.0, "completed": 0},
-                             "slow": {**row, "objective_value": 0.0, "completed": 3},
-                             "over": {**row, "objective_value": None, "completed": 5}}}
+    row = dict(
+        throughput_tok_s=0.0,
+        goodput_rps=0.0,
+        ttft_p90_ms=None,
+        tpot_p90_ms=None,
+        cost_per_hour=10.2,
+        cost_per_mtok=None,
+        joules_per_token=None,
+        plan_seconds=0.1,
+    )
+    report = {
+        "strategies": {
+            "stuck": {**row, "objective_value": 0.0, "completed": 0},
+            "slow": {**row, "objective_value": 0.0, "completed": 3},
+            "over": {**row, "objective_value": None, "completed": 5},
+        }
+    }
     cells = {r[0]: r[1] for r in table_rows(report)}
     assert cells == {"stuck": "0 (no request finished)", "slow": 0.0, "over": "infeasible"}

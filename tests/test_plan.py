@@ -1,6 +1,7 @@
 """The plan file: the examples load, each validation rule rejects a broken plan with a message that
 names the field and the problem, and the loaded deployment answers capacity, cost and hand-off
 questions correctly."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,13 @@ from .conftest import EXAMPLES
 
 PLANS = EXAMPLES / "plans"
 EXPECTED_EXAMPLES = {
-    "homogeneous-replicas.yaml", "hexgen-asymmetric.yaml", "llmpq-mixed-precision.yaml", "splitwise-pd.yaml",
-    "cross-vendor-pd.yaml", "petals-chains.yaml", "bench-32gpu.yaml",
+    "homogeneous-replicas.yaml",
+    "hexgen-asymmetric.yaml",
+    "llmpq-mixed-precision.yaml",
+    "splitwise-pd.yaml",
+    "cross-vendor-pd.yaml",
+    "petals-chains.yaml",
+    "bench-32gpu.yaml",
 }
 
 # ---- a small plan to break -------------------------------------------------------------------------
@@ -119,8 +125,12 @@ def test_hexgen_plan_is_asymmetric():
 
 def test_pd_examples_hand_off():
     sw = load_plan(PLANS / "splitwise-pd.yaml")
-    assert {s.node.gpu.name for i in sw.instances.values() if i.role == "prefill" for s in i.servers} == {"h100-sxm"}
-    assert {s.node.gpu.name for i in sw.instances.values() if i.role == "decode" for s in i.servers} == {"a100-80gb"}
+    assert {s.node.gpu.name for i in sw.instances.values() if i.role == "prefill" for s in i.servers} == {
+        "h100-sxm"
+    }
+    assert {s.node.gpu.name for i in sw.instances.values() if i.role == "decode" for s in i.servers} == {
+        "a100-80gb"
+    }
     assert sw.spec.routing.handoff_weights
     xv = load_plan(PLANS / "cross-vendor-pd.yaml")
     assert xv.kv_conversion_needed("prefill-a", "decode-a")
@@ -152,7 +162,11 @@ def _tp3(d):
 def _smollm2(d):
     """SmolLM2-135M (30 layers, 9 heads, 3 KV heads) in BASE's layout."""
     d["model"] = "smollm2-135m"
-    d["servers"][0]["layers"], d["servers"][1]["layers"], d["servers"][2]["layers"] = [0, 15], [15, 30], [0, 30]
+    d["servers"][0]["layers"], d["servers"][1]["layers"], d["servers"][2]["layers"] = (
+        [0, 15],
+        [15, 30],
+        [0, 30],
+    )
 
 
 def _smollm2_tp4(d):
@@ -200,71 +214,144 @@ def _misspelt_layers(d):
 
 CASES = [
     # (id, edit, must appear in the message)
-    ("unknown-node", _set("servers", 2, "node", "amdd"),
-     ["servers[2]", ".node", "unknown node 'amdd'", "did you mean 'amd'"]),
-    ("gpu-index-out-of-node", _set("servers", 2, "gpus", [5]),
-     ["servers[2]", ".gpus", "GPU index 5", "node amd", "2 GPUs"]),
-    ("gpu-on-two-servers", _set("servers", 1, "gpus", [1, 2]),
-     ["servers[1]", ".gpus", "GPU 1 of node nv", "already used by server 'a'"]),
-    ("tp-cannot-split-heads", _smollm2_tp4,
-     ["servers[0]", ".gpus", "tp (len(gpus))=4", "cannot split the 9 attention heads (3 KV heads)",
-      "use one of [1, 2, 3, 9]"]),
-    ("layer-covered-twice", _set("servers", 1, "layers", [12, 32]),
-     ["instances[0] (pipe).chain", "layers 12..15 are covered twice"]),
-    ("layer-gap", _set("servers", 1, "layers", [20, 32]),
-     ["instances[0] (pipe).chain", "layers 16..19 are not covered"]),
-    ("layers-missing-at-end", _set("servers", 1, "layers", [16, 30]),
-     ["instances[0] (pipe).chain", "layers 30..31 are not covered", "all 32 layers"]),
-    ("layer-range-beyond-model", _set("servers", 1, "layers", [16, 40]),
-     ["servers[1]", ".layers", "[16, 40)", "not a layer range"]),
-    ("server-does-not-fit", _add_t4_replica,
-     ["server 't' does not fit", "GB of weights", "GB usable", "t4"]),
-    ("decode-without-prefill", _decode_without_prefill,
-     ["instances", "decode instances need a prefill instance"]),
-    ("prefill-without-decode", _prefill_without_decode,
-     ["instances", "prefill instances need a decode instance"]),
-    ("kv-share-over-one", _over_shared,
-     ["server 'z'", "kv_share", "1.20", "at most 1"]),
-    ("chain-spans-vendors", _cross_vendor_chain,
-     ["instances[0] (pipe).chain", "never spans vendors", "nvidia", "amd"]),
-    ("weights-name-decode-instance", _pd({"policy": "weighted", "weights": {"solo": 1.0}}),
-     ["routing.weights", "'solo' is not a prefill or mixed instance"]),
-    ("weighted-without-weights", _set("routing", {"policy": "weighted"}),
-     ["routing.weights", "needs a positive weight"]),
-    ("negative-weight", _set("routing", {"weights": {"pipe": -1}}),
-     ["routing.weights", "'pipe' must be >= 0"]),
-    ("handoff-weights-name-decode-as-source", _pd({"handoff": "weighted", "handoff_weights": {"solo": {"pipe": 1}}}),
-     ["routing.handoff_weights", "'solo' is not a prefill instance"]),
-    ("handoff-weights-name-prefill-as-target", _pd({"handoff": "weighted", "handoff_weights": {"pipe": {"pipe": 1}}}),
-     ["routing.handoff_weights.pipe", "'pipe' is not a decode instance"]),
-    ("misspelt-key", _misspelt_layers,
-     ["servers[0]", "unknown key 'layer'", "did you mean 'layers'"]),
-    ("bits-list-wrong-length", _set("servers", 0, "bits", [16, 8]),
-     ["servers[0] (a).bits", "2 values for 16 layers"]),
-    ("unsupported-bits", _set("servers", 0, "bits", 5),
-     ["servers[0] (a).bits", "5 is not supported"]),
-    ("kv-dtype-not-on-gpu", _set("servers", 2, "kv_dtype", "int8"),
-     ["servers[2] (c).kv_dtype", "mi300x", "int8"]),
-    ("unknown-server-in-chain", _set("instances", 0, "chain", ["a", "bb"]),
-     ["instances[0] (pipe).chain[1]", "unknown server 'bb'", "did you mean 'b'"]),
-    ("unused-server", lambda d: d["servers"].append({"name": "u", "node": "amd", "gpus": [1], "layers": [0, 32]}),
-     ["servers ['u']", "on no instance's chain"]),
-    ("duplicate-server-name", lambda d: d["servers"].append({"name": "a", "node": "amd", "gpus": [1], "layers": [0, 32]}),
-     ["servers[3] (a).name", "used twice"]),
-    ("duplicate-instance-name", lambda d: d["instances"].append({"name": "solo", "role": "mixed", "chain": ["c"]}),
-     ["instances[2] (solo).name", "used twice"]),
-    ("kv-share-above-one-on-instance", _set("instances", 1, "kv_share", 1.5),
-     ["instances[1].kv_share", "less than or equal to 1"]),
-    ("kv-share-of-a-server-above-one", _set("instances", 0, "kv_share", {"a": 1.2, "b": 1.0}),
-     ["instances[0].kv_share", "server 'a'", "less than or equal to 1"]),
-    ("unknown-routing-policy", _set("routing", {"policy": "random"}),
-     ["routing.policy", "jffc", "'random'"]),
-    ("wrong-version", lambda d: d.update(version=2),
-     ["version", "got 2"]),
-    ("unknown-model", lambda d: d.update(model="llama-9"),
-     ["model", "unknown model 'llama-9'"]),
-    ("missing-cluster-file", lambda d: d.update(cluster="nope.yaml"),
-     ["cluster", "nope.yaml not found", "relative to the plan file"]),
+    (
+        "unknown-node",
+        _set("servers", 2, "node", "amdd"),
+        ["servers[2]", ".node", "unknown node 'amdd'", "did you mean 'amd'"],
+    ),
+    (
+        "gpu-index-out-of-node",
+        _set("servers", 2, "gpus", [5]),
+        ["servers[2]", ".gpus", "GPU index 5", "node amd", "2 GPUs"],
+    ),
+    (
+        "gpu-on-two-servers",
+        _set("servers", 1, "gpus", [1, 2]),
+        ["servers[1]", ".gpus", "GPU 1 of node nv", "already used by server 'a'"],
+    ),
+    (
+        "tp-cannot-split-heads",
+        _smollm2_tp4,
+        [
+            "servers[0]",
+            ".gpus",
+            "tp (len(gpus))=4",
+            "cannot split the 9 attention heads (3 KV heads)",
+            "use one of [1, 2, 3, 9]",
+        ],
+    ),
+    (
+        "layer-covered-twice",
+        _set("servers", 1, "layers", [12, 32]),
+        ["instances[0] (pipe).chain", "layers 12..15 are covered twice"],
+    ),
+    (
+        "layer-gap",
+        _set("servers", 1, "layers", [20, 32]),
+        ["instances[0] (pipe).chain", "layers 16..19 are not covered"],
+    ),
+    (
+        "layers-missing-at-end",
+        _set("servers", 1, "layers", [16, 30]),
+        ["instances[0] (pipe).chain", "layers 30..31 are not covered", "all 32 layers"],
+    ),
+    (
+        "layer-range-beyond-model",
+        _set("servers", 1, "layers", [16, 40]),
+        ["servers[1]", ".layers", "[16, 40)", "not a layer range"],
+    ),
+    ("server-does-not-fit", _add_t4_replica, ["server 't' does not fit", "GB of weights", "GB usable", "t4"]),
+    (
+        "decode-without-prefill",
+        _decode_without_prefill,
+        ["instances", "decode instances need a prefill instance"],
+    ),
+    (
+        "prefill-without-decode",
+        _prefill_without_decode,
+        ["instances", "prefill instances need a decode instance"],
+    ),
+    ("kv-share-over-one", _over_shared, ["server 'z'", "kv_share", "1.20", "at most 1"]),
+    (
+        "chain-spans-vendors",
+        _cross_vendor_chain,
+        ["instances[0] (pipe).chain", "never spans vendors", "nvidia", "amd"],
+    ),
+    (
+        "weights-name-decode-instance",
+        _pd({"policy": "weighted", "weights": {"solo": 1.0}}),
+        ["routing.weights", "'solo' is not a prefill or mixed instance"],
+    ),
+    (
+        "weighted-without-weights",
+        _set("routing", {"policy": "weighted"}),
+        ["routing.weights", "needs a positive weight"],
+    ),
+    (
+        "negative-weight",
+        _set("routing", {"weights": {"pipe": -1}}),
+        ["routing.weights", "'pipe' must be >= 0"],
+    ),
+    (
+        "handoff-weights-name-decode-as-source",
+        _pd({"handoff": "weighted", "handoff_weights": {"solo": {"pipe": 1}}}),
+        ["routing.handoff_weights", "'solo' is not a prefill instance"],
+    ),
+    (
+        "handoff-weights-name-prefill-as-target",
+        _pd({"handoff": "weighted", "handoff_weights": {"pipe": {"pipe": 1}}}),
+        ["routing.handoff_weights.pipe", "'pipe' is not a decode instance"],
+    ),
+    ("misspelt-key", _misspelt_layers, ["servers[0]", "unknown key 'layer'", "did you mean 'layers'"]),
+    (
+        "bits-list-wrong-length",
+        _set("servers", 0, "bits", [16, 8]),
+        ["servers[0] (a).bits", "2 values for 16 layers"],
+    ),
+    ("unsupported-bits", _set("servers", 0, "bits", 5), ["servers[0] (a).bits", "5 is not supported"]),
+    (
+        "kv-dtype-not-on-gpu",
+        _set("servers", 2, "kv_dtype", "int8"),
+        ["servers[2] (c).kv_dtype", "mi300x", "int8"],
+    ),
+    (
+        "unknown-server-in-chain",
+        _set("instances", 0, "chain", ["a", "bb"]),
+        ["instances[0] (pipe).chain[1]", "unknown server 'bb'", "did you mean 'b'"],
+    ),
+    (
+        "unused-server",
+        lambda d: d["servers"].append({"name": "u", "node": "amd", "gpus": [1], "layers": [0, 32]}),
+        ["servers ['u']", "on no instance's chain"],
+    ),
+    (
+        "duplicate-server-name",
+        lambda d: d["servers"].append({"name": "a", "node": "amd", "gpus": [1], "layers": [0, 32]}),
+        ["servers[3] (a).name", "used twice"],
+    ),
+    (
+        "duplicate-instance-name",
+        lambda d: d["instances"].append({"name": "solo", "role": "mixed", "chain": ["c"]}),
+        ["instances[2] (solo).name", "used twice"],
+    ),
+    (
+        "kv-share-above-one-on-instance",
+        _set("instances", 1, "kv_share", 1.5),
+        ["instances[1].kv_share", "less than or equal to 1"],
+    ),
+    (
+        "kv-share-of-a-server-above-one",
+        _set("instances", 0, "kv_share", {"a": 1.2, "b": 1.0}),
+        ["instances[0].kv_share", "server 'a'", "less than or equal to 1"],
+    ),
+    ("unknown-routing-policy", _set("routing", {"policy": "random"}), ["routing.policy", "jffc", "'random'"]),
+    ("wrong-version", lambda d: d.update(version=2), ["version", "got 2"]),
+    ("unknown-model", lambda d: d.update(model="llama-9"), ["model", "unknown model 'llama-9'"]),
+    (
+        "missing-cluster-file",
+        lambda d: d.update(cluster="nope.yaml"),
+        ["cluster", "nope.yaml not found", "relative to the plan file"],
+    ),
 ]
 
 
@@ -284,9 +371,9 @@ def test_base_plan_is_valid(plan):
 
 
 def test_tp_may_split_kv_heads_unevenly(plan):
-    dep = load_plan(plan(_smollm2))                # TP=2 over 3 KV heads: 2 + 1
+    dep = load_plan(plan(_smollm2))  # TP=2 over 3 KV heads: 2 + 1
     assert dep.servers["a"].plan.tp == 2 and dep.model.name == "smollm2-135m"
-    dep = load_plan(plan(_tp3))                    # Llama-3.1-8B's 8 KV heads over 3 GPUs: 3 + 3 + 2
+    dep = load_plan(plan(_tp3))  # Llama-3.1-8B's 8 KV heads over 3 GPUs: 3 + 3 + 2
     assert dep.servers["a"].plan.tp == 3
 
 
@@ -323,7 +410,11 @@ def test_a_server_may_be_shared_up_to_one(plan):
 # ---- the resolved deployment --------------------------------------------------------------------------
 def test_kv_capacity_shrinks_with_kv_share(plan):
     full = load_plan(plan()).instances["pipe"].kv_capacity_tokens
-    half = load_plan(plan(_set("instances", 0, "kv_share", 0.5), name="half.yaml")).instances["pipe"].kv_capacity_tokens
+    half = (
+        load_plan(plan(_set("instances", 0, "kv_share", 0.5), name="half.yaml"))
+        .instances["pipe"]
+        .kv_capacity_tokens
+    )
     assert full > 0 and half < full
     assert abs(2 * half - full) <= 2
 
@@ -335,7 +426,7 @@ def test_kv_share_per_server(plan):
     back_half = load_plan(plan(_set("instances", 0, "kv_share", {"a": 1.0, "b": 0.5}), name="b.yaml"))
     assert abs(2 * back_half.instances["pipe"].kv_capacity_tokens - full) <= 2
 
-    def roomy_tail(d):             # i1 takes most of x and little of z; i2 the rest of z
+    def roomy_tail(d):  # i1 takes most of x and little of z; i2 the rest of z
         _over_shared(d)
         d["instances"][0]["kv_share"] = {"x": 0.9, "z": 0.2}
         d["instances"][1]["kv_share"] = {"y": 1.0, "z": 0.8}
@@ -346,20 +437,23 @@ def test_kv_share_per_server(plan):
     def over(d):
         roomy_tail(d)
         d["instances"][1]["kv_share"]["z"] = 0.85
+
     assert all(x in load_error(plan(over, name="over.yaml")) for x in ("server 'z'", "1.05", "at most 1"))
 
     def missing(d):
         d["instances"][0]["kv_share"] = {"a": 0.5}
+
     msg = load_error(plan(missing, name="missing.yaml"))
     assert "instances[0] (pipe).kv_share" in msg and "no share for ['b']" in msg
 
     def stranger(d):
         d["instances"][0]["kv_share"] = {"a": 0.5, "b": 0.5, "c": 0.5}
+
     assert "names ['c'], not on its chain" in load_error(plan(stranger, name="stranger.yaml"))
 
 
 def test_kv_capacity_is_the_smallest_server(plan):
-    dep = load_plan(plan(_set("servers", 1, "bits", 4)))   # the back stage has more room at 4 bits
+    dep = load_plan(plan(_set("servers", 1, "bits", 4)))  # the back stage has more room at 4 bits
     inst = dep.instances["pipe"]
     per_server = []
     for srv in inst.servers:
@@ -370,7 +464,7 @@ def test_kv_capacity_is_the_smallest_server(plan):
 
 def test_gpus_used_counts_tp_gpus(plan):
     dep = load_plan(plan())
-    assert dep.gpus_used() == 5          # 2 + 2 + 1, not 3 servers, not the cluster's 7 GPUs
+    assert dep.gpus_used() == 5  # 2 + 2 + 1, not 3 servers, not the cluster's 7 GPUs
     assert dep.gpu_counts() == {"l4": 4, "mi300x": 1}
 
 
@@ -422,7 +516,7 @@ def test_kv_link_crosses_the_network_between_nodes(plan):
 
 def test_save_then_load_round_trips(plan, tmp_path):
     original = load_plan(plan(_set("servers", 0, "bits", [16] * 8 + [8] * 8)))
-    out = tmp_path / "saved.yaml"            # beside cluster.yaml, so the relative path still holds
+    out = tmp_path / "saved.yaml"  # beside cluster.yaml, so the relative path still holds
     save_plan(original.spec, out)
     again = load_plan(out)
     assert again.spec == original.spec

@@ -1,8 +1,10 @@
 """The ``hetserve`` command line: one small function per verb; the work lives in the packages."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+
 from .errors import HetserveError
 from .report.tables import err_console, key_values, print_json, table
 
@@ -21,12 +23,40 @@ def cmd_gpus(args) -> int:
         return 0
     rows = []
     for g in gpus.values():
-        rows.append((g.name, g.vendor, g.memory_gb, g.memory_bw_gb_per_s, g.tflops.get("fp32"), g.half_tflops,
-                     g.tflops.get("fp8"), g.tflops.get("int8"), g.tflops.get("int4"),
-                     f"{g.fabric.kind} {g.fabric.gb_per_s:g}", g.tdp_w, g.price_per_hour))
-    table("GPU catalogue (dense TFLOPS; sources: hetserve gpus --json)",
-          ["gpu", "vendor", "mem GB", "GB/s", "fp32", "fp16/bf16", "fp8", "int8", "int4", "fabric GB/s",
-           "TDP W", "$/h"], rows)
+        rows.append(
+            (
+                g.name,
+                g.vendor,
+                g.memory_gb,
+                g.memory_bw_gb_per_s,
+                g.tflops.get("fp32"),
+                g.half_tflops,
+                g.tflops.get("fp8"),
+                g.tflops.get("int8"),
+                g.tflops.get("int4"),
+                f"{g.fabric.kind} {g.fabric.gb_per_s:g}",
+                g.tdp_w,
+                g.price_per_hour,
+            )
+        )
+    table(
+        "GPU catalogue (dense TFLOPS; sources: hetserve gpus --json)",
+        [
+            "gpu",
+            "vendor",
+            "mem GB",
+            "GB/s",
+            "fp32",
+            "fp16/bf16",
+            "fp8",
+            "int8",
+            "int4",
+            "fabric GB/s",
+            "TDP W",
+            "$/h",
+        ],
+        rows,
+    )
     return 0
 
 
@@ -37,10 +67,24 @@ def cmd_models(args) -> int:
     if args.json:
         print_json({m.name: m.summary() for m in models})
         return 0
-    cols = ["name", "family", "layers", "hidden", "heads", "kv_heads", "experts", "params_b",
-            "weights_gb_16bit", "weights_gb_4bit", "kv_kb_per_token"]
-    table("Built-in models (derived from each config.json)", cols,
-          [[m.summary()[c] for c in cols] for m in models])
+    cols = [
+        "name",
+        "family",
+        "layers",
+        "hidden",
+        "heads",
+        "kv_heads",
+        "experts",
+        "params_b",
+        "weights_gb_16bit",
+        "weights_gb_4bit",
+        "kv_kb_per_token",
+    ]
+    table(
+        "Built-in models (derived from each config.json)",
+        cols,
+        [[m.summary()[c] for c in cols] for m in models],
+    )
     return 0
 
 
@@ -51,27 +95,72 @@ def cmd_estimate(args) -> int:
 
     gpus = _gpu_catalogue(args.cluster)
     if args.gpu not in gpus:
-        raise HetserveError(f"--gpu: unknown GPU '{args.gpu}'{suggest(args.gpu, gpus)}; known: {allowed(gpus)}")
-    est = estimate(load_model(args.model), gpus[args.gpu], tp=args.tp, pp=args.pp, batch=args.batch,
-                   prompt=args.prompt, output=args.output, weight_bits=args.weight_bits)
+        raise HetserveError(
+            f"--gpu: unknown GPU '{args.gpu}'{suggest(args.gpu, gpus)}; known: {allowed(gpus)}"
+        )
+    est = estimate(
+        load_model(args.model),
+        gpus[args.gpu],
+        tp=args.tp,
+        pp=args.pp,
+        batch=args.batch,
+        prompt=args.prompt,
+        output=args.output,
+        weight_bits=args.weight_bits,
+    )
     if args.json:
         print_json(est.as_dict())
     else:
         d = est.as_dict()
-        key_values(f"{est.model} on {est.tp * est.pp} x {est.gpu} (TP {est.tp}, PP {est.pp}, "
-                   f"{est.weight_bits}-bit weights), batch {est.batch}, {est.prompt} in / {est.output} out",
-                   [(k, d[k]) for k in ("prefill_ms", "decode_ms_per_token", "e2e_ms", "tokens_per_s",
-                                        "weights_gb_per_gpu", "kv_gb_per_gpu", "memory_gb_per_gpu",
-                                        "usable_gb_per_gpu", "kv_capacity_tokens", "fits")])
+        key_values(
+            f"{est.model} on {est.tp * est.pp} x {est.gpu} (TP {est.tp}, PP {est.pp}, "
+            f"{est.weight_bits}-bit weights), batch {est.batch}, {est.prompt} in / {est.output} out",
+            [
+                (k, d[k])
+                for k in (
+                    "prefill_ms",
+                    "decode_ms_per_token",
+                    "e2e_ms",
+                    "tokens_per_s",
+                    "weights_gb_per_gpu",
+                    "kv_gb_per_gpu",
+                    "memory_gb_per_gpu",
+                    "usable_gb_per_gpu",
+                    "kv_capacity_tokens",
+                    "fits",
+                )
+            ],
+        )
         if not est.fits:
             err_console.print(f"[bold red]does not fit:[/] {est.reason}")
     return 0 if est.fits else 1
 
 
-SUMMARY_ROWS = ("requests", "completed", "dropped", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms",
-                "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms", "throughput_rps", "throughput_tok_s", "goodput_rps",
-                "slo_attainment", "slo_met", "preemptions", "bytes_transferred", "gpus", "cost_per_hour",
-                "cost_per_mtok", "joules_per_token", "makespan_s", "iterations")
+SUMMARY_ROWS = (
+    "requests",
+    "completed",
+    "dropped",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "throughput_rps",
+    "throughput_tok_s",
+    "goodput_rps",
+    "slo_attainment",
+    "slo_met",
+    "preemptions",
+    "bytes_transferred",
+    "gpus",
+    "cost_per_hour",
+    "cost_per_mtok",
+    "joules_per_token",
+    "makespan_s",
+    "iterations",
+)
 
 
 def cmd_simulate(args) -> int:
@@ -88,7 +177,9 @@ def cmd_simulate(args) -> int:
     wl = Workload.load(args.workload)
     requests = wl.sample(seed=args.seed, duration_s=args.duration, rate=args.rate)
     if len(requests) == 0:
-        raise HetserveError(f"{args.workload}: no request arrives within the duration; raise --duration or the rate")
+        raise HetserveError(
+            f"{args.workload}: no request arrives within the duration; raise --duration or the rate"
+        )
     t0 = time.perf_counter()
     with _progress("simulating", len(requests), enabled=not args.json and len(requests) >= 2000) as advance:
         result = simulate(dep, requests, wl.slo, seed=args.seed, progress=advance)
@@ -106,8 +197,10 @@ def cmd_simulate(args) -> int:
     if args.json:
         print_json(summary)
         return 0
-    key_values(f"{dep.name} ({dep.gpus_used()} GPUs) x {wl.name}: {len(requests)} requests, seed {args.seed}",
-               [(k, summary.get(k)) for k in SUMMARY_ROWS])
+    key_values(
+        f"{dep.name} ({dep.gpus_used()} GPUs) x {wl.name}: {len(requests)} requests, seed {args.seed}",
+        [(k, summary.get(k)) for k in SUMMARY_ROWS],
+    )
     table("Servers", ["server", "utilisation"], sorted(summary["utilisation"].items()))
     if summary.get("files"):
         print("wrote: " + ", ".join(summary["files"]))
@@ -128,9 +221,19 @@ def cmd_plan(args) -> int:
     model = load_model(args.model)
     workload = Workload.load(args.workload)
     out = Path(args.out)
-    planner = Planner(cluster, model, workload, args.objective, cluster_ref=str(Path(args.cluster).resolve()),
-                      model_ref=args.model, budget=args.budget, quality=parse_quality(args.quality), seed=args.seed,
-                      time_limit=args.time_limit, max_seqs=args.max_batch_size)
+    planner = Planner(
+        cluster,
+        model,
+        workload,
+        args.objective,
+        cluster_ref=str(Path(args.cluster).resolve()),
+        model_ref=args.model,
+        budget=args.budget,
+        quality=parse_quality(args.quality),
+        seed=args.seed,
+        time_limit=args.time_limit,
+        max_seqs=args.max_batch_size,
+    )
     with _progress("planning", 1.0, enabled=not args.json) as tick:
         planner.progress = tick
         result = planner.run()
@@ -139,27 +242,64 @@ def cmd_plan(args) -> int:
     save_plan(spec, out, cluster_path=args.cluster)
     s = result.summary
     report = {
-        "objective": result.objective, "objective_value": result.value, "objective_sense": result.sense,
-        "throughput_tok_s": s["throughput_tok_s"], "goodput_rps": s["goodput_rps"],
-        "cost_per_hour": s["cost_per_hour"], "gpus_used": result.deployment.gpus_used(),
-        "gpus_by_type": result.deployment.gpu_counts(), "instances": len(result.deployment.instances),
-        "ttft_p90_ms": s["ttft_p90_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "slo_attainment": s["slo_attainment"],
-        "joules_per_token": s["joules_per_token"], "search_seconds": result.seconds, "searched": result.searched,
-        "predicted": result.predicted, "reasons": result.reasons, "plan": str(out),
+        "objective": result.objective,
+        "objective_value": result.value,
+        "objective_sense": result.sense,
+        "throughput_tok_s": s["throughput_tok_s"],
+        "goodput_rps": s["goodput_rps"],
+        "cost_per_hour": s["cost_per_hour"],
+        "gpus_used": result.deployment.gpus_used(),
+        "gpus_by_type": result.deployment.gpu_counts(),
+        "instances": len(result.deployment.instances),
+        "ttft_p90_ms": s["ttft_p90_ms"],
+        "tpot_p90_ms": s["tpot_p90_ms"],
+        "slo_attainment": s["slo_attainment"],
+        "joules_per_token": s["joules_per_token"],
+        "search_seconds": result.seconds,
+        "searched": result.searched,
+        "predicted": result.predicted,
+        "reasons": result.reasons,
+        "plan": str(out),
         "alternatives": result.alternatives,
     }
     if args.json:
         print_json(report)
         return 0
-    key_values(f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}",
-               [(k, report[k]) for k in ("objective_value", "throughput_tok_s", "goodput_rps", "cost_per_hour",
-                                         "gpus_used", "gpus_by_type", "instances", "ttft_p90_ms", "tpot_p90_ms",
-                                         "slo_attainment", "search_seconds")])
-    table("Instances", ["instance", "role", "chain (server: node, GPUs, layers, bits)"],
-          [(i.name, i.role, "; ".join(f"{srv.name}: {srv.node.name} x{srv.plan.tp} L{srv.plan.layers[0]}-"
-                                       f"{srv.plan.layers[1] - 1} {srv.plan.bits if isinstance(srv.plan.bits, int) else 'mixed'}"
-                                       for srv in i.servers))
-           for i in result.deployment.instances.values()])
+    key_values(
+        f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}",
+        [
+            (k, report[k])
+            for k in (
+                "objective_value",
+                "throughput_tok_s",
+                "goodput_rps",
+                "cost_per_hour",
+                "gpus_used",
+                "gpus_by_type",
+                "instances",
+                "ttft_p90_ms",
+                "tpot_p90_ms",
+                "slo_attainment",
+                "search_seconds",
+            )
+        ],
+    )
+    table(
+        "Instances",
+        ["instance", "role", "chain (server: node, GPUs, layers, bits)"],
+        [
+            (
+                i.name,
+                i.role,
+                "; ".join(
+                    f"{srv.name}: {srv.node.name} x{srv.plan.tp} L{srv.plan.layers[0]}-"
+                    f"{srv.plan.layers[1] - 1} {srv.plan.bits if isinstance(srv.plan.bits, int) else 'mixed'}"
+                    for srv in i.servers
+                ),
+            )
+            for i in result.deployment.instances.values()
+        ],
+    )
     for r in result.reasons:
         print(f"- {r}")
     print(f"wrote {out}")
@@ -196,20 +336,38 @@ class _progress:
 def cmd_generate(args) -> int:
     from .runtime.generate import run_generate
 
-    for flag, value, ok in (("--max-tokens", args.max_tokens, args.max_tokens >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--top-k", args.top_k, args.top_k >= 0)):
+    for flag, value, ok in (
+        ("--max-tokens", args.max_tokens, args.max_tokens >= 1),
+        ("--temperature", args.temperature, args.temperature >= 0),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1),
+        ("--top-k", args.top_k, args.top_k >= 0),
+    ):
         if not ok:
-            raise HetserveError(f"{flag}={value} is out of range (max-tokens >= 1, temperature >= 0, "
-                                "0 < top-p <= 1, top-k >= 0)")
-    run_generate(args.model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat, system=args.system,
-                 stop=args.stop, dtype=args.dtype, threads=args.threads)
+            raise HetserveError(
+                f"{flag}={value} is out of range (max-tokens >= 1, temperature >= 0, "
+                "0 < top-p <= 1, top-k >= 0)"
+            )
+    run_generate(
+        args.model,
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        chat=not args.no_chat,
+        system=args.system,
+        stop=args.stop,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs.")
+    p = argparse.ArgumentParser(
+        prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs."
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("gpus", help="list the GPU catalogue")
@@ -240,13 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--workload", required=True, help="workload YAML: rates, lengths and SLOs")
     pl.add_argument("--objective", default="goodput", choices=["throughput", "goodput", "cost", "power"])
     pl.add_argument("--budget", type=float, help="most USD per hour to spend")
-    pl.add_argument("--quality", help="'lossless' or the share of sensitivity-weighted bits that may be removed "
-                                      "(default 0.3)")
+    pl.add_argument(
+        "--quality",
+        help="'lossless' or the share of sensitivity-weighted bits that may be removed (default 0.3)",
+    )
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")
-    pl.add_argument("--max-batch-size", type=int, metavar="N",
-                    help="the engine runs at most N sequences in one batch (per micro-batch of a pipeline, as "
-                         "vLLM's --max-num-seqs); default: the planner's per-role settings")
+    pl.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help="the engine runs at most N sequences in one batch (per micro-batch of a pipeline, as "
+        "vLLM's --max-num-seqs); default: the planner's per-role settings",
+    )
     pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
@@ -254,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="replay a workload against a plan (discrete-event simulation)")
     s.add_argument("--plan", required=True, help="plan YAML (see docs/plan.md)")
     s.add_argument("--workload", required=True, help="workload YAML (see docs/files.md)")
-    s.add_argument("--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)")
+    s.add_argument(
+        "--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)"
+    )
     s.add_argument("--rate", type=float, help="override the mean arrival rate (requests/s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")

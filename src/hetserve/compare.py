@@ -22,6 +22,7 @@ The other columns (throughput, goodput, TTFT/TPOT p90, $/h, $/Mtok, J/token) com
 the scenario's offered rate. ``--out DIR`` writes ``compare.json``, each strategy's plan (and the
 cluster files they refer to) and PNG plots: the objective per strategy, latency CDFs, cost vs throughput.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,10 @@ def scenario_schema():
         description: str = ""
         cluster: str | ClusterFile = Field(description="cluster file (relative to the scenario) or inline")
         reference_cluster: str | ClusterFile | None = Field(
-            default=None, description="the reference strategy plans on this cluster instead (e.g. a homogeneous "
-                                      "fleet of equal hourly cost)")
+            default=None,
+            description="the reference strategy plans on this cluster instead (e.g. a homogeneous "
+            "fleet of equal hourly cost)",
+        )
         model: str
         workload: str | WorkloadFile
         objective: Literal["throughput", "goodput", "cost", "power"]
@@ -74,11 +77,16 @@ def scenario_schema():
         baseline: str
         reference: str
         strategies: list[str] | None = None
-        duration_s: float | None = Field(default=None, gt=0, description="seconds of arrivals at the offered rate")
+        duration_s: float | None = Field(
+            default=None, gt=0, description="seconds of arrivals at the offered rate"
+        )
         time_limit_s: float = Field(default=30.0, gt=0, description="planning seconds per strategy")
         max_batch_size: int | None = Field(
-            default=None, ge=1, description="the serving engine's most sequences in one batch (per micro-batch "
-                                            "lane), for every strategy")
+            default=None,
+            ge=1,
+            description="the serving engine's most sequences in one batch (per micro-batch "
+            "lane), for every strategy",
+        )
         headline: str = ""
         notes: str
 
@@ -102,27 +110,35 @@ class LoadedScenario:
         for field in ("baseline", "reference"):
             name = getattr(self.spec, field)
             if name not in STRATEGIES:
-                raise HetserveError(f"{field}: unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: "
-                                    f"{allowed(STRATEGIES)}", source=src)
+                raise HetserveError(
+                    f"{field}: unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: "
+                    f"{allowed(STRATEGIES)}",
+                    source=src,
+                )
         for i, name in enumerate(self.spec.strategies or []):
             if name not in STRATEGIES:
-                raise HetserveError(f"strategies[{i}]: unknown strategy '{name}'{suggest(name, STRATEGIES)}; "
-                                    f"known: {allowed(STRATEGIES)}", source=src)
+                raise HetserveError(
+                    f"strategies[{i}]: unknown strategy '{name}'{suggest(name, STRATEGIES)}; "
+                    f"known: {allowed(STRATEGIES)}",
+                    source=src,
+                )
         self.cluster, self.cluster_ref = self._cluster(self.spec.cluster, base, "cluster")
         self.reference_cluster = None
         if self.spec.reference_cluster is not None:
             self.reference_cluster = self._cluster(self.spec.reference_cluster, base, "reference_cluster")
         model_path = base / self.spec.model
         try:
-            self.model = load_model(str(model_path) if model_path.suffix == ".json" and model_path.exists()
-                                    else self.spec.model)
+            self.model = load_model(
+                str(model_path) if model_path.suffix == ".json" and model_path.exists() else self.spec.model
+            )
         except HetserveError as exc:
             raise HetserveError(f"model: {exc}", source=src) from None
         if isinstance(self.spec.workload, str):
             wpath = base / self.spec.workload
             if not wpath.exists():
-                raise HetserveError(f"workload: file {wpath} not found (paths are relative to the scenario file)",
-                                    source=src)
+                raise HetserveError(
+                    f"workload: file {wpath} not found (paths are relative to the scenario file)", source=src
+                )
             self.workload = Workload.load(wpath)
         else:
             self.workload = Workload(self.spec.workload, base, source=f"{src}: workload")
@@ -138,8 +154,10 @@ class LoadedScenario:
             return Cluster(value, source=f"{self.path}: {field}"), f"{self.spec.name}-{field}.yaml"
         path = base / value
         if not path.exists():
-            raise HetserveError(f"{field}: file {path} not found (paths are relative to the scenario file)",
-                                source=str(self.path))
+            raise HetserveError(
+                f"{field}: file {path} not found (paths are relative to the scenario file)",
+                source=str(self.path),
+            )
         return Cluster.load(path), str(path.resolve())
 
     def context(self, strategy: str, seed: int, time_limit: float | None):
@@ -148,17 +166,27 @@ class LoadedScenario:
         cluster, ref = self.cluster, self.cluster_ref
         if strategy == self.spec.reference and self.reference_cluster is not None:
             cluster, ref = self.reference_cluster
-        return StrategyContext(cluster, self.model, self.workload, self.spec.objective, model_ref=self.spec.model,
-                               cluster_ref=ref, budget=self.spec.budget, quality=self.quality, seed=seed,
-                               time_limit=time_limit or self.spec.time_limit_s, max_seqs=self.spec.max_batch_size)
+        return StrategyContext(
+            cluster,
+            self.model,
+            self.workload,
+            self.spec.objective,
+            model_ref=self.spec.model,
+            cluster_ref=ref,
+            budget=self.spec.budget,
+            quality=self.quality,
+            seed=seed,
+            time_limit=time_limit or self.spec.time_limit_s,
+            max_seqs=self.spec.max_batch_size,
+        )
 
     def strategies(self, chosen: list[str] | None) -> list[str]:
         from .planner.strategies import STRATEGIES, get_strategy
 
         names = chosen or self.spec.strategies or list(STRATEGIES)
         for n in names:
-            get_strategy(n)                                    # a clear error for a misspelt name
-        if "hetserve" in names:                               # ours last: the others' planning does not eat its time
+            get_strategy(n)  # a clear error for a misspelt name
+        if "hetserve" in names:  # ours last: the others' planning does not eat its time
             names = [n for n in names if n != "hetserve"] + ["hetserve"]
         return list(dict.fromkeys(names))
 
@@ -171,7 +199,9 @@ class Evaluator:
         self.workload, self.seed = workload, seed
         self.base = workload.sample(seed=seed, duration_s=duration)
         if len(self.base) == 0:
-            raise HetserveError(f"workload {workload.name}: no request arrives within {duration:g} s; raise duration_s")
+            raise HetserveError(
+                f"workload {workload.name}: no request arrives within {duration:g} s; raise duration_s"
+            )
         self.duration = duration
         self.n = max(len(self.base), MIN_REQUESTS)
         self.rate = len(self.base) / duration
@@ -236,16 +266,27 @@ def _metrics(dep, result, offered: float) -> dict:
     e2e = e2e[~np.isnan(e2e)]
     power = s["energy_j"] / max(s["makespan_s"], 1e-9)
     return {
-        "offered_rps": offered, "requests": s["requests"], "completed": s["completed"], "dropped": s["dropped"],
-        "throughput_tok_s": s["throughput_tok_s"], "throughput_rps": s["throughput_rps"],
-        "goodput_rps": s["goodput_rps"], "slo_attainment": s["slo_attainment"],
+        "offered_rps": offered,
+        "requests": s["requests"],
+        "completed": s["completed"],
+        "dropped": s["dropped"],
+        "throughput_tok_s": s["throughput_tok_s"],
+        "throughput_rps": s["throughput_rps"],
+        "goodput_rps": s["goodput_rps"],
+        "slo_attainment": s["slo_attainment"],
         "slo_met": bool(s["slo_met"]),
-        "ttft_p90_ms": s["ttft_p90_ms"], "tpot_p90_ms": s["tpot_p90_ms"], "e2e_p90_ms": s["e2e_p90_ms"],
+        "ttft_p90_ms": s["ttft_p90_ms"],
+        "tpot_p90_ms": s["tpot_p90_ms"],
+        "e2e_p90_ms": s["e2e_p90_ms"],
         "e2e_mean_ms": float(np.mean(e2e)) * 1e3 if len(e2e) else None,
-        "cost_per_hour": s["cost_per_hour"], "cost_per_mtok": s["cost_per_mtok"],
-        "joules_per_token": s["joules_per_token"], "power_w": power,
+        "cost_per_hour": s["cost_per_hour"],
+        "cost_per_mtok": s["cost_per_mtok"],
+        "joules_per_token": s["joules_per_token"],
+        "power_w": power,
         "provisioned_w": sum(srv.node.gpu.tdp_w * srv.num_gpus for srv in dep.servers.values()),
-        "gpus": dep.gpus_used(), "gpus_by_type": dep.gpu_counts(), "instances": len(dep.instances),
+        "gpus": dep.gpus_used(),
+        "gpus_by_type": dep.gpu_counts(),
+        "instances": len(dep.instances),
         "roles": sorted({i.role for i in dep.instances.values()}),
     }
 
@@ -260,9 +301,16 @@ def ratio(a: float | None, b: float | None, sense: str) -> float | None:
     return b / a if a > 0 else None
 
 
-def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, out_dir: str | Path | None = None,
-                seed: int = 0, *, requests: int | None = None, time_limit: float | None = None,
-                progress=None) -> dict:
+def run_compare(
+    scenario_path: str | Path,
+    strategies: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    *,
+    requests: int | None = None,
+    time_limit: float | None = None,
+    progress=None,
+) -> dict:
     """Plan with each strategy and simulate each plan on the scenario's workload (same requests).
 
     ``requests`` overrides how many requests each simulation replays (scaling the scenario's duration);
@@ -296,9 +344,15 @@ def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, 
             plan = get_strategy(name).plan(ctx)
             dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{name} plan")
         except HetserveError as exc:
-            results[name] = {"error": str(exc), "objective_value": None, "objective_sense": sense,
-                             "objective_unit": UNITS[objective], "feasible": False,
-                             "plan_seconds": time.perf_counter() - t0, "cluster": ctx.cluster.name}
+            results[name] = {
+                "error": str(exc),
+                "objective_value": None,
+                "objective_sense": sense,
+                "objective_unit": UNITS[objective],
+                "feasible": False,
+                "plan_seconds": time.perf_counter() - t0,
+                "cluster": ctx.cluster.name,
+            }
             continue
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -312,24 +366,47 @@ def run_compare(scenario_path: str | Path, strategies: list[str] | None = None, 
             simulations += simulations_more
             feasible = value > 0
             m["max_rate_within_slo"] = value
-        else:                                   # carried the offered load within the SLOs, nothing dropped
+        else:  # carried the offered load within the SLOs, nothing dropped
             feasible = m["slo_met"]
             value = (m["cost_per_hour"] if objective == "cost" else m["power_w"]) if feasible else None
         if spec.budget is not None and m["cost_per_hour"] > spec.budget + 1e-6:
-            feasible, value = False, None                 # over the scenario's budget: not comparable
+            feasible, value = False, None  # over the scenario's budget: not comparable
         m["within_budget"] = spec.budget is None or m["cost_per_hour"] <= spec.budget + 1e-6
-        m.update({"objective_value": value, "objective_sense": sense, "objective_unit": UNITS[objective],
-                  "feasible": bool(feasible), "plan_seconds": planned, "sim_seconds": time.perf_counter() - t1,
-                  "simulations": simulations, "cluster": ctx.cluster.name, "notes": plan.get("notes", "")})
+        m.update(
+            {
+                "objective_value": value,
+                "objective_sense": sense,
+                "objective_unit": UNITS[objective],
+                "feasible": bool(feasible),
+                "plan_seconds": planned,
+                "sim_seconds": time.perf_counter() - t1,
+                "simulations": simulations,
+                "cluster": ctx.cluster.name,
+                "notes": plan.get("notes", ""),
+            }
+        )
         results[name] = m
         sims[name] = result
         plans[name] = (plan, ctx)
     out = {
-        "scenario": spec.name, "description": spec.description, "model": sc.model.name,
-        "cluster": sc.cluster.name, "objective": objective, "objective_sense": sense,
-        "objective_unit": UNITS[objective], "budget": spec.budget, "quality": sc.quality,
-        "max_batch_size": spec.max_batch_size, "seed": seed, "baseline": spec.baseline, "reference": spec.reference,
-        "offered_rps": ev.rate, "requests": len(ev.base), "headline": spec.headline, "strategies": results, "ratios": _ratios(results, spec, sense),
+        "scenario": spec.name,
+        "description": spec.description,
+        "model": sc.model.name,
+        "cluster": sc.cluster.name,
+        "objective": objective,
+        "objective_sense": sense,
+        "objective_unit": UNITS[objective],
+        "budget": spec.budget,
+        "quality": sc.quality,
+        "max_batch_size": spec.max_batch_size,
+        "seed": seed,
+        "baseline": spec.baseline,
+        "reference": spec.reference,
+        "offered_rps": ev.rate,
+        "requests": len(ev.base),
+        "headline": spec.headline,
+        "strategies": results,
+        "ratios": _ratios(results, spec, sense),
     }
     if out_dir is not None:
         out["files"] = _write(Path(out_dir), out, sims, plans, sc)
@@ -358,10 +435,13 @@ def _write(out: Path, report: dict, sims: dict, plans: dict, sc: LoadedScenario)
     for name, (plan, ctx) in plans.items():
         data = dict(plan)
         cluster_file = Path(ctx.cluster_ref)
-        if not cluster_file.exists():                    # an inline cluster: write it beside the plans
+        if not cluster_file.exists():  # an inline cluster: write it beside the plans
             cluster_file = plan_dir / Path(ctx.cluster_ref).name
-            cluster_file.write_text(yaml.safe_dump(ctx.cluster.spec.model_dump(mode="json", exclude_defaults=True),
-                                                   sort_keys=False))
+            cluster_file.write_text(
+                yaml.safe_dump(
+                    ctx.cluster.spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+                )
+            )
         spec = validate(PlanFile, data, f"{name} plan")
         path = plan_dir / f"{name}.yaml"
         save_plan(spec, path, cluster_path=cluster_file)
@@ -395,8 +475,10 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
     # objective per strategy
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     vals = [res[n].get("objective_value") or 0.0 for n in names]
-    colors = ["tab:red" if n == "hetserve" else ("tab:blue" if n == report["baseline"] else "tab:gray")
-              for n in names]
+    colors = [
+        "tab:red" if n == "hetserve" else ("tab:blue" if n == report["baseline"] else "tab:gray")
+        for n in names
+    ]
     ax.bar(names, vals, color=colors)
     ax.set_ylabel(f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})")
     ax.set_title(f"{report['scenario']}: objective per strategy (0 = infeasible or failed)")
@@ -433,8 +515,13 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
     for name in sims:
         r = res[name]
         ax.scatter(r["cost_per_hour"], r["throughput_tok_s"], s=60 if name == "hetserve" else 30)
-        ax.annotate(name, (r["cost_per_hour"], r["throughput_tok_s"]), fontsize=8, xytext=(4, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            name,
+            (r["cost_per_hour"], r["throughput_tok_s"]),
+            fontsize=8,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("cost ($/hour)")
     ax.set_ylabel("throughput (output tok/s)")
     ax.set_title(f"{report['scenario']}: cost vs throughput")
@@ -448,8 +535,18 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
 
 
 # ---- the command line --------------------------------------------------------------------------------------
-TABLE_COLUMNS = ("strategy", "objective", "tok/s", "goodput rps", "TTFT p90 ms", "TPOT p90 ms", "$/h", "$/Mtok",
-                 "J/token", "plan s")
+TABLE_COLUMNS = (
+    "strategy",
+    "objective",
+    "tok/s",
+    "goodput rps",
+    "TTFT p90 ms",
+    "TPOT p90 ms",
+    "$/h",
+    "$/Mtok",
+    "J/token",
+    "plan s",
+)
 
 
 def table_rows(report: dict) -> list[list]:
@@ -463,9 +560,20 @@ def table_rows(report: dict) -> list[list]:
             value = "infeasible"
         elif not r.get("completed"):
             value = f"{value:g} (no request finished)"
-        rows.append([name, value, r["throughput_tok_s"], r["goodput_rps"],
-                     r["ttft_p90_ms"], r["tpot_p90_ms"], r["cost_per_hour"], r["cost_per_mtok"],
-                     r["joules_per_token"], r["plan_seconds"]])
+        rows.append(
+            [
+                name,
+                value,
+                r["throughput_tok_s"],
+                r["goodput_rps"],
+                r["ttft_p90_ms"],
+                r["tpot_p90_ms"],
+                r["cost_per_hour"],
+                r["cost_per_mtok"],
+                r["joules_per_token"],
+                r["plan_seconds"],
+            ]
+        )
     return rows
 
 
@@ -478,15 +586,24 @@ def cmd_compare(args) -> int:
         if not args.json:
             err_console.print(f"planning and simulating: {name}", highlight=False)
 
-    report = run_compare(args.scenario, strategies, args.out, args.seed, requests=args.requests,
-                         time_limit=args.time_limit, progress=progress)
+    report = run_compare(
+        args.scenario,
+        strategies,
+        args.out,
+        args.seed,
+        requests=args.requests,
+        time_limit=args.time_limit,
+        progress=progress,
+    )
     if args.json:
         print_json(report["strategies"])
         return 0
-    title = (f"{report['scenario']}: {report['model']} on {report['cluster']}, objective {report['objective']} "
-             f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
-             f"{report['offered_rps']:.3g} req/s, seed {report['seed']}"
-             + (f", at most {report['max_batch_size']} sequences per batch" if report["max_batch_size"] else ""))
+    title = (
+        f"{report['scenario']}: {report['model']} on {report['cluster']}, objective {report['objective']} "
+        f"({report['objective_unit']}, {report['objective_sense']}), {report['requests']} requests at "
+        f"{report['offered_rps']:.3g} req/s, seed {report['seed']}"
+        + (f", at most {report['max_batch_size']} sequences per batch" if report["max_batch_size"] else "")
+    )
     table(title, TABLE_COLUMNS, table_rows(report))
     r = report["ratios"]
     if r.get("baseline_vs_reference") is not None:
@@ -499,10 +616,17 @@ def cmd_compare(args) -> int:
 
 
 def add_compare_parser(subparsers) -> None:
-    c = subparsers.add_parser("compare", help="plan and simulate every strategy (ours and the baselines) on a scenario")
-    c.add_argument("scenario", metavar="SCENARIO", help="scenario YAML (see docs/baselines.md and examples/scenarios)")
-    c.add_argument("--strategies", help="comma-separated subset of the strategies (default: the scenario's, or "
-                                        "all; names in docs/baselines.md)")
+    c = subparsers.add_parser(
+        "compare", help="plan and simulate every strategy (ours and the baselines) on a scenario"
+    )
+    c.add_argument(
+        "scenario", metavar="SCENARIO", help="scenario YAML (see docs/baselines.md and examples/scenarios)"
+    )
+    c.add_argument(
+        "--strategies",
+        help="comma-separated subset of the strategies (default: the scenario's, or "
+        "all; names in docs/baselines.md)",
+    )
     c.add_argument("--json", action="store_true", help="print {strategy: metrics} as JSON")
     c.add_argument("--out", help="directory for compare.json, the plans and PNG plots")
     c.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@
 Raised anywhere a file, a flag or a request is wrong in a way the user can fix. The CLI prints its
 message (no traceback) and exits with status 2; the API turns it into a 4xx response.
 """
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ chain of servers with a role: prefill, decode or mixed, and its scheduler settin
 ``load_plan`` validates a plan against its cluster and model and returns a ``Deployment`` with
 everything resolved (GPU specs, cost-model shapes, links, KV capacities). docs/plan.md documents it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ class ServerPlan(Strict):
     bits: int | list[int] = Field(default=16, description="weight bits: one for all layers or one per layer")
     kv_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
     kv_layout: Literal["token-major", "head-major"] = Field(
-        default="token-major", description="KV cache block layout: [tokens, heads, dim] or [heads, tokens, dim]")
+        default="token-major",
+        description="KV cache block layout: [tokens, heads, dim] or [heads, tokens, dim]",
+    )
 
     @property
     def tp(self) -> int:
@@ -58,13 +61,15 @@ class InstancePlan(Strict):
     policy: Literal["prefill-first", "decode-first"] = "decode-first"
     micro_batches: int = Field(default=1, ge=1, description="batches in flight through the chain")
     kv_share: float | dict[str, float] = Field(
-        default=1.0, description="share of each server's KV room: one for every server of the chain, or per server")
+        default=1.0,
+        description="share of each server's KV room: one for every server of the chain, or per server",
+    )
     block_size: int = Field(default=16, ge=1)
 
     @field_validator("kv_share")
     @classmethod
     def _share_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
-        for where, x in (v.items() if isinstance(v, dict) else [("", v)]):
+        for where, x in v.items() if isinstance(v, dict) else [("", v)]:
             if not 0 < x <= 1:
                 what = f"the share of server '{where}'" if where else "a share"
                 raise ValueError(f"{what} must be greater than 0 and less than or equal to 1")
@@ -134,7 +139,7 @@ class Instance:
     plan: InstancePlan
     servers: list[Server]
     kv_capacity_tokens: int
-    hops: list[Link]                 # link from servers[i] to servers[i+1]
+    hops: list[Link]  # link from servers[i] to servers[i+1]
 
     @property
     def name(self) -> str:
@@ -173,36 +178,54 @@ class Deployment:
                 raise self._err(f"{where}.gpus: {s.gpus} lists a GPU twice; list each GPU index once")
             node = self.cluster.nodes.get(s.node)
             if node is None:
-                raise self._err(f"{where}.node: unknown node '{s.node}'{suggest(s.node, self.cluster.nodes)}; "
-                                f"nodes: {allowed(self.cluster.nodes)}")
+                raise self._err(
+                    f"{where}.node: unknown node '{s.node}'{suggest(s.node, self.cluster.nodes)}; "
+                    f"nodes: {allowed(self.cluster.nodes)}"
+                )
             for g in s.gpus:
                 if not 0 <= g < node.count:
-                    raise self._err(f"{where}.gpus: GPU index {g} does not exist on node {node.name} "
-                                    f"(it has {node.count} GPUs: 0..{node.count - 1})")
+                    raise self._err(
+                        f"{where}.gpus: GPU index {g} does not exist on node {node.name} "
+                        f"(it has {node.count} GPUs: 0..{node.count - 1})"
+                    )
                 if (node.name, g) in used:
-                    raise self._err(f"{where}.gpus: GPU {g} of node {node.name} is already used by server "
-                                    f"'{used[(node.name, g)]}'; a GPU belongs to one server")
+                    raise self._err(
+                        f"{where}.gpus: GPU {g} of node {node.name} is already used by server "
+                        f"'{used[(node.name, g)]}'; a GPU belongs to one server"
+                    )
                 used[(node.name, g)] = s.name
             try:
-                m.check_tp(s.tp, f"tp (len(gpus))")
+                m.check_tp(s.tp, "tp (len(gpus))")
             except HetserveError as exc:
                 raise self._err(f"{where}.gpus: {exc}") from None
             start, end = s.layers
             if not 0 <= start < end <= m.num_layers:
-                raise self._err(f"{where}.layers: [{start}, {end}) is not a layer range of {m.name} "
-                                f"(need 0 <= start < end <= {m.num_layers})")
+                raise self._err(
+                    f"{where}.layers: [{start}, {end}) is not a layer range of {m.name} "
+                    f"(need 0 <= start < end <= {m.num_layers})"
+                )
             bits = s.layer_bits()
             if len(bits) != end - start:
-                raise self._err(f"{where}.bits: {len(bits)} values for {end - start} layers; give one value "
-                                "or one per layer")
+                raise self._err(
+                    f"{where}.bits: {len(bits)} values for {end - start} layers; give one value "
+                    "or one per layer"
+                )
             bad = [b for b in bits if b not in WEIGHT_BITS]
             if bad:
                 raise self._err(f"{where}.bits: {bad[0]} is not supported; use one of {list(WEIGHT_BITS)}")
             if s.kv_dtype not in node.gpu.kv_dtypes and not (s.kv_dtype == "fp32"):
-                raise self._err(f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
-                                f"supported: {node.gpu.kv_dtypes}")
-            shape = ServerShape(node.gpu, s.tp, bits, first=start == 0, last=end == m.num_layers,
-                                kv_dtype_bytes=KV_DTYPE_BYTES[s.kv_dtype])
+                raise self._err(
+                    f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
+                    f"supported: {node.gpu.kv_dtypes}"
+                )
+            shape = ServerShape(
+                node.gpu,
+                s.tp,
+                bits,
+                first=start == 0,
+                last=end == m.num_layers,
+                kv_dtype_bytes=KV_DTYPE_BYTES[s.kv_dtype],
+            )
             self.servers[s.name] = Server(s, node, shape)
             chain_pos[s.name] = []
 
@@ -216,28 +239,38 @@ class Deployment:
             for j, sname in enumerate(inst.chain):
                 srv = self.servers.get(sname)
                 if srv is None:
-                    raise self._err(f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}")
+                    raise self._err(
+                        f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}"
+                    )
                 start, end = srv.plan.layers
                 if start != expect:
                     what = "covered twice" if start < expect else "not covered"
                     lo, hi = sorted((start, expect))
-                    raise self._err(f"{where}.chain: layers {lo}..{hi - 1} are {what} (server '{sname}' starts "
-                                    f"at layer {start}, the chain so far ends at {expect})")
+                    raise self._err(
+                        f"{where}.chain: layers {lo}..{hi - 1} are {what} (server '{sname}' starts "
+                        f"at layer {start}, the chain so far ends at {expect})"
+                    )
                 expect = end
                 if chain and srv.node.gpu.vendor != chain[0].node.gpu.vendor:
-                    raise self._err(f"{where}.chain: a pipeline never spans vendors ({chain[0].node.gpu.vendor} "
-                                    f"server '{chain[0].name}' and {srv.node.gpu.vendor} server '{sname}'); "
-                                    "hand KV between vendors with prefill and decode instances instead")
+                    raise self._err(
+                        f"{where}.chain: a pipeline never spans vendors ({chain[0].node.gpu.vendor} "
+                        f"server '{chain[0].name}' and {srv.node.gpu.vendor} server '{sname}'); "
+                        "hand KV between vendors with prefill and decode instances instead"
+                    )
                 chain.append(srv)
             if expect != m.num_layers:
-                raise self._err(f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
-                                f"must hold all {m.num_layers} layers of {m.name}")
+                raise self._err(
+                    f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
+                    f"must hold all {m.num_layers} layers of {m.name}"
+                )
             if isinstance(inst.kv_share, dict) and set(inst.kv_share) != set(inst.chain):
                 missing = [x for x in inst.chain if x not in inst.kv_share]
                 extra = [x for x in inst.kv_share if x not in inst.chain]
                 what = f"has no share for {missing}" if missing else f"names {extra}, not on its chain"
-                raise self._err(f"{where}.kv_share: {what}; give one share per server of the chain "
-                                f"{inst.chain}, or a single number for all of them")
+                raise self._err(
+                    f"{where}.kv_share: {what}; give one share per server of the chain "
+                    f"{inst.chain}, or a single number for all of them"
+                )
             for srv in chain:
                 srv.instances.append(inst.name)
                 shares[srv.name] += inst.share_on(srv.name)
@@ -247,11 +280,15 @@ class Deployment:
         for name, total in shares.items():
             if total > 1.0 + 1e-9:
                 users = self.servers[name].instances
-                raise self._err(f"server '{name}' is shared by {users} whose kv_share adds up to {total:.2f}; "
-                                "the shares of one server must add up to at most 1")
+                raise self._err(
+                    f"server '{name}' is shared by {users} whose kv_share adds up to {total:.2f}; "
+                    "the shares of one server must add up to at most 1"
+                )
         unused = [n for n, s in self.servers.items() if not s.instances]
         if unused:
-            raise self._err(f"servers {unused} are on no instance's chain; remove them or add them to a chain")
+            raise self._err(
+                f"servers {unused} are on no instance's chain; remove them or add them to a chain"
+            )
         self._check_memory()
         self._check_roles()
 
@@ -261,52 +298,68 @@ class Deployment:
             caps = []
             for srv in inst.servers:
                 users = [self.instances[n].plan for n in srv.instances if n in self.instances] or [inst.plan]
-                mem = self.cost_model.memory(srv.shape, max(u.max_batch_tokens for u in users),
-                                             max(u.max_batch_size for u in users))
+                mem = self.cost_model.memory(
+                    srv.shape, max(u.max_batch_tokens for u in users), max(u.max_batch_size for u in users)
+                )
                 if not mem.fits and mem.activations > mem.usable - mem.weights > 0:
                     raise self._err(
                         f"server '{srv.name}' does not fit: activations for max_batch_tokens="
                         f"{max(u.max_batch_tokens for u in users)} need {mem.activations / gb:.1f} GB per GPU beside "
                         f"{mem.weights / gb:.1f} GB of weights ({mem.usable / gb:.1f} GB usable on a {srv.node.gpu.name});"
-                        " lower max_batch_tokens or max_batch_size of its instances")
+                        " lower max_batch_tokens or max_batch_size of its instances"
+                    )
                 if not mem.fits:
                     raise self._err(
                         f"server '{srv.name}' does not fit: {srv.plan.layers[1] - srv.plan.layers[0]} layers need "
                         f"{mem.weights / gb:.1f} GB of weights + {mem.activations / gb:.1f} GB of activations per "
                         f"GPU, but a {srv.node.gpu.name} has {mem.usable / gb:.1f} GB usable; give it fewer layers, "
-                        "more GPUs (tp) or fewer weight bits")
+                        "more GPUs (tp) or fewer weight bits"
+                    )
                 caps.append(int(mem.kv_room * inst.plan.share_on(srv.name) / mem.kv_bytes_per_token))
             inst.kv_capacity_tokens = min(caps)
             longest = inst.plan.block_size
             if inst.kv_capacity_tokens < longest:
-                raise self._err(f"instance '{inst.name}' has room for {inst.kv_capacity_tokens} KV tokens, less than "
-                                "one block; give its servers fewer layers or more memory")
+                raise self._err(
+                    f"instance '{inst.name}' has room for {inst.kv_capacity_tokens} KV tokens, less than "
+                    "one block; give its servers fewer layers or more memory"
+                )
 
     def _check_roles(self) -> None:
         roles = {i.role for i in self.instances.values()}
         if "decode" in roles and "prefill" not in roles:
-            raise self._err("instances: decode instances need a prefill instance to hand them KV caches; add one "
-                            "with role: prefill, or make them mixed")
+            raise self._err(
+                "instances: decode instances need a prefill instance to hand them KV caches; add one "
+                "with role: prefill, or make them mixed"
+            )
         if "prefill" in roles and "decode" not in roles:
-            raise self._err("instances: prefill instances need a decode instance to hand KV caches to; add one "
-                            "with role: decode, or make them mixed")
+            raise self._err(
+                "instances: prefill instances need a decode instance to hand KV caches to; add one "
+                "with role: decode, or make them mixed"
+            )
         r = self.spec.routing
         entry = {n for n, i in self.instances.items() if i.role in ("prefill", "mixed")}
         for name in r.weights:
             if name not in entry:
-                raise self._err(f"routing.weights: '{name}' is not a prefill or mixed instance; "
-                                f"those are {allowed(entry)}")
+                raise self._err(
+                    f"routing.weights: '{name}' is not a prefill or mixed instance; "
+                    f"those are {allowed(entry)}"
+                )
         if r.policy == "weighted" and not any(r.weights.get(n, 0) > 0 for n in entry):
-            raise self._err("routing.weights: policy 'weighted' needs a positive weight for at least one "
-                            f"of {allowed(entry)}")
+            raise self._err(
+                "routing.weights: policy 'weighted' needs a positive weight for at least one "
+                f"of {allowed(entry)}"
+            )
         decode = {n for n, i in self.instances.items() if i.role == "decode"}
         if r.handoff_weights and r.handoff != "weighted":
-            raise self._err(f"routing.handoff_weights: given, but routing.handoff is '{r.handoff}'; set "
-                            "handoff: weighted to use them, or remove them")
+            raise self._err(
+                f"routing.handoff_weights: given, but routing.handoff is '{r.handoff}'; set "
+                "handoff: weighted to use them, or remove them"
+            )
         for p, ws in r.handoff_weights.items():
             if not any(w > 0 for w in ws.values()):
-                raise self._err(f"routing.handoff_weights.{p}: needs a positive weight for at least one decode "
-                                "instance")
+                raise self._err(
+                    f"routing.handoff_weights.{p}: needs a positive weight for at least one decode instance"
+                )
             if p not in self.instances or self.instances[p].role != "prefill":
                 raise self._err(f"routing.handoff_weights: '{p}' is not a prefill instance")
             for d in ws:
@@ -339,9 +392,13 @@ class Deployment:
     def kv_conversion_needed(self, prefill: str, decode: str) -> bool:
         """KV crosses vendors or formats (dtype, TP layout) and must be converted on the way."""
         p, d = self.instances[prefill].servers[-1], self.instances[decode].servers[0]
-        return (p.node.gpu.vendor != d.node.gpu.vendor or p.plan.kv_dtype != d.plan.kv_dtype
-                or p.plan.tp != d.plan.tp or p.plan.kv_layout != d.plan.kv_layout
-                or self.instances[prefill].plan.block_size != self.instances[decode].plan.block_size)
+        return (
+            p.node.gpu.vendor != d.node.gpu.vendor
+            or p.plan.kv_dtype != d.plan.kv_dtype
+            or p.plan.tp != d.plan.tp
+            or p.plan.kv_layout != d.plan.kv_layout
+            or self.instances[prefill].plan.block_size != self.instances[decode].plan.block_size
+        )
 
 
 def load_plan(path: str | Path) -> Deployment:
@@ -351,8 +408,9 @@ def load_plan(path: str | Path) -> Deployment:
     if not cluster_path.is_absolute():
         cluster_path = base / cluster_path
     if not cluster_path.exists():
-        raise HetserveError(f"cluster: file {cluster_path} not found (paths are relative to the plan file)",
-                            source=str(path))
+        raise HetserveError(
+            f"cluster: file {cluster_path} not found (paths are relative to the plan file)", source=str(path)
+        )
     cluster = Cluster.load(cluster_path)
     try:
         model = load_model(spec.model)
@@ -375,5 +433,7 @@ def save_plan(spec: PlanFile, path: str | Path, cluster_path: str | Path | None 
     if cluster_path is not None:
         target = Path(path).resolve().parent
         data["cluster"] = os.path.relpath(Path(cluster_path).resolve(), target)
-    Path(path).write_text(f"# hetserve plan (version {PLAN_VERSION}); see docs/plan.md\n"
-                          + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
+    Path(path).write_text(
+        f"# hetserve plan (version {PLAN_VERSION}); see docs/plan.md\n"
+        + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
+    )

@@ -1,5 +1,6 @@
 """The load generator against our own server on 127.0.0.1 (tiny model): what it sends, what it measures,
 and that it reports the simulator's metrics under the simulator's names."""
+
 import argparse
 import csv
 import json
@@ -59,7 +60,10 @@ def test_replays_the_workload_and_reports_simulator_metrics(server, workload, tm
     wl = Workload.load(workload)
     sampled = wl.sample(seed=3)
     before = server_metrics(server.url)
-    assert bench("--url", server.url, "--workload", workload, "--seed", 3, "--json", "--out", tmp_path / "out") == 0
+    assert (
+        bench("--url", server.url, "--workload", workload, "--seed", 3, "--json", "--out", tmp_path / "out")
+        == 0
+    )
     s = json.loads(capsys.readouterr().out)
     after = server_metrics(server.url)
     n = len(sampled)
@@ -68,15 +72,28 @@ def test_replays_the_workload_and_reports_simulator_metrics(server, workload, tm
     # ignore_eos: every request produced exactly its sampled output length; the server agrees
     generated = after["hetserve_generation_tokens_total"] - before["hetserve_generation_tokens_total"]
     assert generated == sampled.output_tokens.sum()
-    assert after["hetserve_prompt_tokens_total"] - before["hetserve_prompt_tokens_total"] == \
-        pytest.approx(s["input_tok_s"] * s["makespan_s"])
+    assert after["hetserve_prompt_tokens_total"] - before["hetserve_prompt_tokens_total"] == pytest.approx(
+        s["input_tok_s"] * s["makespan_s"]
+    )
     assert s["throughput_tok_s"] == pytest.approx(sampled.output_tokens.sum() / s["makespan_s"])
-    assert s["makespan_s"] >= sampled.arrival_s[-1] - sampled.arrival_s[0]   # requests went out on schedule
+    assert s["makespan_s"] >= sampled.arrival_s[-1] - sampled.arrival_s[0]  # requests went out on schedule
     assert 0 < s["ttft_p50_ms"] <= s["e2e_p50_ms"] and s["tpot_p50_ms"] > 0 and s["itl_p50_ms"] > 0
     assert s["slo_attainment"] == 1.0 and s["goodput_rps"] == pytest.approx(s["throughput_rps"])
     # the same names as the simulator's summary (minus what only a simulated cluster has)
-    for key in ("ttft_p90_ms", "ttft_p99_ms", "tpot_p90_ms", "e2e_p99_ms", "throughput_rps", "goodput_rps",
-                "slo_attainment", "slo_met", "makespan_s", "preemptions", "completed", "dropped"):
+    for key in (
+        "ttft_p90_ms",
+        "ttft_p99_ms",
+        "tpot_p90_ms",
+        "e2e_p99_ms",
+        "throughput_rps",
+        "goodput_rps",
+        "slo_attainment",
+        "slo_met",
+        "makespan_s",
+        "preemptions",
+        "completed",
+        "dropped",
+    ):
         assert key in s
     rows = list(csv.DictReader(open(tmp_path / "out" / "requests.csv")))
     assert len(rows) == n and [int(r["output_tokens"]) for r in rows] == list(sampled.output_tokens)
@@ -86,7 +103,10 @@ def test_replays_the_workload_and_reports_simulator_metrics(server, workload, tm
 
 
 def test_chat_endpoint_and_table_output(server, workload, capsys):
-    assert bench("--url", server.url + "/v1", "--workload", workload, "--endpoint", "chat", "--max-requests", 4) == 0
+    assert (
+        bench("--url", server.url + "/v1", "--workload", workload, "--endpoint", "chat", "--max-requests", 4)
+        == 0
+    )
     out = capsys.readouterr().out
     assert "4 requests" in out and "ttft_p50_ms" in out and "goodput_rps" in out
 
@@ -97,7 +117,9 @@ def test_runs_are_bounded_and_failures_are_counted(server, workload):
     assert s["requests"] == 3 == len(results)
     # a time limit shorter than the run: unfinished requests are dropped, not waited for
     long_outputs = workload.parent / "long.yaml"
-    long_outputs.write_text(WORKLOAD.replace("{kind: uniform, low: 2, high: 12}", "{kind: fixed, value: 1500}"))
+    long_outputs.write_text(
+        WORKLOAD.replace("{kind: uniform, low: 2, high: 12}", "{kind: fixed, value: 1500}")
+    )
     slow = Workload.load(long_outputs)
     results, s = run_bench(BenchConfig(url=server.url, workload=slow, max_requests=2, timeout_s=0.3))
     assert s["dropped"] == 2 and s["completed"] == 0
@@ -113,7 +135,7 @@ def test_user_mistakes(workload):
         bench("--url", "127.0.0.1:1", "--workload", workload)
     with pytest.raises(HetserveError, match="--max-requests"):
         bench("--url", "http://127.0.0.1:1", "--workload", workload, "--max-requests", 0)
-    with socket.socket() as s:   # a loopback port nobody listens on
+    with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(HetserveError, match="is the server up"):
@@ -143,4 +165,4 @@ def test_synthesised_prompts_have_about_the_asked_length():
     from hetserve.runtime.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m"))[0].meta)
-    assert abs(len(tok.encode(text)) - 200) <= 4   # one token per word with a byte-level BPE vocabulary
+    assert abs(len(tok.encode(text)) - 200) <= 4  # one token per word with a byte-level BPE vocabulary

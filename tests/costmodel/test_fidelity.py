@@ -1,4 +1,5 @@
 """The roofline model against published per-layer measurements (Helix's vLLM profiles)."""
+
 from hetserve.costmodel.fidelity import compare, summarise
 from hetserve.specs.gpus import builtin_gpus
 from tests.conftest import shared_file

@@ -50,8 +50,7 @@ def test_tensor_parallel_speeds_up_less_than_linearly_and_pcie_pays_more():
     two = cm.batch_time(shape("a100-80gb", tp=2, layers=8), batch)
     assert one / 2 < two < one
     # the same GPU over PCIe instead of NVLink: more all-reduce time
-    pcie = GPUS["a100-80gb"].model_copy(update={"name": "a100-pcie-test",
-                                                 "fabric": GPUS["l4"].fabric})
+    pcie = GPUS["a100-80gb"].model_copy(update={"name": "a100-pcie-test", "fabric": GPUS["l4"].fabric})
     assert cm.batch_time(ServerShape(pcie, 2, (16,) * 8), batch) > two
 
 
@@ -68,7 +67,7 @@ def test_low_bit_weights_speed_up_memory_bound_decode_and_cost_dequant_without_n
 
 def test_gqa_reads_less_kv_than_mha():
     mha = load_model("llama-2-13b")
-    gqa = load_model("mistral-7b")                  # same head_dim, 8 of 32 KV heads
+    gqa = load_model("mistral-7b")  # same head_dim, 8 of 32 KV heads
     batch = BatchShape.decode(64, 64 * 4000)
     t_mha = RooflineCostModel(mha).batch_time(shape("a100-80gb", layers=1, first=False, last=False), batch)
     t_gqa = RooflineCostModel(gqa).batch_time(shape("a100-80gb", layers=1, first=False, last=False), batch)
@@ -102,12 +101,31 @@ def test_collectives_and_transfers():
 def test_estimate_cli_json_keys(run_cli):
     import json
 
-    code, out, err = run_cli("estimate", "--model", "llama-3.1-8b", "--gpu", "l40s", "--batch", "8",
-                             "--prompt", "1000", "--output", "100", "--json")
+    code, out, err = run_cli(
+        "estimate",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "l40s",
+        "--batch",
+        "8",
+        "--prompt",
+        "1000",
+        "--output",
+        "100",
+        "--json",
+    )
     d = json.loads(out)
     assert code == 0 and d["fits"] is True
-    for key in ("prefill_ms", "decode_ms_per_token", "e2e_ms", "tokens_per_s", "memory_gb_per_gpu",
-                "kv_capacity_tokens", "fits"):
+    for key in (
+        "prefill_ms",
+        "decode_ms_per_token",
+        "e2e_ms",
+        "tokens_per_s",
+        "memory_gb_per_gpu",
+        "kv_capacity_tokens",
+        "fits",
+    ):
         assert key in d
     assert d["e2e_ms"] == pytest.approx(d["prefill_ms"] + 99 * d["decode_ms_per_token"], rel=1e-3)
     assert d["tokens_per_s"] == pytest.approx(8 * 100 / d["e2e_ms"] * 1e3, rel=1e-3)
@@ -119,10 +137,25 @@ def test_estimate_refuses_what_does_not_fit_with_numbers(run_cli):
     code, out, err = run_cli("estimate", "--model", "llama-2-70b", "--gpu", "l4", "--json")
     d = json.loads(out)
     assert code == 1 and d["fits"] is False and "GB" in d["reason"] and "--weight-bits" in d["reason"]
-    code, out, err = run_cli("estimate", "--model", "llama-2-70b", "--gpu", "a100-80gb", "--tp", "2",
-                             "--batch", "64", "--prompt", "4000", "--output", "1000", "--json")
+    code, out, err = run_cli(
+        "estimate",
+        "--model",
+        "llama-2-70b",
+        "--gpu",
+        "a100-80gb",
+        "--tp",
+        "2",
+        "--batch",
+        "64",
+        "--prompt",
+        "4000",
+        "--output",
+        "1000",
+        "--json",
+    )
     d = json.loads(out)
     assert code == 1 and "KV cache" in d["reason"] and d["weights_gb_per_gpu"] < d["usable_gb_per_gpu"]
-    code, _, _ = run_cli("estimate", "--model", "llama-2-70b", "--gpu", "l4", "--tp", "2", "--pp", "4",
-                         "--weight-bits", "4")
+    code, _, _ = run_cli(
+        "estimate", "--model", "llama-2-70b", "--gpu", "l4", "--tp", "2", "--pp", "4", "--weight-bits", "4"
+    )
     assert code == 0

@@ -1,5 +1,6 @@
 """The allocation MILP is optimal: on clusters of <= 8 GPUs it matches brute-force enumeration of the
 same candidate instances on the same cost model, over a grid of models, workloads and objectives."""
+
 import pytest
 
 from hetserve.planner.allocate import enumerate_best, solve
@@ -11,8 +12,11 @@ from hetserve.specs.workloads import SLO
 
 CLUSTERS = {
     "a100x4+l4x4": [{"name": "a", "gpu": "a100-80gb", "count": 4}, {"name": "l", "gpu": "l4", "count": 4}],
-    "h100x2+a10x2+t4x4": [{"name": "h", "gpu": "h100-sxm", "count": 2}, {"name": "a", "gpu": "a10", "count": 2},
-                          {"name": "t", "gpu": "t4", "count": 4}],
+    "h100x2+a10x2+t4x4": [
+        {"name": "h", "gpu": "h100-sxm", "count": 2},
+        {"name": "a", "gpu": "a10", "count": 2},
+        {"name": "t", "gpu": "t4", "count": 4},
+    ],
     "l40sx8": [{"name": "s", "gpu": "l40s", "count": 4, "replicas": 2}],
 }
 WORKLOADS = {  # mean prompt, mean output, SLO
@@ -40,7 +44,7 @@ def test_milp_matches_enumeration(cluster, model, workload, objective):
     best = enumerate_best(templates, pools, objective)
     assert best is not None and alloc is not None
     assert alloc.objective >= best * 0.99
-    assert alloc.objective <= best * (1 + 1e-6)     # and it is a real, feasible allocation
+    assert alloc.objective <= best * (1 + 1e-6)  # and it is a real, feasible allocation
 
 
 @pytest.mark.parametrize("cluster,model,workload", GRID[:4])
@@ -59,8 +63,9 @@ def test_budget_is_respected_and_binds():
     free = solve(templates, pools, "goodput")
     capped = solve(templates, pools, "goodput", budget=free.price / 3)
     assert capped.price <= free.price / 3 + 1e-9 and capped.rate < free.rate
-    assert capped.objective == pytest.approx(enumerate_best(templates, pools, "goodput", budget=free.price / 3),
-                                             rel=0.01)
+    assert capped.objective == pytest.approx(
+        enumerate_best(templates, pools, "goodput", budget=free.price / 3), rel=0.01
+    )
 
 
 def test_quality_budget_is_a_hard_constraint():
@@ -77,9 +82,17 @@ def test_quality_budget_is_a_hard_constraint():
 
 
 def test_chains_never_span_vendors_and_groups_stay_in_nodes():
-    cluster = Cluster(ClusterFile.model_validate({"nodes": [
-        {"name": "n", "gpu": "h100-sxm", "count": 2}, {"name": "m", "gpu": "mi300x", "count": 2},
-        {"name": "a", "gpu": "a100-40gb", "count": 2}]}))
+    cluster = Cluster(
+        ClusterFile.model_validate(
+            {
+                "nodes": [
+                    {"name": "n", "gpu": "h100-sxm", "count": 2},
+                    {"name": "m", "gpu": "mi300x", "count": 2},
+                    {"name": "a", "gpu": "a100-40gb", "count": 2},
+                ]
+            }
+        )
+    )
     f = TemplateFactory(cluster, load_model("llama-2-70b"), 1000, 200, SLO(ttft_ms=3000, tpot_ms=150), 0.3)
     templates = f.all()
     assert templates

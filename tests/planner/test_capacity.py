@@ -1,5 +1,6 @@
 """The analytic capacity model under an end-to-end target: a tight E2E target lowers what a mixed or a
 decode instance sustains, a generous one changes nothing, and the prefill side's TTFT must meet it."""
+
 import math
 
 import pytest
@@ -66,7 +67,6 @@ def test_an_e2e_target_bounds_the_prefill_ttft(chain):
     tight = prefill_capacity(chain, PROMPT, SLO(e2e_ms=target * 1e3), MAX_TOKENS)
     assert 0 < tight.rate < free.rate and tight.limit == "e2e" and tight.ttft <= target + 1e-9
     assert prefill_capacity(chain, PROMPT, SLO(e2e_ms=free.ttft * 1e3 * 10), MAX_TOKENS).rate == free.rate
-
 
 
 def test_a_lane_prefills_no_more_prompts_at_once_than_its_share_of_the_batch_limit(chain):

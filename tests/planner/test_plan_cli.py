@@ -1,5 +1,6 @@
 """`hetserve plan` end to end: a plan the simulator accepts, the JSON a user scripts against, clear
 answers to asks that cannot be met, and the same plan for the same seed."""
+
 import json
 import re
 
@@ -30,8 +31,21 @@ def files(write):
 
 def plan(run_cli, files, tmp_path, *extra, model="llama-3.1-8b", out="plan.yaml"):
     cluster, work = files
-    return run_cli("plan", "--cluster", cluster, "--model", model, "--workload", work, "--out", tmp_path / out,
-                   "--time-limit", "40", "--json", *extra)
+    return run_cli(
+        "plan",
+        "--cluster",
+        cluster,
+        "--model",
+        model,
+        "--workload",
+        work,
+        "--out",
+        tmp_path / out,
+        "--time-limit",
+        "40",
+        "--json",
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("objective", ["goodput", "cost"])
@@ -39,7 +53,15 @@ def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_
     code, out, err = plan(run_cli, files, tmp_path, "--objective", objective)
     assert code == 0, err
     d = json.loads(out)
-    for key in ("objective", "throughput_tok_s", "goodput_rps", "cost_per_hour", "gpus_used", "search_seconds", "plan"):
+    for key in (
+        "objective",
+        "throughput_tok_s",
+        "goodput_rps",
+        "cost_per_hour",
+        "gpus_used",
+        "search_seconds",
+        "plan",
+    ):
         assert key in d, key
     assert d["objective"] == objective and 0 < d["gpus_used"] <= 8 and d["reasons"]
     # the first reason says what was chosen over what, quoting simulated figures of the alternatives
@@ -49,10 +71,12 @@ def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_
     simulated = {f"{a['value']:.4g}" for a in d["alternatives"]}
     assert quoted or len(d["alternatives"]) == 1, chose
     assert all(v in simulated for group in quoted for v in group if v), (chose, simulated)
-    dep = load_plan(d["plan"])                  # the written plan is valid on its own
+    dep = load_plan(d["plan"])  # the written plan is valid on its own
     assert dep.gpus_used() == d["gpus_used"]
     assert dep.spec.predicted["objective"] == objective
-    code, out, err = run_cli("simulate", "--plan", d["plan"], "--workload", files[1], "--duration", "60", "--json")
+    code, out, err = run_cli(
+        "simulate", "--plan", d["plan"], "--workload", files[1], "--duration", "60", "--json"
+    )
     s = json.loads(out)
     assert code == 0 and s["completed"] > 100
     if objective == "cost":
@@ -83,15 +107,35 @@ def test_model_that_cannot_fit_says_what_would(run_cli, files, tmp_path):
 
 def test_unreachable_slo_reports_the_best_reachable(run_cli, write, files, tmp_path):
     work = write("tight.yaml", WORKLOAD.replace("ttft_ms: 2000", "ttft_ms: 5"))
-    code, out, err = run_cli("plan", "--cluster", files[0], "--model", "llama-3.1-8b", "--workload", work,
-                             "--out", tmp_path / "x.yaml", "--json")
+    code, out, err = run_cli(
+        "plan",
+        "--cluster",
+        files[0],
+        "--model",
+        "llama-3.1-8b",
+        "--workload",
+        work,
+        "--out",
+        tmp_path / "x.yaml",
+        "--json",
+    )
     assert code == 2 and "best reachable TTFT p90 is" in err and "target 0.01 s" in err
 
 
 def test_unreachable_e2e_target_reports_the_best_reachable(run_cli, write, files, tmp_path):
     work = write("tight-e2e.yaml", WORKLOAD.replace("ttft_ms: 2000", "ttft_ms: 20, e2e_ms: 50"))
-    code, out, err = run_cli("plan", "--cluster", files[0], "--model", "llama-3.1-8b", "--workload", work,
-                             "--out", tmp_path / "x.yaml", "--json")
+    code, out, err = run_cli(
+        "plan",
+        "--cluster",
+        files[0],
+        "--model",
+        "llama-3.1-8b",
+        "--workload",
+        work,
+        "--out",
+        tmp_path / "x.yaml",
+        "--json",
+    )
     assert code == 2 and "best reachable E2E p90 is" in err and "target 0.05 s" in err
 
 

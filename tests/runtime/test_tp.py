@@ -1,5 +1,6 @@
 """Tensor parallelism: how heads and MLP columns are split, and TP shards in separate processes (gloo)
 reproducing a single-process model's logits and greedy tokens over prefill, chunked prefill and decode."""
+
 from __future__ import annotations
 
 import datetime
@@ -22,32 +23,42 @@ from hetserve.runtime.quant import QuantGroupError, quantize_model
 # ---- shard arithmetic -----------------------------------------------------------------------------
 def test_smollm2_shards():
     assert tp_shards(9, 3, 1536, 1) == [TPShard(0, 1, 0, 9, 0, 3, 0, 1536)]
-    assert tp_shards(9, 3, 1536, 2) == [TPShard(0, 2, 0, 6, 0, 2, 0, 768), TPShard(1, 2, 6, 9, 2, 3, 768, 1536)]
-    assert tp_shards(9, 3, 1536, 3) == [TPShard(r, 3, 3 * r, 3 * r + 3, r, r + 1, 512 * r, 512 * r + 512)
-                                        for r in range(3)]
+    assert tp_shards(9, 3, 1536, 2) == [
+        TPShard(0, 2, 0, 6, 0, 2, 0, 768),
+        TPShard(1, 2, 6, 9, 2, 3, 768, 1536),
+    ]
+    assert tp_shards(9, 3, 1536, 3) == [
+        TPShard(r, 3, 3 * r, 3 * r + 3, r, r + 1, 512 * r, 512 * r + 512) for r in range(3)
+    ]
 
 
 def test_more_ranks_than_kv_heads_replicate_each_kv_head():
-    shards = tp_shards(9, 3, 1536, 9)            # one q head per rank, three ranks per KV head
+    shards = tp_shards(9, 3, 1536, 9)  # one q head per rank, three ranks per KV head
     assert [(s.q_start, s.q_end) for s in shards] == [(r, r + 1) for r in range(9)]
     assert [s.kv_start for s in shards] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert [s.intermediate_size for s in shards] == [171] * 6 + [170] * 3   # 1536 = 9 * 170 + 6
+    assert [s.intermediate_size for s in shards] == [171] * 6 + [170] * 3  # 1536 = 9 * 170 + 6
     assert all(s.num_kv_heads == 1 for s in shards)
 
 
 def test_llama_70b_like_shards():
     at8 = tp_shards(64, 8, 28672, 8)
-    assert [(s.q_start, s.q_end, s.kv_start, s.kv_end) for s in at8] == [(8 * r, 8 * r + 8, r, r + 1)
-                                                                         for r in range(8)]
+    assert [(s.q_start, s.q_end, s.kv_start, s.kv_end) for s in at8] == [
+        (8 * r, 8 * r + 8, r, r + 1) for r in range(8)
+    ]
     at16 = tp_shards(64, 8, 28672, 16)
     assert [(s.q_start, s.q_end, s.kv_start) for s in at16] == [(4 * r, 4 * r + 4, r // 2) for r in range(16)]
     assert {s.intermediate_size for s in at16} == {1792}
-    at3 = tp_shards(64, 8, 28672, 3)             # KV heads 3 + 3 + 2, each rank its groups' q heads
-    assert [(s.kv_start, s.kv_end, s.q_start, s.q_end) for s in at3] == [(0, 3, 0, 24), (3, 6, 24, 48),
-                                                                        (6, 8, 48, 64)]
+    at3 = tp_shards(64, 8, 28672, 3)  # KV heads 3 + 3 + 2, each rank its groups' q heads
+    assert [(s.kv_start, s.kv_end, s.q_start, s.q_end) for s in at3] == [
+        (0, 3, 0, 24),
+        (3, 6, 24, 48),
+        (6, 8, 48, 64),
+    ]
 
 
-@pytest.mark.parametrize("heads,kv,inter", [(9, 3, 1536), (64, 8, 28672), (32, 8, 100), (12, 1, 24), (6, 6, 10)])
+@pytest.mark.parametrize(
+    "heads,kv,inter", [(9, 3, 1536), (64, 8, 28672), (32, 8, 100), (12, 1, 24), (6, 6, 10)]
+)
 def test_every_supported_degree_covers_the_layer(heads, kv, inter):
     group = heads // kv
     for tp in range(1, heads + 1):
@@ -55,17 +66,18 @@ def test_every_supported_degree_covers_the_layer(heads, kv, inter):
             continue
         shards = tp_shards(heads, kv, inter, tp)
         assert [s.rank for s in shards] == list(range(tp)) and all(s.size == tp for s in shards)
-        for a, b in zip(shards, shards[1:]):   # contiguous, in rank order
+        for a, b in zip(shards, shards[1:]):  # contiguous, in rank order
             assert a.q_end == b.q_start and a.mlp_end == b.mlp_start
         assert shards[0].q_start == 0 and shards[-1].q_end == heads
         assert shards[0].mlp_start == 0 and shards[-1].mlp_end == inter
         assert max(s.intermediate_size for s in shards) - min(s.intermediate_size for s in shards) <= 1
-        for s in shards:   # every q head's KV head is held by its rank, and only those KV heads
+        for s in shards:  # every q head's KV head is held by its rank, and only those KV heads
             assert {h // group for h in range(s.q_start, s.q_end)} == set(range(s.kv_start, s.kv_end))
 
 
-@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 4), (9, 3, 6), (9, 3, 0), (64, 8, 12), (64, 8, 24),
-                                         (64, 8, 128), (32, 8, 12)])
+@pytest.mark.parametrize(
+    "heads,kv,tp", [(9, 3, 4), (9, 3, 6), (9, 3, 0), (64, 8, 12), (64, 8, 24), (64, 8, 128), (32, 8, 12)]
+)
 def test_rejected_degrees(heads, kv, tp):
     assert not tp_supported(heads, kv, tp)
     with pytest.raises(ValueError, match=f"degree {tp} cannot split {heads} attention heads"):
@@ -92,26 +104,33 @@ def test_shard_holds_its_slices_of_the_checkpoint():
     full = tiny_model(BIASED, seed=3)
     items = dict(full.checkpoint_items())
     hd = BIASED.head_dim
-    shard = LlamaModel(BIASED, 1, 3, tp_rank=1, tp_size=2)   # q heads [4, 6), KV head [2, 3), MLP [80, 160)
+    shard = LlamaModel(BIASED, 1, 3, tp_rank=1, tp_size=2)  # q heads [4, 6), KV head [2, 3), MLP [80, 160)
     shard.load_weights(full.checkpoint_items())
     assert shard.num_local_kv_heads == 1 and shard.tp == TPShard(1, 2, 4, 6, 2, 3, 80, 160)
     attn = shard.layers[0].self_attn
-    assert (attn.num_heads, attn.num_kv_heads) == (2, 1) and attn.o_proj.bias is None   # rank 0 adds it
+    assert (attn.num_heads, attn.num_kv_heads) == (2, 1) and attn.o_proj.bias is None  # rank 0 adds it
     got = dict(shard.checkpoint_items())
     assert "layers.0.self_attn.q_proj.weight" not in got and "embed_tokens.weight" not in got
     p = "layers.2."
-    torch.testing.assert_close(got[p + "self_attn.q_proj.weight"], items[p + "self_attn.q_proj.weight"][4 * hd:])
-    torch.testing.assert_close(got[p + "self_attn.k_proj.bias"], items[p + "self_attn.k_proj.bias"][2 * hd:])
-    torch.testing.assert_close(got[p + "self_attn.v_proj.weight"], items[p + "self_attn.v_proj.weight"][2 * hd:])
-    torch.testing.assert_close(got[p + "self_attn.o_proj.weight"], items[p + "self_attn.o_proj.weight"][:, 4 * hd:])
+    torch.testing.assert_close(
+        got[p + "self_attn.q_proj.weight"], items[p + "self_attn.q_proj.weight"][4 * hd :]
+    )
+    torch.testing.assert_close(got[p + "self_attn.k_proj.bias"], items[p + "self_attn.k_proj.bias"][2 * hd :])
+    torch.testing.assert_close(
+        got[p + "self_attn.v_proj.weight"], items[p + "self_attn.v_proj.weight"][2 * hd :]
+    )
+    torch.testing.assert_close(
+        got[p + "self_attn.o_proj.weight"], items[p + "self_attn.o_proj.weight"][:, 4 * hd :]
+    )
     torch.testing.assert_close(got[p + "mlp.up_proj.weight"], items[p + "mlp.up_proj.weight"][80:])
     torch.testing.assert_close(got[p + "mlp.down_proj.weight"], items[p + "mlp.down_proj.weight"][:, 80:])
     assert "layers.2.self_attn.o_proj.bias" not in got
     rank0 = LlamaModel(BIASED, 1, 3, tp_rank=0, tp_size=2)
     rank0.load_weights(full.checkpoint_items())
-    torch.testing.assert_close(dict(rank0.checkpoint_items())[p + "self_attn.o_proj.bias"],
-                               items[p + "self_attn.o_proj.bias"])
-    with pytest.raises(ValueError, match="checkpoint shape"):   # a shard's own items are not a checkpoint
+    torch.testing.assert_close(
+        dict(rank0.checkpoint_items())[p + "self_attn.o_proj.bias"], items[p + "self_attn.o_proj.bias"]
+    )
+    with pytest.raises(ValueError, match="checkpoint shape"):  # a shard's own items are not a checkpoint
         LlamaModel(BIASED, 1, 3, tp_rank=1, tp_size=2).load_weights(shard.checkpoint_items())
 
 
@@ -120,8 +139,8 @@ def test_shard_loads_from_gguf(tmp_path):
 
     from .conftest import write_gguf
 
-    cfg = tiny_config(hidden_size=96, num_heads=6, num_kv_heads=3)   # KV heads 2 + 1
-    full = tiny_model(cfg, seed=5)   # architecture llama: q/k rows permuted on disk
+    cfg = tiny_config(hidden_size=96, num_heads=6, num_kv_heads=3)  # KV heads 2 + 1
+    full = tiny_model(cfg, seed=5)  # architecture llama: q/k rows permuted on disk
     path = write_gguf(tmp_path / "m.gguf", full)
     shard, _ = load_gguf(path, layer_start=1, tp_rank=0, tp_size=2)
     expected = LlamaModel(full.config, 1, tp_rank=0, tp_size=2)
@@ -135,14 +154,16 @@ def test_shard_loads_from_gguf(tmp_path):
 def test_quantising_a_shard_needs_groups_that_divide_its_inputs():
     cfg = tiny_config(hidden_size=128, num_heads=6, num_kv_heads=3, head_dim=32, intermediate_size=256)
     full = tiny_model(cfg, seed=1)
-    ok = LlamaModel(cfg, tp_rank=1, tp_size=2)   # o_proj input 2 heads x 32 = 64, down_proj input 128
+    ok = LlamaModel(cfg, tp_rank=1, tp_size=2)  # o_proj input 2 heads x 32 = 64, down_proj input 128
     ok.load_weights(full.checkpoint_items())
     quantize_model(ok, 8, group_size=64)
     assert ok.layers[0].self_attn.o_proj.in_features == 64 and ok.layers[0].mlp.down_proj.in_features == 128
     bad = LlamaModel(cfg, tp_rank=1, tp_size=2)
     bad.load_weights(full.checkpoint_items())
-    with pytest.raises(QuantGroupError, match="o_proj has 64 input features on tensor-parallel rank 1 of 2.*"
-                                              "use group size 64"):
+    with pytest.raises(
+        QuantGroupError,
+        match="o_proj has 64 input features on tensor-parallel rank 1 of 2.*use group size 64",
+    ):
         quantize_model(bad, 8, group_size=128)
     assert issubclass(QuantGroupError, ValueError)
 
@@ -151,8 +172,9 @@ def test_quantising_a_shard_needs_groups_that_divide_its_inputs():
 BLOCK = 4
 
 
-def _step_inputs(seqs: list[list[int]], tables: list[list[int]], decodes: list[int],
-                 spans: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def _step_inputs(
+    seqs: list[list[int]], tables: list[list[int]], decodes: list[int], spans: list[tuple[int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Ids, positions and metadata of one step: ``decodes`` are sequences computing their last token,
     ``spans`` (sequence, start, end) compute tokens [start, end); laid out as ModelRunner.prepare does."""
     ids, positions, slots = [], [], []
@@ -175,28 +197,37 @@ def _step_inputs(seqs: list[list[int]], tables: list[list[int]], decodes: list[i
             slots.append(tables[s][pos // BLOCK] * BLOCK + pos % BLOCK)
         span = PrefillSpan(row, row + end - start, end)
         if span.continues:
-            span.block_table = torch.tensor(tables[s][:-(-end // BLOCK)], dtype=torch.long)
+            span.block_table = torch.tensor(tables[s][: -(-end // BLOCK)], dtype=torch.long)
             span.mask = causal_mask(end - start, end)
         prefills.append(span)
         row += end - start
-    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decodes), tables_t, mask, tuple(prefills))
+    meta = AttentionMetadata(
+        torch.tensor(slots, dtype=torch.long), len(decodes), tables_t, mask, tuple(prefills)
+    )
     return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta
 
 
 @torch.inference_mode()
-def greedy_run(stages: list[LlamaModel], prompts: list[list[int]], decode_steps: int = 3
-               ) -> tuple[list[torch.Tensor], list[list[int]]]:
+def greedy_run(
+    stages: list[LlamaModel], prompts: list[list[int]], decode_steps: int = 3
+) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Two sequences through ``stages`` (a pipeline, the last computing logits): step 0 prefills the
     first prompt and a chunk of the second, step 1 decodes the first and finishes the second, then
     both decode. Returns every step's fp32 logits (all rows) and each sequence's generated tokens."""
     seqs = [list(p) for p in prompts]
     tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    caches = [[(torch.zeros(8, BLOCK, m.num_local_kv_heads, m.config.head_dim),
-                torch.zeros(8, BLOCK, m.num_local_kv_heads, m.config.head_dim)) for _ in m.layers]
-              for m in stages]
+    caches = [
+        [
+            (
+                torch.zeros(8, BLOCK, m.num_local_kv_heads, m.config.head_dim),
+                torch.zeros(8, BLOCK, m.num_local_kv_heads, m.config.head_dim),
+            )
+            for _ in m.layers
+        ]
+        for m in stages
+    ]
     chunk = len(prompts[1]) - 3
-    plan = [([], [(0, 0, len(prompts[0])), (1, 0, chunk)], [0]),
-            ([0], [(1, chunk, len(prompts[1]))], [0, 1])]
+    plan = [([], [(0, 0, len(prompts[0])), (1, 0, chunk)], [0]), ([0], [(1, chunk, len(prompts[1]))], [0, 1])]
     plan += [([0, 1], [], [0, 1])] * decode_steps
     all_logits, generated = [], [[], []]
     for decodes, spans, samplers in plan:
@@ -226,8 +257,13 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, size: int, port: int, fn, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         fn(rank, size, *args)
     finally:
@@ -236,8 +272,9 @@ def _rank_main(rank: int, size: int, port: int, fn, args: tuple) -> None:
 
 def run_ranks(fn, size: int, *args, timeout: float = 240.0) -> None:
     """Run ``fn(rank, size, *args)`` in ``size`` spawned processes joined by a gloo group."""
-    ctx = mp.start_processes(_rank_main, args=(size, _free_port(), fn, args), nprocs=size, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_main, args=(size, _free_port(), fn, args), nprocs=size, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -259,8 +296,11 @@ def assert_matches(out_dir: Path, size: int, reference: tuple[list[torch.Tensor]
 
 TINY_PROMPTS = [[5, 17, 99, 3, 250], [7, 7, 12, 40, 41, 300, 2]]
 # (config, tp): uneven KV split at TP=2, one KV head per rank at TP=3, a replicated KV head (MQA).
-TINY_CASES = {"kv-2+1": (BIASED, 2), "kv-1+1+1": (BIASED, 3),
-              "kv-replicated": (tiny_config(num_layers=4, num_heads=4, num_kv_heads=1), 2)}
+TINY_CASES = {
+    "kv-2+1": (BIASED, 2),
+    "kv-1+1+1": (BIASED, 3),
+    "kv-replicated": (tiny_config(num_layers=4, num_heads=4, num_kv_heads=1), 2),
+}
 
 
 def _tiny_rank(rank: int, size: int, case: str, out_dir: str) -> None:
@@ -269,8 +309,10 @@ def _tiny_rank(rank: int, size: int, case: str, out_dir: str) -> None:
     full = tiny_model(cfg, seed=3)
     shard = LlamaModel(cfg, 1, 4, tp_rank=rank, tp_size=size, tp_group=dist.group.WORLD)
     shard.load_weights(full.checkpoint_items())
-    torch.save(greedy_run([tiny_model(cfg, seed=3, layer_end=1), shard.eval()], TINY_PROMPTS),
-               Path(out_dir) / f"rank{rank}.pt")
+    torch.save(
+        greedy_run([tiny_model(cfg, seed=3, layer_end=1), shard.eval()], TINY_PROMPTS),
+        Path(out_dir) / f"rank{rank}.pt",
+    )
 
 
 @pytest.mark.parametrize("case", TINY_CASES)

@@ -40,7 +40,7 @@ def test_allocate_refuses_beyond_capacity():
 
 def test_shared_prefix_reuses_computed_blocks_with_refcounts():
     bm = BlockManager(num_blocks=16, block_size=4)
-    a = seq(0, list(range(10)))          # blocks [0..3] [4..7] full, [8, 9] partial
+    a = seq(0, list(range(10)))  # blocks [0..3] [4..7] full, [8, 9] partial
     compute_all(bm, a)
     b = seq(1, list(range(8)) + [99, 98, 97])
     hits = bm.match_prefix(b)
@@ -57,7 +57,7 @@ def test_partial_and_uncomputed_blocks_are_not_shared():
     bm = BlockManager(num_blocks=16, block_size=4)
     a = seq(0, list(range(10)))
     bm.allocate(a, [], 10)
-    a.num_computed_tokens = 5      # only the first block is computed so far (a chunked prefill)
+    a.num_computed_tokens = 5  # only the first block is computed so far (a chunked prefill)
     bm.register_computed(a)
     b = seq(1, list(range(10)))
     assert bm.match_prefix(b) == a.block_table[:1]
@@ -85,15 +85,15 @@ def test_block_hash_covers_everything_before_it():
 
 def test_lru_eviction_evicts_oldest_freed_and_tail_blocks_first():
     bm = BlockManager(num_blocks=6, block_size=2)
-    a = seq(0, [1, 1, 2, 2, 3])         # two full blocks + a partial one
+    a = seq(0, [1, 1, 2, 2, 3])  # two full blocks + a partial one
     b = seq(1, [7, 7, 8, 8, 9])
     compute_all(bm, a)
     compute_all(bm, b)
     a_full, b_full = a.block_table[:2], b.block_table[:2]
     bm.free(a)
-    bm.free(b)                           # a was freed first, so it is older
+    bm.free(b)  # a was freed first, so it is older
     filler = seq(2, [5] * 6)
-    bm.allocate(filler, [], 6)           # 2 clean blocks + 1 evicted: a's tail full block
+    bm.allocate(filler, [], 6)  # 2 clean blocks + 1 evicted: a's tail full block
     assert a_full[1] in filler.block_table
     assert bm.match_prefix(seq(3, [1, 1, 2, 2, 3])) == a_full[:1]
     assert bm.match_prefix(seq(4, [7, 7, 8, 8, 9])) == b_full
@@ -107,11 +107,11 @@ def test_reusing_a_free_cached_block_refreshes_its_lru_position():
     a_block, b_block = a.block_table[0], b.block_table[0]
     bm.free(a)
     bm.free(b)
-    again = seq(2, [1, 1, 5])             # revives a's block: it leaves the free pool
+    again = seq(2, [1, 1, 5])  # revives a's block: it leaves the free pool
     compute_all(bm, again)
     assert again.block_table[0] == a_block and bm.ref_counts[a_block] == 1
-    bm.free(again)                       # a's block is now the most recently freed
-    hog = seq(3, [9] * 6)                # needs 3 blocks: the 2 clean ones + evict the oldest (b's)
+    bm.free(again)  # a's block is now the most recently freed
+    hog = seq(3, [9] * 6)  # needs 3 blocks: the 2 clean ones + evict the oldest (b's)
     bm.allocate(hog, [], 6)
     assert b_block in hog.block_table and a_block not in hog.block_table
     assert bm.match_prefix(seq(4, [1, 1, 5])) == [a_block]
@@ -125,7 +125,7 @@ def test_supplied_block_keys_share_without_token_ids():
     compute_all(bm, a)
     assert len(a.block_hashes) == 9  # blocks wholly inside the prompt: 150 // 16
     hits = bm.match_prefix(b)
-    assert hits == a.block_table[:4]   # 64 tokens / 16 per block
+    assert hits == a.block_table[:4]  # 64 tokens / 16 per block
     c = Sequence(2, 150, 4, block_keys=[11, 12, 13], block_key_tokens=64)
     assert bm.match_prefix(c) == a.block_table[:9]
 

@@ -47,13 +47,18 @@ def test_chunked_prefill_splits_prompt_and_samples_only_at_the_end():
     s.add(a)
     items = [b.items[0] for b in drain(s)]
     assert [(it.start, it.num_tokens, it.samples) for it in items] == [
-        (0, 32, False), (32, 32, False), (64, 32, False), (96, 4, True), (100, 1, True)]
+        (0, 32, False),
+        (32, 32, False),
+        (64, 32, False),
+        (96, 4, True),
+        (100, 1, True),
+    ]
 
 
 def test_chunks_share_the_token_budget_with_decodes():
     s = make(num_blocks=200, max_num_batched_tokens=16, prefill_chunk_size=12)
     s.add(Sequence(0, 4, 50, token_ids=[1] * 4))
-    run_step(s)                                   # seq 0 is now decoding
+    run_step(s)  # seq 0 is now decoding
     s.add(Sequence(1, 40, 2, token_ids=[2] * 40))
     batch, _ = run_step(s)
     assert [(it.seq.seq_id, it.num_tokens) for it in batch.items] == [(0, 1), (1, 12)]
@@ -79,7 +84,7 @@ def test_unchunked_prompt_longer_than_the_budget_is_rejected():
 def test_sequence_larger_than_the_cache_is_rejected():
     s = make(num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="blocks"):
-        s.add(Sequence(0, 10, 8))   # 17 KV slots > 16
+        s.add(Sequence(0, 10, 8))  # 17 KV slots > 16
 
 
 def test_max_num_seqs_limits_the_running_set():
@@ -174,9 +179,9 @@ def test_prefix_cache_with_count_only_sequences():
 
 def test_fcfs_head_of_line_is_not_skipped():
     s = make(num_blocks=8, block_size=4, max_num_batched_tokens=64)
-    s.add(Sequence(0, 20, 4))       # 5 blocks
-    s.add(Sequence(1, 20, 4))       # can't fit next to seq 0
-    s.add(Sequence(2, 4, 1))        # would fit, but must not overtake seq 1
+    s.add(Sequence(0, 20, 4))  # 5 blocks
+    s.add(Sequence(1, 20, 4))  # can't fit next to seq 0
+    s.add(Sequence(2, 4, 1))  # would fit, but must not overtake seq 1
     batch, _ = run_step(s)
     assert [it.seq.seq_id for it in batch.items] == [0]
     assert [q.seq_id for q in s.waiting] == [1, 2]
@@ -197,15 +202,25 @@ def test_stop_and_abort_free_blocks():
 # ---- random load -----------------------------------------------------------------------------
 requests = st.lists(
     st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 12), st.integers(0, 6)),
-    min_size=1, max_size=12)
+    min_size=1,
+    max_size=12,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reqs=requests, block_size=st.sampled_from([1, 2, 4, 8]), extra_blocks=st.integers(0, 30),
-       chunk=st.sampled_from([None, 1, 3, 8]), budget=st.integers(8, 64), max_seqs=st.integers(1, 6),
-       policy=st.sampled_from(["decode_first", "prefill_first"]), arrivals=st.randoms(use_true_random=False))
-def test_random_load_respects_limits_and_keeps_kv_consistent(reqs, block_size, extra_blocks, chunk, budget,
-                                                            max_seqs, policy, arrivals):
+@given(
+    reqs=requests,
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    extra_blocks=st.integers(0, 30),
+    chunk=st.sampled_from([None, 1, 3, 8]),
+    budget=st.integers(8, 64),
+    max_seqs=st.integers(1, 6),
+    policy=st.sampled_from(["decode_first", "prefill_first"]),
+    arrivals=st.randoms(use_true_random=False),
+)
+def test_random_load_respects_limits_and_keeps_kv_consistent(
+    reqs, block_size, extra_blocks, chunk, budget, max_seqs, policy, arrivals
+):
     """Under random load: limits hold, refcounts add up, a block's slots always hold the tokens of the
     sequences reading it (prefix sharing never aliases different content), every request completes."""
     seqs = []
@@ -218,8 +233,12 @@ def test_random_load_respects_limits_and_keeps_kv_consistent(reqs, block_size, e
     bm = BlockManager(biggest + extra_blocks, block_size)
     if chunk is None:
         budget = max(budget, max(q.max_total_tokens for q, _ in seqs))
-    s = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                  prefill_chunk_size=chunk, policy=policy), bm)
+    s = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk, policy=policy
+        ),
+        bm,
+    )
     # block id -> slot -> the tokens whose KV sits there: a KV entry depends on its whole prefix
     kv: dict[int, dict[int, tuple[int, ...]]] = {}
     pending = list(seqs)
@@ -244,14 +263,17 @@ def test_random_load_respects_limits_and_keeps_kv_consistent(reqs, block_size, e
             q = it.seq
             assert it.num_tokens >= 1 and (chunk is None or not it.is_prefill or it.num_tokens <= chunk)
             assert len(q.block_table) * block_size >= it.end
-            for pos in range(it.start, it.end):   # "write" the KV of the computed tokens
+            for pos in range(it.start, it.end):  # "write" the KV of the computed tokens
                 blk, slot = q.block_table[pos // block_size], pos % block_size
-                kv.setdefault(blk, {})[slot] = tuple(q.token_ids[:pos + 1])
-            for pos in range(it.end):             # "read" everything attention will see
-                assert kv[q.block_table[pos // block_size]][pos % block_size] == tuple(q.token_ids[:pos + 1])
+                kv.setdefault(blk, {})[slot] = tuple(q.token_ids[: pos + 1])
+            for pos in range(it.end):  # "read" everything attention will see
+                assert kv[q.block_table[pos // block_size]][pos % block_size] == tuple(q.token_ids[: pos + 1])
         tokens = {it.seq.seq_id: fake_token(it.seq, it.end) for it in batch.items if it.samples}
-        stopped = {it.seq.seq_id for it in batch.items
-                   if it.samples and it.seq.num_output_tokens + 1 == stops[it.seq.seq_id]}
+        stopped = {
+            it.seq.seq_id
+            for it in batch.items
+            if it.samples and it.seq.num_output_tokens + 1 == stops[it.seq.seq_id]
+        }
         s.postprocess(batch, tokens, stopped)
     else:
         raise AssertionError("random load did not drain")

@@ -1,5 +1,6 @@
 """The scheduler paths only the simulator uses: runs of decode steps advanced at once, and KV that
 arrives from another instance (prefill -> decode hand-off)."""
+
 import copy
 
 from hypothesis import HealthCheck, given, settings
@@ -11,20 +12,33 @@ from hetserve.scheduling import BlockManager, Scheduler, SchedulerConfig, Sequen
 def state(s: Scheduler):
     """Everything the simulation observes; physical block ids may differ, their number may not."""
     seqs = sorted(list(s.waiting) + list(s.running), key=lambda q: q.seq_id)
-    return ([(q.seq_id, q.status, q.num_computed_tokens, q.num_output_tokens, len(q.block_table)) for q in seqs],
-            [q.seq_id for q in s.waiting], [q.seq_id for q in s.running], s.blocks.num_free_blocks,
-            sorted(s.blocks.ref_counts), sorted(s.blocks.cached), s.stats)
+    return (
+        [(q.seq_id, q.status, q.num_computed_tokens, q.num_output_tokens, len(q.block_table)) for q in seqs],
+        [q.seq_id for q in s.waiting],
+        [q.seq_id for q in s.running],
+        s.blocks.num_free_blocks,
+        sorted(s.blocks.ref_counts),
+        sorted(s.blocks.cached),
+        s.stats,
+    )
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=8),
-       block_size=st.sampled_from([1, 4, 16]), extra=st.integers(0, 12), max_seqs=st.integers(1, 8),
-       chunk=st.sampled_from([None, 8]), keyed=st.booleans())
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=8),
+    block_size=st.sampled_from([1, 4, 16]),
+    extra=st.integers(0, 12),
+    max_seqs=st.integers(1, 8),
+    chunk=st.sampled_from([None, 8]),
+    keyed=st.booleans(),
+)
 def test_a_run_of_decode_steps_equals_stepping_one_at_a_time(reqs, block_size, extra, max_seqs, chunk, keyed):
     need = max(-(-(p + m - 1) // block_size) for p, m in reqs)
     budget = 64 if chunk else max(64, max(p + m for p, m in reqs))
-    s = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk),
-                  BlockManager(need + extra, block_size))
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk),
+        BlockManager(need + extra, block_size),
+    )
     for i, (p, m) in enumerate(reqs):
         # keyed: prompts share a prefix in the cache, so evictions are part of the observed state
         keys = [j if j < 2 else 100 * i + j for j in range(p)] if keyed else None
@@ -57,8 +71,8 @@ def test_decode_run_length_is_bounded_by_max_tokens_and_free_blocks():
     a, b = Sequence(0, 4, 10), Sequence(1, 4, 6)
     s.add(a)
     s.add(b)
-    s.postprocess(s.schedule())          # both prefilled, one token each
-    batch = s.schedule()                 # decoding position 4 takes each one's second block: none free
+    s.postprocess(s.schedule())  # both prefilled, one token each
+    batch = s.schedule()  # decoding position 4 takes each one's second block: none free
     assert s.blocks.num_free_blocks == 0
     # b could take 5 more tokens, but the 5th needs a third block each: 4 steps fit.
     assert s.decode_steps_available(batch) == 4
@@ -73,16 +87,21 @@ def test_transferred_kv_is_not_recomputed_until_a_preemption():
     other = Sequence(0, 8, 30)
     s.add(other)
     s.postprocess(s.schedule())
-    d = Sequence(1, 40, 16)              # the prefill instance computed the prompt and token 1
+    d = Sequence(1, 40, 16)  # the prefill instance computed the prompt and token 1
     d.num_output_tokens = 1
     d.num_transferred_tokens = 40
     s.add(d)
     batch = s.schedule()
     item = batch.items[-1]
-    assert item.seq is d and (item.start, item.num_tokens, item.samples, item.is_prefill) == (40, 1, True, False)
-    assert len(d.block_table) == 6 and s.stats.prefill_tokens == 8   # only other's prompt was computed
+    assert item.seq is d and (item.start, item.num_tokens, item.samples, item.is_prefill) == (
+        40,
+        1,
+        True,
+        False,
+    )
+    assert len(d.block_table) == 6 and s.stats.prefill_tokens == 8  # only other's prompt was computed
     s.postprocess(batch)
-    for _ in range(20):                  # both grow into the last free blocks, then d must go
+    for _ in range(20):  # both grow into the last free blocks, then d must go
         batch = s.schedule()
         s.postprocess(batch)
         if batch.preempted:
@@ -95,4 +114,4 @@ def test_transferred_kv_is_not_recomputed_until_a_preemption():
         s.postprocess(batch)
     (item,) = [it for it in batch.items if it.seq is d]
     assert other.is_finished and (item.start, item.is_prefill, item.samples) == (0, True, True)
-    assert item.num_tokens == 40 + d.num_output_tokens   # prompt and every output token, recomputed
+    assert item.num_tokens == 40 + d.num_output_tokens  # prompt and every output token, recomputed

@@ -41,5 +41,7 @@ NO_SLO = SLO()
 @pytest.fixture
 def one_server():
     """Llama-2-7B on one A100 as one mixed instance serving one request at a time."""
-    return make_deployment([{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
-                           [{"name": "i", "role": "mixed", "chain": ["s"], "max_batch_size": 1}])
+    return make_deployment(
+        [{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
+        [{"name": "i", "role": "mixed", "chain": ["s"], "max_batch_size": 1}],
+    )

@@ -1,5 +1,6 @@
 """`slo_met` holds every percentile target the workload sets: TTFT, TPOT and end to end; a rate probe
 spans enough TTFT or E2E deadlines to tell an overload."""
+
 import pytest
 
 from hetserve.sim import simulate

@@ -1,11 +1,11 @@
 """Checks that would catch a wrong simulator: queueing formulas, conservation, capacity, pipelines,
 transfers and determinism."""
+
 import numpy as np
 import pytest
 
 from hetserve.costmodel.roofline import BatchShape
 from hetserve.sim import simulate
-from hetserve.specs.workloads import SLO
 from tests.sim.conftest import NO_SLO, make_deployment, poisson, requests
 
 
@@ -36,7 +36,7 @@ def test_mm1_mean_sojourn_time(one_server):
     rng = np.random.default_rng(11)
     n = 30_000
     outputs = rng.geometric(1 / 200, n)
-    step = service_time(one_server, 1, 2) - service_time(one_server, 1, 1)   # one decode step at tiny context
+    step = service_time(one_server, 1, 2) - service_time(one_server, 1, 1)  # one decode step at tiny context
     prefill = service_time(one_server, 1, 1)
     mean_s = prefill + (np.mean(outputs) - 1) * step
     lam = 0.5 / mean_s
@@ -48,9 +48,10 @@ def test_mm1_mean_sojourn_time(one_server):
 def test_conservation_and_kv_capacity_under_preemption():
     """Tiny KV room forces preemptions: everything still finishes, tokens in = tokens out, and the
     KV cache never holds more blocks than it has."""
-    dep = make_deployment([{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
-                          [{"name": "i", "role": "mixed", "chain": ["s"], "max_batch_size": 64,
-                            "kv_share": 0.04}])
+    dep = make_deployment(
+        [{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
+        [{"name": "i", "role": "mixed", "chain": ["s"], "max_batch_size": 64, "kv_share": 0.04}],
+    )
     cap = dep.instances["i"].kv_capacity_tokens
     rng = np.random.default_rng(0)
     n = 400
@@ -75,16 +76,23 @@ def test_requests_that_can_never_fit_are_dropped(one_server):
 
 def _pipeline(stages, lanes, batch):
     per = 32 // stages
-    servers = [{"name": f"s{k}", "node": "n", "gpus": [k], "layers": [k * per, (k + 1) * per]}
-               for k in range(stages)]
-    inst = {"name": "i", "role": "mixed", "chain": [s["name"] for s in servers], "micro_batches": lanes,
-            "max_batch_size": batch * lanes, "max_batch_tokens": 512 * batch}
+    servers = [
+        {"name": f"s{k}", "node": "n", "gpus": [k], "layers": [k * per, (k + 1) * per]} for k in range(stages)
+    ]
+    inst = {
+        "name": "i",
+        "role": "mixed",
+        "chain": [s["name"] for s in servers],
+        "micro_batches": lanes,
+        "max_batch_size": batch * lanes,
+        "max_batch_tokens": 512 * batch,
+    }
     return make_deployment(servers, [inst])
 
 
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipeline_of_k_equal_stages_reaches_k_times_throughput(stages):
-    reqs = requests(np.zeros(800), 512, 1)        # everything at t=0: saturation
+    reqs = requests(np.zeros(800), 512, 1)  # everything at t=0: saturation
     one = simulate(_pipeline(stages, 1, 4), reqs, NO_SLO).summary["throughput_rps"]
     full = simulate(_pipeline(stages, stages, 4), reqs, NO_SLO).summary["throughput_rps"]
     assert full / one == pytest.approx(stages, rel=0.05)
@@ -92,11 +100,21 @@ def test_pipeline_of_k_equal_stages_reaches_k_times_throughput(stages):
 
 def _pd(gbit):
     nodes = [{"name": "p", "gpu": "h100-sxm", "count": 1}, {"name": "d", "gpu": "a100-80gb", "count": 1}]
-    servers = [{"name": "ps", "node": "p", "gpus": [0], "layers": [0, 32]},
-               {"name": "ds", "node": "d", "gpus": [0], "layers": [0, 32]}]
-    inst = [{"name": "pre", "role": "prefill", "chain": ["ps"]}, {"name": "dec", "role": "decode", "chain": ["ds"]}]
-    return make_deployment(servers, inst, nodes=nodes, network={"gbit_per_s": gbit, "latency_ms": 0.0},
-                           routing={"layerwise_kv": False})
+    servers = [
+        {"name": "ps", "node": "p", "gpus": [0], "layers": [0, 32]},
+        {"name": "ds", "node": "d", "gpus": [0], "layers": [0, 32]},
+    ]
+    inst = [
+        {"name": "pre", "role": "prefill", "chain": ["ps"]},
+        {"name": "dec", "role": "decode", "chain": ["ds"]},
+    ]
+    return make_deployment(
+        servers,
+        inst,
+        nodes=nodes,
+        network={"gbit_per_s": gbit, "latency_ms": 0.0},
+        routing={"layerwise_kv": False},
+    )
 
 
 def test_disaggregation_over_infinitely_fast_link_equals_stages_without_transfer():
@@ -117,7 +135,7 @@ def test_disaggregation_over_infinitely_fast_link_equals_stages_without_transfer
 
 
 def test_concurrent_transfers_share_the_link():
-    dep = _pd(8)                                    # 1 GB/s
+    dep = _pd(8)  # 1 GB/s
     prompt = 2000
     kv = prompt * dep.model.kv_bytes_per_token(2)
     alone = simulate(dep, requests([0.0], prompt, 2), NO_SLO).records
@@ -132,39 +150,63 @@ def test_same_seed_same_result_and_records_are_complete(one_server, tmp_path):
     from hetserve.specs.workloads import Workload
 
     path = tmp_path / "w.yaml"
-    path.write_text("arrivals: {kind: gamma, rate: 3, cv: 2}\nprompt: {kind: lognormal, mean: 400}\n"
-                    "output: {kind: lognormal, mean: 60}\nduration_s: 120\nslo: {ttft_ms: 500, tpot_ms: 40}\n")
+    path.write_text(
+        "arrivals: {kind: gamma, rate: 3, cv: 2}\nprompt: {kind: lognormal, mean: 400}\n"
+        "output: {kind: lognormal, mean: 60}\nduration_s: 120\nslo: {ttft_ms: 500, tpot_ms: 40}\n"
+    )
     wl = Workload.load(path)
-    dep = make_deployment([{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
-                          [{"name": "i", "role": "mixed", "chain": ["s"]}], routing={"policy": "power-of-two"})
+    dep = make_deployment(
+        [{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}],
+        [{"name": "i", "role": "mixed", "chain": ["s"]}],
+        routing={"policy": "power-of-two"},
+    )
     a = simulate(dep, wl.sample(seed=4), wl.slo, seed=4).summary
     b = simulate(dep, wl.sample(seed=4), wl.slo, seed=4).summary
     c = simulate(dep, wl.sample(seed=5), wl.slo, seed=5).summary
     assert a == b and a != c
-    for key in ("completed", "dropped", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms",
-                "e2e_p90_ms", "throughput_tok_s", "goodput_rps", "slo_attainment", "cost_per_hour",
-                "cost_per_mtok", "joules_per_token"):
+    for key in (
+        "completed",
+        "dropped",
+        "ttft_p50_ms",
+        "ttft_p90_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "tpot_p90_ms",
+        "e2e_p90_ms",
+        "throughput_tok_s",
+        "goodput_rps",
+        "slo_attainment",
+        "cost_per_hour",
+        "cost_per_mtok",
+        "joules_per_token",
+    ):
         assert a[key] is not None, key
     assert 0 < a["slo_attainment"] <= 1 and a["goodput_rps"] <= a["throughput_rps"] + 1e-12
 
 
 def test_shared_server_time_shares_compute():
     """Two chains through one server: together they run no faster than the server alone allows."""
-    servers = [{"name": "a", "node": "n", "gpus": [0], "layers": [0, 16]},
-               {"name": "b1", "node": "n", "gpus": [1], "layers": [16, 32]},
-               {"name": "b2", "node": "n", "gpus": [2], "layers": [16, 32]}]
-    inst = [{"name": "c1", "role": "mixed", "chain": ["a", "b1"], "kv_share": 0.5},
-            {"name": "c2", "role": "mixed", "chain": ["a", "b2"], "kv_share": 0.5}]
+    servers = [
+        {"name": "a", "node": "n", "gpus": [0], "layers": [0, 16]},
+        {"name": "b1", "node": "n", "gpus": [1], "layers": [16, 32]},
+        {"name": "b2", "node": "n", "gpus": [2], "layers": [16, 32]},
+    ]
+    inst = [
+        {"name": "c1", "role": "mixed", "chain": ["a", "b1"], "kv_share": 0.5},
+        {"name": "c2", "role": "mixed", "chain": ["a", "b2"], "kv_share": 0.5},
+    ]
     dep = make_deployment(servers, inst, routing={"policy": "round-robin"})
     r = simulate(dep, requests(np.zeros(400), 512, 1), NO_SLO)
     util = r.summary["utilisation"]
-    assert util["a"] > 0.9                        # the shared server is the bottleneck
+    assert util["a"] > 0.9  # the shared server is the bottleneck
     assert util["b1"] < 0.6 and util["b2"] < 0.6
     # both chains together are capped by server a alone: 16 prompts of 512 per 8,192-token batch
     t_a = dep.cost_model.timer(dep.servers["a"].shape).batch_time(BatchShape.prefill([512] * 16))
     assert r.summary["throughput_rps"] <= 16 / t_a * 1.001
-    assert dep.instances["c1"].kv_capacity_tokens < make_deployment(
-        servers[:2], [dict(inst[0], kv_share=1.0)]).instances["c1"].kv_capacity_tokens
+    assert (
+        dep.instances["c1"].kv_capacity_tokens
+        < make_deployment(servers[:2], [dict(inst[0], kv_share=1.0)]).instances["c1"].kv_capacity_tokens
+    )
 
 
 def test_shared_server_batches_the_chains_waiting_on_it():
@@ -173,9 +215,14 @@ def test_shared_server_batches_the_chains_waiting_on_it():
     batches run one after the other."""
     server = [{"name": "a", "node": "n", "gpus": [0], "layers": [0, 32]}]
     alone = make_deployment(server, [{"name": "c", "role": "mixed", "chain": ["a"]}])
-    two = make_deployment(server, [{"name": "c1", "role": "mixed", "chain": ["a"], "kv_share": 0.5},
-                                   {"name": "c2", "role": "mixed", "chain": ["a"], "kv_share": 0.5}],
-                          routing={"policy": "round-robin"})
+    two = make_deployment(
+        server,
+        [
+            {"name": "c1", "role": "mixed", "chain": ["a"], "kv_share": 0.5},
+            {"name": "c2", "role": "mixed", "chain": ["a"], "kv_share": 0.5},
+        ],
+        routing={"policy": "round-robin"},
+    )
     reqs = lambda: requests(np.zeros(32), 64, 256)
     one = simulate(alone, reqs(), NO_SLO).summary
     both = simulate(two, reqs(), NO_SLO).summary
@@ -183,17 +230,24 @@ def test_shared_server_batches_the_chains_waiting_on_it():
     assert both["makespan_s"] == pytest.approx(one["makespan_s"], rel=0.05)
     # the same steps run separately would read the weights twice per token
     timer = alone.cost_model.timer(alone.servers["a"].shape)
-    merged, split = timer.batch_time(BatchShape.decode(32, 320)), 2 * timer.batch_time(BatchShape.decode(16, 320))
+    merged, split = (
+        timer.batch_time(BatchShape.decode(32, 320)),
+        2 * timer.batch_time(BatchShape.decode(16, 320)),
+    )
     assert split > 1.5 * merged
     assert both["makespan_s"] < 0.8 * 255 * split
 
 
 def test_jffc_prefers_the_fastest_free_chain_and_queues_when_all_are_busy():
     nodes = [{"name": "fast", "gpu": "h100-sxm", "count": 1}, {"name": "slow", "gpu": "l40s", "count": 1}]
-    servers = [{"name": "f", "node": "fast", "gpus": [0], "layers": [0, 32]},
-               {"name": "s", "node": "slow", "gpus": [0], "layers": [0, 32]}]
-    inst = [{"name": "F", "role": "mixed", "chain": ["f"], "max_batch_size": 2},
-            {"name": "S", "role": "mixed", "chain": ["s"], "max_batch_size": 2}]
+    servers = [
+        {"name": "f", "node": "fast", "gpus": [0], "layers": [0, 32]},
+        {"name": "s", "node": "slow", "gpus": [0], "layers": [0, 32]},
+    ]
+    inst = [
+        {"name": "F", "role": "mixed", "chain": ["f"], "max_batch_size": 2},
+        {"name": "S", "role": "mixed", "chain": ["s"], "max_batch_size": 2},
+    ]
     dep = make_deployment(servers, inst, nodes=nodes, routing={"policy": "jffc"})
     r = simulate(dep, requests(np.zeros(6), 200, 100), NO_SLO).records
     assert r.entry[:2] == ["F", "F"] and r.entry[2:4] == ["S", "S"]

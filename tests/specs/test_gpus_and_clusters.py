@@ -3,9 +3,30 @@ import pytest
 from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.gpus import builtin_gpus
 
-REQUIRED = ["h200", "h100-sxm", "h100-pcie", "h20", "a100-80gb", "a100-40gb", "l40s", "l40", "rtx-a6000",
-            "a10g", "a10", "l4", "t4", "v100-16gb", "v100-32gb", "rtx-4090", "rtx-3090", "mi300x", "mi250-gcd",
-            "mi210", "ascend-910b", "gaudi2"]
+REQUIRED = [
+    "h200",
+    "h100-sxm",
+    "h100-pcie",
+    "h20",
+    "a100-80gb",
+    "a100-40gb",
+    "l40s",
+    "l40",
+    "rtx-a6000",
+    "a10g",
+    "a10",
+    "l4",
+    "t4",
+    "v100-16gb",
+    "v100-32gb",
+    "rtx-4090",
+    "rtx-3090",
+    "mi300x",
+    "mi250-gcd",
+    "mi210",
+    "ascend-910b",
+    "gaudi2",
+]
 
 
 def test_catalogue_covers_required_gpus_with_sources():
@@ -28,7 +49,7 @@ def test_catalogue_flops_are_dense():
 
 def test_mi250_is_one_gcd():
     g = builtin_gpus()["mi250-gcd"]
-    assert g.memory_gb == 64          # half of the 128 GB package
+    assert g.memory_gb == 64  # half of the 128 GB package
 
 
 def _cluster(text, write):
@@ -36,7 +57,8 @@ def _cluster(text, write):
 
 
 def test_links_prefer_pair_then_zone_then_default(write):
-    c = _cluster("""
+    c = _cluster(
+        """
 nodes:
   - {name: a, gpu: a100-80gb, count: 8, zone: east}
   - {name: b, gpu: l4, count: 2, zone: west, replicas: 2}
@@ -45,9 +67,13 @@ network:
   latency_ms: 0.1
   zones: [{a: east, b: west, gbit_per_s: 8, latency_ms: 30}]
   pairs: [{a: a, b: b-1, gbit_per_s: 80, latency_ms: 1}]
-""", write)
+""",
+        write,
+    )
     assert set(c.nodes) == {"a", "b-0", "b-1"} and c.total_gpus == 12
-    assert c.link("a", "b-0").bandwidth == pytest.approx(1e9) and c.link("a", "b-0").latency == pytest.approx(0.03)
+    assert c.link("a", "b-0").bandwidth == pytest.approx(1e9) and c.link("a", "b-0").latency == pytest.approx(
+        0.03
+    )
     assert c.link("b-1", "a").bandwidth == pytest.approx(10e9)
     assert c.link("b-0", "b-1").bandwidth == pytest.approx(12.5e9)
     intra = c.link("a", "a")
@@ -55,24 +81,28 @@ network:
 
 
 def test_cluster_overrides_and_adds_gpus(write):
-    c = _cluster("""
+    c = _cluster(
+        """
 gpus:
   l4: {price_per_hour: 0.5}
   l4-capped: {base: l4, tdp_w: 60}
 nodes:
   - {name: a, gpu: l4, count: 4}
   - {name: b, gpu: l4-capped, count: 4}
-""", write)
+""",
+        write,
+    )
     assert c.gpus["l4"].price_per_hour == 0.5
     assert "cluster file" in c.gpus["l4"].sources["price_per_hour"]
     assert c.gpus["l4-capped"].tdp_w == 60 and c.gpus["l4-capped"].memory_gb == 24
-    assert c.gpus["l4-capped"].price_per_hour == 0.5      # 'base' starts from the cluster's own l4
+    assert c.gpus["l4-capped"].price_per_hour == 0.5  # 'base' starts from the cluster's own l4
     assert c.price_per_hour() == pytest.approx(8 * 0.5)
-    assert builtin_gpus()["l4"].price_per_hour != 0.5      # the catalogue itself is untouched
+    assert builtin_gpus()["l4"].price_per_hour != 0.5  # the catalogue itself is untouched
 
 
 def test_a_complete_new_gpu_is_accepted(write):
-    c = _cluster("""
+    c = _cluster(
+        """
 gpus:
   my-npu:
     vendor: other
@@ -85,7 +115,9 @@ gpus:
     weight_dtypes: [fp16]
     kv_dtypes: [fp16]
 nodes: [{name: n, gpu: my-npu, count: 2}]
-""", write)
+""",
+        write,
+    )
     assert c.gpus["my-npu"].half_tflops == 200
 
 

@@ -4,9 +4,19 @@ from hetserve.specs.models import builtin_model_names, load_model, model_from_hf
 
 # Published parameter counts (model cards / papers), in billions.
 PUBLISHED = {
-    "llama-2-7b": 6.74, "llama-2-13b": 13.02, "llama-2-70b": 68.98, "llama-3.1-8b": 8.03,
-    "llama-3.1-70b": 70.55, "llama-3.1-405b": 405.85, "mistral-7b": 7.24, "mixtral-8x7b": 46.70,
-    "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.71, "opt-66b": 65.7, "bloom-176b": 176.25, "smollm2-135m": 0.1345,
+    "llama-2-7b": 6.74,
+    "llama-2-13b": 13.02,
+    "llama-2-70b": 68.98,
+    "llama-3.1-8b": 8.03,
+    "llama-3.1-70b": 70.55,
+    "llama-3.1-405b": 405.85,
+    "mistral-7b": 7.24,
+    "mixtral-8x7b": 46.70,
+    "qwen2.5-7b": 7.62,
+    "qwen2.5-72b": 72.71,
+    "opt-66b": 65.7,
+    "bloom-176b": 176.25,
+    "smollm2-135m": 0.1345,
 }
 
 
@@ -16,18 +26,33 @@ def test_parameter_count_matches_published(name, billions):
 
 
 def test_every_builtin_named_in_the_issue_is_there():
-    need = {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
-            "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b", "mistral-7b", "mixtral-8x7b", "opt-13b", "opt-30b",
-            "opt-66b", "bloom-176b", "smollm2-135m"}
+    need = {
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "llama-3.1-8b",
+        "llama-3.1-70b",
+        "llama-3.1-405b",
+        "qwen2.5-7b",
+        "qwen2.5-32b",
+        "qwen2.5-72b",
+        "mistral-7b",
+        "mixtral-8x7b",
+        "opt-13b",
+        "opt-30b",
+        "opt-66b",
+        "bloom-176b",
+        "smollm2-135m",
+    }
     assert need <= set(builtin_model_names())
     for name in builtin_model_names():
         assert load_model(name).source.startswith("https://huggingface.co/")
 
 
 def test_kv_bytes_are_gqa_correct():
-    m = load_model("llama-2-70b")            # 80 layers, 8 KV heads of 128
+    m = load_model("llama-2-70b")  # 80 layers, 8 KV heads of 128
     assert m.kv_bytes_per_token(2) == 2 * 80 * 8 * 128 * 2
-    mha = load_model("llama-2-13b")          # 40 layers, 40 KV heads of 128
+    mha = load_model("llama-2-13b")  # 40 layers, 40 KV heads of 128
     assert mha.kv_bytes_per_token(2) == 2 * 40 * 40 * 128 * 2
 
 
@@ -43,7 +68,7 @@ def test_weight_bytes_shrink_with_bits_and_carry_group_scales():
 def test_flops_include_the_quadratic_attention_term():
     m = load_model("llama-3.1-8b")
     short, long = m.prefill_flops_per_token_layer(128), m.prefill_flops_per_token_layer(32768)
-    assert long > short * 1.5           # attention dominates at 32k tokens
+    assert long > short * 1.5  # attention dominates at 32k tokens
     assert m.decode_flops_per_token_layer(0) == pytest.approx(m.linear_flops_per_token_layer + 4 * 32 * 128)
     # linear FLOPs are 2 per weight a token meets
     assert m.linear_flops_per_token_layer == 2 * m.matmul_params_per_layer
@@ -60,12 +85,15 @@ def test_moe_reads_only_touched_experts():
 
 
 def test_reads_a_user_config_json(write):
-    cfg = write("my-model/config.json", """{"model_type": "qwen2", "hidden_size": 1024,
+    cfg = write(
+        "my-model/config.json",
+        """{"model_type": "qwen2", "hidden_size": 1024,
         "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "vocab_size": 151936, "tie_word_embeddings": true}""")
+        "num_key_value_heads": 16, "vocab_size": 151936, "tie_word_embeddings": true}""",
+    )
     m = load_model(str(cfg.parent))
     assert m.name == "my-model" and m.qkv_bias and m.tie_embeddings
-    assert 0.4e9 < m.total_params < 0.55e9      # Qwen1.5-0.5B-like
+    assert 0.4e9 < m.total_params < 0.55e9  # Qwen1.5-0.5B-like
 
 
 def test_opt_and_bloom_are_plain_mlps_with_bias():
@@ -77,15 +105,18 @@ def test_opt_and_bloom_are_plain_mlps_with_bias():
 def test_check_tp_lists_valid_degrees():
     from hetserve.errors import HetserveError
 
-    m = load_model("smollm2-135m")                 # 9 heads, 3 KV heads
+    m = load_model("smollm2-135m")  # 9 heads, 3 KV heads
     m.check_tp(3)
-    m.check_tp(2)                                  # KV heads split 2 + 1
-    m.check_tp(9)                                  # each KV head on 3 ranks
+    m.check_tp(2)  # KV heads split 2 + 1
+    m.check_tp(9)  # each KV head on 3 ranks
     for tp in (4, 6, 0):
-        with pytest.raises(HetserveError, match=r"cannot split the 9 attention heads \(3 KV heads\).*"
-                                                r"use one of \[1, 2, 3, 9\]"):
+        with pytest.raises(
+            HetserveError,
+            match=r"cannot split the 9 attention heads \(3 KV heads\).*"
+            r"use one of \[1, 2, 3, 9\]",
+        ):
             m.check_tp(tp)
-    big = load_model("llama-2-70b")                # 64 heads, 8 KV heads
+    big = load_model("llama-2-70b")  # 64 heads, 8 KV heads
     for tp in (3, 5, 8, 16, 64):
         big.check_tp(tp)
     with pytest.raises(HetserveError, match=r"use one of \[1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64\]"):
@@ -96,8 +127,10 @@ def test_tp_rule_is_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys; from hetserve.specs.models import tp_supported; import hetserve.runtime.model.tp; "
-            "assert tp_supported(9, 3, 2) and 'torch' not in sys.modules")
+    code = (
+        "import sys; from hetserve.specs.models import tp_supported; import hetserve.runtime.model.tp; "
+        "assert tp_supported(9, 3, 2) and 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -105,6 +138,15 @@ def test_kv_heads_must_divide_heads():
     from hetserve.errors import HetserveError
 
     with pytest.raises(HetserveError, match="must divide"):
-        model_from_hf_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3,
-                              "vocab_size": 100}, "bad")
+        model_from_hf_config(
+            {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 3,
+                "vocab_size": 100,
+            },
+            "bad",
+        )

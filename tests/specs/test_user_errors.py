@@ -1,4 +1,5 @@
 """A user's mistake gets one clear message naming the file/field and the fix, exit status 2, no traceback."""
+
 import pytest
 
 from tests.conftest import EXAMPLES
@@ -21,20 +22,54 @@ def assert_clean_error(code, err, *needles):
 
 
 CLUSTER_CASES = [
-    ("unknown GPU", CLUSTER_OK.replace("gpu: l4,", "gpu: l44,"), ["nodes[1].gpu", "unknown GPU 'l44'", "did you mean 'l4'"]),
-    ("negative bandwidth", CLUSTER_OK.replace("gbit_per_s: 100", "gbit_per_s: -5"), ["network.gbit_per_s", "greater than 0"]),
-    ("misspelt key", CLUSTER_OK.replace("zone: z2", "zoen: z2"), ["nodes[1]", "unknown key 'zoen'", "did you mean 'zone'"]),
+    (
+        "unknown GPU",
+        CLUSTER_OK.replace("gpu: l4,", "gpu: l44,"),
+        ["nodes[1].gpu", "unknown GPU 'l44'", "did you mean 'l4'"],
+    ),
+    (
+        "negative bandwidth",
+        CLUSTER_OK.replace("gbit_per_s: 100", "gbit_per_s: -5"),
+        ["network.gbit_per_s", "greater than 0"],
+    ),
+    (
+        "misspelt key",
+        CLUSTER_OK.replace("zone: z2", "zoen: z2"),
+        ["nodes[1]", "unknown key 'zoen'", "did you mean 'zone'"],
+    ),
     ("bad YAML", "name: c\nnodes: [ {name: n0, gpu: t4\n", ["invalid YAML", "line"]),
     ("missing nodes", "name: c\n", ["nodes", "is required"]),
-    ("zero GPUs", CLUSTER_OK.replace("count: 2", "count: 0"), ["nodes[1].count", "greater than or equal to 1"]),
+    (
+        "zero GPUs",
+        CLUSTER_OK.replace("count: 2", "count: 0"),
+        ["nodes[1].count", "greater than or equal to 1"],
+    ),
     ("duplicate node", CLUSTER_OK.replace("name: n1", "name: n0"), ["node name 'n0' appears twice"]),
-    ("unknown zone override", CLUSTER_OK.replace("network: {gbit_per_s: 100, latency_ms: 0.1}",
-     "network:\n  zones: [{a: z1, b: z9, gbit_per_s: 1}]"), ["network.zones[0].b", "unknown zone 'z9'"]),
-    ("new GPU incomplete", CLUSTER_OK + "gpus:\n  my-gpu: {memory_gb: 24}\n", ["gpus.my-gpu", "not in the catalogue", "base:"]),
-    ("override negative price", CLUSTER_OK + "gpus:\n  l4: {price_per_hour: -1}\n", ["gpus.l4.price_per_hour"]),
+    (
+        "unknown zone override",
+        CLUSTER_OK.replace(
+            "network: {gbit_per_s: 100, latency_ms: 0.1}",
+            "network:\n  zones: [{a: z1, b: z9, gbit_per_s: 1}]",
+        ),
+        ["network.zones[0].b", "unknown zone 'z9'"],
+    ),
+    (
+        "new GPU incomplete",
+        CLUSTER_OK + "gpus:\n  my-gpu: {memory_gb: 24}\n",
+        ["gpus.my-gpu", "not in the catalogue", "base:"],
+    ),
+    (
+        "override negative price",
+        CLUSTER_OK + "gpus:\n  l4: {price_per_hour: -1}\n",
+        ["gpus.l4.price_per_hour"],
+    ),
     ("not a mapping", "- just\n- a list\n", ["must be a mapping"]),
     ("empty file", "", ["empty"]),
-    ("fabric kind", CLUSTER_OK.replace("zone: z2}", "zone: z2, fabric: {kind: warp, gb_per_s: 5}}"), ["nodes[1].fabric.kind"]),
+    (
+        "fabric kind",
+        CLUSTER_OK.replace("zone: z2}", "zone: z2, fabric: {kind: warp, gb_per_s: 5}}"),
+        ["nodes[1].fabric.kind"],
+    ),
 ]
 
 
@@ -54,14 +89,38 @@ slo: {ttft_ms: 1000, tpot_ms: 50}
 """
 
 WORKLOAD_CASES = [
-    ("missing trace", "arrivals: {kind: trace, path: nowhere.csv}\n", ["arrivals.path", "trace file not found"]),
+    (
+        "missing trace",
+        "arrivals: {kind: trace, path: nowhere.csv}\n",
+        ["arrivals.path", "trace file not found"],
+    ),
     ("unknown arrival kind", WORKLOAD_OK.replace("kind: poisson", "kind: poison"), ["arrivals"]),
     ("negative rate", WORKLOAD_OK.replace("rate: 2", "rate: -2"), ["arrivals.poisson.rate"]),
-    ("uniform reversed", WORKLOAD_OK.replace("low: 10, high: 20", "low: 20, high: 10"), ["output", "high (10) must be >= low (20)"]),
-    ("percentile > 100", WORKLOAD_OK.replace("tpot_ms: 50", "tpot_ms: 50, percentile: 150"), ["slo.percentile"]),
-    ("lengths required", "arrivals: {kind: poisson, rate: 1}\n", ["'prompt' length distribution is required"]),
-    ("misspelt slo key", WORKLOAD_OK.replace("ttft_ms", "ttf_ms"), ["unknown key 'ttf_ms'", "did you mean 'ttft_ms'"]),
-    ("e2e below ttft", WORKLOAD_OK.replace("tpot_ms: 50", "e2e_ms: 500"), ["slo", "e2e_ms (500) is below ttft_ms (1000)"]),
+    (
+        "uniform reversed",
+        WORKLOAD_OK.replace("low: 10, high: 20", "low: 20, high: 10"),
+        ["output", "high (10) must be >= low (20)"],
+    ),
+    (
+        "percentile > 100",
+        WORKLOAD_OK.replace("tpot_ms: 50", "tpot_ms: 50, percentile: 150"),
+        ["slo.percentile"],
+    ),
+    (
+        "lengths required",
+        "arrivals: {kind: poisson, rate: 1}\n",
+        ["'prompt' length distribution is required"],
+    ),
+    (
+        "misspelt slo key",
+        WORKLOAD_OK.replace("ttft_ms", "ttf_ms"),
+        ["unknown key 'ttf_ms'", "did you mean 'ttft_ms'"],
+    ),
+    (
+        "e2e below ttft",
+        WORKLOAD_OK.replace("tpot_ms: 50", "e2e_ms: 500"),
+        ["slo", "e2e_ms (500) is below ttft_ms (1000)"],
+    ),
 ]
 
 
@@ -92,8 +151,11 @@ def test_malformed_trace_names_file(write):
 ESTIMATE_CASES = [
     ("unknown model", ["--model", "llama-9-70b", "--gpu", "h100-sxm"], ["unknown model 'llama-9-70b'"]),
     ("unknown gpu", ["--model", "llama-2-7b", "--gpu", "h1000"], ["--gpu", "unknown GPU 'h1000'"]),
-    ("tp cannot split heads", ["--model", "llama-2-70b", "--gpu", "a100-80gb", "--tp", "12"],
-     ["--tp=12 cannot split the 64 attention heads (8 KV heads)", "[1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]"]),
+    (
+        "tp cannot split heads",
+        ["--model", "llama-2-70b", "--gpu", "a100-80gb", "--tp", "12"],
+        ["--tp=12 cannot split the 64 attention heads (8 KV heads)", "[1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]"],
+    ),
     ("pp too deep", ["--model", "smollm2-135m", "--gpu", "t4", "--pp", "31"], ["--pp=31"]),
     ("zero batch", ["--model", "llama-2-7b", "--gpu", "t4", "--batch", "0"], ["--batch=0 must be >= 1"]),
     ("missing model config", ["--model", "/nonexistent/config.json", "--gpu", "t4"], ["unknown model"]),

@@ -10,12 +10,15 @@ def _load(write, text):
 
 
 def test_poisson_rate_and_lengths(write):
-    w = _load(write, """
+    w = _load(
+        write,
+        """
 arrivals: {kind: poisson, rate: 5}
 prompt: {kind: lognormal, mean: 800, cv: 1.0, max: 100000}
 output: {kind: fixed, value: 64}
 duration_s: 2000
-""")
+""",
+    )
     r = w.sample(seed=1)
     assert len(r) == pytest.approx(10_000, rel=0.05)
     gaps = np.diff(r.arrival_s)
@@ -26,12 +29,15 @@ duration_s: 2000
 
 
 def test_gamma_burstiness(write):
-    w = _load(write, """
+    w = _load(
+        write,
+        """
 arrivals: {kind: gamma, rate: 10, cv: 3}
 prompt: {kind: uniform, low: 10, high: 20}
 output: {kind: uniform, low: 1, high: 5}
 duration_s: 3000
-""")
+""",
+    )
     r = w.sample(seed=2)
     gaps = np.diff(r.arrival_s)
     assert 1 / np.mean(gaps) == pytest.approx(10, rel=0.1)
@@ -40,8 +46,11 @@ duration_s: 3000
 
 
 def test_same_seed_same_requests(write):
-    w = _load(write, "arrivals: {kind: poisson, rate: 3}\nprompt: {kind: lognormal, mean: 100}\n"
-                     "output: {kind: lognormal, mean: 10}\nduration_s: 100\n")
+    w = _load(
+        write,
+        "arrivals: {kind: poisson, rate: 3}\nprompt: {kind: lognormal, mean: 100}\n"
+        "output: {kind: lognormal, mean: 10}\nduration_s: 100\n",
+    )
     a, b, c = w.sample(seed=7), w.sample(seed=7), w.sample(seed=8)
     assert np.array_equal(a.arrival_s, b.arrival_s) and np.array_equal(a.prompt_tokens, b.prompt_tokens)
     assert not np.array_equal(a.arrival_s[:5], c.arrival_s[:5])
@@ -62,8 +71,10 @@ def test_azure_trace_replay_and_rate_scaling(write):
 
 def test_mooncake_trace_with_prefix_hashes(write):
     trace = shared_file("traces", "mooncake_conversation.jsonl")
-    w = _load(write, f"arrivals: {{kind: trace, path: {trace}, format: mooncake}}\n"
-                     "output: {kind: fixed, value: 10}\n")
+    w = _load(
+        write,
+        f"arrivals: {{kind: trace, path: {trace}, format: mooncake}}\noutput: {{kind: fixed, value: 10}}\n",
+    )
     r = w.sample()
     assert len(r) == 12_031 and r.block_hashes is not None
     # 512-token blocks: the hash list covers the prompt
@@ -72,10 +83,16 @@ def test_mooncake_trace_with_prefix_hashes(write):
 
 
 def test_empirical_lengths_from_a_trace(write):
-    write("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                   "2023-11-16 18:17:03.9799600,100,7\n2023-11-16 18:17:04.0319600,300,9\n")
-    w = _load(write, "arrivals: {kind: poisson, rate: 50}\nprompt: {kind: empirical, path: t.csv}\n"
-                     "output: {kind: empirical, path: t.csv}\nduration_s: 100\n")
+    write(
+        "t.csv",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:17:03.9799600,100,7\n2023-11-16 18:17:04.0319600,300,9\n",
+    )
+    w = _load(
+        write,
+        "arrivals: {kind: poisson, rate: 50}\nprompt: {kind: empirical, path: t.csv}\n"
+        "output: {kind: empirical, path: t.csv}\nduration_s: 100\n",
+    )
     r = w.sample(seed=0)
     assert set(np.unique(r.prompt_tokens)) == {100, 300}
     assert set(np.unique(r.output_tokens)) == {7, 9}

@@ -1,4 +1,5 @@
 """``hetserve bench``: replay a workload against an OpenAI-compatible server and summarise it."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,23 +8,53 @@ from pathlib import Path
 
 from ..errors import HetserveError
 
-SUMMARY_ROWS = ("requests", "completed", "dropped", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms",
-                "tpot_p90_ms", "itl_p50_ms", "itl_p90_ms", "e2e_p50_ms", "e2e_p90_ms", "throughput_rps",
-                "throughput_tok_s", "input_tok_s", "goodput_rps", "slo_attainment", "slo_met", "makespan_s", "wall_s")
+SUMMARY_ROWS = (
+    "requests",
+    "completed",
+    "dropped",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "itl_p50_ms",
+    "itl_p90_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "throughput_rps",
+    "throughput_tok_s",
+    "input_tok_s",
+    "goodput_rps",
+    "slo_attainment",
+    "slo_met",
+    "makespan_s",
+    "wall_s",
+)
 
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="replay a workload against an OpenAI-compatible server (load generator)")
     b.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    b.add_argument("--workload", required=True, help="workload YAML (arrivals, lengths, SLOs; see docs/files.md)")
-    b.add_argument("--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)")
+    b.add_argument(
+        "--workload", required=True, help="workload YAML (arrivals, lengths, SLOs; see docs/files.md)"
+    )
+    b.add_argument(
+        "--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)"
+    )
     b.add_argument("--rate", type=float, help="override the mean arrival rate (requests/s)")
     b.add_argument("--model", help="model id to request (default: the first one the server lists)")
     b.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    b.add_argument("--max-requests", type=int, default=1000, help="send at most this many requests (default 1000)")
-    b.add_argument("--timeout", type=float, help="stop after this many seconds in all (default: arrivals + 600)")
-    b.add_argument("--no-ignore-eos", action="store_true",
-                   help="do not send ignore_eos (for servers that reject unknown fields)")
+    b.add_argument(
+        "--max-requests", type=int, default=1000, help="send at most this many requests (default 1000)"
+    )
+    b.add_argument(
+        "--timeout", type=float, help="stop after this many seconds in all (default: arrivals + 600)"
+    )
+    b.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="do not send ignore_eos (for servers that reject unknown fields)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="directory for requests.csv and summary.json")
@@ -35,10 +66,12 @@ def cmd_bench(args) -> int:
     from ..specs.workloads import Workload
     from .loadgen import BenchConfig, run_bench, to_records
 
-    for flag, value, ok in (("--duration", args.duration, args.duration is None or args.duration > 0),
-                            ("--rate", args.rate, args.rate is None or args.rate > 0),
-                            ("--max-requests", args.max_requests, args.max_requests >= 1),
-                            ("--timeout", args.timeout, args.timeout is None or args.timeout > 0)):
+    for flag, value, ok in (
+        ("--duration", args.duration, args.duration is None or args.duration > 0),
+        ("--rate", args.rate, args.rate is None or args.rate > 0),
+        ("--max-requests", args.max_requests, args.max_requests >= 1),
+        ("--timeout", args.timeout, args.timeout is None or args.timeout > 0),
+    ):
         if not ok:
             raise HetserveError(f"{flag}={value} must be > 0")
     if not args.url.startswith(("http://", "https://")):
@@ -48,9 +81,18 @@ def cmd_bench(args) -> int:
     except ImportError:
         raise HetserveError("the load generator needs httpx: pip install 'hetserve[serve]'") from None
     workload = Workload.load(args.workload)
-    cfg = BenchConfig(url=args.url, workload=workload, model=args.model, duration_s=args.duration, rate=args.rate,
-                      seed=args.seed, max_requests=args.max_requests, timeout_s=args.timeout,
-                      endpoint=args.endpoint, ignore_eos=not args.no_ignore_eos)
+    cfg = BenchConfig(
+        url=args.url,
+        workload=workload,
+        model=args.model,
+        duration_s=args.duration,
+        rate=args.rate,
+        seed=args.seed,
+        max_requests=args.max_requests,
+        timeout_s=args.timeout,
+        endpoint=args.endpoint,
+        ignore_eos=not args.no_ignore_eos,
+    )
     results, summary = run_bench(cfg)
     if args.out:
         out = Path(args.out)
@@ -65,9 +107,11 @@ def cmd_bench(args) -> int:
         return 0
     from ..report.tables import key_values, table
 
-    key_values(f"{summary['model']} at {summary['url']} x {workload.name}: {summary['requests']} requests "
-               f"(of {summary['sampled_requests']} sampled), seed {args.seed}",
-               [(k, summary.get(k)) for k in SUMMARY_ROWS])
+    key_values(
+        f"{summary['model']} at {summary['url']} x {workload.name}: {summary['requests']} requests "
+        f"(of {summary['sampled_requests']} sampled), seed {args.seed}",
+        [(k, summary.get(k)) for k in SUMMARY_ROWS],
+    )
     if summary["errors"]:
         table("Errors", ["error", "requests"], sorted(summary["errors"].items(), key=lambda kv: -kv[1]))
     if summary.get("files"):

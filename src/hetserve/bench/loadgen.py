@@ -13,6 +13,7 @@ The records feed ``hetserve.sim.metrics.summarise``, so the summary has the name
 client-side inter-token latency (``itl_*_ms``) and the errors seen. Runs are bounded: at most
 ``max_requests`` requests and ``timeout_s`` seconds in all (unfinished requests count as dropped).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,35 +31,46 @@ from ..sim.metrics import Records, summarise
 from ..specs.workloads import Workload
 
 #: Short common English words; with a leading space each is a single token in the usual BPE vocabularies.
-WORDS = ("the of and to in is it that was for on are as with his they at be this from have or by one had "
-         "not but what all were when we there can an your which their said if do will each about how up out "
-         "them then she many some so these would other into has more her two like him see time could no make "
-         "than first been its who now people my made over did down only way find use may water long little "
-         "very after words called just where most know").split()
+WORDS = (
+    "the of and to in is it that was for on are as with his they at be this from have or by one had "
+    "not but what all were when we there can an your which their said if do will each about how up out "
+    "them then she many some so these would other into has more her two like him see time could no make "
+    "than first been its who now people my made over did down only way find use may water long little "
+    "very after words called just where most know"
+).split()
 
 #: Summary keys of ``summarise`` that describe a simulated cluster, not a measured server.
-_SIMULATION_ONLY = ("cost_per_hour", "cost_per_mtok", "energy_j", "joules_per_token", "utilisation",
-                    "peak_kv_fraction", "bytes_transferred", "gpus", "iterations")
+_SIMULATION_ONLY = (
+    "cost_per_hour",
+    "cost_per_mtok",
+    "energy_j",
+    "joules_per_token",
+    "utilisation",
+    "peak_kv_fraction",
+    "bytes_transferred",
+    "gpus",
+    "iterations",
+)
 
 
 @dataclass
 class BenchConfig:
     url: str
     workload: Workload
-    model: str | None = None                 # None: the first model the server lists
-    duration_s: float | None = None          # arrivals window; None: the workload's (a trace: all of it)
-    rate: float | None = None                # override the mean arrival rate
+    model: str | None = None  # None: the first model the server lists
+    duration_s: float | None = None  # arrivals window; None: the workload's (a trace: all of it)
+    rate: float | None = None  # override the mean arrival rate
     seed: int = 0
     max_requests: int = 1000
-    timeout_s: float | None = None           # the whole run; None: arrival span + 600 s
+    timeout_s: float | None = None  # the whole run; None: arrival span + 600 s
     endpoint: Literal["completions", "chat"] = "completions"
     ignore_eos: bool = True
 
 
 @dataclass
 class RequestResult:
-    arrival: float                  # scheduled send time, seconds from the start
-    prompt_tokens: int              # the server's count when reported, else the sampled length
+    arrival: float  # scheduled send time, seconds from the start
+    prompt_tokens: int  # the server's count when reported, else the sampled length
     output_tokens: int = 0
     first_token: float = float("nan")
     finish: float = float("nan")
@@ -82,17 +94,32 @@ async def _discover_model(client, url: str) -> str:
         data = resp.json()["data"]
         return data[0]["id"]
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise HetserveError(f"{url}/v1/models: cannot list the server's models ({exc}); is the server up? "
-                            "pass --model to skip this") from None
+        raise HetserveError(
+            f"{url}/v1/models: cannot list the server's models ({exc}); is the server up? "
+            "pass --model to skip this"
+        ) from None
 
 
-async def _one(client, url: str, cfg: BenchConfig, model: str, prompt: str, max_tokens: int,
-               result: RequestResult, start: float) -> None:
+async def _one(
+    client,
+    url: str,
+    cfg: BenchConfig,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    result: RequestResult,
+    start: float,
+) -> None:
     delay = start + result.arrival - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
-    body: dict = {"model": model, "max_tokens": int(max_tokens), "temperature": 0.0, "stream": True,
-                  "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": model,
+        "max_tokens": int(max_tokens),
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.endpoint == "chat":
@@ -122,8 +149,11 @@ async def _one(client, url: str, cfg: BenchConfig, model: str, prompt: str, max_
                     return
                 now = time.perf_counter() - start
                 for choice in event.get("choices") or ():
-                    text = choice.get("text") if cfg.endpoint == "completions" else \
-                        (choice.get("delta") or {}).get("content")
+                    text = (
+                        choice.get("text")
+                        if cfg.endpoint == "completions"
+                        else (choice.get("delta") or {}).get("content")
+                    )
                     if text:
                         chunks += 1
                         result.token_times.append(now)
@@ -160,8 +190,10 @@ async def run_bench_async(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(limit, connect=30.0), limits=limits) as client:
         model = cfg.model or await _discover_model(client, url)
         start = time.perf_counter()
-        tasks = [asyncio.ensure_future(_one(client, url, cfg, model, p, int(o), r, start))
-                 for p, o, r in zip(prompts, reqs.output_tokens[:n], results)]
+        tasks = [
+            asyncio.ensure_future(_one(client, url, cfg, model, p, int(o), r, start))
+            for p, o, r in zip(prompts, reqs.output_tokens[:n], results)
+        ]
         done, pending = await asyncio.wait(tasks, timeout=limit)
         for task in pending:
             task.cancel()
@@ -183,33 +215,57 @@ def to_records(results: list[RequestResult], url: str = "") -> Records:
     n = len(results)
     ok = np.array([r.error is None for r in results])
     return Records(
-        n=n, arrival=np.array([r.arrival for r in results]), prompt=np.array([r.prompt_tokens for r in results]),
-        output=np.array([r.output_tokens for r in results]), entry=[url] * n, decode=[url] * n,
+        n=n,
+        arrival=np.array([r.arrival for r in results]),
+        prompt=np.array([r.prompt_tokens for r in results]),
+        output=np.array([r.output_tokens for r in results]),
+        entry=[url] * n,
+        decode=[url] * n,
         first_token=np.array([r.first_token if r.error is None else np.nan for r in results]),
         finish=np.array([r.finish if r.error is None else np.nan for r in results]),
-        dropped=~ok)
+        dropped=~ok,
+    )
 
 
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def _summary(results: list[RequestResult], cfg: BenchConfig, model: str, url: str, wall: float,
-             sampled: int) -> dict:
+def _summary(
+    results: list[RequestResult], cfg: BenchConfig, model: str, url: str, wall: float, sampled: int
+) -> dict:
     rec = to_records(results, url)
     done = rec.completed
     makespan = float(np.nanmax(rec.finish) - rec.arrival.min()) if done.any() else wall
-    s = summarise(rec, cfg.workload.slo, cost_per_hour=0.0, energy_j=0.0, makespan=makespan, server_util={},
-                  peak_kv={}, bytes_transferred=0.0, gpus=0, iterations=0)
+    s = summarise(
+        rec,
+        cfg.workload.slo,
+        cost_per_hour=0.0,
+        energy_j=0.0,
+        makespan=makespan,
+        server_util={},
+        peak_kv={},
+        bytes_transferred=0.0,
+        gpus=0,
+        iterations=0,
+    )
     for key in _SIMULATION_ONLY:
         s.pop(key, None)
     gaps = [b - a for r in results if r.error is None for a, b in zip(r.token_times, r.token_times[1:])]
-    s.update({
-        "itl_p50_ms": _ms(_pct(gaps, 50)), "itl_p90_ms": _ms(_pct(gaps, 90)), "itl_p99_ms": _ms(_pct(gaps, 99)),
-        "errors": dict(Counter(r.error for r in results if r.error is not None).most_common()),
-        "sampled_requests": sampled, "url": url, "model": model, "workload": cfg.workload.name,
-        "endpoint": cfg.endpoint, "wall_s": wall,
-    })
+    s.update(
+        {
+            "itl_p50_ms": _ms(_pct(gaps, 50)),
+            "itl_p90_ms": _ms(_pct(gaps, 90)),
+            "itl_p99_ms": _ms(_pct(gaps, 99)),
+            "errors": dict(Counter(r.error for r in results if r.error is not None).most_common()),
+            "sampled_requests": sampled,
+            "url": url,
+            "model": model,
+            "workload": cfg.workload.name,
+            "endpoint": cfg.endpoint,
+            "wall_s": wall,
+        }
+    )
     return s
 
 

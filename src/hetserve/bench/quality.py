@@ -5,13 +5,14 @@
 Perplexity is exp(mean negative log-likelihood) of every token of ``PERPLEXITY_TEXT`` given the ones
 before it, computed with one forward pass over the paged-KV model (the engine's own code path).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 #: A fixed English paragraph (written for hetserve) to measure perplexity on.
 PERPLEXITY_TEXT = """\
@@ -45,7 +46,8 @@ def perplexity(model, token_ids: Sequence[int], block_size: int = 16) -> float:
     import torch.nn.functional as F
 
     from ..runtime.model_runner import ModelRunner
-    from ..scheduling import ScheduledSeq, Sequence as Seq
+    from ..scheduling import ScheduledSeq
+    from ..scheduling import Sequence as Seq
 
     ids = [int(t) for t in token_ids]
     if len(ids) < 2:
@@ -62,8 +64,12 @@ def perplexity(model, token_ids: Sequence[int], block_size: int = 16) -> float:
     return math.exp(nll.item())
 
 
-def quantisation_report(model: str = "smollm2-135m", bits: Sequence[int] = (16, 8, 4), group_size: int = 64,
-                        text: str = PERPLEXITY_TEXT) -> list[dict]:
+def quantisation_report(
+    model: str = "smollm2-135m",
+    bits: Sequence[int] = (16, 8, 4),
+    group_size: int = 64,
+    text: str = PERPLEXITY_TEXT,
+) -> list[dict]:
     """Perplexity, projection-weight bytes and the change against 16 bits, one row per bit-width.
 
     16 bits means the model's own dtype (fp32 here). Each setting loads the model afresh.
@@ -80,8 +86,14 @@ def quantisation_report(model: str = "smollm2-135m", bits: Sequence[int] = (16, 
             quantize_model(net, b, group_size)
         start = time.perf_counter()
         ppl = perplexity(net, ids)
-        row = {"bits": b, "group_size": group_size if b != 16 else None, "tokens": len(ids), "perplexity": ppl,
-               "linear_weight_mb": linear_weight_bytes(net) / 2**20, "seconds": time.perf_counter() - start}
+        row = {
+            "bits": b,
+            "group_size": group_size if b != 16 else None,
+            "tokens": len(ids),
+            "perplexity": ppl,
+            "linear_weight_mb": linear_weight_bytes(net) / 2**20,
+            "seconds": time.perf_counter() - start,
+        }
         base = base or row
         row["perplexity_change_pct"] = (ppl / base["perplexity"] - 1) * 100
         row["weight_fraction"] = row["linear_weight_mb"] / base["linear_weight_mb"]
@@ -91,9 +103,17 @@ def quantisation_report(model: str = "smollm2-135m", bits: Sequence[int] = (16, 
 
 def add_quality_parser(sub) -> argparse.ArgumentParser:
     q = sub.add_parser("quality", help="perplexity change of int8/int4 weight quantisation on a fixed text")
-    q.add_argument("--model", default="smollm2-135m", help="GGUF file, Hugging Face directory or smollm2-135m")
-    q.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4], choices=[16, 8, 4],
-                   help="settings to measure (16 = the model's own dtype; the first is the reference)")
+    q.add_argument(
+        "--model", default="smollm2-135m", help="GGUF file, Hugging Face directory or smollm2-135m"
+    )
+    q.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=[16, 8, 4],
+        choices=[16, 8, 4],
+        help="settings to measure (16 = the model's own dtype; the first is the reference)",
+    )
     q.add_argument("--group-size", type=int, default=64, choices=[64, 128])
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--json", action="store_true")
@@ -109,10 +129,14 @@ def cmd_quality(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"perplexity of {args.model} on the fixed paragraph ({rows[0]['tokens']} tokens), group {args.group_size}")
+    print(
+        f"perplexity of {args.model} on the fixed paragraph ({rows[0]['tokens']} tokens), group {args.group_size}"
+    )
     print(f"{'weights':>8} {'perplexity':>11} {'change':>8} {'projection MB':>14} {'vs first':>10}")
     for r in rows:
         name = "model" if r["bits"] == 16 else f"int{r['bits']}"
-        print(f"{name:>8} {r['perplexity']:11.3f} {r['perplexity_change_pct']:+7.2f}% {r['linear_weight_mb']:14.1f} "
-              f"{r['weight_fraction']:9.3f}x")
+        print(
+            f"{name:>8} {r['perplexity']:11.3f} {r['perplexity_change_pct']:+7.2f}% {r['linear_weight_mb']:14.1f} "
+            f"{r['weight_fraction']:9.3f}x"
+        )
     return 0

@@ -1,15 +1,15 @@
 """``hetserve estimate``: latency, throughput and memory of one batch on a homogeneous TP x PP group."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from ..errors import HetserveError
+from ..specs.clusters import Link
 from ..specs.gpus import GPUSpec
 from ..specs.models import WEIGHT_BITS, ModelSpec
 from .links import p2p_time
-from .roofline import BatchShape, RooflineCostModel, ServerShape
-from ..specs.clusters import Link
-
+from .roofline import RooflineCostModel, ServerShape
 
 #: Engines prefill long batches in chunks; activation memory is sized for one chunk.
 PREFILL_CHUNK_TOKENS = 8192
@@ -47,8 +47,17 @@ def split_layers(num_layers: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def estimate(model: ModelSpec, gpu: GPUSpec, *, tp: int = 1, pp: int = 1, batch: int = 1, prompt: int = 512,
-             output: int = 128, weight_bits: int = 16) -> Estimate:
+def estimate(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    batch: int = 1,
+    prompt: int = 512,
+    output: int = 128,
+    weight_bits: int = 16,
+) -> Estimate:
     model.check_tp(tp, "--tp")
     if pp < 1 or pp > model.num_layers:
         raise HetserveError(f"--pp={pp} must be between 1 and the model's {model.num_layers} layers")
@@ -58,8 +67,10 @@ def estimate(model: ModelSpec, gpu: GPUSpec, *, tp: int = 1, pp: int = 1, batch:
         if value < 1:
             raise HetserveError(f"{flag}={value} must be >= 1")
     cm = RooflineCostModel(model)
-    stages = [ServerShape(gpu, tp, (weight_bits,) * n, first=i == 0, last=i == pp - 1)
-              for i, n in enumerate(split_layers(model.num_layers, pp))]
+    stages = [
+        ServerShape(gpu, tp, (weight_bits,) * n, first=i == 0, last=i == pp - 1)
+        for i, n in enumerate(split_layers(model.num_layers, pp))
+    ]
     hop = Link(gpu.fabric.gb_per_s * 1e9, gpu.fabric.latency_us * 1e-6)
     act = model.hidden_size * 2.0
 
@@ -82,17 +93,36 @@ def estimate(model: ModelSpec, gpu: GPUSpec, *, tp: int = 1, pp: int = 1, batch:
     capacity = min(cm.memory(s, chunk, batch).kv_capacity_tokens for s in stages)
     gb = 1e9
     if mem.weights + mem.activations > mem.usable:
-        reason = (f"weights {mem.weights / gb:.1f} GB + activations {mem.activations / gb:.1f} GB per GPU exceed "
-                  f"the usable {mem.usable / gb:.1f} GB of a {gpu.name}; raise --tp/--pp or lower --weight-bits")
+        reason = (
+            f"weights {mem.weights / gb:.1f} GB + activations {mem.activations / gb:.1f} GB per GPU exceed "
+            f"the usable {mem.usable / gb:.1f} GB of a {gpu.name}; raise --tp/--pp or lower --weight-bits"
+        )
     elif need > mem.usable:
-        reason = (f"the KV cache of {total_tokens} tokens needs {mem.kv_bytes_per_token * total_tokens / gb:.1f} GB "
-                  f"per GPU but only {mem.kv_room / gb:.1f} GB is left ({capacity} tokens); lower --batch or "
-                  "the lengths, or add GPUs")
+        reason = (
+            f"the KV cache of {total_tokens} tokens needs {mem.kv_bytes_per_token * total_tokens / gb:.1f} GB "
+            f"per GPU but only {mem.kv_room / gb:.1f} GB is left ({capacity} tokens); lower --batch or "
+            "the lengths, or add GPUs"
+        )
     else:
         reason = ""
     return Estimate(
-        model=model.name, gpu=gpu.name, tp=tp, pp=pp, batch=batch, prompt=prompt, output=output,
-        weight_bits=weight_bits, prefill_ms=prefill * 1e3, decode_ms_per_token=step * 1e3, e2e_ms=e2e * 1e3,
-        tokens_per_s=batch * output / e2e, memory_gb_per_gpu=need / gb, weights_gb_per_gpu=mem.weights / gb,
-        kv_gb_per_gpu=mem.kv_bytes_per_token * total_tokens / gb, usable_gb_per_gpu=mem.usable / gb,
-        kv_capacity_tokens=capacity, fits=not reason, reason=reason)
+        model=model.name,
+        gpu=gpu.name,
+        tp=tp,
+        pp=pp,
+        batch=batch,
+        prompt=prompt,
+        output=output,
+        weight_bits=weight_bits,
+        prefill_ms=prefill * 1e3,
+        decode_ms_per_token=step * 1e3,
+        e2e_ms=e2e * 1e3,
+        tokens_per_s=batch * output / e2e,
+        memory_gb_per_gpu=need / gb,
+        weights_gb_per_gpu=mem.weights / gb,
+        kv_gb_per_gpu=mem.kv_bytes_per_token * total_tokens / gb,
+        usable_gb_per_gpu=mem.usable / gb,
+        kv_capacity_tokens=capacity,
+        fits=not reason,
+        reason=reason,
+    )

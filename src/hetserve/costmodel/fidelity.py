@@ -10,6 +10,7 @@ prefill batches are made of prompts of ``PREFILL_PROMPT`` tokens (the last one s
 sequences hold ``DECODE_CONTEXT`` tokens of context (about the mean of the conversation trace the
 measurements served: ~750 prompt + ~240 output tokens).
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,8 +73,9 @@ def compare(path: str | Path, gpus: dict[str, GPUSpec]) -> list[Point]:
             bt = int(row["batch_tokens"])
             shape = ServerShape(gpu, tp, (16,), first=False, last=False)
             pred = cms[name].batch_time(shape, layer_batch(row["phase"], bt)) * 1e3
-            points.append(Point(name, row["machine"], gpu.name, tp, row["phase"], bt,
-                                float(row["ms_per_layer"]), pred))
+            points.append(
+                Point(name, row["machine"], gpu.name, tp, row["phase"], bt, float(row["ms_per_layer"]), pred)
+            )
     return points
 
 
@@ -82,5 +84,7 @@ def summarise(points: list[Point], key=lambda p: (p.gpu, p.phase)) -> dict[tuple
     groups: dict[tuple, list[float]] = defaultdict(list)
     for pt in points:
         groups[key(pt)].append(pt.ape)
-    return {k: {"n": len(v), "median_ape": statistics.median(v), "worst_ape": max(v)}
-            for k, v in sorted(groups.items())}
+    return {
+        k: {"n": len(v), "median_ape": statistics.median(v), "worst_ape": max(v)}
+        for k, v in sorted(groups.items())
+    }

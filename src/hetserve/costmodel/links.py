@@ -1,4 +1,5 @@
 """Communication costs: tensor-parallel collectives, pipeline hand-offs and KV transfers (alpha-beta)."""
+
 from __future__ import annotations
 
 from ..specs.clusters import Link
@@ -17,8 +18,15 @@ def p2p_time(nbytes: float, link: Link) -> float:
     return link.transfer_time(nbytes) if nbytes > 0 else 0.0
 
 
-def kv_transfer_time(nbytes: float, link: Link, *, prefill_time: float = 0.0, layers: int = 1,
-                     layerwise: bool = False, conversion_s: float = 0.0) -> float:
+def kv_transfer_time(
+    nbytes: float,
+    link: Link,
+    *,
+    prefill_time: float = 0.0,
+    layers: int = 1,
+    layerwise: bool = False,
+    conversion_s: float = 0.0,
+) -> float:
     """Time a request waits for its KV cache to reach the decode side after prefill ends.
 
     Without overlap the whole cache moves after prefill. With layer-wise streaming each layer's KV

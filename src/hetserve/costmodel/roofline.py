@@ -6,6 +6,7 @@ the weight GEMMs, bound by FLOPs or by weight bytes, and attention, bound by FLO
 Low-bit weights without a native kernel path pay a dequantisation pass; tensor parallelism adds two
 all-reduces per layer. ``ServerTimer`` folds all constants once so a call is a few float operations.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,15 @@ LAYER_OVERHEAD_S = 20e-6
 MEMORY_UTILISATION = 0.9
 #: Fraction of a fabric's per-direction bandwidth that collectives achieve. PCIe cards in cloud
 #: machines usually lack peer-to-peer access, so NCCL stages through host memory.
-COLLECTIVE_EFFICIENCY = {"nvlink": 0.8, "xgmi": 0.7, "infinity-fabric": 0.7, "hccs": 0.7, "roce": 0.7,
-                         "pcie": 0.25, "none": 0.25}
+COLLECTIVE_EFFICIENCY = {
+    "nvlink": 0.8,
+    "xgmi": 0.7,
+    "infinity-fabric": 0.7,
+    "hccs": 0.7,
+    "roce": 0.7,
+    "pcie": 0.25,
+    "none": 0.25,
+}
 #: Bytes of activations live per batch token per unit of hidden size (residual, norms, QKV, MLP).
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 2 * 8
 
@@ -43,8 +51,8 @@ class ServerShape:
     gpu: GPUSpec
     tp: int
     layer_bits: tuple[int, ...]
-    first: bool = True          # holds the embedding
-    last: bool = True           # holds the final norm and LM head
+    first: bool = True  # holds the embedding
+    last: bool = True  # holds the final norm and LM head
     kv_dtype_bytes: float = 2.0
 
     @property
@@ -66,13 +74,13 @@ class BatchShape:
     kv_read_tokens: float
 
     @staticmethod
-    def prefill(prompt_lens, cached: int = 0) -> "BatchShape":
+    def prefill(prompt_lens, cached: int = 0) -> BatchShape:
         n = float(sum(prompt_lens))
         pairs = sum(p * cached + p * (p + 1) / 2 for p in prompt_lens)
         return BatchShape(n, float(len(prompt_lens)), pairs, n + cached * len(prompt_lens))
 
     @staticmethod
-    def decode(batch: float, total_context: float) -> "BatchShape":
+    def decode(batch: float, total_context: float) -> BatchShape:
         """``batch`` sequences decoding one token each over ``total_context`` tokens in all."""
         return BatchShape(batch, batch, total_context + batch, total_context + batch)
 
@@ -85,7 +93,7 @@ class MemoryBreakdown:
     usable: float
     weights: float
     activations: float
-    kv_bytes_per_token: float    # per GPU, for one token across the server's layers
+    kv_bytes_per_token: float  # per GPU, for one token across the server's layers
 
     @property
     def kv_room(self) -> float:
@@ -130,7 +138,7 @@ class ServerTimer:
         self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / half
         self._layers = s.num_layers
         self._overhead = LAYER_OVERHEAD_S * s.num_layers
-        self._ar_bytes_per_token = m.hidden_size * 2.0    # fp16 activations, per all-reduce
+        self._ar_bytes_per_token = m.hidden_size * 2.0  # fp16 activations, per all-reduce
         self._link = collective_link(g)
         head_params = m.vocab_size * m.hidden_size / tp
         self._head_flop = 2 * head_params / half if s.last else 0.0
@@ -154,13 +162,18 @@ class ServerTimer:
         t = self._overhead
         for count, per_token, weight_read, dequant, bits in self._groups:
             if self._moe:
-                weight_read *= self.model.layer_weight_bytes_read(bits, new_tokens) / \
-                    self.model.layer_weight_bytes(bits)
+                weight_read *= self.model.layer_weight_bytes_read(
+                    bits, new_tokens
+                ) / self.model.layer_weight_bytes(bits)
             linear = per_token * new_tokens
             t += count * ((linear if linear > weight_read else weight_read) + dequant)
         if self.shape.tp > 1:
             # two all-reduces per layer: after attention and after the MLP
-            t += 2 * self._layers * allreduce_time(self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link)
+            t += (
+                2
+                * self._layers
+                * allreduce_time(self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link)
+            )
         if self.shape.last:
             head_c = self._head_flop * seqs
             t += head_c if head_c > self._head_read else self._head_read
@@ -201,19 +214,31 @@ class RooflineCostModel:
         logits = 4.0 * m.vocab_size * max_seqs / shape.tp if shape.last else 0.0
         return per_token * max_batch_tokens + logits
 
-    def memory(self, shape: ServerShape, max_batch_tokens: int = 8192, max_seqs: int = 256) -> MemoryBreakdown:
+    def memory(
+        self, shape: ServerShape, max_batch_tokens: int = 8192, max_seqs: int = 256
+    ) -> MemoryBreakdown:
         m, tp = self.model, shape.tp
         weights = sum(m.layer_weight_bytes(b) for b in shape.layer_bits) / tp
         emb = m.vocab_size * m.hidden_size * 2.0
         if shape.first:
-            weights += (emb + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2))
-                        * 2.0) / tp
+            weights += (
+                emb
+                + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)) * 2.0
+            ) / tp
         if shape.last and (not m.tie_embeddings or not shape.first):
             weights += emb / tp
         kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
-        kv_per_token = (m.kv_bytes_per_token_layer(shape.kv_dtype_bytes) * kv_heads_per_gpu / m.num_kv_heads
-                        * shape.num_layers)
+        kv_per_token = (
+            m.kv_bytes_per_token_layer(shape.kv_dtype_bytes)
+            * kv_heads_per_gpu
+            / m.num_kv_heads
+            * shape.num_layers
+        )
         cap = shape.gpu.memory_gb * 1e9
-        return MemoryBreakdown(capacity=cap, usable=cap * self.memory_utilisation, weights=weights,
-                               activations=self.activation_bytes(shape, max_batch_tokens, max_seqs),
-                               kv_bytes_per_token=kv_per_token)
+        return MemoryBreakdown(
+            capacity=cap,
+            usable=cap * self.memory_utilisation,
+            weights=weights,
+            activations=self.activation_bytes(shape, max_batch_tokens, max_seqs),
+            kv_bytes_per_token=kv_per_token,
+        )

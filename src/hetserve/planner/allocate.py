@@ -13,6 +13,7 @@ the SLOs, goodput with SLO-bound capacities), breaking ties by price; ``cost`` m
 ``power`` minimises idle watts plus busy energy per request times the rate. ``enumerate_best``
 solves the same problem by brute force, for tests on small clusters.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,12 @@ OBJECTIVES = ("throughput", "goodput", "cost", "power")
 
 @dataclass
 class Allocation:
-    counts: dict[int, int]             # template index -> instances
-    flows: dict[int, float]            # template index -> requests/s (mixed: own; prefill/decode: share of f)
-    rate: float                        # requests/s served
-    price: float                       # $/hour
-    power_w: float                     # average watts at that rate
-    objective: float                   # in the objective's unit
+    counts: dict[int, int]  # template index -> instances
+    flows: dict[int, float]  # template index -> requests/s (mixed: own; prefill/decode: share of f)
+    rate: float  # requests/s served
+    price: float  # $/hour
+    power_w: float  # average watts at that rate
+    objective: float  # in the objective's unit
 
 
 def _cap(t: Template, objective: str) -> float:
@@ -42,24 +43,40 @@ def _cap(t: Template, objective: str) -> float:
 
 def _power(templates, counts, flows) -> float:
     idle = sum(templates[j].idle_w * n for j, n in counts.items())
-    busy = sum(templates[j].dynamic_w * templates[j].cap.busy_per_request * f for j, f in flows.items()
-               if math.isfinite(templates[j].cap.busy_per_request))
+    busy = sum(
+        templates[j].dynamic_w * templates[j].cap.busy_per_request * f
+        for j, f in flows.items()
+        if math.isfinite(templates[j].cap.busy_per_request)
+    )
     return idle + busy
 
 
-def solve(templates: list[Template], pools: dict[str, int], objective: str, *, rate: float | None = None,
-          budget: float | None = None, time_limit: float = 30.0, roles: set[str] | None = None,
-          exclude: set[int] | None = None) -> Allocation | None:
+def solve(
+    templates: list[Template],
+    pools: dict[str, int],
+    objective: str,
+    *,
+    rate: float | None = None,
+    budget: float | None = None,
+    time_limit: float = 30.0,
+    roles: set[str] | None = None,
+    exclude: set[int] | None = None,
+) -> Allocation | None:
     """The optimal allocation, or None if nothing is feasible. ``exclude``: template indices not to use."""
-    idx = [j for j, t in enumerate(templates) if _cap(t, objective) > 0 and (roles is None or t.role in roles)
-           and (exclude is None or j not in exclude)]
+    idx = [
+        j
+        for j, t in enumerate(templates)
+        if _cap(t, objective) > 0
+        and (roles is None or t.role in roles)
+        and (exclude is None or j not in exclude)
+    ]
     if not idx:
         return None
     n = len(idx)
     mixed = [k for k, j in enumerate(idx) if templates[j].role == "mixed"]
     pre = [k for k, j in enumerate(idx) if templates[j].role == "prefill"]
     dec = [k for k, j in enumerate(idx) if templates[j].role == "decode"]
-    nv = n + len(mixed) + 1                 # x..., r (mixed)..., f
+    nv = n + len(mixed) + 1  # x..., r (mixed)..., f
     f_col = nv - 1
     r_col = {k: n + i for i, k in enumerate(mixed)}
     rows, lo, hi = [], [], []
@@ -96,7 +113,7 @@ def solve(templates: list[Template], pools: dict[str, int], objective: str, *, r
     c = row()
     if objective in ("throughput", "goodput"):
         c -= served
-        c[:n] += 1e-7 * price                 # among equal rates, the cheaper
+        c[:n] += 1e-7 * price  # among equal rates, the cheaper
     else:
         if rate is None:
             raise ValueError(f"objective {objective} needs the workload's rate")
@@ -111,8 +128,12 @@ def solve(templates: list[Template], pools: dict[str, int], objective: str, *, r
                 if k in r_col:
                     c[r_col[k]] = e
             # decode and prefill energy per request through f
-            ef = min((templates[idx[k]].dynamic_w * templates[idx[k]].cap.busy_per_request for k in pre), default=0)
-            ed = min((templates[idx[k]].dynamic_w * templates[idx[k]].cap.busy_per_request for k in dec), default=0)
+            ef = min(
+                (templates[idx[k]].dynamic_w * templates[idx[k]].cap.busy_per_request for k in pre), default=0
+            )
+            ed = min(
+                (templates[idx[k]].dynamic_w * templates[idx[k]].cap.busy_per_request for k in dec), default=0
+            )
             c[f_col] = (ef if math.isfinite(ef) else 1e9) + (ed if math.isfinite(ed) else 1e9)
             c[:n] += 1e-6 * price
     ub = np.full(nv, np.inf)
@@ -121,8 +142,13 @@ def solve(templates: list[Template], pools: dict[str, int], objective: str, *, r
         ub[k] = min(pools.get(p, 0) // g for p, g in t.gpus.items())
     integrality = np.zeros(nv)
     integrality[:n] = 1
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
-               bounds=Bounds(np.zeros(nv), ub), options={"time_limit": time_limit, "disp": False})
+    res = milp(
+        c,
+        constraints=LinearConstraint(np.array(rows), lo, hi),
+        integrality=integrality,
+        bounds=Bounds(np.zeros(nv), ub),
+        options={"time_limit": time_limit, "disp": False},
+    )
     if res.x is None or res.status not in (0, 1):
         return None
     x = np.round(res.x[:n]).astype(int)
@@ -190,8 +216,12 @@ def undominated(templates: list[Template], objective: str) -> list[int]:
             if k == j or u.role != t.role or u.gpus != t.gpus:
                 continue
             ck = _cap(u, objective)
-            if ck >= cj and u.price <= t.price and u.idle_w <= t.idle_w and (
-                    ck > cj or u.price < t.price or u.idle_w < t.idle_w or k < j):
+            if (
+                ck >= cj
+                and u.price <= t.price
+                and u.idle_w <= t.idle_w
+                and (ck > cj or u.price < t.price or u.idle_w < t.idle_w or k < j)
+            ):
                 dominated = True
                 break
         if not dominated:
@@ -199,8 +229,9 @@ def undominated(templates: list[Template], objective: str) -> list[int]:
     return keep
 
 
-def enumerate_best(templates: list[Template], pools: dict[str, int], objective: str, *, rate=None,
-                   budget=None) -> float | None:
+def enumerate_best(
+    templates: list[Template], pools: dict[str, int], objective: str, *, rate=None, budget=None
+) -> float | None:
     """Brute force over every count vector that fits the inventory (small clusters only)."""
     idx = undominated(templates, objective)
     sense = max if objective in ("throughput", "goodput") else min

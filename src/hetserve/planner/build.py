@@ -1,5 +1,6 @@
 """Turn an allocation into a concrete plan: place TP groups on nodes, name servers and instances,
 and route requests and KV hand-offs by the flows (a transport LP for prefill -> decode)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,9 @@ class PlacementError(Exception):
     """The allocation's TP groups do not pack into the pools' nodes."""
 
 
-def place(cluster: Cluster, templates: list[Template], alloc: Allocation) -> list[tuple[Template, list[tuple[str, list[int]]]]]:
+def place(
+    cluster: Cluster, templates: list[Template], alloc: Allocation
+) -> list[tuple[Template, list[tuple[str, list[int]]]]]:
     """For every instance of the allocation, (template, [(node, gpu indices) per stage]).
 
     Largest TP groups first, each into the node of its pool with the fewest free GPUs that still fit
@@ -37,8 +40,8 @@ def place(cluster: Cluster, templates: list[Template], alloc: Allocation) -> lis
                 node = _best_fit(s.pool, s.tp, free, set())
             if node is None:
                 raise PlacementError(f"no node of {s.pool.key} has {s.tp} free GPUs")
-            gpus = free[node][:s.tp]
-            del free[node][:s.tp]
+            gpus = free[node][: s.tp]
+            del free[node][: s.tp]
             used_nodes.add(node)
             spots.append((node, gpus))
         out.append((t, spots))
@@ -50,8 +53,13 @@ def _best_fit(pool: Pool, tp: int, free: dict[str, list[int]], avoid: set[str]) 
     return min(fits, key=lambda n: (len(free[n]), n)) if fits else None
 
 
-def handoff_weights(cluster: Cluster, model: ModelSpec, prompt: float, prefill: list[tuple[str, str, float]],
-                    decode: list[tuple[str, str, float]]) -> dict[str, dict[str, float]]:
+def handoff_weights(
+    cluster: Cluster,
+    model: ModelSpec,
+    prompt: float,
+    prefill: list[tuple[str, str, float]],
+    decode: list[tuple[str, str, float]],
+) -> dict[str, dict[str, float]]:
     """Split each prefill instance's flow over decode instances: a transport LP minimising KV transfer
     time, within decode capacities and link bandwidth. Items are (instance, node, requests/s)."""
     if not prefill or not decode:
@@ -71,7 +79,7 @@ def handoff_weights(cluster: Cluster, model: ModelSpec, prompt: float, prefill: 
     a_eq = np.zeros((P, P * D))
     b_eq = np.array([f for _, _, f in prefill])
     for i in range(P):
-        a_eq[i, i * D:(i + 1) * D] = 1
+        a_eq[i, i * D : (i + 1) * D] = 1
     a_ub = np.zeros((D, P * D))
     total_p = b_eq.sum()
     dcap = np.array([f for _, _, f in decode])
@@ -79,8 +87,15 @@ def handoff_weights(cluster: Cluster, model: ModelSpec, prompt: float, prefill: 
     for k in range(D):
         a_ub[k, k::D] = 1
     b_ub = dcap * max(scale, 1.0) * 1.0001
-    res = linprog(cost, A_ub=np.vstack([a_ub, np.array(link_rows)]), b_ub=np.concatenate([b_ub, link_caps]),
-                  A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    res = linprog(
+        cost,
+        A_ub=np.vstack([a_ub, np.array(link_rows)]),
+        b_ub=np.concatenate([b_ub, link_caps]),
+        A_eq=a_eq,
+        b_eq=b_eq,
+        bounds=(0, None),
+        method="highs",
+    )
     if res.status != 0:
         return {}
     x = res.x.reshape(P, D)
@@ -88,12 +103,22 @@ def handoff_weights(cluster: Cluster, model: ModelSpec, prompt: float, prefill: 
     for i, (pname, _, f) in enumerate(prefill):
         if f <= 0:
             continue
-        out[pname] = {decode[k][0]: round(float(x[i, k] / f), 4) for k in range(D) if x[i, k] > 1e-9 * max(f, 1)}
+        out[pname] = {
+            decode[k][0]: round(float(x[i, k] / f), 4) for k in range(D) if x[i, k] > 1e-9 * max(f, 1)
+        }
     return out
 
 
-def build_plan(cluster: Cluster, cluster_ref: str, model: ModelSpec, templates: list[Template],
-               alloc: Allocation, prompt: float, name: str, routing_policy: str) -> dict:
+def build_plan(
+    cluster: Cluster,
+    cluster_ref: str,
+    model: ModelSpec,
+    templates: list[Template],
+    alloc: Allocation,
+    prompt: float,
+    name: str,
+    routing_policy: str,
+) -> dict:
     """A plan dict (validated later by hetserve.plan) for ``alloc``."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
@@ -105,18 +130,30 @@ def build_plan(cluster: Cluster, cluster_ref: str, model: ModelSpec, templates: 
     for t, spots in placed:
         k = per_template.get(id(t), 0)
         per_template[id(t)] = k + 1
-        base = f"{t.role}-{t.stages[0].pool.gpu.name}-{'pp' + str(len(t.stages)) + '-' if len(t.stages) > 1 else ''}" \
-               f"tp{t.stages[0].tp}-{t.name}-{k}"
+        base = (
+            f"{t.role}-{t.stages[0].pool.gpu.name}-{'pp' + str(len(t.stages)) + '-' if len(t.stages) > 1 else ''}"
+            f"tp{t.stages[0].tp}-{t.name}-{k}"
+        )
         chain = []
         for si, (s, (node, gpus)) in enumerate(zip(t.stages, spots)):
             sname = f"{base}-s{si}" if len(t.stages) > 1 else base
             bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
-            servers.append({"name": sname, "node": node, "gpus": gpus, "layers": [s.start, s.end], "bits": bits})
+            servers.append(
+                {"name": sname, "node": node, "gpus": gpus, "layers": [s.start, s.end], "bits": bits}
+            )
             chain.append(sname)
         max_batch, max_tokens, chunk = t.settings
-        instances.append({"name": base, "role": t.role, "chain": chain, "max_batch_size": max_batch,
-                          "max_batch_tokens": max_tokens, "chunk_size": chunk,
-                          "micro_batches": t.micro_batches})
+        instances.append(
+            {
+                "name": base,
+                "role": t.role,
+                "chain": chain,
+                "max_batch_size": max_batch,
+                "max_batch_tokens": max_tokens,
+                "chunk_size": chunk,
+                "micro_batches": t.micro_batches,
+            }
+        )
         share = flow_by_template[id(t)] / count_by_template[id(t)]
         flows_by_instance[base] = share
         if t.role == "prefill":
@@ -131,5 +168,12 @@ def build_plan(cluster: Cluster, cluster_ref: str, model: ModelSpec, templates: 
     if hw:
         routing["handoff"] = "weighted"
         routing["handoff_weights"] = hw
-    return {"version": 1, "name": name, "model": model.name, "cluster": cluster_ref, "servers": servers,
-            "instances": instances, "routing": routing}
+    return {
+        "version": 1,
+        "name": name,
+        "model": model.name,
+        "cluster": cluster_ref,
+        "servers": servers,
+        "instances": instances,
+        "routing": routing,
+    }

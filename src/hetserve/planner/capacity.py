@@ -25,6 +25,7 @@ workload's output length at the SLO percentile (the caller passes it; the defaul
 Pipelines keep ``m`` batches in flight: a step's latency is the sum of the stages and hops, and the
 cycle of one lane is max(latency, m * slowest stage).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ class ChainTiming:
 
     timers: list[ServerTimer]
     hop_latency: list[float]
-    hop_byte_time: list[float]        # seconds per activation token per hop
+    hop_byte_time: list[float]  # seconds per activation token per hop
     micro_batches: int = 1
 
     def _stages(self, new: float, seqs: float, pairs: float, kv: float) -> tuple[float, float]:
@@ -88,13 +89,13 @@ def _queue_wait(service: float, rho: float, q: float) -> float:
 
 @dataclass
 class Capacity:
-    rate: float                  # requests/s sustained within the SLOs (0 if none)
-    ttft: float                  # TTFT (s) at that rate, at the percentile
-    tpot: float                  # TPOT (s) at that rate
-    e2e: float                   # E2E (s) of this role's part at that rate, for the percentile output length
-    busy_per_request: float      # GPU-seconds of busy time per request (for energy)
-    batch: float                 # decode batch in steady state (0 for prefill)
-    limit: str                   # what bounds the rate: "ttft", "tpot", "e2e", "kv", "batch", "compute"
+    rate: float  # requests/s sustained within the SLOs (0 if none)
+    ttft: float  # TTFT (s) at that rate, at the percentile
+    tpot: float  # TPOT (s) at that rate
+    e2e: float  # E2E (s) of this role's part at that rate, for the percentile output length
+    busy_per_request: float  # GPU-seconds of busy time per request (for energy)
+    batch: float  # decode batch in steady state (0 for prefill)
+    limit: str  # what bounds the rate: "ttft", "tpot", "e2e", "kv", "batch", "compute"
 
 
 def _targets(slo: SLO | None) -> tuple[float, float, float]:
@@ -130,8 +131,14 @@ def _prompts_per_batch(ch: ChainTiming, prompt: float, max_batch_tokens: int, ma
     return max(1, batch)
 
 
-def prefill_capacity(ch: ChainTiming, prompt: float, slo: SLO | None, max_batch_tokens: int,
-                     max_rate_by_link: float = math.inf, max_batch: int | None = None) -> Capacity:
+def prefill_capacity(
+    ch: ChainTiming,
+    prompt: float,
+    slo: SLO | None,
+    max_batch_tokens: int,
+    max_rate_by_link: float = math.inf,
+    max_batch: int | None = None,
+) -> Capacity:
     batch = _prompts_per_batch(ch, prompt, max_batch_tokens, max_batch)
     alone, mu = ch.prefill(prompt, batch)
     service = 1.0 / mu
@@ -148,13 +155,20 @@ def prefill_capacity(ch: ChainTiming, prompt: float, slo: SLO | None, max_batch_
         limit = "ttft" if ttft_target <= e2e_target else "e2e"
     else:
         limit = "link" if max_rate_by_link < mu * MAX_UTILISATION else "compute"
-    busy = service * ch.micro_batches            # each stage is busy 1/m of the cycle per lane
+    busy = service * ch.micro_batches  # each stage is busy 1/m of the cycle per lane
     at = ttft(rate) if rate else alone
     return Capacity(rate, at, 0.0, at, busy, 0.0, limit)
 
 
-def decode_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | None, max_batch: int,
-                    kv_tokens: int, output_q: float | None = None) -> Capacity:
+def decode_capacity(
+    ch: ChainTiming,
+    prompt: float,
+    output: float,
+    slo: SLO | None,
+    max_batch: int,
+    kv_tokens: int,
+    output_q: float | None = None,
+) -> Capacity:
     context = prompt + output / 2
     kv_limit = KV_HEADROOM * kv_tokens / (prompt + output / 2 + 1)
     _, tpot_target, e2e_target = _targets(slo)
@@ -174,9 +188,17 @@ def decode_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | No
     return Capacity(rate, 0.0, tpot, steps * tpot, tpot / b * output, b, limit)
 
 
-def mixed_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | None, max_batch: int,
-                   max_batch_tokens: int, kv_tokens: int, chunk: int | None = None,
-                   output_q: float | None = None) -> Capacity:
+def mixed_capacity(
+    ch: ChainTiming,
+    prompt: float,
+    output: float,
+    slo: SLO | None,
+    max_batch: int,
+    max_batch_tokens: int,
+    kv_tokens: int,
+    chunk: int | None = None,
+    output_q: float | None = None,
+) -> Capacity:
     """Colocated prefill and decode with chunked prefill mixed into decode steps.
 
     At rate ``r`` prefill takes the share ``f = r * s_p`` of the time; decode steps of the ``B``
@@ -188,7 +210,7 @@ def mixed_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | Non
     context = prompt + output / 2
     batch = _prompts_per_batch(ch, prompt, max_batch_tokens, max_batch)
     alone, mu_p = ch.prefill(prompt, batch)
-    s_p = 1.0 / mu_p                                  # prefill seconds per request at full batches
+    s_p = 1.0 / mu_p  # prefill seconds per request at full batches
     q = (slo.percentile if slo else 90) / 100
     ttft_target, tpot_target, e2e_target = _targets(slo)
     kv_limit = KV_HEADROOM * kv_tokens / (context + 1)
@@ -203,7 +225,7 @@ def mixed_capacity(ch: ChainTiming, prompt: float, output: float, slo: SLO | Non
         if f_p >= MAX_UTILISATION or top_b < 1:
             return False, math.inf, math.inf, math.inf, 0.0
         b = 1.0
-        for _ in range(60):                           # fixed point of Little's law
+        for _ in range(60):  # fixed point of Little's law
             nxt = max(1.0, rate * out * ch.decode(b, context)[0] / (1 - f_p))
             if nxt > top_b:
                 return False, math.inf, math.inf, math.inf, top_b

@@ -10,6 +10,7 @@ the share of sensitivity-weighted bits removed:
 ``--quality lossless`` (budget 0) keeps every layer at 16 bits; the default 0.3 lets about half of the
 layers go to 8 bits and a few of the least sensitive to 4, or all of them to 8 bits plus a little.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ from ..errors import HetserveError
 from ..specs.models import ModelSpec
 
 DEFAULT_QUALITY = 0.3
-BIT_STEPS = (16, 8, 4)          # the widths the planner assigns (3-bit is readable in plans, not chosen)
+BIT_STEPS = (16, 8, 4)  # the widths the planner assigns (3-bit is readable in plans, not chosen)
 
 
 def parse_quality(value: str | float | None) -> float:
@@ -30,11 +31,15 @@ def parse_quality(value: str | float | None) -> float:
     try:
         q = float(value)
     except (TypeError, ValueError):
-        raise HetserveError(f"--quality={value!r}: use 'lossless' or a number in [0, 0.75] (the share of "
-                            "sensitivity-weighted weight bits that may be removed)") from None
+        raise HetserveError(
+            f"--quality={value!r}: use 'lossless' or a number in [0, 0.75] (the share of "
+            "sensitivity-weighted weight bits that may be removed)"
+        ) from None
     if not 0 <= q <= 0.75:
-        raise HetserveError(f"--quality={q} is outside [0, 0.75]; 0 (lossless) keeps 16-bit weights, 0.75 "
-                            "allows 4-bit everywhere")
+        raise HetserveError(
+            f"--quality={q} is outside [0, 0.75]; 0 (lossless) keeps 16-bit weights, 0.75 "
+            "allows 4-bit everywhere"
+        )
     return q
 
 

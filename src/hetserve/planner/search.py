@@ -9,6 +9,7 @@
    routing, and is simulated on the workload; the best simulated one wins. The first plan is ready
    after the first MILP (anytime); the search stops at the time limit.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,8 @@ class PlanResult:
     objective: str
     sense: str
     value: float
-    summary: dict                 # simulated metrics of the chosen plan
-    predicted: dict               # analytic figures of the chosen allocation
+    summary: dict  # simulated metrics of the chosen plan
+    predicted: dict  # analytic figures of the chosen allocation
     reasons: list[str]
     searched: dict
     seconds: float
@@ -80,15 +81,32 @@ def _score(objective: str, s: dict, target_rate: float | None) -> float:
 
 def _value(objective: str, s: dict) -> float:
     goodput = s.get("offered_rps", s["goodput_rps"]) if s["slo_met"] else s["goodput_rps"]
-    return {"throughput": s["throughput_tok_s"], "goodput": goodput, "cost": s["cost_per_hour"],
-            "power": s["energy_j"] / max(s["makespan_s"], 1e-9)}[objective]
+    return {
+        "throughput": s["throughput_tok_s"],
+        "goodput": goodput,
+        "cost": s["cost_per_hour"],
+        "power": s["energy_j"] / max(s["makespan_s"], 1e-9),
+    }[objective]
 
 
 class Planner:
-    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, objective: str, *,
-                 cluster_ref: str, model_ref: str, budget: float | None = None, quality: float = 0.3,
-                 seed: int = 0, time_limit: float = 60.0, progress=None, simulate_confirm: bool = True,
-                 max_seqs: int | None = None):
+    def __init__(
+        self,
+        cluster: Cluster,
+        model: ModelSpec,
+        workload: Workload,
+        objective: str,
+        *,
+        cluster_ref: str,
+        model_ref: str,
+        budget: float | None = None,
+        quality: float = 0.3,
+        seed: int = 0,
+        time_limit: float = 60.0,
+        progress=None,
+        simulate_confirm: bool = True,
+        max_seqs: int | None = None,
+    ):
         if objective not in OBJECTIVES:
             raise HetserveError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         if budget is not None and budget <= 0:
@@ -120,9 +138,19 @@ class Planner:
         self._tick("candidate instances")
         slo = None if self.objective == "throughput" else self.slo
         long = self.workload.long_request(self.seed) if self.max_seqs is not None else None
-        factory = TemplateFactory(self.cluster, self.model, self.prompt, self.output, slo, self.quality,
-                                  lane_tokens=self.prompt + self.output, precisions=("fit", "spread", "deep"),
-                                  output_q=self.output_q, max_seqs=self.max_seqs, long_tokens=long)
+        factory = TemplateFactory(
+            self.cluster,
+            self.model,
+            self.prompt,
+            self.output,
+            slo,
+            self.quality,
+            lane_tokens=self.prompt + self.output,
+            precisions=("fit", "spread", "deep"),
+            output_q=self.output_q,
+            max_seqs=self.max_seqs,
+            long_tokens=long,
+        )
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
@@ -133,8 +161,10 @@ class Planner:
             raise HetserveError(self._why_slo_unreachable(templates))
         if self.budget is not None and min(t.price for t in usable) > self.budget:
             cheapest = min(usable, key=lambda t: t.price)
-            raise HetserveError(f"--budget ${self.budget:.2f}/h is below the cheapest deployment that fits and meets "
-                                f"the SLOs: {cheapest.describe()} at ${cheapest.price:.2f}/h")
+            raise HetserveError(
+                f"--budget ${self.budget:.2f}/h is below the cheapest deployment that fits and meets "
+                f"the SLOs: {cheapest.describe()} at ${cheapest.price:.2f}/h"
+            )
         self._tick("allocating")
         variants = [("joint", None), ("colocated", {"mixed"}), ("disaggregated", {"prefill", "decode"})]
         allocs: list[tuple[str, Allocation]] = []
@@ -143,8 +173,15 @@ class Planner:
 
         def allocate(label: str, **restrict) -> None:
             """Solve the allocation MILP under ``restrict`` (roles= or exclude=); keep a new allocation."""
-            a = solve(templates, pools, self.objective, rate=self.rate, budget=self.budget, time_limit=limit,
-                      **restrict)
+            a = solve(
+                templates,
+                pools,
+                self.objective,
+                rate=self.rate,
+                budget=self.budget,
+                time_limit=limit,
+                **restrict,
+            )
             key = None if a is None else tuple(sorted(a.counts.items()))
             if key is not None and key not in seen:
                 seen.add(key)
@@ -167,7 +204,7 @@ class Planner:
         for label, exclude in extra:
             allocate(label, exclude=exclude)
         candidates: list[Candidate] = []
-        for label, alloc in allocs:               # every design once, least-work routing
+        for label, alloc in allocs:  # every design once, least-work routing
             if candidates and self._elapsed() > self.time_limit * 0.5:
                 break
             self._tick(f"confirming {label}")
@@ -175,7 +212,7 @@ class Planner:
             if cand is not None:
                 candidates.append(cand)
         if self._chains_called_for(templates):
-            for name in CHAIN_DESIGNS:              # shared-server chains over small or far servers
+            for name in CHAIN_DESIGNS:  # shared-server chains over small or far servers
                 if self._elapsed() > self.time_limit * 0.5:
                     break
                 self._tick(f"confirming {name} placement")
@@ -201,7 +238,8 @@ class Planner:
         # The flows' weights instead of least-work, for the two best allocations (routing can reorder them);
         # for goodput, where each confirmation is a rate search of several simulations, for the best only.
         leads = sorted((c for c in candidates if c.alloc.counts), key=lambda c: -c.score)[
-            :1 if self.objective == "goodput" else WEIGHTED_LEADS]
+            : 1 if self.objective == "goodput" else WEIGHTED_LEADS
+        ]
         for lead in leads:
             if self._elapsed() >= self.time_limit * 0.8:
                 break
@@ -221,34 +259,78 @@ class Planner:
             "power_w": round(alloc.power_w, 1),
         }
         plan = best.plan
-        plan["predicted"] = {**{f"analytic_{k}": v for k, v in predicted.items()},
-                             **{f"simulated_{k}": (round(best.summary[k], 4) if isinstance(best.summary[k], float)
-                                                  else best.summary[k])
-                                for k in ("throughput_tok_s", "goodput_rps", "ttft_p90_ms", "tpot_p90_ms",
-                                          "slo_attainment", "cost_per_hour") if best.summary.get(k) is not None},
-                             "objective": self.objective}
+        plan["predicted"] = {
+            **{f"analytic_{k}": v for k, v in predicted.items()},
+            **{
+                f"simulated_{k}": (
+                    round(best.summary[k], 4) if isinstance(best.summary[k], float) else best.summary[k]
+                )
+                for k in (
+                    "throughput_tok_s",
+                    "goodput_rps",
+                    "ttft_p90_ms",
+                    "tpot_p90_ms",
+                    "slo_attainment",
+                    "cost_per_hour",
+                )
+                if best.summary.get(k) is not None
+            },
+            "objective": self.objective,
+        }
         reasons = self._reasons(best, candidates, templates)
         plan["notes"] = " ".join(reasons)
-        searched = {"templates": len(templates), "allocations": len(allocs), "simulated": len(candidates),
-                    "pools": len(pools)}
-        alts = [{"label": c.label, "value": _value(self.objective, c.summary), "gpus": c.dep.gpus_used(),
-                 "cost_per_hour": c.summary["cost_per_hour"]} for c in candidates]
-        return PlanResult(plan, best.dep, self.objective, sense, _value(self.objective, best.summary), best.summary,
-                          predicted, reasons, searched, self._elapsed(), alts)
+        searched = {
+            "templates": len(templates),
+            "allocations": len(allocs),
+            "simulated": len(candidates),
+            "pools": len(pools),
+        }
+        alts = [
+            {
+                "label": c.label,
+                "value": _value(self.objective, c.summary),
+                "gpus": c.dep.gpus_used(),
+                "cost_per_hour": c.summary["cost_per_hour"],
+            }
+            for c in candidates
+        ]
+        return PlanResult(
+            plan,
+            best.dep,
+            self.objective,
+            sense,
+            _value(self.objective, best.summary),
+            best.summary,
+            predicted,
+            reasons,
+            searched,
+            self._elapsed(),
+            alts,
+        )
 
-    def _candidate(self, label: str, alloc: Allocation, templates: list[Template], policy: str) -> Candidate | None:
+    def _candidate(
+        self, label: str, alloc: Allocation, templates: list[Template], policy: str
+    ) -> Candidate | None:
         try:
-            plan = build_plan(self.cluster, self.cluster_ref, self.model, templates, alloc, self.prompt,
-                              f"{self.model.name}-{self.objective}", policy)
+            plan = build_plan(
+                self.cluster,
+                self.cluster_ref,
+                self.model,
+                templates,
+                alloc,
+                self.prompt,
+                f"{self.model.name}-{self.objective}",
+                policy,
+            )
         except PlacementError:
             return None
         plan["model"] = self.model_ref
         dep = deployment_from_dict(plan, self.cluster, self.model, source="planned plan")
         if self.objective == "throughput":
-            rate = alloc.rate                  # the workload as given if it saturates the plan, else 1.2 x
+            rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
             summary = self._simulate_throughput(dep, rate)
         else:
-            rate = alloc.rate * 0.8 if self.objective == "goodput" else self.rate   # goodput: with a margin
+            rate = alloc.rate * 0.8 if self.objective == "goodput" else self.rate  # goodput: with a margin
             summary = self._simulate(dep, rate)
         if summary is None:
             return None
@@ -268,9 +350,19 @@ class Planner:
         from .strategies.base import StrategyContext
 
         left = self.time_limit - self._elapsed()
-        ctx = StrategyContext(self.cluster, self.model, self.workload, self.objective, model_ref=self.model_ref,
-                              cluster_ref=self.cluster_ref, budget=self.budget, quality=self.quality,
-                              seed=self.seed, time_limit=max(1.0, left * 0.25), max_seqs=self.max_seqs)
+        ctx = StrategyContext(
+            self.cluster,
+            self.model,
+            self.workload,
+            self.objective,
+            model_ref=self.model_ref,
+            cluster_ref=self.cluster_ref,
+            budget=self.budget,
+            quality=self.quality,
+            seed=self.seed,
+            time_limit=max(1.0, left * 0.25),
+            max_seqs=self.max_seqs,
+        )
         try:
             plan = get_strategy(name).plan(ctx)
             dep = deployment_from_dict(plan, self.cluster, self.model, source=f"{name} placement")
@@ -286,8 +378,14 @@ class Planner:
         if summary is None:
             return None
         plan["name"] = f"{self.model.name}-{self.objective}"
-        return Candidate(f"{name}/{plan.get('routing', {}).get('policy', 'jffc')}", alloc, plan, dep, summary,
-                         _score(self.objective, summary, rate))
+        return Candidate(
+            f"{name}/{plan.get('routing', {}).get('policy', 'jffc')}",
+            alloc,
+            plan,
+            dep,
+            summary,
+            _score(self.objective, summary, rate),
+        )
 
     def _simulate(self, dep: Deployment, rate: float) -> dict | None:
         """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, over
@@ -313,7 +411,7 @@ class Planner:
             reqs = self.workload.sample(seed=self.seed)
             if len(reqs):
                 duration = self.workload.spec.duration_s
-                summary = simulate(dep, reqs, self.slo, seed=self.seed).summary      # drained
+                summary = simulate(dep, reqs, self.slo, seed=self.seed).summary  # drained
                 summary["offered_rps"] = len(reqs) / duration
                 return summary
         return self._simulate(dep, capacity * 1.2)
@@ -324,7 +422,7 @@ class Planner:
         start = cand.alloc.rate * 0.8
         if cand.summary["slo_met"]:
             best, rate = cand.summary, start
-            for _ in range(GOODPUT_STEPS - 1):      # climb while the SLOs hold
+            for _ in range(GOODPUT_STEPS - 1):  # climb while the SLOs hold
                 rate *= 1.2
                 up = self._simulate(cand.dep, rate)
                 if up is None or not up["slo_met"]:
@@ -350,11 +448,18 @@ class Planner:
     def _design(cand: Candidate) -> str:
         """What kind of plan a candidate is, in words."""
         if not cand.alloc.counts:
-            return {"chain": "server chain composition (chains sharing servers, JFFC dispatch)",
-                    "helix": "Helix-style max-flow layer placement"}.get(cand.label.split("/")[0], cand.label)
+            return {
+                "chain": "server chain composition (chains sharing servers, JFFC dispatch)",
+                "helix": "Helix-style max-flow layer placement",
+            }.get(cand.label.split("/")[0], cand.label)
         roles = {i.role for i in cand.dep.instances.values()}
-        return "disaggregated prefill/decode" if roles <= {"prefill", "decode"} else (
-            "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances")
+        return (
+            "disaggregated prefill/decode"
+            if roles <= {"prefill", "decode"}
+            else (
+                "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances"
+            )
+        )
 
     def _reasons(self, best: Candidate, cands: list[Candidate], templates: list[Template]) -> list[str]:
         out = []
@@ -362,7 +467,11 @@ class Planner:
         design = self._design(best)
         value = lambda c: f"{_value(self.objective, c.summary):.4g}"
         others = [c for c in cands if self._design(c) != design]
-        same = [c for c in cands if c is not best and self._design(c) == design and c.alloc.counts != best.alloc.counts]
+        same = [
+            c
+            for c in cands
+            if c is not best and self._design(c) == design and c.alloc.counts != best.alloc.counts
+        ]
         comp = []
         if others:
             o = max(others, key=lambda c: c.score)
@@ -386,15 +495,23 @@ class Planner:
         out.append(f"Utilisation by GPU type: {util}.")
         cluster_types = self.cluster.gpu_counts()
         used_types = best.dep.gpu_counts()
-        idle = [f"{n - used_types.get(g, 0)} x {g}" for g, n in sorted(cluster_types.items()) if n > used_types.get(g, 0)]
+        idle = [
+            f"{n - used_types.get(g, 0)} x {g}"
+            for g, n in sorted(cluster_types.items())
+            if n > used_types.get(g, 0)
+        ]
         if idle:
-            out.append(f"Left unused: {', '.join(idle)} (adding them did not improve the objective"
-                       f"{' within the budget' if self.budget else ''}).")
+            out.append(
+                f"Left unused: {', '.join(idle)} (adding them did not improve the objective"
+                f"{' within the budget' if self.budget else ''})."
+            )
         quant = [t for t in used if t.quantised]
         if quant:
             bits = [b for s in quant[0].stages for b in s.bits]
-            out.append(f"Traded precision for memory/speed within the quality budget {self.quality:g}: "
-                       f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}.")
+            out.append(
+                f"Traded precision for memory/speed within the quality budget {self.quality:g}: "
+                f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}."
+            )
         pipes = [t for t in used if len(t.stages) > 1]
         if pipes:
             out.append(f"Pipelines: {pipes[0].describe().split(': ')[1]}.")
@@ -405,10 +522,16 @@ class Planner:
 
     @staticmethod
     def _limit_text(limit: str) -> str:
-        return {"ttft": "the TTFT target (prefill queueing)", "tpot": "the TPOT target (decode batch size)",
-                "e2e": "the E2E target (prefill queueing and decode batch size)",
-                "kv": "KV-cache memory", "batch": "the maximum batch size", "compute": "compute",
-                "prefill": "prefill compute", "link": "the network carrying KV caches"}.get(limit, limit)
+        return {
+            "ttft": "the TTFT target (prefill queueing)",
+            "tpot": "the TPOT target (decode batch size)",
+            "e2e": "the E2E target (prefill queueing and decode batch size)",
+            "kv": "KV-cache memory",
+            "batch": "the maximum batch size",
+            "compute": "compute",
+            "prefill": "prefill compute",
+            "link": "the network carrying KV caches",
+        }.get(limit, limit)
 
     def _why_nothing_fits(self) -> str:
         m = self.model
@@ -418,20 +541,29 @@ class Planner:
         biggest = max(self.cluster.gpus[g].memory_gb for g in self.cluster.gpu_counts())
         if w4 < total * 0.85 and self.quality < 0.75:
             need = w16 - total * 0.85
-            return (f"{m.name} does not fit at this quality budget: {w16:.0f} GB of weights at 16 bits against "
-                    f"~{total:.0f} GB usable in the cluster; it fits with 4-bit weights on more layers "
-                    f"(--quality 0.75 allows all layers at 4 bits, {w4:.0f} GB), or add "
-                    f"{math.ceil(max(need, 0) / (biggest * 0.9))} more {biggest:.0f} GB GPUs")
+            return (
+                f"{m.name} does not fit at this quality budget: {w16:.0f} GB of weights at 16 bits against "
+                f"~{total:.0f} GB usable in the cluster; it fits with 4-bit weights on more layers "
+                f"(--quality 0.75 allows all layers at 4 bits, {w4:.0f} GB), or add "
+                f"{math.ceil(max(need, 0) / (biggest * 0.9))} more {biggest:.0f} GB GPUs"
+            )
         need = w4 - total * 0.85
-        return (f"{m.name} does not fit: even at 4 bits its weights take {w4:.0f} GB and the cluster has ~{total:.0f} GB "
-                f"usable; needs {max(1, math.ceil(need / (biggest * 0.9)))} more {biggest:.0f} GB GPUs")
+        return (
+            f"{m.name} does not fit: even at 4 bits its weights take {w4:.0f} GB and the cluster has ~{total:.0f} GB "
+            f"usable; needs {max(1, math.ceil(need / (biggest * 0.9)))} more {biggest:.0f} GB GPUs"
+        )
 
     def _why_slo_unreachable(self, templates: list[Template]) -> str:
         slo = self.slo
         q = f"p{slo.percentile:g}"
-        best_ttft = min(t.cap.ttft for t in templates if t.role != "decode" and t.cap.ttft > 0) if any(
-            t.role != "decode" for t in templates) else math.inf
-        best_tpot = min((t.cap.tpot for t in templates if t.role != "prefill" and t.cap.tpot > 0), default=math.inf)
+        best_ttft = (
+            min(t.cap.ttft for t in templates if t.role != "decode" and t.cap.ttft > 0)
+            if any(t.role != "decode" for t in templates)
+            else math.inf
+        )
+        best_tpot = min(
+            (t.cap.tpot for t in templates if t.role != "prefill" and t.cap.tpot > 0), default=math.inf
+        )
 
         def least(role):
             return min((t.cap.e2e for t in templates if t.role == role and t.cap.e2e > 0), default=math.inf)
@@ -443,19 +575,28 @@ class Planner:
         if slo.tpot_ms and best_tpot * 1e3 > slo.tpot_ms:
             parts.append(f"best reachable TPOT {q} is {best_tpot * 1e3:.0f} ms (target {slo.tpot_ms:.0f} ms)")
         if slo.e2e_ms and best_e2e * 1e3 > slo.e2e_ms:
-            parts.append(f"best reachable E2E {q} is {best_e2e:.2f} s for a {q} output of {self.output_q:.0f} tokens "
-                         f"(target {slo.e2e_ms / 1e3:.2f} s)")
+            parts.append(
+                f"best reachable E2E {q} is {best_e2e:.2f} s for a {q} output of {self.output_q:.0f} tokens "
+                f"(target {slo.e2e_ms / 1e3:.2f} s)"
+            )
         if not parts:
             parts.append("no instance meets all of the SLOs at once")
-        return (f"the workload's SLOs cannot be met on this cluster for {self.model.name} (mean prompt "
-                f"{self.prompt:.0f}, output {self.output:.0f} tokens): " + "; ".join(parts) +
-                "; relax the SLO or add faster GPUs")
+        return (
+            f"the workload's SLOs cannot be met on this cluster for {self.model.name} (mean prompt "
+            f"{self.prompt:.0f}, output {self.output:.0f} tokens): "
+            + "; ".join(parts)
+            + "; relax the SLO or add faster GPUs"
+        )
 
     def _why_rate_unreachable(self, templates: list[Template], pools: dict[str, int]) -> str:
-        best = solve(templates, pools, "goodput", budget=self.budget, time_limit=max(1.0, self.time_limit / 6))
+        best = solve(
+            templates, pools, "goodput", budget=self.budget, time_limit=max(1.0, self.time_limit / 6)
+        )
         if best is None:
             return "no allocation meets the SLOs within the inventory and budget"
         within = f" within ${self.budget:.2f}/h" if self.budget else ""
-        return (f"the workload asks for {self.rate:.2f} req/s but the cluster sustains at most "
-                f"{best.rate:.2f} req/s within the SLOs{within} (at ${best.price:.2f}/h); lower the rate, relax the "
-                "SLOs, raise the budget or add GPUs")
+        return (
+            f"the workload asks for {self.rate:.2f} req/s but the cluster sustains at most "
+            f"{best.rate:.2f} req/s within the SLOs{within} (at ${best.price:.2f}/h); lower the rate, relax the "
+            "SLOs, raise the budget or add GPUs"
+        )

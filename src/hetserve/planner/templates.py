@@ -12,6 +12,7 @@ and of every GPU of the pools (LLM-PQ: one pipeline over a small cluster), with 
 proportion to stage speed or to stage memory under each stage's memory; these are what makes a model
 fit that no single node holds, and what puts every small server of a cluster to work.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,17 @@ def tp_choices(gpus: int, model: ModelSpec) -> list[int]:
     return [t for t in range(1, gpus + 1) if gpus % t == 0 and model.num_heads % t == 0]
 
 
-def weight_room(cm: RooflineCostModel, gpu: GPUSpec, tp: int, first: bool, last: bool, role: str, stages: int = 1,
-                max_seqs: int | None = None, long_tokens: float = 0.0) -> float:
+def weight_room(
+    cm: RooflineCostModel,
+    gpu: GPUSpec,
+    tp: int,
+    first: bool,
+    last: bool,
+    role: str,
+    stages: int = 1,
+    max_seqs: int | None = None,
+    long_tokens: float = 0.0,
+) -> float:
     """Bytes of layer weights a TP group may hold as one stage of a ``stages``-stage chain, beside the
     activations of its role's batches and room for the KV cache: ``KV_RESERVE`` of the rest or, when the
     engine runs at most ``max_seqs`` sequences per batch, what that many requests of ``long_tokens`` per
@@ -66,7 +76,7 @@ def weight_room(cm: RooflineCostModel, gpu: GPUSpec, tp: int, first: bool, last:
     little cache)."""
     max_batch, max_tokens, _ = role_settings(role, stages, max_seqs)
     mem = cm.memory(ServerShape(gpu, tp, (), first=first, last=last), max_tokens, max_batch)
-    room = mem.usable - mem.weights - mem.activations          # weights here: embedding/head only
+    room = mem.usable - mem.weights - mem.activations  # weights here: embedding/head only
     reserve = room * KV_RESERVE
     if max_seqs is not None:
         m = cm.model
@@ -109,8 +119,8 @@ class Template:
     dynamic_w: float
     kv_tokens: int
     settings: tuple[int, int, int]
-    cap: Capacity                          # within the SLOs
-    cap_free: Capacity                     # ignoring SLOs (throughput objective)
+    cap: Capacity  # within the SLOs
+    cap_free: Capacity  # ignoring SLOs (throughput objective)
     kv_bytes_per_token: float = 0.0
     quantised: bool = field(default=False)
     #: How its stages were laid out: "pool" (one pool), "per-pool" (one TP group per pool, across pools) or
@@ -138,8 +148,10 @@ def pools_of(cluster: Cluster) -> list[Pool]:
     groups: dict[tuple, list[str]] = {}
     for node in cluster.nodes.values():
         groups.setdefault((node.gpu.name, node.count, node.zone), []).append(node.name)
-    return [Pool(f"{g}/{c}x@{z}", cluster.gpus[g], c, z, tuple(sorted(nodes)))
-            for (g, c, z), nodes in sorted(groups.items())]
+    return [
+        Pool(f"{g}/{c}x@{z}", cluster.gpus[g], c, z, tuple(sorted(nodes)))
+        for (g, c, z), nodes in sorted(groups.items())
+    ]
 
 
 def split_even(n: int, parts: int) -> list[tuple[int, int]]:
@@ -155,10 +167,21 @@ def split_even(n: int, parts: int) -> list[tuple[int, int]]:
 class TemplateFactory:
     """Builds templates and their capacities for one cluster, model and workload."""
 
-    def __init__(self, cluster: Cluster, model: ModelSpec, prompt: float, output: float, slo: SLO | None,
-                 quality: float, cost_model: RooflineCostModel | None = None, lane_tokens: float | None = None,
-                 precisions: tuple[str, ...] = ("fit", "spread"), output_q: float | None = None,
-                 max_seqs: int | None = None, long_tokens: float | None = None):
+    def __init__(
+        self,
+        cluster: Cluster,
+        model: ModelSpec,
+        prompt: float,
+        output: float,
+        slo: SLO | None,
+        quality: float,
+        cost_model: RooflineCostModel | None = None,
+        lane_tokens: float | None = None,
+        precisions: tuple[str, ...] = ("fit", "spread"),
+        output_q: float | None = None,
+        max_seqs: int | None = None,
+        long_tokens: float | None = None,
+    ):
         self.cluster, self.model = cluster, model
         #: Most sequences the engine runs in one batch (per micro-batch lane); None: the roles' settings.
         #: With a limit, stages keep KV room for that many ``long_tokens`` requests per lane (``weight_room``).
@@ -179,7 +202,9 @@ class TemplateFactory:
         self._count = 0
 
     # ---- precision ------------------------------------------------------------------------------
-    def _bits_for(self, spans: list[tuple[int, int]], caps: list[float], mode: str = "fit") -> list[int] | None:
+    def _bits_for(
+        self, spans: list[tuple[int, int]], caps: list[float], mode: str = "fit"
+    ) -> list[int] | None:
         """Per-layer bits so each span's weights fit its byte cap, removing the least sensitive bits first.
 
         ``fit``: only until every span fits. ``spread``: spend the whole quality budget, every layer to 8 bits
@@ -198,8 +223,11 @@ class TemplateFactory:
                 span_of[l] = k
         weight = [sum(m.layer_weight_bytes(bits[l]) for l in range(a, b)) for a, b in spans]
         steps = ((16, 8), (8, 4))
-        passes = [[(l, hi, lo) for l in order for hi, lo in steps]] if mode == "deep" else \
-            [[(l, hi, lo) for l in order] for hi, lo in steps]
+        passes = (
+            [[(l, hi, lo) for l in order for hi, lo in steps]]
+            if mode == "deep"
+            else [[(l, hi, lo) for l in order] for hi, lo in steps]
+        )
         for moves in passes:
             for l, hi, lo in moves:
                 k = span_of[l]
@@ -251,8 +279,10 @@ class TemplateFactory:
     def _variants(self, pool: Pool, tp: int, spans: list[tuple[int, int]]) -> list[Template]:
         out = []
         for role in ROLES:
-            caps = [self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role, len(spans))
-                    for a, b in spans]
+            caps = [
+                self._weight_cap(pool, tp, a == 0, b == self.model.num_layers, role, len(spans))
+                for a, b in spans
+            ]
             for bits in self._precisions(spans, caps):
                 stages = [Stage(pool, tp, a, b, tuple(bits[a:b])) for a, b in spans]
                 t = self.make(role, stages)
@@ -272,9 +302,11 @@ class TemplateFactory:
             by_vendor.setdefault(p.gpu.vendor, []).append(p)
         seen: set[tuple] = set()
         for vendor_pools in by_vendor.values():
-            windows = [vendor_pools[start:start + length]
-                       for length in range(2, min(max_len, len(vendor_pools)) + 1)
-                       for start in range(0, len(vendor_pools) - length + 1)]
+            windows = [
+                vendor_pools[start : start + length]
+                for length in range(2, min(max_len, len(vendor_pools)) + 1)
+                for start in range(0, len(vendor_pools) - length + 1)
+            ]
             if len(vendor_pools) > max_len:
                 windows.append(vendor_pools)
             for chosen in windows:
@@ -285,7 +317,11 @@ class TemplateFactory:
                     seen.add(key)
                     stage_pools = [p for p, _ in layout]
                     tps = [t for _, t in layout]
-                    kind = "per-pool" if [p.key for p in stage_pools] == [p.key for p in chosen] else "every-server"
+                    kind = (
+                        "per-pool"
+                        if [p.key for p in stage_pools] == [p.key for p in chosen]
+                        else "every-server"
+                    )
                     splits = []
                     for by in ("speed", "memory"):
                         spans = self._balanced_spans(stage_pools, tps, by)
@@ -309,7 +345,7 @@ class TemplateFactory:
         for p in chosen:
             if p.zone not in zones:
                 zones.append(p.zone)
-        grouped = sorted(chosen, key=lambda p: zones.index(p.zone))          # stable: speed order in a zone
+        grouped = sorted(chosen, key=lambda p: zones.index(p.zone))  # stable: speed order in a zone
         limit = min(MAX_CHAIN_STAGES, self.model.num_layers)
         every_node = [(p, self._max_tp(p)) for p in grouped for _ in p.nodes]
         every_gpu = [(p, 1) for p in grouped for _ in range(p.total)]
@@ -318,17 +354,24 @@ class TemplateFactory:
                 out.append(layout)
         return out
 
-    def _balanced_spans(self, pools: list[Pool], tps: list[int], by: str = "speed") -> list[tuple[int, int]] | None:
+    def _balanced_spans(
+        self, pools: list[Pool], tps: list[int], by: str = "speed"
+    ) -> list[tuple[int, int]] | None:
         """Layer counts in proportion to each stage's speed (``by="speed"``: balanced step times) or to its
         memory room (``by="memory"``: balanced KV room, so the chain's KV cache is not bounded by one
         crowded stage), capped by what its memory holds (4-bit at the most), rounded so every stage has
         at least one layer."""
         m = self.model
         L = m.num_layers
-        room = [self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed", len(pools))
-                for i, (p, t) in enumerate(zip(pools, tps))]
-        speed = ([p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)] if by == "speed"
-                 else [max(r, 0.0) for r in room])
+        room = [
+            self._weight_cap(p, t, i == 0, i == len(pools) - 1, "mixed", len(pools))
+            for i, (p, t) in enumerate(zip(pools, tps))
+        ]
+        speed = (
+            [p.gpu.memory_bw_gb_per_s * t for p, t in zip(pools, tps)]
+            if by == "speed"
+            else [max(r, 0.0) for r in room]
+        )
         cap_layers = [int(r // m.layer_weight_bytes(4)) for r in room]
         if sum(cap_layers) < L or min(cap_layers) < 1:
             return None
@@ -362,8 +405,10 @@ class TemplateFactory:
     def _variants_multi(self, pools, tps, spans) -> list[Template]:
         out = []
         for role in ROLES:
-            caps = [self._weight_cap(p, t, a == 0, b == self.model.num_layers, role, len(spans))
-                    for p, t, (a, b) in zip(pools, tps, spans)]
+            caps = [
+                self._weight_cap(p, t, a == 0, b == self.model.num_layers, role, len(spans))
+                for p, t, (a, b) in zip(pools, tps, spans)
+            ]
             for bits in self._precisions(spans, caps):
                 stages = [Stage(p, t, a, b, tuple(bits[a:b])) for p, t, (a, b) in zip(pools, tps, spans)]
                 tpl = self.make(role, stages)
@@ -375,8 +420,10 @@ class TemplateFactory:
     def make(self, role: str, stages: list[Stage]) -> Template | None:
         m, cm = self.model, self.cm
         max_batch, max_tokens, _ = role_settings(role, len(stages), self.max_seqs)
-        shapes = [ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers)
-                  for s in stages]
+        shapes = [
+            ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers)
+            for s in stages
+        ]
         kv = math.inf
         for shape in shapes:
             mem = cm.memory(shape, max_tokens, max_batch)
@@ -385,8 +432,8 @@ class TemplateFactory:
             kv = min(kv, mem.kv_capacity_tokens)
         if kv < self.prompt + self.output:
             return None
-        lanes = len(stages)                     # micro-batches in flight: one per stage keeps every stage busy
-        if self.lane_tokens is not None:        # ... unless a lane's share of the cache cannot hold a request
+        lanes = len(stages)  # micro-batches in flight: one per stage keeps every stage busy
+        if self.lane_tokens is not None:  # ... unless a lane's share of the cache cannot hold a request
             lanes = min(lanes, int(kv // self.lane_tokens))
             if lanes < 1:
                 return None
@@ -398,13 +445,20 @@ class TemplateFactory:
                 link = self.cluster.nodes[a.pool.nodes[0]].intra_link
             else:
                 na = a.pool.nodes[0]
-                nb = b.pool.nodes[0] if b.pool is not a.pool else (b.pool.nodes[1] if len(b.pool.nodes) > 1
-                                                                   else b.pool.nodes[0])
+                nb = (
+                    b.pool.nodes[0]
+                    if b.pool is not a.pool
+                    else (b.pool.nodes[1] if len(b.pool.nodes) > 1 else b.pool.nodes[0])
+                )
                 link = self.cluster.link(na, nb)
             hops.append(link)
         act = m.hidden_size * 2.0
-        ch = ChainTiming([cm.timer(s) for s in shapes], [h.latency for h in hops],
-                         [act / h.bandwidth for h in hops], micro_batches=lanes)
+        ch = ChainTiming(
+            [cm.timer(s) for s in shapes],
+            [h.latency for h in hops],
+            [act / h.bandwidth for h in hops],
+            micro_batches=lanes,
+        )
         kv_bytes = m.kv_bytes_per_token(2)
         if role == "prefill":
             net = self.cluster.spec.network.gbit_per_s * 1e9 / 8
@@ -416,8 +470,9 @@ class TemplateFactory:
             free = decode_capacity(ch, self.prompt, self.output, None, max_batch, kv)
         else:
             chunk = settings[2]
-            cap = mixed_capacity(ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv, chunk,
-                                 self.output_q)
+            cap = mixed_capacity(
+                ch, self.prompt, self.output, self.slo, max_batch, max_tokens, kv, chunk, self.output_q
+            )
             free = mixed_capacity(ch, self.prompt, self.output, None, max_batch, max_tokens, kv, chunk)
         if free.rate <= 0:
             return None
@@ -428,8 +483,22 @@ class TemplateFactory:
         price = sum(s.pool.gpu.price_per_hour * s.tp for s in stages)
         idle = sum(s.pool.gpu.idle_watts * s.tp for s in stages)
         dyn = sum((s.pool.gpu.tdp_w - s.pool.gpu.idle_watts) * s.tp for s in stages) / len(stages)
-        return Template(f"t{self._count}", role, stages, lanes, gpus, price, idle, dyn, int(kv), settings,
-                        cap, free, kv_bytes, any(b < 16 for s in stages for b in s.bits))
+        return Template(
+            f"t{self._count}",
+            role,
+            stages,
+            lanes,
+            gpus,
+            price,
+            idle,
+            dyn,
+            int(kv),
+            settings,
+            cap,
+            free,
+            kv_bytes,
+            any(b < 16 for s in stages for b in s.bits),
+        )
 
     def all(self) -> list[Template]:
         pools = pools_of(self.cluster)

@@ -1,9 +1,11 @@
 """Terminal tables (rich) and JSON output shared by the CLI verbs."""
+
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table

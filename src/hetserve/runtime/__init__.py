@@ -3,14 +3,18 @@
 Exports load lazily so that ``hetserve.runtime.generate`` can be imported (and report a missing
 PyTorch clearly) on installs without the engine extra.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "EngineConfig": ".engine", "LLMEngine": ".engine", "RequestOutput": ".engine",
-    "SamplingParams": ".sampling", "run_generate": ".generate",
+    "EngineConfig": ".engine",
+    "LLMEngine": ".engine",
+    "RequestOutput": ".engine",
+    "SamplingParams": ".sampling",
+    "run_generate": ".generate",
 }
 __all__ = sorted(_EXPORTS)
 

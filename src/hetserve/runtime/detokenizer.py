@@ -5,6 +5,7 @@ tokenizers that drop a leading space at the start of a decode. So each step deco
 the tokens already released plus the new ones, and emits only what extends the released text. A delta
 ending in an incomplete UTF-8 character (U+FFFD) is held back until the next token completes it.
 """
+
 from __future__ import annotations
 
 from .model.tokenizer import Tokenizer
@@ -16,8 +17,8 @@ class IncrementalDecoder:
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
-        self._window_start = 0   # first id of the decode window (context for the next delta)
-        self._released = 0       # ids before this index are reflected in ``text``
+        self._window_start = 0  # first id of the decode window (context for the next delta)
+        self._released = 0  # ids before this index are reflected in ``text``
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -34,11 +35,11 @@ class IncrementalDecoder:
     def _advance(self, final: bool) -> str:
         if self._released == len(self.ids):
             return ""
-        context = self._decode(self.ids[self._window_start:self._released])
-        window = self._decode(self.ids[self._window_start:])
+        context = self._decode(self.ids[self._window_start : self._released])
+        window = self._decode(self.ids[self._window_start :])
         if not final and (len(window) <= len(context) or window.endswith("\ufffd")):
             return ""
-        delta = window[len(context):]
+        delta = window[len(context) :]
         self._window_start, self._released = self._released, len(self.ids)
         self.text += delta
         return delta

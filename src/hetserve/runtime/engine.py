@@ -4,11 +4,13 @@
 ``Scheduler`` and the tokenizer. ``step()`` = schedule a batch, run it, sample one token for every
 sequence that reached the end of its known tokens, apply stop conditions, advance the scheduler.
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal, Sequence as Seq
+from typing import Literal
 
 import torch
 
@@ -25,30 +27,30 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass
 class EngineConfig:
-    dtype: str = "float32"                  # used when the engine loads the model itself
+    dtype: str = "float32"  # used when the engine loads the model itself
     block_size: int = 16
-    num_kv_blocks: int | None = None        # None: as many as kv_cache_gb holds
+    num_kv_blocks: int | None = None  # None: as many as kv_cache_gb holds
     kv_cache_gb: float = 0.5
     max_num_seqs: int = 32
     max_num_batched_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
-    prefill_chunk_size: int | None = None   # None: whole prompts
+    prefill_chunk_size: int | None = None  # None: whole prompts
     policy: Literal["decode_first", "prefill_first"] = "decode_first"
     enable_prefix_caching: bool = True
-    max_model_len: int | None = None        # None: the model's max positions
-    seed: int = 0                           # random stream for requests without their own seed
+    max_model_len: int | None = None  # None: the model's max positions
+    seed: int = 0  # random stream for requests without their own seed
 
 
 @dataclass
 class RequestOutput:
     request_id: int
-    prompt_token_ids: list[int]             # shared with the engine: do not modify
-    token_ids: list[int]                    # everything generated so far
+    prompt_token_ids: list[int]  # shared with the engine: do not modify
+    token_ids: list[int]  # everything generated so far
     text: str
-    new_token_ids: list[int] = field(default_factory=list)   # produced by this step
+    new_token_ids: list[int] = field(default_factory=list)  # produced by this step
     new_text: str = ""
     finished: bool = False
     finish_reason: FinishReason | None = None
-    error: str | None = None                # the request failed (no instance could serve it)
+    error: str | None = None  # the request failed (no instance could serve it)
 
 
 @dataclass
@@ -124,26 +126,35 @@ def prompt_token_ids(prompt: str | Seq[int], tokenizer, vocab_size: int, max_mod
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None = None,
-                 config: EngineConfig | None = None):
+    def __init__(
+        self, model: LlamaModel, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None
+    ):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30) //
-                                                 ModelRunner.kv_bytes_per_block(model, config.block_size))
+        num_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_gb * 2**30) // ModelRunner.kv_bytes_per_block(model, config.block_size)
+        )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         budget = config.max_num_batched_tokens or (2048 if config.prefill_chunk_size else self.max_model_len)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
-                            prefill_chunk_size=config.prefill_chunk_size, policy=config.policy),
-            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching))
-        self.eos_token_ids = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=budget,
+                prefill_chunk_size=config.prefill_chunk_size,
+                policy=config.policy,
+            ),
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        )
+        self.eos_token_ids = set(model.config.eos_token_ids) | set(
+            tokenizer.eos_token_ids if tokenizer else ()
+        )
         self._generator = torch.Generator().manual_seed(config.seed)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
 
     @classmethod
-    def from_model(cls, model: str, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_model(cls, model: str, config: EngineConfig | None = None) -> LLMEngine:
         """Load ``model`` (a GGUF file, a Hugging Face directory or a known name) and wrap it."""
         config = config or EngineConfig()
         net, tokenizer = load_model(model, dtype=parse_dtype(config.dtype))
@@ -159,7 +170,7 @@ class LLMEngine:
         request_id = next(self._ids)
         seq = Sequence(request_id, len(ids), max_tokens, token_ids=ids)
         self.scheduler.add(seq)
-        generator = (torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer else None
         self._requests[request_id] = _Request(seq, ids, params, generator, decoder)
         return request_id
@@ -177,8 +188,14 @@ class LLMEngine:
 
     def load(self) -> EngineLoad:
         s = self.scheduler
-        return EngineLoad(len(s.waiting), len(s.running), s.blocks.num_used_blocks, s.blocks.num_blocks,
-                          s.stats.steps, s.stats.prefix_hit_tokens)
+        return EngineLoad(
+            len(s.waiting),
+            len(s.running),
+            s.blocks.num_used_blocks,
+            s.blocks.num_blocks,
+            s.stats.steps,
+            s.stats.prefix_hit_tokens,
+        )
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -207,13 +224,26 @@ class LLMEngine:
                 if req.finish_reason == "length":
                     deltas[seq.seq_id] += req.finish_text()
                 del self._requests[seq.seq_id]
-            outputs.append(RequestOutput(seq.seq_id, req.prompt_token_ids, seq.output_token_ids, req.text,
-                                         [token], deltas[seq.seq_id], seq.is_finished, req.finish_reason))
+            outputs.append(
+                RequestOutput(
+                    seq.seq_id,
+                    req.prompt_token_ids,
+                    seq.output_token_ids,
+                    req.text,
+                    [token],
+                    deltas[seq.seq_id],
+                    seq.is_finished,
+                    req.finish_reason,
+                )
+            )
         return outputs
 
     # ---- convenience --------------------------------------------------------------------------
-    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Seq[int] | Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Run ``prompts`` (a prompt, or a list of text / token-id prompts) to completion, together."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

@@ -22,10 +22,12 @@ receiver converts it to its own dtype, layout, block size and heads (``install_k
 and the receiver, in the same order, ``recv_kv_layer(route.num_heads, ...)`` then ``install_kv`` into
 ``select_heads(cache, layout, route.dst_heads)`` of its layer's caches.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -42,19 +44,34 @@ def _check_layout(layout: str) -> None:
 
 # ---- storage ------------------------------------------------------------------------------------
 
-def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       layout: KVLayout = "token-major") -> list[tuple[Tensor, Tensor]]:
+
+def allocate_kv_caches(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    layout: KVLayout = "token-major",
+) -> list[tuple[Tensor, Tensor]]:
     """Zeroed (K, V) caches, one pair per layer, each ``[num_blocks, *block shape of layout]``."""
     _check_layout(layout)
-    block = (block_size, num_kv_heads, head_dim) if layout == "token-major" else (num_kv_heads, block_size, head_dim)
+    block = (
+        (block_size, num_kv_heads, head_dim)
+        if layout == "token-major"
+        else (num_kv_heads, block_size, head_dim)
+    )
     shape = (num_blocks, *block)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)]
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(num_layers)
+    ]
 
 
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
+def kv_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
     """Bytes one block takes over all layers, K and V (the same in both layouts)."""
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
@@ -76,20 +93,24 @@ def _blocks(block_table: Sequence[int], num_tokens: int, block_size: int, device
     """The ids of the blocks holding a sequence's first ``num_tokens`` tokens."""
     needed = -(-num_tokens // block_size)
     if len(block_table) < needed:
-        raise ValueError(f"{num_tokens} tokens need {needed} blocks of {block_size}; the block table has "
-                         f"{len(block_table)}")
+        raise ValueError(
+            f"{num_tokens} tokens need {needed} blocks of {block_size}; the block table has "
+            f"{len(block_table)}"
+        )
     return torch.tensor(list(block_table[:needed]), dtype=torch.long, device=device)
 
 
 def _to_canonical(cache: Tensor, layout: KVLayout, blocks: Tensor, num_tokens: int) -> Tensor:
     """Gather whole blocks (a fast row copy), then lay their tokens out head-major in one more copy."""
-    gathered = token_major_view(cache.index_select(0, blocks), layout)    # [n, block_size, heads, head_dim]
+    gathered = token_major_view(cache.index_select(0, blocks), layout)  # [n, block_size, heads, head_dim]
     _, block_size, heads, head_dim = gathered.shape
     out = torch.empty((heads, num_tokens, head_dim), dtype=cache.dtype, device=cache.device)
     full, rest = divmod(num_tokens, block_size)
-    out[:, :full * block_size].view(heads, full, block_size, head_dim).copy_(gathered[:full].permute(2, 0, 1, 3))
+    out[:, : full * block_size].view(heads, full, block_size, head_dim).copy_(
+        gathered[:full].permute(2, 0, 1, 3)
+    )
     if rest:
-        out[:, full * block_size:].copy_(gathered[full, :rest].transpose(0, 1))
+        out[:, full * block_size :].copy_(gathered[full, :rest].transpose(0, 1))
     return out
 
 
@@ -100,27 +121,37 @@ def _from_canonical(cache: Tensor, layout: KVLayout, blocks: Tensor, src: Tensor
     block_size = cache.shape[1] if layout == "token-major" else cache.shape[2]
     full, rest = divmod(num_tokens, block_size)
     if full:
-        split = src[:, :full * block_size].reshape(heads, full, block_size, head_dim)
+        split = src[:, : full * block_size].reshape(heads, full, block_size, head_dim)
         split = split.permute(1, 2, 0, 3) if layout == "token-major" else split.transpose(0, 1)
         cache.index_copy_(0, blocks[:full], split.to(cache.dtype, memory_format=torch.contiguous_format))
     if rest:
-        last = token_major_view(cache, layout)[int(blocks[full])]            # [block_size, heads, head_dim]
-        last[:rest].copy_(src[:, full * block_size:].transpose(0, 1))
+        last = token_major_view(cache, layout)[int(blocks[full])]  # [block_size, heads, head_dim]
+        last[:rest].copy_(src[:, full * block_size :].transpose(0, 1))
 
 
-def extract_kv(k_cache: Tensor, v_cache: Tensor, layout: KVLayout, block_table: Sequence[int],
-               num_tokens: int) -> tuple[Tensor, Tensor]:
+def extract_kv(
+    k_cache: Tensor, v_cache: Tensor, layout: KVLayout, block_table: Sequence[int], num_tokens: int
+) -> tuple[Tensor, Tensor]:
     """A sequence's first ``num_tokens`` tokens as canonical contiguous ``[kv_heads, num_tokens, head_dim]``
     K and V, in the cache's dtype. The caches may be head slices (``select_heads``) to extract only those heads."""
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} differ")
     block_size = token_major_view(k_cache, layout).shape[1]
     blocks = _blocks(block_table, num_tokens, block_size, k_cache.device)
-    return _to_canonical(k_cache, layout, blocks, num_tokens), _to_canonical(v_cache, layout, blocks, num_tokens)
+    return _to_canonical(k_cache, layout, blocks, num_tokens), _to_canonical(
+        v_cache, layout, blocks, num_tokens
+    )
 
 
-def install_kv(k_cache: Tensor, v_cache: Tensor, layout: KVLayout, block_table: Sequence[int], k: Tensor,
-               v: Tensor, head_start: int = 0) -> None:
+def install_kv(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layout: KVLayout,
+    block_table: Sequence[int],
+    k: Tensor,
+    v: Tensor,
+    head_start: int = 0,
+) -> None:
     """Write canonical ``[heads, T, head_dim]`` K and V (any dtype: converted to the cache's) as tokens
     ``[0, T)`` of the sequence whose blocks are ``block_table``.
 
@@ -139,10 +170,11 @@ def install_kv(k_cache: Tensor, v_cache: Tensor, layout: KVLayout, block_table: 
         raise ValueError(f"heads [{head_start}, {head_start + heads}) are not within the {k.shape[0]} sent")
     blocks = _blocks(block_table, k.shape[1], block_size, k_cache.device)
     for src, cache in ((k, k_cache), (v, v_cache)):
-        _from_canonical(cache, layout, blocks, src[head_start:head_start + heads].to(cache.device))
+        _from_canonical(cache, layout, blocks, src[head_start : head_start + heads].to(cache.device))
 
 
 # ---- planning ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class KVShard:
@@ -204,11 +236,14 @@ def plan_kv_transfer(sources: Sequence[KVShard], destinations: Sequence[KVShard]
     routes: list[KVRoute] = []
     for dst in destinations:
         # owner of each (layer, head) of dst, then each source's cells as rectangles
-        cells: dict[int, dict[int, list[int]]] = {}   # src index -> layer -> heads
+        cells: dict[int, dict[int, list[int]]] = {}  # src index -> layer -> heads
         for layer in range(*dst.layers):
             for head in range(*dst.kv_heads):
-                holders = [i for i, s in enumerate(sources)
-                           if s.layers[0] <= layer < s.layers[1] and s.kv_heads[0] <= head < s.kv_heads[1]]
+                holders = [
+                    i
+                    for i, s in enumerate(sources)
+                    if s.layers[0] <= layer < s.layers[1] and s.kv_heads[0] <= head < s.kv_heads[1]
+                ]
                 if not holders:
                     raise ValueError(f"rank {dst.rank} needs layer {layer} head {head}; no source holds it")
                 owner = min(holders, key=lambda i: (sources[i].rank, i))
@@ -235,8 +270,10 @@ def layer_messages(routes: Sequence[KVRoute]) -> list[tuple[int, KVRoute]]:
 
 # ---- point-to-point --------------------------------------------------------------------------------
 
-def send_kv_layer(k: Tensor, v: Tensor, dst: int, group: dist.ProcessGroup | None = None,
-                  tag: int = 0) -> list[dist.Work]:
+
+def send_kv_layer(
+    k: Tensor, v: Tensor, dst: int, group: dist.ProcessGroup | None = None, tag: int = 0
+) -> list[dist.Work]:
     """Start sending one layer's canonical K and V to global rank ``dst`` as one ``[2, heads, tokens,
     head_dim]`` message. Keep the returned handles (they hold the tensor) until waited."""
     if k.shape != v.shape or k.dtype != v.dtype:
@@ -245,8 +282,15 @@ def send_kv_layer(k: Tensor, v: Tensor, dst: int, group: dist.ProcessGroup | Non
     return [work] if work is not None else []
 
 
-def recv_kv_layer(num_heads: int, num_tokens: int, head_dim: int, dtype: torch.dtype, src: int,
-                  group: dist.ProcessGroup | None = None, tag: int = 0) -> tuple[Tensor, Tensor]:
+def recv_kv_layer(
+    num_heads: int,
+    num_tokens: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    src: int,
+    group: dist.ProcessGroup | None = None,
+    tag: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Receive one layer's canonical K and V (``dtype`` = the sender's) from global rank ``src``; both
     ends know the shape from the route, so nothing but the data is sent."""
     buf = torch.empty((2, num_heads, num_tokens, head_dim), dtype=dtype)

@@ -7,9 +7,10 @@ The runner also keeps a dense copy of the decoding sequences' K/V (``DecodeKV``)
 reads each sequence's keys and values in place rather than gathering its blocks in every layer of every
 step; the paged cache stays the source of truth.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -38,14 +39,21 @@ class DecodeKV:
     that needs more runs without it (decodes gather from the paged cache).
     """
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, max_bytes: int):
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_bytes: int,
+    ):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device, self.max_bytes = dtype, device, max_bytes
-        self.buf: Tensor | None = None           # [layers, 2, rows, kv_heads, capacity, head_dim]
-        self.seqs: list[Seq | None] = []         # the sequence in each row
-        self.lengths: list[int] = []             # tokens each row holds
-        self.pending = False                     # rows assigned for a step whose writes are not confirmed
+        self.buf: Tensor | None = None  # [layers, 2, rows, kv_heads, capacity, head_dim]
+        self.seqs: list[Seq | None] = []  # the sequence in each row
+        self.lengths: list[int] = []  # tokens each row holds
+        self.pending = False  # rows assigned for a step whose writes are not confirmed
         self._bytes_per_slot = num_layers * 2 * kv_heads * head_dim * dtype.itemsize
 
     @property
@@ -79,17 +87,25 @@ class DecodeKV:
                 capacity = max(width, capacity - 64)
         if not self._fits(rows, capacity):
             return False
-        buf = torch.zeros((self.num_layers, 2, rows, self.kv_heads, capacity, self.head_dim), dtype=self.dtype,
-                          device=self.device)
+        buf = torch.zeros(
+            (self.num_layers, 2, rows, self.kv_heads, capacity, self.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
         if self.buf is not None:
-            buf[:, :, :self.rows, :, :self.capacity] = self.buf
+            buf[:, :, : self.rows, :, : self.capacity] = self.buf
         self.buf = buf
         self.seqs += [None] * (rows - len(self.seqs))
         self.lengths += [0] * (rows - len(self.lengths))
         return True
 
-    def assign(self, decodes: list[ScheduledSeq], width: int, kv_caches: Sequence[tuple[Tensor, Tensor]],
-               block_size: int) -> bool:
+    def assign(
+        self,
+        decodes: list[ScheduledSeq],
+        width: int,
+        kv_caches: Sequence[tuple[Tensor, Tensor]],
+        block_size: int,
+    ) -> bool:
         """Put decode ``i`` in row ``i``, holding its tokens ``[0, start)``: a row kept from the previous
         step stays or moves, any other is loaded from the paged cache. False (after dropping every row)
         when the decodes do not fit in ``max_bytes``.
@@ -104,15 +120,15 @@ class DecodeKV:
             self.reset()
             return False
         row_of = {id(s): r for r, s in enumerate(self.seqs) if s is not None}
-        moves: list[tuple[int, int]] = []   # (from, to)
-        load: list[int] = []                # decodes filled from the paged cache
+        moves: list[tuple[int, int]] = []  # (from, to)
+        load: list[int] = []  # decodes filled from the paged cache
         for i, it in enumerate(decodes):
             r = row_of.get(id(it.seq))
             if r is None or self.lengths[r] != it.start:
                 load.append(i)
             elif r != i:
                 moves.append((r, i))
-        if moves:   # one gather then one scatter: a row may move to where another moves from
+        if moves:  # one gather then one scatter: a row may move to where another moves from
             src = torch.tensor([a for a, _ in moves], device=self.device)
             dst = torch.tensor([b for _, b in moves], device=self.device)
             used = self.buf[:, :, :, :, :width]
@@ -124,14 +140,22 @@ class DecodeKV:
         self.pending = True
         return True
 
-    def _load(self, items: list[ScheduledSeq], rows: list[int], kv_caches: Sequence[tuple[Tensor, Tensor]],
-              block_size: int) -> None:
+    def _load(
+        self,
+        items: list[ScheduledSeq],
+        rows: list[int],
+        kv_caches: Sequence[tuple[Tensor, Tensor]],
+        block_size: int,
+    ) -> None:
         """Copy the cached tokens ``[0, start)`` of ``items`` from the paged cache into ``rows``."""
         blocks = max(-(-it.start // block_size) for it in items)
         if blocks == 0:
             return
-        table = torch.tensor([_padded_table(it.seq.block_table, -(-it.start // block_size), blocks) for it in items],
-                             dtype=torch.long, device=self.device).view(-1)
+        table = torch.tensor(
+            [_padded_table(it.seq.block_table, -(-it.start // block_size), blocks) for it in items],
+            dtype=torch.long,
+            device=self.device,
+        ).view(-1)
         index = torch.tensor(rows, device=self.device)
         span = blocks * block_size
         for i, (k_cache, v_cache, *_) in enumerate(kv_caches):
@@ -157,22 +181,45 @@ class ModelRunner:
     still correct (the decodes then gather from the paged cache) and the copy is reloaded at the next step.
     """
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, kv_layout: KVLayout = "token-major"):
+    def __init__(
+        self, model: LlamaModel, num_blocks: int, block_size: int, kv_layout: KVLayout = "token-major"
+    ):
         if not (model.is_first and model.is_last):
             raise ValueError("ModelRunner drives a whole model; this one holds only some layers")
-        self.model, self.num_blocks, self.block_size, self.kv_layout = model, num_blocks, block_size, kv_layout
-        self.kv_storage = allocate_kv_caches(len(model.layers), num_blocks, block_size, _local_kv_heads(model),
-                                             model.config.head_dim, model.dtype, model.device, kv_layout)
-        self.kv_caches = [(token_major_view(k, kv_layout), token_major_view(v, kv_layout))
-                          for k, v in self.kv_storage]
-        self.decode_kv = DecodeKV(len(model.layers), _local_kv_heads(model), model.config.head_dim, model.dtype,
-                                  model.device, num_blocks * self.kv_bytes_per_block(model, block_size) // 2)
-        self._layer_kv: list[tuple[Tensor, Tensor, Tensor]] = []   # kv_caches with the copy, per layer
+        self.model, self.num_blocks, self.block_size, self.kv_layout = (
+            model,
+            num_blocks,
+            block_size,
+            kv_layout,
+        )
+        self.kv_storage = allocate_kv_caches(
+            len(model.layers),
+            num_blocks,
+            block_size,
+            _local_kv_heads(model),
+            model.config.head_dim,
+            model.dtype,
+            model.device,
+            kv_layout,
+        )
+        self.kv_caches = [
+            (token_major_view(k, kv_layout), token_major_view(v, kv_layout)) for k, v in self.kv_storage
+        ]
+        self.decode_kv = DecodeKV(
+            len(model.layers),
+            _local_kv_heads(model),
+            model.config.head_dim,
+            model.dtype,
+            model.device,
+            num_blocks * self.kv_bytes_per_block(model, block_size) // 2,
+        )
+        self._layer_kv: list[tuple[Tensor, Tensor, Tensor]] = []  # kv_caches with the copy, per layer
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaModel, block_size: int) -> int:
-        return kv_bytes_per_block(len(model.layers), block_size, _local_kv_heads(model), model.config.head_dim,
-                                  model.dtype)
+        return kv_bytes_per_block(
+            len(model.layers), block_size, _local_kv_heads(model), model.config.head_dim, model.dtype
+        )
 
     def prepare(self, items: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, list[int]]:
         """Token ids, positions, attention metadata, and the row of each sampling item (item order).
@@ -180,8 +227,9 @@ class ModelRunner:
         ``decode_kv_index`` is set when the decodes use the dense copy (their block tables are there too,
         for a pass over ``kv_caches`` alone).
         """
-        ids, positions, meta, sample_rows = prepare_batch(items, self.block_size, self.model.device,
-                                                          strided=not self.kv_caches[0][0].is_contiguous())
+        ids, positions, meta, sample_rows = prepare_batch(
+            items, self.block_size, self.model.device, strided=not self.kv_caches[0][0].is_contiguous()
+        )
         decodes = [it for it in items if it.num_tokens == 1]
         if not decodes:
             self.decode_kv.reset()
@@ -208,8 +256,13 @@ class ModelRunner:
         return self._layer_kv
 
 
-def prepare_batch(items: list[ScheduledSeq], block_size: int, device: torch.device | str = "cpu",
-                  block_offset: int = 0, strided: bool = False) -> tuple[Tensor, Tensor, AttentionMetadata, list[int]]:
+def prepare_batch(
+    items: list[ScheduledSeq],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    block_offset: int = 0,
+    strided: bool = False,
+) -> tuple[Tensor, Tensor, AttentionMetadata, list[int]]:
     """Token ids, positions, attention metadata, and the row of each sampling item (item order).
 
     ``block_offset`` is added to every block id (a scheduler lane owning blocks from there on);
@@ -220,14 +273,19 @@ def prepare_batch(items: list[ScheduledSeq], block_size: int, device: torch.devi
     spans = [it for it in items if it.num_tokens > 1]
     ids = [it.seq.token_ids[it.start] for it in decodes]
     positions = [it.start for it in decodes]
-    slots = [torch.tensor([(it.seq.block_table[it.start // bs] + block_offset) * bs + it.start % bs
-                           for it in decodes], dtype=torch.long)]
+    slots = [
+        torch.tensor(
+            [(it.seq.block_table[it.start // bs] + block_offset) * bs + it.start % bs for it in decodes],
+            dtype=torch.long,
+        )
+    ]
     row_of = {id(it): row for row, it in enumerate(decodes)}
     decode_tables = decode_mask = None
     if decodes:
         width = max(-(-it.end // bs) for it in decodes)
-        decode_tables = torch.tensor([_padded_table(it.seq.block_table, -(-it.end // bs), width) for it in decodes],
-                                     dtype=torch.long)
+        decode_tables = torch.tensor(
+            [_padded_table(it.seq.block_table, -(-it.end // bs), width) for it in decodes], dtype=torch.long
+        )
         if block_offset:
             decode_tables += block_offset
         lengths = torch.tensor([it.end for it in decodes])
@@ -236,10 +294,10 @@ def prepare_batch(items: list[ScheduledSeq], block_size: int, device: torch.devi
     prefills = []
     row = len(decodes)
     for it in spans:
-        table = torch.tensor(it.seq.block_table[:-(-it.end // bs)], dtype=torch.long) + block_offset
+        table = torch.tensor(it.seq.block_table[: -(-it.end // bs)], dtype=torch.long) + block_offset
         pos = torch.arange(it.start, it.end)
         slots.append(table[pos // bs] * bs + pos % bs)
-        ids.extend(it.seq.token_ids[it.start:it.end])
+        ids.extend(it.seq.token_ids[it.start : it.end])
         positions.extend(range(it.start, it.end))
         span = PrefillSpan(row, row + it.num_tokens, it.end)
         if span.continues:
@@ -248,12 +306,18 @@ def prepare_batch(items: list[ScheduledSeq], block_size: int, device: torch.devi
         prefills.append(span)
         row += it.num_tokens
         row_of[id(it)] = row - 1
-    meta = AttentionMetadata(torch.cat(slots).to(device), len(decodes), decode_tables, decode_mask, tuple(prefills))
+    meta = AttentionMetadata(
+        torch.cat(slots).to(device), len(decodes), decode_tables, decode_mask, tuple(prefills)
+    )
     if strided:
         meta.slot_blocks, meta.slot_offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
     sample_rows = [row_of[id(it)] for it in items if it.samples]
-    return (torch.tensor(ids, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device), meta, sample_rows)
+    return (
+        torch.tensor(ids, dtype=torch.long, device=device),
+        torch.tensor(positions, dtype=torch.long, device=device),
+        meta,
+        sample_rows,
+    )
 
 
 def _padded_table(table: list[int], used: int, width: int) -> list[int]:

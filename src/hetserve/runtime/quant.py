@@ -20,10 +20,11 @@ within ``s / 2`` of its dequantised value. The forward pass dequantises the weig
 scratch buffer shared by all quantised layers of the thread and multiplies in the activations' dtype,
 so only the packed weights stay resident.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,13 @@ from ..errors import HetserveError
 
 SUPPORTED_BITS = (16, 8, 4)
 GROUP_SIZES = (64, 128)
-_PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
-_FP16_MIN_NORMAL = 2.0 ** -14
+_PROJECTIONS = (
+    ("self_attn", "qkv_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_up_proj"),
+    ("mlp", "down_proj"),
+)
+_FP16_MIN_NORMAL = 2.0**-14
 _NIBBLES = 0x0F0F0F0F
 
 
@@ -44,7 +50,7 @@ class QuantGroupError(HetserveError, ValueError):
 
 def _scale_up(s: Tensor) -> Tensor:
     """float16 scales >= ``s`` (so no quantised value overflows its range), at least fp16's smallest normal."""
-    s = torch.clamp(s * (1 + 2.0 ** -10), min=_FP16_MIN_NORMAL)
+    s = torch.clamp(s * (1 + 2.0**-10), min=_FP16_MIN_NORMAL)
     s16 = s.to(torch.float16)
     low = s16.float() < s
     if low.any():  # round-to-nearest went down: step to the next float16 up
@@ -54,7 +60,7 @@ def _scale_up(s: Tensor) -> Tensor:
 
 def _offset_down(m: Tensor) -> Tensor:
     """float16 offsets <= ``m``."""
-    m16 = (m - m.abs() * 2.0 ** -10).to(torch.float16)
+    m16 = (m - m.abs() * 2.0**-10).to(torch.float16)
     high = m16.float() > m
     if high.any():
         m16[high] = torch.nextafter(m16[high], torch.tensor(float("-inf"), dtype=torch.float16))
@@ -91,7 +97,11 @@ def _int4_ranges(groups: Tensor, search: bool, rows: int = 1024) -> tuple[Tensor
                     b = high if end == "low" else high - span * t
                     o, s, e = _int4_fit(g, a, b)
                     better = e < err
-                    offset, scale, err = torch.where(better, o, offset), torch.where(better, s, scale), torch.minimum(e, err)
+                    offset, scale, err = (
+                        torch.where(better, o, offset),
+                        torch.where(better, s, scale),
+                        torch.minimum(e, err),
+                    )
                     if end == "low":
                         low = torch.where(better, a, low)
                     else:
@@ -113,7 +123,9 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach()
         out_features, in_features = w.shape
         if in_features % group_size:
-            raise ValueError(f"{in_features} input features are not a multiple of the group size {group_size}")
+            raise ValueError(
+                f"{in_features} input features are not a multiple of the group size {group_size}"
+            )
         self.bits, self.group_size = bits, group_size
         self.in_features, self.out_features = in_features, out_features
         self.dtype = w.dtype
@@ -131,11 +143,14 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", (q[..., :half] | (q[..., half:] << 4)).contiguous())
             self.register_buffer("offset", offset)
         self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        )
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bits: int, group_size: int = 64, bias: Tensor | None = None,
-                    search: bool = True) -> "QuantLinear":
+    def from_weight(
+        cls, weight: Tensor, bits: int, group_size: int = 64, bias: Tensor | None = None, search: bool = True
+    ) -> QuantLinear:
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
@@ -145,7 +160,9 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes held for the weight (packed values, scales, offsets; not the bias)."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None)
+        return sum(
+            t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None
+        )
 
     def dequantize(self, out: Tensor | None = None) -> Tensor:
         """The weight [out_features, in_features] in ``self.dtype`` (written into ``out`` if given)."""
@@ -159,8 +176,8 @@ class QuantLinear(nn.Module):
             return out
         # Unpack four bytes at a time: int32 views, nibbles masked with 0x0F0F0F0F.
         nibbles = _scratch(n * k, torch.uint8, out.device, slot=1).view(n, k // g, 2, g // 2)
-        packed = self.qweight.view(torch.int32)                       # [n, k/g, g/8]
-        wide = nibbles.view(torch.int32)                              # [n, k/g, 2, g/8]
+        packed = self.qweight.view(torch.int32)  # [n, k/g, g/8]
+        wide = nibbles.view(torch.int32)  # [n, k/g, 2, g/8]
         torch.bitwise_and(packed, _NIBBLES, out=wide[:, :, 0])
         torch.bitwise_right_shift(packed, 4, out=wide[:, :, 1])
         wide[:, :, 1].bitwise_and_(_NIBBLES)
@@ -169,13 +186,18 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.dequantize(_scratch(self.out_features * self.in_features, self.dtype, x.device)
-                                 .view(self.out_features, self.in_features))
+        weight = self.dequantize(
+            _scratch(self.out_features * self.in_features, self.dtype, x.device).view(
+                self.out_features, self.in_features
+            )
+        )
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
-               f"group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )
 
 
 _local = threading.local()
@@ -196,14 +218,18 @@ def parse_layer_bits(bits: int | Sequence[int], num_layers: int) -> list[int]:
     """One bit-width per layer from a single value or a per-layer list; HetserveError when invalid."""
     per_layer = [bits] * num_layers if isinstance(bits, int) else list(bits)
     if len(per_layer) != num_layers:
-        raise HetserveError(f"bits: {len(per_layer)} values for {num_layers} layers; give one value or one per layer")
+        raise HetserveError(
+            f"bits: {len(per_layer)} values for {num_layers} layers; give one value or one per layer"
+        )
     bad = [b for b in per_layer if b not in SUPPORTED_BITS]
     if bad:
         raise HetserveError(f"bits: {bad[0]} is not supported by the engine; use 16 (model dtype), 8 or 4")
     return per_layer
 
 
-def quantize_model(model: nn.Module, bits: int | Sequence[int], group_size: int = 64, search: bool = True) -> nn.Module:
+def quantize_model(
+    model: nn.Module, bits: int | Sequence[int], group_size: int = 64, search: bool = True
+) -> nn.Module:
     """Quantise ``model``'s decoder layers in place: ``bits`` is one width or one per layer held.
     ``search``: int4 clipping-range search (see ``_int4_ranges``)."""
     if group_size not in GROUP_SIZES:
@@ -222,18 +248,25 @@ def quantize_model(model: nn.Module, bits: int | Sequence[int], group_size: int 
                 raise HetserveError("the model is already quantised; quantise a freshly loaded model")
             if current.in_features % group_size:
                 fits = [g for g in GROUP_SIZES if current.in_features % g == 0]
-                fix = f"use group size {fits[0]}" if fits else \
-                    f"no supported group size {list(GROUP_SIZES)} divides it; keep these layers at 16 bits"
-                raise QuantGroupError(f"{name} has {current.in_features} input features{where}, not a multiple "
-                                      f"of the group size {group_size}; {fix}")
+                fix = (
+                    f"use group size {fits[0]}"
+                    if fits
+                    else f"no supported group size {list(GROUP_SIZES)} divides it; keep these layers at 16 bits"
+                )
+                raise QuantGroupError(
+                    f"{name} has {current.in_features} input features{where}, not a multiple "
+                    f"of the group size {group_size}; {fix}"
+                )
             setattr(parent, name, QuantLinear(current, b, group_size, search))
     return model
 
 
 def layer_bits(model: nn.Module) -> list[int]:
     """The weight precision of each decoder layer (16 for unquantised layers)."""
-    return [layer.mlp.down_proj.bits if isinstance(layer.mlp.down_proj, QuantLinear) else 16
-            for layer in model.layers]
+    return [
+        layer.mlp.down_proj.bits if isinstance(layer.mlp.down_proj, QuantLinear) else 16
+        for layer in model.layers
+    ]
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

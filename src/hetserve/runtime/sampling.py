@@ -1,4 +1,5 @@
 """Sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, per-request seed)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,10 +11,10 @@ from torch import Tensor
 @dataclass
 class SamplingParams:
     max_tokens: int = 64
-    temperature: float = 0.0           # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0                     # 0 = no limit
-    seed: int | None = None            # per-request random stream; None = the engine's
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None  # per-request random stream; None = the engine's
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -44,12 +45,17 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     if rows:
         sub = logits[rows]
         temps = torch.tensor([params[i].temperature for i in rows], dtype=sub.dtype, device=sub.device)
-        sub = _filter_top_k_top_p(sub / temps[:, None], [params[i].top_k for i in rows],
-                                  [params[i].top_p for i in rows])
+        sub = _filter_top_k_top_p(
+            sub / temps[:, None], [params[i].top_k for i in rows], [params[i].top_p for i in rows]
+        )
         probs = torch.softmax(sub, dim=-1)
         # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i.
-        noise = torch.stack([torch.empty(sub.shape[-1], device=sub.device).exponential_(generator=generators[i])
-                             for i in rows])
+        noise = torch.stack(
+            [
+                torch.empty(sub.shape[-1], device=sub.device).exponential_(generator=generators[i])
+                for i in rows
+            ]
+        )
         tokens[rows] = (probs / noise).argmax(dim=-1)
     return tokens.tolist()
 

@@ -9,6 +9,7 @@ Free blocks live in two pools: blocks holding nothing reusable, handed out first
 free but still cached, kept in least-recently-freed order and evicted oldest first when the clean
 pool is empty. Pure Python and O(blocks touched) per call, so the simulator can call it per step.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -51,7 +52,7 @@ class BlockManager:
             limit = min(num_blocks, len(seq.token_ids) // bs)
             for i in range(len(hashes), limit):
                 parent = hashes[i - 1] if i else _ROOT_HASH
-                hashes.append(hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))))
+                hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
         elif seq.block_keys is not None:
             span = seq.block_key_tokens or bs
             keyed_tokens = min(seq.prompt_len, len(seq.block_keys) * span)
@@ -59,7 +60,7 @@ class BlockManager:
             if limit <= len(hashes):
                 return
             chain, h = [], _ROOT_HASH  # chain[j]: hash of keys[0..j], i.e. of the prefix they name
-            for key in seq.block_keys[:(limit * bs - 1) // span + 1]:
+            for key in seq.block_keys[: (limit * bs - 1) // span + 1]:
                 h = hash((h, key))
                 chain.append(h)
             for i in range(len(hashes), limit):

@@ -4,10 +4,12 @@ Shared by the simulator and the runtime. A policy sees candidates through the ``
 (outstanding work in seconds, whether a slot is free, a speed rank) and returns one of them, or None
 when it wants the request to wait in the router's central queue (JFFC with every chain busy).
 """
+
 from __future__ import annotations
 
 import random
-from typing import Protocol, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Protocol
 
 
 class Routable(Protocol):
@@ -112,5 +114,6 @@ def make_policy(name: str, weights: dict[str, float] | None = None, seed: int = 
         return PowerOfTwo(seed)
     if name == "jffc":
         return JoinFastestFreeChain()
-    raise ValueError(f"unknown routing policy '{name}'; use round-robin, weighted, least-work, "
-                     "power-of-two or jffc")
+    raise ValueError(
+        f"unknown routing policy '{name}'; use round-robin, weighted, least-work, power-of-two or jffc"
+    )

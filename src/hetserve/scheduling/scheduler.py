@@ -16,11 +16,13 @@ to recompute its prompt and output later. Admission is first come, first served.
 Pure Python and O(running sequences) per step (plus block bookkeeping) so the discrete-event
 simulator can drive it with token counts alone.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Collection, Literal, Mapping
+from typing import Literal
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -56,8 +58,8 @@ class ScheduledSeq:
     seq: Sequence
     start: int
     num_tokens: int
-    samples: bool      # the step reaches the end of the known tokens, so a new token is sampled
-    is_prefill: bool   # prompt (or recompute) work rather than a single decode token
+    samples: bool  # the step reaches the end of the known tokens, so a new token is sampled
+    is_prefill: bool  # prompt (or recompute) work rather than a single decode token
 
     @property
     def end(self) -> int:
@@ -88,9 +90,9 @@ class Batch:
 @dataclass
 class SchedulerStats:
     steps: int = 0
-    prefill_tokens: int = 0      # prompt/recompute tokens actually computed
+    prefill_tokens: int = 0  # prompt/recompute tokens actually computed
     decode_tokens: int = 0
-    prefix_hit_tokens: int = 0   # tokens skipped thanks to the prefix cache
+    prefix_hit_tokens: int = 0  # tokens skipped thanks to the prefix cache
     preemptions: int = 0
     finished: int = 0
 
@@ -108,12 +110,19 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         need = self.blocks.blocks_for(seq.max_total_tokens)
         if need > self.blocks.num_blocks:
-            raise ValueError(f"sequence {seq.seq_id} may need {seq.max_total_tokens} KV slots "
-                             f"({need} blocks) but the cache has {self.blocks.num_blocks} blocks")
-        if self.config.prefill_chunk_size is None and seq.max_total_tokens > self.config.max_num_batched_tokens:
-            raise ValueError(f"sequence {seq.seq_id} may need {seq.max_total_tokens} tokens in one "
-                             f"step but max_num_batched_tokens is {self.config.max_num_batched_tokens}; "
-                             f"raise it or enable chunked prefill")
+            raise ValueError(
+                f"sequence {seq.seq_id} may need {seq.max_total_tokens} KV slots "
+                f"({need} blocks) but the cache has {self.blocks.num_blocks} blocks"
+            )
+        if (
+            self.config.prefill_chunk_size is None
+            and seq.max_total_tokens > self.config.max_num_batched_tokens
+        ):
+            raise ValueError(
+                f"sequence {seq.seq_id} may need {seq.max_total_tokens} tokens in one "
+                f"step but max_num_batched_tokens is {self.config.max_num_batched_tokens}; "
+                f"raise it or enable chunked prefill"
+            )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -217,8 +226,9 @@ class Scheduler:
         self.stats.preemptions += 1
 
     # ---- after the step -----------------------------------------------------------------------
-    def postprocess(self, batch: Batch, token_ids: Mapping[int, int] | None = None,
-                    stopped: Collection[int] = ()) -> list[Sequence]:
+    def postprocess(
+        self, batch: Batch, token_ids: Mapping[int, int] | None = None, stopped: Collection[int] = ()
+    ) -> list[Sequence]:
         """Advance counts after ``batch`` ran and return the sequences that finished.
 
         ``token_ids`` maps seq_id to the token sampled for it (required for sequences that track token

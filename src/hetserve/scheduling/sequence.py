@@ -3,6 +3,7 @@
 The same class serves the real engine (which fills ``token_ids``) and the simulator (which only has
 counts, and optionally per-block prefix keys from a trace). Pure Python: no torch, no numpy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,8 +56,10 @@ class Sequence:
         if self.token_ids is not None:
             self.token_ids = list(self.token_ids)
             if len(self.token_ids) != self.prompt_len:
-                raise ValueError(f"sequence {self.seq_id}: prompt_len {self.prompt_len} but "
-                                 f"{len(self.token_ids)} token ids")
+                raise ValueError(
+                    f"sequence {self.seq_id}: prompt_len {self.prompt_len} but "
+                    f"{len(self.token_ids)} token ids"
+                )
         if self.block_keys is not None and (self.block_key_tokens or 0) < 1:
             raise ValueError(f"sequence {self.seq_id}: block_keys need block_key_tokens >= 1")
 
@@ -76,7 +79,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return [] if self.token_ids is None else self.token_ids[self.prompt_len:]
+        return [] if self.token_ids is None else self.token_ids[self.prompt_len :]
 
     @property
     def is_finished(self) -> bool:

@@ -9,6 +9,7 @@ shared scheduler (``hetserve.scheduling``) in one or more *lanes*: a lane is one
 the chain (``micro_batches`` lanes keep a pipeline's stages busy), with its own scheduler and an equal
 share of the instance's KV blocks.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ class SimServer:
     busy_w: float
     free_at: float = 0.0
     busy: float = 0.0
-    bins: list[float] = field(default_factory=list)   # busy seconds per utilisation bin
+    bins: list[float] = field(default_factory=list)  # busy seconds per utilisation bin
     bin_width: float = 1.0
     # a server shared by several instances: its timer, its step's token budget and the (lane, stage)
     # batches waiting for the next step
@@ -104,16 +105,16 @@ def steps_within(a: float, b: float, kv0: float, n: float, budget: float, limit:
 
 @dataclass(eq=False)
 class Lane:
-    instance: "SimInstance"
+    instance: SimInstance
     index: int
     scheduler: Scheduler
     busy: bool = False
     batch: Batch | None = None
-    version: int = 0               # bumps when a run is cut short; stale DONE events are skipped
-    shape: tuple = ()              # (new tokens, sequences, attention pairs, KV read) of the batch
+    version: int = 0  # bumps when a run is cut short; stale DONE events are skipped
+    shape: tuple = ()  # (new tokens, sequences, attention pairs, KV read) of the batch
     # the step (or run of decode steps) in flight on an exclusive chain
     t0: float = 0.0
-    duration: float = 0.0          # of one step; a run's length comes from (a, b, kv0, n)
+    duration: float = 0.0  # of one step; a run's length comes from (a, b, kv0, n)
     steps: int = 1
     a: float = 0.0
     b: float = 0.0
@@ -149,10 +150,12 @@ class SimInstance:
         self.capacity_tokens = (total_blocks // lanes) * bs
         self.lanes: list[Lane] = []
         for i in range(lanes):
-            cfg = SchedulerConfig(max_num_seqs=max(1, inst.plan.max_batch_size // lanes),
-                                  max_num_batched_tokens=inst.plan.max_batch_tokens,
-                                  prefill_chunk_size=inst.plan.chunk_size,
-                                  policy=inst.plan.policy.replace("-", "_"))
+            cfg = SchedulerConfig(
+                max_num_seqs=max(1, inst.plan.max_batch_size // lanes),
+                max_num_batched_tokens=inst.plan.max_batch_tokens,
+                prefill_chunk_size=inst.plan.chunk_size,
+                policy=inst.plan.policy.replace("-", "_"),
+            )
             self.lanes.append(Lane(self, i, Scheduler(cfg, BlockManager(max(1, total_blocks // lanes), bs))))
         shared = any(len(s.instances) > 1 for s in inst.servers)
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
@@ -171,11 +174,11 @@ class SimInstance:
         self.speed = 1.0 / (prefill_1k + REF_OUTPUT * single)
         self.pending_prompt = 0
         self.pending_output = 0
-        self.requests = 0          # admitted and not finished
+        self.requests = 0  # admitted and not finished
         #: For a prefill instance: the least outstanding work among the decode instances it hands off
         #: to, set by the simulator before each routing decision.
         self.downstream_work = 0.0
-        self.clock = [0.0]                          # the simulator's current time, shared
+        self.clock = [0.0]  # the simulator's current time, shared
         self.max_requests = inst.plan.max_batch_size
 
     # ---- timing ---------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ class SimInstance:
         output = self.pending_output
         now = self.clock[0]
         for lane in self.lanes:
-            if lane.busy and lane.steps > 1:      # a run of decode steps part-way through
+            if lane.busy and lane.steps > 1:  # a run of decode steps part-way through
                 output -= lane.steps_done_by(now) * lane.n
         own = self.pending_prompt * self.prefill_cost_per_token + output * self.decode_cost_per_token
         return own + self.downstream_work
@@ -241,8 +244,10 @@ class SimInstance:
     def has_free_slot(self) -> bool:
         if self.requests >= self.max_requests:
             return False
-        return any(l.scheduler.blocks.num_free_blocks * l.scheduler.blocks.block_size > REF_PROMPT
-                   for l in self.lanes)
+        return any(
+            l.scheduler.blocks.num_free_blocks * l.scheduler.blocks.block_size > REF_PROMPT
+            for l in self.lanes
+        )
 
     def fits(self, prompt: int, output: int) -> bool:
         """Whether a request could ever run here (KV room and, without chunking, the token budget)."""

@@ -1,4 +1,5 @@
 """Network links in the simulator: concurrent transfers share a link's bandwidth equally."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Transfer:
     key: int
-    remaining: float          # bytes
+    remaining: float  # bytes
     payload: object
 
 
@@ -15,11 +16,11 @@ class Transfer:
 class SharedLink:
     """Processor sharing: n active transfers each progress at bandwidth / n."""
 
-    bandwidth: float           # bytes/s
-    latency: float             # s, added once per transfer by the caller
+    bandwidth: float  # bytes/s
+    latency: float  # s, added once per transfer by the caller
     active: list[Transfer] = field(default_factory=list)
     updated: float = 0.0
-    version: int = 0           # bumps on every change; completion events carry it to detect staleness
+    version: int = 0  # bumps on every change; completion events carry it to detect staleness
     bytes_moved: float = 0.0
 
     def _advance(self, now: float) -> None:

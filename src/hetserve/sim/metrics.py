@@ -11,6 +11,7 @@
 - ``slo_met``: every percentile target the workload sets holds (TTFT, TPOT, E2E) and nothing was
   dropped. A simulation at a fixed rate that is to decide a TTFT or E2E target spans ``probe_window_s``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,9 +31,23 @@ DEADLINE_WINDOWS = 10
 #: the strategies' trials; ``hetserve compare`` does not cap its probes).
 MAX_SEARCH_WINDOW_S = 600.0
 
-RECORD_FIELDS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "entry_instance", "decode_instance",
-                 "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s", "first_token_s",
-                 "finish_s", "preemptions", "kv_bytes", "dropped")
+RECORD_FIELDS = (
+    "id",
+    "arrival_s",
+    "prompt_tokens",
+    "output_tokens",
+    "entry_instance",
+    "decode_instance",
+    "prefill_start_s",
+    "prefill_end_s",
+    "transfer_start_s",
+    "transfer_end_s",
+    "first_token_s",
+    "finish_s",
+    "preemptions",
+    "kv_bytes",
+    "dropped",
+)
 
 
 @dataclass
@@ -57,8 +72,15 @@ class Records:
 
     def __post_init__(self) -> None:
         nan = lambda: np.full(self.n, np.nan)
-        for name in ("prefill_start", "prefill_end", "transfer_start", "transfer_end", "first_token", "finish",
-                     "kv_bytes"):
+        for name in (
+            "prefill_start",
+            "prefill_end",
+            "transfer_start",
+            "transfer_end",
+            "first_token",
+            "finish",
+            "kv_bytes",
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, nan())
         if self.preemptions is None:
@@ -86,15 +108,31 @@ class Records:
         return self.finish - self.arrival
 
     def write(self, path: Path) -> Path:
-        cols = [np.arange(self.n), self.arrival, self.prompt, self.output, self.entry, self.decode,
-                self.prefill_start, self.prefill_end, self.transfer_start, self.transfer_end, self.first_token,
-                self.finish, self.preemptions, self.kv_bytes, self.dropped]
+        cols = [
+            np.arange(self.n),
+            self.arrival,
+            self.prompt,
+            self.output,
+            self.entry,
+            self.decode,
+            self.prefill_start,
+            self.prefill_end,
+            self.transfer_start,
+            self.transfer_end,
+            self.first_token,
+            self.finish,
+            self.preemptions,
+            self.kv_bytes,
+            self.dropped,
+        ]
         if path.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({k: list(v) if isinstance(v, list) else v for k, v in zip(RECORD_FIELDS, cols)}),
-                           path)
+            pq.write_table(
+                pa.table({k: list(v) if isinstance(v, list) else v for k, v in zip(RECORD_FIELDS, cols)}),
+                path,
+            )
             return path
         with path.open("w", newline="") as fh:
             w = csv.writer(fh)
@@ -125,9 +163,19 @@ def meets_slo(rec: Records, slo: SLO) -> np.ndarray:
     return ok
 
 
-def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, makespan: float,
-              server_util: dict[str, float], peak_kv: dict[str, float], bytes_transferred: float,
-              gpus: int, iterations: int) -> dict:
+def summarise(
+    rec: Records,
+    slo: SLO,
+    *,
+    cost_per_hour: float,
+    energy_j: float,
+    makespan: float,
+    server_util: dict[str, float],
+    peak_kv: dict[str, float],
+    bytes_transferred: float,
+    gpus: int,
+    iterations: int,
+) -> dict:
     done = rec.completed
     out_tokens = float(rec.output[done].sum())
     in_tokens = float(rec.prompt[done].sum())
@@ -140,15 +188,22 @@ def summarise(rec: Records, slo: SLO, *, cost_per_hour: float, energy_j: float, 
         "requests": int(rec.n),
         "completed": int(done.sum()),
         "dropped": int(rec.n - done.sum()),
-        "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p90_ms": _ms(_pct(ttft, 90)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
-        "tpot_p50_ms": _ms(_pct(tpot, 50)), "tpot_p90_ms": _ms(_pct(tpot, 90)), "tpot_p99_ms": _ms(_pct(tpot, 99)),
-        "e2e_p50_ms": _ms(_pct(e2e, 50)), "e2e_p90_ms": _ms(_pct(e2e, 90)), "e2e_p99_ms": _ms(_pct(e2e, 99)),
+        "ttft_p50_ms": _ms(_pct(ttft, 50)),
+        "ttft_p90_ms": _ms(_pct(ttft, 90)),
+        "ttft_p99_ms": _ms(_pct(ttft, 99)),
+        "tpot_p50_ms": _ms(_pct(tpot, 50)),
+        "tpot_p90_ms": _ms(_pct(tpot, 90)),
+        "tpot_p99_ms": _ms(_pct(tpot, 99)),
+        "e2e_p50_ms": _ms(_pct(e2e, 50)),
+        "e2e_p90_ms": _ms(_pct(e2e, 90)),
+        "e2e_p99_ms": _ms(_pct(e2e, 99)),
         "throughput_rps": float(done.sum()) / span,
         "throughput_tok_s": tput,
         "input_tok_s": in_tokens / span,
         "goodput_rps": float(good.sum()) / span,
         "slo_attainment": float(good.sum()) / max(rec.n, 1),
-        f"ttft_p{q:g}_ms": _ms(_pct(ttft, q)), f"tpot_p{q:g}_ms": _ms(_pct(tpot, q)),
+        f"ttft_p{q:g}_ms": _ms(_pct(ttft, q)),
+        f"tpot_p{q:g}_ms": _ms(_pct(tpot, q)),
         f"e2e_p{q:g}_ms": _ms(_pct(e2e, q)),
         "makespan_s": makespan,
         "preemptions": int(rec.preemptions.sum()),

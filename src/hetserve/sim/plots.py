@@ -1,4 +1,5 @@
 """PNG plots of a simulation: latency CDFs and server utilisation over time."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,14 @@ def latency_cdfs(records, path: Path, title: str = "") -> Path | None:
         return None
     done = records.completed
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (label, values) in zip(axes, (("TTFT (s)", records.ttft()[done]), ("TPOT (ms)", records.tpot()[done] * 1e3),
-                                          ("end-to-end (s)", records.e2e()[done]))):
+    for ax, (label, values) in zip(
+        axes,
+        (
+            ("TTFT (s)", records.ttft()[done]),
+            ("TPOT (ms)", records.tpot()[done] * 1e3),
+            ("end-to-end (s)", records.e2e()[done]),
+        ),
+    ):
         v = np.sort(values[~np.isnan(values)])
         if len(v):
             ax.plot(v, np.arange(1, len(v) + 1) / len(v))

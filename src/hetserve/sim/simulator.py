@@ -10,12 +10,12 @@ Events are processed in time order from one heap. Kinds:
 - XFER: a KV transfer on a link may have completed (stale versions are ignored);
 - KV_READY: a transferred KV cache (plus the first token's state) arrives at a decode instance.
 """
+
 from __future__ import annotations
 
 import heapq
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -42,17 +42,31 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, dep: Deployment, requests: Requests, slo: SLO, *, seed: int = 0,
-                 drain_s: float | None = None, progress=None, util_bins: int = 120):
+    def __init__(
+        self,
+        dep: Deployment,
+        requests: Requests,
+        slo: SLO,
+        *,
+        seed: int = 0,
+        drain_s: float | None = None,
+        progress=None,
+        util_bins: int = 120,
+    ):
         self.dep, self.req, self.slo = dep, requests, slo
         n = len(requests)
         horizon = float(requests.arrival_s[-1]) if n else 0.0
         self.limit = horizon + (drain_s if drain_s is not None else max(600.0, horizon))
         self.bin_width = max(self.limit / util_bins, 1e-3)
         self.servers = {
-            name: SimServer(name, s.num_gpus, s.node.gpu.idle_watts, s.node.gpu.tdp_w, bin_width=self.bin_width)
-            for name, s in dep.servers.items()}
-        self.instances = {name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()}
+            name: SimServer(
+                name, s.num_gpus, s.node.gpu.idle_watts, s.node.gpu.tdp_w, bin_width=self.bin_width
+            )
+            for name, s in dep.servers.items()
+        }
+        self.instances = {
+            name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()
+        }
         for name, s in dep.servers.items():
             if len(s.instances) > 1:
                 users = [dep.instances[i] for i in s.instances]
@@ -67,12 +81,16 @@ class Simulator:
         self.handoff_default = make_policy(r.handoff, None, seed + 1)
         self.handoff_by_prefill = {p: make_policy("weighted", w) for p, w in r.handoff_weights.items()}
         self.layerwise = r.layerwise_kv
-        self.rec = Records(n, requests.arrival_s.astype(float), requests.prompt_tokens.astype(np.int64),
-                           requests.output_tokens.astype(np.int64))
+        self.rec = Records(
+            n,
+            requests.arrival_s.astype(float),
+            requests.prompt_tokens.astype(np.int64),
+            requests.output_tokens.astype(np.int64),
+        )
         self.heap: list = []
         self._counter = 0
         self.links: dict[tuple[str, str], SharedLink] = {}
-        self.central: list[int] = []          # request ids waiting for a free chain (JFFC)
+        self.central: list[int] = []  # request ids waiting for a free chain (JFFC)
         self.iterations = 0
         self.peak_kv = {name: 0.0 for name in self.instances}
         self.progress = progress
@@ -256,7 +274,7 @@ class Simulator:
         self.push(t, SERVED, (srv, None))
 
     def _on_served(self, srv: SimServer, taken: list | None, t: float) -> None:
-        if taken is not None:                 # a step ended: its batches move on
+        if taken is not None:  # a step ended: its batches move on
             for lane, s in taken:
                 self._leave_stage(lane, s, t)
             self._start_soon(srv, t)
@@ -275,7 +293,7 @@ class Simulator:
         if inst.exclusive:
             offset, total = lane.t0, t - lane.t0
             for srv, share in zip(inst.servers, lane.shares):
-                srv.occupy(offset, total * share)    # a lane's stages run one after another
+                srv.occupy(offset, total * share)  # a lane's stages run one after another
                 offset += total * share
         batch = lane.batch
         sched = lane.scheduler
@@ -292,8 +310,11 @@ class Simulator:
             sid = seq.seq_id
             if sid in before:
                 inst.pending_output -= seq.num_output_tokens - before[sid]
-                if it.is_prefill and seq.num_computed_tokens >= seq.prompt_len and \
-                        math.isnan(self.rec.prefill_end[sid]):
+                if (
+                    it.is_prefill
+                    and seq.num_computed_tokens >= seq.prompt_len
+                    and math.isnan(self.rec.prefill_end[sid])
+                ):
                     self.rec.prefill_end[sid] = t
                 if math.isnan(self.rec.first_token[sid]):
                     self.rec.first_token[sid] = t
@@ -325,10 +346,20 @@ class Simulator:
         self.rec.kv_bytes[i] = nbytes
         self.rec.transfer_start[i] = t
         link_spec = self.dep.kv_link(inst.name, dec.name)
-        conv = nbytes / KV_CONVERSION_BYTES_PER_S if self.dep.kv_conversion_needed(inst.name, dec.name) else 0.0
+        conv = (
+            nbytes / KV_CONVERSION_BYTES_PER_S if self.dep.kv_conversion_needed(inst.name, dec.name) else 0.0
+        )
         prefill_time = t - self.rec.prefill_start[i]
-        exposed = kv_transfer_time(nbytes, link_spec, prefill_time=prefill_time, layers=self.dep.model.num_layers,
-                                   layerwise=self.layerwise) - link_spec.latency
+        exposed = (
+            kv_transfer_time(
+                nbytes,
+                link_spec,
+                prefill_time=prefill_time,
+                layers=self.dep.model.num_layers,
+                layerwise=self.layerwise,
+            )
+            - link_spec.latency
+        )
         delay = link_spec.latency + conv
         if math.isinf(link_spec.bandwidth) or exposed <= 0:
             self.push(t + delay, KV_READY, (dec, seq))
@@ -338,7 +369,7 @@ class Simulator:
         if link is None:
             link = self.links[key] = SharedLink(link_spec.bandwidth, link_spec.latency, updated=t)
         link.add(t, i, exposed * link_spec.bandwidth, (dec, seq, delay))
-        link.bytes_moved += nbytes - exposed * link_spec.bandwidth   # streamed behind prefill
+        link.bytes_moved += nbytes - exposed * link_spec.bandwidth  # streamed behind prefill
         self.push(link.next_completion(), XFER, (key, link.version))
 
     def _on_transfer(self, key, version: int, t: float) -> None:
@@ -371,15 +402,32 @@ class Simulator:
         last = float(np.nanmax(rec.finish)) if done.any() else now
         makespan = max(last - first, 1e-9)
         util = {name: min(1.0, s.busy / makespan) for name, s in self.servers.items()}
-        energy = sum(s.gpus * (s.idle_w * makespan + (s.busy_w - s.idle_w) * min(s.busy, makespan))
-                     for s in self.servers.values())
-        summary = summarise(rec, self.slo, cost_per_hour=self.dep.cost_per_hour(), energy_j=energy,
-                            makespan=makespan, server_util=util, peak_kv=dict(self.peak_kv),
-                            bytes_transferred=float(np.nansum(rec.kv_bytes)), gpus=self.dep.gpus_used(),
-                            iterations=self.iterations)
+        energy = sum(
+            s.gpus * (s.idle_w * makespan + (s.busy_w - s.idle_w) * min(s.busy, makespan))
+            for s in self.servers.values()
+        )
+        summary = summarise(
+            rec,
+            self.slo,
+            cost_per_hour=self.dep.cost_per_hour(),
+            energy_j=energy,
+            makespan=makespan,
+            server_util=util,
+            peak_kv=dict(self.peak_kv),
+            bytes_transferred=float(np.nansum(rec.kv_bytes)),
+            gpus=self.dep.gpus_used(),
+            iterations=self.iterations,
+        )
         return SimResult(summary, rec, self.servers, self.bin_width)
 
 
-def simulate(dep: Deployment, requests: Requests, slo: SLO, *, seed: int = 0, drain_s: float | None = None,
-             progress=None) -> SimResult:
+def simulate(
+    dep: Deployment,
+    requests: Requests,
+    slo: SLO,
+    *,
+    seed: int = 0,
+    drain_s: float | None = None,
+    progress=None,
+) -> SimResult:
     return Simulator(dep, requests, slo, seed=seed, drain_s=drain_s, progress=progress).run()

@@ -14,13 +14,14 @@ A cluster file (YAML)::
       zones:  [{a: east, b: west, gbit_per_s: 1, latency_ms: 40}]
       pairs:  [{a: h100, b: t4-0, gbit_per_s: 400, latency_ms: 0.02}]
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..errors import HetserveError, allowed, suggest
 from .gpus import Fabric, GPUOverride, GPUSpec, Strict, builtin_gpus
@@ -92,8 +93,11 @@ class Cluster:
         nodes: list[Node] = []
         for i, n in enumerate(spec.nodes):
             if n.gpu not in self.gpus:
-                raise HetserveError(f"nodes[{i}].gpu: unknown GPU '{n.gpu}'{suggest(n.gpu, self.gpus)}; "
-                                    f"known: {allowed(self.gpus)} (or define it under 'gpus:')", source=source)
+                raise HetserveError(
+                    f"nodes[{i}].gpu: unknown GPU '{n.gpu}'{suggest(n.gpu, self.gpus)}; "
+                    f"known: {allowed(self.gpus)} (or define it under 'gpus:')",
+                    source=source,
+                )
             gpu = self.gpus[n.gpu]
             names = [n.name] if n.replicas == 1 else [f"{n.name}-{r}" for r in range(n.replicas)]
             for name in names:
@@ -101,8 +105,9 @@ class Cluster:
         seen: set[str] = set()
         for node in nodes:
             if node.name in seen:
-                raise HetserveError(f"nodes: node name '{node.name}' appears twice; names must be unique",
-                                    source=source)
+                raise HetserveError(
+                    f"nodes: node name '{node.name}' appears twice; names must be unique", source=source
+                )
             seen.add(node.name)
         self.nodes: dict[str, Node] = {n.name: n for n in nodes}
         zones = {n.zone for n in nodes}
@@ -113,13 +118,16 @@ class Cluster:
                     value = getattr(o, end)
                     if value not in known:
                         what = "zone" if kind == "zones" else "node"
-                        raise HetserveError(f"network.{kind}[{j}].{end}: unknown {what} '{value}'"
-                                            f"{suggest(value, known)}; known: {allowed(known)}", source=source)
+                        raise HetserveError(
+                            f"network.{kind}[{j}].{end}: unknown {what} '{value}'"
+                            f"{suggest(value, known)}; known: {allowed(known)}",
+                            source=source,
+                        )
         self._zone_links = {frozenset((o.a, o.b)): o for o in net.zones}
         self._pair_links = {frozenset((o.a, o.b)): o for o in net.pairs}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Cluster":
+    def load(cls, path: str | Path) -> Cluster:
         spec = load_yaml_model(ClusterFile, path, "cluster file")
         return cls(spec, source=str(path))
 
@@ -150,8 +158,13 @@ class Cluster:
         return sum(n.gpu.price_per_hour * n.count for n in self.nodes.values())
 
     def summary(self) -> dict:
-        return {"name": self.name, "nodes": len(self.nodes), "gpus": self.total_gpus,
-                "by_type": self.gpu_counts(), "price_per_hour": round(self.price_per_hour(), 2)}
+        return {
+            "name": self.name,
+            "nodes": len(self.nodes),
+            "gpus": self.total_gpus,
+            "by_type": self.gpu_counts(),
+            "price_per_hour": round(self.price_per_hour(), 2),
+        }
 
 
 def resolve_gpus(overrides: dict[str, GPUOverride], source: str | None = None) -> dict[str, GPUSpec]:
@@ -168,19 +181,31 @@ def resolve_gpus(overrides: dict[str, GPUOverride], source: str | None = None) -
                 merged["sources"] = {**merged["sources"], **{k: f"cluster file {source}" for k in changes}}
         else:
             if o.base:
-                raise HetserveError(f"gpus.{name}.base: unknown GPU '{o.base}'{suggest(o.base, gpus)}",
-                                    source=source)
+                raise HetserveError(
+                    f"gpus.{name}.base: unknown GPU '{o.base}'{suggest(o.base, gpus)}", source=source
+                )
             if name not in gpus and not _is_complete(changes):
                 raise HetserveError(
                     f"gpus.{name}: '{name}' is not in the catalogue{suggest(name, gpus)}; a new GPU needs "
                     "vendor, memory_gb, memory_bw_gb_per_s, tflops, fabric, tdp_w, price_per_hour, "
-                    "weight_dtypes and kv_dtypes (or 'base: <catalogued gpu>')", source=source)
+                    "weight_dtypes and kv_dtypes (or 'base: <catalogued gpu>')",
+                    source=source,
+                )
             merged = {"name": name, "sources": {k: f"cluster file {source}" for k in changes}, **changes}
         gpus[name] = validate(GPUSpec, merged, source, prefix=f"gpus.{name}")
     return gpus
 
 
 def _is_complete(fields: dict) -> bool:
-    need = {"vendor", "memory_gb", "memory_bw_gb_per_s", "tflops", "fabric", "tdp_w", "price_per_hour",
-            "weight_dtypes", "kv_dtypes"}
+    need = {
+        "vendor",
+        "memory_gb",
+        "memory_bw_gb_per_s",
+        "tflops",
+        "fabric",
+        "tdp_w",
+        "price_per_hour",
+        "weight_dtypes",
+        "kv_dtypes",
+    }
     return need <= set(fields)

@@ -3,6 +3,7 @@
 The shipped catalogue lives in ``specs/data/gpus.yaml``; a cluster file may add GPUs or override fields
 of catalogued ones (``gpus:`` section). Throughput figures are *dense* (no structured sparsity).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -55,7 +56,7 @@ class GPUSpec(Strict):
     notes: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "GPUSpec":
+    def _check(self) -> GPUSpec:
         for dtype, value in self.tflops.items():
             if value <= 0:
                 raise ValueError(f"tflops.{dtype} must be > 0 (leave the dtype out if unsupported)")

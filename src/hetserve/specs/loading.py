@@ -1,4 +1,5 @@
 """Read YAML/JSON spec files into typed models, turning every failure into one clear message."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def read_mapping(path, what: str = "file") -> dict[str, Any]:
     if data is None:
         raise HetserveError(f"the {what} is empty", source=str(p))
     if not isinstance(data, dict):
-        raise HetserveError(f"the {what} must be a mapping of keys to values, got a {type(data).__name__}",
-                            source=str(p))
+        raise HetserveError(
+            f"the {what} must be a mapping of keys to values, got a {type(data).__name__}", source=str(p)
+        )
     return data
 
 
@@ -51,8 +53,9 @@ def _field_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def explain_validation(exc: ValidationError, model: type[BaseModel], source: str | None,
-                       prefix: str = "") -> HetserveError:
+def explain_validation(
+    exc: ValidationError, model: type[BaseModel], source: str | None, prefix: str = ""
+) -> HetserveError:
     """One message for a pydantic error: the field, what is wrong, what is allowed."""
     lines = []
     for err in exc.errors()[:5]:
@@ -65,8 +68,11 @@ def explain_validation(exc: ValidationError, model: type[BaseModel], source: str
             parent = _model_at(model, loc[:-1])
             known = sorted(parent.model_fields) if parent else []
             hint = suggest(loc[-1], known)
-            msg = f"unknown key '{loc[-1]}'{hint}; allowed keys: {', '.join(known)}" if known else \
-                f"unknown key '{loc[-1]}'"
+            msg = (
+                f"unknown key '{loc[-1]}'{hint}; allowed keys: {', '.join(known)}"
+                if known
+                else f"unknown key '{loc[-1]}'"
+            )
         elif kind == "missing":
             msg = "is required"
         elif kind in ("literal_error", "enum"):
@@ -84,7 +90,6 @@ def explain_validation(exc: ValidationError, model: type[BaseModel], source: str
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The nested pydantic model class at a location path, if it can be found."""
-    import typing
 
     current: Any = model
     for part in loc:

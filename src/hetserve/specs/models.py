@@ -4,6 +4,7 @@ Only the architecture is typed in (it comes from the config); everything else â€
 at a bit-width, FLOPs, KV bytes â€” is derived here. Families: Llama (Llama 2/3, Mistral, Qwen2/2.5,
 SmolLM), Mixtral-style MoE, OPT and BLOOM.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,18 +66,20 @@ class ModelSpec(BaseModel):
     tie_embeddings: bool = False
     num_experts: int = Field(default=1, ge=1)
     experts_per_token: int = Field(default=1, ge=1)
-    gated_mlp: bool = True          # SwiGLU (3 matrices) vs plain (2 matrices)
-    linear_bias: bool = False       # biases on every projection (OPT, BLOOM)
-    qkv_bias: bool = False          # biases on q/k/v only (Qwen2)
-    layer_norm_bias: bool = False   # LayerNorm (weight+bias) vs RMSNorm (weight)
+    gated_mlp: bool = True  # SwiGLU (3 matrices) vs plain (2 matrices)
+    linear_bias: bool = False  # biases on every projection (OPT, BLOOM)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
+    layer_norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
     learned_positions: bool = False  # OPT's learned positional embedding table
     source: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_key_value_heads ({self.num_kv_heads}) must divide "
-                             f"num_attention_heads ({self.num_heads})")
+            raise ValueError(
+                f"num_key_value_heads ({self.num_kv_heads}) must divide "
+                f"num_attention_heads ({self.num_heads})"
+            )
         if self.experts_per_token > self.num_experts:
             raise ValueError("num_experts_per_tok exceeds num_local_experts")
         return self
@@ -111,14 +114,22 @@ class ModelSpec(BaseModel):
 
     @cached_property
     def params_per_layer(self) -> int:
-        return (self.attention_params + self.num_experts * self.expert_params + self.router_params
-                + self.norm_params)
+        return (
+            self.attention_params
+            + self.num_experts * self.expert_params
+            + self.router_params
+            + self.norm_params
+        )
 
     @cached_property
     def active_params_per_layer(self) -> int:
         """Parameters one token multiplies through (MoE: only its routed experts)."""
-        return (self.attention_params + self.experts_per_token * self.expert_params + self.router_params
-                + self.norm_params)
+        return (
+            self.attention_params
+            + self.experts_per_token * self.expert_params
+            + self.router_params
+            + self.norm_params
+        )
 
     @cached_property
     def attention_matrix_params(self) -> int:
@@ -180,8 +191,11 @@ class ModelSpec(BaseModel):
     @cached_property
     def linear_flops_per_token_layer(self) -> int:
         """2 FLOPs per multiply-add through every weight a token uses in one layer."""
-        return 2 * (self.attention_matrix_params + self.experts_per_token * self.expert_matrix_params
-                    + self.router_params)
+        return 2 * (
+            self.attention_matrix_params
+            + self.experts_per_token * self.expert_matrix_params
+            + self.router_params
+        )
 
     def attention_flops_layer(self, new_tokens: float, context_before: float) -> float:
         """QK^T and softmax(QK^T)V FLOPs in one layer for ``new_tokens`` appended to a sequence that
@@ -219,17 +233,25 @@ class ModelSpec(BaseModel):
         """Raise a clear error if tensor parallelism of degree ``tp`` cannot split this model's heads
         (see ``tp_supported``)."""
         if not tp_supported(self.num_heads, self.num_kv_heads, tp):
-            raise HetserveError(f"{field}={tp} cannot split the {self.num_heads} attention heads "
-                                f"({self.num_kv_heads} KV heads) of {self.name}: tp must be at most the KV "
-                                f"heads, or a multiple of them that divides the attention heads; use one of "
-                                f"{tp_degrees(self.num_heads, self.num_kv_heads)}")
+            raise HetserveError(
+                f"{field}={tp} cannot split the {self.num_heads} attention heads "
+                f"({self.num_kv_heads} KV heads) of {self.name}: tp must be at most the KV "
+                f"heads, or a multiple of them that divides the attention heads; use one of "
+                f"{tp_degrees(self.num_heads, self.num_kv_heads)}"
+            )
 
     def summary(self) -> dict[str, Any]:
         return {
-            "name": self.name, "family": self.family, "layers": self.num_layers,
-            "hidden": self.hidden_size, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
-            "intermediate": self.intermediate_size, "vocab": self.vocab_size,
-            "experts": self.num_experts, "params_b": round(self.total_params / 1e9, 3),
+            "name": self.name,
+            "family": self.family,
+            "layers": self.num_layers,
+            "hidden": self.hidden_size,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "intermediate": self.intermediate_size,
+            "vocab": self.vocab_size,
+            "experts": self.num_experts,
+            "params_b": round(self.total_params / 1e9, 3),
             "weights_gb_16bit": round(self.weight_bytes(16) / 1e9, 2),
             "weights_gb_4bit": round(self.weight_bytes(4) / 1e9, 2),
             "kv_kb_per_token": round(self.kv_bytes_per_token(2) / 1e3, 1),
@@ -254,10 +276,13 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
         heads = _get(cfg, "num_attention_heads")
         spec = dict(
             family="mixtral" if mtype == "mixtral" or cfg.get("num_local_experts") else "llama",
-            num_layers=_get(cfg, "num_hidden_layers"), hidden_size=hidden, num_heads=heads,
+            num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
-            intermediate_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
+            intermediate_size=_get(cfg, "intermediate_size"),
+            vocab_size=_get(cfg, "vocab_size"),
             max_positions=_get(cfg, "max_position_embeddings", default=4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             num_experts=cfg.get("num_local_experts") or 1,
@@ -267,24 +292,44 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
     elif mtype == "opt":
         hidden = _get(cfg, "hidden_size")
         heads = _get(cfg, "num_attention_heads")
-        spec = dict(family="opt", num_layers=_get(cfg, "num_hidden_layers"), hidden_size=hidden,
-                    num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                    intermediate_size=_get(cfg, "ffn_dim"), vocab_size=_get(cfg, "vocab_size"),
-                    max_positions=_get(cfg, "max_position_embeddings", default=2048),
-                    tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), gated_mlp=False,
-                    linear_bias=bool(cfg.get("enable_bias", True)), layer_norm_bias=True,
-                    learned_positions=True)
+        spec = dict(
+            family="opt",
+            num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            intermediate_size=_get(cfg, "ffn_dim"),
+            vocab_size=_get(cfg, "vocab_size"),
+            max_positions=_get(cfg, "max_position_embeddings", default=2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            gated_mlp=False,
+            linear_bias=bool(cfg.get("enable_bias", True)),
+            layer_norm_bias=True,
+            learned_positions=True,
+        )
     elif mtype == "bloom":
         hidden = _get(cfg, "hidden_size", "n_embed")
         heads = _get(cfg, "n_head", "num_attention_heads")
-        spec = dict(family="bloom", num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
-                    hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                    intermediate_size=4 * hidden, vocab_size=_get(cfg, "vocab_size"),
-                    max_positions=cfg.get("seq_length") or 2048, tie_embeddings=True, gated_mlp=False,
-                    linear_bias=True, layer_norm_bias=True)
+        spec = dict(
+            family="bloom",
+            num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            intermediate_size=4 * hidden,
+            vocab_size=_get(cfg, "vocab_size"),
+            max_positions=cfg.get("seq_length") or 2048,
+            tie_embeddings=True,
+            gated_mlp=False,
+            linear_bias=True,
+            layer_norm_bias=True,
+        )
     else:
-        raise HetserveError(f"model_type '{mtype}' is not supported; supported: "
-                            "llama, mistral, qwen2, mixtral, opt, bloom")
+        raise HetserveError(
+            f"model_type '{mtype}' is not supported; supported: llama, mistral, qwen2, mixtral, opt, bloom"
+        )
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
 
@@ -319,5 +364,7 @@ def load_model(name_or_path: str) -> ModelSpec:
             return model_from_hf_config(cfg, name or path.stem, source=str(path))
         except HetserveError as exc:
             raise HetserveError(str(exc), source=str(path)) from None
-    raise HetserveError(f"unknown model '{key}'{suggest(key, builtin_model_names())}; use a built-in name "
-                        f"({allowed(builtin_model_names())}) or the path of a Hugging Face config.json")
+    raise HetserveError(
+        f"unknown model '{key}'{suggest(key, builtin_model_names())}; use a built-in name "
+        f"({allowed(builtin_model_names())}) or the path of a Hugging Face config.json"
+    )

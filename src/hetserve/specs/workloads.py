@@ -13,6 +13,7 @@ With ``arrivals: {kind: trace, path: azure_2023_conv.csv}`` the timestamps *and*
 from the trace unless ``prompt``/``output`` are also given. Relative paths are relative to the
 workload file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -52,7 +53,7 @@ class TraceArrivals(Strict):
     rate: float | None = Field(default=None, gt=0, description="rescale the trace to this mean rate")
 
 
-Arrivals = Annotated[Union[PoissonArrivals, GammaArrivals, TraceArrivals], Field(discriminator="kind")]
+Arrivals = Annotated[PoissonArrivals | GammaArrivals | TraceArrivals, Field(discriminator="kind")]
 
 
 # ---- lengths ---------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class UniformLength(Strict):
     high: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _order(self) -> "UniformLength":
+    def _order(self) -> UniformLength:
         if self.high < self.low:
             raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
         return self
@@ -87,8 +88,9 @@ class EmpiricalLength(Strict):
     format: Literal["azure", "mooncake", "auto"] = "auto"
 
 
-Length = Annotated[Union[FixedLength, UniformLength, LognormalLength, EmpiricalLength],
-                   Field(discriminator="kind")]
+Length = Annotated[
+    FixedLength | UniformLength | LognormalLength | EmpiricalLength, Field(discriminator="kind")
+]
 
 
 class SLO(Strict):
@@ -98,10 +100,12 @@ class SLO(Strict):
     percentile: float = Field(default=90, gt=0, le=100)
 
     @model_validator(mode="after")
-    def _e2e_covers_ttft(self) -> "SLO":
+    def _e2e_covers_ttft(self) -> SLO:
         if self.e2e_ms is not None and self.ttft_ms is not None and self.e2e_ms < self.ttft_ms:
-            raise ValueError(f"e2e_ms ({self.e2e_ms:g}) is below ttft_ms ({self.ttft_ms:g}); the end-to-end "
-                             "latency includes the time to the first token")
+            raise ValueError(
+                f"e2e_ms ({self.e2e_ms:g}) is below ttft_ms ({self.ttft_ms:g}); the end-to-end "
+                "latency includes the time to the first token"
+            )
         return self
 
 
@@ -114,7 +118,7 @@ class WorkloadFile(Strict):
     duration_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
-    def _lengths(self) -> "WorkloadFile":
+    def _lengths(self) -> WorkloadFile:
         if not isinstance(self.arrivals, TraceArrivals):
             missing = [k for k in ("prompt", "output") if getattr(self, k) is None]
             if missing:
@@ -163,8 +167,10 @@ def read_trace(path: str, fmt: str = "auto") -> Trace:
     (timestamp ms, input_length, output_length, hash_ids) as arrays; arrivals start at 0."""
     p = Path(path)
     if not p.exists():
-        raise HetserveError(f"trace file not found: {p}; give a path relative to the workload file, or "
-                            "fetch the trace (docs/workloads.md says where)")
+        raise HetserveError(
+            f"trace file not found: {p}; give a path relative to the workload file, or "
+            "fetch the trace (docs/workloads.md says where)"
+        )
     kind = _trace_format(p, fmt)
     times: list[float] = []
     prompts: list[int] = []
@@ -176,8 +182,10 @@ def read_trace(path: str, fmt: str = "auto") -> Trace:
                 reader = csv.DictReader(fh)
                 need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
                 if not reader.fieldnames or not need <= set(reader.fieldnames):
-                    raise HetserveError(f"an Azure trace needs columns {sorted(need)}, found {reader.fieldnames}",
-                                        source=str(p))
+                    raise HetserveError(
+                        f"an Azure trace needs columns {sorted(need)}, found {reader.fieldnames}",
+                        source=str(p),
+                    )
                 for row in reader:
                     times.append(_azure_time(row["TIMESTAMP"]))
                     prompts.append(int(row["ContextTokens"]))
@@ -231,7 +239,7 @@ class Workload:
                     raise HetserveError(f"{field}.path: {exc}", source=source) from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Workload":
+    def load(cls, path: str | Path) -> Workload:
         spec = load_yaml_model(WorkloadFile, path, "workload file")
         return cls(spec, Path(path).parent, source=str(path))
 
@@ -306,8 +314,9 @@ class Workload:
             assert trace is not None
             col = trace.prompt_tokens if which == "prompt" else trace.output_tokens
             return (col[idx] if idx is not None else col[:n]).copy()
-        return sample_lengths(dist, n, rng, self._trace(dist) if isinstance(dist, EmpiricalLength) else None,
-                              which)
+        return sample_lengths(
+            dist, n, rng, self._trace(dist) if isinstance(dist, EmpiricalLength) else None, which
+        )
 
 
 def _gamma_arrivals(rng: np.random.Generator, rate: float, cv: float, horizon: float) -> np.ndarray:
@@ -329,7 +338,7 @@ def sample_lengths(dist, n: int, rng: np.random.Generator, trace: Trace | None, 
     if isinstance(dist, UniformLength):
         return rng.integers(dist.low, dist.high + 1, size=n)
     if isinstance(dist, LognormalLength):
-        sigma2 = math.log(1 + dist.cv ** 2)
+        sigma2 = math.log(1 + dist.cv**2)
         mu = math.log(dist.mean) - sigma2 / 2
         x = rng.lognormal(mu, math.sqrt(sigma2), size=n)
         return np.clip(np.rint(x), dist.min, dist.max).astype(np.int64)

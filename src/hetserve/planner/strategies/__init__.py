@@ -3,6 +3,7 @@
 Every strategy takes one ``StrategyContext`` and returns a plan dict valid for
 ``hetserve.plan.deployment_from_dict``. ``get_strategy(name)`` looks one up by name.
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError, suggest
@@ -19,10 +20,21 @@ from .splitwise import Splitwise
 from .uniform import Uniform
 
 #: Every strategy by name: ours first, then the baselines.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Hetserve(), Homogeneous(), Uniform(), HexGen(), LLMPQ(), Splitwise(), PDHetero(), Helix(), Petals(),
-    ChainComposition(),
-)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Hetserve(),
+        Homogeneous(),
+        Uniform(),
+        HexGen(),
+        LLMPQ(),
+        Splitwise(),
+        PDHetero(),
+        Helix(),
+        Petals(),
+        ChainComposition(),
+    )
+}
 
 
 def get_strategy(name: str) -> Strategy:
@@ -30,8 +42,9 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise HetserveError(f"unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: "
-                            f"{', '.join(STRATEGIES)}") from None
+        raise HetserveError(
+            f"unknown strategy '{name}'{suggest(name, STRATEGIES)}; known: {', '.join(STRATEGIES)}"
+        ) from None
 
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyContext", "get_strategy"]

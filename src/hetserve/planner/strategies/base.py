@@ -10,6 +10,7 @@ one instance on explicitly placed servers (the planner's ``ChainTiming`` and cap
 the real links between the chosen nodes), ``PlanWriter`` that names servers and instances, and
 ``trial`` (a short simulation some strategies search with, as their papers do).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,13 +52,13 @@ class StrategyContext:
     model: ModelSpec
     workload: Workload
     objective: str = "goodput"
-    model_ref: str | None = None          # what the plan's `model:` says (default: the model's name)
-    cluster_ref: str = "cluster.yaml"     # what the plan's `cluster:` says
-    budget: float | None = None           # USD per hour
-    quality: float = 0.3                  # share of sensitivity-weighted weight bits that may be removed
+    model_ref: str | None = None  # what the plan's `model:` says (default: the model's name)
+    cluster_ref: str = "cluster.yaml"  # what the plan's `cluster:` says
+    budget: float | None = None  # USD per hour
+    quality: float = 0.3  # share of sensitivity-weighted weight bits that may be removed
     seed: int = 0
-    time_limit: float = 60.0              # seconds, for strategies that search
-    max_seqs: int | None = None           # most sequences the engine runs in one batch (per micro-batch lane)
+    time_limit: float = 60.0  # seconds, for strategies that search
+    max_seqs: int | None = None  # most sequences the engine runs in one batch (per micro-batch lane)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -86,9 +87,18 @@ class StrategyContext:
 
     def factory(self, quality: float | None = None) -> TemplateFactory:
         q = self.quality if quality is None else quality
-        return TemplateFactory(self.cluster, self.model, self.prompt, self.output, self.capacity_slo, q,
-                               cost_model=self.cost_model, output_q=self.output_q, max_seqs=self.max_seqs,
-                               long_tokens=self.long_request if self.max_seqs is not None else None)
+        return TemplateFactory(
+            self.cluster,
+            self.model,
+            self.prompt,
+            self.output,
+            self.capacity_slo,
+            q,
+            cost_model=self.cost_model,
+            output_q=self.output_q,
+            max_seqs=self.max_seqs,
+            long_tokens=self.long_request if self.max_seqs is not None else None,
+        )
 
     def settings(self, role: str, lanes: int = 1, given: tuple | None = None) -> tuple[int, int, int | None]:
         """(max_batch_size, max_batch_tokens, chunk_size) of an instance with ``lanes`` micro-batch lanes: the
@@ -151,10 +161,12 @@ class Estimate:
     computed when first asked for, so a search that ranks by one of them pays for that one only."""
 
     fits: bool
-    kv_tokens: int                # KV capacity of the instance (tokens), after kv_share
+    kv_tokens: int  # KV capacity of the instance (tokens), after kv_share
     timing: ChainTiming | None
-    capacity: Callable[[SLO | None], Capacity] | None = field(default=None, repr=False)  # under an SLO or None
-    slo: SLO | None = None        # the SLO of ``cap``
+    capacity: Callable[[SLO | None], Capacity] | None = field(
+        default=None, repr=False
+    )  # under an SLO or None
+    slo: SLO | None = None  # the SLO of ``cap``
 
     @cached_property
     def cap(self) -> Capacity | None:
@@ -172,8 +184,9 @@ class Estimate:
 
 
 def shape_of(ctx: StrategyContext, s: Spot) -> ServerShape:
-    return ServerShape(ctx.cluster.nodes[s.node].gpu, s.tp, s.bits, first=s.start == 0,
-                       last=s.end == ctx.model.num_layers)
+    return ServerShape(
+        ctx.cluster.nodes[s.node].gpu, s.tp, s.bits, first=s.start == 0, last=s.end == ctx.model.num_layers
+    )
 
 
 def memory_of(ctx: StrategyContext, s: Spot, role: str = "mixed", settings=None):
@@ -185,12 +198,23 @@ def chain_timing(ctx: StrategyContext, spots: list[Spot], micro_batches: int = 1
     """The planner's chain timing over the real links between the chosen nodes."""
     act = ctx.model.hidden_size * 2.0
     hops = [ctx.cluster.link(a.node, b.node) for a, b in zip(spots, spots[1:])]
-    return ChainTiming([ctx.cost_model.timer(shape_of(ctx, s)) for s in spots], [h.latency for h in hops],
-                       [act / h.bandwidth for h in hops], micro_batches=micro_batches)
+    return ChainTiming(
+        [ctx.cost_model.timer(shape_of(ctx, s)) for s in spots],
+        [h.latency for h in hops],
+        [act / h.bandwidth for h in hops],
+        micro_batches=micro_batches,
+    )
 
 
-def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=None, micro_batches: int = 1,
-             kv_share: float = 1.0) -> Estimate:
+def estimate(
+    ctx: StrategyContext,
+    role: str,
+    spots: list[Spot],
+    *,
+    settings=None,
+    micro_batches: int = 1,
+    kv_share: float = 1.0,
+) -> Estimate:
     """Memory check and analytic capacity (requests/s) of one instance, as the planner computes it."""
     max_batch, max_tokens, _ = ctx.settings(role, micro_batches, settings)
     kv = math.inf
@@ -200,19 +224,24 @@ def estimate(ctx: StrategyContext, role: str, spots: list[Spot], *, settings=Non
             return Estimate(False, 0, None)
         kv = min(kv, mem.kv_capacity_tokens * kv_share)
     kv = int(kv)
-    if kv / micro_batches < ctx.prompt + ctx.output:        # each lane gets an equal share of the KV
+    if kv / micro_batches < ctx.prompt + ctx.output:  # each lane gets an equal share of the KV
         return Estimate(False, kv, None)
     ch = chain_timing(ctx, spots, micro_batches)
     if role == "prefill":
+
         def capacity(slo: SLO | None) -> Capacity:
             return prefill_capacity(ch, ctx.prompt, slo, max_tokens, max_batch=max_batch)
     elif role == "decode":
+
         def capacity(slo: SLO | None) -> Capacity:
             return decode_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, kv, ctx.output_q)
     else:
+
         def capacity(slo: SLO | None) -> Capacity:
-            return mixed_capacity(ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv,
-                                  output_q=ctx.output_q)
+            return mixed_capacity(
+                ch, ctx.prompt, ctx.output, slo, max_batch, max_tokens, kv, output_q=ctx.output_q
+            )
+
     return Estimate(True, kv, ch, capacity, ctx.capacity_slo)
 
 
@@ -244,18 +273,35 @@ class PlanWriter:
         while name in taken:
             name, k = f"{base}-{k}", k + 1
         bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
-        self.servers.append({"name": name, "node": s.node, "gpus": list(s.gpus), "layers": [s.start, s.end],
-                             "bits": bits})
+        self.servers.append(
+            {"name": name, "node": s.node, "gpus": list(s.gpus), "layers": [s.start, s.end], "bits": bits}
+        )
         self._server_of[s] = name
         return name
 
-    def instance(self, name: str, role: str, chain: list[Spot], *, settings=None, micro_batches: int = 1,
-                 kv_share: float | list[float] = 1.0, policy: str | None = None) -> str:
+    def instance(
+        self,
+        name: str,
+        role: str,
+        chain: list[Spot],
+        *,
+        settings=None,
+        micro_batches: int = 1,
+        kv_share: float | list[float] = 1.0,
+        policy: str | None = None,
+    ) -> str:
         """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server."""
         max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
         names = [self.server(s) for s in chain]
-        inst = {"name": name, "role": role, "chain": names, "max_batch_size": int(max_batch),
-                "max_batch_tokens": int(max_tokens), "chunk_size": chunk, "micro_batches": int(micro_batches)}
+        inst = {
+            "name": name,
+            "role": role,
+            "chain": names,
+            "max_batch_size": int(max_batch),
+            "max_batch_tokens": int(max_tokens),
+            "chunk_size": chunk,
+            "micro_batches": int(micro_batches),
+        }
         # rounded down, so that the shares of a server still add up to <= 1
         rounded = lambda x: max(math.floor(min(x, 1.0) * 1e4) / 1e4, 1e-4)
         if isinstance(kv_share, (list, tuple)):
@@ -274,9 +320,16 @@ class PlanWriter:
     def plan(self, routing: dict | None = None, notes: str = "") -> dict:
         if not self.instances:
             raise HetserveError(f"{self.name}: no instance could be placed on the cluster")
-        return {"version": 1, "name": self.name, "model": self.ctx.model_ref, "cluster": self.ctx.cluster_ref,
-                "servers": self.servers, "instances": self.instances,
-                "routing": routing or {"policy": "least-work"}, "notes": notes}
+        return {
+            "version": 1,
+            "name": self.name,
+            "model": self.ctx.model_ref,
+            "cluster": self.ctx.cluster_ref,
+            "servers": self.servers,
+            "instances": self.instances,
+            "routing": routing or {"policy": "least-work"},
+            "notes": notes,
+        }
 
 
 # ---- trial simulations -------------------------------------------------------------------------------
@@ -327,7 +380,11 @@ def best_by_trial(ctx: StrategyContext, designs, build) -> dict | None:
         plan = build(design)
         if plan is None:
             continue
-        sim_rate = rate * 1.2 if ctx.objective == "throughput" else (rate if ctx.objective == "goodput" else ctx.rate)
+        sim_rate = (
+            rate * 1.2
+            if ctx.objective == "throughput"
+            else (rate if ctx.objective == "goodput" else ctx.rate)
+        )
         score = trial_score(ctx.objective, trial(ctx, plan, sim_rate), sim_rate)
         if best is None or score > best[0]:
             best = (score, plan)

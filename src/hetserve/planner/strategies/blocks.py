@@ -6,6 +6,7 @@ ending at block e may hand a request to any server starting at e; a *chain* is a
 the last block. This module sizes servers (blocks that fit beside a cache reservation, time per block)
 and finds chains (the fastest path by Dijkstra, optionally with per-server extra costs).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -23,10 +24,10 @@ REF_BATCH = 1
 class BlockServer:
     node: str
     gpus: tuple[int, ...]
-    block_time: float            # seconds per decode token per block (batch REF_BATCH)
-    prefill_block_time: float    # seconds per prompt per block
-    usable: float                # bytes per GPU for weights + cache (after activations)
-    timer: ServerTimer           # one block at the chosen bits
+    block_time: float  # seconds per decode token per block (batch REF_BATCH)
+    prefill_block_time: float  # seconds per prompt per block
+    usable: float  # bytes per GPU for weights + cache (after activations)
+    timer: ServerTimer  # one block at the chosen bits
 
     @property
     def tp(self) -> int:
@@ -50,13 +51,27 @@ def block_servers(ctx: StrategyContext, bits: int) -> list[BlockServer]:
         timer = cm.timer(shape)
         kv = REF_BATCH * (P + O / 2 + 1)
         mem = cm.memory(ServerShape(node.gpu, tp, (), first=False, last=False), max_tokens, max_batch)
-        out.append(BlockServer(node.name, tuple(range(tp)), timer.time(REF_BATCH, REF_BATCH, kv, kv) / REF_BATCH,
-                               timer.time(P, 1, P * (P + 1) / 2, P), mem.usable - mem.activations, timer))
+        out.append(
+            BlockServer(
+                node.name,
+                tuple(range(tp)),
+                timer.time(REF_BATCH, REF_BATCH, kv, kv) / REF_BATCH,
+                timer.time(P, 1, P * (P + 1) / 2, P),
+                mem.usable - mem.activations,
+                timer,
+            )
+        )
     return out
 
 
-def blocks_that_fit(ctx: StrategyContext, srv: BlockServer, bits: int, cache_tokens: float, first: bool = False,
-                    last: bool = False) -> int:
+def blocks_that_fit(
+    ctx: StrategyContext,
+    srv: BlockServer,
+    bits: int,
+    cache_tokens: float,
+    first: bool = False,
+    last: bool = False,
+) -> int:
     """Blocks a server holds beside a cache reservation of ``cache_tokens`` tokens in every block."""
     m = ctx.model
     per_block = (m.layer_weight_bytes(bits) + cache_tokens * m.kv_bytes_per_token_layer(2)) / srv.tp
@@ -66,8 +81,13 @@ def blocks_that_fit(ctx: StrategyContext, srv: BlockServer, bits: int, cache_tok
     return max(0, min(m.num_layers, int(room // per_block)))
 
 
-def fastest_chain(ctx: StrategyContext, placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer],
-                  extra: dict[str, float] | None = None, usable: set[str] | None = None) -> list[str] | None:
+def fastest_chain(
+    ctx: StrategyContext,
+    placed: dict[str, tuple[int, int]],
+    servers: dict[str, BlockServer],
+    extra: dict[str, float] | None = None,
+    usable: set[str] | None = None,
+) -> list[str] | None:
     """Dijkstra from block 0 to the last block over servers whose ranges meet end to start; a server
     costs its blocks' decode time per token plus ``extra``; a hop costs the link's latency."""
     L = ctx.model.num_layers
@@ -102,8 +122,9 @@ def fastest_chain(ctx: StrategyContext, placed: dict[str, tuple[int, int]], serv
     return None
 
 
-def chain_spots(placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer], chain: list[str],
-                bits: int) -> list[Spot]:
+def chain_spots(
+    placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer], chain: list[str], bits: int
+) -> list[Spot]:
     return [spot(n, servers[n].gpus, *placed[n], bits) for n in chain]
 
 

@@ -31,6 +31,7 @@ order of that estimate on the workload while the time limit lasts (at most 48; m
 decides), for each one-precision width the quality budget allows at which the servers hold the model
 (the paper's setting uses 4-bit NF4 blocks). One server per node.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,14 +85,16 @@ class ChainComposition(Strategy):
         job_tokens = ctx.prompt + ctx.output
         widest = uniform_bits_for(ctx, job_tokens)
         if widest is None:
-            raise HetserveError(f"chain: the servers of {ctx.cluster.name} do not hold {m.name} with one job's "
-                                "cache at any precision the quality budget allows; add GPUs or raise the "
-                                "quality budget")
+            raise HetserveError(
+                f"chain: the servers of {ctx.cluster.name} do not hold {m.name} with one job's "
+                "cache at any precision the quality budget allows; add GPUs or raise the "
+                "quality budget"
+            )
         found = []
         for bits in [b for b in ctx.uniform_bit_choices() if b <= widest]:
             servers = {s.node: s for s in block_servers(ctx, bits)}
             for c in range(1, MAX_RESERVATION + 1):
-                seen: list[dict] = []                       # the stopping rules may place the same servers
+                seen: list[dict] = []  # the stopping rules may place the same servers
                 for target in UTILISATION_TARGETS:
                     placed = self.gbp_cr(ctx, servers, bits, c, target)
                     if not placed or placed in seen:
@@ -99,14 +102,17 @@ class ChainComposition(Strategy):
                     seen.append(placed)
                     alloc = self.gca(ctx, servers, placed, bits, c)
                     if alloc:
-                        found.append((self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed,
-                                      alloc))
+                        found.append(
+                            (self.response_time(ctx, servers, placed, alloc), bits, c, servers, placed, alloc)
+                        )
         if not found:
-            raise HetserveError(f"chain: no complete chain of {m.name}'s {m.num_layers} blocks with room for its "
-                                f"longer requests fits on {ctx.cluster.name}")
+            raise HetserveError(
+                f"chain: no complete chain of {m.name}'s {m.num_layers} blocks with room for its "
+                f"longer requests fits on {ctx.cluster.name}"
+            )
         found.sort(key=lambda x: x[0])
         best = None
-        for t, bits, c, servers, placed, alloc in found[:SIMULATED]:      # the best estimates, by simulation
+        for t, bits, c, servers, placed, alloc in found[:SIMULATED]:  # the best estimates, by simulation
             plan = self._plan(ctx, t, bits, c, servers, placed, alloc)
             s = trial(ctx, plan, ctx.rate)
             mean = s["e2e_mean_s"] if s is not None else math.inf
@@ -120,14 +126,21 @@ class ChainComposition(Strategy):
         writer = PlanWriter(ctx, f"chain-{ctx.model.name}")
         _, max_tokens, chunk = SETTINGS["mixed"]
         for i, (ch, slots, share) in enumerate(alloc):
-            writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
-                            settings=(slots, max_tokens, chunk), micro_batches=self._lanes(ctx, ch, slots),
-                            kv_share=share)
+            writer.instance(
+                f"chain-{i}",
+                "mixed",
+                chain_spots(placed, servers, ch, bits),
+                settings=(slots, max_tokens, chunk),
+                micro_batches=self._lanes(ctx, ch, slots),
+                kv_share=share,
+            )
         used = {n for ch, _, _ in alloc for n in ch}
-        return writer.plan({"policy": "jffc"},
-                           notes=f"Chain-composition baseline: cache reservation c={c}, {len(used)} servers at "
-                                 f"{bits}-bit, {len(alloc)} chains with {sum(s for _, s, _ in alloc)} job slots, "
-                                 f"estimated mean response {t:.2f} s.")
+        return writer.plan(
+            {"policy": "jffc"},
+            notes=f"Chain-composition baseline: cache reservation c={c}, {len(used)} servers at "
+            f"{bits}-bit, {len(alloc)} chains with {sum(s for _, s, _ in alloc)} job slots, "
+            f"estimated mean response {t:.2f} s.",
+        )
 
     # ---- GBP-CR ---------------------------------------------------------------------------------------
     @classmethod
@@ -149,14 +162,17 @@ class ChainComposition(Strategy):
         for a, n in enumerate(ch):
             span = placed[n][1] - placed[n][0]
             srv = servers[n]
-            stages.append(span * (per_lane * srv.prefill_block_time
-                                  + ctx.output * srv.decode_block_time(per_lane, context)))
+            stages.append(
+                span
+                * (per_lane * srv.prefill_block_time + ctx.output * srv.decode_block_time(per_lane, context))
+            )
             if a:
                 trip += (ctx.output + 1) * ctx.cluster.link(ch[a - 1], n).latency
         return max(trip + sum(stages), lanes * max(stages))
 
-    def gbp_cr(self, ctx, servers: dict[str, BlockServer], bits: int, c: int,
-               target: float) -> dict[str, tuple[int, int]]:
+    def gbp_cr(
+        self, ctx, servers: dict[str, BlockServer], bits: int, c: int, target: float
+    ) -> dict[str, tuple[int, int]]:
         L = ctx.model.num_layers
         tokens = c * (ctx.prompt + ctx.output)
         order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
@@ -167,7 +183,7 @@ class ChainComposition(Strategy):
         for srv in order:
             k = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0, last=True)
             k_mid = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0)
-            k = k if pos + k_mid >= L else k_mid          # the last server of a chain also holds the head
+            k = k if pos + k_mid >= L else k_mid  # the last server of a chain also holds the head
             if k < 1:
                 continue
             end = min(pos + k, L)
@@ -177,10 +193,13 @@ class ChainComposition(Strategy):
             if pos == L:
                 complete.append(chain)
                 chain, pos = [], 0
-                if target > 0 and target * sum(c / self._service(ctx, servers, placed, ch, c)
-                                               for ch in complete) >= ctx.rate:
+                if (
+                    target > 0
+                    and target * sum(c / self._service(ctx, servers, placed, ch, c) for ch in complete)
+                    >= ctx.rate
+                ):
                     break
-        for n in chain:                                   # an unfinished chain serves nobody
+        for n in chain:  # an unfinished chain serves nobody
             del placed[n]
         return placed
 
@@ -215,11 +234,11 @@ class ChainComposition(Strategy):
             ch = fastest_chain(ctx, placed, servers, usable=usable)
             if ch is None:
                 return out
-            if any(ch == other for other, _, _ in out):   # a chain is allocated once (at most c slots)
+            if any(ch == other for other, _, _ in out):  # a chain is allocated once (at most c slots)
                 banned.add(min(ch, key=lambda n: left[n]))
                 continue
             slots = min(c, min(left[n] for n in ch))
-            if slots < least:                  # the reservation holds no long request: this c cannot serve
+            if slots < least:  # the reservation holds no long request: this c cannot serve
                 return out
             for n in ch:
                 left[n] -= slots
@@ -230,7 +249,7 @@ class ChainComposition(Strategy):
         lam = ctx.rate
         chains = sorted((self._service(ctx, servers, placed, ch, slots), slots) for ch, slots, _ in alloc)
         used, cap = [], 0.0
-        for t, slots in chains:                            # JFFC fills the fastest slots first
+        for t, slots in chains:  # JFFC fills the fastest slots first
             used.append((t, slots))
             cap += slots / t
             if cap * TARGET_UTILISATION >= lam:

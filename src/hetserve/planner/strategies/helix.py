@@ -21,6 +21,7 @@ requests are spread over the chains in proportion to their flows, which gives ev
 share of next hops as Helix's per-hop weighted routing. A machine on several chains is shared: each
 chain gets a KV share in proportion to its flow there. Plain 16-bit weights; colocated instances.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,8 @@ MIN_SPAN_SHARE = 0.5
 class Machine:
     node: str
     gpus: tuple[int, ...]
-    caps: list[float]            # caps[k-1]: requests/s when holding k layers
-    kind: tuple                  # (GPU, GPUs per node, zone): identical machines share it
+    caps: list[float]  # caps[k-1]: requests/s when holding k layers
+    kind: tuple  # (GPU, GPUs per node, zone): identical machines share it
 
     @property
     def kmax(self) -> int:
@@ -65,11 +66,11 @@ class Machine:
 class HelixPlacement:
     """What the MILP chose (kept for inspection and tests)."""
 
-    ranges: dict[str, tuple[int, int]]          # node -> [start, end)
-    flows: dict[tuple[str, str], float]         # edge -> requests/s ("source"/"sink" at the ends)
+    ranges: dict[str, tuple[int, int]]  # node -> [start, end)
+    flows: dict[tuple[str, str], float]  # edge -> requests/s ("source"/"sink" at the ends)
     max_flow: float
-    step: int = 1                               # layer granularity of starts and ends
-    gap: float | None = None                    # MILP optimality gap at the time limit
+    step: int = 1  # layer granularity of starts and ends
+    gap: float | None = None  # MILP optimality gap at the time limit
 
 
 class Helix(Strategy):
@@ -82,7 +83,7 @@ class Helix(Strategy):
     def machines(self, ctx: StrategyContext) -> list[Machine]:
         m, cm = ctx.model, ctx.cost_model
         P, O = ctx.prompt, ctx.output
-        max_batch, max_tokens, _ = ctx.settings("mixed")          # a machine's batch, within the engine's limit
+        max_batch, max_tokens, _ = ctx.settings("mixed")  # a machine's batch, within the engine's limit
         out = []
         for node in ctx.cluster.nodes.values():
             tp = tp_choices(node.count, m)[-1]
@@ -112,14 +113,20 @@ class Helix(Strategy):
         L = m.num_layers
         machines = self.machines(ctx)
         if sum(x.kmax for x in machines) < L:
-            raise HetserveError(f"helix: the machines of {ctx.cluster.name} hold {sum(x.kmax for x in machines)} "
-                                f"layers of {m.name} within half of their memory, fewer than its {L}; add GPUs")
+            raise HetserveError(
+                f"helix: the machines of {ctx.cluster.name} hold {sum(x.kmax for x in machines)} "
+                f"layers of {m.name} within half of their memory, fewer than its {L}; add GPUs"
+            )
         per_request = (ctx.prompt + ctx.output) * m.hidden_size * 2.0
-        placement = self._solve(ctx, machines, per_request, min(MILP_SECONDS, max(2.0, ctx.time_left() * 0.8)))
+        placement = self._solve(
+            ctx, machines, per_request, min(MILP_SECONDS, max(2.0, ctx.time_left() * 0.8))
+        )
         self.last = placement
         if placement is None or placement.max_flow <= 0:
-            raise HetserveError(f"helix: the placement MILP found no source-to-sink flow for {m.name} on "
-                                f"{ctx.cluster.name} within {ctx.time_limit:g} s")
+            raise HetserveError(
+                f"helix: the placement MILP found no source-to-sink flow for {m.name} on "
+                f"{ctx.cluster.name} within {ctx.time_limit:g} s"
+            )
         paths = decompose(placement.flows)
         through: dict[str, float] = {}
         for path, f in paths:
@@ -131,17 +138,23 @@ class Helix(Strategy):
         for i, (path, f) in enumerate(paths):
             chain = [spot(n, gpus[n], *placement.ranges[n]) for n in path]
             lanes = max(1, min(len(chain), 4))
-            name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes,
-                                   kv_share=[f / through[n] for n in path])
+            name = writer.instance(
+                f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=[f / through[n] for n in path]
+            )
             weights[name] = round(f, 6)
         routing = {"policy": "weighted", "weights": weights}
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}"
-        return writer.plan(routing, notes=f"Helix baseline: max flow {placement.max_flow:.3f} req/s over "
-                                          f"{len(paths)} chains on {len(through)} machines (layer grid "
-                                          f"{placement.step}{gap}).")
+        return writer.plan(
+            routing,
+            notes=f"Helix baseline: max flow {placement.max_flow:.3f} req/s over "
+            f"{len(paths)} chains on {len(through)} machines (layer grid "
+            f"{placement.step}{gap}).",
+        )
 
     # ---- the MILP --------------------------------------------------------------------------------------
-    def _solve(self, ctx, machines: list[Machine], per_request: float, time_limit: float) -> HelixPlacement | None:
+    def _solve(
+        self, ctx, machines: list[Machine], per_request: float, time_limit: float
+    ) -> HelixPlacement | None:
         """Max-flow placement. Identical machines (same GPU, node size and zone) are one class, so the
         MILP counts machines per (class, start, end) instead of labelling them (the labels are
         symmetric); flow is conserved per (zone, vendor) at every layer boundary, may cross between
@@ -183,9 +196,9 @@ class Helix(Strategy):
             lo.append(lb), hi.append(ub)
 
         ys = [key for key in col if key[0] == "y"]
-        for t, kind in enumerate(kinds):                                  # machines per class
+        for t, kind in enumerate(kinds):  # machines per class
             add([(key, 1) for key in ys if key[1] == t], 0, len(classes[kind]))
-        for key in ys:                                                    # a server's throughput
+        for key in ys:  # a server's throughput
             _, t, s, e = key
             add([(("g", t, s, e), 1), (key, -classes[kinds[t]][0].caps[e - s - 1])], -np.inf, 0)
         ending: dict[tuple, list] = {}
@@ -193,7 +206,7 @@ class Helix(Strategy):
         for _, t, s, e in ys:
             ending.setdefault((e, group[kinds[t]]), []).append(("g", t, s, e))
             starting.setdefault((s, group[kinds[t]]), []).append(("g", t, s, e))
-        for r in cuts[1:-1]:                                              # conservation per (zone, vendor)
+        for r in cuts[1:-1]:  # conservation per (zone, vendor)
             for gr in groups:
                 terms = [(key, 1) for key in ending.get((r, gr), [])]
                 terms += [(key, -1) for key in starting.get((r, gr), [])]
@@ -205,21 +218,24 @@ class Helix(Strategy):
         for a, b in crossings:
             if a[0] != b[0]:
                 zone_pairs.setdefault((a[0], b[0]), []).append((a, b))
-        for (za, zb), members in zone_pairs.items():                      # links between zones
+        for (za, zb), members in zone_pairs.items():  # links between zones
             na = next(classes[k][0].node for k in kinds if k[2] == za)
             nb = next(classes[k][0].node for k in kinds if k[2] == zb)
             link = ctx.cluster.link(na, nb)
-            add([(("h", r, a, b), 1) for r in cuts[1:-1] for a, b in members], 0,
-                link.bandwidth / per_request * min(zone_nodes[za], zone_nodes[zb]))
+            add(
+                [(("h", r, a, b), 1) for r in cuts[1:-1] for a, b in members],
+                0,
+                link.bandwidth / per_request * min(zone_nodes[za], zone_nodes[zb]),
+            )
         c = np.zeros(nv)
         for key in ys:
             _, t, s, e = key
             if e == L:
                 c[col[("g", t, s, e)]] = -1.0
-            c[col[key]] = 1e-6                       # among equal flows, fewer machines
+            c[col[key]] = 1e-6  # among equal flows, fewer machines
         for key, k in col.items():
             if key[0] == "h":
-                c[k] = 1e-3                          # and fewer crossings between zones
+                c[k] = 1e-3  # and fewer crossings between zones
         integrality = np.zeros(nv)
         ub = np.full(nv, np.inf)
         for key in ys:
@@ -227,9 +243,13 @@ class Helix(Strategy):
             ub[col[key]] = len(classes[kinds[key[1]]])
         ij = np.array(list(entries), dtype=int).reshape(-1, 2)
         a = coo_array((np.array(list(entries.values())), (ij[:, 0], ij[:, 1])), shape=(len(lo), nv)).tocsr()
-        res = milp(c, constraints=LinearConstraint(a, lo, hi), integrality=integrality,
-                   bounds=Bounds(np.zeros(nv), ub),
-                   options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MILP_GAP})
+        res = milp(
+            c,
+            constraints=LinearConstraint(a, lo, hi),
+            integrality=integrality,
+            bounds=Bounds(np.zeros(nv), ub),
+            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MILP_GAP},
+        )
         if res.x is None or res.status not in (0, 1):
             return None
         x = res.x
@@ -248,8 +268,13 @@ class Helix(Strategy):
                     server_flow[mach.node] = g / n
         flows = self._edges(ctx, ranges, server_flow, L)
         gap = getattr(res, "mip_gap", None)
-        return HelixPlacement(ranges, flows, float(sum(f for (a, b), f in flows.items() if b == "sink")),
-                              step, None if gap is None else float(gap))
+        return HelixPlacement(
+            ranges,
+            flows,
+            float(sum(f for (a, b), f in flows.items() if b == "sink")),
+            step,
+            None if gap is None else float(gap),
+        )
 
     @staticmethod
     def _shortest(kmax: int) -> int:
@@ -261,8 +286,15 @@ class Helix(Strategy):
         step = 1
         while True:
             cuts = sorted(set(range(0, L, step)) | {L})
-            arcs = sum(sum(1 for s in cuts[:-1] for e in cuts
-                           if s + self._shortest(k) <= e <= s + k or (e == L and s < e <= s + k)) for k in kmax)
+            arcs = sum(
+                sum(
+                    1
+                    for s in cuts[:-1]
+                    for e in cuts
+                    if s + self._shortest(k) <= e <= s + k or (e == L and s < e <= s + k)
+                )
+                for k in kmax
+            )
             if arcs <= MAX_ARCS or step >= L:
                 return step
             step += 1

@@ -25,6 +25,7 @@ HexGen's scheduler has two levels, and so does this strategy:
 A group never spans vendors. Requests are routed to the replicas with weights equal to their capacities
 (HexGen's dispatch in proportion to each group's serving capacity).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,11 +39,11 @@ from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 
 POPULATION = 24
 GENERATIONS = 200
-STALL = 40                 # generations without a better genome before the search stops
+STALL = 40  # generations without a better genome before the search stops
 TOURNAMENT = 3
 ELITE = 2
 MAX_TP_COMBOS = 24
-SEARCH_SHARE = 0.6        # of the time limit spent evolving
+SEARCH_SHARE = 0.6  # of the time limit spent evolving
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Unit:
 @dataclass
 class Group:
     spots: list[Spot]
-    rate: float                # requests/s for the objective
+    rate: float  # requests/s for the objective
     price: float
     idle_w: float
 
@@ -80,9 +81,12 @@ class GroupPlanner:
         self.batch = 16
         ctxlen = p + o / 2
         # a mixed step: one decode step of the batch plus its share of the prompts' prefill
-        self.step = (self.batch + self.batch * p / o, self.batch,
-                     self.batch * (ctxlen + 1) + self.batch / o * p * (p + 1) / 2,
-                     self.batch * (ctxlen + 1) + self.batch / o * p)
+        self.step = (
+            self.batch + self.batch * p / o,
+            self.batch,
+            self.batch * (ctxlen + 1) + self.batch / o * p * (p + 1) / 2,
+            self.batch * (ctxlen + 1) + self.batch / o * p,
+        )
 
     def group(self, units: tuple[Unit, ...]) -> Group | None:
         key = tuple(sorted((u.node, u.gpus) for u in units))
@@ -111,7 +115,7 @@ class GroupPlanner:
             for n, tp in zip(order, combo):
                 gpus = sorted(per_node[n])
                 for k in range(len(gpus) // tp):
-                    stages.append((n, tuple(gpus[k * tp:(k + 1) * tp])))
+                    stages.append((n, tuple(gpus[k * tp : (k + 1) * tp])))
             if len(stages) > ctx.model.num_layers:
                 continue
             spans = self._split(stages)
@@ -120,8 +124,12 @@ class GroupPlanner:
             spots = [spot(n, g, a, b, 16) for (n, g), (a, b) in zip(stages, spans)]
             rate = self._rate(spots)
             if rate > 0 and (best is None or rate > best.rate):
-                best = Group(spots, rate, sum(nodes[s.node].gpu.price_per_hour * s.tp for s in spots),
-                             sum(nodes[s.node].gpu.idle_watts * s.tp for s in spots))
+                best = Group(
+                    spots,
+                    rate,
+                    sum(nodes[s.node].gpu.price_per_hour * s.tp for s in spots),
+                    sum(nodes[s.node].gpu.idle_watts * s.tp for s in spots),
+                )
         return best
 
     def _rate(self, spots: list[Spot]) -> float:
@@ -142,8 +150,11 @@ class GroupPlanner:
             cap.append(int(room // self.layer_bytes) if room > 0 else 0)
             one = ctx.cost_model.timer(ServerShape(gpu, tp, (16,), first=False, last=False)).time(*self.step)
             cost.append(one)
-            extra.append(ctx.cost_model.timer(ServerShape(gpu, tp, (), first=False, last=last)).time(*self.step)
-                         if last else 0.0)
+            extra.append(
+                ctx.cost_model.timer(ServerShape(gpu, tp, (), first=False, last=last)).time(*self.step)
+                if last
+                else 0.0
+            )
         if min(cap) < 1 or sum(cap) < L:
             return None
 
@@ -160,7 +171,7 @@ class GroupPlanner:
                 lo = mid
         counts = most(hi)
         excess = sum(counts) - L
-        while excess > 0:          # give back layers where a stage has the most slack
+        while excess > 0:  # give back layers where a stage has the most slack
             s = max((s for s in range(S) if counts[s] > 1), key=lambda s: (counts[s] * cost[s], s))
             counts[s] -= 1
             excess -= 1
@@ -173,7 +184,9 @@ class GroupPlanner:
 
 class HexGen(Strategy):
     name = "hexgen"
-    summary = "replicas of asymmetric TP/PP pipelines over mixed GPUs by evolutionary search; 16-bit; no P/D split"
+    summary = (
+        "replicas of asymmetric TP/PP pipelines over mixed GPUs by evolutionary search; 16-bit; no P/D split"
+    )
 
     def plan(self, ctx: StrategyContext) -> dict:
         if not ctx.model.num_layers:
@@ -195,8 +208,11 @@ class HexGen(Strategy):
             good = [g for g in gs if g is not None]
             rate = sum(g.rate for g in good)
             # units in a group that yields nothing are paid for nothing: count them in the price
-            price = sum(ctx.cluster.nodes[u.node].gpu.price_per_hour * len(u.gpus)
-                        for u, g in zip(units, genome) if g >= 0)
+            price = sum(
+                ctx.cluster.nodes[u.node].gpu.price_per_hour * len(u.gpus)
+                for u, g in zip(units, genome)
+                if g >= 0
+            )
             idle = sum(g.idle_w for g in good)
             if ctx.objective in ("throughput", "goodput"):
                 over = max(0.0, price - ctx.budget) if ctx.budget is not None else 0.0
@@ -235,18 +251,28 @@ class HexGen(Strategy):
         groups = [gp.group(g) for g in groups_of(best)]
         groups = [g for g in groups if g is not None]
         if not groups:
-            raise HetserveError(f"hexgen: no group of GPUs in {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
-                                "(HexGen does not quantise); add GPUs or use a smaller model")
+            raise HetserveError(
+                f"hexgen: no group of GPUs in {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
+                "(HexGen does not quantise); add GPUs or use a smaller model"
+            )
         groups = sorted(groups, key=lambda g: -g.rate)
         writer = PlanWriter(ctx, f"hexgen-{ctx.model.name}")
         weights = {}
         for i, g in enumerate(groups):
-            weights[writer.instance(f"replica-{i}", "mixed", g.spots, micro_batches=len(g.spots))] = max(round(g.rate, 4), 1e-4)
-        desc = "; ".join(" -> ".join(f"{ctx.cluster.nodes[s.node].gpu.name} TP{s.tp} x{s.layers}L" for s in g.spots)
-                         + f" ({g.rate:.2f} req/s)" for g in groups)
+            weights[writer.instance(f"replica-{i}", "mixed", g.spots, micro_batches=len(g.spots))] = max(
+                round(g.rate, 4), 1e-4
+            )
+        desc = "; ".join(
+            " -> ".join(f"{ctx.cluster.nodes[s.node].gpu.name} TP{s.tp} x{s.layers}L" for s in g.spots)
+            + f" ({g.rate:.2f} req/s)"
+            for g in groups
+        )
         routing = {"policy": "weighted", "weights": weights} if len(groups) > 1 else {"policy": "least-work"}
-        return writer.plan(routing, notes=f"HexGen baseline: {len(groups)} replicas, requests dispatched in "
-                                          f"proportion to their capacities: {desc}.")
+        return writer.plan(
+            routing,
+            notes=f"HexGen baseline: {len(groups)} replicas, requests dispatched in "
+            f"proportion to their capacities: {desc}.",
+        )
 
     @staticmethod
     def _seed_genome(units: list[Unit], rng: random.Random, k: int, ctx: StrategyContext) -> list[int]:
@@ -271,22 +297,22 @@ class HexGen(Strategy):
         new_id = (max(used) + 1) if used else 0
         kind = rng.random()
         i = rng.randrange(len(g))
-        if kind < 0.3:                                    # move a unit
+        if kind < 0.3:  # move a unit
             g[i] = rng.choice(used + [new_id, -1]) if used else new_id
-        elif kind < 0.4:                                  # rejoin the unit's node: its other units follow it
+        elif kind < 0.4:  # rejoin the unit's node: its other units follow it
             for j, u in enumerate(units):
                 if u.node == units[i].node:
                     g[j] = g[i]
-        elif kind < 0.55 and len(used) >= 2:              # merge two groups
+        elif kind < 0.55 and len(used) >= 2:  # merge two groups
             a, b = rng.sample(used, 2)
             g = [a if x == b else x for x in g]
-        elif kind < 0.75 and used:                        # split a group
+        elif kind < 0.75 and used:  # split a group
             a = rng.choice(used)
             members = [j for j, x in enumerate(g) if x == a]
             if len(members) >= 2:
                 for j in rng.sample(members, len(members) // 2):
                     g[j] = new_id
-        else:                                             # swap two units' groups
+        else:  # swap two units' groups
             j = rng.randrange(len(g))
             g[i], g[j] = g[j], g[i]
         return g

@@ -7,6 +7,7 @@ when no GPU type holds the model at 16 bits). For every GPU type the allocation 
 of replicas (and the TP degree) for the objective within the budget; the type with the best analytic
 objective wins. Requests go to the replica with the least outstanding work.
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError
@@ -26,17 +27,31 @@ class Homogeneous(Strategy):
             if best is not None:
                 gpu, templates, alloc = best
                 try:
-                    plan = build_plan(ctx.cluster, ctx.cluster_ref, ctx.model, templates, alloc, ctx.prompt,
-                                      f"homogeneous-{gpu}", "least-work")
+                    plan = build_plan(
+                        ctx.cluster,
+                        ctx.cluster_ref,
+                        ctx.model,
+                        templates,
+                        alloc,
+                        ctx.prompt,
+                        f"homogeneous-{gpu}",
+                        "least-work",
+                    )
                 except PlacementError as exc:
-                    raise HetserveError(f"homogeneous: replicas on {gpu} do not pack into its nodes: {exc}") from None
+                    raise HetserveError(
+                        f"homogeneous: replicas on {gpu} do not pack into its nodes: {exc}"
+                    ) from None
                 plan["model"] = ctx.model_ref
-                plan["notes"] = (f"Homogeneous baseline: {sum(alloc.counts.values())} replicas on {gpu} "
-                                 f"(${alloc.price:.2f}/h).")
+                plan["notes"] = (
+                    f"Homogeneous baseline: {sum(alloc.counts.values())} replicas on {gpu} "
+                    f"(${alloc.price:.2f}/h)."
+                )
                 return plan
         within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
-        raise HetserveError(f"homogeneous: no single GPU type of {ctx.cluster.name} holds a replica of "
-                            f"{ctx.model.name} that serves the workload{within}; it needs a heterogeneous plan")
+        raise HetserveError(
+            f"homogeneous: no single GPU type of {ctx.cluster.name} holds a replica of "
+            f"{ctx.model.name} that serves the workload{within}; it needs a heterogeneous plan"
+        )
 
     def _best(self, ctx: StrategyContext, quality: float):
         factory = ctx.factory(quality)
@@ -50,13 +65,21 @@ class Homogeneous(Strategy):
             if not templates:
                 continue
             fewest = min(len(t.stages) for t in templates)
-            templates = [t for t in templates if len(t.stages) == fewest]      # replicas: no needless pipelines
-            alloc = solve(templates, {p.key: p.total for p in pools}, ctx.objective, rate=ctx.rate,
-                          budget=ctx.budget, time_limit=max(1.0, ctx.time_limit / 10), roles={"mixed"})
+            templates = [t for t in templates if len(t.stages) == fewest]  # replicas: no needless pipelines
+            alloc = solve(
+                templates,
+                {p.key: p.total for p in pools},
+                ctx.objective,
+                rate=ctx.rate,
+                budget=ctx.budget,
+                time_limit=max(1.0, ctx.time_limit / 10),
+                roles={"mixed"},
+            )
             if alloc is None:
                 continue
-            better = best is None or (alloc.objective > best[2].objective if sense == "max"
-                                      else alloc.objective < best[2].objective)
+            better = best is None or (
+                alloc.objective > best[2].objective if sense == "max" else alloc.objective < best[2].objective
+            )
             if better:
                 best = (gpu, templates, alloc)
         return best

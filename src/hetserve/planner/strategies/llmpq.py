@@ -25,6 +25,7 @@ micro-batch sizes are chosen by enumeration on the chosen partition. If the batc
 fit, smaller batches are planned for (16, 8, 4). One pipeline per cluster: if the cluster has several
 vendors, the vendor with the most GPU memory is used (a pipeline never spans vendors).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -54,13 +55,18 @@ QUALITY_WEIGHT = 0.05
 
 class LLMPQ(Strategy):
     name = "llm-pq"
-    summary = "one pipeline over all GPUs; per-layer bits and phase-aware partition by MILP; micro-batch sizing"
+    summary = (
+        "one pipeline over all GPUs; per-layer bits and phase-aware partition by MILP; micro-batch sizing"
+    )
 
     def plan(self, ctx: StrategyContext) -> dict:
-        vendor = max(sorted({n.gpu.vendor for n in ctx.cluster.nodes.values()}),
-                     key=lambda v: sum(n.gpu.memory_gb * n.count for n in ctx.cluster.nodes.values()
-                                       if n.gpu.vendor == v))
-        devices = node_gpus(ctx, vendor)[:ctx.model.num_layers]
+        vendor = max(
+            sorted({n.gpu.vendor for n in ctx.cluster.nodes.values()}),
+            key=lambda v: sum(
+                n.gpu.memory_gb * n.count for n in ctx.cluster.nodes.values() if n.gpu.vendor == v
+            ),
+        )
+        devices = node_gpus(ctx, vendor)[: ctx.model.num_layers]
         best = None
         orders = self._orders(ctx, devices)
         for batch in (BATCH,) + FALLBACK_BATCHES:
@@ -69,7 +75,9 @@ class LLMPQ(Strategy):
                     break
                 for b_pre in (2, 1):
                     per_milp = min(MILP_SECONDS, max(0.5, ctx.time_left() / (2 * len(orders))))
-                    sol = self._solve(ctx, order, b_pre, self._decode_micro(len(order), batch), batch, per_milp)
+                    sol = self._solve(
+                        ctx, order, b_pre, self._decode_micro(len(order), batch), batch, per_milp
+                    )
                     if sol is not None:
                         break
                 if sol is not None and (best is None or sol[0] < best[0]):
@@ -77,20 +85,26 @@ class LLMPQ(Strategy):
             if best is not None:
                 break
         if best is None:
-            raise HetserveError(f"llm-pq: {ctx.model.name} does not fit in one pipeline over the {vendor} GPUs "
-                                f"of {ctx.cluster.name} with bits in {list(BITS)} within the quality budget "
-                                f"{ctx.quality:g}; raise the quality budget or add GPUs")
+            raise HetserveError(
+                f"llm-pq: {ctx.model.name} does not fit in one pipeline over the {vendor} GPUs "
+                f"of {ctx.cluster.name} with bits in {list(BITS)} within the quality budget "
+                f"{ctx.quality:g}; raise the quality budget or add GPUs"
+            )
         _, order, spans, bits, batch = best
         chain = [spot(n, [g], a, b, tuple(bits[a:b])) for (n, g), (a, b) in zip(order, spans)]
         settings, lanes = self._micro_batches(ctx, chain, batch)
         writer = PlanWriter(ctx, f"llm-pq-{ctx.model.name}")
-        writer.instance("pipeline", "mixed", chain, settings=settings, micro_batches=lanes, policy="prefill-first")
+        writer.instance(
+            "pipeline", "mixed", chain, settings=settings, micro_batches=lanes, policy="prefill-first"
+        )
         used = sorted(set(bits))
-        return writer.plan({"policy": "least-work"},
-                           notes=f"LLM-PQ baseline: {len(chain)} stages, bits {used}, layers "
-                                 f"{[s.layers for s in chain]}, micro-batches {lanes}, prefill micro-batch "
-                                 f"{settings[1] // max(int(ctx.prompt), 1)} prompts, decode micro-batch "
-                                 f"{settings[0] // lanes} sequences.")
+        return writer.plan(
+            {"policy": "least-work"},
+            notes=f"LLM-PQ baseline: {len(chain)} stages, bits {used}, layers "
+            f"{[s.layers for s in chain]}, micro-batches {lanes}, prefill micro-batch "
+            f"{settings[1] // max(int(ctx.prompt), 1)} prompts, decode micro-batch "
+            f"{settings[0] // lanes} sequences.",
+        )
 
     # ---- device orders and micro-batches --------------------------------------------------------
     @staticmethod
@@ -127,7 +141,7 @@ class LLMPQ(Strategy):
             tokens = max(int(b_pre * ctx.prompt), 1)
             d = self._decode_micro(S, batch)
             for b_dec in sorted({d, max(1, d // 2), d * 2}):
-                settings = (b_dec * S, tokens, tokens)     # prompts chunked to the micro-batch
+                settings = (b_dec * S, tokens, tokens)  # prompts chunked to the micro-batch
                 if not all(memory_of(ctx, s, "mixed", settings).fits for s in chain):
                     continue
                 t = self._batch_time(ctx, chain, b_pre, b_dec, batch)
@@ -184,25 +198,57 @@ class LLMPQ(Strategy):
         ref = w_pre * t_pre[:, 0].mean() * L / S + w_dec * t_dec[:, 0].mean() * L / S
         theta = QUALITY_WEIGHT * ref / (max(ctx.quality, 0.05) * 16 * L)
         budget = ctx.quality * 16 * sum(sens)
-        sigma = np.ones(S)               # sensitivity of the layers each stage quantises (refined below)
+        sigma = np.ones(S)  # sensitivity of the layers each stage quantises (refined below)
         for _ in range(3):
-            sol = self._milp(S, L, bits, wbytes, kv_layer, cap, t_pre, t_dec, extra_pre, extra_dec, w_pre, w_dec,
-                             theta, sigma, budget, time_limit)
+            sol = self._milp(
+                S,
+                L,
+                bits,
+                wbytes,
+                kv_layer,
+                cap,
+                t_pre,
+                t_dec,
+                extra_pre,
+                extra_dec,
+                w_pre,
+                w_dec,
+                theta,
+                sigma,
+                budget,
+                time_limit,
+            )
             if sol is None:
                 return None
             value, counts = sol
             spans, layer_bits = self._layout(counts, bits, sens)
             if sum(sens[l] * (16 - b) for l, b in enumerate(layer_bits)) <= budget + 1e-9:
                 return value, order, spans, layer_bits, batch
-            for s, (a, b) in enumerate(spans):       # the exact sensitivity of what each stage quantised
+            for s, (a, b) in enumerate(spans):  # the exact sensitivity of what each stage quantised
                 q = [sens[l] for l in range(a, b) if layer_bits[l] < 16]
                 if q:
                     sigma[s] = max(sigma[s], sum(q) / len(q))
         return None
 
     @staticmethod
-    def _milp(S, L, bits, wbytes, kv_layer, cap, t_pre, t_dec, extra_pre, extra_dec, w_pre, w_dec, theta, sigma, budget,
-              time_limit):
+    def _milp(
+        S,
+        L,
+        bits,
+        wbytes,
+        kv_layer,
+        cap,
+        t_pre,
+        t_dec,
+        extra_pre,
+        extra_dec,
+        w_pre,
+        w_dec,
+        theta,
+        sigma,
+        budget,
+        time_limit,
+    ):
         """Layers per (stage, bits): integer n[s, b]; T_pre, T_dec bound every stage's time."""
         B = len(bits)
         nv = S * B + 2
@@ -213,38 +259,42 @@ class LLMPQ(Strategy):
             return np.zeros(nv)
 
         r = row()
-        r[:S * B] = 1
-        rows.append(r), lo.append(L), hi.append(L)                 # every layer once
+        r[: S * B] = 1
+        rows.append(r), lo.append(L), hi.append(L)  # every layer once
         for s in range(S):
             cols = slice(s * B, (s + 1) * B)
             r = row()
             r[cols] = 1
-            rows.append(r), lo.append(1), hi.append(np.inf)           # every GPU is a stage
+            rows.append(r), lo.append(1), hi.append(np.inf)  # every GPU is a stage
             r = row()
             r[cols] = (wbytes + kv_layer) / 1e9
-            rows.append(r), lo.append(-np.inf), hi.append(cap[s] / 1e9)     # memory, GB
+            rows.append(r), lo.append(-np.inf), hi.append(cap[s] / 1e9)  # memory, GB
             for T, t, extra in ((T_PRE, t_pre, extra_pre), (T_DEC, t_dec, extra_dec)):
                 r = row()
                 r[cols] = t[s] * 1e3
                 r[T] = -1
-                rows.append(r), lo.append(-np.inf), hi.append(-extra[s] * 1e3)   # stage times, ms
+                rows.append(r), lo.append(-np.inf), hi.append(-extra[s] * 1e3)  # stage times, ms
         removed = np.concatenate([sigma[s] * np.array([16.0 - b for b in bits]) for s in range(S)])
         r = row()
-        r[:S * B] = removed                                            # quality budget
+        r[: S * B] = removed  # quality budget
         rows.append(r), lo.append(-np.inf), hi.append(max(budget, 0.0) + 1e-9)
         c = row()
         c[T_PRE], c[T_DEC] = w_pre, w_dec
-        c[:S * B] = theta * 1e3 * removed
+        c[: S * B] = theta * 1e3 * removed
         integrality = np.ones(nv)
         integrality[T_PRE] = integrality[T_DEC] = 0
         ub = np.full(nv, float(L))
         ub[T_PRE] = ub[T_DEC] = np.inf
-        res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
-                   bounds=Bounds(np.zeros(nv), ub),
-                   options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MIP_GAP})
+        res = milp(
+            c,
+            constraints=LinearConstraint(np.array(rows), lo, hi),
+            integrality=integrality,
+            bounds=Bounds(np.zeros(nv), ub),
+            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MIP_GAP},
+        )
         if res.x is None or res.status not in (0, 1):
             return None
-        return float(res.fun) / 1e3, np.round(res.x[:S * B]).astype(int).reshape(S, B)
+        return float(res.fun) / 1e3, np.round(res.x[: S * B]).astype(int).reshape(S, B)
 
     @staticmethod
     def _layout(counts, bits, sens):

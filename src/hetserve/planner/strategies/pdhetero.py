@@ -16,6 +16,7 @@ block size and dtype on the way. Its deployment method has two steps, and so doe
 KV hand-off: staged through host memory after the prefill (not layer-wise); each prefill instance hands
 off to decode instances by weights from a transport LP over the links (the planner's).
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError
@@ -29,29 +30,44 @@ SIMULATIONS = 8
 
 class PDHetero(Strategy):
     name = "pd-hetero"
-    summary = "cross-vendor P/D: parallel strategy per GPU type and phase, then P:D instance numbers by simulation"
+    summary = (
+        "cross-vendor P/D: parallel strategy per GPU type and phase, then P:D instance numbers by simulation"
+    )
 
     def plan(self, ctx: StrategyContext) -> dict:
         strategies = self._per_type_and_phase(ctx, 0.0) or self._per_type_and_phase(ctx, ctx.quality)
         if not strategies:
-            raise HetserveError(f"pd-hetero: no GPU type of {ctx.cluster.name} runs {ctx.model.name} as a prefill "
-                                "and a decode instance within the SLOs")
+            raise HetserveError(
+                f"pd-hetero: no GPU type of {ctx.cluster.name} runs {ctx.model.name} as a prefill "
+                "and a decode instance within the SLOs"
+            )
         prefill_types, decode_types = self._roles(ctx, strategies)
-        pre = max((strategies[g]["prefill"] for g in prefill_types if "prefill" in strategies[g]),
-                  key=lambda x: x[1], default=None)
-        decs = sorted((strategies[g]["decode"] for g in decode_types if "decode" in strategies[g]),
-                      key=lambda x: -x[1])
+        pre = max(
+            (strategies[g]["prefill"] for g in prefill_types if "prefill" in strategies[g]),
+            key=lambda x: x[1],
+            default=None,
+        )
+        decs = sorted(
+            (strategies[g]["decode"] for g in decode_types if "decode" in strategies[g]), key=lambda x: -x[1]
+        )
         if pre is None or not decs:
-            raise HetserveError(f"pd-hetero: {ctx.cluster.name} has no GPU type that prefills "
-                                f"({', '.join(prefill_types)}) or none that decodes ({', '.join(decode_types)}) "
-                                f"{ctx.model.name} within the SLOs")
+            raise HetserveError(
+                f"pd-hetero: {ctx.cluster.name} has no GPU type that prefills "
+                f"({', '.join(prefill_types)}) or none that decodes ({', '.join(decode_types)}) "
+                f"{ctx.model.name} within the SLOs"
+            )
         pools = {p.key: p.total for p in pools_of(ctx.cluster)}
         candidates = self._candidates(ctx, pre, decs, pools)
         if not candidates:
             within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
-            raise HetserveError(f"pd-hetero: no prefill/decode instance numbers fit {ctx.cluster.name}{within}")
-        best = best_by_trial(ctx, [((n_p, d, rate), rate) for n_p, d, rate in candidates[:SIMULATIONS]],
-                             lambda c: self._build(ctx, pre, decs, *c))
+            raise HetserveError(
+                f"pd-hetero: no prefill/decode instance numbers fit {ctx.cluster.name}{within}"
+            )
+        best = best_by_trial(
+            ctx,
+            [((n_p, d, rate), rate) for n_p, d, rate in candidates[:SIMULATIONS]],
+            lambda c: self._build(ctx, pre, decs, *c),
+        )
         if best is None:
             raise HetserveError(f"pd-hetero: the instances do not pack into {ctx.cluster.name}'s nodes")
         return best
@@ -103,8 +119,11 @@ class PDHetero(Strategy):
             counts, d_rate = {}, 0.0
             for k, (d_t, _, rate, _) in enumerate(decs):
                 pool = d_t.stages[0].pool.key
-                while d_rate < need and left[pool] >= d_t.num_gpus and (
-                        ctx.budget is None or price + d_t.price <= ctx.budget):
+                while (
+                    d_rate < need
+                    and left[pool] >= d_t.num_gpus
+                    and (ctx.budget is None or price + d_t.price <= ctx.budget)
+                ):
                     counts[k] = counts.get(k, 0) + 1
                     left[pool] -= d_t.num_gpus
                     price += d_t.price
@@ -120,8 +139,10 @@ class PDHetero(Strategy):
                 if c[k0] <= 0:
                     del c[k0]
                 pool = decs[k0][0].stages[0].pool.key
-                if delta > 0 and (left[pool] < decs[k0][0].num_gpus or (
-                        ctx.budget is not None and price + decs[k0][0].price > ctx.budget)):
+                if delta > 0 and (
+                    left[pool] < decs[k0][0].num_gpus
+                    or (ctx.budget is not None and price + decs[k0][0].price > ctx.budget)
+                ):
                     continue
                 rate = min(need, sum(decs[k][2] * n for k, n in c.items()))
                 total_price = n_p * p_t.price + sum(decs[k][0].price * n for k, n in c.items())
@@ -151,17 +172,30 @@ class PDHetero(Strategy):
         price = sum(templates[j].price * n for j, n in counts.items())
         alloc = Allocation(counts, flows, rate, price, 0.0, rate)
         try:
-            plan = build_plan(ctx.cluster, ctx.cluster_ref, ctx.model, templates, alloc, ctx.prompt,
-                              f"pd-hetero-{ctx.model.name}", "least-work")
+            plan = build_plan(
+                ctx.cluster,
+                ctx.cluster_ref,
+                ctx.model,
+                templates,
+                alloc,
+                ctx.prompt,
+                f"pd-hetero-{ctx.model.name}",
+                "least-work",
+            )
         except PlacementError:
             return None
         plan["model"] = ctx.model_ref
         routing = plan["routing"]
-        routing["layerwise_kv"] = False                  # staged through host memory after the prefill
+        routing["layerwise_kv"] = False  # staged through host memory after the prefill
         if "handoff" not in routing:
             routing["handoff"] = "least-work"
-        dec_desc = ", ".join(f"{n} x {decs[k][3]} {decs[k][0].describe().split(': ')[1]}"
-                             for k, n in dec_counts.items() if n > 0)
-        plan["notes"] = (f"Cross-vendor P/D baseline: {n_p} x {pre[3]} prefill "
-                         f"({p_t.describe().split(': ')[1]}); decode {dec_desc}.")
+        dec_desc = ", ".join(
+            f"{n} x {decs[k][3]} {decs[k][0].describe().split(': ')[1]}"
+            for k, n in dec_counts.items()
+            if n > 0
+        )
+        plan["notes"] = (
+            f"Cross-vendor P/D baseline: {n_p} x {pre[3]} prefill "
+            f"({p_t.describe().split(': ')[1]}); decode {dec_desc}."
+        )
         return plan

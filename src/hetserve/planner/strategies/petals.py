@@ -17,6 +17,7 @@ its servers' costs (a loaded server is slower for the next client), until no new
 server on several chains splits its KV cache evenly among them. Requests go to the chain with the
 least outstanding work (a client picks the currently fastest route).
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError
@@ -44,9 +45,11 @@ class Petals(Strategy):
         L = ctx.model.num_layers
         bits = uniform_bits_for(ctx, ATTN_CACHE_TOKENS)
         if bits is None:
-            raise HetserveError(f"petals: the servers of {ctx.cluster.name} do not hold {ctx.model.name} beside "
-                                f"their {ATTN_CACHE_TOKENS}-token cache at any precision the quality budget "
-                                "allows; add GPUs or raise the quality budget")
+            raise HetserveError(
+                f"petals: the servers of {ctx.cluster.name} do not hold {ctx.model.name} beside "
+                f"their {ATTN_CACHE_TOKENS}-token cache at any precision the quality budget "
+                "allows; add GPUs or raise the quality budget"
+            )
         servers = {s.node: s for s in block_servers(ctx, bits)}
         order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
         placed: dict[str, tuple[int, int]] = {}
@@ -54,7 +57,7 @@ class Petals(Strategy):
             span = self._choose(ctx, srv, bits, placed, servers)
             if span is not None:
                 placed[srv.node] = span
-        for _ in range(2):                                   # rebalancing
+        for _ in range(2):  # rebalancing
             moved = False
             for srv in order:
                 if srv.node not in placed:
@@ -71,18 +74,27 @@ class Petals(Strategy):
                 break
         chains = self._chains(ctx, placed, servers)
         if not chains:
-            raise HetserveError(f"petals: the swarm's spans on {ctx.cluster.name} form no complete chain of "
-                                f"{ctx.model.name}'s {L} blocks")
+            raise HetserveError(
+                f"petals: the swarm's spans on {ctx.cluster.name} form no complete chain of "
+                f"{ctx.model.name}'s {L} blocks"
+            )
         users: dict[str, int] = {}
         for ch in chains:
             for n in ch:
                 users[n] = users.get(n, 0) + 1
         writer = PlanWriter(ctx, f"petals-{ctx.model.name}")
         for i, ch in enumerate(chains):
-            writer.instance(f"chain-{i}", "mixed", chain_spots(placed, servers, ch, bits),
-                            micro_batches=max(1, min(len(ch), 4)), kv_share=[1.0 / users[n] for n in ch])
-        return writer.plan({"policy": "least-work"},
-                           notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.")
+            writer.instance(
+                f"chain-{i}",
+                "mixed",
+                chain_spots(placed, servers, ch, bits),
+                micro_batches=max(1, min(len(ch), 4)),
+                kv_share=[1.0 / users[n] for n in ch],
+            )
+        return writer.plan(
+            {"policy": "least-work"},
+            notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.",
+        )
 
     # ---- placement ------------------------------------------------------------------------------------
     @staticmethod
@@ -111,7 +123,7 @@ class Petals(Strategy):
         fit = lambda first, last: blocks_that_fit(ctx, srv, bits, ATTN_CACHE_TOKENS, first=first, last=last)
         candidates = set()
         for c in cuts:
-            if c < L:                                   # start at c, end at the farthest boundary in reach
+            if c < L:  # start at c, end at the farthest boundary in reach
                 k = fit(c == 0, False)
                 if c + k >= L and fit(c == 0, True) >= L - c:
                     candidates.add((c, L))
@@ -121,7 +133,7 @@ class Petals(Strategy):
                         candidates.add((c, inside[-1]))
                     elif k >= 1:
                         candidates.add((c, min(c + k, L - 1)))
-            if c > 0:                                   # end at c, start at the earliest boundary in reach
+            if c > 0:  # end at c, start at the earliest boundary in reach
                 k = fit(False, c == L)
                 if c - k <= 0 and fit(True, c == L) >= c:
                     candidates.add((0, c))
@@ -134,7 +146,7 @@ class Petals(Strategy):
         best = None
         for span in candidates:
             aligned = (span[0] in cuts) + (span[1] in cuts)
-            key = (sorted(tput[span[0]:span[1]]), -aligned, -(span[1] - span[0]), span)
+            key = (sorted(tput[span[0] : span[1]]), -aligned, -(span[1] - span[0]), span)
             if best is None or key < best[0]:
                 best = (key, span)
         return best[1] if best else None

@@ -15,6 +15,7 @@ by simulation (Splitwise sized its clusters with its simulator) and the best sim
 Routing as in Splitwise: join the shortest queue for prompts and for the token machine a KV cache goes
 to (``least-work`` for both), KV streamed layer by layer behind the prompt computation.
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError
@@ -34,7 +35,7 @@ class Splitwise(Strategy):
     def plan(self, ctx: StrategyContext) -> dict:
         factory = ctx.factory(0.0)
         L = ctx.model.num_layers
-        machines = []                  # (pool, tp, instances per machine, prefill template, decode template)
+        machines = []  # (pool, tp, instances per machine, prefill template, decode template)
         for pool in pools_of(ctx.cluster):
             tp = tp_choices(pool.gpus_per_node, ctx.model)[-1]
             stage = Stage(pool, tp, 0, L, (16,) * L)
@@ -42,8 +43,10 @@ class Splitwise(Strategy):
             if pre is not None and dec is not None:
                 machines.append((pool, tp, pool.gpus_per_node // tp, pre, dec))
         if not machines:
-            raise HetserveError(f"splitwise: no machine type of {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
-                                "on one machine (Splitwise runs one instance per machine, tensor parallel)")
+            raise HetserveError(
+                f"splitwise: no machine type of {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
+                "on one machine (Splitwise runs one instance per machine, tensor parallel)"
+            )
         designs = []
         for P in machines:
             for D in machines:
@@ -52,11 +55,14 @@ class Splitwise(Strategy):
                     designs.append(point)
         if not designs:
             within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
-            raise HetserveError(f"splitwise: no prompt/token machine split of {ctx.cluster.name} serves "
-                                f"{ctx.model.name}{within} at {ctx.rate:g} req/s within the SLOs")
+            raise HetserveError(
+                f"splitwise: no prompt/token machine split of {ctx.cluster.name} serves "
+                f"{ctx.model.name}{within} at {ctx.rate:g} req/s within the SLOs"
+            )
         designs.sort(key=lambda d: -d[0])
-        best = best_by_trial(ctx, [(d[1:], d[-1]) for d in designs[:SIMULATED_DESIGNS]],
-                             lambda d: self._build(ctx, *d))
+        best = best_by_trial(
+            ctx, [(d[1:], d[-1]) for d in designs[:SIMULATED_DESIGNS]], lambda d: self._build(ctx, *d)
+        )
         if best is None:
             raise HetserveError(f"splitwise: the chosen machines do not pack into {ctx.cluster.name}'s nodes")
         return best
@@ -81,8 +87,9 @@ class Splitwise(Strategy):
                 if ctx.budget is not None and price > ctx.budget + 1e-9:
                     continue
                 rate = min(n_p * cap_p, n_d * cap_d)
-                busy = (p_t.dynamic_w * p_t.cap.busy_per_request + d_t.dynamic_w * d_t.cap.busy_per_request) * \
-                    min(rate, ctx.rate)
+                busy = (
+                    p_t.dynamic_w * p_t.cap.busy_per_request + d_t.dynamic_w * d_t.cap.busy_per_request
+                ) * min(rate, ctx.rate)
                 power = n_p * p_t.idle_w * p_k + n_d * d_t.idle_w * d_k + busy
                 if ctx.objective in ("throughput", "goodput"):
                     score = rate - 1e-6 * price
@@ -103,12 +110,22 @@ class Splitwise(Strategy):
         alloc = Allocation(counts, flows, rate, p_t.price * counts[0] + d_t.price * counts[1], 0.0, rate)
         design = f"{p_pool.gpu.name}-prompt/{d_pool.gpu.name}-token"
         try:
-            plan = build_plan(ctx.cluster, ctx.cluster_ref, ctx.model, templates, alloc, ctx.prompt,
-                              f"splitwise-{design}", "least-work")
+            plan = build_plan(
+                ctx.cluster,
+                ctx.cluster_ref,
+                ctx.model,
+                templates,
+                alloc,
+                ctx.prompt,
+                f"splitwise-{design}",
+                "least-work",
+            )
         except PlacementError:
             return None
         plan["model"] = ctx.model_ref
         plan["routing"] = {"policy": "least-work", "handoff": "least-work", "layerwise_kv": True}
-        plan["notes"] = (f"Splitwise baseline: {design}, {n_p} prompt and {n_d} token machines "
-                         f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp}).")
+        plan["notes"] = (
+            f"Splitwise baseline: {design}, {n_p} prompt and {n_d} token machines "
+            f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp})."
+        )
         return plan

@@ -7,6 +7,7 @@ a request's KV cache (and which the quality budget allows). A pipeline never spa
 multi-vendor cluster gets one such pipeline per vendor. The pipeline keeps one micro-batch per stage in
 flight, or fewer if each micro-batch's share of the KV cache would not hold a request. Nothing here looks at how fast a GPU is: that is the point of the baseline.
 """
+
 from __future__ import annotations
 
 from ...errors import HetserveError
@@ -35,18 +36,30 @@ class Uniform(Strategy):
             settings = SETTINGS["mixed"]
             for bits in ctx.uniform_bit_choices():
                 chain = [spot(node, [g], a, b, bits) for (node, g), (a, b) in zip(gpus, spans)]
-                lanes = next((m for m in range(len(chain), 0, -1)
-                              if estimate(ctx, "mixed", chain, settings=settings, micro_batches=m).fits), 0)
+                lanes = next(
+                    (
+                        m
+                        for m in range(len(chain), 0, -1)
+                        if estimate(ctx, "mixed", chain, settings=settings, micro_batches=m).fits
+                    ),
+                    0,
+                )
                 if lanes:
                     chosen.append((vendor, chain, bits, lanes))
                     break
             else:
-                problems.append(f"{vendor}: {len(gpus)} GPUs with {L} layers split evenly do not fit at any "
-                                f"one precision in {ctx.uniform_bit_choices()}")
+                problems.append(
+                    f"{vendor}: {len(gpus)} GPUs with {L} layers split evenly do not fit at any "
+                    f"one precision in {ctx.uniform_bit_choices()}"
+                )
         if not chosen:
             raise HetserveError("uniform: " + "; ".join(problems) + " (raise the quality budget or add GPUs)")
         for vendor, chain, bits, lanes in chosen:
-            writer.instance(f"pipeline-{vendor}", "mixed", chain, settings=SETTINGS["mixed"], micro_batches=lanes)
-        desc = ", ".join(f"{len(c)} stages of {c[0].layers}-{max(s.layers for s in c)} layers at {b}-bit on {v}"
-                         for v, c, b, _ in chosen)
+            writer.instance(
+                f"pipeline-{vendor}", "mixed", chain, settings=SETTINGS["mixed"], micro_batches=lanes
+            )
+        desc = ", ".join(
+            f"{len(c)} stages of {c[0].layers}-{max(s.layers for s in c)} layers at {b}-bit on {v}"
+            for v, c, b, _ in chosen
+        )
         return writer.plan({"policy": "least-work"}, notes=f"Uniform baseline: {desc}.")

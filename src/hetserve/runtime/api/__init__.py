@@ -3,6 +3,7 @@
 ``create_app(engine, model_name)`` builds the app; ``add_serve_parser``/``cmd_serve`` are the CLI verb.
 FastAPI and uvicorn (the ``serve`` extra) are imported only when the server is built.
 """
+
 from .cli import add_serve_parser, build_engine, cmd_serve
 
 __all__ = ["add_serve_parser", "build_engine", "cmd_serve", "create_app"]

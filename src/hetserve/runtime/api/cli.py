@@ -1,5 +1,6 @@
 """``hetserve serve``: one engine in this process (``--model``), or a plan's workers behind a router (``--plan``);
 ``hetserve worker``: the workers of a plan held by another machine."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ class ServeOptions:
     model: str
     served_model_name: str | None = None
     dtype: str = "float32"
-    weight_bits: int | None = None        # None: the model's dtype
+    weight_bits: int | None = None  # None: the model's dtype
     group_size: int = 64
     kv_cache_gb: float = 0.5
     max_batch_size: int | None = None
@@ -35,8 +36,12 @@ def build_engine(opts: ServeOptions):
     model, tokenizer = load_model(opts.model, dtype=opts.dtype)
     settings: dict = {}
     bits: list[int] | None = None
-    for key, value in (("max_num_seqs", opts.max_batch_size), ("max_num_batched_tokens", opts.max_batch_tokens),
-                       ("prefill_chunk_size", opts.chunk_size), ("policy", opts.policy)):
+    for key, value in (
+        ("max_num_seqs", opts.max_batch_size),
+        ("max_num_batched_tokens", opts.max_batch_tokens),
+        ("prefill_chunk_size", opts.chunk_size),
+        ("policy", opts.policy),
+    ):
         if value is not None:
             settings[key] = value.replace("-", "_") if key == "policy" else value
     if opts.weight_bits is not None:
@@ -47,8 +52,13 @@ def build_engine(opts: ServeOptions):
             quantize_model(model, bits, opts.group_size)
             opts.notes.append(f"weights: {_describe_bits(bits)} (group size {opts.group_size})")
     try:
-        config = EngineConfig(dtype=opts.dtype, kv_cache_gb=opts.kv_cache_gb, max_model_len=opts.max_model_len,
-                              enable_prefix_caching=opts.prefix_caching, **settings)
+        config = EngineConfig(
+            dtype=opts.dtype,
+            kv_cache_gb=opts.kv_cache_gb,
+            max_model_len=opts.max_model_len,
+            enable_prefix_caching=opts.prefix_caching,
+            **settings,
+        )
         return LLMEngine(model, tokenizer, config)
     except ValueError as exc:
         raise HetserveError(str(exc)) from None
@@ -63,47 +73,77 @@ def served_name(model: str) -> str:
     from pathlib import Path
 
     path = Path(model)
-    return model if not (path.suffix == ".gguf" or path.is_dir()) else (path.stem if path.suffix else path.name)
+    return (
+        model if not (path.suffix == ".gguf" or path.is_dir()) else (path.stem if path.suffix else path.name)
+    )
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    s.add_argument("--model", help="GGUF file, Hugging Face directory, or smollm2-135m (with --plan: default the "
-                                   "plan's model)")
+    s.add_argument(
+        "--model",
+        help="GGUF file, Hugging Face directory, or smollm2-135m (with --plan: default the plan's model)",
+    )
     s.add_argument("--plan", help="plan YAML: run every server of it as worker processes (see docs/serve.md)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="run dtype (default float32; with --plan: each server's kv_dtype)")
-    s.add_argument("--weight-bits", type=int, choices=[16, 8, 4], help="quantise every layer (with --plan: the servers' bits apply)")
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="run dtype (default float32; with --plan: each server's kv_dtype)",
+    )
+    s.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=[16, 8, 4],
+        help="quantise every layer (with --plan: the servers' bits apply)",
+    )
     s.add_argument("--group-size", type=int, default=64, choices=[64, 128], help="quantisation group size")
-    s.add_argument("--kv-cache-gb", type=float, default=0.5,
-                   help="memory for the paged KV cache (default 0.5; with --plan: per worker, split by kv_share)")
-    s.add_argument("--max-batch-size", type=int, help="most requests in a step (default 32; with --plan: the instances')")
+    s.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=0.5,
+        help="memory for the paged KV cache (default 0.5; with --plan: per worker, split by kv_share)",
+    )
+    s.add_argument(
+        "--max-batch-size", type=int, help="most requests in a step (default 32; with --plan: the instances')"
+    )
     s.add_argument("--max-batch-tokens", type=int, help="most tokens in a step")
     s.add_argument("--chunk-size", type=int, help="chunked prefill: most prompt tokens per request per step")
     s.add_argument("--policy", choices=["decode-first", "prefill-first"])
     s.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     s.add_argument("--no-prefix-caching", action="store_true")
-    s.add_argument("--threads", type=int, help="torch threads (default: torch's choice; with --plan: 1 per worker)")
-    s.add_argument("--servers", help="with --plan: comma-separated servers whose workers start here (default all)")
-    s.add_argument("--rendezvous", help="with --plan: HOST:PORT the driver listens on for workers started by "
-                                        "'hetserve worker' on other machines")
+    s.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice; with --plan: 1 per worker)"
+    )
+    s.add_argument(
+        "--servers", help="with --plan: comma-separated servers whose workers start here (default all)"
+    )
+    s.add_argument(
+        "--rendezvous",
+        help="with --plan: HOST:PORT the driver listens on for workers started by "
+        "'hetserve worker' on other machines",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
     return s
 
 
 def cmd_serve(args) -> int:
-    for flag, value, ok in (("--port", args.port, 0 <= args.port <= 65535),
-                            ("--kv-cache-gb", args.kv_cache_gb, args.kv_cache_gb > 0),
-                            ("--max-batch-size", args.max_batch_size, args.max_batch_size is None or args.max_batch_size >= 1),
-                            ("--max-batch-tokens", args.max_batch_tokens,
-                             args.max_batch_tokens is None or args.max_batch_tokens >= 1),
-                            ("--chunk-size", args.chunk_size, args.chunk_size is None or args.chunk_size >= 1),
-                            ("--max-model-len", args.max_model_len, args.max_model_len is None or args.max_model_len >= 2),
-                            ("--threads", args.threads, args.threads is None or args.threads >= 1)):
+    for flag, value, ok in (
+        ("--port", args.port, 0 <= args.port <= 65535),
+        ("--kv-cache-gb", args.kv_cache_gb, args.kv_cache_gb > 0),
+        ("--max-batch-size", args.max_batch_size, args.max_batch_size is None or args.max_batch_size >= 1),
+        (
+            "--max-batch-tokens",
+            args.max_batch_tokens,
+            args.max_batch_tokens is None or args.max_batch_tokens >= 1,
+        ),
+        ("--chunk-size", args.chunk_size, args.chunk_size is None or args.chunk_size >= 1),
+        ("--max-model-len", args.max_model_len, args.max_model_len is None or args.max_model_len >= 2),
+        ("--threads", args.threads, args.threads is None or args.threads >= 1),
+    ):
         if not ok:
             raise HetserveError(f"{flag}={value} is out of range")
     try:
@@ -112,7 +152,9 @@ def cmd_serve(args) -> int:
 
         from .server import create_app
     except ImportError as exc:
-        raise HetserveError(f"serving needs the '{exc.name}' package: pip install 'hetserve[serve]'") from None
+        raise HetserveError(
+            f"serving needs the '{exc.name}' package: pip install 'hetserve[serve]'"
+        ) from None
     if args.plan:
         return _serve_plan(args, uvicorn, create_app)
     if not args.model:
@@ -122,19 +164,31 @@ def cmd_serve(args) -> int:
     resolve_model(args.model)  # a bad name is reported before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = ServeOptions(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype or "float32",
-                        weight_bits=args.weight_bits, group_size=args.group_size, kv_cache_gb=args.kv_cache_gb,
-                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                        chunk_size=args.chunk_size, policy=args.policy, max_model_len=args.max_model_len,
-                        prefix_caching=not args.no_prefix_caching)
+    opts = ServeOptions(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype or "float32",
+        weight_bits=args.weight_bits,
+        group_size=args.group_size,
+        kv_cache_gb=args.kv_cache_gb,
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        chunk_size=args.chunk_size,
+        policy=args.policy,
+        max_model_len=args.max_model_len,
+        prefix_caching=not args.no_prefix_caching,
+    )
     engine = build_engine(opts)
     name = args.served_model_name or served_name(args.model)
     for note in opts.notes:
         print(note, file=sys.stderr)
     c = engine.config
-    print(f"serving '{name}' on http://{args.host}:{args.port} (context {engine.max_model_len}, "
-          f"{engine.runner.num_blocks} KV blocks of {c.block_size}, max batch {c.max_num_seqs}, "
-          f"{torch.get_num_threads()} threads)", file=sys.stderr)
+    print(
+        f"serving '{name}' on http://{args.host}:{args.port} (context {engine.max_model_len}, "
+        f"{engine.runner.num_blocks} KV blocks of {c.block_size}, max batch {c.max_num_seqs}, "
+        f"{torch.get_num_threads()} threads)",
+        file=sys.stderr,
+    )
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -143,24 +197,48 @@ def _serve_plan(args, uvicorn, create_app) -> int:
     """Every server of the plan as worker processes, the router and the API here."""
     from ..dist.launch import start_cluster
 
-    ignored = [flag for flag, v in (("--weight-bits", args.weight_bits), ("--max-batch-size", args.max_batch_size),
-                                    ("--max-batch-tokens", args.max_batch_tokens), ("--chunk-size", args.chunk_size),
-                                    ("--policy", args.policy)) if v is not None]
+    ignored = [
+        flag
+        for flag, v in (
+            ("--weight-bits", args.weight_bits),
+            ("--max-batch-size", args.max_batch_size),
+            ("--max-batch-tokens", args.max_batch_tokens),
+            ("--chunk-size", args.chunk_size),
+            ("--policy", args.policy),
+        )
+        if v is not None
+    ]
     if ignored:
-        raise HetserveError(f"{', '.join(ignored)}: with --plan these come from the plan's servers and instances; "
-                            "edit the plan instead")
+        raise HetserveError(
+            f"{', '.join(ignored)}: with --plan these come from the plan's servers and instances; "
+            "edit the plan instead"
+        )
     servers = [x.strip() for x in args.servers.split(",") if x.strip()] if args.servers else None
-    engine = start_cluster(args.plan, args.model, kv_cache_gb=args.kv_cache_gb, dtype=args.dtype,
-                           threads=args.threads or 1, servers=servers, rendezvous=args.rendezvous,
-                           prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
-                           group_size=args.group_size)
+    engine = start_cluster(
+        args.plan,
+        args.model,
+        kv_cache_gb=args.kv_cache_gb,
+        dtype=args.dtype,
+        threads=args.threads or 1,
+        servers=servers,
+        rendezvous=args.rendezvous,
+        prefix_caching=not args.no_prefix_caching,
+        max_model_len=args.max_model_len,
+        group_size=args.group_size,
+    )
     name = args.served_model_name or served_name(args.model or engine.topo.model)
-    print(f"serving '{name}' on http://{args.host}:{args.port}: plan {args.plan}, "
-          f"{len(engine.instances)} instances over {engine.topo.world_size - 1} workers", file=sys.stderr)
+    print(
+        f"serving '{name}' on http://{args.host}:{args.port}: plan {args.plan}, "
+        f"{len(engine.instances)} instances over {engine.topo.world_size - 1} workers",
+        file=sys.stderr,
+    )
     for inst in engine.instances.values():
         chain = " -> ".join(f"{srv}{list(ranks)}" for srv, ranks in zip(inst.spec.servers, inst.spec.stages))
-        print(f"  {inst.name} ({inst.spec.role}): {chain}, {inst.num_blocks} KV blocks of {inst.spec.block_size}, "
-              f"{inst.spec.lanes} lane(s)", file=sys.stderr)
+        print(
+            f"  {inst.name} ({inst.spec.role}): {chain}, {inst.num_blocks} KV blocks of {inst.spec.block_size}, "
+            f"{inst.spec.lanes} lane(s)",
+            file=sys.stderr,
+        )
     try:
         uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -172,10 +250,18 @@ def add_worker_parser(sub) -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="start this machine's workers of a plan served from another machine")
     w.add_argument("--plan", required=True, help="the same plan file the serving machine uses")
     w.add_argument("--rendezvous", required=True, help="HOST:PORT given to 'hetserve serve --rendezvous'")
-    w.add_argument("--servers", required=True, help="comma-separated servers of the plan whose workers run here")
-    w.add_argument("--model", help="GGUF file, Hugging Face directory or known name (default: the plan's model)")
-    w.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override every server's kv_dtype")
-    w.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (the same as the server's)")
+    w.add_argument(
+        "--servers", required=True, help="comma-separated servers of the plan whose workers run here"
+    )
+    w.add_argument(
+        "--model", help="GGUF file, Hugging Face directory or known name (default: the plan's model)"
+    )
+    w.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="override every server's kv_dtype"
+    )
+    w.add_argument(
+        "--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (the same as the server's)"
+    )
     w.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     w.add_argument("--group-size", type=int, default=64, choices=[64, 128])
     w.set_defaults(func=cmd_worker)
@@ -186,5 +272,13 @@ def cmd_worker(args) -> int:
     from ..dist.launch import run_workers
 
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
-    return run_workers(args.plan, args.model, args.rendezvous, servers, kv_cache_gb=args.kv_cache_gb,
-                       dtype=args.dtype, threads=args.threads, group_size=args.group_size)
+    return run_workers(
+        args.plan,
+        args.model,
+        args.rendezvous,
+        servers,
+        kv_cache_gb=args.kv_cache_gb,
+        dtype=args.dtype,
+        threads=args.threads,
+        group_size=args.group_size,
+    )

@@ -10,6 +10,7 @@ arrives while a step runs joins the next one.
 An exception inside a step fails only the requests in flight (each queue gets ``(index, exception)``);
 the loop carries on with the next request.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..engine import LLMEngine, RequestOutput
 from ..sampling import SamplingParams
@@ -34,8 +35,8 @@ class Tracked:
 
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    index: int                        # the choice index within the HTTP request
-    arrival: float                    # time.perf_counter() when the HTTP request was accepted
+    index: int  # the choice index within the HTTP request
+    arrival: float  # time.perf_counter() when the HTTP request was accepted
     request_id: int | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -50,8 +51,8 @@ class EngineLoop:
         self._commands: deque = deque()
         self._wake = threading.Event()
         self._tracked: dict[int, Tracked] = {}
-        self._submitted = 0   # written by the event loop only
-        self._admitted = 0    # written by the engine thread only
+        self._submitted = 0  # written by the event loop only
+        self._admitted = 0  # written by the engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_stats = (0, 0)
@@ -82,8 +83,14 @@ class EngineLoop:
         return load.waiting + pending, load.running, load.blocks_used, load.blocks_total
 
     # ---- called from the event loop ------------------------------------------------------------
-    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int,
-                     arrival: float) -> Tracked:
+    async def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        queue: asyncio.Queue,
+        index: int,
+        arrival: float,
+    ) -> Tracked:
         """Queue a request; returns once the engine has accepted it (raises its ValueError if not)."""
         if not self.alive:
             raise RuntimeError("the engine loop is not running")
@@ -92,7 +99,7 @@ class EngineLoop:
         self._submitted += 1
         self._commands.append(("add", list(prompt_ids), params, tracked, future))
         self._wake.set()
-        wake = getattr(self.engine, "wake", None)   # an engine waiting on its workers takes it in now
+        wake = getattr(self.engine, "wake", None)  # an engine waiting on its workers takes it in now
         if wake is not None:
             wake()
         await asyncio.wrap_future(future)
@@ -166,7 +173,7 @@ class EngineLoop:
                 t = self._tracked.get(out.request_id)
                 if t is None:
                     continue
-                if out.error is not None:   # no instance left to serve it
+                if out.error is not None:  # no instance left to serve it
                     t.finished = True
                     del self._tracked[out.request_id]
                     m.finished.inc(1, "abort")

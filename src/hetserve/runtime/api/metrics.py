@@ -4,12 +4,13 @@ Counters, gauges and histograms are updated from the engine thread and the reque
 by ``GET /metrics``; one lock guards them all. Gauges that mirror engine state (queue length, KV
 blocks) are read when the page is rendered.
 """
+
 from __future__ import annotations
 
 import bisect
 import math
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,8 +60,9 @@ class Counter(_Metric):
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
     def lines(self) -> list[str]:
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
-                                for k, v in sorted(self.values.items())]
+        return self.header() + [
+            f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in sorted(self.values.items())
+        ]
 
 
 class Gauge(_Metric):
@@ -97,7 +99,7 @@ class Histogram(_Metric):
     def __init__(self, name, help, buckets: Iterable[float]):
         super().__init__(name, help)
         self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.bounds) + 1)   # the last one is +Inf
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
@@ -120,42 +122,74 @@ class Histogram(_Metric):
 class ServerMetrics:
     """Everything ``/metrics`` reports. ``engine_state`` returns (waiting, running, kv used, kv total)."""
 
-    def __init__(self, engine_state: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
-                 cluster_gauges: Callable[[], list[LabelledGauge]] | None = None):
+    def __init__(
+        self,
+        engine_state: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
+        cluster_gauges: Callable[[], list[LabelledGauge]] | None = None,
+    ):
         self.lock = threading.Lock()
         self.engine_state = engine_state
-        self.cluster_gauges = cluster_gauges   # per instance and per worker, when serving a plan
-        self.requests = Counter("hetserve_requests_total",
-                                "HTTP requests to the generation endpoints, by endpoint and status code",
-                                ("endpoint", "status"))
-        self.finished = Counter("hetserve_requests_finished_total",
-                                "Generation requests finished, by reason (stop, length, abort)", ("finish_reason",))
+        self.cluster_gauges = cluster_gauges  # per instance and per worker, when serving a plan
+        self.requests = Counter(
+            "hetserve_requests_total",
+            "HTTP requests to the generation endpoints, by endpoint and status code",
+            ("endpoint", "status"),
+        )
+        self.finished = Counter(
+            "hetserve_requests_finished_total",
+            "Generation requests finished, by reason (stop, length, abort)",
+            ("finish_reason",),
+        )
         self.prompt_tokens = Counter("hetserve_prompt_tokens_total", "Prompt tokens of admitted requests")
         self.generation_tokens = Counter("hetserve_generation_tokens_total", "Tokens generated")
-        self.prefix_hits = Counter("hetserve_prefix_cache_hit_tokens_total",
-                                   "Prompt tokens served from the prefix cache instead of computed")
+        self.prefix_hits = Counter(
+            "hetserve_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache instead of computed",
+        )
         self.steps = Counter("hetserve_engine_steps_total", "Engine steps (forward passes)")
-        self.ttft = Histogram("hetserve_time_to_first_token_seconds",
-                              "Request arrival to its first generated token", TTFT_BUCKETS)
-        self.tpot = Histogram("hetserve_time_per_output_token_seconds",
-                              "Time between consecutive generated tokens of a request", TPOT_BUCKETS)
-        self.e2e = Histogram("hetserve_e2e_request_latency_seconds",
-                             "Request arrival to its last generated token", E2E_BUCKETS)
+        self.ttft = Histogram(
+            "hetserve_time_to_first_token_seconds",
+            "Request arrival to its first generated token",
+            TTFT_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "hetserve_time_per_output_token_seconds",
+            "Time between consecutive generated tokens of a request",
+            TPOT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "hetserve_e2e_request_latency_seconds", "Request arrival to its last generated token", E2E_BUCKETS
+        )
 
     def render(self) -> str:
         waiting, running, used, total = self.engine_state()
         gauges = [
-            Gauge("hetserve_num_requests_waiting", "Requests queued for admission to the running batch",
-                  lambda: waiting),
+            Gauge(
+                "hetserve_num_requests_waiting",
+                "Requests queued for admission to the running batch",
+                lambda: waiting,
+            ),
             Gauge("hetserve_num_requests_running", "Requests in the running batch", lambda: running),
             Gauge("hetserve_kv_blocks_used", "KV-cache blocks held by running requests", lambda: used),
             Gauge("hetserve_kv_blocks_total", "KV-cache blocks in all", lambda: total),
-            Gauge("hetserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use",
-                  lambda: used / total if total else 0.0),
+            Gauge(
+                "hetserve_kv_cache_usage_ratio",
+                "Share of KV-cache blocks in use",
+                lambda: used / total if total else 0.0,
+            ),
         ]
         with self.lock:
-            metrics = [self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.prefix_hits,
-                       self.steps, self.ttft, self.tpot, self.e2e]
+            metrics = [
+                self.requests,
+                self.finished,
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.prefix_hits,
+                self.steps,
+                self.ttft,
+                self.tpot,
+                self.e2e,
+            ]
             lines = [line for m in metrics for line in m.lines()]
         lines += [line for g in gauges for line in g.lines()]
         if self.cluster_gauges is not None:
@@ -168,16 +202,24 @@ def parse_prometheus(text: str) -> dict[str, float]:
     samples: dict[str, float] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line or line.startswith("#"):
-            if line.startswith("# TYPE") and line.split()[3] not in ("counter", "gauge", "histogram", "summary",
-                                                                     "untyped"):
+            if line.startswith("# TYPE") and line.split()[3] not in (
+                "counter",
+                "gauge",
+                "histogram",
+                "summary",
+                "untyped",
+            ):
                 raise ValueError(f"line {lineno}: unknown metric type in {line!r}")
             continue
         key, _, value = line.rpartition(" ")
         if not key:
             raise ValueError(f"line {lineno}: no value in {line!r}")
         name = key.split("{", 1)[0]
-        if not name or not (name[0].isalpha() or name[0] in "_:") or \
-                not all(c.isalnum() or c in "_:" for c in name):
+        if (
+            not name
+            or not (name[0].isalpha() or name[0] in "_:")
+            or not all(c.isalnum() or c in "_:" for c in name)
+        ):
             raise ValueError(f"line {lineno}: bad metric name {name!r}")
         if "{" in key and not key.endswith("}"):
             raise ValueError(f"line {lineno}: unterminated labels in {line!r}")

@@ -8,6 +8,7 @@ with a 4xx status.
 hetserve extensions (accepted by both endpoints): ``top_k`` (0 = off), ``ignore_eos`` (keep generating
 past end-of-sequence tokens until ``max_tokens``) and ``stop_token_ids``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class APIError(Exception):
     """A request the server refuses; rendered as an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -58,7 +66,9 @@ class _Sampling(_Strict):
     def check_supported(self) -> None:
         """Refuse OpenAI options this server does not implement (rather than silently ignoring them)."""
         if self.n != 1:
-            raise APIError(400, "n: only n=1 is supported; send separate requests for several samples", param="n")
+            raise APIError(
+                400, "n: only n=1 is supported; send separate requests for several samples", param="n"
+            )
         if self.presence_penalty or self.frequency_penalty:
             name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             raise APIError(400, f"{name}: penalties are not supported; omit it or send 0", param=name)
@@ -87,9 +97,12 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        for name, value, ok in (("echo", self.echo, not self.echo), ("logprobs", self.logprobs, self.logprobs is None),
-                                ("best_of", self.best_of, self.best_of in (None, 1)),
-                                ("suffix", self.suffix, not self.suffix)):
+        for name, value, ok in (
+            ("echo", self.echo, not self.echo),
+            ("logprobs", self.logprobs, self.logprobs is None),
+            ("best_of", self.best_of, self.best_of in (None, 1)),
+            ("suffix", self.suffix, not self.suffix),
+        ):
             if not ok:
                 raise APIError(400, f"{name}={value!r} is not supported; omit it", param=name)
         if isinstance(self.prompt, list) and not self.prompt:
@@ -128,15 +141,27 @@ class ChatCompletionRequest(_Sampling):
     def check_supported(self) -> None:
         super().check_supported()
         if self.logprobs or self.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported; omit logprobs and top_logprobs", param="logprobs")
+            raise APIError(
+                400, "logprobs are not supported; omit logprobs and top_logprobs", param="logprobs"
+            )
         if self.tools or self.tool_choice not in (None, "none"):
-            raise APIError(400, "tools are not supported by this server; omit tools and tool_choice", param="tools")
+            raise APIError(
+                400, "tools are not supported by this server; omit tools and tool_choice", param="tools"
+            )
         if self.response_format and self.response_format.get("type") != "text":
-            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
-                           param="max_completion_tokens")
+            raise APIError(
+                400, 'response_format: only {"type": "text"} is supported', param="response_format"
+            )
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise APIError(
+                400,
+                "max_tokens and max_completion_tokens disagree; send one of them",
+                param="max_completion_tokens",
+            )
 
     @property
     def output_limit(self) -> int | None:
@@ -159,7 +184,9 @@ def parse_body(raw: bytes, model: type[_Strict]):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+        raise APIError(
+            400, f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json"
+        )
     try:
         request = model.model_validate(data)
     except ValidationError as exc:
@@ -172,8 +199,9 @@ def parse_body(raw: bytes, model: type[_Strict]):
         elif first["type"] == "missing":
             message = f"{param}: this field is required"
         elif len(same) > 1:  # a union: name the forms it accepts
-            forms = dict.fromkeys(str(p) for e in same for p in e["loc"]
-                                  if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))
+            forms = dict.fromkeys(
+                str(p) for e in same for p in e["loc"] if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)
+            )
             got = json.dumps(first.get("input"), default=str)[:60]
             message = f"{param}: expected one of {', '.join(forms) or 'the documented forms'} (got {got})"
         else:

@@ -4,6 +4,7 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 streaming), ``GET /health`` and ``GET /metrics`` (Prometheus text). Bodies are validated in
 ``protocol``; prompts are tokenised and checked against the context here, before they reach the engine.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,9 +12,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,8 +62,11 @@ def create_app(engine: LLMEngine, model_name: str) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405)
-                   else str(exc.detail))
+        message = (
+            f"no route {request.method} {request.url.path}"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
         return JSONResponse(APIError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -86,8 +91,13 @@ def create_app(engine: LLMEngine, model_name: str) -> FastAPI:
         return PlainTextResponse(loop.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "hetserve",
-                "max_model_len": engine.max_model_len}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "hetserve",
+            "max_model_len": engine.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -126,8 +136,12 @@ async def _counted(loop: EngineLoop, endpoint: str, handler):
 
 
 def _unknown_model(name: str, served: str) -> APIError:
-    return APIError(404, f"model '{name}' does not exist; this server serves '{served}' (see GET /v1/models)",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"model '{name}' does not exist; this server serves '{served}' (see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _check_model(name: str, served: str) -> None:
@@ -135,25 +149,43 @@ def _check_model(name: str, served: str) -> None:
         raise _unknown_model(name, served)
 
 
-def _sampling(req, prompt_len: int, max_model_len: int, default_max: int | None, param: str) -> SamplingParams:
+def _sampling(
+    req, prompt_len: int, max_model_len: int, default_max: int | None, param: str
+) -> SamplingParams:
     """SamplingParams for one prompt, with the context limits checked."""
     if prompt_len >= max_model_len:
-        raise APIError(400, f"the {param} has {prompt_len} tokens but this model's context is {max_model_len} "
-                            f"tokens (at most {max_model_len - 1} for the prompt, leaving one to generate); "
-                            f"shorten it", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the {param} has {prompt_len} tokens but this model's context is {max_model_len} "
+            f"tokens (at most {max_model_len - 1} for the prompt, leaving one to generate); "
+            f"shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
     limit = req.output_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
     room = max_model_len - prompt_len
     if limit is None:
         limit = min(default_max, room) if default_max else room
     elif prompt_len + limit > max_model_len:
         name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-        raise APIError(400, f"this model's context is {max_model_len} tokens, but {prompt_len} prompt tokens + "
-                            f"{name}={limit} would need {prompt_len + limit}; lower {name} to at most {room}",
-                       param=name, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's context is {max_model_len} tokens, but {prompt_len} prompt tokens + "
+            f"{name}={limit} would need {prompt_len + limit}; lower {name} to at most {room}",
+            param=name,
+            code="context_length_exceeded",
+        )
     try:
-        return SamplingParams(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              seed=req.seed, stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or []),
-                              ignore_eos=req.ignore_eos)
+        return SamplingParams(
+            max_tokens=limit,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+        )
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -186,11 +218,20 @@ async def _completions(request: Request, loop: EngineLoop, engine: LLMEngine, se
     base = {"id": rid, "object": "text_completion", "created": created, "model": served}
 
     def chunk(index: int, out: RequestOutput | None, text: str, finish: str | None) -> dict:
-        return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return {
+            **base,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
 
     def full(outs: list[RequestOutput]) -> dict:
-        return {**base, "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
-                                    for i, o in enumerate(outs)], "usage": _usage(prompts, outs)}
+        return {
+            **base,
+            "choices": [
+                {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                for i, o in enumerate(outs)
+            ],
+            "usage": _usage(prompts, outs),
+        }
 
     return await _run(request, loop, req, prompts, chunk, full, first_delta=None)
 
@@ -213,14 +254,26 @@ async def _chat(request: Request, loop: EngineLoop, engine: LLMEngine, served: s
         delta = {"content": text} if text or finish is None else {}
         if out is None:
             delta = {"role": "assistant", "content": ""}
-        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {
+            **base,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     def full(outs: list[RequestOutput]) -> dict:
         (o,) = outs
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                             "finish_reason": o.finish_reason}],
-                "usage": _usage(prompts, outs)}
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": o.text},
+                    "logprobs": None,
+                    "finish_reason": o.finish_reason,
+                }
+            ],
+            "usage": _usage(prompts, outs),
+        }
 
     return await _run(request, loop, req, prompts, chunk, full, first_delta=True)
 
@@ -263,18 +316,28 @@ async def _events(queue: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, Requ
         yield index, item
 
 
-async def _run(request: Request, loop: EngineLoop, req, prompts: list[_Prompt], chunk: Callable, full: Callable,
-               first_delta: bool | None):
+async def _run(
+    request: Request,
+    loop: EngineLoop,
+    req,
+    prompts: list[_Prompt],
+    chunk: Callable,
+    full: Callable,
+    first_delta: bool | None,
+):
     queue: asyncio.Queue = asyncio.Queue()
     tracked = await _submit_all(loop, prompts, queue)
     if req.stream:
-        return StreamingResponse(_stream(loop, req, prompts, tracked, queue, chunk, first_delta),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(loop, req, prompts, tracked, queue, chunk, first_delta),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     collector = asyncio.ensure_future(_collect(queue, len(prompts)))
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not collector.done():   # the client went away: stop generating for it
+        if not collector.done():  # the client went away: stop generating for it
             collector.cancel()
             for t in tracked:
                 loop.abort(t)
@@ -307,8 +370,15 @@ def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(loop: EngineLoop, req, prompts: list[_Prompt], tracked: list[Tracked], queue: asyncio.Queue,
-                  chunk: Callable, first_delta: bool | None) -> AsyncIterator[bytes]:
+async def _stream(
+    loop: EngineLoop,
+    req,
+    prompts: list[_Prompt],
+    tracked: list[Tracked],
+    queue: asyncio.Queue,
+    chunk: Callable,
+    first_delta: bool | None,
+) -> AsyncIterator[bytes]:
     usage = req.include_usage
     outs: dict[int, RequestOutput] = {}
 
@@ -369,11 +439,12 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         import threading
 
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                        name="hetserve-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="hetserve-http", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

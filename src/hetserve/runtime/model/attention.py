@@ -16,6 +16,7 @@ are written to their cache slots first, then every query attends to its sequence
 
 The metadata (slots, block tables, masks) is built once per step by the model runner, not per layer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ class PrefillSpan:
 
     start: int
     end: int
-    context_len: int                 # tokens visible to the last query: earlier KV + this span
+    context_len: int  # tokens visible to the last query: earlier KV + this span
     block_table: Tensor | None = None  # [num_blocks] long; only when the span continues earlier KV
-    mask: Tensor | None = None         # [end - start, context_len] bool, True = may attend
+    mask: Tensor | None = None  # [end - start, context_len] bool, True = may attend
 
     @property
     def continues(self) -> bool:
@@ -42,17 +43,17 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: Tensor                    # [T] long: cache slot (block * block_size + offset) per row
-    num_decodes: int = 0                    # rows [0, num_decodes) are single decode tokens
+    slot_mapping: Tensor  # [T] long: cache slot (block * block_size + offset) per row
+    num_decodes: int = 0  # rows [0, num_decodes) are single decode tokens
     decode_block_tables: Tensor | None = None  # [D, max_blocks] long (padding entries are masked)
-    decode_mask: Tensor | None = None          # [D, 1, 1, max_blocks * block_size] bool
+    decode_mask: Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     prefills: tuple[PrefillSpan, ...] = ()
     # for strided (head-major) caches, once per step; without them each layer derives them from slots
-    slot_blocks: Tensor | None = None          # [T] long: slot_mapping // block_size
-    slot_offsets: Tensor | None = None         # [T] long: slot_mapping % block_size
+    slot_blocks: Tensor | None = None  # [T] long: slot_mapping // block_size
+    slot_offsets: Tensor | None = None  # [T] long: slot_mapping % block_size
     # decodes read a dense copy ([2, rows, kv_heads, capacity, head_dim] per layer, decode d in row d): where
     # each decode's new K/V goes in its flattened [rows * kv_heads * capacity, head_dim] view
-    decode_kv_index: Tensor | None = None      # [D * kv_heads] long
+    decode_kv_index: Tensor | None = None  # [D * kv_heads] long
 
 
 def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu") -> Tensor:
@@ -63,7 +64,7 @@ def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu"
 
 def _gather(cache: Tensor, block_table: Tensor) -> Tensor:
     """The cache blocks of ``block_table`` ([nb] or [D, nb]) as tokens: [(D,) nb * block_size, kvh, hd]."""
-    blocks = cache.index_select(0, block_table.reshape(-1))   # [D * nb, block_size, kvh, hd]
+    blocks = cache.index_select(0, block_table.reshape(-1))  # [D * nb, block_size, kvh, hd]
     return blocks.view(*block_table.shape[:-1], -1, *cache.shape[2:])
 
 
@@ -77,8 +78,15 @@ def _write_strided(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta:
     v_cache[blocks, offsets] = v
 
 
-def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: AttentionMetadata, decode_kv: Tensor | None = None) -> Tensor:
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    meta: AttentionMetadata,
+    decode_kv: Tensor | None = None,
+) -> Tensor:
     """q: [T, heads, hd]; k, v: [T, kv_heads, hd] for the new tokens. Returns [T, heads, hd].
 
     The caches are ``[num_blocks, block_size, kv_heads, hd]``, contiguous or a head-major storage's view.
@@ -95,30 +103,31 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     if d:
         if decode_kv is not None and meta.decode_kv_index is not None:
             width = meta.decode_mask.shape[-1]
-            dense_k, dense_v = decode_kv[0], decode_kv[1]                    # [rows, kvh, capacity, hd]
+            dense_k, dense_v = decode_kv[0], decode_kv[1]  # [rows, kvh, capacity, hd]
             dense_k.view(-1, hd).index_copy_(0, meta.decode_kv_index, k[:d].reshape(-1, hd))
             dense_v.view(-1, hd).index_copy_(0, meta.decode_kv_index, v[:d].reshape(-1, hd))
-            keys, values = dense_k[:d, :, :width], dense_v[:d, :, :width]    # [D, kvh, S, hd] views
+            keys, values = dense_k[:d, :, :width], dense_v[:d, :, :width]  # [D, kvh, S, hd] views
         else:
-            keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)    # [D, kvh, S, hd]
+            keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [D, kvh, S, hd]
             values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
-                                           enable_gqa=True)                  # [D, heads, 1, hd]
+        o = F.scaled_dot_product_attention(
+            q[:d].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+        )  # [D, heads, 1, hd]
         if not meta.prefills:  # a decode-only step: nothing else to place
             return o.squeeze(2)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if d:
         out[:d] = o.squeeze(2)
     for span in meta.prefills:
-        qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)             # [1, heads, L, hd]
+        qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, L, hd]
         if span.continues:
             ctx = span.context_len
             keys = _gather(k_cache, span.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
             values = _gather(v_cache, span.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=span.mask, enable_gqa=True)
         else:
-            keys = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
-            values = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
+            keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
-        out[span.start:span.end] = o[0].transpose(0, 1)
+        out[span.start : span.end] = o[0].transpose(0, 1)
     return out

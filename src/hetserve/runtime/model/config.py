@@ -3,10 +3,12 @@
 ``LlamaConfig.from_hf`` reads a Hugging Face ``config.json`` dict; ``LlamaConfig.from_gguf`` reads the
 metadata of a GGUF file (as a plain ``{key: value}`` dict) plus the names of its tensors.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 _HF_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
 _GGUF_ARCHS = {"llama", "qwen2"}
@@ -23,7 +25,7 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "RopeScaling | None":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RopeScaling | None:
         if not d:
             return None
         kind = d.get("rope_type", d.get("type", "default"))
@@ -32,9 +34,13 @@ class RopeScaling:
         if kind == "linear":
             return cls("linear", float(d["factor"]))
         if kind == "llama3":
-            return cls("llama3", float(d["factor"]), float(d.get("low_freq_factor", 1.0)),
-                       float(d.get("high_freq_factor", 4.0)),
-                       int(d.get("original_max_position_embeddings", 8192)))
+            return cls(
+                "llama3",
+                float(d["factor"]),
+                float(d.get("low_freq_factor", 1.0)),
+                float(d.get("high_freq_factor", 4.0)),
+                int(d.get("original_max_position_embeddings", 8192)),
+            )
         raise ValueError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
@@ -51,8 +57,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False       # Qwen2: biases on the q/k/v projections
-    o_bias: bool = False         # Llama's attention_bias also puts one on the output projection
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    o_bias: bool = False  # Llama's attention_bias also puts one on the output projection
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -73,12 +79,14 @@ class LlamaConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:
         """From a Hugging Face ``config.json`` (as a dict)."""
         model_type = d.get("model_type", "llama")
         if model_type not in _HF_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not a Llama-family model "
-                             f"(supported: {', '.join(sorted(_HF_TYPES))})")
+            raise ValueError(
+                f"model_type {model_type!r} is not a Llama-family model "
+                f"(supported: {', '.join(sorted(_HF_TYPES))})"
+            )
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=true is not supported")
         # Newer configs keep rope settings under "rope_parameters", older ones under "rope_scaling".
@@ -109,12 +117,13 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> "LlamaConfig":
+    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> LlamaConfig:
         """From GGUF metadata (key -> value) and the file's tensor names."""
         arch = meta.get("general.architecture")
         if arch not in _GGUF_ARCHS:
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: "
-                             f"{', '.join(sorted(_GGUF_ARCHS))})")
+            raise ValueError(
+                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(_GGUF_ARCHS))})"
+            )
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)

