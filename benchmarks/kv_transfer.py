@@ -97,9 +97,7 @@ def copy_floor(shapes: Shapes, tokens: int, repeats: int) -> list[float]:
     return times[1:]
 
 
-def _worker(
-    rank: int, port: int, shapes: Shapes, tokens: int, repeats: int, results: mp.SimpleQueue
-) -> None:
+def _worker(rank: int, port: int, shapes: Shapes, tokens: int, repeats: int, results: mp.SimpleQueue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=300)

@@ -195,7 +195,7 @@ def cmd_serve(args) -> int:
 
 def _serve_plan(args, uvicorn, create_app) -> int:
     """Every server of the plan as worker processes, the router and the API here."""
-    from ..dist.launch import start_cluster
+    from ..cluster.launch import start_cluster
 
     ignored = [
         flag
@@ -269,7 +269,7 @@ def add_worker_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_worker(args) -> int:
-    from ..dist.launch import run_workers
+    from ..cluster.launch import run_workers
 
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     return run_workers(

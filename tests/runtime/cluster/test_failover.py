@@ -1,5 +1,6 @@
 """A worker killed while its instance streams: the instance goes down, its requests are prefilled again on
 the other replica, the client's stream completes with the same text, and the server keeps serving."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,7 @@ import httpx  # noqa: E402
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from hetserve.runtime.api.metrics import parse_prometheus  # noqa: E402
 from hetserve.runtime.api.server import BackgroundServer, create_app  # noqa: E402
-from hetserve.runtime.dist.launch import start_cluster  # noqa: E402
+from hetserve.runtime.cluster.launch import start_cluster  # noqa: E402
 
 PLAN = Path(__file__).resolve().parents[3] / "examples" / "serve" / "smollm2-replicas.yaml"
 PROMPT = "Tell me a long story about a lighthouse keeper and her cat."
@@ -27,13 +28,25 @@ TOKENS = 40
 
 
 def test_worker_killed_mid_stream():
-    ref = LLMEngine.from_model("smollm2-135m", EngineConfig()).generate(
-        [PROMPT], SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True))[0].text
+    ref = (
+        LLMEngine.from_model("smollm2-135m", EngineConfig())
+        .generate([PROMPT], SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True))[0]
+        .text
+    )
     engine = start_cluster(str(PLAN), kv_cache_gb=0.03)
     try:
-        with BackgroundServer(create_app(engine, "smollm2")) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
-            body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
+        with (
+            BackgroundServer(create_app(engine, "smollm2")) as srv,
+            httpx.Client(base_url=srv.url, timeout=120) as c,
+        ):
+            body = {
+                "model": "smollm2",
+                "prompt": PROMPT,
+                "max_tokens": TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
             text, chunks, killed = "", 0, None
             with c.stream("POST", "/v1/completions", json=body) as r:
                 assert r.status_code == 200
@@ -44,22 +57,30 @@ def test_worker_killed_mid_stream():
                     assert "error" not in event, event
                     text += "".join(ch["text"] for ch in event["choices"])
                     chunks += 1
-                    if chunks == 5 and killed is None:    # kill the serving replica's worker mid-stream
+                    if chunks == 5 and killed is None:  # kill the serving replica's worker mid-stream
                         serving = [n for n, (_, load) in engine.instance_loads().items() if load.running]
                         assert len(serving) == 1
                         killed = serving[0]
                         rank = engine.topo.instances[killed].ranks[0]
                         engine.processes[rank].popen.kill()
             assert killed is not None
-            assert text == ref                       # nothing lost, nothing repeated
+            assert text == ref  # nothing lost, nothing repeated
             metrics = parse_prometheus(c.get("/metrics").text)
             role = 'role="mixed"'
             assert metrics[f'hetserve_instance_up{{instance="{killed}",{role}}}'] == 0
             other = next(n for n in engine.instances if n != killed)
             assert metrics[f'hetserve_instance_up{{instance="{other}",{role}}}'] == 1
             assert c.get("/health").json() == {"status": "ok"}
-            r = c.post("/v1/completions", json={"model": "smollm2", "prompt": PROMPT, "max_tokens": 8,
-                                                "temperature": 0, "ignore_eos": True})
+            r = c.post(
+                "/v1/completions",
+                json={
+                    "model": "smollm2",
+                    "prompt": PROMPT,
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
             # the last replica goes too: requests then fail cleanly, the server stays up
             engine.processes[engine.topo.instances[other].ranks[0]].popen.kill()

@@ -4,6 +4,7 @@ instance it serves -- executing the driver's commands in the order they arrive.
 Every worker sees the commands of all instances it serves in one global order (the driver sends them
 that way), so pipeline stages shared by several chains never wait on each other in a cycle.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -15,18 +16,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .channel import (DRIVER, TAG_HIDDEN, TAG_LOGITS, KVDrop, KVInstall, KVRecv, Shutdown, Step,
-                      kv_tag, recv_command, recv_tensor, send_tensor)
+from .channel import (
+    DRIVER,
+    TAG_HIDDEN,
+    TAG_LOGITS,
+    KVDrop,
+    KVInstall,
+    KVRecv,
+    Shutdown,
+    Step,
+    kv_tag,
+    recv_command,
+    recv_tensor,
+    send_tensor,
+)
 from .topology import InstanceSpec, Topology, WorkerSpec
 
 log = logging.getLogger("hetserve.worker")
-TIMEOUT = datetime.timedelta(days=7)   # workers wait for commands as long as the server is up
+TIMEOUT = datetime.timedelta(days=7)  # workers wait for commands as long as the server is up
 
 
 def init_distributed(rank: int, world_size: int, master: str) -> None:
     """Join the job's process group (the driver, rank 0, hosts the rendezvous at ``master``)."""
-    dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size,
-                            timeout=TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size, timeout=TIMEOUT
+    )
 
 
 def tp_groups(topo: Topology) -> dict[str, object]:
@@ -45,12 +59,19 @@ class _Staged:
     """KV of one hand-off arriving for this worker: per layer, the pieces of its heads."""
 
     num_tokens: int
-    pieces: list[tuple[int, int, Tensor, object]]   # (layer, first head, [2, heads, T, hd] buffer, work)
+    pieces: list[tuple[int, int, Tensor, object]]  # (layer, first head, [2, heads, T, hd] buffer, work)
 
 
 class Worker:
-    def __init__(self, topo: Topology, rank: int, model: str, kv_cache_gb: float,
-                 device: torch.device, group_size: int = 64):
+    def __init__(
+        self,
+        topo: Topology,
+        rank: int,
+        model: str,
+        kv_cache_gb: float,
+        device: torch.device,
+        group_size: int = 64,
+    ):
         from ..kvcache import allocate_kv_caches, token_major_view
         from ..model.source import load_model, parse_dtype
         from ..quant import quantize_model
@@ -61,27 +82,44 @@ class Worker:
         groups = tp_groups(topo)
         s = self.spec
         self.dtype = parse_dtype(s.dtype)
-        self.model, _ = load_model(model, dtype=self.dtype, layer_start=s.layers[0], layer_end=s.layers[1],
-                                   tp_rank=s.tp_rank, tp_size=s.tp_size, tp_group=groups.get(s.server),
-                                   tokenizer=False)
+        self.model, _ = load_model(
+            model,
+            dtype=self.dtype,
+            layer_start=s.layers[0],
+            layer_end=s.layers[1],
+            tp_rank=s.tp_rank,
+            tp_size=s.tp_size,
+            tp_group=groups.get(s.server),
+            tokenizer=False,
+        )
         self.model.to(device)
         if any(b != 16 for b in s.bits):
             quantize_model(self.model, list(s.bits), group_size)
         c = self.model.config
         num_blocks = instance_blocks(topo, c, kv_cache_gb)
-        self.kv_heads = (self.model.tp.kv_start, self.model.tp.kv_end) if s.tp_size > 1 else (0, c.num_kv_heads)
+        self.kv_heads = (
+            (self.model.tp.kv_start, self.model.tp.kv_end) if s.tp_size > 1 else (0, c.num_kv_heads)
+        )
         self.instances: dict[str, InstanceSpec] = {i.name: i for i in topo.instances_of(rank)}
         self.caches: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.views: dict[str, list[tuple[Tensor, Tensor]]] = {}
         for name, inst in self.instances.items():
-            caches = allocate_kv_caches(len(self.model.layers), num_blocks[name], inst.block_size,
-                                        self.kv_heads[1] - self.kv_heads[0], c.head_dim, self.dtype, device,
-                                        s.kv_layout)
+            caches = allocate_kv_caches(
+                len(self.model.layers),
+                num_blocks[name],
+                inst.block_size,
+                self.kv_heads[1] - self.kv_heads[0],
+                c.head_dim,
+                self.dtype,
+                device,
+                s.kv_layout,
+            )
             self.caches[name] = caches
-            self.views[name] = [(token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout))
-                                for k, v in caches]
+            self.views[name] = [
+                (token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout)) for k, v in caches
+            ]
         self.staged: dict[int, _Staged] = {}
-        self.sending: list = []   # works (with their buffers) of KV still leaving
+        self.sending: list = []  # works (with their buffers) of KV still leaving
 
     # ---- the command loop ---------------------------------------------------------------------
     def serve(self) -> None:
@@ -112,8 +150,13 @@ class Worker:
             x = cmd.ids.to(self.device)
         else:
             prev = self.topo.workers[inst.stages[k - 1][0]]
-            x = recv_tensor((cmd.ids.numel(), self.model.config.hidden_size), _dtype(prev.dtype), prev.rank,
-                            TAG_HIDDEN, self.device).to(self.dtype)
+            x = recv_tensor(
+                (cmd.ids.numel(), self.model.config.hidden_size),
+                _dtype(prev.dtype),
+                prev.rank,
+                TAG_HIDDEN,
+                self.device,
+            ).to(self.dtype)
         stream = self._kv_streamer(cmd) if cmd.kv_out else None
         h = self.model(x, positions, meta, self.views[cmd.instance], after_layer=stream)
         if self.spec.tp_rank != 0:
@@ -144,7 +187,7 @@ class Worker:
                 k_cache, v_cache = self.caches[cmd.instance][i]
                 k, v = extract_kv(k_cache, v_cache, self.spec.kv_layout, out.block_table, out.num_tokens)
                 for _, dst, _, (h0, h1) in routes:
-                    kv = torch.stack((k[h0 - lo_heads:h1 - lo_heads], v[h0 - lo_heads:h1 - lo_heads]))
+                    kv = torch.stack((k[h0 - lo_heads : h1 - lo_heads], v[h0 - lo_heads : h1 - lo_heads]))
                     self.sending.append(send_tensor(kv, dst, kv_tag(out.key)))
 
         return after_layer
@@ -170,8 +213,10 @@ class Worker:
             work.wait()
             by_layer.setdefault(layer, []).append((h0, buf))
         if len(by_layer) != len(self.model.layers):
-            raise RuntimeError(f"hand-off {cmd.key}: KV arrived for {len(by_layer)} of this worker's "
-                               f"{len(self.model.layers)} layers")
+            raise RuntimeError(
+                f"hand-off {cmd.key}: KV arrived for {len(by_layer)} of this worker's "
+                f"{len(self.model.layers)} layers"
+            )
         for layer, pieces in by_layer.items():
             pieces.sort(key=lambda p: p[0])
             kv = pieces[0][1] if len(pieces) == 1 else torch.cat([b for _, b in pieces], dim=1)
@@ -193,13 +238,27 @@ def _meta_to(meta, device: torch.device):
         return None if t is None else t.to(device)
 
     spans = tuple(replace(s, block_table=move(s.block_table), mask=move(s.mask)) for s in meta.prefills)
-    return replace(meta, slot_mapping=move(meta.slot_mapping), decode_block_tables=move(meta.decode_block_tables),
-                   decode_mask=move(meta.decode_mask), prefills=spans)
+    return replace(
+        meta,
+        slot_mapping=move(meta.slot_mapping),
+        decode_block_tables=move(meta.decode_block_tables),
+        decode_mask=move(meta.decode_mask),
+        prefills=spans,
+    )
 
 
 # ---- process entry point ---------------------------------------------------------------------------
-def run_worker(plan: str, model: str, rank: int, master: str, kv_cache_gb: float, dtype: str | None,
-               threads: int, local_index: int, group_size: int = 64) -> None:
+def run_worker(
+    plan: str,
+    model: str,
+    rank: int,
+    master: str,
+    kv_cache_gb: float,
+    dtype: str | None,
+    threads: int,
+    local_index: int,
+    group_size: int = 64,
+) -> None:
     """Load this rank's part of ``plan`` and serve commands until the driver shuts it down."""
     from ...plan import load_plan
     from .topology import topology_from_plan
@@ -208,7 +267,7 @@ def run_worker(plan: str, model: str, rank: int, master: str, kv_cache_gb: float
     topo = topology_from_plan(load_plan(plan), dtype)
     init_distributed(rank, topo.world_size, master)
     worker = Worker(topo, rank, model, kv_cache_gb, local_device(local_index), group_size)
-    dist.barrier()   # everyone loaded: the driver may start
+    dist.barrier()  # everyone loaded: the driver may start
     try:
         worker.serve()
     finally:
@@ -218,7 +277,7 @@ def run_worker(plan: str, model: str, rank: int, master: str, kv_cache_gb: float
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m hetserve.runtime.dist.worker")
+    ap = argparse.ArgumentParser(prog="python -m hetserve.runtime.cluster.worker")
     ap.add_argument("--plan", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--rank", type=int, required=True)
@@ -230,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HETSERVE_LOG", "WARNING"))
-    run_worker(a.plan, a.model, a.rank, a.master, a.kv_cache_gb, a.dtype, a.threads, a.local_index, a.group_size)
+    run_worker(
+        a.plan, a.model, a.rank, a.master, a.kv_cache_gb, a.dtype, a.threads, a.local_index, a.group_size
+    )
     return 0
 
 

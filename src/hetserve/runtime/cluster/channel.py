@@ -6,6 +6,7 @@ shape from the command. Each kind of traffic (and each KV hand-off)
 has its own tag, so streams between the same two ranks never interleave. Tensors on an accelerator
 are staged through host memory (gloo moves CPU tensors).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -32,7 +33,7 @@ class KVOut:
     """After a prefill step: send the KV of one sequence's first ``num_tokens`` tokens to decode ranks."""
 
     key: int
-    block_table: list[int]                      # physical blocks on the sender
+    block_table: list[int]  # physical blocks on the sender
     num_tokens: int
     routes: list[tuple[int, int, tuple[int, int], tuple[int, int]]]  # (src, dst, layers, kv heads)
 
@@ -42,9 +43,9 @@ class Step:
     """Run one micro-batch of ``instance`` through this worker's layers."""
 
     instance: str
-    ids: Tensor                                 # [T] token ids (the first stage embeds them)
-    positions: Tensor                           # [T]
-    meta: Any                                   # AttentionMetadata (physical block ids)
+    ids: Tensor  # [T] token ids (the first stage embeds them)
+    positions: Tensor  # [T]
+    meta: Any  # AttentionMetadata (physical block ids)
     sample_rows: list[int]
     kv_out: list[KVOut] = field(default_factory=list)
 
@@ -81,7 +82,9 @@ class Shutdown:
 
 def encode_command(command: Any) -> tuple[Tensor, Tensor]:
     """Pickle once for many receivers: (size, payload) to pass to ``send_encoded``."""
-    payload = torch.frombuffer(bytearray(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    payload = torch.frombuffer(
+        bytearray(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+    )
     return torch.tensor([payload.numel()], dtype=torch.int64), payload
 
 
@@ -107,8 +110,9 @@ def send_tensor(x: Tensor, dst: int, tag: int) -> Any:
     return dist.isend(x.contiguous(), dst, tag=tag), x
 
 
-def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int,
-                device: torch.device | str = "cpu") -> Tensor:
+def recv_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, device: torch.device | str = "cpu"
+) -> Tensor:
     buf = torch.empty(shape, dtype=dtype)
     dist.recv(buf, src, tag=tag)
     return buf if torch.device(device).type == "cpu" else buf.to(device)

@@ -9,130 +9,65 @@ hand-offs and installs first); wait for at least one lane's logits; sample, hand
 a decode instance, and report the tokens. A worker that dies takes its instances down: their requests
 go back to the router and are prefilled again elsewhere (the tokens already sent are kept).
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ...scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence
+from ...scheduling import Sequence
 from ...scheduling.routing import make_policy
 from ..detokenizer import IncrementalDecoder
 from ..engine import EngineLoad, RequestOutput, _Request, prompt_token_ids
 from ..model_runner import prepare_batch
 from ..sampling import SamplingParams, sample
-from .channel import TAG_LOGITS, KVDrop, KVInstall, KVOut, KVRecv, Shutdown, Step, encode_command, send_encoded
-from .topology import InstanceSpec, Topology
+from .channel import (
+    KVDrop,
+    KVInstall,
+    KVOut,
+    KVRecv,
+    Shutdown,
+    Step,
+    encode_command,
+    send_encoded,
+)
+from .instance import InstanceRunner, _Flight, _Lane
+from .topology import Topology
 
 log = logging.getLogger("hetserve.driver")
 
 
 @dataclass
-class _Flight:
-    """One micro-batch on its way through a chain."""
-
-    lane: "_Lane"
-    batch: object
-    sampling: list                          # the batch's items that sample a token, in row order
-    handoffs: dict[int, tuple[str, int]]    # seq_id -> (decode instance, KV key)
-    sent: float
-
-
-@dataclass
-class _Lane:
-    index: int
-    scheduler: Scheduler
-    offset: int                             # first physical block of this lane
-    flight: _Flight | None = None
-
-    @property
-    def load(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
-
-
-class InstanceRunner:
-    """The driver's side of one instance: its lanes, its state, and a thread collecting its logits."""
-
-    def __init__(self, spec: InstanceSpec, num_blocks: int, vocab: int, results: queue.Queue,
-                 prefix_caching: bool):
-        self.spec, self.name, self.vocab = spec, spec.name, vocab
-        per_lane = num_blocks // spec.lanes
-        #: A plan's max_batch_size counts the whole instance; each lane runs its share (as the simulator).
-        self.lane_seqs = max(1, spec.max_batch_size // spec.lanes)
-        self.lanes = [
-            _Lane(i, Scheduler(SchedulerConfig(max_num_seqs=self.lane_seqs,
-                                               max_num_batched_tokens=spec.max_batch_tokens,
-                                               prefill_chunk_size=spec.chunk_size, policy=spec.policy),
-                               BlockManager(per_lane, spec.block_size, prefix_caching and spec.role != "decode")),
-                  i * per_lane)
-            for i in range(spec.lanes)]
-        self.num_blocks = per_lane * spec.lanes
-        self.strided = False          # set when a worker keeps head-major KV (its attention needs block ids)
-        self.up = True
-        self.max_in_flight = 0        # most micro-batches seen in the chain at once
-        # JFFC ranks chains by speed: fewer layers on the slowest stage (per TP rank) is faster
-        self.speed = 1.0 / max(1, len(spec.stages))
-        self._expect: queue.Queue = queue.Queue()
-        self._results = results
-        threading.Thread(target=self._collect, name=f"collect-{spec.name}", daemon=True).start()
-
-    # Routable
-    def outstanding_work(self) -> float:
-        return sum(lane.load for lane in self.lanes) / self.speed
-
-    def has_free_slot(self) -> bool:
-        return self.up and any(lane.load < self.lane_seqs for lane in self.lanes)
-
-    def add(self, seq: Sequence) -> int:
-        lane = min(self.lanes, key=lambda ln: ln.load)
-        lane.scheduler.add(seq)
-        return lane.index
-
-    def expect(self, flight: _Flight) -> None:
-        self._expect.put(flight)
-
-    def _collect(self) -> None:
-        """Receive each flight's logits in dispatch order (the chain is FIFO)."""
-        from .channel import recv_tensor
-
-        while True:
-            flight = self._expect.get()
-            if flight is None:
-                return
-            n = len(flight.sampling)
-            try:
-                logits = recv_tensor((n, self.vocab) if n else (1,), torch.float32, self.spec.last, TAG_LOGITS)
-            except Exception as exc:  # noqa: BLE001 - a worker of this instance died
-                self._results.put((self, flight, exc))
-                return
-            self._results.put((self, flight, logits))
-
-    def stop(self) -> None:
-        self._expect.put(None)
-
-
-@dataclass
 class _ClusterRequest:
     id: int
-    state: _Request                         # prompt, params, generator, decoder, text, finish reason
+    state: _Request  # prompt, params, generator, decoder, text, finish reason
     outputs: list[int] = field(default_factory=list)
     instance: str | None = None
     lane: int = 0
-    install: tuple[int, str] | None = None   # (KV key, decode instance) waiting to be installed
+    install: tuple[int, str] | None = None  # (KV key, decode instance) waiting to be installed
     attempts: int = 0
 
 
 class ClusterEngine:
     """Serve a plan's instances over worker processes; the same interface as ``LLMEngine``."""
 
-    def __init__(self, topo: Topology, config, tokenizer, kv_cache_gb: float, *,
-                 prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                 processes: dict[int, object] | None = None):
+    def __init__(
+        self,
+        topo: Topology,
+        config,
+        tokenizer,
+        kv_cache_gb: float,
+        *,
+        prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        processes: dict[int, object] | None = None,
+    ):
         from .sizing import instance_blocks
 
         self.topo, self.config, self.tokenizer = topo, config, tokenizer
@@ -140,16 +75,21 @@ class ClusterEngine:
         self.eos_token_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         blocks = instance_blocks(topo, config, kv_cache_gb)
         self._results: queue.Queue = queue.Queue()
-        self.instances = {name: InstanceRunner(spec, blocks[name], config.vocab_size, self._results, prefix_caching)
-                          for name, spec in topo.instances.items()}
+        self.instances = {
+            name: InstanceRunner(spec, blocks[name], config.vocab_size, self._results, prefix_caching)
+            for name, spec in topo.instances.items()
+        }
         for inst in self.instances.values():
             inst.strided = any(topo.workers[r].kv_layout == "head-major" for r in inst.spec.ranks)
         self.entry = [i for i in self.instances.values() if i.spec.role != "decode"]
         self.decoders = [i for i in self.instances.values() if i.spec.role == "decode"]
         self.router = make_policy(topo.routing_policy, topo.routing_weights, seed)
-        self.handoff = {p.name: make_policy(topo.handoff_policy, topo.handoff_weights.get(p.name), seed)
-                        for p in self.entry if p.spec.role == "prefill"}
-        self.processes = processes or {}       # rank -> a process handle with poll() (local workers)
+        self.handoff = {
+            p.name: make_policy(topo.handoff_policy, topo.handoff_weights.get(p.name), seed)
+            for p in self.entry
+            if p.spec.role == "prefill"
+        }
+        self.processes = processes or {}  # rank -> a process handle with poll() (local workers)
         self._generator = torch.Generator().manual_seed(seed)
         self._requests: dict[int, _ClusterRequest] = {}
         self._by_seq: dict[int, _ClusterRequest] = {}
@@ -160,7 +100,7 @@ class ClusterEngine:
         self._sending: list = []
         self._routes: dict[tuple[str, str], list] = {}
         self.instance_steps: dict[str, int] = {name: 0 for name in self.instances}
-        self.kv_bytes_moved = 0       # KV bytes handed from prefill to decode workers
+        self.kv_bytes_moved = 0  # KV bytes handed from prefill to decode workers
         self.handoffs = 0
 
     # ---- requests (the LLMEngine interface) -----------------------------------------------------
@@ -200,18 +140,26 @@ class ClusterEngine:
     @staticmethod
     def _load_of(lanes: list[_Lane], queued: int = 0, steps: int | None = None) -> EngineLoad:
         scheds = [ln.scheduler for ln in lanes]
-        return EngineLoad(sum(len(s.waiting) for s in scheds) + queued, sum(len(s.running) for s in scheds),
-                          sum(s.blocks.num_used_blocks for s in scheds), sum(s.blocks.num_blocks for s in scheds),
-                          sum(s.stats.steps for s in scheds) if steps is None else steps,
-                          sum(s.stats.prefix_hit_tokens for s in scheds))
+        return EngineLoad(
+            sum(len(s.waiting) for s in scheds) + queued,
+            sum(len(s.running) for s in scheds),
+            sum(s.blocks.num_used_blocks for s in scheds),
+            sum(s.blocks.num_blocks for s in scheds),
+            sum(s.stats.steps for s in scheds) if steps is None else steps,
+            sum(s.stats.prefix_hit_tokens for s in scheds),
+        )
 
     def load(self) -> EngineLoad:
-        return self._load_of([ln for i in self.instances.values() if i.up for ln in i.lanes], len(self._queued))
+        return self._load_of(
+            [ln for i in self.instances.values() if i.up for ln in i.lanes], len(self._queued)
+        )
 
     def instance_loads(self) -> dict[str, tuple[bool, EngineLoad]]:
         """Per instance: whether it is up, and its load (for /metrics)."""
-        return {name: (inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name]))
-                for name, inst in self.instances.items()}
+        return {
+            name: (inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name]))
+            for name, inst in self.instances.items()
+        }
 
     def wake(self) -> None:
         """Return from a ``step`` waiting on the workers (a request arrived that an idle lane may take)."""
@@ -233,7 +181,7 @@ class ClusterEngine:
                 if self._check_processes(outputs):
                     return outputs
         self._handle(item, outputs)
-        while True:   # everything else that is already back
+        while True:  # everything else that is already back
             try:
                 self._handle(self._results.get_nowait(), outputs)
             except queue.Empty:
@@ -248,7 +196,7 @@ class ClusterEngine:
             self._fail(req, "no instance is up to serve the request", outputs)
             return
         target = self.router.choose(live)
-        if target is None:       # JFFC: every chain busy; wait in the central queue
+        if target is None:  # JFFC: every chain busy; wait in the central queue
             self._queued.append(req)
             return
         self._place(req, target, self._new_seq(req, target))
@@ -258,15 +206,21 @@ class ClusterEngine:
         for req in queued:
             self._route(req, outputs)
 
-    def _new_seq(self, req: _ClusterRequest, inst: InstanceRunner, first_token: int | None = None,
-                 transferred: int = 0) -> Sequence:
+    def _new_seq(
+        self, req: _ClusterRequest, inst: InstanceRunner, first_token: int | None = None, transferred: int = 0
+    ) -> Sequence:
         """A sequence for ``req`` on ``inst``: its prompt is everything known so far (prompt + outputs)."""
         tokens = req.state.prompt_token_ids + req.outputs
         remaining = req.state.params.max_tokens - len(req.outputs)
         if inst.spec.role == "prefill":
             remaining = 1
-        seq = Sequence(next(self._seq_ids), len(tokens), max(1, remaining + (first_token is not None)),
-                       token_ids=tokens, num_transferred_tokens=transferred)
+        seq = Sequence(
+            next(self._seq_ids),
+            len(tokens),
+            max(1, remaining + (first_token is not None)),
+            token_ids=tokens,
+            num_transferred_tokens=transferred,
+        )
         if first_token is not None:
             seq.append_token(first_token)
         return seq
@@ -295,7 +249,7 @@ class ClusterEngine:
         batch = lane.scheduler.schedule()
         if not batch.items:
             return
-        table = lambda seq: [b + lane.offset for b in seq.block_table]   # noqa: E731 - physical blocks
+        table = lambda seq: [b + lane.offset for b in seq.block_table]  # noqa: E731 - physical blocks
         for it in batch.items:
             req = self._by_seq[it.seq.seq_id]
             if req.install is not None:
@@ -303,10 +257,11 @@ class ClusterEngine:
                 req.install = None
                 if it.seq.num_transferred_tokens:
                     self._send(KVInstall(inst.name, key, table(it.seq)), inst.spec.ranks)
-                else:    # preempted before it ran: it recomputes instead
+                else:  # preempted before it ran: it recomputes instead
                     self._send(KVDrop(key), inst.spec.ranks)
-        ids, positions, meta, rows = prepare_batch(batch.items, inst.spec.block_size, "cpu", lane.offset,
-                                                   strided=inst.strided)
+        ids, positions, meta, rows = prepare_batch(
+            batch.items, inst.spec.block_size, "cpu", lane.offset, strided=inst.strided
+        )
         sampling = [it for it in batch.items if it.samples]
         handoffs: dict[int, tuple[str, int]] = {}
         kv_out: list[KVOut] = []
@@ -322,8 +277,9 @@ class ClusterEngine:
                 kv_out.append(KVOut(key, table(it.seq), it.end, routes))
                 self.kv_bytes_moved += self._kv_bytes(inst, routes, it.end)
                 self.handoffs += 1
-                receives.append((dec, KVRecv(dec.name, key, it.end, routes,
-                                             self.topo.workers[inst.spec.last].dtype)))
+                receives.append(
+                    (dec, KVRecv(dec.name, key, it.end, routes, self.topo.workers[inst.spec.last].dtype))
+                )
         self._send(Step(inst.name, ids, positions, meta, rows, kv_out), inst.spec.ranks)
         for dec, cmd in receives:
             self._send(cmd, dec.spec.ranks)
@@ -346,12 +302,16 @@ class ClusterEngine:
                 out = []
                 for r in inst.spec.ranks:
                     w = self.topo.workers[r]
-                    heads = local_kv_head_range(self.config.num_heads, self.config.num_kv_heads, w.tp_size, w.tp_rank)
+                    heads = local_kv_head_range(
+                        self.config.num_heads, self.config.num_kv_heads, w.tp_size, w.tp_rank
+                    )
                     out.append(KVShard(r, w.layers, heads))
                 return out
 
-            self._routes[key] = [(r.src.rank, r.dst.rank, tuple(r.layers), tuple(r.kv_heads))
-                                 for r in plan_kv_transfer(shards(src), shards(dst))]
+            self._routes[key] = [
+                (r.src.rank, r.dst.rank, tuple(r.layers), tuple(r.kv_heads))
+                for r in plan_kv_transfer(shards(src), shards(dst))
+            ]
         return self._routes[key]
 
     def _kv_bytes(self, src: InstanceRunner, routes: list, num_tokens: int) -> int:
@@ -359,12 +319,14 @@ class ClusterEngine:
         from .sizing import DTYPE_BYTES
 
         c = self.config
-        return sum(2 * (l1 - l0) * (h1 - h0) * num_tokens * c.head_dim * DTYPE_BYTES[self.topo.workers[a].dtype]
-                   for a, _, (l0, l1), (h0, h1) in routes)
+        return sum(
+            2 * (l1 - l0) * (h1 - h0) * num_tokens * c.head_dim * DTYPE_BYTES[self.topo.workers[a].dtype]
+            for a, _, (l0, l1), (h0, h1) in routes
+        )
 
     # ---- results ----------------------------------------------------------------------------------
     def _handle(self, item, outputs: list) -> None:
-        if item is None:   # wake()
+        if item is None:  # wake()
             return
         inst, flight, logits = item
         if isinstance(logits, BaseException):
@@ -376,12 +338,16 @@ class ClusterEngine:
         if not inst.up:
             return
         for seq_id, (dec, key) in flight.handoffs.items():
-            if seq_id not in self._by_seq:       # aborted while its prefill ran: free the staged KV
+            if seq_id not in self._by_seq:  # aborted while its prefill ran: free the staged KV
                 self._send(KVDrop(key), self.instances[dec].spec.ranks)
         live = [it for it in flight.sampling if it.seq.seq_id in self._by_seq]
         rows = [flight.sampling.index(it) for it in live]
         reqs = [self._by_seq[it.seq.seq_id] for it in live]
-        tokens = sample(logits[rows], [r.state.params for r in reqs], [r.state.generator for r in reqs]) if rows else []
+        tokens = (
+            sample(logits[rows], [r.state.params for r in reqs], [r.state.generator for r in reqs])
+            if rows
+            else []
+        )
         stopped: set[int] = set()
         deltas = {}
         for req, token in zip(reqs, tokens):
@@ -389,7 +355,9 @@ class ClusterEngine:
             req.outputs.append(token)
             if req.state.finish_reason == "stop":
                 stopped.add(req.state.seq.seq_id)
-        lane.scheduler.postprocess(flight.batch, {r.state.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped)
+        lane.scheduler.postprocess(
+            flight.batch, {r.state.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped
+        )
         for req, token in zip(reqs, tokens):
             seq = req.state.seq
             done = req.state.finish_reason == "stop" or len(req.outputs) >= req.state.params.max_tokens
@@ -406,14 +374,26 @@ class ClusterEngine:
             elif handoff is not None:
                 dec = self.instances[handoff[0]]
                 if dec.up:
-                    self._place(req, dec, self._new_seq(req, dec, first_token=None, transferred=seq.num_tokens - 1))
+                    self._place(
+                        req, dec, self._new_seq(req, dec, first_token=None, transferred=seq.num_tokens - 1)
+                    )
                     req.install = (handoff[1], dec.name)
                 else:
-                    self._route(req, outputs)    # its decode instance died meanwhile: prefill again
-            elif seq.is_finished:                 # a prefill instance without a decode instance to go to
+                    self._route(req, outputs)  # its decode instance died meanwhile: prefill again
+            elif seq.is_finished:  # a prefill instance without a decode instance to go to
                 self._route(req, outputs)
-            outputs.append(RequestOutput(req.id, req.state.prompt_token_ids, list(req.outputs), req.state.text,
-                                         [token], deltas[req.id], done, req.state.finish_reason if done else None))
+            outputs.append(
+                RequestOutput(
+                    req.id,
+                    req.state.prompt_token_ids,
+                    list(req.outputs),
+                    req.state.text,
+                    [token],
+                    deltas[req.id],
+                    done,
+                    req.state.finish_reason if done else None,
+                )
+            )
 
     # ---- failures ---------------------------------------------------------------------------------
     def _check_processes(self, outputs: list) -> bool:
@@ -441,8 +421,8 @@ class ClusterEngine:
             req.attempts += 1
             req.instance = None
         for lane in inst.lanes:
-            for dec, key in (lane.flight.handoffs.values() if lane.flight else ()):
-                if self.instances[dec].up:       # KV that will never come: drop the receives
+            for dec, key in lane.flight.handoffs.values() if lane.flight else ():
+                if self.instances[dec].up:  # KV that will never come: drop the receives
                     self._send(KVDrop(key), self.instances[dec].spec.ranks)
             lane.flight = None
         for req in orphans:
@@ -464,8 +444,19 @@ class ClusterEngine:
         self._requests.pop(req.id, None)
         if outputs is None:
             raise RuntimeError(why)
-        outputs.append(RequestOutput(req.id, req.state.prompt_token_ids, list(req.outputs), req.state.text, [], "",
-                                     True, None, error=why))
+        outputs.append(
+            RequestOutput(
+                req.id,
+                req.state.prompt_token_ids,
+                list(req.outputs),
+                req.state.text,
+                [],
+                "",
+                True,
+                None,
+                error=why,
+            )
+        )
 
     # ---- metrics ----------------------------------------------------------------------------------
     def cluster_gauges(self) -> list:
@@ -473,8 +464,10 @@ class ClusterEngine:
         from ..api.metrics import LabelledGauge
 
         loads = self.instance_loads()
-        per_inst = {name: ((("instance", name), ("role", self.instances[name].spec.role)), up, load)
-                    for name, (up, load) in loads.items()}
+        per_inst = {
+            name: ((("instance", name), ("role", self.instances[name].spec.role)), up, load)
+            for name, (up, load) in loads.items()
+        }
 
         def by_instance(read) -> dict:
             return {labels: read(up, load) for labels, up, load in per_inst.values()}
@@ -486,26 +479,55 @@ class ClusterEngine:
             if proc is not None:
                 up = up and proc.poll() is None
             workers[(("rank", str(rank)), ("server", w.server), ("tp_rank", str(w.tp_rank)))] = (
-                up, sum(self.instance_steps[i.name] for i in self.topo.instances_of(rank)))
+                up,
+                sum(self.instance_steps[i.name] for i in self.topo.instances_of(rank)),
+            )
         return [
-            LabelledGauge("hetserve_instance_up", "1 while every worker of the instance is alive",
-                          by_instance(lambda up, _: float(up))),
-            LabelledGauge("hetserve_instance_requests_waiting", "Requests queued at the instance",
-                          by_instance(lambda _, ld: ld.waiting)),
-            LabelledGauge("hetserve_instance_requests_running", "Requests in the instance's batches",
-                          by_instance(lambda _, ld: ld.running)),
-            LabelledGauge("hetserve_instance_kv_blocks_used", "KV blocks the instance's requests hold",
-                          by_instance(lambda _, ld: ld.blocks_used)),
-            LabelledGauge("hetserve_instance_kv_blocks_total", "KV blocks of the instance",
-                          by_instance(lambda _, ld: ld.blocks_total)),
-            LabelledGauge("hetserve_instance_steps", "Micro-batches the instance has run",
-                          by_instance(lambda _, ld: ld.steps)),
-            LabelledGauge("hetserve_worker_up", "1 while the worker process serves",
-                          {k: float(v[0]) for k, v in workers.items()}),
-            LabelledGauge("hetserve_worker_steps", "Micro-batches that passed through the worker",
-                          {k: v[1] for k, v in workers.items()}),
-            LabelledGauge("hetserve_kv_handoff_bytes", "KV bytes handed from prefill to decode workers",
-                          {(): self.kv_bytes_moved}),
+            LabelledGauge(
+                "hetserve_instance_up",
+                "1 while every worker of the instance is alive",
+                by_instance(lambda up, _: float(up)),
+            ),
+            LabelledGauge(
+                "hetserve_instance_requests_waiting",
+                "Requests queued at the instance",
+                by_instance(lambda _, ld: ld.waiting),
+            ),
+            LabelledGauge(
+                "hetserve_instance_requests_running",
+                "Requests in the instance's batches",
+                by_instance(lambda _, ld: ld.running),
+            ),
+            LabelledGauge(
+                "hetserve_instance_kv_blocks_used",
+                "KV blocks the instance's requests hold",
+                by_instance(lambda _, ld: ld.blocks_used),
+            ),
+            LabelledGauge(
+                "hetserve_instance_kv_blocks_total",
+                "KV blocks of the instance",
+                by_instance(lambda _, ld: ld.blocks_total),
+            ),
+            LabelledGauge(
+                "hetserve_instance_steps",
+                "Micro-batches the instance has run",
+                by_instance(lambda _, ld: ld.steps),
+            ),
+            LabelledGauge(
+                "hetserve_worker_up",
+                "1 while the worker process serves",
+                {k: float(v[0]) for k, v in workers.items()},
+            ),
+            LabelledGauge(
+                "hetserve_worker_steps",
+                "Micro-batches that passed through the worker",
+                {k: v[1] for k, v in workers.items()},
+            ),
+            LabelledGauge(
+                "hetserve_kv_handoff_bytes",
+                "KV bytes handed from prefill to decode workers",
+                {(): self.kv_bytes_moved},
+            ),
         ]
 
     # ---- shutdown ---------------------------------------------------------------------------------

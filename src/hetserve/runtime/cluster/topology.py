@@ -5,6 +5,7 @@ order: server ``s`` with TP degree ``t`` takes ``t`` consecutive ranks, TP rank 
 chains of servers; a server named by several instances is one set of processes holding a KV cache for
 each (its ``kv_share`` of the room). Pure Python: no torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,27 +22,27 @@ class WorkerSpec:
     server: str
     tp_rank: int
     tp_size: int
-    tp_ranks: tuple[int, ...]          # every rank of this server, TP rank 0 first
-    layers: tuple[int, int]            # [start, end) of the model's layers
-    bits: tuple[int, ...]              # weight bits per layer (16 = the run dtype)
-    dtype: str                         # float32 | float16 | bfloat16: weights, activations and KV
-    kv_layout: str                     # token-major | head-major
+    tp_ranks: tuple[int, ...]  # every rank of this server, TP rank 0 first
+    layers: tuple[int, int]  # [start, end) of the model's layers
+    bits: tuple[int, ...]  # weight bits per layer (16 = the run dtype)
+    dtype: str  # float32 | float16 | bfloat16: weights, activations and KV
+    kv_layout: str  # token-major | head-major
     node: str
 
 
 @dataclass(frozen=True)
 class InstanceSpec:
     name: str
-    role: str                          # mixed | prefill | decode
+    role: str  # mixed | prefill | decode
     stages: tuple[tuple[int, ...], ...]  # per server in the chain: its ranks, TP rank 0 first
     servers: tuple[str, ...]
     block_size: int
-    lanes: int                         # micro-batches in flight through the chain
-    kv_shares: tuple[float, ...]       # per server in the chain: its share of that server's KV room
+    lanes: int  # micro-batches in flight through the chain
+    kv_shares: tuple[float, ...]  # per server in the chain: its share of that server's KV room
     max_batch_size: int
     max_batch_tokens: int
     chunk_size: int | None
-    policy: str                        # decode_first | prefill_first
+    policy: str  # decode_first | prefill_first
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -55,15 +56,15 @@ class InstanceSpec:
 
 @dataclass
 class Topology:
-    model: str                         # the plan's model name
+    model: str  # the plan's model name
     num_layers: int
-    workers: dict[int, WorkerSpec]     # by rank (1..world-1)
+    workers: dict[int, WorkerSpec]  # by rank (1..world-1)
     instances: dict[str, InstanceSpec]
     routing_policy: str
     routing_weights: dict[str, float]
     handoff_policy: str
     handoff_weights: dict[str, dict[str, float]]
-    servers: dict[str, tuple[int, ...]] = field(default_factory=dict)   # server name -> its ranks
+    servers: dict[str, tuple[int, ...]] = field(default_factory=dict)  # server name -> its ranks
 
     @property
     def world_size(self) -> int:
@@ -78,7 +79,9 @@ class Topology:
             return sorted(self.workers)
         unknown = [s for s in servers if s not in self.servers]
         if unknown:
-            raise HetserveError(f"--servers: unknown server(s) {unknown}; the plan has {sorted(self.servers)}")
+            raise HetserveError(
+                f"--servers: unknown server(s) {unknown}; the plan has {sorted(self.servers)}"
+            )
         return sorted(r for s in servers for r in self.servers[s])
 
 
@@ -91,13 +94,25 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
         p = srv.plan
         run_dtype = dtype or RUN_DTYPES.get(p.kv_dtype)
         if run_dtype is None:
-            raise HetserveError(f"server '{p.name}': kv_dtype {p.kv_dtype} cannot be served by the engine "
-                                f"(it runs KV in {', '.join(RUN_DTYPES)}); set kv_dtype or pass --dtype",
-                                source=dep.source)
+            raise HetserveError(
+                f"server '{p.name}': kv_dtype {p.kv_dtype} cannot be served by the engine "
+                f"(it runs KV in {', '.join(RUN_DTYPES)}); set kv_dtype or pass --dtype",
+                source=dep.source,
+            )
         ranks = tuple(range(rank, rank + p.tp))
         for tp_rank, r in enumerate(ranks):
-            workers[r] = WorkerSpec(r, p.name, tp_rank, p.tp, ranks, tuple(p.layers), p.layer_bits(), run_dtype,
-                                    p.kv_layout, p.node)
+            workers[r] = WorkerSpec(
+                r,
+                p.name,
+                tp_rank,
+                p.tp,
+                ranks,
+                tuple(p.layers),
+                p.layer_bits(),
+                run_dtype,
+                p.kv_layout,
+                p.node,
+            )
         servers[p.name] = ranks
         rank += p.tp
     instances = {}
@@ -105,9 +120,28 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
         p = inst.plan
         stages = tuple(servers[s.name] for s in inst.servers)
         lanes = max(p.micro_batches, 1)
-        instances[p.name] = InstanceSpec(p.name, p.role, stages, tuple(s.name for s in inst.servers), p.block_size,
-                                         lanes, tuple(p.share_on(s.name) for s in inst.servers), p.max_batch_size, p.max_batch_tokens, p.chunk_size,
-                                         p.policy.replace("-", "_"))
+        instances[p.name] = InstanceSpec(
+            p.name,
+            p.role,
+            stages,
+            tuple(s.name for s in inst.servers),
+            p.block_size,
+            lanes,
+            tuple(p.share_on(s.name) for s in inst.servers),
+            p.max_batch_size,
+            p.max_batch_tokens,
+            p.chunk_size,
+            p.policy.replace("-", "_"),
+        )
     r = dep.spec.routing
-    return Topology(dep.spec.model, dep.model.num_layers, workers, instances, r.policy, dict(r.weights), r.handoff,
-                    {k: dict(v) for k, v in r.handoff_weights.items()}, servers)
+    return Topology(
+        dep.spec.model,
+        dep.model.num_layers,
+        workers,
+        instances,
+        r.policy,
+        dict(r.weights),
+        r.handoff,
+        {k: dict(v) for k, v in r.handoff_weights.items()},
+        servers,
+    )

@@ -1,4 +1,5 @@
 """KV-cache blocks per instance, computed the same way by the driver and by every worker."""
+
 from __future__ import annotations
 
 from .topology import Topology
@@ -27,12 +28,20 @@ def instance_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, int
             w = topo.workers[rank]
             start, end = local_kv_head_range(config.num_heads, config.num_kv_heads, w.tp_size, w.tp_rank)
             heads = end - start
-            per_block = (2 * (w.layers[1] - w.layers[0]) * inst.block_size * heads * config.head_dim
-                         * DTYPE_BYTES[w.dtype])
+            per_block = (
+                2
+                * (w.layers[1] - w.layers[0])
+                * inst.block_size
+                * heads
+                * config.head_dim
+                * DTYPE_BYTES[w.dtype]
+            )
             counts.append(int(kv_cache_gb * share[w.server] * 2**30) // per_block)
         out[inst.name] = min(counts)
         if out[inst.name] < inst.lanes:
-            raise ValueError(f"instance '{inst.name}': {kv_cache_gb} GB of KV cache per worker holds "
-                             f"{out[inst.name]} blocks, fewer than its {inst.lanes} micro-batch lanes; "
-                             "raise --kv-cache-gb")
+            raise ValueError(
+                f"instance '{inst.name}': {kv_cache_gb} GB of KV cache per worker holds "
+                f"{out[inst.name]} blocks, fewer than its {inst.lanes} micro-batch lanes; "
+                "raise --kv-cache-gb"
+            )
     return out
