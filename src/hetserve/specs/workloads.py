@@ -192,7 +192,7 @@ def read_trace(path: str, fmt: str = "auto") -> Trace:
                     outputs.append(int(row["GeneratedTokens"]))
         else:
             with p.open() as fh:
-                for lineno, line in enumerate(fh, 1):
+                for line in fh:
                     if not line.strip():
                         continue
                     rec = json.loads(line)

