@@ -92,7 +92,7 @@ def test_reads_a_user_config_json(write):
         "num_key_value_heads": 16, "vocab_size": 151936, "tie_word_embeddings": true}""",
     )
     m = load_model(str(cfg.parent))
-    assert m.name == "my-model" and m.qkv_bias and m.tie_embeddings
+    assert m.name == "my-model" and m.qkv_bias and m.tie_word_embeddings
     assert 0.4e9 < m.total_params < 0.55e9  # Qwen1.5-0.5B-like
 
 
@@ -150,3 +150,44 @@ def test_kv_heads_must_divide_heads():
             },
             "bad",
         )
+
+
+def test_planner_and_engine_read_config_json_alike():
+    """The planner's ModelSpec and the engine's LlamaConfig come from one reader of config.json: the same
+    sizes, defaults and bias rule, and one error naming a missing field."""
+    from hetserve.errors import HetserveError
+    from hetserve.runtime.model.config import LlamaConfig
+    from hetserve.specs.models import model_from_hf_config
+
+    cfg = {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
+    spec, engine = model_from_hf_config(cfg, "q"), LlamaConfig.from_hf(cfg)
+    for field in (
+        "hidden_size",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "num_layers",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "qkv_bias",
+    ):
+        assert getattr(spec, field) == getattr(engine, field), field
+    assert spec.head_dim == 64 and spec.max_position_embeddings == 4096 and spec.qkv_bias
+    broken = {k: v for k, v in cfg.items() if k != "intermediate_size"}
+    for read in (
+        lambda: model_from_hf_config(broken, "q", source="c.json"),
+        lambda: LlamaConfig.from_hf(broken),
+    ):
+        with pytest.raises(HetserveError, match="lacks 'intermediate_size'"):
+            read()

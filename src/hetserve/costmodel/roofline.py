@@ -223,9 +223,10 @@ class RooflineCostModel:
         if shape.first:
             weights += (
                 emb
-                + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)) * 2.0
+                + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2))
+                * 2.0
             ) / tp
-        if shape.last and (not m.tie_embeddings or not shape.first):
+        if shape.last and (not m.tie_word_embeddings or not shape.first):
             weights += emb / tp
         kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
         kv_per_token = (

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
+from .hf_config import LLAMA_FAMILY_TYPES, read_llama_family
 from .loading import read_mapping, validate
 
 Family = Literal["llama", "mixtral", "opt", "bloom"]
@@ -25,8 +26,6 @@ WEIGHT_BITS = (16, 8, 4, 3)
 QUANT_GROUP_SIZE = 128
 #: Bytes of metadata per quantisation group: a 16-bit scale and a 16-bit zero point.
 QUANT_GROUP_META_BYTES = 4
-
-_LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe"}
 
 
 def tp_supported(num_heads: int, num_kv_heads: int, tp: int) -> bool:
@@ -62,8 +61,8 @@ class ModelSpec(BaseModel):
     head_dim: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
-    max_positions: int = Field(gt=0)
-    tie_embeddings: bool = False
+    max_position_embeddings: int = Field(gt=0)
+    tie_word_embeddings: bool = False
     num_experts: int = Field(default=1, ge=1)
     experts_per_token: int = Field(default=1, ge=1)
     gated_mlp: bool = True  # SwiGLU (3 matrices) vs plain (2 matrices)
@@ -152,8 +151,8 @@ class ModelSpec(BaseModel):
     def embedding_params(self) -> int:
         """Input embedding (+ learned positions) and, if untied, the LM head; final norm included."""
         emb = self.vocab_size * self.hidden_size
-        head = 0 if self.tie_embeddings else emb
-        pos = self.max_positions * self.hidden_size if self.learned_positions else 0
+        head = 0 if self.tie_word_embeddings else emb
+        pos = self.max_position_embeddings * self.hidden_size if self.learned_positions else 0
         extra_norm = 2 * self.hidden_size if self.family == "bloom" else 0  # BLOOM's embedding LayerNorm
         final_norm = self.hidden_size * (2 if self.layer_norm_bias else 1)
         return emb + head + pos + extra_norm + final_norm
@@ -271,23 +270,22 @@ def _get(cfg: dict, *keys, default=None):
 def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> ModelSpec:
     """Build a ModelSpec from a Hugging Face ``config.json`` dict."""
     mtype = str(cfg.get("model_type", "")).lower()
-    if mtype in _LLAMA_TYPES or mtype == "mixtral":
-        hidden = _get(cfg, "hidden_size")
-        heads = _get(cfg, "num_attention_heads")
+    if mtype in LLAMA_FAMILY_TYPES:
+        arch = read_llama_family(cfg, source or None)
         spec = dict(
-            family="mixtral" if mtype == "mixtral" or cfg.get("num_local_experts") else "llama",
-            num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
-            intermediate_size=_get(cfg, "intermediate_size"),
-            vocab_size=_get(cfg, "vocab_size"),
-            max_positions=_get(cfg, "max_position_embeddings", default=4096),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            num_experts=cfg.get("num_local_experts") or 1,
-            experts_per_token=cfg.get("num_experts_per_tok") or 1,
-            qkv_bias=mtype.startswith("qwen2") or bool(cfg.get("attention_bias", False)),
+            family="mixtral" if mtype == "mixtral" or arch.num_experts > 1 else "llama",
+            num_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            intermediate_size=arch.intermediate_size,
+            vocab_size=arch.vocab_size,
+            max_position_embeddings=arch.max_position_embeddings,
+            tie_word_embeddings=arch.tie_word_embeddings,
+            num_experts=arch.num_experts,
+            experts_per_token=arch.experts_per_token,
+            qkv_bias=arch.qkv_bias,
         )
     elif mtype == "opt":
         hidden = _get(cfg, "hidden_size")
@@ -301,8 +299,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
             head_dim=hidden // heads,
             intermediate_size=_get(cfg, "ffn_dim"),
             vocab_size=_get(cfg, "vocab_size"),
-            max_positions=_get(cfg, "max_position_embeddings", default=2048),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            max_position_embeddings=_get(cfg, "max_position_embeddings", default=2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
             gated_mlp=False,
             linear_bias=bool(cfg.get("enable_bias", True)),
             layer_norm_bias=True,
@@ -320,8 +318,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
             head_dim=hidden // heads,
             intermediate_size=4 * hidden,
             vocab_size=_get(cfg, "vocab_size"),
-            max_positions=cfg.get("seq_length") or 2048,
-            tie_embeddings=True,
+            max_position_embeddings=cfg.get("seq_length") or 2048,
+            tie_word_embeddings=True,
             gated_mlp=False,
             linear_bias=True,
             layer_norm_bias=True,

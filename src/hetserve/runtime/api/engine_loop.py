@@ -122,7 +122,7 @@ class EngineLoop:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - one bad step must not take the server down
+            except Exception as exc:
                 log.exception("engine step failed; failing the %d requests in flight", len(self._tracked))
                 self._fail_all(exc)
                 continue
@@ -200,7 +200,7 @@ class EngineLoop:
         for request_id, t in list(self._tracked.items()):
             try:
                 self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001 - the scheduler state may be what failed
+            except Exception:
                 log.exception("could not abort request %d", request_id)
             t.finished = True
             by_loop[t.loop].append((t.queue, (t.index, exc)))

@@ -249,7 +249,7 @@ class ClusterEngine:
         batch = lane.scheduler.schedule()
         if not batch.items:
             return
-        table = lambda seq: [b + lane.offset for b in seq.block_table]  # noqa: E731 - physical blocks
+        table = lambda seq: [b + lane.offset for b in seq.block_table]
         for it in batch.items:
             req = self._by_seq[it.seq.seq_id]
             if req.install is not None:

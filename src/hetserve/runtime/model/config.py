@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ...specs.hf_config import read_llama_family
+
 _HF_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
 _GGUF_ARCHS = {"llama", "qwen2"}
 
@@ -81,36 +83,35 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:
         """From a Hugging Face ``config.json`` (as a dict)."""
-        model_type = d.get("model_type", "llama")
+        model_type = str(d.get("model_type", "llama")).lower()
         if model_type not in _HF_TYPES:
             raise ValueError(
-                f"model_type {model_type!r} is not a Llama-family model "
+                f"model_type {model_type!r} is not a Llama-family model the engine runs "
                 f"(supported: {', '.join(sorted(_HF_TYPES))})"
             )
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=true is not supported")
+        arch = read_llama_family(d)
         # Newer configs keep rope settings under "rope_parameters", older ones under "rope_scaling".
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-        heads = int(d["num_attention_heads"])
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        attention_bias = bool(d.get("attention_bias", False))
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_layers=arch.num_layers,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             rope_theta=float(theta),
             rope_scaling=RopeScaling.from_dict(rope),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=arch.tie_word_embeddings,
+            qkv_bias=arch.qkv_bias,
+            o_bias=arch.o_bias,
+            max_position_embeddings=arch.max_position_embeddings,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             architecture="qwen2" if model_type == "qwen2" else "llama",

@@ -122,6 +122,6 @@ def load_model(
         return net, Tokenizer.from_directory(path) if tokenizer else None
     except ModelSourceError:
         raise
-    except (ValueError, OSError, KeyError) as exc:  # unreadable or unsupported file contents
+    except (HetserveError, ValueError, OSError, KeyError) as exc:  # unreadable or unsupported contents
         text = str(exc)
         raise ModelSourceError(text if text.startswith(str(path)) else f"{path}: {text}") from exc

@@ -1,0 +1,76 @@
+"""One reader of a Hugging Face ``config.json`` for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM,
+Mixtral-style MoE): the field names, defaults and derived sizes that the planner's ``ModelSpec`` and the
+engine's ``LlamaConfig`` both build from, so the two never read the same file differently."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import HetserveError
+
+#: ``model_type`` values whose config.json has the Llama layout.
+LLAMA_FAMILY_TYPES = frozenset({"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe", "mixtral"})
+
+
+@dataclass(frozen=True)
+class LlamaFamilyConfig:
+    """The architecture fields of a Llama-family config.json, under Hugging Face's own names."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # biases on q/k/v: Qwen2 always, Llama with attention_bias
+    o_bias: bool  # attention_bias also puts one on the output projection
+    num_experts: int
+    experts_per_token: int
+
+
+def _int(cfg: Mapping[str, Any], key: str, where: str | None, default: int | None = None) -> int:
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise HetserveError(f"config.json lacks '{key}'", source=where)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value <= 0:
+        raise HetserveError(f"'{key}' must be a positive whole number, not {value!r}", source=where)
+    return int(value)
+
+
+def read_llama_family(cfg: Mapping[str, Any], where: str | None = None) -> LlamaFamilyConfig:
+    """The architecture of a Llama-family ``config.json`` dict; a missing or malformed field is one
+    ``HetserveError`` naming it (and ``where``, the file)."""
+    model_type = str(cfg.get("model_type", "llama")).lower()
+    if model_type not in LLAMA_FAMILY_TYPES:
+        raise HetserveError(
+            f"model_type '{model_type}' is not a Llama-family model "
+            f"(supported: {', '.join(sorted(LLAMA_FAMILY_TYPES))})",
+            source=where,
+        )
+    hidden = _int(cfg, "hidden_size", where)
+    heads = _int(cfg, "num_attention_heads", where)
+    attention_bias = bool(cfg.get("attention_bias", False))
+    return LlamaFamilyConfig(
+        model_type=model_type,
+        vocab_size=_int(cfg, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_int(cfg, "intermediate_size", where),
+        num_layers=_int(cfg, "num_hidden_layers", where),
+        num_heads=heads,
+        num_kv_heads=_int(cfg, "num_key_value_heads", where, default=heads),
+        head_dim=_int(cfg, "head_dim", where, default=hidden // heads),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", where, default=4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=model_type.startswith("qwen2") or attention_bias,
+        o_bias=attention_bias,
+        num_experts=_int(cfg, "num_local_experts", where, default=1),
+        experts_per_token=_int(cfg, "num_experts_per_tok", where, default=1),
+    )
