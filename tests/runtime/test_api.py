@@ -438,6 +438,7 @@ def test_serve_reports_user_mistakes_before_loading(tmp_path):
 
 
 # ---- the real model ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smollm2_concurrent_chats_match_each_alone():
     import importlib.util
 
@@ -494,6 +495,7 @@ def test_a_failing_step_fails_its_requests_but_not_the_server():
         assert engine.scheduler.blocks.num_used_blocks == 0
 
 
+@pytest.mark.slow
 def test_serve_command_in_its_own_process(tmp_path):
     """cmd_serve end to end: a child process loads a GGUF file, serves it, and stops on SIGINT."""
     import signal

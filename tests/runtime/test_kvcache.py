@@ -461,5 +461,6 @@ def _transfer_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_exchange_layers_over_gloo():
     mp.spawn(_transfer_worker, args=(free_port(),), nprocs=2, join=True)

@@ -72,6 +72,7 @@ def uncached(smol):
     return {tuple(p): o.token_ids for p, o in zip(prompts, engine.generate(prompts, PARAMS))}
 
 
+@pytest.mark.slow
 def test_shared_system_prompt_is_computed_once(smol, uncached):
     engine, computed = counting_engine(smol)
     stats = engine.scheduler.stats
@@ -106,6 +107,7 @@ def test_repeated_prompt_computes_only_its_last_partial_block(smol, uncached):
     assert len(computed) == len(again.token_ids)  # then one token per decode step
 
 
+@pytest.mark.slow
 def test_cache_hits_while_other_requests_run_and_after_eviction(smol, uncached):
     """A request admitted next to running ones still hits; once its blocks are evicted, it recomputes."""
     model, tokenizer = smol

@@ -158,6 +158,7 @@ def smol_quantised(smol):
     return {bits: quantize_model(copy.deepcopy(smol[0]), bits) for bits in (8, 4)}
 
 
+@pytest.mark.slow
 @smollm2
 def test_smollm2_perplexity_and_memory_per_precision(smol, smol_quantised):
     """Measured (group 64): fp32 24.18, int8 24.28 (+0.4%), int4 33.2 (+37%; +50% without the range search).
@@ -181,6 +182,7 @@ def test_smollm2_perplexity_and_memory_per_precision(smol, smol_quantised):
     assert fraction[8] == pytest.approx((1 + 2 / 64) / 4) and fraction[4] == pytest.approx((0.5 + 4 / 64) / 4)
 
 
+@pytest.mark.slow
 @smollm2
 def test_smollm2_quantised_greedy_answers_stay_sensible(smol, smol_quantised):
     model, tokenizer = smol

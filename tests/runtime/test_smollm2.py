@@ -91,6 +91,7 @@ def test_config_from_gguf(ours):
     assert tokenizer.eos_token_ids == (2,) and tokenizer.bos_token_id == 1
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     _, tok = ours
     for text in TEXTS:
@@ -150,6 +151,7 @@ def _run(engine: LLMEngine, chats: list[str]):
     return engine.generate(chats, SamplingParams(max_tokens=MAX_TOKENS))
 
 
+@pytest.mark.slow
 def test_greedy_single_requests_match_transformers(ours, chats, hf_greedy, hf_tokenizer):
     engine = _engine(ours)
     for chat, expected in zip(chats, hf_greedy):
@@ -168,11 +170,13 @@ def test_greedy_single_requests_match_transformers(ours, chats, hf_greedy, hf_to
     ],
     ids=["batch", "chunked-prefill", "prefill-first"],
 )
+@pytest.mark.slow
 def test_greedy_batch_of_mixed_lengths_matches_transformers(ours, chats, hf_greedy, cfg):
     assert len({len(ours[1].encode(c)) for c in chats}) >= 4  # mixed prompt lengths
     assert [o.token_ids for o in _run(_engine(ours, **cfg), chats)] == hf_greedy
 
 
+@pytest.mark.slow
 def test_greedy_under_forced_preemption_matches_transformers(ours, chats, hf_greedy):
     # 20 blocks of 8 slots: each request needs 40-70 slots, so at most two or three fit at once and
     # growing ones evict the most recently admitted, which later recompute their prompt and output.

@@ -315,6 +315,7 @@ def _tiny_rank(rank: int, size: int, case: str, out_dir: str) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TINY_CASES)
 def test_tiny_shards_match_one_process(case, tmp_path):
     cfg, tp = TINY_CASES[case]
@@ -344,6 +345,7 @@ def _smollm2_rank(rank: int, size: int, config, weights: dict[str, torch.Tensor]
     torch.save(greedy_run([model.eval()], SMOL_PROMPTS), Path(out_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 3])
 def test_smollm2_shards_match_one_process(tp, smollm2, tmp_path):
     """The ranks take their parts of the GGUF's weights from this process (shared memory): reading the

@@ -21,6 +21,8 @@ from hetserve.errors import HetserveError
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
 from hetserve.runtime.cluster.launch import free_port, start_cluster
 
+pytestmark = pytest.mark.slow  # worker processes: seconds per test
+
 PLANS = Path(__file__).resolve().parents[3] / "examples" / "serve"
 PROMPTS = [
     "The capital of France is",

@@ -22,6 +22,8 @@ from hetserve.runtime.api.metrics import parse_prometheus
 from hetserve.runtime.api.server import BackgroundServer, create_app
 from hetserve.runtime.cluster.launch import start_cluster
 
+pytestmark = pytest.mark.slow  # worker processes: seconds per test
+
 PLAN = Path(__file__).resolve().parents[3] / "examples" / "serve" / "smollm2-replicas.yaml"
 PROMPT = "Tell me a long story about a lighthouse keeper and her cat."
 TOKENS = 40
