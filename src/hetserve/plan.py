@@ -305,7 +305,8 @@ class Deployment:
                     raise self._err(
                         f"server '{srv.name}' does not fit: activations for max_batch_tokens="
                         f"{max(u.max_batch_tokens for u in users)} need {mem.activations / gb:.1f} GB per GPU beside "
-                        f"{mem.weights / gb:.1f} GB of weights ({mem.usable / gb:.1f} GB usable on a {srv.node.gpu.name});"
+                        f"{mem.weights / gb:.1f} GB of weights ({mem.usable / gb:.1f} GB usable on a "
+                        f"{srv.node.gpu.name});"
                         " lower max_batch_tokens or max_batch_size of its instances"
                     )
                 if not mem.fits:

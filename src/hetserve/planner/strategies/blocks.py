@@ -93,7 +93,7 @@ def fastest_chain(
     L = ctx.model.num_layers
     extra = extra or {}
     starts: dict[int, list[str]] = {}
-    for n, (s, e) in placed.items():
+    for n, (s, _end) in placed.items():
         if usable is None or n in usable:
             starts.setdefault(s, []).append(n)
     heap = []

@@ -156,7 +156,7 @@ class PDHetero(Strategy):
                 out.append((score, n_p, c, rate))
         out.sort(key=lambda x: -x[0])
         seen, unique = set(), []
-        for score, n_p, c, rate in out:
+        for _score, n_p, c, rate in out:
             key = (n_p, tuple(sorted(c.items())))
             if key not in seen:
                 seen.add(key)

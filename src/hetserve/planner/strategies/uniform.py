@@ -5,7 +5,8 @@ node order, GPUs of a node next to each other), each stage holds the same number
 layer has the same bit-width: the widest of 16/8/4/3 at which every stage fits in memory with room for
 a request's KV cache (and which the quality budget allows). A pipeline never spans vendors, so a
 multi-vendor cluster gets one such pipeline per vendor. The pipeline keeps one micro-batch per stage in
-flight, or fewer if each micro-batch's share of the KV cache would not hold a request. Nothing here looks at how fast a GPU is: that is the point of the baseline.
+flight, or fewer if each micro-batch's share of the KV cache would not hold a request. Nothing here
+looks at how fast a GPU is: that is the point of the baseline.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Uniform(Strategy):
                 )
         if not chosen:
             raise HetserveError("uniform: " + "; ".join(problems) + " (raise the quality budget or add GPUs)")
-        for vendor, chain, bits, lanes in chosen:
+        for vendor, chain, _bits, lanes in chosen:
             writer.instance(
                 f"pipeline-{vendor}", "mixed", chain, settings=SETTINGS["mixed"], micro_batches=lanes
             )

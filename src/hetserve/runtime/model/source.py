@@ -37,6 +37,7 @@ KNOWN_MODELS = {
     ),
 }
 
+
 def resolve_model(model: str) -> Path:
     """The GGUF file or Hugging Face directory that ``model`` (a path or a known name) refers to."""
     if model in KNOWN_MODELS:
