@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator
 
+from .costmodel.chain import ChainTimer
 from .costmodel.roofline import RooflineCostModel, ServerShape
 from .errors import HetserveError, allowed, suggest
 from .specs.clusters import Cluster, Link, Node
@@ -383,6 +384,18 @@ class Deployment:
 
     def cost_per_hour(self) -> float:
         return sum(s.node.gpu.price_per_hour * s.num_gpus for s in self.servers.values())
+
+    def chain_timer(self, instance: str) -> ChainTimer:
+        """The cost model of ``instance``'s chain: its servers' timers and the hops between them (a
+        token's activations cross each hop in 16 bits)."""
+        inst = self.instances[instance]
+        act_bytes = self.model.hidden_size * 2.0
+        return ChainTimer(
+            [self.cost_model.timer(s.shape) for s in inst.servers],
+            [h.latency for h in inst.hops],
+            [act_bytes / h.bandwidth for h in inst.hops],
+            inst.plan.micro_batches,
+        )
 
     def kv_link(self, prefill: str, decode: str) -> Link:
         """The path KV takes from a prefill instance's last server to a decode instance's first one."""

@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 
 from ..costmodel.roofline import ServerTimer
 from ..plan import Deployment, Instance
-from ..scheduling.block_manager import BlockManager
-from ..scheduling.scheduler import Batch, Scheduler, SchedulerConfig
-from ..scheduling.sequence import Sequence
-
-#: Reference request used to rank instance speed and estimate outstanding work.
-REF_PROMPT, REF_OUTPUT, REF_BATCH = 1000, 200, 16
+from ..scheduling.instance import InstanceConfig, InstanceState
+from ..scheduling.instance import Lane as LaneBase
+from ..scheduling.scheduler import Batch
 
 
 @dataclass
@@ -104,10 +101,10 @@ def steps_within(a: float, b: float, kv0: float, n: float, budget: float, limit:
 
 
 @dataclass(eq=False)
-class Lane:
-    instance: SimInstance
-    index: int
-    scheduler: Scheduler
+class Lane(LaneBase):
+    """A lane on the simulator's clock: the step (or run of decode steps) it has in flight."""
+
+    instance: SimInstance | None = None
     busy: bool = False
     batch: Batch | None = None
     version: int = 0  # bumps when a run is cut short; stale DONE events are skipped
@@ -132,134 +129,64 @@ class Lane:
         return steps_within(self.a, self.b, self.kv0, self.n, t - self.t0, self.steps)
 
 
-class SimInstance:
-    """One instance of the plan: its chain's timers, hops and lanes, plus counters the router reads."""
+def instance_config(inst: Instance) -> InstanceConfig:
+    """The scheduling settings of a plan's instance."""
+    p = inst.plan
+    return InstanceConfig(
+        name=p.name,
+        role=p.role,
+        lanes=max(1, p.micro_batches),
+        max_batch_size=p.max_batch_size,
+        max_batch_tokens=p.max_batch_tokens,
+        chunk_size=p.chunk_size,
+        policy=p.policy.replace("-", "_"),
+        block_size=p.block_size,
+    )
 
-    def __init__(self, inst: Instance, dep: Deployment, servers: dict[str, SimServer], seed: int = 0):
-        self.name = inst.name
-        self.role = inst.role
+
+class SimInstance(InstanceState[Lane]):
+    """One instance of the plan on the simulator's clock: its chain's timers and hops, its lanes, and
+    its servers' timelines."""
+
+    def __init__(self, inst: Instance, dep: Deployment, servers: dict[str, SimServer]):
+        self.chain = dep.chain_timer(inst.name)
+        super().__init__(
+            instance_config(inst),
+            self.chain.work_estimate(),
+            inst.kv_capacity_tokens // inst.plan.block_size,
+            Lane,
+        )
+        for lane in self.lanes:
+            lane.instance = self
         self.plan = inst.plan
         self.servers = [servers[s.name] for s in inst.servers]
-        self.timers: list[ServerTimer] = [dep.cost_model.timer(s.shape) for s in inst.servers]
-        act_bytes = dep.model.hidden_size * 2.0
-        self.hop_latency = [h.latency for h in inst.hops]
-        self.hop_byte_time = [act_bytes / h.bandwidth for h in inst.hops]
-        lanes = inst.plan.micro_batches
-        bs = inst.plan.block_size
-        total_blocks = inst.kv_capacity_tokens // bs
-        self.capacity_tokens = (total_blocks // lanes) * bs
-        self.lanes: list[Lane] = []
-        for i in range(lanes):
-            cfg = SchedulerConfig(
-                max_num_seqs=max(1, inst.plan.max_batch_size // lanes),
-                max_num_batched_tokens=inst.plan.max_batch_tokens,
-                prefill_chunk_size=inst.plan.chunk_size,
-                policy=inst.plan.policy.replace("-", "_"),
-            )
-            self.lanes.append(Lane(self, i, Scheduler(cfg, BlockManager(max(1, total_blocks // lanes), bs))))
-        shared = any(len(s.instances) > 1 for s in inst.servers)
+        self.timers = self.chain.timers
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes a lane's step takes the pipeline's steady-state cycle,
         #: max(latency, m x slowest stage); servers shared with other instances queue stage by stage.
-        self.exclusive = not shared
-        self.num_lanes = lanes
+        self.exclusive = not any(len(s.instances) > 1 for s in inst.servers)
+        self.num_lanes = len(self.lanes)
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
-        # speed and work estimates from the cost model
-        prefill_1k = self.step_time(REF_PROMPT, 1, REF_PROMPT * (REF_PROMPT + 1) / 2, REF_PROMPT)
-        ctx = REF_PROMPT + REF_OUTPUT / 2
-        decode = self.step_time(REF_BATCH, REF_BATCH, REF_BATCH * (ctx + 1), REF_BATCH * (ctx + 1))
-        self.prefill_cost_per_token = prefill_1k / REF_PROMPT
-        self.decode_cost_per_token = decode / REF_BATCH
-        single = self.step_time(1, 1, ctx + 1, ctx + 1)
-        self.speed = 1.0 / (prefill_1k + REF_OUTPUT * single)
-        self.pending_prompt = 0
-        self.pending_output = 0
-        self.requests = 0  # admitted and not finished
-        #: For a prefill instance: the least outstanding work among the decode instances it hands off
-        #: to, set by the simulator before each routing decision.
-        self.downstream_work = 0.0
         self.clock = [0.0]  # the simulator's current time, shared
-        self.max_requests = inst.plan.max_batch_size
 
-    # ---- timing ---------------------------------------------------------------------------------
+    # ---- timing (the chain's cost model) ----------------------------------------------------------
     def step_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
-        """Time of one step of one batch through the whole chain, without queueing."""
-        t = 0.0
-        for timer in self.timers:
-            t += timer.time(new_tokens, seqs, pairs, kv_read)
-        for lat, per_byte in zip(self.hop_latency, self.hop_byte_time):
-            t += lat + per_byte * new_tokens
-        return t
+        return self.chain.step_time(new_tokens, seqs, pairs, kv_read)
 
     def cycle_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
-        """Time between one lane's steps: its latency, or with m lanes in flight m x the slowest stage."""
-        latency = self.step_time(new_tokens, seqs, pairs, kv_read)
-        if self.num_lanes == 1:
-            return latency
-        slowest = max(timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers)
-        return max(latency, self.num_lanes * slowest)
+        return self.chain.cycle_time(new_tokens, seqs, pairs, kv_read)
 
     def decode_affine(self, batch: float, kv: float) -> tuple[float, float]:
-        """``(a, b)``: a lane's decode step of ``batch`` sequences takes ``a + b * kv`` (the cycle term
-        that dominates at ``kv``)."""
-        a = b = 0.0
-        stages = []
-        for timer in self.timers:
-            ta, tb = timer.decode_affine(batch)
-            a += ta
-            b += tb
-            stages.append((ta, tb))
-        for lat, per_byte in zip(self.hop_latency, self.hop_byte_time):
-            a += lat + per_byte * batch
-        if self.num_lanes > 1:
-            sa, sb = max(stages, key=lambda ab: ab[0] + ab[1] * kv)
-            sa, sb = sa * self.num_lanes, sb * self.num_lanes
-            if sa + sb * kv > a + b * kv:
-                return sa, sb
-        return a, b
+        return self.chain.decode_affine(batch, kv)
 
     def stage_shares(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> list[float]:
-        """Each server's busy share of a lane's cycle (a single server alone: [1.0])."""
-        if len(self.timers) == 1 and self.num_lanes == 1:
-            return [1.0]
-        times = [timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers]
-        cycle = self.cycle_time(new_tokens, seqs, pairs, kv_read)
-        return [x / cycle for x in times]
+        return self.chain.stage_shares(new_tokens, seqs, pairs, kv_read)
 
     def hop_time(self, i: int, new_tokens: float) -> float:
-        return self.hop_latency[i] + self.hop_byte_time[i] * new_tokens
+        return self.chain.hop_time(i, new_tokens)
 
-    # ---- router's view --------------------------------------------------------------------------
-    def outstanding_work(self) -> float:
-        """Seconds of work ahead of a new request on its whole path: a prefill instance adds the least
-        loaded decode instance it can hand off to, so entry routing sees decode-pool congestion."""
-        output = self.pending_output
+    # ---- the router's view ------------------------------------------------------------------------
+    def output_in_flight(self) -> int:
+        """Tokens that runs of decode steps part-way through have produced by now."""
         now = self.clock[0]
-        for lane in self.lanes:
-            if lane.busy and lane.steps > 1:  # a run of decode steps part-way through
-                output -= lane.steps_done_by(now) * lane.n
-        own = self.pending_prompt * self.prefill_cost_per_token + output * self.decode_cost_per_token
-        return own + self.downstream_work
-
-    def has_free_slot(self) -> bool:
-        if self.requests >= self.max_requests:
-            return False
-        return any(
-            l.scheduler.blocks.num_free_blocks * l.scheduler.blocks.block_size > REF_PROMPT
-            for l in self.lanes
-        )
-
-    def fits(self, prompt: int, output: int) -> bool:
-        """Whether a request could ever run here (KV room and, without chunking, the token budget)."""
-        need = prompt + output
-        if need > self.capacity_tokens:
-            return False
-        return self.plan.chunk_size is not None or need <= self.plan.max_batch_tokens
-
-    def add(self, seq: Sequence) -> Lane:
-        lane = min(self.lanes, key=lambda l: (len(l.scheduler.waiting) + len(l.scheduler.running), l.index))
-        lane.scheduler.add(seq)
-        self.pending_prompt += seq.prompt_len - seq.num_transferred_tokens
-        self.pending_output += seq.max_tokens - seq.num_output_tokens
-        self.requests += 1
-        return lane
+        return sum(ln.steps_done_by(now) * ln.n for ln in self.lanes if ln.busy and ln.steps > 1)

@@ -64,9 +64,7 @@ class Simulator:
             )
             for name, s in dep.servers.items()
         }
-        self.instances = {
-            name: SimInstance(inst, dep, self.servers, seed) for name, inst in dep.instances.items()
-        }
+        self.instances = {name: SimInstance(inst, dep, self.servers) for name, inst in dep.instances.items()}
         for name, s in dep.servers.items():
             if len(s.instances) > 1:
                 users = [dep.instances[i] for i in s.instances]
@@ -194,11 +192,9 @@ class Simulator:
     # ---- stepping ----------------------------------------------------------------------------------
     def _start_step(self, lane: Lane, t: float) -> None:
         sched = lane.scheduler
-        batch = sched.schedule()
+        batch = lane.instance.schedule(lane)
         for seq in batch.preempted:
             self.rec.preemptions[seq.seq_id] += 1
-            inst = lane.instance
-            inst.pending_prompt += seq.prompt_len + seq.num_output_tokens - 1 - seq.num_transferred_tokens
         if not batch.items:
             lane.busy = False
             return
@@ -296,20 +292,11 @@ class Simulator:
                 srv.occupy(offset, total * share)  # a lane's stages run one after another
                 offset += total * share
         batch = lane.batch
-        sched = lane.scheduler
-        for it in batch.items:
-            if it.is_prefill:
-                inst.pending_prompt -= it.num_tokens
-        before = {it.seq.seq_id: it.seq.num_output_tokens for it in batch.items if it.samples}
-        if lane.steps > 1:
-            finished = sched.postprocess_decode_steps(batch, lane.steps)
-        else:
-            finished = sched.postprocess(batch)
+        finished = inst.complete(lane, batch, steps=lane.steps)
         for it in batch.items:
             seq = it.seq
             sid = seq.seq_id
-            if sid in before:
-                inst.pending_output -= seq.num_output_tokens - before[sid]
+            if it.samples:
                 if (
                     it.is_prefill
                     and seq.num_computed_tokens >= seq.prompt_len
@@ -319,7 +306,6 @@ class Simulator:
                 if math.isnan(self.rec.first_token[sid]):
                     self.rec.first_token[sid] = t
         for seq in finished:
-            inst.requests -= 1
             if inst.role == "prefill":
                 self._hand_off(inst, seq, t)
             else:

@@ -93,5 +93,7 @@ def test_an_instances_lanes_share_its_max_batch_size_as_in_the_simulator():
     from hetserve.runtime.cluster.instance import InstanceRunner
 
     spec = topo("smollm2-pipeline.yaml").instances["chain"]
-    runner = InstanceRunner(spec, num_blocks=30, vocab=10, results=queue.Queue(), prefix_caching=False)
+    runner = InstanceRunner(
+        spec, num_blocks=30, vocab=10, results=queue.Queue(), prefix_caching=False, transport=None
+    )
     assert [lane.scheduler.config.max_num_seqs for lane in runner.lanes] == [5, 5, 5]

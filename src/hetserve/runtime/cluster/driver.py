@@ -33,11 +33,10 @@ from .channel import (
     KVRecv,
     Shutdown,
     Step,
-    encode_command,
-    send_encoded,
 )
 from .instance import InstanceRunner, _Flight, _Lane
 from .topology import Topology
+from .transport import ProcessGroupTransport, Transport
 
 log = logging.getLogger("hetserve.driver")
 
@@ -67,6 +66,7 @@ class ClusterEngine:
         max_model_len: int | None = None,
         seed: int = 0,
         processes: dict[int, object] | None = None,
+        transport: Transport | None = None,
     ):
         from .sizing import instance_blocks
 
@@ -75,8 +75,11 @@ class ClusterEngine:
         self.eos_token_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         blocks = instance_blocks(topo, config, kv_cache_gb)
         self._results: queue.Queue = queue.Queue()
+        self.transport: Transport = transport or ProcessGroupTransport()
         self.instances = {
-            name: InstanceRunner(spec, blocks[name], config.vocab_size, self._results, prefix_caching)
+            name: InstanceRunner(
+                spec, blocks[name], config.vocab_size, self._results, prefix_caching, self.transport
+            )
             for name, spec in topo.instances.items()
         }
         for inst in self.instances.values():
@@ -97,7 +100,6 @@ class ClusterEngine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._keys = itertools.count()
-        self._sending: list = []
         self._routes: dict[tuple[str, str], list] = {}
         self.instance_steps: dict[str, int] = {name: 0 for name in self.instances}
         self.kv_bytes_moved = 0  # KV bytes handed from prefill to decode workers
@@ -186,7 +188,7 @@ class ClusterEngine:
                 self._handle(self._results.get_nowait(), outputs)
             except queue.Empty:
                 break
-        self._sending = [(w, b) for w, b in self._sending if not w.is_completed()]
+        self.transport.flush()
         return outputs
 
     # ---- routing ----------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class ClusterEngine:
     def _place(self, req: _ClusterRequest, inst: InstanceRunner, seq: Sequence) -> None:
         req.state.seq = seq
         req.instance = inst.name
-        req.lane = inst.add(seq)
+        req.lane = inst.add(seq).index
         self._by_seq[seq.seq_id] = req
 
     # ---- dispatch ---------------------------------------------------------------------------------
@@ -241,12 +243,10 @@ class ClusterEngine:
                     self._dispatch_lane(inst, lane)
 
     def _send(self, command, ranks) -> None:
-        encoded = encode_command(command)
-        for r in ranks:
-            self._sending.extend((w, encoded) for w in send_encoded(encoded, r))
+        self.transport.send(command, ranks)
 
     def _dispatch_lane(self, inst: InstanceRunner, lane: _Lane) -> None:
-        batch = lane.scheduler.schedule()
+        batch = inst.schedule(lane)
         if not batch.items:
             return
         table = lambda seq: [b + lane.offset for b in seq.block_table]
@@ -355,9 +355,7 @@ class ClusterEngine:
             req.outputs.append(token)
             if req.state.finish_reason == "stop":
                 stopped.add(req.state.seq.seq_id)
-        lane.scheduler.postprocess(
-            flight.batch, {r.state.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped
-        )
+        inst.complete(lane, flight.batch, {r.state.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped)
         for req, token in zip(reqs, tokens):
             seq = req.state.seq
             done = req.state.finish_reason == "stop" or len(req.outputs) >= req.state.params.max_tokens
@@ -436,7 +434,7 @@ class ClusterEngine:
         seq_id = req.state.seq.seq_id
         self._by_seq.pop(seq_id, None)
         if inst.up:
-            inst.lanes[req.lane].scheduler.abort(seq_id)
+            inst.abort(inst.lanes[req.lane], seq_id)
             if req.install is not None:
                 self._send(KVDrop(req.install[0]), inst.spec.ranks)
 
@@ -534,8 +532,6 @@ class ClusterEngine:
     def shutdown(self) -> None:
         """Stop the workers (those this launcher started are waited for, then killed if stuck) and leave
         the process group."""
-        import torch.distributed as dist
-
         for inst in self.instances.values():
             inst.stop()
         live = sorted({r for inst in self.instances.values() if inst.up for r in inst.spec.ranks})
@@ -543,16 +539,9 @@ class ClusterEngine:
             self._send(Shutdown(), live)
         except Exception:  # noqa: BLE001 - a worker that is gone cannot be told
             pass
-        for w, _ in self._sending:
-            try:
-                w.wait()
-            except Exception:  # noqa: BLE001
-                pass
-        self._sending = []
+        self.transport.close()
         deadline = time.monotonic() + 30
         for p in self.processes.values():
             while p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             p.kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()

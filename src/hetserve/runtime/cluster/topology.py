@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ...errors import HetserveError
 from ...plan import Deployment
+from ...scheduling.instance import InstanceConfig, WorkEstimate
 
 RUN_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -43,6 +44,21 @@ class InstanceSpec:
     max_batch_tokens: int
     chunk_size: int | None
     policy: str  # decode_first | prefill_first
+    #: Per-token costs and speed from the plan's cost model (least-work routing and JFFC read them).
+    estimate: WorkEstimate
+
+    def scheduling(self) -> InstanceConfig:
+        """The settings the shared instance layer schedules this instance with."""
+        return InstanceConfig(
+            name=self.name,
+            role=self.role,
+            lanes=self.lanes,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            chunk_size=self.chunk_size,
+            policy=self.policy,
+            block_size=self.block_size,
+        )
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -132,6 +148,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
             p.max_batch_tokens,
             p.chunk_size,
             p.policy.replace("-", "_"),
+            dep.chain_timer(p.name).work_estimate(),
         )
     r = dep.spec.routing
     return Topology(

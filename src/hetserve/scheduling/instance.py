@@ -1,0 +1,208 @@
+"""One instance as both clocks run it: its micro-batch lanes and the figures the router reads.
+
+An instance is a chain of servers that serves requests. It runs the shared scheduler in one or more
+*lanes*: a lane is one batch in flight through the chain (``lanes`` micro-batches keep a pipeline's
+stages busy), with its own scheduler over an equal, disjoint share of the instance's KV blocks and an
+equal share of its ``max_batch_size``. The simulator (``hetserve.sim``) and the cluster driver
+(``hetserve.runtime.cluster``) both subclass ``InstanceState``: they keep their own clock and transport
+and add their lane's in-flight state, while lane choice, admission counters and the router's view
+(``Routable``) are these.
+
+Outstanding work is in seconds: queued prompt tokens and owed output tokens times per-token costs
+(``WorkEstimate``) that the owner supplies (the cost model's chain timer in both clocks, or measured
+step times). Pure Python: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .block_manager import BlockManager
+from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
+from .sequence import Sequence, SequenceStatus
+
+#: Reference request used to rank instance speed and to estimate outstanding work: a 1,000-token
+#: prompt, a 200-token reply, decoded in batches of 16.
+REF_PROMPT, REF_OUTPUT, REF_BATCH = 1000, 200, 16
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    """What a unit of work costs on one instance, in seconds."""
+
+    prefill_s_per_token: float
+    decode_s_per_token: float
+    #: Reference requests per second the instance serves one at a time (JFFC's chain speed).
+    speed: float
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """An instance's scheduling settings, as the plan gives them (``max_batch_size`` counts the whole
+    instance; every lane runs its share)."""
+
+    name: str
+    role: str  # mixed | prefill | decode
+    lanes: int
+    max_batch_size: int
+    max_batch_tokens: int
+    chunk_size: int | None
+    policy: Policy
+    block_size: int
+
+
+@dataclass(eq=False)
+class Lane:
+    """One micro-batch lane: a scheduler over the blocks ``[offset, offset + num_blocks)``."""
+
+    index: int
+    scheduler: Scheduler
+    offset: int
+
+    @property
+    def load(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+
+L = TypeVar("L", bound=Lane)
+
+
+class InstanceState(Generic[L]):
+    """Lanes, admission and the router's view of one instance. ``make_lane`` builds each lane (the
+    owner's lane type, holding its in-flight state)."""
+
+    def __init__(
+        self,
+        config: InstanceConfig,
+        estimate: WorkEstimate,
+        num_blocks: int,
+        make_lane: type[L],
+        *,
+        prefix_caching: bool = True,
+    ):
+        self.config = config
+        self.name = config.name
+        self.role = config.role
+        self.estimate = estimate
+        lanes = max(1, config.lanes)
+        per_lane = max(1, num_blocks // lanes)
+        #: KV tokens one lane holds (a request must fit in one lane).
+        self.capacity_tokens = per_lane * config.block_size
+        self.lane_seqs = max(1, config.max_batch_size // lanes)
+        self.lanes: list[L] = [
+            make_lane(
+                i,
+                Scheduler(
+                    SchedulerConfig(
+                        max_num_seqs=self.lane_seqs,
+                        max_num_batched_tokens=config.max_batch_tokens,
+                        prefill_chunk_size=config.chunk_size,
+                        policy=config.policy,
+                    ),
+                    BlockManager(per_lane, config.block_size, prefix_caching),
+                ),
+                i * per_lane,
+            )
+            for i in range(lanes)
+        ]
+        self.num_blocks = per_lane * lanes
+        #: Prompt tokens still to be computed, output tokens still owed, requests admitted and unfinished.
+        self.pending_prompt = 0
+        self.pending_output = 0
+        self.requests = 0
+        #: For a prefill instance: the least outstanding work among the decode instances it hands off
+        #: to, set before each routing decision so entry routing sees decode-pool congestion.
+        self.downstream_work = 0.0
+
+    # ---- the router's view (Routable) -------------------------------------------------------------
+    @property
+    def speed(self) -> float:
+        return self.estimate.speed
+
+    def output_in_flight(self) -> int:
+        """Output tokens already produced by steps in flight but not yet accounted (a clock that
+        advances several decode steps at once reports the part already behind it)."""
+        return 0
+
+    def outstanding_work(self) -> float:
+        """Seconds of work ahead of a new request on its whole path."""
+        output = self.pending_output - self.output_in_flight()
+        own = (
+            self.pending_prompt * self.estimate.prefill_s_per_token
+            + output * self.estimate.decode_s_per_token
+        )
+        return own + self.downstream_work
+
+    def has_free_slot(self) -> bool:
+        """A batch slot, and a lane with KV room for a reference prompt (or an empty lane)."""
+        if self.requests >= self.config.max_batch_size:
+            return False
+        need = min(REF_PROMPT + 1, self.capacity_tokens)
+        return any(
+            ln.scheduler.blocks.num_free_blocks * ln.scheduler.blocks.block_size >= need for ln in self.lanes
+        )
+
+    def fits(self, prompt: int, output: int) -> bool:
+        """Whether a request could ever run here (KV room and, without chunking, the token budget)."""
+        need = prompt + output
+        if need > self.capacity_tokens:
+            return False
+        return self.config.chunk_size is not None or need <= self.config.max_batch_tokens
+
+    # ---- a request's life -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> L:
+        """Queue ``seq`` on the least loaded lane (the first of equals)."""
+        lane = min(self.lanes, key=lambda ln: (ln.load, ln.index))
+        lane.scheduler.add(seq)
+        self.pending_prompt += seq.prompt_len - seq.num_transferred_tokens
+        self.pending_output += seq.max_tokens - seq.num_output_tokens
+        self.requests += 1
+        return lane
+
+    def schedule(self, lane: L) -> Batch:
+        """The lane's next batch; a preempted sequence's tokens count as prompt to compute again."""
+        batch = lane.scheduler.schedule()
+        for seq in batch.preempted:
+            self.pending_prompt += seq.prompt_len + seq.num_output_tokens - 1 - seq.num_transferred_tokens
+        return batch
+
+    def complete(
+        self,
+        lane: L,
+        batch: Batch,
+        token_ids: dict[int, int] | None = None,
+        stopped: set[int] | frozenset[int] = frozenset(),
+        steps: int = 1,
+    ) -> list[Sequence]:
+        """Advance ``lane``'s sequences after ``batch`` ran (``steps`` identical decode steps when more
+        than one); the finished sequences."""
+        before: dict[int, int] = {}
+        for it in batch.items:
+            if it.seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while its batch ran
+            if it.is_prefill:
+                self.pending_prompt -= it.num_tokens
+            if it.samples:
+                before[it.seq.seq_id] = it.seq.num_output_tokens
+        if steps > 1:
+            finished = lane.scheduler.postprocess_decode_steps(batch, steps)
+        else:
+            finished = lane.scheduler.postprocess(batch, token_ids, stopped)
+        for it in batch.items:
+            if it.seq.seq_id in before:
+                self.pending_output -= it.seq.num_output_tokens - before[it.seq.seq_id]
+        for seq in finished:
+            self.pending_output -= seq.max_tokens - seq.num_output_tokens  # stopped early
+            self.requests -= 1
+        return finished
+
+    def abort(self, lane: L, seq_id: int) -> None:
+        """Remove a sequence that has not finished; its remaining work no longer counts."""
+        seq = lane.scheduler.abort(seq_id)
+        if seq is None:
+            return
+        computed = max(seq.num_computed_tokens, seq.num_transferred_tokens)
+        self.pending_prompt -= max(0, seq.prompt_len - computed)
+        self.pending_output -= seq.max_tokens - seq.num_output_tokens
+        self.requests -= 1

@@ -1,0 +1,124 @@
+"""The shared instance layer: lanes, admission counters and the router's view, as both clocks use them."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetserve.scheduling import Sequence
+from hetserve.scheduling.instance import InstanceConfig, InstanceState, Lane, WorkEstimate
+
+EST = WorkEstimate(prefill_s_per_token=0.001, decode_s_per_token=0.01, speed=2.0)
+
+
+def config(**kw) -> InstanceConfig:
+    base = dict(
+        name="a",
+        role="mixed",
+        lanes=1,
+        max_batch_size=8,
+        max_batch_tokens=4096,
+        chunk_size=None,
+        policy="decode_first",
+        block_size=16,
+    )
+    base.update(kw)
+    return InstanceConfig(**base)
+
+
+def test_lanes_split_the_batch_size_and_the_blocks_into_disjoint_ranges():
+    inst = InstanceState(config(lanes=3, max_batch_size=16), EST, 30, Lane)
+    assert [ln.scheduler.config.max_num_seqs for ln in inst.lanes] == [5, 5, 5]
+    assert [ln.offset for ln in inst.lanes] == [0, 10, 20]
+    assert [ln.scheduler.blocks.num_blocks for ln in inst.lanes] == [10, 10, 10]
+    assert inst.capacity_tokens == 160
+
+
+def test_a_request_joins_the_least_loaded_lane_first_of_equals():
+    inst = InstanceState(config(lanes=2), EST, 100, Lane)
+    lanes = [inst.add(Sequence(i, 10, 5)).index for i in range(3)]
+    assert lanes == [0, 1, 0]
+
+
+def test_outstanding_work_is_seconds_of_queued_prompt_and_owed_output():
+    inst = InstanceState(config(), EST, 100, Lane)
+    inst.add(Sequence(0, 100, 20))
+    inst.add(Sequence(1, 50, 10, num_transferred_tokens=40))  # a hand-off: 10 prompt tokens to compute
+    assert inst.outstanding_work() == pytest.approx(110 * 0.001 + 30 * 0.01)
+    inst.downstream_work = 1.5
+    assert inst.outstanding_work() == pytest.approx(110 * 0.001 + 30 * 0.01 + 1.5)
+    assert inst.speed == 2.0
+
+
+def test_completing_steps_retires_work_and_requests():
+    inst = InstanceState(config(), EST, 100, Lane)
+    inst.add(Sequence(0, 30, 3))
+    inst.add(Sequence(1, 20, 4))
+    lane = inst.lanes[0]
+    batch = inst.schedule(lane)
+    assert sorted(it.num_tokens for it in batch.items) == [20, 30]
+    assert inst.complete(lane, batch) == []
+    assert (inst.pending_prompt, inst.pending_output, inst.requests) == (0, 5, 2)
+    batch = inst.schedule(lane)
+    # sequence 0 is stopped by its caller (a stop string) after its second token
+    finished = inst.complete(lane, batch, stopped={0})
+    assert [s.seq_id for s in finished] == [0]
+    assert (inst.pending_output, inst.requests) == (2, 1)  # the stopped request owes nothing more
+    batch = inst.schedule(lane)
+    finished = inst.complete(lane, batch, steps=2)  # a clock advancing two decode steps at once
+    assert [s.seq_id for s in finished] == [1]
+    assert (inst.pending_prompt, inst.pending_output, inst.requests) == (0, 0, 0)
+
+
+def test_an_aborted_request_no_longer_counts():
+    inst = InstanceState(config(lanes=2), EST, 100, Lane)
+    lane = inst.add(Sequence(0, 30, 3))
+    inst.add(Sequence(1, 20, 4))
+    inst.abort(lane, 0)
+    assert (inst.pending_prompt, inst.pending_output, inst.requests) == (20, 4, 1)
+    inst.abort(lane, 0)  # twice, or an unknown id: nothing changes
+    assert inst.requests == 1
+
+
+def test_a_preempted_sequence_counts_its_tokens_as_prompt_again():
+    inst = InstanceState(config(max_batch_tokens=80), EST, 5, Lane)  # 80 KV tokens
+    lane = inst.add(Sequence(0, 30, 40))
+    inst.add(Sequence(1, 30, 40))
+    preempted = 0
+    for _ in range(10):
+        batch = inst.schedule(lane)
+        preempted += len(batch.preempted)
+        inst.complete(lane, batch)
+    assert preempted >= 1
+    waiting = {s.seq_id: s for s in lane.scheduler.waiting}
+    running = {s.seq_id: s for s in lane.scheduler.running}
+    owed_prompt = sum(s.num_tokens - 1 if s.num_output_tokens else s.prompt_len for s in waiting.values())
+    assert inst.pending_prompt == owed_prompt
+    assert inst.pending_output == sum(
+        s.max_tokens - s.num_output_tokens for s in {**waiting, **running}.values()
+    )
+
+
+def test_a_free_slot_needs_a_batch_slot_and_room_for_a_reference_prompt():
+    inst = InstanceState(config(max_batch_size=2), EST, 200, Lane)  # 3,200 KV tokens
+    assert inst.has_free_slot()
+    inst.add(Sequence(0, 10, 5))
+    inst.add(Sequence(1, 10, 5))
+    assert not inst.has_free_slot()  # both batch slots taken
+    big = InstanceState(config(), EST, 200, Lane)
+    big.add(Sequence(0, 2500, 5))
+    big.schedule(big.lanes[0])  # holds 2,512 of 3,200 tokens: less than a 1,000-token prompt left
+    assert not big.has_free_slot()
+
+
+def test_an_empty_lane_smaller_than_a_reference_prompt_is_free():
+    inst = InstanceState(config(), EST, 8, Lane)  # 128 KV tokens
+    assert inst.has_free_slot()
+
+
+def test_fits_needs_kv_room_and_without_chunking_the_token_budget():
+    inst = InstanceState(config(max_batch_tokens=100), EST, 100, Lane)
+    assert inst.fits(60, 40)
+    assert not inst.fits(60, 41)  # over the token budget
+    chunked = InstanceState(config(max_batch_tokens=100, chunk_size=64), EST, 100, Lane)
+    assert chunked.fits(1000, 600)
+    assert not chunked.fits(1000, 601)  # over the 1,600 KV tokens
