@@ -23,12 +23,10 @@ from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
+from .vocabulary import DTYPE_BYTES, SchedulePolicy
 
 PLAN_VERSION = 1
 Role = Literal["prefill", "decode", "mixed"]
-KV_DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0}
-ROUTING_POLICIES = ("round-robin", "weighted", "least-work", "power-of-two", "jffc")
-HANDOFF_POLICIES = ("weighted", "least-work", "round-robin")
 
 
 class ServerPlan(Strict):
@@ -59,7 +57,7 @@ class InstancePlan(Strict):
     max_batch_size: int = Field(default=256, ge=1)
     max_batch_tokens: int = Field(default=8192, ge=1)
     chunk_size: int | None = Field(default=None, ge=1, description="chunked prefill; None = whole prompts")
-    policy: Literal["prefill-first", "decode-first"] = "decode-first"
+    policy: SchedulePolicy = "decode-first"
     micro_batches: int = Field(default=1, ge=1, description="batches in flight through the chain")
     kv_share: float | dict[str, float] = Field(
         default=1.0,
@@ -225,7 +223,7 @@ class Deployment:
                 bits,
                 first=start == 0,
                 last=end == m.num_layers,
-                kv_dtype_bytes=KV_DTYPE_BYTES[s.kv_dtype],
+                kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
             )
             self.servers[s.name] = Server(s, node, shape)
             chain_pos[s.name] = []

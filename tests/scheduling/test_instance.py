@@ -18,7 +18,7 @@ def config(**kw) -> InstanceConfig:
         max_batch_size=8,
         max_batch_tokens=4096,
         chunk_size=None,
-        policy="decode_first",
+        policy="decode-first",
         block_size=16,
     )
     base.update(kw)

@@ -97,7 +97,7 @@ def test_max_num_seqs_limits_the_running_set():
 
 
 def test_prefill_first_keeps_decodes_out_of_prefill_steps():
-    s = make(num_blocks=256, policy="prefill_first")
+    s = make(num_blocks=256, policy="prefill-first")
     s.add(Sequence(0, 8, 4))
     run_step(s)
     s.add(Sequence(1, 8, 4))
@@ -108,7 +108,7 @@ def test_prefill_first_keeps_decodes_out_of_prefill_steps():
 
 
 def test_decode_first_mixes_decodes_with_new_prefills():
-    s = make(num_blocks=256, policy="decode_first")
+    s = make(num_blocks=256, policy="decode-first")
     s.add(Sequence(0, 8, 4))
     run_step(s)
     s.add(Sequence(1, 8, 4))
@@ -215,7 +215,7 @@ requests = st.lists(
     chunk=st.sampled_from([None, 1, 3, 8]),
     budget=st.integers(8, 64),
     max_seqs=st.integers(1, 6),
-    policy=st.sampled_from(["decode_first", "prefill_first"]),
+    policy=st.sampled_from(["decode-first", "prefill-first"]),
     arrivals=st.randoms(use_true_random=False),
 )
 def test_random_load_respects_limits_and_keeps_kv_consistent(

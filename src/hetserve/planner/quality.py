@@ -54,35 +54,6 @@ def removed_share(bits: list[int] | tuple[int, ...], sens: list[float]) -> float
     return sum(s * (16 - b) for s, b in zip(sens, bits)) / (16 * sum(sens))
 
 
-def cheapest_bits(model: ModelSpec, budget: float, need_bytes_saved: float) -> list[int] | None:
-    """Per-layer bits that save at least ``need_bytes_saved`` weight bytes (vs 16-bit) while removing
-    the least sensitivity-weighted bits; None if the budget does not allow it.
-
-    Greedy on bytes saved per unit of sensitivity: layers step down 16 -> 8 -> 4 in order of lowest
-    sensitivity (the exchange is exact per step, so greedy is optimal up to the last step's overshoot).
-    """
-    sens = sensitivity(model)
-    bits = [16] * model.num_layers
-    if need_bytes_saved <= 0:
-        return bits
-    allowed = budget * 16 * sum(sens)
-    spent = saved = 0.0
-    for lo, hi in ((8, 16), (4, 8)):
-        step_save = model.layer_weight_bytes(hi) - model.layer_weight_bytes(lo)
-        for l in sorted(range(model.num_layers), key=lambda i: (sens[i], i)):
-            if bits[l] != hi:
-                continue
-            cost = sens[l] * (hi - lo)
-            if spent + cost > allowed + 1e-9:
-                return None
-            bits[l] = lo
-            spent += cost
-            saved += step_save
-            if saved >= need_bytes_saved:
-                return bits
-    return None
-
-
 def describe_bits(bits: list[int] | tuple[int, ...]) -> str:
     """'16-bit layers 0-3, 8-bit layers 4-27, ...' for explanations."""
     parts = []

@@ -104,7 +104,6 @@ class Planner:
         seed: int = 0,
         time_limit: float = 60.0,
         progress=None,
-        simulate_confirm: bool = True,
         max_seqs: int | None = None,
     ):
         if objective not in OBJECTIVES:
@@ -119,7 +118,7 @@ class Planner:
         self.max_seqs = max_seqs
         self.cluster, self.model, self.workload = cluster, model, workload
         self.objective, self.budget, self.quality, self.seed = objective, budget, quality, seed
-        self.time_limit, self.progress, self.confirm = time_limit, progress, simulate_confirm
+        self.time_limit, self.progress = time_limit, progress
         self.cluster_ref, self.model_ref = cluster_ref, model_ref
         self.slo: SLO = workload.slo
         self.prompt, self.output, self.output_q = workload.length_stats(self.slo.percentile, seed)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from ..scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence
+from ..vocabulary import DEFAULT_KV_CACHE_GB, SchedulePolicy
 from .detokenizer import IncrementalDecoder
 from .model.llama import LlamaModel
 from .model.source import load_model, parse_dtype
@@ -30,11 +31,11 @@ class EngineConfig:
     dtype: str = "float32"  # used when the engine loads the model itself
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: as many as kv_cache_gb holds
-    kv_cache_gb: float = 0.5
+    kv_cache_gb: float = DEFAULT_KV_CACHE_GB
     max_num_seqs: int = 32
     max_num_batched_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
     prefill_chunk_size: int | None = None  # None: whole prompts
-    policy: Literal["decode_first", "prefill_first"] = "decode_first"
+    policy: SchedulePolicy = "decode-first"
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max positions
     seed: int = 0  # random stream for requests without their own seed

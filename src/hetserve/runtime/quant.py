@@ -277,12 +277,3 @@ def linear_weight_bytes(model: nn.Module) -> int:
             m = getattr(getattr(layer, parent_name), name)
             total += m.nbytes if isinstance(m, QuantLinear) else m.weight.numel() * m.weight.element_size()
     return total
-
-
-def plan_layer_bits(deployment, instance: str | None = None) -> list[int]:
-    """Per-layer bits along an instance's chain (default: the plan's first instance)."""
-    inst = deployment.instances[instance] if instance else next(iter(deployment.instances.values()))
-    bits: list[int] = []
-    for server in inst.servers:
-        bits.extend(server.plan.layer_bits())
-    return bits

@@ -4,9 +4,9 @@ Each ``schedule()`` picks the sequences that run in the next forward step and ho
 computes: a whole prompt, a prompt chunk, or one decode token. ``postprocess()`` then advances their
 counts with what the step produced. Two policies:
 
-* ``decode_first`` -- running sequences go first (their decode token or next prompt chunk), then
+* ``decode-first`` -- running sequences go first (their decode token or next prompt chunk), then
   waiting sequences are admitted with what is left of the token budget; steps mix prefill and decode.
-* ``prefill_first`` -- while a prompt can be admitted (or a running one is still mid-prompt) the step
+* ``prefill-first`` -- while a prompt can be admitted (or a running one is still mid-prompt) the step
   is prefill only; running sequences decode in steps without prefill.
 
 When a running sequence needs a block and none is free, the most recently admitted running sequence
@@ -22,12 +22,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
+from ..vocabulary import SCHEDULE_POLICIES, SchedulePolicy
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
-Policy = Literal["decode_first", "prefill_first"]
+Policy = SchedulePolicy
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     #: Split prompts into pieces of at most this many tokens per step; None = whole prompts only.
     prefill_chunk_size: int | None = None
-    policy: Policy = "decode_first"
+    policy: Policy = "decode-first"
     #: Fraction of all blocks left free when admitting a new sequence (damps preemption churn).
     watermark: float = 0.0
 
@@ -45,8 +45,10 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be at least 1 (or None to disable chunking)")
-        if self.policy not in ("decode_first", "prefill_first"):
-            raise ValueError(f"unknown policy {self.policy!r}; use 'decode_first' or 'prefill_first'")
+        if self.policy not in SCHEDULE_POLICIES:
+            raise ValueError(
+                f"unknown policy {self.policy!r}; use {' or '.join(map(repr, SCHEDULE_POLICIES))}"
+            )
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError("watermark must be in [0, 1)")
 
@@ -143,7 +145,7 @@ class Scheduler:
     def schedule(self) -> Batch:
         budget = self.config.max_num_batched_tokens
         batch = Batch()
-        if self.config.policy == "prefill_first":
+        if self.config.policy == "prefill-first":
             budget = self._schedule_running(batch, budget, prefill_only=True)
             if not batch.preempted:
                 self._admit_waiting(batch, budget)

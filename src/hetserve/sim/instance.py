@@ -139,7 +139,7 @@ def instance_config(inst: Instance) -> InstanceConfig:
         max_batch_size=p.max_batch_size,
         max_batch_tokens=p.max_batch_tokens,
         chunk_size=p.chunk_size,
-        policy=p.policy.replace("-", "_"),
+        policy=p.policy,
         block_size=p.block_size,
     )
 

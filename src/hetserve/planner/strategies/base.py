@@ -245,14 +245,6 @@ def estimate(
     return Estimate(True, kv, ch, capacity, ctx.capacity_slo)
 
 
-def spots_price(ctx: StrategyContext, spots) -> float:
-    return sum(ctx.cluster.nodes[s.node].gpu.price_per_hour * s.tp for s in spots)
-
-
-def spots_idle_w(ctx: StrategyContext, spots) -> float:
-    return sum(ctx.cluster.nodes[s.node].gpu.idle_watts * s.tp for s in spots)
-
-
 # ---- writing plans -----------------------------------------------------------------------------------
 class PlanWriter:
     """Collects servers and instances and returns a plan dict (validated by the caller)."""

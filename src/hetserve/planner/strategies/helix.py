@@ -39,8 +39,6 @@ from .base import PlanWriter, Strategy, StrategyContext, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
-#: Most outgoing edges kept per machine (fastest links first) on large clusters.
-MAX_EDGES_PER_MACHINE = 10
 MILP_GAP = 0.01
 MILP_SECONDS = 8.0
 #: Most (class, start, end) choices before starts and ends move to a coarser layer grid.

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ...errors import HetserveError
+from ...vocabulary import DEFAULT_KV_CACHE_GB
 
 
 @dataclass
@@ -17,7 +18,7 @@ class ServeOptions:
     dtype: str = "float32"
     weight_bits: int | None = None  # None: the model's dtype
     group_size: int = 64
-    kv_cache_gb: float = 0.5
+    kv_cache_gb: float = DEFAULT_KV_CACHE_GB
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     chunk_size: int | None = None
@@ -43,7 +44,7 @@ def build_engine(opts: ServeOptions):
         ("policy", opts.policy),
     ):
         if value is not None:
-            settings[key] = value.replace("-", "_") if key == "policy" else value
+            settings[key] = value
     if opts.weight_bits is not None:
         bits = [opts.weight_bits] * model.config.num_layers
     if bits is not None:
@@ -103,8 +104,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--kv-cache-gb",
         type=float,
-        default=0.5,
-        help="memory for the paged KV cache (default 0.5; with --plan: per worker, split by kv_share)",
+        default=DEFAULT_KV_CACHE_GB,
+        help=f"memory for the paged KV cache (default {DEFAULT_KV_CACHE_GB}; with --plan: per worker, "
+        "split by kv_share)",
     )
     s.add_argument(
         "--max-batch-size", type=int, help="most requests in a step (default 32; with --plan: the instances')"
@@ -260,7 +262,10 @@ def add_worker_parser(sub) -> argparse.ArgumentParser:
         "--dtype", choices=["float32", "bfloat16", "float16"], help="override every server's kv_dtype"
     )
     w.add_argument(
-        "--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (the same as the server's)"
+        "--kv-cache-gb",
+        type=float,
+        default=DEFAULT_KV_CACHE_GB,
+        help="KV cache per worker (the same as the server's)",
     )
     w.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     w.add_argument("--group-size", type=int, default=64, choices=[64, 128])

@@ -22,6 +22,7 @@ import torch
 
 from ...scheduling import Sequence
 from ...scheduling.routing import make_policy
+from ...vocabulary import TORCH_DTYPE_BYTES
 from ..detokenizer import IncrementalDecoder
 from ..engine import EngineLoad, RequestOutput, _Request, prompt_token_ids
 from ..model_runner import prepare_batch
@@ -49,7 +50,6 @@ class _ClusterRequest:
     instance: str | None = None
     lane: int = 0
     install: tuple[int, str] | None = None  # (KV key, decode instance) waiting to be installed
-    attempts: int = 0
 
 
 class ClusterEngine:
@@ -316,11 +316,14 @@ class ClusterEngine:
 
     def _kv_bytes(self, src: InstanceRunner, routes: list, num_tokens: int) -> int:
         """Bytes on the wire for one hand-off: K and V of every routed (layer, head) in the sender's dtype."""
-        from .sizing import DTYPE_BYTES
-
         c = self.config
         return sum(
-            2 * (l1 - l0) * (h1 - h0) * num_tokens * c.head_dim * DTYPE_BYTES[self.topo.workers[a].dtype]
+            2
+            * (l1 - l0)
+            * (h1 - h0)
+            * num_tokens
+            * c.head_dim
+            * TORCH_DTYPE_BYTES[self.topo.workers[a].dtype]
             for a, _, (l0, l1), (h0, h1) in routes
         )
 
@@ -416,7 +419,6 @@ class ClusterEngine:
             if req.state.seq is not None:
                 self._by_seq.pop(req.state.seq.seq_id, None)
             req.install = None
-            req.attempts += 1
             req.instance = None
         for lane in inst.lanes:
             for dec, key in lane.flight.handoffs.values() if lane.flight else ():

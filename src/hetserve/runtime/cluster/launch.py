@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ...errors import HetserveError
+from ...vocabulary import DEFAULT_KV_CACHE_GB
 from .topology import Topology, topology_from_plan
 
 
@@ -152,7 +153,7 @@ def start_cluster(
     plan: str,
     model: str | None = None,
     *,
-    kv_cache_gb: float = 0.25,
+    kv_cache_gb: float = DEFAULT_KV_CACHE_GB,
     dtype: str | None = None,
     threads: int = 1,
     servers: list[str] | None = None,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from ...vocabulary import TORCH_DTYPE_BYTES
 from .topology import Topology
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def local_kv_head_range(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -34,7 +33,7 @@ def instance_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, int
                 * inst.block_size
                 * heads
                 * config.head_dim
-                * DTYPE_BYTES[w.dtype]
+                * TORCH_DTYPE_BYTES[w.dtype]
             )
             counts.append(int(kv_cache_gb * share[w.server] * 2**30) // per_block)
         out[inst.name] = min(counts)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from ...errors import HetserveError
 from ...plan import Deployment
 from ...scheduling.instance import InstanceConfig, WorkEstimate
-
-RUN_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from ...vocabulary import ENGINE_DTYPES, SchedulePolicy
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,6 @@ class WorkerSpec:
     server: str
     tp_rank: int
     tp_size: int
-    tp_ranks: tuple[int, ...]  # every rank of this server, TP rank 0 first
     layers: tuple[int, int]  # [start, end) of the model's layers
     bits: tuple[int, ...]  # weight bits per layer (16 = the run dtype)
     dtype: str  # float32 | float16 | bfloat16: weights, activations and KV
@@ -43,7 +41,7 @@ class InstanceSpec:
     max_batch_size: int
     max_batch_tokens: int
     chunk_size: int | None
-    policy: str  # decode_first | prefill_first
+    policy: SchedulePolicy
     #: Per-token costs and speed from the plan's cost model (least-work routing and JFFC read them).
     estimate: WorkEstimate
 
@@ -108,11 +106,11 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
     rank = 1
     for srv in dep.servers.values():
         p = srv.plan
-        run_dtype = dtype or RUN_DTYPES.get(p.kv_dtype)
+        run_dtype = dtype or ENGINE_DTYPES.get(p.kv_dtype)
         if run_dtype is None:
             raise HetserveError(
                 f"server '{p.name}': kv_dtype {p.kv_dtype} cannot be served by the engine "
-                f"(it runs KV in {', '.join(RUN_DTYPES)}); set kv_dtype or pass --dtype",
+                f"(it runs KV in fp32, fp16 or bf16); set kv_dtype or pass --dtype",
                 source=dep.source,
             )
         ranks = tuple(range(rank, rank + p.tp))
@@ -122,7 +120,6 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
                 p.name,
                 tp_rank,
                 p.tp,
-                ranks,
                 tuple(p.layers),
                 p.layer_bits(),
                 run_dtype,
@@ -147,7 +144,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
             p.max_batch_size,
             p.max_batch_tokens,
             p.chunk_size,
-            p.policy.replace("-", "_"),
+            p.policy,
             dep.chain_timer(p.name).work_estimate(),
         )
     r = dep.spec.routing

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...vocabulary import DEFAULT_KV_CACHE_GB
 from .channel import (
     DRIVER,
     TAG_HIDDEN,
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--master", required=True, help="HOST:PORT of the driver's rendezvous")
-    ap.add_argument("--kv-cache-gb", type=float, default=0.25)
+    ap.add_argument("--kv-cache-gb", type=float, default=DEFAULT_KV_CACHE_GB)
     ap.add_argument("--dtype")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--local-index", type=int, default=0)
