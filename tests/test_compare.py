@@ -69,6 +69,7 @@ def tiny(write):
     return write("tiny.yaml", yaml.safe_dump(TINY))
 
 
+@pytest.mark.slow
 def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_path):
     out = tmp_path / "out"
     report = run_compare(tiny, out_dir=out, seed=0, requests=40)
@@ -195,6 +196,16 @@ def test_every_scenario_names_its_papers_and_says_what_was_chosen():
 #: Scenarios where hetserve's planner does not beat the baseline (see docs/baselines.md). Not strict: the
 #: searches on both sides are time-limited, so the margin moves with machine load; the loss is reported.
 PLANNER_LOSES: dict[str, str] = {}
+#: Scenarios whose comparison takes more than a few seconds: run by CI, left out of ``-m "not slow"``.
+SLOW_SCENARIOS = {
+    "hexgen-70b-batched",
+    "hexgen-70b-16bit",
+    "hexgen-70b",
+    "pd-cross-vendor",
+    "helix-24-geo",
+    "helix-24",
+    "splitwise-70b",
+}
 
 
 @pytest.mark.parametrize(
@@ -203,9 +214,12 @@ PLANNER_LOSES: dict[str, str] = {}
         pytest.param(
             p,
             id=p.stem,
-            marks=[pytest.mark.xfail(reason=PLANNER_LOSES[p.stem], strict=False)]
-            if p.stem in PLANNER_LOSES
-            else [],
+            marks=(
+                [pytest.mark.xfail(reason=PLANNER_LOSES[p.stem], strict=False)]
+                if p.stem in PLANNER_LOSES
+                else []
+            )
+            + ([pytest.mark.slow] if p.stem in SLOW_SCENARIOS else []),
         )
         for p in SCENARIOS
     ],
@@ -234,6 +248,7 @@ def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(pa
             )
 
 
+@pytest.mark.slow
 def test_hexgen_beats_the_homogeneous_fleet_of_equal_cost_on_its_own_engine():
     """HexGen's headline direction in its own setting (scenario hexgen-70b: an engine that runs one
     sequence per batch): its plan on the mixed 48 GB / 24 GB fleet sustains a higher request rate within

@@ -48,6 +48,7 @@ def plan(run_cli, files, tmp_path, *extra, model="llama-3.1-8b", out="plan.yaml"
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["goodput", "cost"])
 def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_path):
     code, out, err = plan(run_cli, files, tmp_path, "--objective", objective)
@@ -85,6 +86,7 @@ def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_
         assert d["cost_per_hour"] <= top["cost_per_hour"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_plan(run_cli, files, tmp_path):
     a = plan(run_cli, files, tmp_path, "--seed", "3", out="a.yaml")
     b = plan(run_cli, files, tmp_path, "--seed", "3", out="b.yaml")
@@ -92,6 +94,7 @@ def test_same_seed_same_plan(run_cli, files, tmp_path):
     assert (tmp_path / "a.yaml").read_text() == (tmp_path / "b.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_lossless_quality_keeps_16_bits(run_cli, files, tmp_path):
     code, out, err = plan(run_cli, files, tmp_path, "--quality", "lossless")
     assert code == 0, err
