@@ -97,8 +97,8 @@ class LoadedScenario:
     """A scenario with its files resolved and loaded."""
 
     def __init__(self, path: str | Path):
+        from .baselines import STRATEGIES
         from .planner.quality import parse_quality
-        from .planner.strategies import STRATEGIES
         from .specs.loading import load_yaml_model
         from .specs.models import load_model
         from .specs.workloads import Workload
@@ -161,7 +161,7 @@ class LoadedScenario:
         return Cluster.load(path), str(path.resolve())
 
     def context(self, strategy: str, seed: int, time_limit: float | None):
-        from .planner.strategies import StrategyContext
+        from .baselines import StrategyContext
 
         cluster, ref = self.cluster, self.cluster_ref
         if strategy == self.spec.reference and self.reference_cluster is not None:
@@ -181,7 +181,7 @@ class LoadedScenario:
         )
 
     def strategies(self, chosen: list[str] | None) -> list[str]:
-        from .planner.strategies import STRATEGIES, get_strategy
+        from .baselines import STRATEGIES, get_strategy
 
         names = chosen or self.spec.strategies or list(STRATEGIES)
         for n in names:
@@ -317,8 +317,8 @@ def run_compare(
     ``time_limit`` overrides the planning seconds per strategy. Returns the comparison as a dict:
     ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
     """
+    from .baselines import get_strategy
     from .plan import deployment_from_dict
-    from .planner.strategies import get_strategy
 
     sc = LoadedScenario(scenario_path)
     spec = sc.spec

@@ -26,6 +26,7 @@ from ..specs.workloads import SLO, Workload
 from .allocate import OBJECTIVES, Allocation, solve
 from .build import PlacementError, build_plan
 from .quality import describe_bits
+from .strategy import StrategyContext
 from .templates import Template, TemplateFactory, pools_of
 
 #: Shared-server chain designs confirmed alongside the allocations when the cluster calls for them.
@@ -345,8 +346,8 @@ class Planner:
     def _strategy_candidate(self, name: str, ref: Allocation | None) -> Candidate | None:
         """A plan from a chain-placement design (server chain composition, Helix's max-flow placement),
         confirmed by the same simulation as the allocations."""
-        from .strategies import get_strategy
-        from .strategies.base import StrategyContext
+        from .placement.chain import ChainComposition
+        from .placement.helix import Helix
 
         left = self.time_limit - self._elapsed()
         ctx = StrategyContext(
@@ -363,7 +364,7 @@ class Planner:
             max_seqs=self.max_seqs,
         )
         try:
-            plan = get_strategy(name).plan(ctx)
+            plan = {"chain": ChainComposition(), "helix": Helix()}[name].plan(ctx)
             dep = deployment_from_dict(plan, self.cluster, self.model, source=f"{name} placement")
         except HetserveError:
             return None

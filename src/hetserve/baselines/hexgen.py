@@ -32,10 +32,10 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from ...costmodel.roofline import ServerShape
-from ...errors import HetserveError
-from ..templates import tp_choices, weight_room
-from .base import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
+from ..costmodel.roofline import ServerShape
+from ..errors import HetserveError
+from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
+from ..planner.templates import tp_choices, weight_room
 
 POPULATION = 24
 GENERATIONS = 200

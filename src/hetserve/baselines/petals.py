@@ -20,9 +20,8 @@ least outstanding work (a client picks the currently fastest route).
 
 from __future__ import annotations
 
-from ...errors import HetserveError
-from .base import PlanWriter, Strategy, StrategyContext
-from .blocks import (
+from ..errors import HetserveError
+from ..planner.placement.blocks import (
     BlockServer,
     block_servers,
     blocks_that_fit,
@@ -30,6 +29,7 @@ from .blocks import (
     fastest_chain,
     uniform_bits_for,
 )
+from ..planner.strategy import PlanWriter, Strategy, StrategyContext
 
 #: Tokens of attention cache a Petals server reserves per block (its --attn_cache_tokens default).
 ATTN_CACHE_TOKENS = 16384

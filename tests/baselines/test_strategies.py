@@ -3,11 +3,11 @@ accept, and each baseline keeps the properties that define it (docs/baselines.md
 
 import pytest
 
+from hetserve.baselines import STRATEGIES, StrategyContext, get_strategy
 from hetserve.errors import HetserveError
 from hetserve.plan import deployment_from_dict
+from hetserve.planner.placement.helix import Helix, decompose
 from hetserve.planner.quality import removed_share, sensitivity
-from hetserve.planner.strategies import STRATEGIES, StrategyContext, get_strategy
-from hetserve.planner.strategies.helix import Helix, decompose
 from hetserve.planner.templates import pools_of
 from hetserve.sim import simulate
 from hetserve.specs.clusters import Cluster, ClusterFile
@@ -300,8 +300,8 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
 
 
 def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers():
-    from hetserve.planner.strategies.blocks import block_servers
-    from hetserve.planner.strategies.chain import ChainComposition
+    from hetserve.planner.placement.blocks import block_servers
+    from hetserve.planner.placement.chain import ChainComposition
 
     nodes = [{"name": "a10", "gpu": "a10", "count": 1, "replicas": 4}]
     ctx = context(nodes, model="llama-2-13b")

@@ -10,11 +10,11 @@ objective wins. Requests go to the replica with the least outstanding work.
 
 from __future__ import annotations
 
-from ...errors import HetserveError
-from ..allocate import solve
-from ..build import PlacementError, build_plan
-from ..templates import pools_of
-from .base import SENSE, Strategy, StrategyContext
+from ..errors import HetserveError
+from ..planner.allocate import solve
+from ..planner.build import PlacementError, build_plan
+from ..planner.strategy import SENSE, Strategy, StrategyContext
+from ..planner.templates import pools_of
 
 
 class Homogeneous(Strategy):

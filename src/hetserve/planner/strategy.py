@@ -19,22 +19,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ...costmodel.roofline import RooflineCostModel, ServerShape
-from ...errors import HetserveError
-from ...plan import deployment_from_dict
-from ...specs.clusters import Cluster
-from ...specs.models import ModelSpec
-from ...specs.workloads import SLO, Workload
-from ..allocate import OBJECTIVES
-from ..capacity import (
+from ..costmodel.roofline import RooflineCostModel, ServerShape
+from ..errors import HetserveError
+from ..plan import deployment_from_dict
+from ..specs.clusters import Cluster
+from ..specs.models import ModelSpec
+from ..specs.workloads import SLO, Workload
+from .allocate import OBJECTIVES
+from .capacity import (
     Capacity,
     ChainTiming,
     decode_capacity,
     mixed_capacity,
     prefill_capacity,
 )
-from ..quality import removed_share, sensitivity
-from ..templates import SETTINGS, TemplateFactory, batch_limit
+from .quality import removed_share, sensitivity
+from .templates import SETTINGS, TemplateFactory, batch_limit
 
 #: Sense of each objective: maximised or minimised.
 SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
@@ -328,8 +328,8 @@ class PlanWriter:
 def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_REQUESTS) -> dict | None:
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
-    from ...sim import simulate
-    from ...sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
+    from ..sim import simulate
+    from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
 
     rate = max(rate, 1e-3)
     window = 0.0 if ctx.objective == "throughput" else min(probe_window_s(ctx.slo), MAX_SEARCH_WINDOW_S)

@@ -34,9 +34,9 @@ import math
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ...costmodel.roofline import ServerShape
-from ...errors import HetserveError
-from .base import PlanWriter, Strategy, StrategyContext, chain_timing, memory_of, spot
+from ..costmodel.roofline import ServerShape
+from ..errors import HetserveError
+from ..planner.strategy import PlanWriter, Strategy, StrategyContext, chain_timing, memory_of, spot
 from .uniform import node_gpus
 
 BITS = (16, 8, 4, 3)

@@ -11,9 +11,9 @@ looks at how fast a GPU is: that is the point of the baseline.
 
 from __future__ import annotations
 
-from ...errors import HetserveError
-from ..templates import SETTINGS, split_even
-from .base import PlanWriter, Strategy, StrategyContext, estimate, spot
+from ..errors import HetserveError
+from ..planner.strategy import PlanWriter, Strategy, StrategyContext, estimate, spot
+from ..planner.templates import SETTINGS, split_even
 
 
 def node_gpus(ctx: StrategyContext, vendor: str) -> list[tuple[str, int]]:

@@ -1,15 +1,18 @@
-"""Strategies: hetserve's planner and the published systems it is compared with (docs/baselines.md).
+"""Every strategy ``hetserve compare`` runs: hetserve's planner and the published systems it is compared
+with (docs/baselines.md), each as its authors' setting describes it.
 
 Every strategy takes one ``StrategyContext`` and returns a plan dict valid for
-``hetserve.plan.deployment_from_dict``. ``get_strategy(name)`` looks one up by name.
+``hetserve.plan.deployment_from_dict``. ``get_strategy(name)`` looks one up by name. The chain and
+Helix placements are parts of hetserve's own planner (``planner.placement``); here they are also
+strategies of their own.
 """
 
 from __future__ import annotations
 
-from ...errors import HetserveError, suggest
-from .base import Strategy, StrategyContext
-from .chain import ChainComposition
-from .helix import Helix
+from ..errors import HetserveError, suggest
+from ..planner.placement.chain import ChainComposition
+from ..planner.placement.helix import Helix
+from ..planner.strategy import Strategy, StrategyContext
 from .hexgen import HexGen
 from .homogeneous import Homogeneous
 from .llmpq import LLMPQ

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..search import Planner
-from .base import Strategy, StrategyContext
+from ..planner.search import Planner
+from ..planner.strategy import Strategy, StrategyContext
 
 
 class Hetserve(Strategy):

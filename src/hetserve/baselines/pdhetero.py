@@ -19,11 +19,11 @@ off to decode instances by weights from a transport LP over the links (the plann
 
 from __future__ import annotations
 
-from ...errors import HetserveError
-from ..allocate import Allocation
-from ..build import PlacementError, build_plan
-from ..templates import pools_of
-from .base import Strategy, StrategyContext, best_by_trial
+from ..errors import HetserveError
+from ..planner.allocate import Allocation
+from ..planner.build import PlacementError, build_plan
+from ..planner.strategy import Strategy, StrategyContext, best_by_trial
+from ..planner.templates import pools_of
 
 SIMULATIONS = 8
 

@@ -18,11 +18,11 @@ to (``least-work`` for both), KV streamed layer by layer behind the prompt compu
 
 from __future__ import annotations
 
-from ...errors import HetserveError
-from ..allocate import Allocation
-from ..build import PlacementError, build_plan
-from ..templates import Stage, pools_of, tp_choices
-from .base import Strategy, StrategyContext, best_by_trial
+from ..errors import HetserveError
+from ..planner.allocate import Allocation
+from ..planner.build import PlacementError, build_plan
+from ..planner.strategy import Strategy, StrategyContext, best_by_trial
+from ..planner.templates import Stage, pools_of, tp_choices
 
 #: Designs whose best grid point is checked by simulation.
 SIMULATED_DESIGNS = 3

@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 
 from ...errors import HetserveError
+from ..strategy import PlanWriter, Strategy, StrategyContext, memory_of, spot, trial
 from ..templates import SETTINGS
-from .base import PlanWriter, Strategy, StrategyContext, memory_of, spot, trial
 from .blocks import (
     BlockServer,
     block_servers,

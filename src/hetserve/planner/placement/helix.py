@@ -34,8 +34,8 @@ from scipy.sparse import coo_array
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ..capacity import KV_HEADROOM
+from ..strategy import PlanWriter, Strategy, StrategyContext, spot
 from ..templates import tp_choices
-from .base import PlanWriter, Strategy, StrategyContext, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
