@@ -7,11 +7,11 @@ simulates each plan on the same requests (same seed) and scores it the same way:
 
 - ``throughput``: output tokens/s at the scenario's offered load (sense max);
 - ``goodput``: the highest offered rate (requests/s) at which the workload's SLO percentiles hold
-  (TTFT, TPOT and E2E targets, nothing dropped), found by the same search for every strategy: from
-  the scenario's rate, doubling (or halving) until the SLOs fail (or hold), then ``BISECTION_STEPS``
-  geometric bisection steps; every probe replays the scenario's number of requests, over at least
-  ``MIN_WINDOW_S`` seconds of arrivals and at least ``DEADLINE_WINDOWS`` times the longer of the TTFT
-  and E2E targets (``hetserve.sim.metrics.probe_window_s``) (sense max);
+  (TTFT, TPOT and E2E targets, nothing dropped), found by the planner's goodput search
+  (``planner.evaluate.max_rate_within_slo``) from the scenario's rate with ``BISECTION_STEPS`` geometric
+  bisection steps; every probe replays the scenario's number of requests (``simulate_at_rate``: over at
+  least ``MIN_WINDOW_S`` seconds of arrivals and at least ``DEADLINE_WINDOWS`` times the longer of the
+  TTFT and E2E targets) (sense max);
 - ``cost`` / ``power``: $/hour / average watts of the plan if it carries the scenario's offered load
   within the SLOs (percentiles hold, nothing dropped), else infeasible (``objective_value`` null; sense
   min).
@@ -26,28 +26,23 @@ cluster files they refer to) and PNG plots: the objective per strategy, latency 
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import HetserveError, allowed, suggest
+
+if TYPE_CHECKING:
+    from .planner.evaluate import Run
 
 # numpy, pydantic, the specs, the planner and the simulator are imported where they are used: building
 # the CLI parser (``add_compare_parser``) must stay as light as the other verbs.
 
-UNITS = {"throughput": "tok/s", "goodput": "req/s", "cost": "$/h", "power": "W"}
-SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
 #: Probes of the goodput search after the SLO boundary is bracketed.
 BISECTION_STEPS = 5
-#: Most doublings or halvings of the rate while bracketing.
-BRACKET_STEPS = 8
 #: Fewest requests a simulation replays.
 MIN_REQUESTS = 50
-#: Shortest arrival window of a goodput probe: shorter bursts are absorbed by queues and KV caches
-#: and would overstate the sustainable rate.
-MIN_WINDOW_S = 20.0
 
 
 @cache
@@ -206,55 +201,23 @@ class Evaluator:
         self.n = max(len(self.base), MIN_REQUESTS)
         self.rate = len(self.base) / duration
 
-    def run(self, dep, rate: float | None = None):
+    def run(self, dep, rate: float | None = None) -> Run:
         """The base simulation (``rate`` None: the scenario's requests, drained until all finish or the
-        simulator's default limit) or a probe at ``rate`` (drained for as long as it arrived, >= 60 s)."""
-        from .sim import simulate
-        from .sim.metrics import probe_window_s
+        simulator's default limit) or a probe at ``rate`` with the scenario's number of requests."""
+        from .planner.evaluate import simulate_at_rate, simulate_requests
 
         if rate is None:
-            return simulate(dep, self.base, self.workload.slo, seed=self.seed)
-        duration = max(self.n / rate, MIN_WINDOW_S, probe_window_s(self.workload.slo))
-        reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
-        return simulate(dep, reqs, self.workload.slo, seed=self.seed, drain_s=max(60.0, duration))
+            return simulate_requests(dep, self.workload, self.base, self.duration, seed=self.seed)
+        return simulate_at_rate(dep, self.workload, rate, seed=self.seed, requests=self.n)
 
     def max_rate(self, dep, base_holds: bool) -> tuple[float, int]:
         """The highest offered rate at which the SLOs hold; (rate, simulations run)."""
-        sims = 0
+        from .planner.evaluate import max_rate_within_slo
 
-        def holds(rate):
-            nonlocal sims
-            sims += 1
-            return self.run(dep, rate).summary["slo_met"]
-
-        lo = hi = None
-        r = self.rate
-        if base_holds:
-            lo = r
-            for _ in range(BRACKET_STEPS):
-                if holds(lo * 2):
-                    lo *= 2
-                else:
-                    hi = lo * 2
-                    break
-            if hi is None:
-                return lo, sims
-        else:
-            hi = r
-            for _ in range(BRACKET_STEPS):
-                if holds(hi / 2):
-                    lo = hi / 2
-                    break
-                hi /= 2
-            if lo is None:
-                return 0.0, sims
-        for _ in range(BISECTION_STEPS):
-            mid = math.sqrt(lo * hi)
-            if holds(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo, sims
+        search = max_rate_within_slo(
+            lambda rate: self.run(dep, rate), self.rate, base_holds, bisection_steps=BISECTION_STEPS
+        )
+        return search.rate, search.simulations
 
 
 def _metrics(dep, result, offered: float) -> dict:
@@ -319,6 +282,7 @@ def run_compare(
     """
     from .baselines import get_strategy
     from .plan import deployment_from_dict
+    from .planner.evaluate import OBJECTIVES
 
     sc = LoadedScenario(scenario_path)
     spec = sc.spec
@@ -331,7 +295,8 @@ def run_compare(
     if requests is not None:
         duration = requests / sc.workload.mean_rate
     ev = Evaluator(sc.workload, seed, duration)
-    objective, sense = spec.objective, SENSE[spec.objective]
+    objective = spec.objective
+    sense = OBJECTIVES[objective].sense
     results: dict[str, dict] = {}
     sims: dict[str, object] = {}
     plans: dict[str, tuple[dict, object]] = {}
@@ -348,7 +313,7 @@ def run_compare(
                 "error": str(exc),
                 "objective_value": None,
                 "objective_sense": sense,
-                "objective_unit": UNITS[objective],
+                "objective_unit": OBJECTIVES[objective].unit,
                 "feasible": False,
                 "plan_seconds": time.perf_counter() - t0,
                 "cluster": ctx.cluster.name,
@@ -356,7 +321,7 @@ def run_compare(
             continue
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = ev.run(dep)
+        result = ev.run(dep).result
         m = _metrics(dep, result, ev.rate)
         simulations = 1
         if objective == "throughput":
@@ -376,7 +341,7 @@ def run_compare(
             {
                 "objective_value": value,
                 "objective_sense": sense,
-                "objective_unit": UNITS[objective],
+                "objective_unit": OBJECTIVES[objective].unit,
                 "feasible": bool(feasible),
                 "plan_seconds": planned,
                 "sim_seconds": time.perf_counter() - t1,
@@ -395,7 +360,7 @@ def run_compare(
         "cluster": sc.cluster.name,
         "objective": objective,
         "objective_sense": sense,
-        "objective_unit": UNITS[objective],
+        "objective_unit": OBJECTIVES[objective].unit,
         "budget": spec.budget,
         "quality": sc.quality,
         "max_batch_size": spec.max_batch_size,

@@ -13,7 +13,8 @@ from __future__ import annotations
 from ..errors import HetserveError
 from ..planner.allocate import solve
 from ..planner.build import PlacementError, build_plan
-from ..planner.strategy import SENSE, Strategy, StrategyContext
+from ..planner.evaluate import OBJECTIVES
+from ..planner.strategy import Strategy, StrategyContext
 from ..planner.templates import pools_of
 
 
@@ -58,7 +59,7 @@ class Homogeneous(Strategy):
         by_type: dict[str, list] = {}
         for pool in pools_of(ctx.cluster):
             by_type.setdefault(pool.gpu.name, []).append(pool)
-        sense = SENSE[ctx.objective]
+        objective = OBJECTIVES[ctx.objective]
         best = None
         for gpu, pools in sorted(by_type.items()):
             templates = [t for p in pools for t in factory.single_pool(p) if t.role == "mixed"]
@@ -77,9 +78,6 @@ class Homogeneous(Strategy):
             )
             if alloc is None:
                 continue
-            better = best is None or (
-                alloc.objective > best[2].objective if sense == "max" else alloc.objective < best[2].objective
-            )
-            if better:
+            if best is None or objective.better(alloc.objective, best[2].objective):
                 best = (gpu, templates, alloc)
         return best

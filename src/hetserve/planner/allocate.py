@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .evaluate import OBJECTIVES
 from .templates import Template
-
-OBJECTIVES = ("throughput", "goodput", "cost", "power")
 
 
 @dataclass
@@ -234,7 +233,7 @@ def enumerate_best(
 ) -> float | None:
     """Brute force over every count vector that fits the inventory (small clusters only)."""
     idx = undominated(templates, objective)
-    sense = max if objective in ("throughput", "goodput") else min
+    sense = max if OBJECTIVES[objective].sense == "max" else min
     best = [None]
     counts: dict[int, int] = {}
 

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 from ..errors import HetserveError
 from ..plan import Deployment, deployment_from_dict
-from ..sim import simulate
-from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
-from .allocate import OBJECTIVES, Allocation, solve
+from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
+from .evaluate import OBJECTIVES, Run, max_rate_within_slo, simulate_at_rate, simulate_requests
 from .quality import describe_bits
 from .strategy import StrategyContext
 from .templates import Template, TemplateFactory, pools_of
@@ -34,8 +33,8 @@ CHAIN_DESIGNS = ("chain", "helix")
 #: Requests a confirmation simulation aims for (its duration follows from the rate).
 CONFIRM_REQUESTS = 1200
 CONFIRM_PER_INSTANCE = 15
-#: Simulations spent finding the highest rate that meets the SLOs (goodput objective).
-GOODPUT_STEPS = 4
+#: Geometric bisections of the goodput search once it has bracketed the SLO boundary (goodput objective).
+GOODPUT_BISECTIONS = 2
 #: Allocations (best simulated first) also confirmed with weighted routing (goodput: the best only).
 WEIGHTED_LEADS = 2
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
@@ -48,8 +47,12 @@ class Candidate:
     alloc: Allocation
     plan: dict
     dep: Deployment
-    summary: dict
+    run: Run  # its confirming simulation (for goodput, at the highest rate found within the SLOs)
     score: float
+
+    @property
+    def summary(self) -> dict:
+        return self.run.summary
 
 
 @dataclass
@@ -65,29 +68,6 @@ class PlanResult:
     searched: dict
     seconds: float
     alternatives: list[dict] = field(default_factory=list)
-
-
-def _score(objective: str, s: dict, target_rate: float | None) -> float:
-    """Simulated objective in 'higher is better' form."""
-    if objective == "throughput":
-        return s["throughput_tok_s"]
-    if objective == "goodput":
-        return s["goodput_rps"] if s["slo_met"] else s["goodput_rps"] * 0.5
-    ok = s["slo_met"] and s["throughput_rps"] >= 0.95 * (target_rate or 0)
-    penalty = 0.0 if ok else 1e12
-    if objective == "cost":
-        return -(s["cost_per_hour"] + penalty)
-    return -(s["energy_j"] / max(s["makespan_s"], 1e-9) + penalty)
-
-
-def _value(objective: str, s: dict) -> float:
-    goodput = s.get("offered_rps", s["goodput_rps"]) if s["slo_met"] else s["goodput_rps"]
-    return {
-        "throughput": s["throughput_tok_s"],
-        "goodput": goodput,
-        "cost": s["cost_per_hour"],
-        "power": s["energy_j"] / max(s["makespan_s"], 1e-9),
-    }[objective]
 
 
 class Planner:
@@ -249,7 +229,7 @@ class Planner:
                 if self.objective == "goodput" and self._elapsed() < self.time_limit * 0.9:
                     self._goodput_search(alt)
                 candidates.append(alt)
-        sense = "max" if self.objective in ("throughput", "goodput") else "min"
+        objective = OBJECTIVES[self.objective]
         best = max(candidates, key=lambda c: c.score)
         alloc = best.alloc
         predicted = {
@@ -288,7 +268,7 @@ class Planner:
         alts = [
             {
                 "label": c.label,
-                "value": _value(self.objective, c.summary),
+                "value": objective.value(c.run),
                 "gpus": c.dep.gpus_used(),
                 "cost_per_hour": c.summary["cost_per_hour"],
             }
@@ -298,8 +278,8 @@ class Planner:
             plan,
             best.dep,
             self.objective,
-            sense,
-            _value(self.objective, best.summary),
+            objective.sense,
+            objective.value(best.run),
             best.summary,
             predicted,
             reasons,
@@ -328,13 +308,13 @@ class Planner:
         dep = deployment_from_dict(plan, self.cluster, self.model, source="planned plan")
         if self.objective == "throughput":
             rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
-            summary = self._simulate_throughput(dep, rate)
+            run = self._simulate_throughput(dep, rate)
         else:
             rate = alloc.rate * 0.8 if self.objective == "goodput" else self.rate  # goodput: with a margin
-            summary = self._simulate(dep, rate)
-        if summary is None:
+            run = self._simulate(dep, rate)
+        if run is None:
             return None
-        return Candidate(label, alloc, plan, dep, summary, _score(self.objective, summary, rate))
+        return Candidate(label, alloc, plan, dep, run, OBJECTIVES[self.objective].score(run, rate))
 
     def _chains_called_for(self, templates: list[Template]) -> bool:
         """Shared-server chains are worth confirming when no single node holds the model or the cluster
@@ -371,11 +351,11 @@ class Planner:
         rate = ref.rate if ref is not None else self.rate
         alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)
         if self.objective == "throughput":
-            summary = self._simulate_throughput(dep, rate)
+            run = self._simulate_throughput(dep, rate)
         else:
             rate = rate * 0.8 if self.objective == "goodput" else self.rate
-            summary = self._simulate(dep, rate)
-        if summary is None:
+            run = self._simulate(dep, rate)
+        if run is None:
             return None
         plan["name"] = f"{self.model.name}-{self.objective}"
         return Candidate(
@@ -383,25 +363,16 @@ class Planner:
             alloc,
             plan,
             dep,
-            summary,
-            _score(self.objective, summary, rate),
+            run,
+            OBJECTIVES[self.objective].score(run, rate),
         )
 
-    def _simulate(self, dep: Deployment, rate: float) -> dict | None:
-        """Simulate ``dep`` at ``rate``: enough requests for every instance to see a dozen or more, over
-        enough TTFT and E2E deadlines to expose an overload (``probe_window_s``), and a drain long enough for the
-        longest requests to finish (an unfinished one counts as dropped)."""
-        rate = max(rate, 1e-3)
+    def _simulate(self, dep: Deployment, rate: float) -> Run | None:
+        """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more."""
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
-        duration = min(max(wanted / rate, 10.0, probe_window_s(self.slo)), MAX_SEARCH_WINDOW_S)
-        reqs = self.workload.sample(seed=self.seed, duration_s=duration, rate=rate)
-        if len(reqs) == 0:
-            return None
-        summary = simulate(dep, reqs, self.slo, seed=self.seed, drain_s=max(300.0, 2 * duration)).summary
-        summary["offered_rps"] = len(reqs) / duration
-        return summary
+        return simulate_at_rate(dep, self.workload, rate, seed=self.seed, requests=wanted)
 
-    def _simulate_throughput(self, dep: Deployment, capacity: float) -> dict | None:
+    def _simulate_throughput(self, dep: Deployment, capacity: float) -> Run | None:
         """Throughput is output tokens/s at the workload's offered load, every request drained. When the
         workload arrives faster than the plan's analytic ``capacity`` and is small enough to replay (e.g.
         an offline batch), that is the workload as given: how many requests arrive together decides how
@@ -410,38 +381,23 @@ class Planner:
         if self.rate >= capacity and n <= MAX_REPLAY:
             reqs = self.workload.sample(seed=self.seed)
             if len(reqs):
-                duration = self.workload.spec.duration_s
-                summary = simulate(dep, reqs, self.slo, seed=self.seed).summary  # drained
-                summary["offered_rps"] = len(reqs) / duration
-                return summary
+                return simulate_requests(
+                    dep, self.workload, reqs, self.workload.spec.duration_s, seed=self.seed
+                )
         return self._simulate(dep, capacity * 1.2)
 
     def _goodput_search(self, cand: Candidate) -> None:
-        """Goodput = the highest offered rate at which the SLO percentiles hold (bisection in simulation,
-        starting from the analytic capacity); the candidate keeps the summary at that rate."""
-        start = cand.alloc.rate * 0.8
-        if cand.summary["slo_met"]:
-            best, rate = cand.summary, start
-            for _ in range(GOODPUT_STEPS - 1):  # climb while the SLOs hold
-                rate *= 1.2
-                up = self._simulate(cand.dep, rate)
-                if up is None or not up["slo_met"]:
-                    break
-                best = up
-            cand.summary, cand.score = best, best["offered_rps"]
-            return
-        lo, hi, best = 0.0, start, None
-        for _ in range(GOODPUT_STEPS):
-            mid = (lo + hi) / 2
-            s = self._simulate(cand.dep, mid)
-            if s is not None and s["slo_met"]:
-                lo, best = mid, s
-            else:
-                hi = mid
-        if best is not None:
-            cand.summary, cand.score = best, best["offered_rps"]
-        else:
-            cand.score = 0.0
+        """Goodput = the highest offered rate at which the SLO percentiles hold (``max_rate_within_slo``
+        from the confirmation at 0.8 x the analytic rate); the candidate keeps the simulation at that rate."""
+        search = max_rate_within_slo(
+            lambda rate: self._simulate(cand.dep, rate),
+            cand.alloc.rate * 0.8,
+            cand.run.slo_met,
+            bisection_steps=GOODPUT_BISECTIONS,
+        )
+        if search.run is not None:
+            cand.run = search.run
+        cand.score = cand.run.offered_rps if search.rate > 0 and cand.run.slo_met else 0.0
 
     # ---- explanations -------------------------------------------------------------------------------------
     @staticmethod
@@ -465,7 +421,7 @@ class Planner:
         out = []
         used = [templates[j] for j in best.alloc.counts]
         design = self._design(best)
-        value = lambda c: f"{_value(self.objective, c.summary):.4g}"
+        value = lambda c: f"{OBJECTIVES[self.objective].value(c.run):.4g}"
         others = [c for c in cands if self._design(c) != design]
         same = [
             c

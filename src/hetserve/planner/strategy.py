@@ -25,7 +25,6 @@ from ..plan import deployment_from_dict
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
-from .allocate import OBJECTIVES
 from .capacity import (
     Capacity,
     ChainTiming,
@@ -33,11 +32,10 @@ from .capacity import (
     mixed_capacity,
     prefill_capacity,
 )
+from .evaluate import OBJECTIVES, Run, simulate_at_rate
 from .quality import removed_share, sensitivity
 from .templates import SETTINGS, TemplateFactory, batch_limit
 
-#: Sense of each objective: maximised or minimised.
-SENSE = {"throughput": "max", "goodput": "max", "cost": "min", "power": "min"}
 #: Requests a strategy's own trial simulation replays (strategies that search by simulation).
 TRIAL_REQUESTS = 300
 #: Requests sampled to estimate the workload's long requests.
@@ -325,46 +323,18 @@ class PlanWriter:
 
 
 # ---- trial simulations -------------------------------------------------------------------------------
-def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_REQUESTS) -> dict | None:
+def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_REQUESTS) -> Run | None:
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
-    from ..sim import simulate
-    from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
-
-    rate = max(rate, 1e-3)
-    window = 0.0 if ctx.objective == "throughput" else min(probe_window_s(ctx.slo), MAX_SEARCH_WINDOW_S)
-    duration = max(requests / rate, 5.0, window)
-    reqs = ctx.workload.sample(seed=ctx.seed, duration_s=duration, rate=rate)
-    if len(reqs) == 0:
-        return None
     dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{plan.get('name', 'plan')} (trial)")
-    result = simulate(dep, reqs, ctx.slo, seed=ctx.seed, drain_s=max(60.0, duration))
-    s = result.summary
-    s["offered_rps"] = len(reqs) / duration
-    e2e = result.records.e2e()[result.records.completed]
-    s["e2e_mean_s"] = float(e2e.mean()) if len(e2e) and s["dropped"] == 0 else float("inf")
-    return s
-
-
-def trial_score(objective: str, s: dict | None, rate: float) -> float:
-    """A trial's objective in 'higher is better' form (as the planner scores its confirmations)."""
-    if s is None:
-        return -math.inf
-    if objective == "throughput":
-        return s["throughput_tok_s"]
-    if objective == "goodput":
-        return s["goodput_rps"]
-    ok = s["slo_met"] and s["throughput_rps"] >= 0.95 * rate
-    penalty = 0.0 if ok else 1e12
-    if objective == "cost":
-        return -(s["cost_per_hour"] + penalty)
-    return -(s["energy_j"] / max(s["makespan_s"], 1e-9) + penalty)
+    return simulate_at_rate(dep, ctx.workload, rate, seed=ctx.seed, requests=requests)
 
 
 def best_by_trial(ctx: StrategyContext, designs, build) -> dict | None:
     """The plan of the best-scoring design: each ``(design, rate)`` in order is built with ``build(design)``
     (None = skip) and simulated at its rate (saturating for throughput, the workload's for cost/power),
     stopping when the time limit is spent and one plan exists."""
+    objective = OBJECTIVES[ctx.objective]
     best = None
     for design, rate in designs:
         if best is not None and ctx.time_left() < 0:
@@ -377,7 +347,7 @@ def best_by_trial(ctx: StrategyContext, designs, build) -> dict | None:
             if ctx.objective == "throughput"
             else (rate if ctx.objective == "goodput" else ctx.rate)
         )
-        score = trial_score(ctx.objective, trial(ctx, plan, sim_rate), sim_rate)
+        score = objective.score(trial(ctx, plan, sim_rate), sim_rate)
         if best is None or score > best[0]:
             best = (score, plan)
     return None if best is None else best[1]

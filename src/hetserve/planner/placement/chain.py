@@ -114,8 +114,8 @@ class ChainComposition(Strategy):
         best = None
         for t, bits, c, servers, placed, alloc in found[:SIMULATED]:  # the best estimates, by simulation
             plan = self._plan(ctx, t, bits, c, servers, placed, alloc)
-            s = trial(ctx, plan, ctx.rate)
-            mean = s["e2e_mean_s"] if s is not None else math.inf
+            run = trial(ctx, plan, ctx.rate)
+            mean = run.e2e_mean_s if run is not None else math.inf
             if best is None or mean < best[0]:
                 best = (mean, plan)
             if ctx.time_left() < 0:

@@ -1,0 +1,192 @@
+"""How a plan is judged: simulated at a rate, searched for the highest rate its SLOs hold at, and scored
+against an objective. The planner's confirmations, every strategy's own search and ``hetserve compare``
+judge plans with these functions and nothing else, so a plan is judged the same way by all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..plan import Deployment
+from ..sim import SimResult, simulate
+from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
+from ..specs.workloads import Requests, Workload
+
+#: Shortest arrival window of a simulation at a fixed rate: shorter bursts are absorbed by queues and KV
+#: caches and would overstate the sustainable rate.
+MIN_WINDOW_S = 20.0
+#: Shortest time a simulation drains after its last arrival, so that the longest requests of a load the
+#: plan sustains finish (an unfinished request counts as dropped, which fails the SLOs).
+MIN_DRAIN_S = 300.0
+#: Doublings or halvings of the rate while the goodput search brackets the SLO boundary.
+BRACKET_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Run:
+    """One simulation of a plan: the rate its requests were offered at and what happened."""
+
+    offered_rps: float
+    result: SimResult
+
+    @property
+    def summary(self) -> dict:
+        return self.result.summary
+
+    @property
+    def slo_met(self) -> bool:
+        return bool(self.result.summary["slo_met"])
+
+    @property
+    def e2e_mean_s(self) -> float:
+        """Mean end-to-end time of the completed requests (inf if any was dropped)."""
+        rec = self.result.records
+        e2e = rec.e2e()[rec.completed]
+        e2e = e2e[~np.isnan(e2e)]
+        return float(e2e.mean()) if len(e2e) and self.summary["dropped"] == 0 else math.inf
+
+    @property
+    def power_w(self) -> float:
+        return self.summary["energy_j"] / max(self.summary["makespan_s"], 1e-9)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a plan is chosen for: its sense, its unit, the figure a run shows for it and a score (higher
+    is better) that ranks runs against a target rate."""
+
+    name: Literal["throughput", "goodput", "cost", "power"]
+    sense: Literal["max", "min"]
+    unit: str
+
+    def value(self, run: Run) -> float:
+        """The objective's figure for ``run``: output tokens/s; requests/s within the SLOs (the offered
+        rate when they held); $/h; mean W."""
+        s = run.summary
+        if self.name == "throughput":
+            return s["throughput_tok_s"]
+        if self.name == "goodput":
+            return run.offered_rps if run.slo_met else s["goodput_rps"]
+        if self.name == "cost":
+            return s["cost_per_hour"]
+        return run.power_w
+
+    def score(self, run: Run | None, target_rate: float) -> float:
+        """``run`` ranked for this objective, higher is better. Goodput counts half when the SLO
+        percentiles failed (a plan that holds them at a lower rate ranks above one that does not); cost and
+        power count only when the SLOs held and at least 95% of ``target_rate`` was served."""
+        if run is None:
+            return -math.inf
+        s = run.summary
+        if self.name == "throughput":
+            return s["throughput_tok_s"]
+        if self.name == "goodput":
+            return s["goodput_rps"] if run.slo_met else s["goodput_rps"] * 0.5
+        served = run.slo_met and s["throughput_rps"] >= 0.95 * target_rate
+        penalty = 0.0 if served else 1e12
+        return -((s["cost_per_hour"] if self.name == "cost" else run.power_w) + penalty)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether figure ``a`` beats figure ``b``."""
+        return a > b if self.sense == "max" else a < b
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("throughput", "max", "tok/s"),
+        Objective("goodput", "max", "req/s"),
+        Objective("cost", "min", "$/h"),
+        Objective("power", "min", "W"),
+    )
+}
+
+
+def simulate_at_rate(
+    dep: Deployment, workload: Workload, rate: float, *, seed: int, requests: int
+) -> Run | None:
+    """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s): about ``requests``
+    requests over a window no shorter than ``MIN_WINDOW_S`` nor than the SLO's deadlines need to expose an
+    overload (``probe_window_s``), at most ``MAX_SEARCH_WINDOW_S``; drained for twice as long as it arrived
+    (at least ``MIN_DRAIN_S``). None when no request arrives."""
+    rate = max(rate, 1e-3)
+    duration = min(max(requests / rate, MIN_WINDOW_S, probe_window_s(workload.slo)), MAX_SEARCH_WINDOW_S)
+    reqs = workload.sample(seed=seed, duration_s=duration, rate=rate)
+    if len(reqs) == 0:
+        return None
+    result = simulate(dep, reqs, workload.slo, seed=seed, drain_s=max(MIN_DRAIN_S, 2 * duration))
+    return Run(len(reqs) / duration, result)
+
+
+def simulate_requests(
+    dep: Deployment, workload: Workload, reqs: Requests, duration: float, *, seed: int
+) -> Run:
+    """Simulate ``dep`` on the given requests (the workload as it arrives over ``duration`` seconds),
+    drained until every request finishes or the simulator's limit."""
+    return Run(len(reqs) / max(duration, 1e-9), simulate(dep, reqs, workload.slo, seed=seed))
+
+
+@dataclass(frozen=True)
+class GoodputSearch:
+    rate: float  # the highest offered rate found at which the SLOs hold (0: none)
+    run: Run | None  # the simulation at that rate, when the search ran one
+    simulations: int
+
+
+def max_rate_within_slo(
+    probe: Callable[[float], Run | None],
+    start: float,
+    holds_at_start: bool | None = None,
+    *,
+    bisection_steps: int,
+    bracket_steps: int = BRACKET_STEPS,
+) -> GoodputSearch:
+    """The highest rate at which ``probe(rate)`` meets the SLOs: from ``start`` (whose verdict may be given)
+    double while they hold or halve until they do, then bisect the bracket geometrically
+    ``bisection_steps`` times. Assumes the SLOs hold below some rate and fail above it."""
+    sims = 0
+    best: Run | None = None
+    best_rate = 0.0
+
+    def holds(rate: float) -> bool:
+        nonlocal sims, best, best_rate
+        sims += 1
+        run = probe(rate)
+        ok = run is not None and run.slo_met
+        if ok and rate > best_rate:
+            best, best_rate = run, rate
+        return ok
+
+    if holds_at_start is None:
+        holds_at_start = holds(start)
+    lo = hi = None
+    if holds_at_start:
+        lo = start
+        for _ in range(bracket_steps):
+            if not holds(lo * 2):
+                hi = lo * 2
+                break
+            lo *= 2
+        if hi is None:
+            return GoodputSearch(lo, best, sims)
+    else:
+        hi = start
+        for _ in range(bracket_steps):
+            if holds(hi / 2):
+                lo = hi / 2
+                break
+            hi /= 2
+        if lo is None:
+            return GoodputSearch(0.0, None, sims)
+    for _ in range(bisection_steps):
+        mid = math.sqrt(lo * hi)
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid
+    return GoodputSearch(lo, best if best_rate == lo else None, sims)
