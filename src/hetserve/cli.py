@@ -210,7 +210,7 @@ def cmd_simulate(args) -> int:
 def cmd_plan(args) -> int:
     from pathlib import Path
 
-    from .plan import PlanFile, save_plan
+    from .plan import save_plan
     from .planner import Planner
     from .planner.quality import parse_quality
     from .specs.clusters import Cluster
@@ -238,8 +238,7 @@ def cmd_plan(args) -> int:
         planner.progress = tick
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
-    spec = PlanFile.model_validate(result.plan)
-    save_plan(spec, out, cluster_path=args.cluster)
+    save_plan(result.plan, out, cluster_path=args.cluster)
     s = result.summary
     report = {
         "objective": result.objective,

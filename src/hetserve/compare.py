@@ -281,7 +281,7 @@ def run_compare(
     ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
     """
     from .baselines import get_strategy
-    from .plan import deployment_from_dict
+    from .plan import Deployment
     from .planner.evaluate import OBJECTIVES
 
     sc = LoadedScenario(scenario_path)
@@ -307,7 +307,7 @@ def run_compare(
         t0 = time.perf_counter()
         try:
             plan = get_strategy(name).plan(ctx)
-            dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+            dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
         except HetserveError as exc:
             results[name] = {
                 "error": str(exc),
@@ -347,7 +347,7 @@ def run_compare(
                 "sim_seconds": time.perf_counter() - t1,
                 "simulations": simulations,
                 "cluster": ctx.cluster.name,
-                "notes": plan.get("notes", ""),
+                "notes": plan.notes,
             }
         )
         results[name] = m
@@ -390,15 +390,13 @@ def _ratios(results: dict, spec, sense: str) -> dict:
 def _write(out: Path, report: dict, sims: dict, plans: dict, sc: LoadedScenario) -> list[str]:
     import yaml
 
-    from .plan import PlanFile, save_plan
-    from .specs.loading import validate
+    from .plan import save_plan
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
     plan_dir = out / "plans"
     plan_dir.mkdir(exist_ok=True)
     for name, (plan, ctx) in plans.items():
-        data = dict(plan)
         cluster_file = Path(ctx.cluster_ref)
         if not cluster_file.exists():  # an inline cluster: write it beside the plans
             cluster_file = plan_dir / Path(ctx.cluster_ref).name
@@ -407,9 +405,8 @@ def _write(out: Path, report: dict, sims: dict, plans: dict, sc: LoadedScenario)
                     ctx.cluster.spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
                 )
             )
-        spec = validate(PlanFile, data, f"{name} plan")
         path = plan_dir / f"{name}.yaml"
-        save_plan(spec, path, cluster_path=cluster_file)
+        save_plan(plan, path, cluster_path=cluster_file)
         files.append(str(path))
     path = out / "compare.json"
     path.write_text(json.dumps(report, indent=2, default=_json_default))

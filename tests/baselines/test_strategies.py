@@ -5,7 +5,7 @@ import pytest
 
 from hetserve.baselines import STRATEGIES, StrategyContext, get_strategy
 from hetserve.errors import HetserveError
-from hetserve.plan import deployment_from_dict
+from hetserve.plan import Deployment
 from hetserve.planner.placement.helix import Helix, decompose
 from hetserve.planner.quality import removed_share, sensitivity
 from hetserve.planner.templates import pools_of
@@ -38,7 +38,7 @@ def context(nodes, model="llama-3.1-8b", objective="goodput", workload=None, net
 
 def plan_of(name, ctx):
     plan = get_strategy(name).plan(ctx)
-    return plan, deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+    return plan, Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
 
 
 def layer_counts(inst):
@@ -55,7 +55,7 @@ MIXED_NVIDIA = [
 def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     ctx = context(MIXED_NVIDIA)
     plan, dep = plan_of(name, ctx)
-    assert plan["model"] == "llama-3.1-8b" and dep.gpus_used() >= 1
+    assert plan.model == "llama-3.1-8b" and dep.gpus_used() >= 1
     for srv in dep.servers.values():  # TP groups stay inside their node
         assert max(srv.plan.gpus) < srv.node.count
     used: dict[str, float] = {}
@@ -153,7 +153,7 @@ def test_hexgen_is_16_bit_colocated_and_deterministic_for_a_seed():
     assert all(b == 16 for s in dep.servers.values() for b in s.plan.layer_bits())
     assert {i.role for i in dep.instances.values()} == {"mixed"}
     again, _ = plan_of("hexgen", context(nodes, model="llama-2-13b"))
-    assert again["servers"] == plan["servers"] and again["instances"] == plan["instances"]
+    assert again.servers == plan.servers and again.instances == plan.instances
 
 
 def test_hexgen_builds_asymmetric_pipelines_where_no_node_holds_the_model():
@@ -214,7 +214,7 @@ def test_splitwise_prompt_pool_and_token_pool_on_different_machine_types():
     dec = {s.node.gpu.name for i in dep.instances.values() if i.role == "decode" for s in i.servers}
     assert len(pre) == 1 and len(dec) == 1 and pre != dec  # one machine each: HA or AH
     assert all(s.plan.tp == 2 for s in dep.servers.values())  # whole machines, tensor parallel
-    assert plan["routing"]["handoff"] == "least-work" and plan["routing"]["layerwise_kv"] is True
+    assert plan.routing.handoff == "least-work" and plan.routing.layerwise_kv is True
 
 
 def test_splitwise_minimises_power_or_cost_at_the_rate():
@@ -232,7 +232,7 @@ def test_pd_hetero_prefills_on_the_compute_strong_vendor_and_decodes_on_the_othe
     plan, dep = plan_of("pd-hetero", context(nodes, model="llama-3.1-70b"))
     roles = {i.role: {s.node.gpu.vendor for s in i.servers} for i in dep.instances.values()}
     assert roles["prefill"] == {"nvidia"} and roles["decode"] == {"amd"}
-    assert plan["routing"]["layerwise_kv"] is False and "handoff" in plan["routing"]
+    assert plan.routing.layerwise_kv is False and plan.routing.handoff in ("least-work", "weighted")
     p = next(n for n, i in dep.instances.items() if i.role == "prefill")
     d = next(n for n, i in dep.instances.items() if i.role == "decode")
     assert dep.kv_conversion_needed(p, d)
@@ -249,7 +249,7 @@ def test_helix_max_flow_is_positive_and_covers_every_layer():
     ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput")
     strategy = Helix()
     plan = strategy.plan(ctx)
-    dep = deployment_from_dict(plan, ctx.cluster, ctx.model)
+    dep = Deployment(plan, ctx.cluster, ctx.model)
     placement = strategy.last
     assert placement.max_flow > 0
     covered = set()
@@ -258,8 +258,8 @@ def test_helix_max_flow_is_positive_and_covers_every_layer():
     assert covered == set(range(ctx.model.num_layers))
     out_of_source = sum(f for (a, _), f in placement.flows.items() if a == "source")
     assert out_of_source == pytest.approx(placement.max_flow, rel=1e-6)
-    assert plan["routing"]["policy"] == "weighted" and all(w > 0 for w in plan["routing"]["weights"].values())
-    assert sum(plan["routing"]["weights"].values()) == pytest.approx(placement.max_flow, rel=1e-3)
+    assert plan.routing.policy == "weighted" and all(w > 0 for w in plan.routing.weights.values())
+    assert sum(plan.routing.weights.values()) == pytest.approx(placement.max_flow, rel=1e-3)
     assert all(
         len(i.servers) > 1 for i in dep.instances.values()
     )  # 26 GB of weights, half of 40 GB per machine
@@ -296,7 +296,7 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
         assert sum(shares) <= 1 + 1e-9
         assert shares == pytest.approx([1 / len(shares)] * len(shares), abs=1e-3)  # split evenly
     assert all(len(i.servers) > 1 for i in dep.instances.values())
-    assert plan["routing"]["policy"] == "least-work"
+    assert plan.routing.policy == "least-work"
 
 
 def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers():
@@ -331,7 +331,7 @@ def test_chain_plans_jffc_over_chains_with_slots():
         nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 3}}
     )
     plan, dep = plan_of("chain", ctx)
-    assert plan["routing"]["policy"] == "jffc"
+    assert plan.routing.policy == "jffc"
     for inst in dep.instances.values():  # a chain's slots are its batch; its KV holds a long request
         assert inst.plan.max_batch_size >= 1 and len(inst.servers) > 1
         assert inst.kv_capacity_tokens >= ctx.long_request

@@ -1,8 +1,8 @@
 """Every strategy ``hetserve compare`` runs: hetserve's planner and the published systems it is compared
 with (docs/baselines.md), each as its authors' setting describes it.
 
-Every strategy takes one ``StrategyContext`` and returns a plan dict valid for
-``hetserve.plan.deployment_from_dict``. ``get_strategy(name)`` looks one up by name. The chain and
+Every strategy takes one ``StrategyContext`` and returns a ``PlanFile`` that ``hetserve.plan.Deployment``
+accepts. ``get_strategy(name)`` looks one up by name. The chain and
 Helix placements are parts of hetserve's own planner (``planner.placement``); here they are also
 strategies of their own.
 """

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from ..costmodel.roofline import ServerShape
 from ..errors import HetserveError
+from ..plan import PlanFile, RoutingPlan
 from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 from ..planner.templates import tp_choices, weight_room
 
@@ -188,7 +189,7 @@ class HexGen(Strategy):
         "replicas of asymmetric TP/PP pipelines over mixed GPUs by evolutionary search; 16-bit; no P/D split"
     )
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         if not ctx.model.num_layers:
             raise HetserveError("hexgen: the model has no layers")
         units = units_of(ctx)
@@ -267,7 +268,7 @@ class HexGen(Strategy):
             + f" ({g.rate:.2f} req/s)"
             for g in groups
         )
-        routing = {"policy": "weighted", "weights": weights} if len(groups) > 1 else {"policy": "least-work"}
+        routing = RoutingPlan(policy="weighted", weights=weights) if len(groups) > 1 else RoutingPlan()
         return writer.plan(
             routing,
             notes=f"HexGen baseline: {len(groups)} replicas, requests dispatched in "

@@ -11,6 +11,7 @@ objective wins. Requests go to the replica with the least outstanding work.
 from __future__ import annotations
 
 from ..errors import HetserveError
+from ..plan import PlanFile
 from ..planner.allocate import solve
 from ..planner.build import PlacementError, build_plan
 from ..planner.evaluate import OBJECTIVES
@@ -22,7 +23,7 @@ class Homogeneous(Strategy):
     name = "homogeneous"
     summary = "the best single GPU type at the same budget, identical replicas, 16-bit"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         for quality in (0.0, ctx.quality) if ctx.quality > 0 else (0.0,):
             best = self._best(ctx, quality)
             if best is not None:
@@ -37,17 +38,17 @@ class Homogeneous(Strategy):
                         ctx.prompt,
                         f"homogeneous-{gpu}",
                         "least-work",
+                        ctx.model_ref,
                     )
                 except PlacementError as exc:
                     raise HetserveError(
                         f"homogeneous: replicas on {gpu} do not pack into its nodes: {exc}"
                     ) from None
-                plan["model"] = ctx.model_ref
-                plan["notes"] = (
+                notes = (
                     f"Homogeneous baseline: {sum(alloc.counts.values())} replicas on {gpu} "
                     f"(${alloc.price:.2f}/h)."
                 )
-                return plan
+                return plan.model_copy(update={"notes": notes})
         within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
         raise HetserveError(
             f"homogeneous: no single GPU type of {ctx.cluster.name} holds a replica of "

@@ -36,6 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..costmodel.roofline import ServerShape
 from ..errors import HetserveError
+from ..plan import PlanFile, RoutingPlan
 from ..planner.strategy import PlanWriter, Strategy, StrategyContext, chain_timing, memory_of, spot
 from .uniform import node_gpus
 
@@ -59,7 +60,7 @@ class LLMPQ(Strategy):
         "one pipeline over all GPUs; per-layer bits and phase-aware partition by MILP; micro-batch sizing"
     )
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         vendor = max(
             sorted({n.gpu.vendor for n in ctx.cluster.nodes.values()}),
             key=lambda v: sum(
@@ -99,7 +100,7 @@ class LLMPQ(Strategy):
         )
         used = sorted(set(bits))
         return writer.plan(
-            {"policy": "least-work"},
+            RoutingPlan(),
             notes=f"LLM-PQ baseline: {len(chain)} stages, bits {used}, layers "
             f"{[s.layers for s in chain]}, micro-batches {lanes}, prefill micro-batch "
             f"{settings[1] // max(int(ctx.prompt), 1)} prompts, decode micro-batch "

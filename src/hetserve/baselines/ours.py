@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..plan import PlanFile
 from ..planner.search import Planner
 from ..planner.strategy import Strategy, StrategyContext
 
@@ -10,7 +11,7 @@ class Hetserve(Strategy):
     name = "hetserve"
     summary = "hetserve's planner: templates, allocation MILP, simulated confirmation"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         planner = Planner(
             ctx.cluster,
             ctx.model,

@@ -20,6 +20,7 @@ off to decode instances by weights from a transport LP over the links (the plann
 from __future__ import annotations
 
 from ..errors import HetserveError
+from ..plan import PlanFile
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
@@ -34,7 +35,7 @@ class PDHetero(Strategy):
         "cross-vendor P/D: parallel strategy per GPU type and phase, then P:D instance numbers by simulation"
     )
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         strategies = self._per_type_and_phase(ctx, 0.0) or self._per_type_and_phase(ctx, ctx.quality)
         if not strategies:
             raise HetserveError(
@@ -163,7 +164,7 @@ class PDHetero(Strategy):
                 unique.append((n_p, c, rate))
         return unique
 
-    def _build(self, ctx, pre, decs, n_p, dec_counts, rate) -> dict | None:
+    def _build(self, ctx, pre, decs, n_p, dec_counts, rate) -> PlanFile | None:
         p_t = pre[0]
         templates = [p_t] + [d[0] for d in decs]
         counts = {0: n_p, **{k + 1: n for k, n in dec_counts.items() if n > 0}}
@@ -181,21 +182,19 @@ class PDHetero(Strategy):
                 ctx.prompt,
                 f"pd-hetero-{ctx.model.name}",
                 "least-work",
+                ctx.model_ref,
             )
         except PlacementError:
             return None
-        plan["model"] = ctx.model_ref
-        routing = plan["routing"]
-        routing["layerwise_kv"] = False  # staged through host memory after the prefill
-        if "handoff" not in routing:
-            routing["handoff"] = "least-work"
+        # KV staged through host memory after the prefill
+        routing = plan.routing.model_copy(update={"layerwise_kv": False})
         dec_desc = ", ".join(
             f"{n} x {decs[k][3]} {decs[k][0].describe().split(': ')[1]}"
             for k, n in dec_counts.items()
             if n > 0
         )
-        plan["notes"] = (
+        notes = (
             f"Cross-vendor P/D baseline: {n_p} x {pre[3]} prefill "
             f"({p_t.describe().split(': ')[1]}); decode {dec_desc}."
         )
-        return plan
+        return plan.model_copy(update={"routing": routing, "notes": notes})

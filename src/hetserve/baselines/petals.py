@@ -21,6 +21,7 @@ least outstanding work (a client picks the currently fastest route).
 from __future__ import annotations
 
 from ..errors import HetserveError
+from ..plan import PlanFile, RoutingPlan
 from ..planner.placement.blocks import (
     BlockServer,
     block_servers,
@@ -41,7 +42,7 @@ class Petals(Strategy):
     name = "petals"
     summary = "greedy block placement by throughput; Dijkstra routing over block servers"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         L = ctx.model.num_layers
         bits = uniform_bits_for(ctx, ATTN_CACHE_TOKENS)
         if bits is None:
@@ -92,7 +93,7 @@ class Petals(Strategy):
                 kv_share=[1.0 / users[n] for n in ch],
             )
         return writer.plan(
-            {"policy": "least-work"},
+            RoutingPlan(),
             notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.",
         )
 

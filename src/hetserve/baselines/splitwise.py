@@ -19,6 +19,7 @@ to (``least-work`` for both), KV streamed layer by layer behind the prompt compu
 from __future__ import annotations
 
 from ..errors import HetserveError
+from ..plan import PlanFile, RoutingPlan
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
@@ -32,7 +33,7 @@ class Splitwise(Strategy):
     name = "splitwise"
     summary = "prompt pool + token pool of whole machines by GPU type; grid search; cost and power objectives"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         factory = ctx.factory(0.0)
         L = ctx.model.num_layers
         machines = []  # (pool, tp, instances per machine, prefill template, decode template)
@@ -101,7 +102,7 @@ class Splitwise(Strategy):
                     best = (score, P, D, n_p, n_d, rate)
         return best
 
-    def _build(self, ctx, P, D, n_p, n_d, rate) -> dict | None:
+    def _build(self, ctx, P, D, n_p, n_d, rate) -> PlanFile | None:
         p_pool, _, p_k, p_t, _ = P
         d_pool, _, d_k, _, d_t = D
         templates = [p_t, d_t]
@@ -119,13 +120,13 @@ class Splitwise(Strategy):
                 ctx.prompt,
                 f"splitwise-{design}",
                 "least-work",
+                ctx.model_ref,
             )
         except PlacementError:
             return None
-        plan["model"] = ctx.model_ref
-        plan["routing"] = {"policy": "least-work", "handoff": "least-work", "layerwise_kv": True}
-        plan["notes"] = (
+        notes = (
             f"Splitwise baseline: {design}, {n_p} prompt and {n_d} token machines "
             f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp})."
         )
-        return plan
+        routing = RoutingPlan(policy="least-work", handoff="least-work", layerwise_kv=True)
+        return plan.model_copy(update={"routing": routing, "notes": notes})

@@ -12,6 +12,7 @@ looks at how fast a GPU is: that is the point of the baseline.
 from __future__ import annotations
 
 from ..errors import HetserveError
+from ..plan import PlanFile, RoutingPlan
 from ..planner.strategy import PlanWriter, Strategy, StrategyContext, estimate, spot
 from ..planner.templates import SETTINGS, split_even
 
@@ -25,7 +26,7 @@ class Uniform(Strategy):
     name = "uniform"
     summary = "all GPUs in one pipeline, layers split evenly, one precision (PipeEdge-style)"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         vendors = sorted({n.gpu.vendor for n in ctx.cluster.nodes.values()})
         writer = PlanWriter(ctx, f"uniform-{ctx.model.name}")
         L = ctx.model.num_layers
@@ -63,4 +64,4 @@ class Uniform(Strategy):
             f"{len(c)} stages of {c[0].layers}-{max(s.layers for s in c)} layers at {b}-bit on {v}"
             for v, c, b, _ in chosen
         )
-        return writer.plan({"policy": "least-work"}, notes=f"Uniform baseline: {desc}.")
+        return writer.plan(RoutingPlan(), notes=f"Uniform baseline: {desc}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linprog
 
+from ..plan import InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from .allocate import Allocation
@@ -118,8 +119,9 @@ def build_plan(
     prompt: float,
     name: str,
     routing_policy: str,
-) -> dict:
-    """A plan dict (validated later by hetserve.plan) for ``alloc``."""
+    model_ref: str | None = None,
+) -> PlanFile:
+    """The plan of ``alloc`` (``model_ref``: what its ``model:`` says; default the model's name)."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
     per_template: dict[int, int] = {}
@@ -139,20 +141,20 @@ def build_plan(
             sname = f"{base}-s{si}" if len(t.stages) > 1 else base
             bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
             servers.append(
-                {"name": sname, "node": node, "gpus": gpus, "layers": [s.start, s.end], "bits": bits}
+                ServerPlan(name=sname, node=node, gpus=list(gpus), layers=(s.start, s.end), bits=bits)
             )
             chain.append(sname)
         max_batch, max_tokens, chunk = t.settings
         instances.append(
-            {
-                "name": base,
-                "role": t.role,
-                "chain": chain,
-                "max_batch_size": max_batch,
-                "max_batch_tokens": max_tokens,
-                "chunk_size": chunk,
-                "micro_batches": t.micro_batches,
-            }
+            InstancePlan(
+                name=base,
+                role=t.role,
+                chain=chain,
+                max_batch_size=max_batch,
+                max_batch_tokens=max_tokens,
+                chunk_size=chunk,
+                micro_batches=t.micro_batches,
+            )
         )
         share = flow_by_template[id(t)] / count_by_template[id(t)]
         flows_by_instance[base] = share
@@ -160,20 +162,20 @@ def build_plan(
             pre_nodes.append((base, spots[-1][0], share))
         elif t.role == "decode":
             dec_nodes.append((base, spots[0][0], share))
-    entry = {i["name"]: round(flows_by_instance[i["name"]], 6) for i in instances if i["role"] != "decode"}
-    routing: dict = {"policy": routing_policy, "layerwise_kv": True}
-    if routing_policy == "weighted":
-        routing["weights"] = entry
+    entry = {i.name: round(flows_by_instance[i.name], 6) for i in instances if i.role != "decode"}
     hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes)
-    if hw:
-        routing["handoff"] = "weighted"
-        routing["handoff_weights"] = hw
-    return {
-        "version": 1,
-        "name": name,
-        "model": model.name,
-        "cluster": cluster_ref,
-        "servers": servers,
-        "instances": instances,
-        "routing": routing,
-    }
+    routing = RoutingPlan(
+        policy=routing_policy,
+        layerwise_kv=True,
+        weights=entry if routing_policy == "weighted" else {},
+        handoff="weighted" if hw else "least-work",
+        handoff_weights=hw,
+    )
+    return PlanFile(
+        name=name,
+        model=model_ref or model.name,
+        cluster=cluster_ref,
+        servers=servers,
+        instances=instances,
+        routing=routing,
+    )

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import HetserveError
-from ..plan import Deployment, deployment_from_dict
+from ..plan import Deployment, PlanFile
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
@@ -45,7 +45,7 @@ MAX_REPLAY = 4 * CONFIRM_REQUESTS
 class Candidate:
     label: str
     alloc: Allocation
-    plan: dict
+    plan: PlanFile
     dep: Deployment
     run: Run  # its confirming simulation (for goodput, at the highest rate found within the SLOs)
     score: float
@@ -57,7 +57,7 @@ class Candidate:
 
 @dataclass
 class PlanResult:
-    plan: dict
+    plan: PlanFile
     deployment: Deployment
     objective: str
     sense: str
@@ -238,8 +238,7 @@ class Planner:
             "cost_per_hour": round(alloc.price, 4),
             "power_w": round(alloc.power_w, 1),
         }
-        plan = best.plan
-        plan["predicted"] = {
+        figures = {
             **{f"analytic_{k}": v for k, v in predicted.items()},
             **{
                 f"simulated_{k}": (
@@ -258,7 +257,7 @@ class Planner:
             "objective": self.objective,
         }
         reasons = self._reasons(best, candidates, templates)
-        plan["notes"] = " ".join(reasons)
+        plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = {
             "templates": len(templates),
             "allocations": len(allocs),
@@ -301,11 +300,11 @@ class Planner:
                 self.prompt,
                 f"{self.model.name}-{self.objective}",
                 policy,
+                self.model_ref,
             )
         except PlacementError:
             return None
-        plan["model"] = self.model_ref
-        dep = deployment_from_dict(plan, self.cluster, self.model, source="planned plan")
+        dep = Deployment(plan, self.cluster, self.model, source="planned plan")
         if self.objective == "throughput":
             rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
             run = self._simulate_throughput(dep, rate)
@@ -344,8 +343,9 @@ class Planner:
             max_seqs=self.max_seqs,
         )
         try:
-            plan = {"chain": ChainComposition(), "helix": Helix()}[name].plan(ctx)
-            dep = deployment_from_dict(plan, self.cluster, self.model, source=f"{name} placement")
+            placed = {"chain": ChainComposition(), "helix": Helix()}[name].plan(ctx)
+            plan = placed.model_copy(update={"name": f"{self.model.name}-{self.objective}"})
+            dep = Deployment(plan, self.cluster, self.model, source=f"{name} placement")
         except HetserveError:
             return None
         rate = ref.rate if ref is not None else self.rate
@@ -357,9 +357,8 @@ class Planner:
             run = self._simulate(dep, rate)
         if run is None:
             return None
-        plan["name"] = f"{self.model.name}-{self.objective}"
         return Candidate(
-            f"{name}/{plan.get('routing', {}).get('policy', 'jffc')}",
+            f"{name}/{plan.routing.policy}",
             alloc,
             plan,
             dep,

@@ -2,8 +2,8 @@
 
 A *strategy* is one way of choosing a deployment: hetserve's planner, or one of the published systems
 it is compared with (docs/baselines.md). Each gets the same ``StrategyContext`` (cluster, model,
-workload, objective, budget, quality budget, seed, time limit) and returns a plan dict that
-``hetserve.plan.deployment_from_dict`` accepts: the contract the planner writes.
+workload, objective, budget, quality budget, seed, time limit) and returns a ``PlanFile`` that
+``hetserve.plan.Deployment`` accepts: the contract the planner writes.
 
 Shared here: the context (with the cost model, the workload's mean lengths and rate), the estimate of
 one instance on explicitly placed servers (the planner's ``ChainTiming`` and capacity functions over
@@ -21,7 +21,7 @@ from functools import cached_property
 
 from ..costmodel.roofline import RooflineCostModel, ServerShape
 from ..errors import HetserveError
-from ..plan import deployment_from_dict
+from ..plan import Deployment, InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
@@ -245,12 +245,12 @@ def estimate(
 
 # ---- writing plans -----------------------------------------------------------------------------------
 class PlanWriter:
-    """Collects servers and instances and returns a plan dict (validated by the caller)."""
+    """Collects servers and instances and returns the plan."""
 
     def __init__(self, ctx: StrategyContext, name: str):
         self.ctx, self.name = ctx, name
-        self.servers: list[dict] = []
-        self.instances: list[dict] = []
+        self.servers: list[ServerPlan] = []
+        self.instances: list[InstancePlan] = []
         self._server_of: dict[Spot, str] = {}
 
     def server(self, s: Spot, name: str | None = None) -> str:
@@ -258,13 +258,13 @@ class PlanWriter:
         if s in self._server_of:
             return self._server_of[s]
         name = name or f"{s.node}-g{s.gpus[0]}" + (f"-tp{s.tp}" if s.tp > 1 else "")
-        taken = {x["name"] for x in self.servers}
+        taken = {x.name for x in self.servers}
         base, k = name, 1
         while name in taken:
             name, k = f"{base}-{k}", k + 1
         bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
         self.servers.append(
-            {"name": name, "node": s.node, "gpus": list(s.gpus), "layers": [s.start, s.end], "bits": bits}
+            ServerPlan(name=name, node=s.node, gpus=list(s.gpus), layers=(s.start, s.end), bits=bits)
         )
         self._server_of[s] = name
         return name
@@ -283,54 +283,52 @@ class PlanWriter:
         """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server."""
         max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
         names = [self.server(s) for s in chain]
-        inst = {
-            "name": name,
-            "role": role,
-            "chain": names,
-            "max_batch_size": int(max_batch),
-            "max_batch_tokens": int(max_tokens),
-            "chunk_size": chunk,
-            "micro_batches": int(micro_batches),
-        }
         # rounded down, so that the shares of a server still add up to <= 1
         rounded = lambda x: max(math.floor(min(x, 1.0) * 1e4) / 1e4, 1e-4)
+        share: float | dict[str, float] = 1.0
         if isinstance(kv_share, (list, tuple)):
             shares = [rounded(x) for x in kv_share]
-            if len(set(shares)) > 1:
-                inst["kv_share"] = dict(zip(names, shares))
-            elif shares[0] < 1.0:
-                inst["kv_share"] = shares[0]
+            share = dict(zip(names, shares)) if len(set(shares)) > 1 else min(shares[0], 1.0)
         elif kv_share < 1.0:
-            inst["kv_share"] = rounded(kv_share)
-        if policy:
-            inst["policy"] = policy
-        self.instances.append(inst)
+            share = rounded(kv_share)
+        self.instances.append(
+            InstancePlan(
+                name=name,
+                role=role,
+                chain=names,
+                max_batch_size=int(max_batch),
+                max_batch_tokens=int(max_tokens),
+                chunk_size=chunk,
+                micro_batches=int(micro_batches),
+                kv_share=share,
+                **({"policy": policy} if policy else {}),
+            )
+        )
         return name
 
-    def plan(self, routing: dict | None = None, notes: str = "") -> dict:
+    def plan(self, routing: RoutingPlan | None = None, notes: str = "") -> PlanFile:
         if not self.instances:
             raise HetserveError(f"{self.name}: no instance could be placed on the cluster")
-        return {
-            "version": 1,
-            "name": self.name,
-            "model": self.ctx.model_ref,
-            "cluster": self.ctx.cluster_ref,
-            "servers": self.servers,
-            "instances": self.instances,
-            "routing": routing or {"policy": "least-work"},
-            "notes": notes,
-        }
+        return PlanFile(
+            name=self.name,
+            model=self.ctx.model_ref,
+            cluster=self.ctx.cluster_ref,
+            servers=self.servers,
+            instances=self.instances,
+            routing=routing or RoutingPlan(),
+            notes=notes,
+        )
 
 
 # ---- trial simulations -------------------------------------------------------------------------------
-def trial(ctx: StrategyContext, plan: dict, rate: float, requests: int = TRIAL_REQUESTS) -> Run | None:
+def trial(ctx: StrategyContext, plan: PlanFile, rate: float, requests: int = TRIAL_REQUESTS) -> Run | None:
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
-    dep = deployment_from_dict(plan, ctx.cluster, ctx.model, source=f"{plan.get('name', 'plan')} (trial)")
+    dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{plan.name} (trial)")
     return simulate_at_rate(dep, ctx.workload, rate, seed=ctx.seed, requests=requests)
 
 
-def best_by_trial(ctx: StrategyContext, designs, build) -> dict | None:
+def best_by_trial(ctx: StrategyContext, designs, build) -> PlanFile | None:
     """The plan of the best-scoring design: each ``(design, rate)`` in order is built with ``build(design)``
     (None = skip) and simulated at its rate (saturating for throughput, the workload's for cost/power),
     stopping when the time limit is spent and one plan exists."""
@@ -359,7 +357,7 @@ class Strategy:
     name = "strategy"
     summary = ""
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 
 from ...errors import HetserveError
+from ...plan import PlanFile, RoutingPlan
 from ..strategy import PlanWriter, Strategy, StrategyContext, memory_of, spot, trial
 from ..templates import SETTINGS
 from .blocks import (
@@ -80,7 +81,7 @@ class ChainComposition(Strategy):
     name = "chain"
     summary = "server chain composition: GBP-CR block placement, GCA cache allocation, JFFC dispatch"
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         m = ctx.model
         job_tokens = ctx.prompt + ctx.output
         widest = uniform_bits_for(ctx, job_tokens)
@@ -136,7 +137,7 @@ class ChainComposition(Strategy):
             )
         used = {n for ch, _, _ in alloc for n in ch}
         return writer.plan(
-            {"policy": "jffc"},
+            RoutingPlan(policy="jffc"),
             notes=f"Chain-composition baseline: cache reservation c={c}, {len(used)} servers at "
             f"{bits}-bit, {len(alloc)} chains with {sum(s for _, s, _ in alloc)} job slots, "
             f"estimated mean response {t:.2f} s.",

@@ -33,6 +33,7 @@ from scipy.sparse import coo_array
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
+from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
 from ..strategy import PlanWriter, Strategy, StrategyContext, spot
 from ..templates import tp_choices
@@ -106,7 +107,7 @@ class Helix(Strategy):
                 out.append(Machine(node.name, tuple(range(tp)), caps, (gpu.name, node.count, node.zone)))
         return out
 
-    def plan(self, ctx: StrategyContext) -> dict:
+    def plan(self, ctx: StrategyContext) -> PlanFile:
         m = ctx.model
         L = m.num_layers
         machines = self.machines(ctx)
@@ -140,7 +141,7 @@ class Helix(Strategy):
                 f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=[f / through[n] for n in path]
             )
             weights[name] = round(f, 6)
-        routing = {"policy": "weighted", "weights": weights}
+        routing = RoutingPlan(policy="weighted", weights=weights)
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}"
         return writer.plan(
             routing,
