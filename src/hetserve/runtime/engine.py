@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
 from ..scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence
 from ..vocabulary import DEFAULT_KV_CACHE_GB, SchedulePolicy
-from .detokenizer import IncrementalDecoder
 from .model.llama import LlamaModel
 from .model.source import load_model, parse_dtype
 from .model.tokenizer import Tokenizer
 from .model_runner import ModelRunner
+from .protocol import ClusterStats, EngineLoad
+from .request import RequestOutput, RequestState, accept_tokens
 from .sampling import SamplingParams, sample
-
-FinishReason = Literal["stop", "length"]
 
 
 @dataclass
@@ -39,91 +37,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max positions
     seed: int = 0  # random stream for requests without their own seed
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_ids: list[int]  # shared with the engine: do not modify
-    token_ids: list[int]  # everything generated so far
-    text: str
-    new_token_ids: list[int] = field(default_factory=list)  # produced by this step
-    new_text: str = ""
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    error: str | None = None  # the request failed (no instance could serve it)
-
-
-@dataclass
-class EngineLoad:
-    """What /metrics reports about an engine (one instance, or all of a plan's together)."""
-
-    waiting: int
-    running: int
-    blocks_used: int
-    blocks_total: int
-    steps: int
-    prefix_hit_tokens: int
-
-
-@dataclass
-class _Request:
-    seq: Sequence
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    decoder: IncrementalDecoder | None
-    text: str = ""
-    finish_reason: FinishReason | None = None
-
-    def accept(self, token: int, eos_token_ids: set[int]) -> str:
-        """Apply stop tokens and stop strings to a new token: set ``finish_reason`` to "stop" when the
-        request ends here; return the token's text delta (cut at a stop string)."""
-        p = self.params
-        if (token in p.stop_token_ids) or (not p.ignore_eos and token in eos_token_ids):
-            self.finish_reason = "stop"
-            return ""
-        if self.decoder is None:
-            return ""
-        delta = self.decoder.add(token)
-        if not delta:
-            return ""
-        before = len(self.text)
-        self.text += delta
-        if p.stop:
-            longest = max(len(s) for s in p.stop)
-            search_from = max(0, before - longest + 1)
-            hits = [i for i in (self.text.find(s, search_from) for s in p.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                return self.text[before:] if cut > before else ""
-        return delta
-
-    def finish_text(self) -> str:
-        """The text still held back by the decoder when the request ends by length."""
-        tail = self.decoder.flush() if self.decoder is not None else ""
-        self.text += tail
-        return tail
-
-
-def prompt_token_ids(prompt: str | Seq[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
-    """The prompt's token ids (text is encoded with ``tokenizer``), checked: not empty, within the
-    vocabulary, and leaving room for at least one new token in ``max_model_len``. ValueError otherwise."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("this engine has no tokenizer: pass token ids")
-        ids = tokenizer.encode(prompt)
-    else:
-        ids = [int(t) for t in prompt]
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    if len(ids) >= max_model_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {max_model_len - 1}")
-    return ids
 
 
 class LLMEngine:
@@ -151,7 +64,7 @@ class LLMEngine:
             tokenizer.eos_token_ids if tokenizer else ()
         )
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, RequestState] = {}
         self._ids = itertools.count()
 
     @classmethod
@@ -165,15 +78,21 @@ class LLMEngine:
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt (text or token ids); returns the request id. ``max_tokens`` is capped so the
         request fits in ``max_model_len``."""
-        params = params or SamplingParams()
-        ids = prompt_token_ids(prompt, self.tokenizer, self.model.config.vocab_size, self.max_model_len)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         request_id = next(self._ids)
-        seq = Sequence(request_id, len(ids), max_tokens, token_ids=ids)
-        self.scheduler.add(seq)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
-        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer else None
-        self._requests[request_id] = _Request(seq, ids, params, generator, decoder)
+        req = RequestState.create(
+            request_id,
+            prompt,
+            params,
+            tokenizer=self.tokenizer,
+            vocab_size=self.model.config.vocab_size,
+            max_model_len=self.max_model_len,
+            generator=self._generator,
+        )
+        req.seq = Sequence(
+            request_id, len(req.prompt_token_ids), req.params.max_tokens, token_ids=req.prompt_token_ids
+        )
+        self.scheduler.add(req.seq)
+        self._requests[request_id] = req
         return request_id
 
     def abort_request(self, request_id: int) -> None:
@@ -210,34 +129,24 @@ class LLMEngine:
         sampling = [it for it in batch.items if it.samples]
         reqs = [self._requests[it.seq.seq_id] for it in sampling]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        stopped: set[int] = set()
-        deltas: dict[int, str] = {}
-        for req, token in zip(reqs, tokens):
-            deltas[req.seq.seq_id] = req.accept(token, self.eos_token_ids)
-            if req.finish_reason == "stop":
-                stopped.add(req.seq.seq_id)
-        self.scheduler.postprocess(batch, {r.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped)
+        deltas, stopped = accept_tokens(reqs, tokens, self.eos_token_ids)
+        self.scheduler.postprocess(batch, {r.request_id: t for r, t in zip(reqs, tokens)}, stopped)
         outputs = []
-        for req, token in zip(reqs, tokens):
-            seq = req.seq
-            if seq.is_finished:
-                req.finish_reason = req.finish_reason or "length"
-                if req.finish_reason == "length":
-                    deltas[seq.seq_id] += req.finish_text()
-                del self._requests[seq.seq_id]
-            outputs.append(
-                RequestOutput(
-                    seq.seq_id,
-                    req.prompt_token_ids,
-                    seq.output_token_ids,
-                    req.text,
-                    [token],
-                    deltas[seq.seq_id],
-                    seq.is_finished,
-                    req.finish_reason,
-                )
-            )
+        for req, token, delta in zip(reqs, tokens, deltas):
+            if req.done:
+                delta += req.finish()
+                del self._requests[req.request_id]
+            outputs.append(req.output(token, delta))
         return outputs
+
+    def wake(self) -> None:
+        """Nothing to do: ``step`` never waits."""
+
+    def cluster_stats(self) -> ClusterStats | None:
+        return None
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the model lives in this process."""
 
     # ---- convenience --------------------------------------------------------------------------
     def generate(

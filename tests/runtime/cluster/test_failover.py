@@ -60,7 +60,7 @@ def test_worker_killed_mid_stream():
                     text += "".join(ch["text"] for ch in event["choices"])
                     chunks += 1
                     if chunks == 5 and killed is None:  # kill the serving replica's worker mid-stream
-                        serving = [n for n, (_, load) in engine.instance_loads().items() if load.running]
+                        serving = [i.name for i in engine.cluster_stats().instances if i.load.running]
                         assert len(serving) == 1
                         killed = serving[0]
                         rank = engine.topo.instances[killed].ranks[0]

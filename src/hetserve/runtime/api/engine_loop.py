@@ -22,7 +22,8 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..engine import LLMEngine, RequestOutput
+from ..protocol import ServingEngine
+from ..request import RequestOutput
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
 
@@ -45,9 +46,9 @@ class Tracked:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: ServingEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
-        self.metrics = metrics or ServerMetrics(self.state, getattr(engine, "cluster_gauges", None))
+        self.metrics = metrics or ServerMetrics(self.state, engine.cluster_stats)
         self._commands: deque = deque()
         self._wake = threading.Event()
         self._tracked: dict[int, Tracked] = {}
@@ -99,9 +100,7 @@ class EngineLoop:
         self._submitted += 1
         self._commands.append(("add", list(prompt_ids), params, tracked, future))
         self._wake.set()
-        wake = getattr(self.engine, "wake", None)  # an engine waiting on its workers takes it in now
-        if wake is not None:
-            wake()
+        self.engine.wake()  # an engine waiting on its workers takes it in now
         await asyncio.wrap_future(future)
         return tracked
 

@@ -12,6 +12,8 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 
+from ..protocol import ClusterStats, InstanceStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -125,11 +127,11 @@ class ServerMetrics:
     def __init__(
         self,
         engine_state: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
-        cluster_gauges: Callable[[], list[LabelledGauge]] | None = None,
+        cluster_stats: Callable[[], ClusterStats | None] = lambda: None,
     ):
         self.lock = threading.Lock()
         self.engine_state = engine_state
-        self.cluster_gauges = cluster_gauges  # per instance and per worker, when serving a plan
+        self.cluster_stats = cluster_stats  # per instance and per worker, when serving a plan
         self.requests = Counter(
             "hetserve_requests_total",
             "HTTP requests to the generation endpoints, by endpoint and status code",
@@ -192,9 +194,69 @@ class ServerMetrics:
             ]
             lines = [line for m in metrics for line in m.lines()]
         lines += [line for g in gauges for line in g.lines()]
-        if self.cluster_gauges is not None:
-            lines += [line for g in self.cluster_gauges() for line in g.lines()]
+        stats = self.cluster_stats()
+        if stats is not None:
+            lines += [line for g in cluster_gauges(stats) for line in g.lines()]
         return "\n".join(lines) + "\n"
+
+
+def cluster_gauges(stats: ClusterStats) -> list[LabelledGauge]:
+    """/metrics per instance and per worker of a plan's cluster."""
+    per_inst = {(("instance", i.name), ("role", i.role)): i for i in stats.instances}
+    workers = {
+        (("rank", str(w.rank)), ("server", w.server), ("tp_rank", str(w.tp_rank))): w for w in stats.workers
+    }
+
+    def by_instance(read: Callable[[InstanceStats], float]) -> dict:
+        return {labels: read(i) for labels, i in per_inst.items()}
+
+    return [
+        LabelledGauge(
+            "hetserve_instance_up",
+            "1 while every worker of the instance is alive",
+            by_instance(lambda i: float(i.up)),
+        ),
+        LabelledGauge(
+            "hetserve_instance_requests_waiting",
+            "Requests queued at the instance",
+            by_instance(lambda i: i.load.waiting),
+        ),
+        LabelledGauge(
+            "hetserve_instance_requests_running",
+            "Requests in the instance's batches",
+            by_instance(lambda i: i.load.running),
+        ),
+        LabelledGauge(
+            "hetserve_instance_kv_blocks_used",
+            "KV blocks the instance's requests hold",
+            by_instance(lambda i: i.load.blocks_used),
+        ),
+        LabelledGauge(
+            "hetserve_instance_kv_blocks_total",
+            "KV blocks of the instance",
+            by_instance(lambda i: i.load.blocks_total),
+        ),
+        LabelledGauge(
+            "hetserve_instance_steps",
+            "Micro-batches the instance has run",
+            by_instance(lambda i: i.load.steps),
+        ),
+        LabelledGauge(
+            "hetserve_worker_up",
+            "1 while the worker process serves",
+            {k: float(w.up) for k, w in workers.items()},
+        ),
+        LabelledGauge(
+            "hetserve_worker_steps",
+            "Micro-batches that passed through the worker",
+            {k: w.steps for k, w in workers.items()},
+        ),
+        LabelledGauge(
+            "hetserve_kv_handoff_bytes",
+            "KV bytes handed from prefill to decode workers",
+            {(): stats.kv_handoff_bytes},
+        ),
+    ]
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

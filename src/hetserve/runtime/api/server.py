@@ -22,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import LLMEngine, RequestOutput
+from ..protocol import ServingEngine
+from ..request import RequestOutput
 from ..sampling import SamplingParams
 from .engine_loop import EngineLoop, Tracked
 from .metrics import CONTENT_TYPE
@@ -37,7 +38,7 @@ class _Prompt:
     params: SamplingParams
 
 
-def create_app(engine: LLMEngine, model_name: str) -> FastAPI:
+def create_app(engine: ServingEngine, model_name: str) -> FastAPI:
     """An app serving ``engine`` under ``model_name``; the engine thread runs while the app is up."""
     loop = EngineLoop(engine)
     created = int(time.time())
@@ -190,7 +191,7 @@ def _sampling(
         raise APIError(400, str(exc)) from None
 
 
-async def _completions(request: Request, loop: EngineLoop, engine: LLMEngine, served: str):
+async def _completions(request: Request, loop: EngineLoop, engine: ServingEngine, served: str):
     req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
     _check_model(req.model, served)
     if isinstance(req.prompt, str):
@@ -236,7 +237,7 @@ async def _completions(request: Request, loop: EngineLoop, engine: LLMEngine, se
     return await _run(request, loop, req, prompts, chunk, full, first_delta=None)
 
 
-async def _chat(request: Request, loop: EngineLoop, engine: LLMEngine, served: str):
+async def _chat(request: Request, loop: EngineLoop, engine: ServingEngine, served: str):
     req: ChatCompletionRequest = parse_body(await request.body(), ChatCompletionRequest)
     _check_model(req.model, served)
     tok = engine.tokenizer

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..kvcache import KVRoute
+
 TAG_COMMAND, TAG_HIDDEN, TAG_LOGITS = 1, 2, 4
 DRIVER = 0
 
@@ -35,7 +37,7 @@ class KVOut:
     key: int
     block_table: list[int]  # physical blocks on the sender
     num_tokens: int
-    routes: list[tuple[int, int, tuple[int, int], tuple[int, int]]]  # (src, dst, layers, kv heads)
+    routes: list[KVRoute]  # which rank sends which layers and KV heads to which
 
 
 @dataclass
@@ -57,7 +59,7 @@ class KVRecv:
     instance: str
     key: int
     num_tokens: int
-    routes: list[tuple[int, int, tuple[int, int], tuple[int, int]]]
+    routes: list[KVRoute]
     src_dtype: str
 
 

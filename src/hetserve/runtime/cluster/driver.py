@@ -16,26 +16,20 @@ import itertools
 import logging
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ...scheduling import Sequence
 from ...scheduling.routing import make_policy
-from ...vocabulary import TORCH_DTYPE_BYTES
-from ..detokenizer import IncrementalDecoder
-from ..engine import EngineLoad, RequestOutput, _Request, prompt_token_ids
 from ..model_runner import prepare_batch
+from ..protocol import ClusterStats, EngineLoad, InstanceStats, WorkerStats
+from ..request import RequestOutput, RequestState, accept_tokens
 from ..sampling import SamplingParams, sample
-from .channel import (
-    KVDrop,
-    KVInstall,
-    KVOut,
-    KVRecv,
-    Shutdown,
-    Step,
-)
+from .channel import KVDrop, KVInstall, Shutdown, Step
+from .handoff import KVHandoffs
 from .instance import InstanceRunner, _Flight, _Lane
+from .recovery import exited_ranks, stop_instance, struck_instances
 from .topology import Topology
 from .transport import ProcessGroupTransport, Transport
 
@@ -44,16 +38,18 @@ log = logging.getLogger("hetserve.driver")
 
 @dataclass
 class _ClusterRequest:
-    id: int
-    state: _Request  # prompt, params, generator, decoder, text, finish reason
-    outputs: list[int] = field(default_factory=list)
+    state: RequestState  # prompt, params, random stream, decoder, tokens and text so far
     instance: str | None = None
     lane: int = 0
     install: tuple[int, str] | None = None  # (KV key, decode instance) waiting to be installed
 
+    @property
+    def id(self) -> int:
+        return self.state.request_id
+
 
 class ClusterEngine:
-    """Serve a plan's instances over worker processes; the same interface as ``LLMEngine``."""
+    """Serve a plan's instances over worker processes (a ``ServingEngine``, as ``LLMEngine`` is)."""
 
     def __init__(
         self,
@@ -87,11 +83,7 @@ class ClusterEngine:
         self.entry = [i for i in self.instances.values() if i.spec.role != "decode"]
         self.decoders = [i for i in self.instances.values() if i.spec.role == "decode"]
         self.router = make_policy(topo.routing_policy, topo.routing_weights, seed)
-        self.handoff = {
-            p.name: make_policy(topo.handoff_policy, topo.handoff_weights.get(p.name), seed)
-            for p in self.entry
-            if p.spec.role == "prefill"
-        }
+        self.kv = KVHandoffs(topo, config, seed)
         self.processes = processes or {}  # rank -> a process handle with poll() (local workers)
         self._generator = torch.Generator().manual_seed(seed)
         self._requests: dict[int, _ClusterRequest] = {}
@@ -99,34 +91,37 @@ class ClusterEngine:
         self._queued: list[_ClusterRequest] = []  # waiting for the router (JFFC, or after a failure)
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
-        self._keys = itertools.count()
-        self._routes: dict[tuple[str, str], list] = {}
         self.instance_steps: dict[str, int] = {name: 0 for name in self.instances}
-        self.kv_bytes_moved = 0  # KV bytes handed from prefill to decode workers
-        self.handoffs = 0
 
-    # ---- requests (the LLMEngine interface) -----------------------------------------------------
+    # ---- requests (the ServingEngine interface) ---------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def kv_bytes_moved(self) -> int:
+        return self.kv.bytes_moved
+
+    @property
+    def handoffs(self) -> int:
+        return self.kv.count
+
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
-        params = params or SamplingParams()
-        ids = prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size, self.max_model_len)
+        state = RequestState.create(
+            next(self._ids),
+            prompt,
+            params,
+            tokenizer=self.tokenizer,
+            vocab_size=self.config.vocab_size,
+            max_model_len=self.max_model_len,
+            generator=self._generator,
+        )
         if not any(i.up for i in self.entry):
             raise RuntimeError("no instance is up to serve the request")
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        if max_tokens != params.max_tokens:
-            from dataclasses import replace
-
-            params = replace(params, max_tokens=max_tokens)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
-        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer else None
-        rid = next(self._ids)
-        req = _ClusterRequest(rid, _Request(None, ids, params, gen, decoder))
-        self._requests[rid] = req
+        req = _ClusterRequest(state)
+        self._requests[req.id] = req
         self._route(req)
-        return rid
+        return req.id
 
     def abort_request(self, request_id: int) -> None:
         req = self._requests.pop(request_id, None)
@@ -156,12 +151,23 @@ class ClusterEngine:
             [ln for i in self.instances.values() if i.up for ln in i.lanes], len(self._queued)
         )
 
-    def instance_loads(self) -> dict[str, tuple[bool, EngineLoad]]:
-        """Per instance: whether it is up, and its load (for /metrics)."""
-        return {
-            name: (inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name]))
+    def cluster_stats(self) -> ClusterStats:
+        """Per instance (up, load, micro-batches run) and per worker (up, micro-batches through it)."""
+        instances = tuple(
+            InstanceStats(
+                name, inst.spec.role, inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name])
+            )
             for name, inst in self.instances.items()
-        }
+        )
+        workers = []
+        for rank, w in self.topo.workers.items():
+            proc = self.processes.get(rank)
+            of = self.topo.instances_of(rank)
+            up = all(self.instances[i.name].up for i in of) and (proc is None or proc.poll() is None)
+            workers.append(
+                WorkerStats(rank, w.server, w.tp_rank, up, sum(self.instance_steps[i.name] for i in of))
+            )
+        return ClusterStats(instances, tuple(workers), self.kv.bytes_moved)
 
     def wake(self) -> None:
         """Return from a ``step`` waiting on the workers (a request arrived that an idle lane may take)."""
@@ -208,24 +214,20 @@ class ClusterEngine:
         for req in queued:
             self._route(req, outputs)
 
-    def _new_seq(
-        self, req: _ClusterRequest, inst: InstanceRunner, first_token: int | None = None, transferred: int = 0
-    ) -> Sequence:
+    def _new_seq(self, req: _ClusterRequest, inst: InstanceRunner, transferred: int = 0) -> Sequence:
         """A sequence for ``req`` on ``inst``: its prompt is everything known so far (prompt + outputs)."""
-        tokens = req.state.prompt_token_ids + req.outputs
-        remaining = req.state.params.max_tokens - len(req.outputs)
-        if inst.spec.role == "prefill":
-            remaining = 1
-        seq = Sequence(
+        state = req.state
+        tokens = state.prompt_token_ids + state.output_token_ids
+        remaining = (
+            1 if inst.spec.role == "prefill" else state.params.max_tokens - len(state.output_token_ids)
+        )
+        return Sequence(
             next(self._seq_ids),
             len(tokens),
-            max(1, remaining + (first_token is not None)),
+            max(1, remaining),
             token_ids=tokens,
             num_transferred_tokens=transferred,
         )
-        if first_token is not None:
-            seq.append_token(first_token)
-        return seq
 
     def _place(self, req: _ClusterRequest, inst: InstanceRunner, seq: Sequence) -> None:
         req.state.seq = seq
@@ -263,69 +265,20 @@ class ClusterEngine:
             batch.items, inst.spec.block_size, "cpu", lane.offset, strided=inst.strided
         )
         sampling = [it for it in batch.items if it.samples]
-        handoffs: dict[int, tuple[str, int]] = {}
-        kv_out: list[KVOut] = []
-        receives: list[tuple[InstanceRunner, KVRecv]] = []
+        handoffs = []
         if inst.spec.role == "prefill":
             for it in sampling:
-                dec = self._choose_decoder(inst)
-                if dec is None:
-                    continue
-                key = next(self._keys)
-                routes = self._kv_routes(inst, dec)
-                handoffs[it.seq.seq_id] = (dec.name, key)
-                kv_out.append(KVOut(key, table(it.seq), it.end, routes))
-                self.kv_bytes_moved += self._kv_bytes(inst, routes, it.end)
-                self.handoffs += 1
-                receives.append(
-                    (dec, KVRecv(dec.name, key, it.end, routes, self.topo.workers[inst.spec.last].dtype))
-                )
-        self._send(Step(inst.name, ids, positions, meta, rows, kv_out), inst.spec.ranks)
-        for dec, cmd in receives:
-            self._send(cmd, dec.spec.ranks)
-        lane.flight = _Flight(lane, batch, sampling, handoffs, time.perf_counter())
+                dec = self.kv.choose(inst, self.decoders)
+                if dec is not None:
+                    handoffs.append((it.seq.seq_id, self.kv.start(inst, dec, table(it.seq), it.end)))
+        self._send(Step(inst.name, ids, positions, meta, rows, [h.out for _, h in handoffs]), inst.spec.ranks)
+        for _, h in handoffs:
+            self._send(h.recv, h.decoder.spec.ranks)
+        by_seq = {seq_id: (h.decoder.name, h.key) for seq_id, h in handoffs}
+        lane.flight = _Flight(lane, batch, sampling, by_seq, time.perf_counter())
         inst.expect(lane.flight)
         self.instance_steps[inst.name] += 1
         inst.max_in_flight = max(inst.max_in_flight, sum(ln.flight is not None for ln in inst.lanes))
-
-    def _choose_decoder(self, inst: InstanceRunner) -> InstanceRunner | None:
-        live = [d for d in self.decoders if d.up]
-        return self.handoff[inst.name].choose(live) if live else None
-
-    def _kv_routes(self, src: InstanceRunner, dst: InstanceRunner) -> list:
-        key = (src.name, dst.name)
-        if key not in self._routes:
-            from ..kvcache import KVShard, plan_kv_transfer
-            from .sizing import local_kv_head_range
-
-            def shards(inst):
-                out = []
-                for r in inst.spec.ranks:
-                    w = self.topo.workers[r]
-                    heads = local_kv_head_range(
-                        self.config.num_heads, self.config.num_kv_heads, w.tp_size, w.tp_rank
-                    )
-                    out.append(KVShard(r, w.layers, heads))
-                return out
-
-            self._routes[key] = [
-                (r.src.rank, r.dst.rank, tuple(r.layers), tuple(r.kv_heads))
-                for r in plan_kv_transfer(shards(src), shards(dst))
-            ]
-        return self._routes[key]
-
-    def _kv_bytes(self, src: InstanceRunner, routes: list, num_tokens: int) -> int:
-        """Bytes on the wire for one hand-off: K and V of every routed (layer, head) in the sender's dtype."""
-        c = self.config
-        return sum(
-            2
-            * (l1 - l0)
-            * (h1 - h0)
-            * num_tokens
-            * c.head_dim
-            * TORCH_DTYPE_BYTES[self.topo.workers[a].dtype]
-            for a, _, (l0, l1), (h0, h1) in routes
-        )
 
     # ---- results ----------------------------------------------------------------------------------
     def _handle(self, item, outputs: list) -> None:
@@ -346,85 +299,53 @@ class ClusterEngine:
         live = [it for it in flight.sampling if it.seq.seq_id in self._by_seq]
         rows = [flight.sampling.index(it) for it in live]
         reqs = [self._by_seq[it.seq.seq_id] for it in live]
+        states = [r.state for r in reqs]
         tokens = (
-            sample(logits[rows], [r.state.params for r in reqs], [r.state.generator for r in reqs])
-            if rows
-            else []
+            sample(logits[rows], [s.params for s in states], [s.generator for s in states]) if rows else []
         )
-        stopped: set[int] = set()
-        deltas = {}
-        for req, token in zip(reqs, tokens):
-            deltas[req.id] = req.state.accept(token, self.eos_token_ids)
-            req.outputs.append(token)
-            if req.state.finish_reason == "stop":
-                stopped.add(req.state.seq.seq_id)
-        inst.complete(lane, flight.batch, {r.state.seq.seq_id: t for r, t in zip(reqs, tokens)}, stopped)
-        for req, token in zip(reqs, tokens):
+        deltas, stopped = accept_tokens(states, tokens, self.eos_token_ids)
+        inst.complete(lane, flight.batch, {s.seq.seq_id: t for s, t in zip(states, tokens)}, stopped)
+        for req, token, delta in zip(reqs, tokens, deltas):
             seq = req.state.seq
-            done = req.state.finish_reason == "stop" or len(req.outputs) >= req.state.params.max_tokens
             handoff = flight.handoffs.get(seq.seq_id)
             if seq.is_finished:
                 del self._by_seq[seq.seq_id]
-            if done:
-                if req.state.finish_reason is None:
-                    req.state.finish_reason = "length"
-                    deltas[req.id] += req.state.finish_text()
+            if req.state.done:
+                delta += req.state.finish()
                 if handoff is not None:
                     self._send(KVDrop(handoff[1]), self.instances[handoff[0]].spec.ranks)
                 del self._requests[req.id]
             elif handoff is not None:
                 dec = self.instances[handoff[0]]
                 if dec.up:
-                    self._place(
-                        req, dec, self._new_seq(req, dec, first_token=None, transferred=seq.num_tokens - 1)
-                    )
+                    self._place(req, dec, self._new_seq(req, dec, transferred=seq.num_tokens - 1))
                     req.install = (handoff[1], dec.name)
                 else:
                     self._route(req, outputs)  # its decode instance died meanwhile: prefill again
             elif seq.is_finished:  # a prefill instance without a decode instance to go to
                 self._route(req, outputs)
-            outputs.append(
-                RequestOutput(
-                    req.id,
-                    req.state.prompt_token_ids,
-                    list(req.outputs),
-                    req.state.text,
-                    [token],
-                    deltas[req.id],
-                    done,
-                    req.state.finish_reason if done else None,
-                )
-            )
+            outputs.append(req.state.output(token, delta))
 
-    # ---- failures ---------------------------------------------------------------------------------
+    # ---- failures (recovery.py) -------------------------------------------------------------------
     def _check_processes(self, outputs: list) -> bool:
         """Take down the instances of local workers that exited; True if any did."""
-        dead = {r for r, p in self.processes.items() if p.poll() is not None}
-        hit = False
-        for inst in self.instances.values():
-            if inst.up and dead & set(inst.spec.ranks):
-                log.error("instance %s lost worker(s) %s", inst.name, sorted(dead & set(inst.spec.ranks)))
-                self._take_down(inst, outputs)
-                hit = True
-        return hit
+        hit = struck_instances(self.instances.values(), exited_ranks(self.processes))
+        for inst in hit:
+            self._take_down(inst, outputs)
+        return bool(hit)
 
     def _take_down(self, inst: InstanceRunner, outputs: list) -> None:
         """Mark ``inst`` down and send its requests back to the router (they are prefilled again)."""
         if not inst.up:
             return
-        inst.up = False
-        inst.stop()
+        for command, ranks in stop_instance(inst, self.instances):
+            self._send(command, ranks)
         orphans = [r for r in self._requests.values() if r.instance == inst.name]
         for req in orphans:
             if req.state.seq is not None:
                 self._by_seq.pop(req.state.seq.seq_id, None)
             req.install = None
             req.instance = None
-        for lane in inst.lanes:
-            for dec, key in lane.flight.handoffs.values() if lane.flight else ():
-                if self.instances[dec].up:  # KV that will never come: drop the receives
-                    self._send(KVDrop(key), self.instances[dec].spec.ranks)
-            lane.flight = None
         for req in orphans:
             self._route(req, outputs)
 
@@ -444,91 +365,7 @@ class ClusterEngine:
         self._requests.pop(req.id, None)
         if outputs is None:
             raise RuntimeError(why)
-        outputs.append(
-            RequestOutput(
-                req.id,
-                req.state.prompt_token_ids,
-                list(req.outputs),
-                req.state.text,
-                [],
-                "",
-                True,
-                None,
-                error=why,
-            )
-        )
-
-    # ---- metrics ----------------------------------------------------------------------------------
-    def cluster_gauges(self) -> list:
-        """/metrics per instance and per worker."""
-        from ..api.metrics import LabelledGauge
-
-        loads = self.instance_loads()
-        per_inst = {
-            name: ((("instance", name), ("role", self.instances[name].spec.role)), up, load)
-            for name, (up, load) in loads.items()
-        }
-
-        def by_instance(read) -> dict:
-            return {labels: read(up, load) for labels, up, load in per_inst.values()}
-
-        workers = {}
-        for rank, w in self.topo.workers.items():
-            proc = self.processes.get(rank)
-            up = all(self.instances[i.name].up for i in self.topo.instances_of(rank))
-            if proc is not None:
-                up = up and proc.poll() is None
-            workers[(("rank", str(rank)), ("server", w.server), ("tp_rank", str(w.tp_rank)))] = (
-                up,
-                sum(self.instance_steps[i.name] for i in self.topo.instances_of(rank)),
-            )
-        return [
-            LabelledGauge(
-                "hetserve_instance_up",
-                "1 while every worker of the instance is alive",
-                by_instance(lambda up, _: float(up)),
-            ),
-            LabelledGauge(
-                "hetserve_instance_requests_waiting",
-                "Requests queued at the instance",
-                by_instance(lambda _, ld: ld.waiting),
-            ),
-            LabelledGauge(
-                "hetserve_instance_requests_running",
-                "Requests in the instance's batches",
-                by_instance(lambda _, ld: ld.running),
-            ),
-            LabelledGauge(
-                "hetserve_instance_kv_blocks_used",
-                "KV blocks the instance's requests hold",
-                by_instance(lambda _, ld: ld.blocks_used),
-            ),
-            LabelledGauge(
-                "hetserve_instance_kv_blocks_total",
-                "KV blocks of the instance",
-                by_instance(lambda _, ld: ld.blocks_total),
-            ),
-            LabelledGauge(
-                "hetserve_instance_steps",
-                "Micro-batches the instance has run",
-                by_instance(lambda _, ld: ld.steps),
-            ),
-            LabelledGauge(
-                "hetserve_worker_up",
-                "1 while the worker process serves",
-                {k: float(v[0]) for k, v in workers.items()},
-            ),
-            LabelledGauge(
-                "hetserve_worker_steps",
-                "Micro-batches that passed through the worker",
-                {k: v[1] for k, v in workers.items()},
-            ),
-            LabelledGauge(
-                "hetserve_kv_handoff_bytes",
-                "KV bytes handed from prefill to decode workers",
-                {(): self.kv_bytes_moved},
-            ),
-        ]
+        outputs.append(req.state.failed(why))
 
     # ---- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:

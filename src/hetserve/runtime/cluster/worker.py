@@ -177,31 +177,33 @@ class Worker:
         from ..kvcache import extract_kv
 
         first, lo_heads = self.spec.layers[0], self.kv_heads[0]
-        outs = [(out, [r for r in out.routes if r[0] == self.rank]) for out in cmd.kv_out]
+        outs = [(out, [r for r in out.routes if r.src.rank == self.rank]) for out in cmd.kv_out]
 
         def after_layer(i: int) -> None:
             layer = first + i
             for out, mine in outs:
-                routes = [r for r in mine if r[2][0] <= layer < r[2][1]]
+                routes = [r for r in mine if r.layers[0] <= layer < r.layers[1]]
                 if not routes:
                     continue
                 k_cache, v_cache = self.caches[cmd.instance][i]
                 k, v = extract_kv(k_cache, v_cache, self.spec.kv_layout, out.block_table, out.num_tokens)
-                for _, dst, _, (h0, h1) in routes:
-                    kv = torch.stack((k[h0 - lo_heads : h1 - lo_heads], v[h0 - lo_heads : h1 - lo_heads]))
-                    self.sending.append(send_tensor(kv, dst, kv_tag(out.key)))
+                for r in routes:
+                    h0, h1 = r.kv_heads[0] - lo_heads, r.kv_heads[1] - lo_heads
+                    kv = torch.stack((k[h0:h1], v[h0:h1]))
+                    self.sending.append(send_tensor(kv, r.dst.rank, kv_tag(out.key)))
 
         return after_layer
 
     def post_kv_receives(self, cmd: KVRecv) -> None:
-        mine = [r for r in cmd.routes if r[1] == self.rank]
+        mine = [r for r in cmd.routes if r.dst.rank == self.rank]
         hd = self.model.config.head_dim
         pieces = []
         for layer in range(*self.spec.layers):
-            for src, _, (l0, l1), (h0, h1) in mine:
-                if l0 <= layer < l1:
+            for r in mine:
+                if r.layers[0] <= layer < r.layers[1]:
+                    h0, h1 = r.kv_heads
                     buf = torch.empty((2, h1 - h0, cmd.num_tokens, hd), dtype=_dtype(cmd.src_dtype))
-                    pieces.append((layer, h0, buf, dist.irecv(buf, src, tag=kv_tag(cmd.key))))
+                    pieces.append((layer, h0, buf, dist.irecv(buf, r.src.rank, tag=kv_tag(cmd.key))))
         self.staged[cmd.key] = _Staged(cmd.num_tokens, pieces)
 
     def install(self, cmd: KVInstall) -> None:
