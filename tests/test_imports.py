@@ -93,4 +93,3 @@ def test_relative_imports_resolve_to_modules():
     path = SRC / PACKAGE / "sim" / "instance.py"
     found = imports_of("hetserve.sim.instance", path, known)
     assert "hetserve.plan" in found and "hetserve.sim.instance" not in found
-
