@@ -1,5 +1,5 @@
 """A request's stop conditions, text and finish reason: the one path both engines take each token through,
-and the protocol both engines satisfy."""
+and the serving interface both engines satisfy."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
 from hetserve.runtime.cluster.driver import ClusterEngine
 from hetserve.runtime.model.tiny import tiny_model, tiny_tokenizer
-from hetserve.runtime.protocol import ServingEngine
 from hetserve.runtime.request import RequestState, accept_tokens
+from hetserve.runtime.serving import ServingEngine
 
 TOK = tiny_tokenizer()
 EOS = {2}

@@ -19,9 +19,9 @@ from .model.llama import LlamaModel
 from .model.source import load_model, parse_dtype
 from .model.tokenizer import Tokenizer
 from .model_runner import ModelRunner
-from .protocol import ClusterStats, EngineLoad
 from .request import RequestOutput, RequestState, accept_tokens
 from .sampling import SamplingParams, sample
+from .serving import ClusterStats, EngineLoad
 
 
 @dataclass

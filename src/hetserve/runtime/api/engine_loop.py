@@ -22,9 +22,9 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..protocol import ServingEngine
 from ..request import RequestOutput
 from ..sampling import SamplingParams
+from ..serving import ServingEngine
 from .metrics import ServerMetrics
 
 log = logging.getLogger("hetserve.serve")

@@ -12,7 +12,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 
-from ..protocol import ClusterStats, InstanceStats
+from ..serving import ClusterStats, InstanceStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -22,9 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..protocol import ServingEngine
 from ..request import RequestOutput
 from ..sampling import SamplingParams
+from ..serving import ServingEngine
 from .engine_loop import EngineLoop, Tracked
 from .metrics import CONTENT_TYPE
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body

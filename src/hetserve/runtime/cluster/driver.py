@@ -23,9 +23,9 @@ import torch
 from ...scheduling import Sequence
 from ...scheduling.routing import make_policy
 from ..model_runner import prepare_batch
-from ..protocol import ClusterStats, EngineLoad, InstanceStats, WorkerStats
 from ..request import RequestOutput, RequestState, accept_tokens
 from ..sampling import SamplingParams, sample
+from ..serving import ClusterStats, EngineLoad, InstanceStats, WorkerStats
 from .channel import KVDrop, KVInstall, Shutdown, Step
 from .handoff import KVHandoffs
 from .instance import InstanceRunner, _Flight, _Lane
