@@ -184,8 +184,9 @@ def memory_fractions(dep: Deployment, ask: InstanceAsk) -> tuple[float, float]:
         )
         mem = cm.memory(shape, ask.max_batch_tokens, ask.max_batch_size)
         room = max(mem.kv_room, 0.0) * s.kv_share
-        util = min(util, (mem.weights + mem.activations + room) / mem.capacity)
-        static = min(static, (mem.weights + room) / mem.capacity)
+        top = mem.usable / mem.capacity  # never past the plan's usable share (when a stage does not fit)
+        util = min(util, top, (mem.weights + mem.activations + room) / mem.capacity)
+        static = min(static, top, (mem.weights + room) / mem.capacity)
         if not mem.fits:
             ask.warnings.append(
                 f"stage {s.server} ({s.num_layers} layers, TP {s.tp}, {s.gpu.name}) may not fit in "

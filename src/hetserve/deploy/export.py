@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import HetserveError
@@ -45,6 +46,9 @@ def build(
         raise HetserveError(f"--engine {engine} does not go with --to {target}; --engine is for --to k8s")
     mod = ENGINES[engine]
     caps = mod.CAPS
+    if target == "k8s":
+        # a LeaderWorkerSet gives every worker pod one GPU request: equal stages (of one TP) per node
+        caps = replace(caps, even_stages_per_node=True)
     what = f"{caps.name} on Kubernetes" if target == "k8s" else caps.name
     asks = asks_from(dep)
     gaps = plan_gaps(asks, caps, checkpoint=checkpoint is not None)

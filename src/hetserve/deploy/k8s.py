@@ -24,6 +24,13 @@ IMAGES = {
 LEADER = "$(LWS_LEADER_ADDRESS)"
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes repeated mappings (the labels) out in full instead of as YAML anchors."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def _k8s_args(argv: list[str], ask: InstanceAsk) -> list[str]:
     """Script arguments in Kubernetes terms: the head's address is the LWS leader's."""
     return [a.replace(host_ref(ask.head), LEADER) for a in argv]
@@ -228,7 +235,7 @@ def export(out: Export, dep: Deployment, asks: list[InstanceAsk], ports: dict[st
         f"# hetserve export of plan '{dep.name}' for {out.engine} on Kubernetes; see README.md.\n"
         f"# Nodes are selected by the labels {NODE_LABEL} (the plan's node name) and {GPU_LABEL} (its GPU type).\n"
     )
-    out.files["manifests.yaml"] = header + yaml.safe_dump_all(docs, sort_keys=False, width=120)
+    out.files["manifests.yaml"] = header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def readme_section(out: Export, nodes: list[str]) -> list[str]:
