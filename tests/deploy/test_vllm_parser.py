@@ -65,7 +65,7 @@ def test_vllm_parses_every_smollm2_command():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (step, argv), got in zip(commands, parsed):
+    for (_, argv), got in zip(commands, parsed):
         assert got["model"] == argv[0]
         assert str(got["port"]) == argv[argv.index("--port") + 1]
         assert str(got["tp"]) == argv[argv.index("--tensor-parallel-size") + 1]
