@@ -258,7 +258,8 @@ def readme(out: Export, dep: Deployment, gaps) -> str:
         ]
     changed = [a for a in out.asks if a.changes]
     if gaps:
-        lines += ["## Changes from the plan (--nearest)", "", f"{out.engine} cannot express:", ""]
+        engine = ENGINES[out.engine].CAPS.name + (" on Kubernetes" if out.target == "k8s" else "")
+        lines += ["## Changes from the plan (--nearest)", "", f"{engine} cannot express:", ""]
         lines += [f"- {g.line()}" for g in gaps]
         lines += ["", "so this export serves the nearest plan it can express:", ""]
         for a in changed:
