@@ -363,6 +363,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export_plan
+
+    out, files = export_plan(args.plan, args.to, args.engine, args.out, args.nearest, args.checkpoint)
+    for g in out.gaps:
+        print(f"nearest: {g.line()}", file=sys.stderr)
+    where = files[0].parent if files else args.out
+    print(f"wrote {len(files)} files to {where} ({', '.join(f.name for f in files)}); see {where}/README.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs."
@@ -426,6 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
     s.add_argument("--records", choices=["csv", "parquet"], default="csv")
     s.set_defaults(func=cmd_simulate)
+    x = sub.add_parser("export", help="write a plan as vLLM/SGLang launch scripts or Kubernetes manifests")
+    x.add_argument("plan", help="plan YAML (see docs/plan.md)")
+    x.add_argument("--to", required=True, metavar="TARGET", help="vllm, sglang or k8s")
+    x.add_argument("--engine", metavar="ENGINE", help="engine of the k8s manifests: vllm (default) or sglang")
+    x.add_argument("--out", help="output directory (default: PLAN-TARGET next to the working directory)")
+    x.add_argument(
+        "--nearest",
+        action="store_true",
+        help="export the closest plan the target can express and list the changes in the README",
+    )
+    x.add_argument(
+        "--checkpoint",
+        metavar="MODEL",
+        help="Hugging Face id or path of the checkpoint to serve (e.g. a pre-quantised AWQ/GPTQ one for "
+        "4-bit plans); default: the plan's model",
+    )
+    x.set_defaults(func=cmd_export)
     from .compare import add_compare_parser
 
     add_compare_parser(sub)
