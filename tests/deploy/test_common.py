@@ -1,13 +1,5 @@
-from hetserve.deploy.common import (
-    asks_from,
-    assign_ports,
-    host_ref,
-    host_var,
-    instance_gaps,
-    nearest,
-    plan_gaps,
-    shell_join,
-)
+from hetserve.deploy.common import asks_from, assign_ports, host_ref, host_var, shell_join
+from hetserve.deploy.gaps import instance_gaps, nearest, plan_gaps
 from hetserve.deploy.sglang import CAPS as SGLANG
 from hetserve.deploy.vllm import CAPS as VLLM
 

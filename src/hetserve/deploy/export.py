@@ -15,11 +15,9 @@ from .common import (
     assign_ports,
     hf_model_id,
     host_var,
-    nearest,
-    plan_gaps,
-    refuse,
     shell_join,
 )
+from .gaps import nearest, plan_gaps, refuse
 
 TARGETS = ("vllm", "sglang", "k8s")
 ENGINES = {"vllm": vllm, "sglang": sglang}

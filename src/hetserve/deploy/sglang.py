@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import EngineCaps, Export, InstanceAsk, Ports, Step, host_ref, torch_dtype
+from .common import Export, InstanceAsk, Ports, Step, host_ref, torch_dtype
+from .gaps import EngineCaps
 
 CAPS = EngineCaps(name="SGLang", even_stages_per_node=True, fp8_kv="fp8_e5m2")
 DIST_INIT_PORT = 29500

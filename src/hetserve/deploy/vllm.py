@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .common import EngineCaps, Export, InstanceAsk, Ports, Step, host_ref, torch_dtype
+from .common import Export, InstanceAsk, Ports, Step, host_ref, torch_dtype
+from .gaps import EngineCaps
 
 CAPS = EngineCaps(name="vLLM", even_stages_per_node=False, fp8_kv="fp8")
 RAY_PORT = 6379
