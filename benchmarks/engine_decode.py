@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    engine = LLMEngine.from_model("smollm2-135m", EngineConfig(dtype=args.dtype, max_num_seqs=1))
+    engine = LLMEngine.from_model("smollm2-135m", EngineConfig(dtype=args.dtype, max_batch_size=1))
     print(f"hetserve load: {time.perf_counter() - start:.1f} s")
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     ours(engine, ids, 4)  # warm-up

@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(0)
     scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, prefill_chunk_size=args.chunk),
+        SchedulerConfig(max_batch_size=256, max_batch_tokens=4096, chunk_size=args.chunk),
         BlockManager(args.blocks, args.block_size),
     )
     pending = []

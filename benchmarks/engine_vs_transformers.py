@@ -208,7 +208,7 @@ def main() -> None:
         args.repeats, args.tokens = 1, 32
     threads = [int(t) for t in str(args.threads).split(",")]
     model, tokenizer = load_model("smollm2-135m")
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(args.concurrent, 1)))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_batch_size=max(args.concurrent, 1)))
     prompts = chat_prompts(tokenizer, args.concurrent)
     single = prompts[0]
     from transformers import AutoModelForCausalLM
@@ -297,7 +297,7 @@ def main() -> None:
     base_bytes = linear_weight_bytes(model)
     for bits in (16, 8, 4):
         net = model if bits == 16 else quantize_model(copy.deepcopy(model), bits)
-        eng = LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=max(args.concurrent, 1)))
+        eng = LLMEngine(net, tokenizer, EngineConfig(max_batch_size=max(args.concurrent, 1)))
         ours_single(eng, single, 4)
         dec = median(lambda e=eng: ours_single(e, single, args.tokens), args.repeats)
         bat = median(lambda e=eng: ours_batch(e, prompts, args.tokens), args.repeats)

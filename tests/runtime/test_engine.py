@@ -44,9 +44,9 @@ def test_batched_greedy_equals_one_at_a_time(reference):
 @pytest.mark.parametrize(
     "cfg",
     [
-        dict(prefill_chunk_size=7, max_num_batched_tokens=16),
-        dict(prefill_chunk_size=3, max_num_batched_tokens=5, policy="prefill-first"),
-        dict(policy="prefill-first", max_num_seqs=2),
+        dict(chunk_size=7, max_batch_tokens=16),
+        dict(chunk_size=3, max_batch_tokens=5, policy="prefill-first"),
+        dict(policy="prefill-first", max_batch_size=2),
     ],
     ids=["chunked", "tiny-chunks-prefill-first", "prefill-first"],
 )

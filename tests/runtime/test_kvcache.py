@@ -394,7 +394,7 @@ def test_head_major_engine_generates_the_same_tokens(dtype):
         eng = LLMEngine(
             model,
             tiny_tokenizer(),
-            EngineConfig(num_kv_blocks=16, block_size=4, prefill_chunk_size=7, max_num_batched_tokens=16),
+            EngineConfig(num_kv_blocks=16, block_size=4, chunk_size=7, max_batch_tokens=16),
         )
         eng.runner = ModelRunner(model, eng.runner.num_blocks, 4, kv_layout=layout)
         outs = eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))

@@ -165,7 +165,7 @@ def test_greedy_single_requests_match_transformers(ours, chats, hf_greedy, hf_to
     "cfg",
     [
         dict(),
-        dict(prefill_chunk_size=8, max_num_batched_tokens=32),
+        dict(chunk_size=8, max_batch_tokens=32),
         dict(policy="prefill-first", enable_prefix_caching=False),
     ],
     ids=["batch", "chunked-prefill", "prefill-first"],

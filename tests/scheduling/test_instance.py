@@ -27,7 +27,7 @@ def config(**kw) -> InstanceConfig:
 
 def test_lanes_split_the_batch_size_and_the_blocks_into_disjoint_ranges():
     inst = InstanceState(config(lanes=3, max_batch_size=16), EST, 30, Lane)
-    assert [ln.scheduler.config.max_num_seqs for ln in inst.lanes] == [5, 5, 5]
+    assert [ln.scheduler.config.max_batch_size for ln in inst.lanes] == [5, 5, 5]
     assert [ln.offset for ln in inst.lanes] == [0, 10, 20]
     assert [ln.scheduler.blocks.num_blocks for ln in inst.lanes] == [10, 10, 10]
     assert inst.capacity_tokens == 160

@@ -42,7 +42,7 @@ def test_whole_prompt_then_one_token_per_step():
 
 
 def test_chunked_prefill_splits_prompt_and_samples_only_at_the_end():
-    s = make(max_num_batched_tokens=64, prefill_chunk_size=32)
+    s = make(max_batch_tokens=64, chunk_size=32)
     a = Sequence(0, 100, 2, token_ids=[1] * 100)
     s.add(a)
     items = [b.items[0] for b in drain(s)]
@@ -56,7 +56,7 @@ def test_chunked_prefill_splits_prompt_and_samples_only_at_the_end():
 
 
 def test_chunks_share_the_token_budget_with_decodes():
-    s = make(num_blocks=200, max_num_batched_tokens=16, prefill_chunk_size=12)
+    s = make(num_blocks=200, max_batch_tokens=16, chunk_size=12)
     s.add(Sequence(0, 4, 50, token_ids=[1] * 4))
     run_step(s)  # seq 0 is now decoding
     s.add(Sequence(1, 40, 2, token_ids=[2] * 40))
@@ -67,7 +67,7 @@ def test_chunks_share_the_token_budget_with_decodes():
 
 
 def test_a_chunk_shrinks_to_the_budget_left_after_decodes():
-    s = make(num_blocks=200, max_num_batched_tokens=16, prefill_chunk_size=16)
+    s = make(num_blocks=200, max_batch_tokens=16, chunk_size=16)
     s.add(Sequence(0, 4, 50))
     run_step(s)
     s.add(Sequence(1, 40, 2))
@@ -76,7 +76,7 @@ def test_a_chunk_shrinks_to_the_budget_left_after_decodes():
 
 
 def test_unchunked_prompt_longer_than_the_budget_is_rejected():
-    s = make(max_num_batched_tokens=16)
+    s = make(max_batch_tokens=16)
     with pytest.raises(ValueError, match="chunked prefill"):
         s.add(Sequence(0, 20, 1))
 
@@ -88,7 +88,7 @@ def test_sequence_larger_than_the_cache_is_rejected():
 
 
 def test_max_num_seqs_limits_the_running_set():
-    s = make(num_blocks=256, max_num_seqs=3)
+    s = make(num_blocks=256, max_batch_size=3)
     for i in range(5):
         s.add(Sequence(i, 4, 5))
     batch, _ = run_step(s)
@@ -146,7 +146,7 @@ def test_preemption_frees_the_newest_and_it_resumes_by_recompute():
 
 
 def test_preempted_sequence_goes_ahead_of_later_arrivals():
-    s = make(num_blocks=6, block_size=4, max_num_seqs=2)
+    s = make(num_blocks=6, block_size=4, max_batch_size=2)
     for i in range(3):
         s.add(Sequence(i, 8, 12))
     while not s.stats.preemptions:
@@ -169,7 +169,7 @@ def test_prefix_cache_hits_reduce_prefill_tokens():
 
 
 def test_prefix_cache_with_count_only_sequences():
-    s = make(num_blocks=1000, block_size=16, max_num_batched_tokens=4096)
+    s = make(num_blocks=1000, block_size=16, max_batch_tokens=4096)
     s.add(Sequence(0, 1000, 1, block_keys=[1, 2], block_key_tokens=512))
     drain(s)
     s.add(Sequence(1, 1000, 1, block_keys=[1, 3], block_key_tokens=512))
@@ -178,7 +178,7 @@ def test_prefix_cache_with_count_only_sequences():
 
 
 def test_fcfs_head_of_line_is_not_skipped():
-    s = make(num_blocks=8, block_size=4, max_num_batched_tokens=64)
+    s = make(num_blocks=8, block_size=4, max_batch_tokens=64)
     s.add(Sequence(0, 20, 4))  # 5 blocks
     s.add(Sequence(1, 20, 4))  # can't fit next to seq 0
     s.add(Sequence(2, 4, 1))  # would fit, but must not overtake seq 1
@@ -234,9 +234,7 @@ def test_random_load_respects_limits_and_keeps_kv_consistent(
     if chunk is None:
         budget = max(budget, max(q.max_total_tokens for q, _ in seqs))
     s = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk, policy=policy
-        ),
+        SchedulerConfig(max_batch_size=max_seqs, max_batch_tokens=budget, chunk_size=chunk, policy=policy),
         bm,
     )
     # block id -> slot -> the tokens whose KV sits there: a KV entry depends on its whole prefix

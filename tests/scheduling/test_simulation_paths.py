@@ -36,7 +36,7 @@ def test_a_run_of_decode_steps_equals_stepping_one_at_a_time(reqs, block_size, e
     need = max(-(-(p + m - 1) // block_size) for p, m in reqs)
     budget = 64 if chunk else max(64, max(p + m for p, m in reqs))
     s = Scheduler(
-        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefill_chunk_size=chunk),
+        SchedulerConfig(max_batch_size=max_seqs, max_batch_tokens=budget, chunk_size=chunk),
         BlockManager(need + extra, block_size),
     )
     for i, (p, m) in enumerate(reqs):

@@ -30,9 +30,9 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: as many as kv_cache_gb holds
     kv_cache_gb: float = DEFAULT_KV_CACHE_GB
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
-    prefill_chunk_size: int | None = None  # None: whole prompts
+    max_batch_size: int = 32
+    max_batch_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
+    chunk_size: int | None = None  # None: whole prompts
     policy: SchedulePolicy = "decode-first"
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max positions
@@ -50,12 +50,12 @@ class LLMEngine:
             1, int(config.kv_cache_gb * 2**30) // ModelRunner.kv_bytes_per_block(model, config.block_size)
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        budget = config.max_num_batched_tokens or (2048 if config.prefill_chunk_size else self.max_model_len)
+        budget = config.max_batch_tokens or (2048 if config.chunk_size else self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=budget,
-                prefill_chunk_size=config.prefill_chunk_size,
+                max_batch_size=config.max_batch_size,
+                max_batch_tokens=budget,
+                chunk_size=config.chunk_size,
                 policy=config.policy,
             ),
             BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),

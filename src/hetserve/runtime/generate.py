@@ -52,7 +52,7 @@ def run_generate(
     )
     if threads:
         torch.set_num_threads(threads)
-    engine = LLMEngine.from_model(model, EngineConfig(dtype=dtype, max_num_seqs=1))
+    engine = LLMEngine.from_model(model, EngineConfig(dtype=dtype, max_batch_size=1))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}

@@ -95,9 +95,9 @@ class InstanceState(Generic[L]):
                 i,
                 Scheduler(
                     SchedulerConfig(
-                        max_num_seqs=self.lane_seqs,
-                        max_num_batched_tokens=config.max_batch_tokens,
-                        prefill_chunk_size=config.chunk_size,
+                        max_batch_size=self.lane_seqs,
+                        max_batch_tokens=config.max_batch_tokens,
+                        chunk_size=config.chunk_size,
                         policy=config.policy,
                     ),
                     BlockManager(per_lane, config.block_size, prefix_caching),

@@ -32,19 +32,19 @@ Policy = SchedulePolicy
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_batch_size: int = 256
+    max_batch_tokens: int = 8192
     #: Split prompts into pieces of at most this many tokens per step; None = whole prompts only.
-    prefill_chunk_size: int | None = None
+    chunk_size: int | None = None
     policy: Policy = "decode-first"
     #: Fraction of all blocks left free when admitting a new sequence (damps preemption churn).
     watermark: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
-        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
-            raise ValueError("prefill_chunk_size must be at least 1 (or None to disable chunking)")
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_batch_size and max_batch_tokens must be at least 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1 (or None to disable chunking)")
         if self.policy not in SCHEDULE_POLICIES:
             raise ValueError(
                 f"unknown policy {self.policy!r}; use {' or '.join(map(repr, SCHEDULE_POLICIES))}"
@@ -116,13 +116,10 @@ class Scheduler:
                 f"sequence {seq.seq_id} may need {seq.max_total_tokens} KV slots "
                 f"({need} blocks) but the cache has {self.blocks.num_blocks} blocks"
             )
-        if (
-            self.config.prefill_chunk_size is None
-            and seq.max_total_tokens > self.config.max_num_batched_tokens
-        ):
+        if self.config.chunk_size is None and seq.max_total_tokens > self.config.max_batch_tokens:
             raise ValueError(
                 f"sequence {seq.seq_id} may need {seq.max_total_tokens} tokens in one "
-                f"step but max_num_batched_tokens is {self.config.max_num_batched_tokens}; "
+                f"step but max_batch_tokens is {self.config.max_batch_tokens}; "
                 f"raise it or enable chunked prefill"
             )
         seq.status = SequenceStatus.WAITING
@@ -143,14 +140,14 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> Batch:
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_batch_tokens
         batch = Batch()
         if self.config.policy == "prefill-first":
             budget = self._schedule_running(batch, budget, prefill_only=True)
             if not batch.preempted:
                 self._admit_waiting(batch, budget)
             if not batch.items:
-                self._schedule_running(batch, self.config.max_num_batched_tokens, prefill_only=False)
+                self._schedule_running(batch, self.config.max_batch_tokens, prefill_only=False)
         else:
             budget = self._schedule_running(batch, budget, prefill_only=False)
             if not batch.preempted:
@@ -161,9 +158,9 @@ class Scheduler:
         return batch
 
     def _chunk(self, pending: int, budget: int) -> int:
-        if self.config.prefill_chunk_size is None:
+        if self.config.chunk_size is None:
             return pending
-        return min(pending, self.config.prefill_chunk_size, budget)
+        return min(pending, self.config.chunk_size, budget)
 
     def _schedule_running(self, batch: Batch, budget: int, prefill_only: bool) -> int:
         i = 0
@@ -189,7 +186,7 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             given = seq.num_transferred_tokens
             hits = [] if given else self.blocks.match_prefix(seq)

@@ -96,4 +96,4 @@ def test_an_instances_lanes_share_its_max_batch_size_as_in_the_simulator():
     runner = InstanceRunner(
         spec, num_blocks=30, vocab=10, results=queue.Queue(), prefix_caching=False, transport=None
     )
-    assert [lane.scheduler.config.max_num_seqs for lane in runner.lanes] == [5, 5, 5]
+    assert [lane.scheduler.config.max_batch_size for lane in runner.lanes] == [5, 5, 5]

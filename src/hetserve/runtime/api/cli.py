@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass, field
 
 from ...errors import HetserveError
-from ...vocabulary import DEFAULT_KV_CACHE_GB
+from ...vocabulary import DEFAULT_KV_CACHE_GB, ENGINE_DTYPES, SCHEDULE_POLICIES, SchedulePolicy
+
+TORCH_DTYPES = tuple(dict.fromkeys(ENGINE_DTYPES.values()))  # float32, float16, bfloat16
 
 
 @dataclass
@@ -22,7 +24,7 @@ class ServeOptions:
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     chunk_size: int | None = None
-    policy: str | None = None
+    policy: SchedulePolicy | None = None
     max_model_len: int | None = None
     prefix_caching: bool = True
     notes: list[str] = field(default_factory=list)
@@ -35,16 +37,14 @@ def build_engine(opts: ServeOptions):
     from ..quant import parse_layer_bits, quantize_model
 
     model, tokenizer = load_model(opts.model, dtype=opts.dtype)
-    settings: dict = {}
+    given = {
+        "max_batch_size": opts.max_batch_size,
+        "max_batch_tokens": opts.max_batch_tokens,
+        "chunk_size": opts.chunk_size,
+        "policy": opts.policy,
+    }
+    settings = {key: value for key, value in given.items() if value is not None}
     bits: list[int] | None = None
-    for key, value in (
-        ("max_num_seqs", opts.max_batch_size),
-        ("max_num_batched_tokens", opts.max_batch_tokens),
-        ("prefill_chunk_size", opts.chunk_size),
-        ("policy", opts.policy),
-    ):
-        if value is not None:
-            settings[key] = value
     if opts.weight_bits is not None:
         bits = [opts.weight_bits] * model.config.num_layers
     if bits is not None:
@@ -91,7 +91,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
     s.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=TORCH_DTYPES,
         help="run dtype (default float32; with --plan: each server's kv_dtype)",
     )
     s.add_argument(
@@ -109,11 +109,21 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "split by kv_share)",
     )
     s.add_argument(
-        "--max-batch-size", type=int, help="most requests in a step (default 32; with --plan: the instances')"
+        "--max-batch-size",
+        "--max-num-seqs",
+        dest="max_batch_size",
+        type=int,
+        help="most requests in a step (default 32; with --plan: the instances')",
     )
-    s.add_argument("--max-batch-tokens", type=int, help="most tokens in a step")
+    s.add_argument(
+        "--max-batch-tokens",
+        "--max-num-batched-tokens",
+        dest="max_batch_tokens",
+        type=int,
+        help="most tokens in a step",
+    )
     s.add_argument("--chunk-size", type=int, help="chunked prefill: most prompt tokens per request per step")
-    s.add_argument("--policy", choices=["decode-first", "prefill-first"])
+    s.add_argument("--policy", choices=SCHEDULE_POLICIES)
     s.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument(
@@ -187,7 +197,7 @@ def cmd_serve(args) -> int:
     c = engine.config
     print(
         f"serving '{name}' on http://{args.host}:{args.port} (context {engine.max_model_len}, "
-        f"{engine.runner.num_blocks} KV blocks of {c.block_size}, max batch {c.max_num_seqs}, "
+        f"{engine.runner.num_blocks} KV blocks of {c.block_size}, max batch {c.max_batch_size}, "
         f"{torch.get_num_threads()} threads)",
         file=sys.stderr,
     )
@@ -258,9 +268,7 @@ def add_worker_parser(sub) -> argparse.ArgumentParser:
     w.add_argument(
         "--model", help="GGUF file, Hugging Face directory or known name (default: the plan's model)"
     )
-    w.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="override every server's kv_dtype"
-    )
+    w.add_argument("--dtype", choices=TORCH_DTYPES, help="override every server's kv_dtype")
     w.add_argument(
         "--kv-cache-gb",
         type=float,
