@@ -168,7 +168,7 @@ def _best(f, repeats: int = 3) -> float:
 def product_seconds(model, rows: int, head_rows: int) -> float:
     """Seconds of every linear product of ``model`` for ``rows`` token rows (the LM head for ``head_rows``),
     computed as the engine does (``project``)."""
-    from hetserve.runtime.model.llama import project
+    from hetserve.runtime.model.linear import project
 
     linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {id(m): torch.randn(rows, m.in_features) for m in linears}
