@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
-from hetserve.runtime.cluster.driver import ClusterEngine
-from hetserve.runtime.model.tiny import tiny_model, tiny_tokenizer
+from hetserve.runtime import SamplingParams
+from hetserve.runtime.model.tiny import tiny_tokenizer
 from hetserve.runtime.request import RequestState, accept_tokens
-from hetserve.runtime.serving import ServingEngine
 
 TOK = tiny_tokenizer()
 EOS = {2}
@@ -104,13 +102,3 @@ def test_accept_tokens_reports_the_sequences_that_stop():
     a.seq, b.seq = Sequence(10, 1, 5), Sequence(11, 1, 5)
     deltas, stopped = accept_tokens([a, b], [2, 5], EOS)
     assert stopped == {10} and len(deltas) == 2
-
-
-def test_both_engines_are_serving_engines():
-    engine = LLMEngine(tiny_model(seed=1), TOK, EngineConfig(num_kv_blocks=16, block_size=4))
-    assert isinstance(engine, ServingEngine)
-    assert engine.cluster_stats() is None
-    engine.wake()  # never waits: a no-op
-    for name in ("add_request", "abort_request", "step", "wake", "load", "cluster_stats", "shutdown"):
-        assert callable(getattr(ClusterEngine, name)), name
-    assert isinstance(ClusterEngine.vocab_size, property)

@@ -270,10 +270,12 @@ class ClusterEngine:
             for it in sampling:
                 dec = self.kv.choose(inst, self.decoders)
                 if dec is not None:
-                    handoffs.append((it.seq.seq_id, self.kv.start(inst, dec, table(it.seq), it.end)))
+                    handoffs.append(
+                        (it.seq.seq_id, self.kv.start(inst.spec, dec.spec, table(it.seq), it.end))
+                    )
         self._send(Step(inst.name, ids, positions, meta, rows, [h.out for _, h in handoffs]), inst.spec.ranks)
         for _, h in handoffs:
-            self._send(h.recv, h.decoder.spec.ranks)
+            self._send(h.recv, h.decoder.ranks)
         by_seq = {seq_id: (h.decoder.name, h.key) for seq_id, h in handoffs}
         lane.flight = _Flight(lane, batch, sampling, by_seq, time.perf_counter())
         inst.expect(lane.flight)

@@ -17,14 +17,14 @@ from ..kvcache import KVRoute, KVShard, plan_kv_transfer
 from .channel import KVOut, KVRecv
 from .instance import InstanceRunner
 from .sizing import local_kv_head_range
-from .topology import Topology
+from .topology import InstanceSpec, Topology
 
 
 @dataclass(frozen=True)
 class Handoff:
     """One request's KV on its way to ``decoder``: what the prefill step sends and the decoder receives."""
 
-    decoder: InstanceRunner
+    decoder: InstanceSpec
     key: int
     out: KVOut  # rides on the prefill step
     recv: KVRecv  # posted on the decode instance's workers
@@ -50,7 +50,7 @@ class KVHandoffs:
         return self.policies[prefill.name].choose(live) if live else None
 
     def start(
-        self, prefill: InstanceRunner, decoder: InstanceRunner, block_table: list[int], num_tokens: int
+        self, prefill: InstanceSpec, decoder: InstanceSpec, block_table: list[int], num_tokens: int
     ) -> Handoff:
         """Send the KV of ``num_tokens`` tokens held in ``block_table`` on ``prefill`` to ``decoder``."""
         key = next(self._keys)
@@ -58,7 +58,7 @@ class KVHandoffs:
         nbytes = self._bytes(routes, num_tokens)
         self.bytes_moved += nbytes
         self.count += 1
-        src_dtype = self.topo.workers[prefill.spec.last].dtype
+        src_dtype = self.topo.workers[prefill.last].dtype
         return Handoff(
             decoder,
             key,
@@ -67,7 +67,7 @@ class KVHandoffs:
             nbytes,
         )
 
-    def routes(self, src: InstanceRunner, dst: InstanceRunner) -> list[KVRoute]:
+    def routes(self, src: InstanceSpec, dst: InstanceSpec) -> list[KVRoute]:
         """Which worker of ``src`` sends which layers and heads to which worker of ``dst`` (computed once
         per pair of instances)."""
         pair = (src.name, dst.name)
@@ -75,10 +75,10 @@ class KVHandoffs:
             self._routes[pair] = plan_kv_transfer(self._shards(src), self._shards(dst))
         return self._routes[pair]
 
-    def _shards(self, inst: InstanceRunner) -> list[KVShard]:
+    def _shards(self, inst: InstanceSpec) -> list[KVShard]:
         c = self.config
         out = []
-        for r in inst.spec.ranks:
+        for r in inst.ranks:
             w = self.topo.workers[r]
             out.append(
                 KVShard(r, w.layers, local_kv_head_range(c.num_heads, c.num_kv_heads, w.tp_size, w.tp_rank))
