@@ -41,12 +41,12 @@ def run(plan_path: Path, reqs: Requests) -> dict:
         "requests": len(reqs),
         "wall_s": wall,
         "requests_per_s": len(reqs) / wall,
-        "iterations": s["iterations"],
-        "iterations_per_s": s["iterations"] / wall,
-        "completed": s["completed"],
-        "dropped": s["dropped"],
-        "ttft_p90_ms": s["ttft_p90_ms"],
-        "throughput_tok_s": s["throughput_tok_s"],
+        "iterations": s.iterations,
+        "iterations_per_s": s.iterations / wall,
+        "completed": s.completed,
+        "dropped": s.dropped,
+        "ttft_p90_ms": s.ttft_p90_ms,
+        "throughput_tok_s": s.throughput_tok_s,
     }
 
 

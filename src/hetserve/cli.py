@@ -183,7 +183,7 @@ def cmd_simulate(args) -> int:
     t0 = time.perf_counter()
     with _progress("simulating", len(requests), enabled=not args.json and len(requests) >= 2000) as advance:
         result = simulate(dep, requests, wl.slo, seed=args.seed, progress=advance)
-    summary = dict(result.summary, plan=dep.name, workload=wl.name, wall_s=time.perf_counter() - t0)
+    summary = dict(result.summary.as_dict(), plan=dep.name, workload=wl.name, wall_s=time.perf_counter() - t0)
     if args.out:
         from .sim.plots import latency_cdfs, utilisation
 
@@ -244,16 +244,16 @@ def cmd_plan(args) -> int:
         "objective": result.objective,
         "objective_value": result.value,
         "objective_sense": result.sense,
-        "throughput_tok_s": s["throughput_tok_s"],
-        "goodput_rps": s["goodput_rps"],
-        "cost_per_hour": s["cost_per_hour"],
+        "throughput_tok_s": s.throughput_tok_s,
+        "goodput_rps": s.goodput_rps,
+        "cost_per_hour": s.cost_per_hour,
         "gpus_used": result.deployment.gpus_used(),
         "gpus_by_type": result.deployment.gpu_counts(),
         "instances": len(result.deployment.instances),
-        "ttft_p90_ms": s["ttft_p90_ms"],
-        "tpot_p90_ms": s["tpot_p90_ms"],
-        "slo_attainment": s["slo_attainment"],
-        "joules_per_token": s["joules_per_token"],
+        "ttft_p90_ms": s.ttft_p90_ms,
+        "tpot_p90_ms": s.tpot_p90_ms,
+        "slo_attainment": s.slo_attainment,
+        "joules_per_token": s.joules_per_token,
         "search_seconds": result.seconds,
         "searched": result.searched,
         "predicted": result.predicted,

@@ -65,7 +65,7 @@ def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     assert max(used.values()) <= 1 + 1e-9
     reqs = ctx.workload.sample(seed=0, duration_s=10)
     s = simulate(dep, reqs, ctx.slo).summary
-    assert s["completed"] > 0.9 * len(reqs)
+    assert s.completed > 0.9 * len(reqs)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -77,7 +77,7 @@ def test_every_strategy_keeps_to_an_engine_that_runs_one_sequence_per_batch(name
     for inst in dep.instances.values():
         assert inst.plan.max_batch_size <= inst.plan.micro_batches, (inst.name, inst.plan)
     reqs = ctx.workload.sample(seed=0, duration_s=10)
-    assert simulate(dep, reqs, ctx.slo).summary["completed"] > 0
+    assert simulate(dep, reqs, ctx.slo).summary.completed > 0
 
 
 def test_an_engine_that_batches_little_leaves_weights_the_room_kv_did_not_need():

@@ -14,31 +14,31 @@ def test_an_e2e_target_alone_can_fail_the_slo(one_server):
     outputs = [20] * 8 + [400] * 2
     reqs = requests([30.0 * k for k in range(len(outputs))], 256, outputs)
     base = simulate(one_server, reqs, SLO(percentile=90)).summary
-    ttft_ms, tpot_ms, e2e_ms = base["ttft_p90_ms"], base["tpot_p90_ms"], base["e2e_p90_ms"]
-    assert e2e_ms > 2 * base["e2e_p50_ms"]
+    ttft_ms, tpot_ms, e2e_ms = base.ttft_p90_ms, base.tpot_p90_ms, base.e2e_p90_ms
+    assert e2e_ms > 2 * base.e2e_p50_ms
 
     per_token = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, percentile=90)
-    assert simulate(one_server, reqs, per_token).summary["slo_met"]
+    assert simulate(one_server, reqs, per_token).summary.slo_met
     tight = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, e2e_ms=e2e_ms * 0.9, percentile=90)
     s = simulate(one_server, reqs, tight).summary
-    assert s["ttft_p90_ms"] <= tight.ttft_ms and s["tpot_p90_ms"] <= tight.tpot_ms
-    assert not s["slo_met"]
+    assert s.ttft_p90_ms <= tight.ttft_ms and s.tpot_p90_ms <= tight.tpot_ms
+    assert not s.slo_met
     loose = SLO(ttft_ms=ttft_ms * 1.1, tpot_ms=tpot_ms * 1.1, e2e_ms=e2e_ms * 1.1, percentile=90)
-    assert simulate(one_server, reqs, loose).summary["slo_met"]
+    assert simulate(one_server, reqs, loose).summary.slo_met
 
 
 @pytest.mark.parametrize("target", ["e2e_ms", "ttft_ms"])
 def test_a_probe_over_ten_deadlines_exposes_an_overload_a_short_burst_hides(one_server, target):
     # one request at a time; offered 1.3x what the server completes: the queue, and with it both TTFT and
     # E2E, grows with the length of the burst
-    alone = simulate(one_server, requests([0.0], 256, 20), SLO()).summary["e2e_p50_ms"] / 1e3
+    alone = simulate(one_server, requests([0.0], 256, 20), SLO()).summary.e2e_p50_ms / 1e3
     deadline_s = alone * 20
     slo = SLO(**{target: deadline_s * 1e3}, percentile=90)
     rate = 1.3 / alone
 
     def met(window):
         n = int(rate * window)
-        return simulate(one_server, requests([k / rate for k in range(n)], 256, 20), slo).summary["slo_met"]
+        return simulate(one_server, requests([k / rate for k in range(n)], 256, 20), slo).summary.slo_met
 
     assert probe_window_s(slo) == pytest.approx(DEADLINE_WINDOWS * deadline_s)
     assert met(deadline_s)
@@ -49,3 +49,17 @@ def test_the_probe_window_follows_the_longer_queueing_target():
     assert probe_window_s(SLO(ttft_ms=1000, e2e_ms=30000)) == pytest.approx(DEADLINE_WINDOWS * 30)
     assert probe_window_s(SLO(ttft_ms=2000, tpot_ms=100)) == pytest.approx(DEADLINE_WINDOWS * 2)
     assert probe_window_s(SLO(tpot_ms=100)) == 0
+
+
+def test_the_summary_judges_the_slo_at_its_percentile_and_names_it_in_json(one_server):
+    outputs = [20] * 7 + [100, 200, 400]
+    reqs = requests([30.0 * k for k in range(len(outputs))], 256, outputs)
+    s = simulate(one_server, reqs, SLO(percentile=95)).summary
+    assert s.slo_percentile == 95 and s.e2e_p90_ms < s.e2e_q_ms <= s.e2e_p99_ms
+    d = s.as_dict()
+    assert d["e2e_p95_ms"] == s.e2e_q_ms and d["e2e_p90_ms"] == s.e2e_p90_ms and d["slo_met"] is s.slo_met
+    assert "e2e_q_ms" not in d and "slo_percentile" not in d
+    # a target between the p90 and the p95 end-to-end latency fails at p95 and holds at p90
+    target = (s.e2e_p90_ms + s.e2e_q_ms) / 2
+    assert not simulate(one_server, reqs, SLO(e2e_ms=target, percentile=95)).summary.slo_met
+    assert simulate(one_server, reqs, SLO(e2e_ms=target, percentile=90)).summary.slo_met

@@ -60,10 +60,10 @@ def test_conservation_and_kv_capacity_under_preemption():
     result = simulate(dep, requests(poisson(30, n), prompts, outputs), NO_SLO)
     rec, s = result.records, result.summary
     assert cap < 20_000
-    assert s["completed"] + s["dropped"] == n
-    assert s["dropped"] == 0
-    assert s["preemptions"] > 0
-    assert s["peak_kv_fraction"]["i"] <= 1.0
+    assert s.completed + s.dropped == n
+    assert s.dropped == 0
+    assert s.preemptions > 0
+    assert s.peak_kv_fraction["i"] <= 1.0
     assert int(rec.output[rec.completed].sum()) == int(outputs.sum())
     assert (rec.first_token >= rec.prefill_start).all() and (rec.finish >= rec.first_token).all()
 
@@ -71,7 +71,7 @@ def test_conservation_and_kv_capacity_under_preemption():
 def test_requests_that_can_never_fit_are_dropped(one_server):
     cap = one_server.instances["i"].kv_capacity_tokens
     r = simulate(one_server, requests([0.0, 0.1], [100, cap + 10], [10, 10]), NO_SLO)
-    assert r.summary["completed"] == 1 and r.summary["dropped"] == 1 and r.records.dropped[1]
+    assert r.summary.completed == 1 and r.summary.dropped == 1 and r.records.dropped[1]
 
 
 def _pipeline(stages, lanes, batch):
@@ -93,8 +93,8 @@ def _pipeline(stages, lanes, batch):
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipeline_of_k_equal_stages_reaches_k_times_throughput(stages):
     reqs = requests(np.zeros(800), 512, 1)  # everything at t=0: saturation
-    one = simulate(_pipeline(stages, 1, 4), reqs, NO_SLO).summary["throughput_rps"]
-    full = simulate(_pipeline(stages, stages, 4), reqs, NO_SLO).summary["throughput_rps"]
+    one = simulate(_pipeline(stages, 1, 4), reqs, NO_SLO).summary.throughput_rps
+    full = simulate(_pipeline(stages, stages, 4), reqs, NO_SLO).summary.throughput_rps
     assert full / one == pytest.approx(stages, rel=0.05)
 
 
@@ -131,7 +131,7 @@ def test_disaggregation_over_infinitely_fast_link_equals_stages_without_transfer
     slow = simulate(_pd(100), requests([0.0], prompt, out), NO_SLO)
     kv = prompt * dep.model.kv_bytes_per_token(2)
     assert slow.records.finish[0] - r.finish[0] == pytest.approx(kv / 12.5e9, rel=1e-6)
-    assert slow.summary["bytes_transferred"] == pytest.approx(kv)
+    assert slow.summary.bytes_transferred == pytest.approx(kv)
 
 
 def test_concurrent_transfers_share_the_link():
@@ -180,8 +180,8 @@ def test_same_seed_same_result_and_records_are_complete(one_server, tmp_path):
         "cost_per_mtok",
         "joules_per_token",
     ):
-        assert a[key] is not None, key
-    assert 0 < a["slo_attainment"] <= 1 and a["goodput_rps"] <= a["throughput_rps"] + 1e-12
+        assert getattr(a, key) is not None, key
+    assert 0 < a.slo_attainment <= 1 and a.goodput_rps <= a.throughput_rps + 1e-12
 
 
 def test_shared_server_time_shares_compute():
@@ -197,12 +197,12 @@ def test_shared_server_time_shares_compute():
     ]
     dep = make_deployment(servers, inst, routing={"policy": "round-robin"})
     r = simulate(dep, requests(np.zeros(400), 512, 1), NO_SLO)
-    util = r.summary["utilisation"]
+    util = r.summary.utilisation
     assert util["a"] > 0.9  # the shared server is the bottleneck
     assert util["b1"] < 0.6 and util["b2"] < 0.6
     # both chains together are capped by server a alone: 16 prompts of 512 per 8,192-token batch
     t_a = dep.cost_model.timer(dep.servers["a"].shape).batch_time(BatchShape.prefill([512] * 16))
-    assert r.summary["throughput_rps"] <= 16 / t_a * 1.001
+    assert r.summary.throughput_rps <= 16 / t_a * 1.001
     assert (
         dep.instances["c1"].kv_capacity_tokens
         < make_deployment(servers[:2], [dict(inst[0], kv_share=1.0)]).instances["c1"].kv_capacity_tokens
@@ -226,8 +226,8 @@ def test_shared_server_batches_the_chains_waiting_on_it():
     reqs = lambda: requests(np.zeros(32), 64, 256)
     one = simulate(alone, reqs(), NO_SLO).summary
     both = simulate(two, reqs(), NO_SLO).summary
-    assert both["completed"] == one["completed"] == 32
-    assert both["makespan_s"] == pytest.approx(one["makespan_s"], rel=0.05)
+    assert both.completed == one.completed == 32
+    assert both.makespan_s == pytest.approx(one.makespan_s, rel=0.05)
     # the same steps run separately would read the weights twice per token
     timer = alone.cost_model.timer(alone.servers["a"].shape)
     merged, split = (
@@ -235,7 +235,7 @@ def test_shared_server_batches_the_chains_waiting_on_it():
         2 * timer.batch_time(BatchShape.decode(16, 320)),
     )
     assert split > 1.5 * merged
-    assert both["makespan_s"] < 0.8 * 255 * split
+    assert both.makespan_s < 0.8 * 255 * split
 
 
 def test_jffc_prefers_the_fastest_free_chain_and_queues_when_all_are_busy():
@@ -274,5 +274,5 @@ def test_transfers_complete_late_in_a_long_simulation():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    assert r.summary["completed"] == 300
+    assert r.summary.completed == 300
     assert np.all(r.records.transfer_end >= r.records.transfer_start)

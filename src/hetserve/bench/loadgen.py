@@ -248,7 +248,7 @@ def _summary(
         bytes_transferred=0.0,
         gpus=0,
         iterations=0,
-    )
+    ).as_dict()
     for key in _SIMULATION_ONLY:
         s.pop(key, None)
     gaps = [b - a for r in results if r.error is None for a, b in zip(r.token_times, r.token_times[1:])]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..plan import Deployment
 from ..sim import SimResult, simulate
-from ..sim.metrics import MAX_SEARCH_WINDOW_S, probe_window_s
+from ..sim.metrics import MAX_SEARCH_WINDOW_S, SimSummary, probe_window_s
 from ..specs.workloads import Requests, Workload
 
 #: Shortest arrival window of a simulation at a fixed rate: shorter bursts are absorbed by queues and KV
@@ -35,12 +35,12 @@ class Run:
     result: SimResult
 
     @property
-    def summary(self) -> dict:
+    def summary(self) -> SimSummary:
         return self.result.summary
 
     @property
     def slo_met(self) -> bool:
-        return bool(self.result.summary["slo_met"])
+        return self.summary.slo_met
 
     @property
     def e2e_mean_s(self) -> float:
@@ -48,11 +48,7 @@ class Run:
         rec = self.result.records
         e2e = rec.e2e()[rec.completed]
         e2e = e2e[~np.isnan(e2e)]
-        return float(e2e.mean()) if len(e2e) and self.summary["dropped"] == 0 else math.inf
-
-    @property
-    def power_w(self) -> float:
-        return self.summary["energy_j"] / max(self.summary["makespan_s"], 1e-9)
+        return float(e2e.mean()) if len(e2e) and self.summary.dropped == 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -69,12 +65,12 @@ class Objective:
         rate when they held); $/h; mean W."""
         s = run.summary
         if self.name == "throughput":
-            return s["throughput_tok_s"]
+            return s.throughput_tok_s
         if self.name == "goodput":
-            return run.offered_rps if run.slo_met else s["goodput_rps"]
+            return run.offered_rps if run.slo_met else s.goodput_rps
         if self.name == "cost":
-            return s["cost_per_hour"]
-        return run.power_w
+            return s.cost_per_hour
+        return s.power_w
 
     def score(self, run: Run | None, target_rate: float) -> float:
         """``run`` ranked for this objective, higher is better. Goodput counts half when the SLO
@@ -84,12 +80,12 @@ class Objective:
             return -math.inf
         s = run.summary
         if self.name == "throughput":
-            return s["throughput_tok_s"]
+            return s.throughput_tok_s
         if self.name == "goodput":
-            return s["goodput_rps"] if run.slo_met else s["goodput_rps"] * 0.5
-        served = run.slo_met and s["throughput_rps"] >= 0.95 * target_rate
+            return s.goodput_rps if run.slo_met else s.goodput_rps * 0.5
+        served = run.slo_met and s.throughput_rps >= 0.95 * target_rate
         penalty = 0.0 if served else 1e12
-        return -((s["cost_per_hour"] if self.name == "cost" else run.power_w) + penalty)
+        return -((s.cost_per_hour if self.name == "cost" else s.power_w) + penalty)
 
     def better(self, a: float, b: float) -> bool:
         """Whether figure ``a`` beats figure ``b``."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HetserveError
 from ..plan import Deployment, PlanFile
+from ..sim.metrics import SimSummary
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
@@ -51,7 +52,7 @@ class Candidate:
     score: float
 
     @property
-    def summary(self) -> dict:
+    def summary(self) -> SimSummary:
         return self.run.summary
 
 
@@ -62,7 +63,7 @@ class PlanResult:
     objective: str
     sense: str
     value: float
-    summary: dict  # simulated metrics of the chosen plan
+    summary: SimSummary  # simulated metrics of the chosen plan
     predicted: dict  # analytic figures of the chosen allocation
     reasons: list[str]
     searched: dict
@@ -238,22 +239,20 @@ class Planner:
             "cost_per_hour": round(alloc.price, 4),
             "power_w": round(alloc.power_w, 1),
         }
+        simulated = {
+            k: getattr(best.summary, k)
+            for k in (
+                "throughput_tok_s",
+                "goodput_rps",
+                "ttft_p90_ms",
+                "tpot_p90_ms",
+                "slo_attainment",
+                "cost_per_hour",
+            )
+        }
         figures = {
             **{f"analytic_{k}": v for k, v in predicted.items()},
-            **{
-                f"simulated_{k}": (
-                    round(best.summary[k], 4) if isinstance(best.summary[k], float) else best.summary[k]
-                )
-                for k in (
-                    "throughput_tok_s",
-                    "goodput_rps",
-                    "ttft_p90_ms",
-                    "tpot_p90_ms",
-                    "slo_attainment",
-                    "cost_per_hour",
-                )
-                if best.summary.get(k) is not None
-            },
+            **{f"simulated_{k}": round(v, 4) for k, v in simulated.items() if v is not None},
             "objective": self.objective,
         }
         reasons = self._reasons(best, candidates, templates)
@@ -269,7 +268,7 @@ class Planner:
                 "label": c.label,
                 "value": objective.value(c.run),
                 "gpus": c.dep.gpus_used(),
-                "cost_per_hour": c.summary["cost_per_hour"],
+                "cost_per_hour": c.summary.cost_per_hour,
             }
             for c in candidates
         ]
@@ -443,7 +442,7 @@ class Planner:
             main = max(limits, key=limits.get)
             out.append(f"Bottleneck: {self._limit_text(main)}.")
         by_type: dict[str, list[float]] = {}
-        for name, u in best.summary["utilisation"].items():
+        for name, u in best.summary.utilisation.items():
             g = best.dep.servers[name].node.gpu.name
             by_type.setdefault(g, []).append(u)
         util = ", ".join(f"{g} {sum(v) / len(v):.0%}" for g, v in sorted(by_type.items()))

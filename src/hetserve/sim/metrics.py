@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,65 @@ def meets_slo(rec: Records, slo: SLO) -> np.ndarray:
     return ok
 
 
+@dataclass(frozen=True)
+class SimSummary:
+    """What a simulation (or a measured run, ``hetserve bench``) comes to; times in ms, rates per second.
+    ``*_q_ms`` are the percentiles of the workload's SLO (``slo_percentile``); ``as_dict`` names them
+    ``ttft_p{q}_ms`` etc. as the JSON output does."""
+
+    requests: int
+    completed: int
+    dropped: int
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p90_ms: float | None
+    tpot_p99_ms: float | None
+    e2e_p50_ms: float | None
+    e2e_p90_ms: float | None
+    e2e_p99_ms: float | None
+    throughput_rps: float
+    throughput_tok_s: float
+    input_tok_s: float
+    goodput_rps: float
+    slo_attainment: float
+    slo_percentile: float
+    ttft_q_ms: float | None
+    tpot_q_ms: float | None
+    e2e_q_ms: float | None
+    makespan_s: float
+    preemptions: int
+    bytes_transferred: float
+    gpus: int
+    cost_per_hour: float
+    cost_per_mtok: float | None
+    energy_j: float
+    joules_per_token: float | None
+    iterations: int
+    utilisation: dict[str, float]
+    peak_kv_fraction: dict[str, float]
+    slo_met: bool
+
+    @property
+    def power_w(self) -> float:
+        """Average power draw over the makespan."""
+        return self.energy_j / max(self.makespan_s, 1e-9)
+
+    def as_dict(self) -> dict:
+        """The summary as JSON-ready names (the SLO percentile's figures as ``ttft_p{q}_ms`` etc.)."""
+        out = {}
+        q = f"{self.slo_percentile:g}"
+        for f in fields(self):
+            if f.name == "slo_percentile":
+                continue
+            if f.name.endswith("_q_ms"):
+                out[f"{f.name[: -len('_q_ms')]}_p{q}_ms"] = getattr(self, f.name)
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
 def summarise(
     rec: Records,
     slo: SLO,
@@ -175,7 +234,7 @@ def summarise(
     bytes_transferred: float,
     gpus: int,
     iterations: int,
-) -> dict:
+) -> SimSummary:
     done = rec.completed
     out_tokens = float(rec.output[done].sum())
     in_tokens = float(rec.prompt[done].sum())
@@ -184,41 +243,43 @@ def summarise(
     good = meets_slo(rec, slo)
     ttft, tpot, e2e = rec.ttft()[done], rec.tpot()[done], rec.e2e()[done]
     q = slo.percentile
-    s = {
-        "requests": int(rec.n),
-        "completed": int(done.sum()),
-        "dropped": int(rec.n - done.sum()),
-        "ttft_p50_ms": _ms(_pct(ttft, 50)),
-        "ttft_p90_ms": _ms(_pct(ttft, 90)),
-        "ttft_p99_ms": _ms(_pct(ttft, 99)),
-        "tpot_p50_ms": _ms(_pct(tpot, 50)),
-        "tpot_p90_ms": _ms(_pct(tpot, 90)),
-        "tpot_p99_ms": _ms(_pct(tpot, 99)),
-        "e2e_p50_ms": _ms(_pct(e2e, 50)),
-        "e2e_p90_ms": _ms(_pct(e2e, 90)),
-        "e2e_p99_ms": _ms(_pct(e2e, 99)),
-        "throughput_rps": float(done.sum()) / span,
-        "throughput_tok_s": tput,
-        "input_tok_s": in_tokens / span,
-        "goodput_rps": float(good.sum()) / span,
-        "slo_attainment": float(good.sum()) / max(rec.n, 1),
-        f"ttft_p{q:g}_ms": _ms(_pct(ttft, q)),
-        f"tpot_p{q:g}_ms": _ms(_pct(tpot, q)),
-        f"e2e_p{q:g}_ms": _ms(_pct(e2e, q)),
-        "makespan_s": makespan,
-        "preemptions": int(rec.preemptions.sum()),
-        "bytes_transferred": bytes_transferred,
-        "gpus": gpus,
-        "cost_per_hour": cost_per_hour,
-        "cost_per_mtok": cost_per_hour / (tput * 3600) * 1e6 if tput > 0 else None,
-        "energy_j": energy_j,
-        "joules_per_token": energy_j / out_tokens if out_tokens else None,
-        "iterations": iterations,
-        "utilisation": server_util,
-        "peak_kv_fraction": peak_kv,
-    }
-    s["slo_met"] = _slo_met(s, slo)
-    return s
+    ttft_q, tpot_q, e2e_q = _ms(_pct(ttft, q)), _ms(_pct(tpot, q)), _ms(_pct(e2e, q))
+    dropped = int(rec.n - done.sum())
+    return SimSummary(
+        requests=int(rec.n),
+        completed=int(done.sum()),
+        dropped=dropped,
+        ttft_p50_ms=_ms(_pct(ttft, 50)),
+        ttft_p90_ms=_ms(_pct(ttft, 90)),
+        ttft_p99_ms=_ms(_pct(ttft, 99)),
+        tpot_p50_ms=_ms(_pct(tpot, 50)),
+        tpot_p90_ms=_ms(_pct(tpot, 90)),
+        tpot_p99_ms=_ms(_pct(tpot, 99)),
+        e2e_p50_ms=_ms(_pct(e2e, 50)),
+        e2e_p90_ms=_ms(_pct(e2e, 90)),
+        e2e_p99_ms=_ms(_pct(e2e, 99)),
+        throughput_rps=float(done.sum()) / span,
+        throughput_tok_s=tput,
+        input_tok_s=in_tokens / span,
+        goodput_rps=float(good.sum()) / span,
+        slo_attainment=float(good.sum()) / max(rec.n, 1),
+        slo_percentile=q,
+        ttft_q_ms=ttft_q,
+        tpot_q_ms=tpot_q,
+        e2e_q_ms=e2e_q,
+        makespan_s=makespan,
+        preemptions=int(rec.preemptions.sum()),
+        bytes_transferred=bytes_transferred,
+        gpus=gpus,
+        cost_per_hour=cost_per_hour,
+        cost_per_mtok=cost_per_hour / (tput * 3600) * 1e6 if tput > 0 else None,
+        energy_j=energy_j,
+        joules_per_token=energy_j / out_tokens if out_tokens else None,
+        iterations=iterations,
+        utilisation=server_util,
+        peak_kv_fraction=peak_kv,
+        slo_met=_slo_met(ttft_q, tpot_q, e2e_q, dropped, slo),
+    )
 
 
 def probe_window_s(slo: SLO) -> float:
@@ -229,17 +290,14 @@ def probe_window_s(slo: SLO) -> float:
     return DEADLINE_WINDOWS * max(targets) / 1e3 if targets else 0.0
 
 
-def _slo_met(s: dict, slo: SLO) -> bool:
-    """The workload's percentile targets hold (TTFT, TPOT and E2E over completed requests) and nothing
-    was dropped."""
-    q = f"{slo.percentile:g}"
+def _slo_met(ttft_q: float | None, tpot_q: float | None, e2e_q: float | None, dropped: int, slo: SLO) -> bool:
+    """The workload's percentile targets hold (TTFT, TPOT and E2E over completed requests, at the SLO's
+    percentile) and nothing was dropped."""
     checks = []
     if slo.ttft_ms is not None:
-        checks.append(s.get(f"ttft_p{q}_ms") is not None and s[f"ttft_p{q}_ms"] <= slo.ttft_ms)
+        checks.append(ttft_q is not None and ttft_q <= slo.ttft_ms)
     if slo.tpot_ms is not None:
-        v = s.get(f"tpot_p{q}_ms")
-        checks.append(v is None or v <= slo.tpot_ms)
+        checks.append(tpot_q is None or tpot_q <= slo.tpot_ms)
     if slo.e2e_ms is not None:
-        v = s.get(f"e2e_p{q}_ms")
-        checks.append(v is not None and v <= slo.e2e_ms)
-    return all(checks) and s["dropped"] == 0
+        checks.append(e2e_q is not None and e2e_q <= slo.e2e_ms)
+    return all(checks) and dropped == 0

@@ -26,7 +26,7 @@ from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
 from .instance import Lane, SimInstance, SimServer
 from .links import SharedLink
-from .metrics import Records, summarise
+from .metrics import Records, SimSummary, summarise
 
 ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
 #: Bytes of KV converted per second when formats differ (a device-side copy kernel; conservative).
@@ -35,7 +35,7 @@ KV_CONVERSION_BYTES_PER_S = 100e9
 
 @dataclass
 class SimResult:
-    summary: dict
+    summary: SimSummary
     records: Records
     servers: dict[str, SimServer]
     bin_width: float

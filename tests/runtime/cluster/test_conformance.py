@@ -117,7 +117,7 @@ def run_simulator(dep, monkeypatch) -> dict:
         np.array([o for _, o in REQUESTS], dtype=np.int64),
     )
     result = simulate(dep, reqs, SLO())
-    assert result.summary["completed"] == n
+    assert result.summary.completed == n
     return log
 
 
