@@ -359,6 +359,7 @@ def run_compare(
         "objective": objective,
         "objective_sense": sense,
         "objective_unit": OBJECTIVES[objective].unit,
+        "objective_label": OBJECTIVES[objective].label,
         "budget": spec.budget,
         "quality": sc.quality,
         "max_batch_size": spec.max_batch_size,

@@ -53,12 +53,18 @@ class Run:
 
 @dataclass(frozen=True)
 class Objective:
-    """What a plan is chosen for: its sense, its unit, the figure a run shows for it and a score (higher
-    is better) that ranks runs against a target rate."""
+    """What a plan is chosen for: its sense, its unit and label, the figure a run shows for it and a score
+    (higher is better) that ranks runs against a target rate."""
 
     name: Literal["throughput", "goodput", "cost", "power"]
     sense: Literal["max", "min"]
     unit: str
+    label: str  # what the figure is, in words
+
+    @property
+    def judges_slo(self) -> bool:
+        """Whether the SLOs decide the figure (all but throughput, which counts every output token)."""
+        return self.name != "throughput"
 
     def value(self, run: Run) -> float:
         """The objective's figure for ``run``: output tokens/s; requests/s within the SLOs (the offered
@@ -95,23 +101,33 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("throughput", "max", "tok/s"),
-        Objective("goodput", "max", "req/s"),
-        Objective("cost", "min", "$/h"),
-        Objective("power", "min", "W"),
+        Objective("throughput", "max", "tok/s", "output tokens per second"),
+        Objective("goodput", "max", "req/s", "highest request rate within the SLOs"),
+        Objective("cost", "min", "$/h", "dollars per hour at the workload's rate within the SLOs"),
+        Objective("power", "min", "W", "average watts at the workload's rate within the SLOs"),
     )
 }
 
 
+def arrival_window_s(workload: Workload, rate: float, requests: int, *, judge_slo: bool = True) -> float:
+    """Seconds of arrivals a simulation of about ``requests`` requests at ``rate`` spans: when the SLOs
+    are judged, no shorter than ``MIN_WINDOW_S`` nor than the SLO's deadlines need to expose an overload
+    (``probe_window_s``); at most ``MAX_SEARCH_WINDOW_S``."""
+    window = requests / rate
+    if judge_slo:
+        window = max(window, MIN_WINDOW_S, probe_window_s(workload.slo))
+    return min(window, MAX_SEARCH_WINDOW_S)
+
+
 def simulate_at_rate(
-    dep: Deployment, workload: Workload, rate: float, *, seed: int, requests: int
+    dep: Deployment, workload: Workload, rate: float, *, seed: int, requests: int, judge_slo: bool = True
 ) -> Run | None:
-    """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s): about ``requests``
-    requests over a window no shorter than ``MIN_WINDOW_S`` nor than the SLO's deadlines need to expose an
-    overload (``probe_window_s``), at most ``MAX_SEARCH_WINDOW_S``; drained for twice as long as it arrived
+    """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s), about ``requests``
+    requests over ``arrival_window_s`` (``judge_slo`` False: the SLOs do not decide the figure, e.g.
+    throughput, and the window need not span their deadlines); drained for twice as long as it arrived
     (at least ``MIN_DRAIN_S``). None when no request arrives."""
     rate = max(rate, 1e-3)
-    duration = min(max(requests / rate, MIN_WINDOW_S, probe_window_s(workload.slo)), MAX_SEARCH_WINDOW_S)
+    duration = arrival_window_s(workload, rate, requests, judge_slo=judge_slo)
     reqs = workload.sample(seed=seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:
         return None

@@ -368,7 +368,10 @@ class Planner:
     def _simulate(self, dep: Deployment, rate: float) -> Run | None:
         """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more."""
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
-        return simulate_at_rate(dep, self.workload, rate, seed=self.seed, requests=wanted)
+        judge_slo = OBJECTIVES[self.objective].judges_slo
+        return simulate_at_rate(
+            dep, self.workload, rate, seed=self.seed, requests=wanted, judge_slo=judge_slo
+        )
 
     def _simulate_throughput(self, dep: Deployment, capacity: float) -> Run | None:
         """Throughput is output tokens/s at the workload's offered load, every request drained. When the

@@ -325,7 +325,8 @@ def trial(ctx: StrategyContext, plan: PlanFile, rate: float, requests: int = TRI
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
     dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{plan.name} (trial)")
-    return simulate_at_rate(dep, ctx.workload, rate, seed=ctx.seed, requests=requests)
+    judge_slo = OBJECTIVES[ctx.objective].judges_slo
+    return simulate_at_rate(dep, ctx.workload, rate, seed=ctx.seed, requests=requests, judge_slo=judge_slo)
 
 
 def best_by_trial(ctx: StrategyContext, designs, build) -> PlanFile | None:

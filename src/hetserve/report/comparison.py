@@ -64,7 +64,10 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
         for n in names
     ]
     ax.bar(names, vals, color=colors)
-    ax.set_ylabel(f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})")
+    ax.set_ylabel(
+        f"{report['objective']}: {report['objective_label']} "
+        f"({report['objective_unit']}, {report['objective_sense']})"
+    )
     ax.set_title(f"{report['scenario']}: objective per strategy (0 = infeasible or failed)")
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
