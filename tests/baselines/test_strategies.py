@@ -7,8 +7,8 @@ from hetserve.baselines import STRATEGIES, StrategyContext, get_strategy
 from hetserve.errors import HetserveError
 from hetserve.plan import Deployment
 from hetserve.planner.placement.helix import Helix, decompose
+from hetserve.planner.pools import pools_of
 from hetserve.planner.quality import removed_share, sensitivity
-from hetserve.planner.templates import pools_of
 from hetserve.sim import simulate
 from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.models import load_model

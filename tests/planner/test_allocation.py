@@ -4,8 +4,9 @@ same candidate instances on the same cost model, over a grid of models, workload
 import pytest
 
 from hetserve.planner.allocate import enumerate_best, solve
+from hetserve.planner.pools import pools_of
 from hetserve.planner.quality import removed_share, sensitivity
-from hetserve.planner.templates import TemplateFactory, pools_of
+from hetserve.planner.templates import TemplateFactory
 from hetserve.specs.clusters import Cluster, ClusterFile
 from hetserve.specs.models import load_model
 from hetserve.specs.workloads import SLO

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from ..costmodel.roofline import ServerShape
 from ..errors import HetserveError
 from ..plan import PlanFile, RoutingPlan
+from ..planner.pools import tp_choices, weight_room
 from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
-from ..planner.templates import tp_choices, weight_room
 
 POPULATION = 24
 GENERATIONS = 200

@@ -15,8 +15,8 @@ from ..plan import PlanFile
 from ..planner.allocate import solve
 from ..planner.build import PlacementError, build_plan
 from ..planner.evaluate import OBJECTIVES
+from ..planner.pools import pools_of
 from ..planner.strategy import Strategy, StrategyContext
-from ..planner.templates import pools_of
 
 
 class Homogeneous(Strategy):

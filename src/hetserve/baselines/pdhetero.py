@@ -23,8 +23,8 @@ from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
+from ..planner.pools import pools_of
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
-from ..planner.templates import pools_of
 
 SIMULATIONS = 8
 

@@ -22,8 +22,8 @@ from ..errors import HetserveError
 from ..plan import PlanFile, RoutingPlan
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
+from ..planner.pools import Stage, pools_of, tp_choices
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
-from ..planner.templates import Stage, pools_of, tp_choices
 
 #: Designs whose best grid point is checked by simulation.
 SIMULATED_DESIGNS = 3

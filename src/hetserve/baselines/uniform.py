@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from ..errors import HetserveError
 from ..plan import PlanFile, RoutingPlan
+from ..planner.pools import SETTINGS, split_even
 from ..planner.strategy import PlanWriter, Strategy, StrategyContext, estimate, spot
-from ..planner.templates import SETTINGS, split_even
 
 
 def node_gpus(ctx: StrategyContext, vendor: str) -> list[tuple[str, int]]:

@@ -1,5 +1,6 @@
 """The planner: choose servers, pipelines, precision, roles and routing for a cluster (docs/planner.md)."""
 
-from .search import Planner, PlanResult
+from .candidate import PlanResult
+from .search import Planner
 
 __all__ = ["Planner", "PlanResult"]

@@ -10,7 +10,8 @@ from ..plan import InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from .allocate import Allocation
-from .templates import Pool, Template
+from .pools import Pool
+from .templates import Template
 
 
 class PlacementError(Exception):

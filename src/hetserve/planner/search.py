@@ -12,22 +12,21 @@
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
 
 from ..errors import HetserveError
-from ..plan import Deployment, PlanFile
-from ..sim.metrics import SimSummary
+from ..plan import Deployment
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
+from .candidate import Candidate, PlanResult
 from .evaluate import OBJECTIVES, Run, max_rate_within_slo, simulate_at_rate, simulate_requests
-from .quality import describe_bits
+from .explain import explain_choice, why_nothing_fits, why_rate_unreachable, why_slo_unreachable
+from .pools import pools_of
 from .strategy import StrategyContext
-from .templates import Template, TemplateFactory, pools_of
+from .templates import Template, TemplateFactory
 
 #: Shared-server chain designs confirmed alongside the allocations when the cluster calls for them.
 CHAIN_DESIGNS = ("chain", "helix")
@@ -40,35 +39,6 @@ GOODPUT_BISECTIONS = 2
 WEIGHTED_LEADS = 2
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
 MAX_REPLAY = 4 * CONFIRM_REQUESTS
-
-
-@dataclass
-class Candidate:
-    label: str
-    alloc: Allocation
-    plan: PlanFile
-    dep: Deployment
-    run: Run  # its confirming simulation (for goodput, at the highest rate found within the SLOs)
-    score: float
-
-    @property
-    def summary(self) -> SimSummary:
-        return self.run.summary
-
-
-@dataclass
-class PlanResult:
-    plan: PlanFile
-    deployment: Deployment
-    objective: str
-    sense: str
-    value: float
-    summary: SimSummary  # simulated metrics of the chosen plan
-    predicted: dict  # analytic figures of the chosen allocation
-    reasons: list[str]
-    searched: dict
-    seconds: float
-    alternatives: list[dict] = field(default_factory=list)
 
 
 class Planner:
@@ -135,11 +105,13 @@ class Planner:
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
-            raise HetserveError(self._why_nothing_fits())
+            raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality))
         usable = [t for t in templates if (t.cap_free if self.objective == "throughput" else t.cap).rate > 0]
         roles = {t.role for t in usable}
         if "mixed" not in roles and not {"prefill", "decode"} <= roles:
-            raise HetserveError(self._why_slo_unreachable(templates))
+            raise HetserveError(
+                why_slo_unreachable(templates, self.slo, self.model, self.prompt, self.output, self.output_q)
+            )
         if self.budget is not None and min(t.price for t in usable) > self.budget:
             cheapest = min(usable, key=lambda t: t.price)
             raise HetserveError(
@@ -171,7 +143,9 @@ class Planner:
         for label, roles in variants:
             allocate(label, roles=roles)
         if not allocs:
-            raise HetserveError(self._why_rate_unreachable(templates, pools))
+            raise HetserveError(
+                why_rate_unreachable(templates, pools, self.rate, self.budget, self.time_limit)
+            )
         # Two more designs for the simulation to judge, where the analytic capacities are least sure: the
         # runner-up (the best allocation without the joint optimum's templates: near-equal designs, e.g. two
         # instances against one longer chain, differ by less than the capacity model's accuracy) and, if
@@ -255,7 +229,9 @@ class Planner:
             **{f"simulated_{k}": round(v, 4) for k, v in simulated.items() if v is not None},
             "objective": self.objective,
         }
-        reasons = self._reasons(best, candidates, templates)
+        reasons = explain_choice(
+            best, candidates, templates, objective, self.cluster, self.budget, self.quality
+        )
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = {
             "templates": len(templates),
@@ -399,161 +375,3 @@ class Planner:
         if search.run is not None:
             cand.run = search.run
         cand.score = cand.run.offered_rps if search.rate > 0 and cand.run.slo_met else 0.0
-
-    # ---- explanations -------------------------------------------------------------------------------------
-    @staticmethod
-    def _design(cand: Candidate) -> str:
-        """What kind of plan a candidate is, in words."""
-        if not cand.alloc.counts:
-            return {
-                "chain": "server chain composition (chains sharing servers, JFFC dispatch)",
-                "helix": "Helix-style max-flow layer placement",
-            }.get(cand.label.split("/")[0], cand.label)
-        roles = {i.role for i in cand.dep.instances.values()}
-        return (
-            "disaggregated prefill/decode"
-            if roles <= {"prefill", "decode"}
-            else (
-                "colocated (mixed) instances" if roles == {"mixed"} else "mixed and disaggregated instances"
-            )
-        )
-
-    def _reasons(self, best: Candidate, cands: list[Candidate], templates: list[Template]) -> list[str]:
-        out = []
-        used = [templates[j] for j in best.alloc.counts]
-        design = self._design(best)
-        value = lambda c: f"{OBJECTIVES[self.objective].value(c.run):.4g}"
-        others = [c for c in cands if self._design(c) != design]
-        same = [
-            c
-            for c in cands
-            if c is not best and self._design(c) == design and c.alloc.counts != best.alloc.counts
-        ]
-        comp = []
-        if others:
-            o = max(others, key=lambda c: c.score)
-            comp.append(f"the best {self._design(o).split(' (')[0]} plan simulated {value(o)}")
-        if same:
-            comp.append(f"the next allocation of this design {value(max(same, key=lambda c: c.score))}")
-        vs = f" ({'; '.join(comp)}; this plan {value(best)} {self._unit()})" if comp else ""
-        source = f" from the {best.label.split('/')[0]} allocation" if used else ""
-        out.append(f"Chose {design}{source}{vs}, routing {best.label.split('/')[1]}.")
-        limits = {}
-        for t in used:
-            limits[t.cap.limit] = limits.get(t.cap.limit, 0) + 1
-        if limits:
-            main = max(limits, key=limits.get)
-            out.append(f"Bottleneck: {self._limit_text(main)}.")
-        by_type: dict[str, list[float]] = {}
-        for name, u in best.summary.utilisation.items():
-            g = best.dep.servers[name].node.gpu.name
-            by_type.setdefault(g, []).append(u)
-        util = ", ".join(f"{g} {sum(v) / len(v):.0%}" for g, v in sorted(by_type.items()))
-        out.append(f"Utilisation by GPU type: {util}.")
-        cluster_types = self.cluster.gpu_counts()
-        used_types = best.dep.gpu_counts()
-        idle = [
-            f"{n - used_types.get(g, 0)} x {g}"
-            for g, n in sorted(cluster_types.items())
-            if n > used_types.get(g, 0)
-        ]
-        if idle:
-            out.append(
-                f"Left unused: {', '.join(idle)} (adding them did not improve the objective"
-                f"{' within the budget' if self.budget else ''})."
-            )
-        quant = [t for t in used if t.quantised]
-        if quant:
-            bits = [b for s in quant[0].stages for b in s.bits]
-            out.append(
-                f"Traded precision for memory/speed within the quality budget {self.quality:g}: "
-                f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}."
-            )
-        pipes = [t for t in used if len(t.stages) > 1]
-        if pipes:
-            out.append(f"Pipelines: {pipes[0].describe().split(': ')[1]}.")
-        return out
-
-    def _unit(self) -> str:
-        return {"throughput": "tok/s", "goodput": "req/s", "cost": "$/h", "power": "W"}[self.objective]
-
-    @staticmethod
-    def _limit_text(limit: str) -> str:
-        return {
-            "ttft": "the TTFT target (prefill queueing)",
-            "tpot": "the TPOT target (decode batch size)",
-            "e2e": "the E2E target (prefill queueing and decode batch size)",
-            "kv": "KV-cache memory",
-            "batch": "the maximum batch size",
-            "compute": "compute",
-            "prefill": "prefill compute",
-            "link": "the network carrying KV caches",
-        }.get(limit, limit)
-
-    def _why_nothing_fits(self) -> str:
-        m = self.model
-        gb = 1e9
-        total = sum(n.gpu.memory_gb * n.count for n in self.cluster.nodes.values()) * 0.9
-        w16, w4 = m.weight_bytes(16) / gb, m.weight_bytes(4) / gb
-        biggest = max(self.cluster.gpus[g].memory_gb for g in self.cluster.gpu_counts())
-        if w4 < total * 0.85 and self.quality < 0.75:
-            need = w16 - total * 0.85
-            return (
-                f"{m.name} does not fit at this quality budget: {w16:.0f} GB of weights at 16 bits against "
-                f"~{total:.0f} GB usable in the cluster; it fits with 4-bit weights on more layers "
-                f"(--quality 0.75 allows all layers at 4 bits, {w4:.0f} GB), or add "
-                f"{math.ceil(max(need, 0) / (biggest * 0.9))} more {biggest:.0f} GB GPUs"
-            )
-        need = w4 - total * 0.85
-        return (
-            f"{m.name} does not fit: even at 4 bits its weights take {w4:.0f} GB and the cluster has ~{total:.0f} GB "
-            f"usable; needs {max(1, math.ceil(need / (biggest * 0.9)))} more {biggest:.0f} GB GPUs"
-        )
-
-    def _why_slo_unreachable(self, templates: list[Template]) -> str:
-        slo = self.slo
-        q = f"p{slo.percentile:g}"
-        best_ttft = (
-            min(t.cap.ttft for t in templates if t.role != "decode" and t.cap.ttft > 0)
-            if any(t.role != "decode" for t in templates)
-            else math.inf
-        )
-        best_tpot = min(
-            (t.cap.tpot for t in templates if t.role != "prefill" and t.cap.tpot > 0), default=math.inf
-        )
-
-        def least(role):
-            return min((t.cap.e2e for t in templates if t.role == role and t.cap.e2e > 0), default=math.inf)
-
-        best_e2e = min(least("mixed"), least("prefill") + least("decode"))
-        parts = []
-        if slo.ttft_ms and best_ttft * 1e3 > slo.ttft_ms:
-            parts.append(f"best reachable TTFT {q} is {best_ttft:.2f} s (target {slo.ttft_ms / 1e3:.2f} s)")
-        if slo.tpot_ms and best_tpot * 1e3 > slo.tpot_ms:
-            parts.append(f"best reachable TPOT {q} is {best_tpot * 1e3:.0f} ms (target {slo.tpot_ms:.0f} ms)")
-        if slo.e2e_ms and best_e2e * 1e3 > slo.e2e_ms:
-            parts.append(
-                f"best reachable E2E {q} is {best_e2e:.2f} s for a {q} output of {self.output_q:.0f} tokens "
-                f"(target {slo.e2e_ms / 1e3:.2f} s)"
-            )
-        if not parts:
-            parts.append("no instance meets all of the SLOs at once")
-        return (
-            f"the workload's SLOs cannot be met on this cluster for {self.model.name} (mean prompt "
-            f"{self.prompt:.0f}, output {self.output:.0f} tokens): "
-            + "; ".join(parts)
-            + "; relax the SLO or add faster GPUs"
-        )
-
-    def _why_rate_unreachable(self, templates: list[Template], pools: dict[str, int]) -> str:
-        best = solve(
-            templates, pools, "goodput", budget=self.budget, time_limit=max(1.0, self.time_limit / 6)
-        )
-        if best is None:
-            return "no allocation meets the SLOs within the inventory and budget"
-        within = f" within ${self.budget:.2f}/h" if self.budget else ""
-        return (
-            f"the workload asks for {self.rate:.2f} req/s but the cluster sustains at most "
-            f"{best.rate:.2f} req/s within the SLOs{within} (at ${best.price:.2f}/h); lower the rate, relax the "
-            "SLOs, raise the budget or add GPUs"
-        )

@@ -33,8 +33,9 @@ from .capacity import (
     prefill_capacity,
 )
 from .evaluate import OBJECTIVES, Run, simulate_at_rate
+from .pools import SETTINGS, batch_limit
 from .quality import removed_share, sensitivity
-from .templates import SETTINGS, TemplateFactory, batch_limit
+from .templates import TemplateFactory
 
 #: Requests a strategy's own trial simulation replays (strategies that search by simulation).
 TRIAL_REQUESTS = 300

@@ -13,8 +13,8 @@ import heapq
 from dataclasses import dataclass
 
 from ...costmodel.roofline import ServerShape, ServerTimer
+from ..pools import SETTINGS, tp_choices
 from ..strategy import Spot, StrategyContext, spot
-from ..templates import SETTINGS, tp_choices
 
 #: Batch at which a server's per-block speed is measured (Petals measures single-sequence inference).
 REF_BATCH = 1

@@ -38,8 +38,8 @@ import math
 
 from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
+from ..pools import SETTINGS
 from ..strategy import PlanWriter, Strategy, StrategyContext, memory_of, spot, trial
-from ..templates import SETTINGS
 from .blocks import (
     BlockServer,
     block_servers,

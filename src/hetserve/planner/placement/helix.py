@@ -35,8 +35,8 @@ from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
+from ..pools import tp_choices
 from ..strategy import PlanWriter, Strategy, StrategyContext, spot
-from ..templates import tp_choices
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
