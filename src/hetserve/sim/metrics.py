@@ -27,8 +27,8 @@ from ..specs.workloads import SLO
 #: deadline is absorbed by the queues however slow the plan, and over ``k`` deadlines an overload of more
 #: than about 1 + 1 / (0.9 k) times the sustainable rate pushes the p90 request past the deadline.
 DEADLINE_WINDOWS = 10
-#: Longest arrival window a planning search replays in one simulation (the planner's confirmations and
-#: the strategies' trials; ``hetserve compare`` does not cap its probes).
+#: Longest arrival window a simulation at a rate replays (``planner.evaluate.simulate_at_rate``: the
+#: planner's confirmations, the strategies' trials and ``hetserve compare``'s goodput probes).
 MAX_SEARCH_WINDOW_S = 600.0
 
 RECORD_FIELDS = (

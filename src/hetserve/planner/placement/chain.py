@@ -123,7 +123,7 @@ class ChainComposition(Strategy):
                 break
         return best[1]
 
-    def _plan(self, ctx, t, bits, c, servers, placed, alloc) -> dict:
+    def _plan(self, ctx, t, bits, c, servers, placed, alloc) -> PlanFile:
         writer = PlanWriter(ctx, f"chain-{ctx.model.name}")
         _, max_tokens, chunk = SETTINGS["mixed"]
         for i, (ch, slots, share) in enumerate(alloc):
