@@ -1,0 +1,82 @@
+"""hetserve's own placements (planner/placement/): Helix's max-flow placement and server chain
+composition, each a plan the loader accepts with the properties that define it."""
+
+import pytest
+
+from hetserve.plan import Deployment
+from hetserve.planner.placement.blocks import block_servers
+from hetserve.planner.placement.chain import ChainComposition
+from hetserve.planner.placement.helix import Helix, decompose
+from tests.contexts import WORKLOAD, context, plan_of
+
+HELIX_NODES = [
+    {"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 2},
+    {"name": "l4", "gpu": "l4", "count": 1, "replicas": 3},
+    {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+]
+
+
+def test_helix_max_flow_is_positive_and_covers_every_layer():
+    ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput")
+    strategy = Helix()
+    plan = strategy.plan(ctx)
+    dep = Deployment(plan, ctx.cluster, ctx.model)
+    placement = strategy.last
+    assert placement.max_flow > 0
+    covered = set()
+    for start, end in placement.ranges.values():
+        covered |= set(range(start, end))
+    assert covered == set(range(ctx.model.num_layers))
+    out_of_source = sum(f for (a, _), f in placement.flows.items() if a == "source")
+    assert out_of_source == pytest.approx(placement.max_flow, rel=1e-6)
+    assert plan.routing.policy == "weighted" and all(w > 0 for w in plan.routing.weights.values())
+    assert sum(plan.routing.weights.values()) == pytest.approx(placement.max_flow, rel=1e-3)
+    assert all(
+        len(i.servers) > 1 for i in dep.instances.values()
+    )  # 26 GB of weights, half of 40 GB per machine
+    on = {}
+    for inst in dep.instances.values():
+        for srv in inst.servers:
+            on[srv.name] = on.get(srv.name, 0.0) + inst.plan.share_on(srv.name)
+    assert len(dep.instances) == 1 or max(on.values()) <= 1 + 1e-9
+
+
+def test_flow_decomposition_conserves_flow():
+    flows = {("source", "a"): 3.0, ("a", "b"): 1.0, ("a", "c"): 2.0, ("b", "sink"): 1.0, ("c", "sink"): 2.0}
+    paths = decompose(flows)
+    assert sorted(paths) == [(["a", "b"], 1.0), (["a", "c"], 2.0)]
+
+
+def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers():
+    nodes = [{"name": "a10", "gpu": "a10", "count": 1, "replicas": 4}]
+    ctx = context(nodes, model="llama-2-13b")
+    servers = {s.node: s for s in block_servers(ctx, 16)}
+    placed = {"a10-0": (0, 20), "a10-1": (20, 40), "a10-2": (0, 20), "a10-3": (20, 40)}
+    alloc = ChainComposition().gca(ctx, servers, placed, 16, c=3)
+    chains = [tuple(ch) for ch, _, _ in alloc]
+    assert len(chains) > 2  # composed across the two placed chains
+    capacity = ChainComposition._slots(ctx, servers, placed, 16)
+    share: dict[str, float] = {}
+    for ch, slots, shares in alloc:
+        assert 1 <= slots <= 3 and len(shares) == len(ch)
+        for n, x in zip(ch, shares):
+            assert 0 < x <= 1
+            assert x * capacity[n] == pytest.approx(slots)  # every server holds the chain's job slots
+            share[n] = share.get(n, 0.0) + x
+    assert max(share.values()) <= 1 + 1e-9
+    assert any(sum(n in ch for ch in chains) > 1 for n in placed)
+
+
+def test_chain_plans_jffc_over_chains_with_slots():
+    nodes = [
+        {"name": "a10", "gpu": "a10", "count": 1, "replicas": 2},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+    ]
+    ctx = context(
+        nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 3}}
+    )
+    plan, dep = plan_of("chain", ctx)
+    assert plan.routing.policy == "jffc"
+    for inst in dep.instances.values():  # a chain's slots are its batch; its KV holds a long request
+        assert inst.plan.max_batch_size >= 1 and len(inst.servers) > 1
+        assert inst.kv_capacity_tokens >= ctx.long_request
