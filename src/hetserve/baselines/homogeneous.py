@@ -28,8 +28,12 @@ class Homogeneous(Strategy):
             best = self._best(ctx, quality)
             if best is not None:
                 gpu, templates, alloc = best
+                notes = (
+                    f"Homogeneous baseline: {sum(alloc.counts.values())} replicas on {gpu} "
+                    f"(${alloc.price:.2f}/h)."
+                )
                 try:
-                    plan = build_plan(
+                    return build_plan(
                         ctx.cluster,
                         ctx.cluster_ref,
                         ctx.model,
@@ -39,16 +43,12 @@ class Homogeneous(Strategy):
                         f"homogeneous-{gpu}",
                         "least-work",
                         ctx.model_ref,
+                        notes=notes,
                     )
                 except PlacementError as exc:
                     raise HetserveError(
                         f"homogeneous: replicas on {gpu} do not pack into its nodes: {exc}"
                     ) from None
-                notes = (
-                    f"Homogeneous baseline: {sum(alloc.counts.values())} replicas on {gpu} "
-                    f"(${alloc.price:.2f}/h)."
-                )
-                return plan.model_copy(update={"notes": notes})
         within = f" within ${ctx.budget:.2f}/h" if ctx.budget else ""
         raise HetserveError(
             f"homogeneous: no single GPU type of {ctx.cluster.name} holds a replica of "

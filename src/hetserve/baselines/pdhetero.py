@@ -172,22 +172,6 @@ class PDHetero(Strategy):
         flows = {0: rate, **{k + 1: rate * decs[k][2] * n / d_total for k, n in dec_counts.items() if n > 0}}
         price = sum(templates[j].price * n for j, n in counts.items())
         alloc = Allocation(counts, flows, rate, price, 0.0, rate)
-        try:
-            plan = build_plan(
-                ctx.cluster,
-                ctx.cluster_ref,
-                ctx.model,
-                templates,
-                alloc,
-                ctx.prompt,
-                f"pd-hetero-{ctx.model.name}",
-                "least-work",
-                ctx.model_ref,
-            )
-        except PlacementError:
-            return None
-        # KV staged through host memory after the prefill
-        routing = plan.routing.model_copy(update={"layerwise_kv": False})
         dec_desc = ", ".join(
             f"{n} x {decs[k][3]} {decs[k][0].describe().split(': ')[1]}"
             for k, n in dec_counts.items()
@@ -197,4 +181,19 @@ class PDHetero(Strategy):
             f"Cross-vendor P/D baseline: {n_p} x {pre[3]} prefill "
             f"({p_t.describe().split(': ')[1]}); decode {dec_desc}."
         )
-        return plan.model_copy(update={"routing": routing, "notes": notes})
+        try:  # KV staged through host memory after the prefill
+            return build_plan(
+                ctx.cluster,
+                ctx.cluster_ref,
+                ctx.model,
+                templates,
+                alloc,
+                ctx.prompt,
+                f"pd-hetero-{ctx.model.name}",
+                "least-work",
+                ctx.model_ref,
+                layerwise_kv=False,
+                notes=notes,
+            )
+        except PlacementError:
+            return None

@@ -19,7 +19,7 @@ to (``least-work`` for both), KV streamed layer by layer behind the prompt compu
 from __future__ import annotations
 
 from ..errors import HetserveError
-from ..plan import PlanFile, RoutingPlan
+from ..plan import PlanFile
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
 from ..planner.pools import Stage, pools_of, tp_choices
@@ -110,8 +110,12 @@ class Splitwise(Strategy):
         flows = {0: rate, 1: rate}
         alloc = Allocation(counts, flows, rate, p_t.price * counts[0] + d_t.price * counts[1], 0.0, rate)
         design = f"{p_pool.gpu.name}-prompt/{d_pool.gpu.name}-token"
-        try:
-            plan = build_plan(
+        notes = (
+            f"Splitwise baseline: {design}, {n_p} prompt and {n_d} token machines "
+            f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp})."
+        )
+        try:  # join the shortest queue for prompts and for the token machine a KV cache goes to
+            return build_plan(
                 ctx.cluster,
                 ctx.cluster_ref,
                 ctx.model,
@@ -121,12 +125,8 @@ class Splitwise(Strategy):
                 f"splitwise-{design}",
                 "least-work",
                 ctx.model_ref,
+                weighted_handoff=False,
+                notes=notes,
             )
         except PlacementError:
             return None
-        notes = (
-            f"Splitwise baseline: {design}, {n_p} prompt and {n_d} token machines "
-            f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp})."
-        )
-        routing = RoutingPlan(policy="least-work", handoff="least-work", layerwise_kv=True)
-        return plan.model_copy(update={"routing": routing, "notes": notes})

@@ -121,8 +121,15 @@ def build_plan(
     name: str,
     routing_policy: str,
     model_ref: str | None = None,
+    *,
+    weighted_handoff: bool = True,
+    layerwise_kv: bool = True,
+    notes: str = "",
 ) -> PlanFile:
-    """The plan of ``alloc`` (``model_ref``: what its ``model:`` says; default the model's name)."""
+    """The plan of ``alloc`` (``model_ref``: what its ``model:`` says; default the model's name). KV caches
+    go from prefill to decode instances by the flows' weights where the allocation has both
+    (``weighted_handoff`` False: to the least-loaded decode instance), streamed layer by layer behind the
+    prefill unless ``layerwise_kv`` is False (staged after it)."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
     per_template: dict[int, int] = {}
@@ -164,10 +171,10 @@ def build_plan(
         elif t.role == "decode":
             dec_nodes.append((base, spots[0][0], share))
     entry = {i.name: round(flows_by_instance[i.name], 6) for i in instances if i.role != "decode"}
-    hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes)
+    hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes) if weighted_handoff else {}
     routing = RoutingPlan(
         policy=routing_policy,
-        layerwise_kv=True,
+        layerwise_kv=layerwise_kv,
         weights=entry if routing_policy == "weighted" else {},
         handoff="weighted" if hw else "least-work",
         handoff_weights=hw,
@@ -179,4 +186,5 @@ def build_plan(
         servers=servers,
         instances=instances,
         routing=routing,
+        notes=notes,
     )
