@@ -88,7 +88,7 @@ def main() -> None:
         print(
             f"{c.total_gpus:4d} GPUs ({len(c.gpu_counts())} types): {wall:6.1f} s (limit "
             f"{LIMITS.get(size, size * 0.5):.0f} s)  goodput {res.value:.2f} req/s within SLOs "
-            f"(analytic {res.predicted['requests_per_s']:.2f})  GPUs used {res.deployment.gpus_used()}  "
+            f"(analytic {res.predicted.requests_per_s:.2f})  GPUs used {res.deployment.gpus_used()}  "
             f"instances {len(res.deployment.instances)}  ${res.summary.cost_per_hour:.0f}/h  "
             f"searched {res.searched}"
         )

@@ -208,6 +208,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from dataclasses import asdict
     from pathlib import Path
 
     from .plan import save_plan
@@ -255,11 +256,11 @@ def cmd_plan(args) -> int:
         "slo_attainment": s.slo_attainment,
         "joules_per_token": s.joules_per_token,
         "search_seconds": result.seconds,
-        "searched": result.searched,
-        "predicted": result.predicted,
+        "searched": asdict(result.searched),
+        "predicted": asdict(result.predicted),
         "reasons": result.reasons,
         "plan": str(out),
-        "alternatives": result.alternatives,
+        "alternatives": [asdict(a) for a in result.alternatives],
     }
     if args.json:
         print_json(report)

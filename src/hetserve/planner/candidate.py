@@ -25,6 +25,36 @@ class Candidate:
         return self.run.summary
 
 
+@dataclass(frozen=True)
+class Analytic:
+    """What the capacity model predicts for the chosen allocation."""
+
+    requests_per_s: float
+    output_tok_s: float
+    cost_per_hour: float
+    power_w: float
+
+
+@dataclass(frozen=True)
+class Searched:
+    """How much the search looked at."""
+
+    templates: int
+    allocations: int
+    simulated: int
+    pools: int
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A candidate the search simulated, with its objective figure."""
+
+    label: str
+    value: float
+    gpus: int
+    cost_per_hour: float
+
+
 @dataclass
 class PlanResult:
     plan: PlanFile
@@ -33,8 +63,8 @@ class PlanResult:
     sense: str
     value: float
     summary: SimSummary  # simulated metrics of the chosen plan
-    predicted: dict  # analytic figures of the chosen allocation
+    predicted: Analytic  # analytic figures of the chosen allocation
     reasons: list[str]
-    searched: dict
+    searched: Searched
     seconds: float
-    alternatives: list[dict] = field(default_factory=list)
+    alternatives: list[Alternative] = field(default_factory=list)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from ..errors import HetserveError
 from ..plan import Deployment
@@ -21,7 +22,7 @@ from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
-from .candidate import Candidate, PlanResult
+from .candidate import Alternative, Analytic, Candidate, PlanResult, Searched
 from .evaluate import OBJECTIVES, Run, max_rate_within_slo, simulate_at_rate, simulate_requests
 from .explain import explain_choice, why_nothing_fits, why_rate_unreachable, why_slo_unreachable
 from .pools import pools_of
@@ -207,12 +208,12 @@ class Planner:
         objective = OBJECTIVES[self.objective]
         best = max(candidates, key=lambda c: c.score)
         alloc = best.alloc
-        predicted = {
-            "requests_per_s": round(alloc.rate, 4),
-            "output_tok_s": round(alloc.rate * self.output, 2),
-            "cost_per_hour": round(alloc.price, 4),
-            "power_w": round(alloc.power_w, 1),
-        }
+        predicted = Analytic(
+            requests_per_s=round(alloc.rate, 4),
+            output_tok_s=round(alloc.rate * self.output, 2),
+            cost_per_hour=round(alloc.price, 4),
+            power_w=round(alloc.power_w, 1),
+        )
         simulated = {
             k: getattr(best.summary, k)
             for k in (
@@ -225,7 +226,7 @@ class Planner:
             )
         }
         figures = {
-            **{f"analytic_{k}": v for k, v in predicted.items()},
+            **{f"analytic_{k}": v for k, v in asdict(predicted).items()},
             **{f"simulated_{k}": round(v, 4) for k, v in simulated.items() if v is not None},
             "objective": self.objective,
         }
@@ -233,19 +234,9 @@ class Planner:
             best, candidates, templates, objective, self.cluster, self.budget, self.quality
         )
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
-        searched = {
-            "templates": len(templates),
-            "allocations": len(allocs),
-            "simulated": len(candidates),
-            "pools": len(pools),
-        }
+        searched = Searched(len(templates), len(allocs), len(candidates), len(pools))
         alts = [
-            {
-                "label": c.label,
-                "value": objective.value(c.run),
-                "gpus": c.dep.gpus_used(),
-                "cost_per_hour": c.summary.cost_per_hour,
-            }
+            Alternative(c.label, objective.value(c.run), c.dep.gpus_used(), c.summary.cost_per_hour)
             for c in candidates
         ]
         return PlanResult(
