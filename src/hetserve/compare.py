@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from .errors import HetserveError, allowed, suggest
 
 if TYPE_CHECKING:
-    from .planner.evaluate import Run
+    from .planner.evaluate import Objective, Run
 
 # numpy, pydantic, the specs, the planner and the simulator are imported where they are used: building
 # the CLI parser (``add_compare_parser``) must stay as light as the other verbs.
@@ -252,6 +252,19 @@ def _metrics(dep, result, offered: float) -> dict:
     }
 
 
+def _judge(objective: Objective, ev: Evaluator, dep, base: Run) -> tuple[float | None, bool, int]:
+    """(objective value or None, feasible, goodput probes run) of a plan whose base simulation is ``base``:
+    throughput as simulated (feasible when a request finished); goodput the highest rate within the SLOs
+    (feasible when above 0); cost and power as simulated when the plan carried the offered load within
+    the SLOs, nothing dropped (else infeasible)."""
+    if objective.name == "goodput":
+        rate, probes = ev.max_rate(dep, base.slo_met)
+        return rate, rate > 0, probes
+    if objective.name == "throughput":
+        return objective.value(base), base.summary.completed > 0, 0
+    return (objective.value(base) if base.slo_met else None), base.slo_met, 0
+
+
 def ratio(a: float | None, b: float | None, sense: str) -> float | None:
     """How many times better ``a`` is than ``b`` (> 1: better), or None when undefined (a value missing
     or zero)."""
@@ -319,37 +332,26 @@ def run_compare(
             continue
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = ev.run(dep).result
-        m = _metrics(dep, result, ev.rate)
-        simulations = 1
-        if objective == "throughput":
-            value, feasible = m["throughput_tok_s"], m["completed"] > 0
-        elif objective == "goodput":
-            value, simulations_more = ev.max_rate(dep, m["slo_met"])
-            simulations += simulations_more
-            feasible = value > 0
-            m["max_rate_within_slo"] = value
-        else:  # carried the offered load within the SLOs, nothing dropped
-            feasible = m["slo_met"]
-            value = (m["cost_per_hour"] if objective == "cost" else m["power_w"]) if feasible else None
-        if spec.budget is not None and m["cost_per_hour"] > spec.budget + 1e-6:
-            feasible, value = False, None  # over the scenario's budget: not comparable
-        m["within_budget"] = spec.budget is None or m["cost_per_hour"] <= spec.budget + 1e-6
-        m.update(
-            {
-                "objective_value": value,
-                "objective_sense": sense,
-                "objective_unit": OBJECTIVES[objective].unit,
-                "feasible": bool(feasible),
-                "plan_seconds": planned,
-                "sim_seconds": time.perf_counter() - t1,
-                "simulations": simulations,
-                "cluster": ctx.cluster.name,
-                "notes": plan.notes,
-            }
-        )
+        base = ev.run(dep)
+        judged, feasible, probes = _judge(OBJECTIVES[objective], ev, dep, base)
+        within_budget = spec.budget is None or base.summary.cost_per_hour <= spec.budget + 1e-6
+        value = judged if within_budget else None  # over the scenario's budget: not comparable
+        m = {
+            **_metrics(dep, base.result, ev.rate),
+            **({"max_rate_within_slo": judged} if objective == "goodput" else {}),
+            "within_budget": within_budget,
+            "objective_value": value,
+            "objective_sense": sense,
+            "objective_unit": OBJECTIVES[objective].unit,
+            "feasible": feasible and within_budget,
+            "plan_seconds": planned,
+            "sim_seconds": time.perf_counter() - t1,
+            "simulations": 1 + probes,
+            "cluster": ctx.cluster.name,
+            "notes": plan.notes,
+        }
         results[name] = m
-        sims[name] = result
+        sims[name] = base.result
         plans[name] = (plan, ctx)
     out = {
         "scenario": spec.name,
