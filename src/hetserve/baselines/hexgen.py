@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from ..costmodel.roofline import ServerShape
 from ..errors import HetserveError
 from ..plan import PlanFile, RoutingPlan
+from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import tp_choices, weight_room
 from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
 
@@ -215,7 +216,7 @@ class HexGen(Strategy):
                 if g >= 0
             )
             idle = sum(g.idle_w for g in good)
-            if ctx.objective in ("throughput", "goodput"):
+            if OBJECTIVES[ctx.objective].sense == "max":
                 over = max(0.0, price - ctx.budget) if ctx.budget is not None else 0.0
                 return rate - 1e-6 * price - (1e3 * (1 + over) if over > 0 else 0.0)
             if rate < ctx.rate:

@@ -23,6 +23,7 @@ from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
+from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import pools_of
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
 
@@ -147,7 +148,7 @@ class PDHetero(Strategy):
                     continue
                 rate = min(need, sum(decs[k][2] * n for k, n in c.items()))
                 total_price = n_p * p_t.price + sum(decs[k][0].price * n for k, n in c.items())
-                if ctx.objective in ("throughput", "goodput"):
+                if OBJECTIVES[ctx.objective].sense == "max":
                     score = rate - 1e-6 * total_price
                 elif rate < ctx.rate:
                     continue

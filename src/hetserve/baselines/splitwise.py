@@ -22,6 +22,7 @@ from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import Allocation
 from ..planner.build import PlacementError, build_plan
+from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import Stage, pools_of, tp_choices
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
 
@@ -92,7 +93,7 @@ class Splitwise(Strategy):
                     p_t.dynamic_w * p_t.cap.busy_per_request + d_t.dynamic_w * d_t.cap.busy_per_request
                 ) * min(rate, ctx.rate)
                 power = n_p * p_t.idle_w * p_k + n_d * d_t.idle_w * d_k + busy
-                if ctx.objective in ("throughput", "goodput"):
+                if OBJECTIVES[ctx.objective].sense == "max":
                     score = rate - 1e-6 * price
                 elif rate < ctx.rate:
                     continue

@@ -110,7 +110,7 @@ def solve(
         served[r_col[k]] = 1
     served[f_col] = 1
     c = row()
-    if objective in ("throughput", "goodput"):
+    if OBJECTIVES[objective].sense == "max":
         c -= served
         c[:n] += 1e-7 * price  # among equal rates, the cheaper
     else:
@@ -174,7 +174,7 @@ def _finish(templates, counts: dict[int, int], objective: str, rate: float | Non
         elif t.role == "decode" and dcap > 0:
             flows[j] = f * _cap(t, objective) * n / dcap
     served = sum(v for j, v in flows.items() if templates[j].role == "mixed") + f
-    if rate is not None and objective in ("cost", "power") and served > rate > 0:
+    if rate is not None and OBJECTIVES[objective].sense == "min" and served > rate > 0:
         scale = rate / served
         flows = {j: v * scale for j, v in flows.items()}
         served = rate
@@ -196,7 +196,7 @@ def objective_value(templates, counts, objective, rate=None, budget=None, pools=
     if budget is not None and sum(templates[j].price * n for j, n in counts.items()) > budget + 1e-9:
         return None
     alloc = _finish(templates, counts, objective, rate)
-    if objective in ("cost", "power") and (rate is None or alloc.rate < rate * (1 - 1e-9)):
+    if OBJECTIVES[objective].sense == "min" and (rate is None or alloc.rate < rate * (1 - 1e-9)):
         return None
     return alloc.objective
 
