@@ -208,12 +208,12 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from dataclasses import asdict
     from pathlib import Path
 
     from .plan import save_plan
     from .planner import Planner
     from .planner.quality import parse_quality
+    from .report.planning import plan_report, print_plan
     from .specs.clusters import Cluster
     from .specs.models import load_model
     from .specs.workloads import Workload
@@ -240,69 +240,12 @@ def cmd_plan(args) -> int:
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_plan(result.plan, out, cluster_path=args.cluster)
-    s = result.summary
-    report = {
-        "objective": result.objective,
-        "objective_value": result.value,
-        "objective_sense": result.sense,
-        "throughput_tok_s": s.throughput_tok_s,
-        "goodput_rps": s.goodput_rps,
-        "cost_per_hour": s.cost_per_hour,
-        "gpus_used": result.deployment.gpus_used(),
-        "gpus_by_type": result.deployment.gpu_counts(),
-        "instances": len(result.deployment.instances),
-        "ttft_p90_ms": s.ttft_p90_ms,
-        "tpot_p90_ms": s.tpot_p90_ms,
-        "slo_attainment": s.slo_attainment,
-        "joules_per_token": s.joules_per_token,
-        "search_seconds": result.seconds,
-        "searched": asdict(result.searched),
-        "predicted": asdict(result.predicted),
-        "reasons": result.reasons,
-        "plan": str(out),
-        "alternatives": [asdict(a) for a in result.alternatives],
-    }
+    report = plan_report(result, str(out))
     if args.json:
         print_json(report)
         return 0
-    key_values(
-        f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}",
-        [
-            (k, report[k])
-            for k in (
-                "objective_value",
-                "throughput_tok_s",
-                "goodput_rps",
-                "cost_per_hour",
-                "gpus_used",
-                "gpus_by_type",
-                "instances",
-                "ttft_p90_ms",
-                "tpot_p90_ms",
-                "slo_attainment",
-                "search_seconds",
-            )
-        ],
-    )
-    table(
-        "Instances",
-        ["instance", "role", "chain (server: node, GPUs, layers, bits)"],
-        [
-            (
-                i.name,
-                i.role,
-                "; ".join(
-                    f"{srv.name}: {srv.node.name} x{srv.plan.tp} L{srv.plan.layers[0]}-"
-                    f"{srv.plan.layers[1] - 1} {srv.plan.bits if isinstance(srv.plan.bits, int) else 'mixed'}"
-                    for srv in i.servers
-                ),
-            )
-            for i in result.deployment.instances.values()
-        ],
-    )
-    for r in result.reasons:
-        print(f"- {r}")
-    print(f"wrote {out}")
+    title = f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}"
+    print_plan(result, report, title)
     return 0
 
 
