@@ -85,7 +85,7 @@ def estimate(
     chunk = min(batch * prompt, PREFILL_CHUNK_TOKENS)
     worst = None
     for s in stages:
-        mem = cm.memory(s, max_batch_tokens=chunk, max_seqs=batch)
+        mem = cm.memory(s, max_batch_tokens=chunk, max_batch_size=batch)
         need = mem.weights + mem.activations + mem.kv_bytes_per_token * total_tokens
         if worst is None or need > worst[0]:
             worst = (need, mem)

@@ -208,14 +208,14 @@ class RooflineCostModel:
     def decode_time(self, shape: ServerShape, batch: int, total_context: float) -> float:
         return self.batch_time(shape, BatchShape.decode(batch, total_context))
 
-    def activation_bytes(self, shape: ServerShape, max_batch_tokens: int, max_seqs: int) -> float:
+    def activation_bytes(self, shape: ServerShape, max_batch_tokens: int, max_batch_size: int) -> float:
         m = self.model
         per_token = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * m.hidden_size + 2 * 2 * m.intermediate_size / shape.tp
-        logits = 4.0 * m.vocab_size * max_seqs / shape.tp if shape.last else 0.0
+        logits = 4.0 * m.vocab_size * max_batch_size / shape.tp if shape.last else 0.0
         return per_token * max_batch_tokens + logits
 
     def memory(
-        self, shape: ServerShape, max_batch_tokens: int = 8192, max_seqs: int = 256
+        self, shape: ServerShape, max_batch_tokens: int = 8192, max_batch_size: int = 256
     ) -> MemoryBreakdown:
         m, tp = self.model, shape.tp
         weights = sum(m.layer_weight_bytes(b) for b in shape.layer_bits) / tp
@@ -240,6 +240,6 @@ class RooflineCostModel:
             capacity=cap,
             usable=cap * self.memory_utilisation,
             weights=weights,
-            activations=self.activation_bytes(shape, max_batch_tokens, max_seqs),
+            activations=self.activation_bytes(shape, max_batch_tokens, max_batch_size),
             kv_bytes_per_token=kv_per_token,
         )
