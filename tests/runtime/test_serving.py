@@ -11,12 +11,11 @@ from hetserve.plan import load_plan
 from hetserve.runtime.cluster.driver import ClusterEngine
 from hetserve.runtime.cluster.topology import topology_from_plan
 from hetserve.runtime.engine import EngineConfig, LLMEngine
-from hetserve.runtime.model.config import LlamaConfig
 from hetserve.runtime.model.tiny import tiny_model, tiny_tokenizer
 from hetserve.runtime.sampling import SamplingParams
 from hetserve.runtime.serving import ClusterStats, EngineLoad, ServingEngine
 
-from .cluster.test_conformance import CLUSTER, PLAN, TOKEN, InProcessWorkers
+from .cluster.test_conformance import CLUSTER, PLAN, TOKEN, InProcessWorkers, engine_config
 
 MEMBERS = [
     name
@@ -33,18 +32,7 @@ def cluster_engine(tmp_path) -> tuple[ClusterEngine, InProcessWorkers]:
     path = tmp_path / "plan.yaml"
     path.write_text(PLAN.format(cluster=CLUSTER, routing="round-robin", policy="decode-first"))
     dep = load_plan(path)
-    m = dep.model
-    config = LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        max_position_embeddings=m.max_position_embeddings,
-        eos_token_ids=(0,),
-    )
+    config = engine_config(dep)
     workers = InProcessWorkers(config.vocab_size)
     workers.gate.set()
     engine = ClusterEngine(topology_from_plan(dep), config, None, 0.5, transport=workers)

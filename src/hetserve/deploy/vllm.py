@@ -67,6 +67,7 @@ def export(
             "this instance's kv_share of the KV room",
             "  (90% of the GPU minus weights and activations) over the GPU's memory; the smallest over the stages",
         ]
+        wait_gpus = None
         if a.multi_node:
             ray_port = RAY_PORT + ray_clusters
             ray_clusters += 1
@@ -97,29 +98,18 @@ def export(
                     )
                 )
             env["RAY_ADDRESS"] = f"127.0.0.1:{ray_port}"
-            total = sum(s.tp for s in a.stages)
-            out.steps.append(
-                Step(
-                    a.head,
-                    a.name,
-                    argv,
-                    env={"CUDA_VISIBLE_DEVICES": head_gpus, **env},
-                    comment=comment,
-                    wait_gpus=(f"127.0.0.1:{ray_port}", total),
-                    engine=True,
-                )
+            wait_gpus = (f"127.0.0.1:{ray_port}", sum(s.tp for s in a.stages))
+        out.steps.append(
+            Step(
+                a.head,
+                a.name,
+                argv,
+                env={"CUDA_VISIBLE_DEVICES": head_gpus, **env},
+                comment=comment,
+                wait_gpus=wait_gpus,
+                engine=True,
             )
-        else:
-            out.steps.append(
-                Step(
-                    a.head,
-                    a.name,
-                    argv,
-                    env={"CUDA_VISIBLE_DEVICES": head_gpus, **env},
-                    comment=comment,
-                    engine=True,
-                )
-            )
+        )
         out.urls[a.name] = f"http://{host_ref(a.head)}:{p.http}"
         notes = []
         if a.micro_batches != a.pp and a.pp > 1:

@@ -121,10 +121,11 @@ def run_simulator(dep, monkeypatch) -> dict:
     return log
 
 
-def run_driver(dep, monkeypatch) -> tuple[dict, InProcessWorkers]:
-    log = record(monkeypatch)
+def engine_config(dep) -> LlamaConfig:
+    """The engine's view of the plan's model (no weights: the in-process workers need none); token 0
+    ends a sequence."""
     m = dep.model
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,
@@ -135,6 +136,11 @@ def run_driver(dep, monkeypatch) -> tuple[dict, InProcessWorkers]:
         max_position_embeddings=m.max_position_embeddings,
         eos_token_ids=(0,),
     )
+
+
+def run_driver(dep, monkeypatch) -> tuple[dict, InProcessWorkers]:
+    log = record(monkeypatch)
+    config = engine_config(dep)
     workers = InProcessWorkers(config.vocab_size)
     engine = ClusterEngine(
         topology_from_plan(dep), config, None, 0.5, prefix_caching=False, transport=workers
