@@ -90,7 +90,8 @@ def main() -> None:
             f"{LIMITS.get(size, size * 0.5):.0f} s)  goodput {res.value:.2f} req/s within SLOs "
             f"(analytic {res.predicted.requests_per_s:.2f})  GPUs used {res.deployment.gpus_used()}  "
             f"instances {len(res.deployment.instances)}  ${res.summary.cost_per_hour:.0f}/h  "
-            f"searched {res.searched}"
+            f"searched {res.searched.templates} templates, {res.searched.allocations} allocations, "
+            f"{res.searched.simulated} designs simulated"
         )
         print("      " + " | ".join(res.reasons[:2]))
 
