@@ -127,3 +127,22 @@ def test_the_api_serves_a_cluster_engine_through_the_protocol(cluster):
     assert metrics['hetserve_worker_up{rank="2",server="s0",tp_rank="0"}'] == 1
     assert metrics["hetserve_generation_tokens_total"] == 4
     assert metrics["hetserve_kv_handoff_bytes"] == 0
+
+
+def test_health_fails_when_no_instance_can_take_requests(cluster):
+    """A plan whose entry instances are all down cannot serve: /health says so (a load balancer then
+    stops sending traffic), while a plan with one entry instance up is healthy."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from hetserve.runtime.api.server import BackgroundServer, create_app
+
+    with (
+        BackgroundServer(create_app(cluster, "plan")) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as c,
+    ):
+        assert c.get("/health").status_code == 200
+        cluster.instances["replica"].up = False
+        assert c.get("/health").status_code == 200  # the pipeline still takes requests
+        cluster.instances["pipeline"].up = False
+        r = c.get("/health")
+        assert r.status_code == 503 and "no instance" in r.json()["status"]

@@ -85,6 +85,9 @@ def create_app(engine: ServingEngine, model_name: str) -> FastAPI:
     async def health():
         if not loop.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        stats = engine.cluster_stats()
+        if stats is not None and not any(i.up and i.role != "decode" for i in stats.instances):
+            return JSONResponse({"status": "no instance is up to take requests"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
