@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import solve
-from ..planner.build import PlacementError, build_plan
+from ..planner.build import PlacementError
 from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import pools_of
 from ..planner.strategy import Strategy, StrategyContext
@@ -33,18 +33,7 @@ class Homogeneous(Strategy):
                     f"(${alloc.price:.2f}/h)."
                 )
                 try:
-                    return build_plan(
-                        ctx.cluster,
-                        ctx.cluster_ref,
-                        ctx.model,
-                        templates,
-                        alloc,
-                        ctx.prompt,
-                        f"homogeneous-{gpu}",
-                        "least-work",
-                        ctx.model_ref,
-                        notes=notes,
-                    )
+                    return ctx.build_plan(templates, alloc, f"homogeneous-{gpu}", notes=notes)
                 except PlacementError as exc:
                     raise HetserveError(
                         f"homogeneous: replicas on {gpu} do not pack into its nodes: {exc}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import Allocation
-from ..planner.build import PlacementError, build_plan
+from ..planner.build import PlacementError
 from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import pools_of
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
@@ -183,18 +183,8 @@ class PDHetero(Strategy):
             f"({p_t.describe().split(': ')[1]}); decode {dec_desc}."
         )
         try:  # KV staged through host memory after the prefill
-            return build_plan(
-                ctx.cluster,
-                ctx.cluster_ref,
-                ctx.model,
-                templates,
-                alloc,
-                ctx.prompt,
-                f"pd-hetero-{ctx.model.name}",
-                "least-work",
-                ctx.model_ref,
-                layerwise_kv=False,
-                notes=notes,
+            return ctx.build_plan(
+                templates, alloc, f"pd-hetero-{ctx.model.name}", layerwise_kv=False, notes=notes
             )
         except PlacementError:
             return None

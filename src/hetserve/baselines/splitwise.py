@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..errors import HetserveError
 from ..plan import PlanFile
 from ..planner.allocate import Allocation
-from ..planner.build import PlacementError, build_plan
+from ..planner.build import PlacementError
 from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import Stage, pools_of, tp_choices
 from ..planner.strategy import Strategy, StrategyContext, best_by_trial
@@ -116,18 +116,8 @@ class Splitwise(Strategy):
             f"(TP {p_t.stages[0].tp} / TP {d_t.stages[0].tp})."
         )
         try:  # join the shortest queue for prompts and for the token machine a KV cache goes to
-            return build_plan(
-                ctx.cluster,
-                ctx.cluster_ref,
-                ctx.model,
-                templates,
-                alloc,
-                ctx.prompt,
-                f"splitwise-{design}",
-                "least-work",
-                ctx.model_ref,
-                weighted_handoff=False,
-                notes=notes,
+            return ctx.build_plan(
+                templates, alloc, f"splitwise-{design}", weighted_handoff=False, notes=notes
             )
         except PlacementError:
             return None

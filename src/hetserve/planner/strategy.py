@@ -25,6 +25,8 @@ from ..plan import Deployment, InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
+from .allocate import Allocation
+from .build import build_plan
 from .capacity import (
     Capacity,
     ChainTiming,
@@ -35,7 +37,7 @@ from .capacity import (
 from .evaluate import OBJECTIVES, Run, simulate_at_rate
 from .pools import SETTINGS, batch_limit
 from .quality import removed_share, sensitivity
-from .templates import TemplateFactory
+from .templates import Template, TemplateFactory
 
 #: Requests a strategy's own trial simulation replays (strategies that search by simulation).
 TRIAL_REQUESTS = 300
@@ -97,6 +99,33 @@ class StrategyContext:
             output_q=self.output_q,
             max_seqs=self.max_seqs,
             long_tokens=self.long_request if self.max_seqs is not None else None,
+        )
+
+    def build_plan(
+        self,
+        templates: list[Template],
+        alloc: Allocation,
+        name: str,
+        *,
+        weighted_handoff: bool = True,
+        layerwise_kv: bool = True,
+        notes: str = "",
+    ) -> PlanFile:
+        """The plan of ``alloc`` on this context's cluster and model, least-work routing
+        (``planner.build.build_plan``). Raises ``PlacementError`` when it does not pack into the nodes."""
+        return build_plan(
+            self.cluster,
+            self.cluster_ref,
+            self.model,
+            templates,
+            alloc,
+            self.prompt,
+            name,
+            "least-work",
+            self.model_ref,
+            weighted_handoff=weighted_handoff,
+            layerwise_kv=layerwise_kv,
+            notes=notes,
         )
 
     def settings(self, role: str, lanes: int = 1, given: tuple | None = None) -> tuple[int, int, int | None]:
