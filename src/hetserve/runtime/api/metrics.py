@@ -200,46 +200,31 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
+#: Per-instance gauges of a plan's cluster: name, help, and how each reads an instance's figures.
+INSTANCE_GAUGES: tuple[tuple[str, str, Callable[[InstanceStats], float]], ...] = (
+    ("hetserve_instance_up", "1 while every worker of the instance is alive", lambda i: float(i.up)),
+    ("hetserve_instance_requests_waiting", "Requests queued at the instance", lambda i: i.load.waiting),
+    ("hetserve_instance_requests_running", "Requests in the instance's batches", lambda i: i.load.running),
+    (
+        "hetserve_instance_kv_blocks_used",
+        "KV blocks the instance's requests hold",
+        lambda i: i.load.blocks_used,
+    ),
+    ("hetserve_instance_kv_blocks_total", "KV blocks of the instance", lambda i: i.load.blocks_total),
+    ("hetserve_instance_steps", "Micro-batches the instance has run", lambda i: i.load.steps),
+)
+
+
 def cluster_gauges(stats: ClusterStats) -> list[LabelledGauge]:
     """/metrics per instance and per worker of a plan's cluster."""
     per_inst = {(("instance", i.name), ("role", i.role)): i for i in stats.instances}
     workers = {
         (("rank", str(w.rank)), ("server", w.server), ("tp_rank", str(w.tp_rank))): w for w in stats.workers
     }
-
-    def by_instance(read: Callable[[InstanceStats], float]) -> dict:
-        return {labels: read(i) for labels, i in per_inst.items()}
-
     return [
-        LabelledGauge(
-            "hetserve_instance_up",
-            "1 while every worker of the instance is alive",
-            by_instance(lambda i: float(i.up)),
-        ),
-        LabelledGauge(
-            "hetserve_instance_requests_waiting",
-            "Requests queued at the instance",
-            by_instance(lambda i: i.load.waiting),
-        ),
-        LabelledGauge(
-            "hetserve_instance_requests_running",
-            "Requests in the instance's batches",
-            by_instance(lambda i: i.load.running),
-        ),
-        LabelledGauge(
-            "hetserve_instance_kv_blocks_used",
-            "KV blocks the instance's requests hold",
-            by_instance(lambda i: i.load.blocks_used),
-        ),
-        LabelledGauge(
-            "hetserve_instance_kv_blocks_total",
-            "KV blocks of the instance",
-            by_instance(lambda i: i.load.blocks_total),
-        ),
-        LabelledGauge(
-            "hetserve_instance_steps",
-            "Micro-batches the instance has run",
-            by_instance(lambda i: i.load.steps),
+        *(
+            LabelledGauge(name, help, {labels: read(i) for labels, i in per_inst.items()})
+            for name, help, read in INSTANCE_GAUGES
         ),
         LabelledGauge(
             "hetserve_worker_up",
