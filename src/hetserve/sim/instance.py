@@ -4,10 +4,9 @@ A ``SimServer`` is a compute resource. A server on one instance's chain has a FI
 (``free_at``). A server on several instances' chains batches: whatever waits on it when it becomes free
 (the batches of every chain through it, up to the largest token budget among them) runs as one step,
 so the server reads its weights once for all of them, as a block server batching the requests of
-every path through it does. A ``SimInstance`` runs the
-shared scheduler (``hetserve.scheduling``) in one or more *lanes*: a lane is one batch in flight through
-the chain (``micro_batches`` lanes keep a pipeline's stages busy), with its own scheduler and an equal
-share of the instance's KV blocks.
+every path through it does. A ``SimInstance`` is the shared instance layer
+(``hetserve.scheduling.instance``: lanes, lane choice, admission counters, the router's view) on the
+simulator's clock; its steps are timed by its chain's cost model (``chain``, a ``costmodel.ChainTimer``).
 """
 
 from __future__ import annotations
@@ -160,30 +159,12 @@ class SimInstance(InstanceState[Lane]):
             lane.instance = self
         self.plan = inst.plan
         self.servers = [servers[s.name] for s in inst.servers]
-        self.timers = self.chain.timers
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes a lane's step takes the pipeline's steady-state cycle,
         #: max(latency, m x slowest stage); servers shared with other instances queue stage by stage.
         self.exclusive = not any(len(s.instances) > 1 for s in inst.servers)
-        self.num_lanes = len(self.lanes)
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         self.clock = [0.0]  # the simulator's current time, shared
-
-    # ---- timing (the chain's cost model) ----------------------------------------------------------
-    def step_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
-        return self.chain.step_time(new_tokens, seqs, pairs, kv_read)
-
-    def cycle_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
-        return self.chain.cycle_time(new_tokens, seqs, pairs, kv_read)
-
-    def decode_affine(self, batch: float, kv: float) -> tuple[float, float]:
-        return self.chain.decode_affine(batch, kv)
-
-    def stage_shares(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> list[float]:
-        return self.chain.stage_shares(new_tokens, seqs, pairs, kv_read)
-
-    def hop_time(self, i: int, new_tokens: float) -> float:
-        return self.chain.hop_time(i, new_tokens)
 
     # ---- the router's view ------------------------------------------------------------------------
     def output_in_flight(self) -> int:

@@ -222,13 +222,13 @@ class Simulator:
             return
         # Servers of its own: the step's time is known now. A pure-decode batch runs as many steps as
         # nothing could change; an arrival to this lane cuts the run short (_cut_run).
-        lane.shares = inst.stage_shares(new, seqs, pairs, kv)
+        lane.shares = inst.chain.stage_shares(new, seqs, pairs, kv)
         steps = sched.decode_steps_available(batch) if new == seqs else 1
         if steps > 1:
-            lane.a, lane.b = inst.decode_affine(seqs, kv)
+            lane.a, lane.b = inst.chain.decode_affine(seqs, kv)
             lane.kv0, lane.n, lane.steps = kv, seqs, steps
         else:
-            lane.duration = inst.cycle_time(new, seqs, pairs, kv)
+            lane.duration = inst.chain.cycle_time(new, seqs, pairs, kv)
         self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
 
     def _cut_run(self, lane: Lane, t: float) -> None:
@@ -252,14 +252,14 @@ class Simulator:
                 self._start_soon(srv, t)
             return
         start = t if t > srv.free_at else srv.free_at
-        dt = inst.timers[s].time(*lane.shape)
+        dt = inst.chain.timers[s].time(*lane.shape)
         srv.occupy(start, dt)
         self._leave_stage(lane, s, start + dt)
 
     def _leave_stage(self, lane: Lane, s: int, end: float) -> None:
         inst = lane.instance
         if s + 1 < len(inst.servers):
-            self.push(end + inst.hop_time(s, lane.shape[0]), STAGE, (lane, s + 1))
+            self.push(end + inst.chain.hop_time(s, lane.shape[0]), STAGE, (lane, s + 1))
         else:
             self.push(end, DONE, (lane, lane.version))
 
