@@ -244,9 +244,6 @@ class ClusterEngine:
                 if lane.flight is None and lane.scheduler.has_unfinished():
                     self._dispatch_lane(inst, lane)
 
-    def _send(self, command, ranks) -> None:
-        self.transport.send(command, ranks)
-
     def _dispatch_lane(self, inst: InstanceRunner, lane: _Lane) -> None:
         batch = inst.schedule(lane)
         if not batch.items:
@@ -258,9 +255,9 @@ class ClusterEngine:
                 key, _ = req.install
                 req.install = None
                 if it.seq.num_transferred_tokens:
-                    self._send(KVInstall(inst.name, key, table(it.seq)), inst.spec.ranks)
+                    self.transport.send(KVInstall(inst.name, key, table(it.seq)), inst.spec.ranks)
                 else:  # preempted before it ran: it recomputes instead
-                    self._send(KVDrop(key), inst.spec.ranks)
+                    self.transport.send(KVDrop(key), inst.spec.ranks)
         ids, positions, meta, rows = prepare_batch(
             batch.items, inst.spec.block_size, "cpu", lane.offset, strided=inst.strided
         )
@@ -273,9 +270,11 @@ class ClusterEngine:
                     handoffs.append(
                         (it.seq.seq_id, self.kv.start(inst.spec, dec.spec, table(it.seq), it.end))
                     )
-        self._send(Step(inst.name, ids, positions, meta, rows, [h.out for _, h in handoffs]), inst.spec.ranks)
+        self.transport.send(
+            Step(inst.name, ids, positions, meta, rows, [h.out for _, h in handoffs]), inst.spec.ranks
+        )
         for _, h in handoffs:
-            self._send(h.recv, h.decoder.ranks)
+            self.transport.send(h.recv, h.decoder.ranks)
         by_seq = {seq_id: (h.decoder.name, h.key) for seq_id, h in handoffs}
         lane.flight = _Flight(lane, batch, sampling, by_seq, time.perf_counter())
         inst.expect(lane.flight)
@@ -297,7 +296,7 @@ class ClusterEngine:
             return
         for seq_id, (dec, key) in flight.handoffs.items():
             if seq_id not in self._by_seq:  # aborted while its prefill ran: free the staged KV
-                self._send(KVDrop(key), self.instances[dec].spec.ranks)
+                self.transport.send(KVDrop(key), self.instances[dec].spec.ranks)
         live = [it for it in flight.sampling if it.seq.seq_id in self._by_seq]
         rows = [flight.sampling.index(it) for it in live]
         reqs = [self._by_seq[it.seq.seq_id] for it in live]
@@ -315,7 +314,7 @@ class ClusterEngine:
             if req.state.done:
                 delta += req.state.finish()
                 if handoff is not None:
-                    self._send(KVDrop(handoff[1]), self.instances[handoff[0]].spec.ranks)
+                    self.transport.send(KVDrop(handoff[1]), self.instances[handoff[0]].spec.ranks)
                 del self._requests[req.id]
             elif handoff is not None:
                 dec = self.instances[handoff[0]]
@@ -341,7 +340,7 @@ class ClusterEngine:
         if not inst.up:
             return
         for command, ranks in stop_instance(inst, self.instances):
-            self._send(command, ranks)
+            self.transport.send(command, ranks)
         orphans = [r for r in self._requests.values() if r.instance == inst.name]
         for req in orphans:
             if req.state.seq is not None:
@@ -361,7 +360,7 @@ class ClusterEngine:
         if inst.up:
             inst.abort(inst.lanes[req.lane], seq_id)
             if req.install is not None:
-                self._send(KVDrop(req.install[0]), inst.spec.ranks)
+                self.transport.send(KVDrop(req.install[0]), inst.spec.ranks)
 
     def _fail(self, req: _ClusterRequest, why: str, outputs: list | None) -> None:
         self._requests.pop(req.id, None)
@@ -377,7 +376,7 @@ class ClusterEngine:
             inst.stop()
         live = sorted({r for inst in self.instances.values() if inst.up for r in inst.spec.ranks})
         try:
-            self._send(Shutdown(), live)
+            self.transport.send(Shutdown(), live)
         except Exception:  # noqa: BLE001 - a worker that is gone cannot be told
             pass
         self.transport.close()
