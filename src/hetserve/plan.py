@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from .costmodel.chain import ChainTimer
 from .costmodel.roofline import RooflineCostModel, ServerShape
 from .errors import HetserveError, allowed, suggest
+from .scheduling.instance import InstanceConfig
 from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import load_yaml_model, validate
@@ -147,6 +148,21 @@ class Instance:
     @property
     def role(self) -> str:
         return self.plan.role
+
+    def scheduling(self) -> InstanceConfig:
+        """The settings the shared instance layer (``scheduling.instance``) runs this instance with, in
+        the simulator and in the cluster driver alike."""
+        p = self.plan
+        return InstanceConfig(
+            name=p.name,
+            role=p.role,
+            lanes=max(1, p.micro_batches),
+            max_batch_size=p.max_batch_size,
+            max_batch_tokens=p.max_batch_tokens,
+            chunk_size=p.chunk_size,
+            policy=p.policy,
+            block_size=p.block_size,
+        )
 
 
 class Deployment:

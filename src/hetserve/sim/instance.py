@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..costmodel.roofline import ServerTimer
 from ..plan import Deployment, Instance
-from ..scheduling.instance import InstanceConfig, InstanceState
+from ..scheduling.instance import InstanceState
 from ..scheduling.instance import Lane as LaneBase
 from ..scheduling.scheduler import Batch
 
@@ -128,21 +128,6 @@ class Lane(LaneBase):
         return steps_within(self.a, self.b, self.kv0, self.n, t - self.t0, self.steps)
 
 
-def instance_config(inst: Instance) -> InstanceConfig:
-    """The scheduling settings of a plan's instance."""
-    p = inst.plan
-    return InstanceConfig(
-        name=p.name,
-        role=p.role,
-        lanes=max(1, p.micro_batches),
-        max_batch_size=p.max_batch_size,
-        max_batch_tokens=p.max_batch_tokens,
-        chunk_size=p.chunk_size,
-        policy=p.policy,
-        block_size=p.block_size,
-    )
-
-
 class SimInstance(InstanceState[Lane]):
     """One instance of the plan on the simulator's clock: its chain's timers and hops, its lanes, and
     its servers' timelines."""
@@ -150,7 +135,7 @@ class SimInstance(InstanceState[Lane]):
     def __init__(self, inst: Instance, dep: Deployment, servers: dict[str, SimServer]):
         self.chain = dep.chain_timer(inst.name)
         super().__init__(
-            instance_config(inst),
+            inst.scheduling(),
             self.chain.work_estimate(),
             inst.kv_capacity_tokens // inst.plan.block_size,
             Lane,

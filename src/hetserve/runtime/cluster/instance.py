@@ -42,7 +42,7 @@ class InstanceRunner(InstanceState[_Lane]):
         transport: Transport,
     ):
         super().__init__(
-            spec.scheduling(),
+            spec.scheduling,
             spec.estimate,
             num_blocks,
             _Lane,

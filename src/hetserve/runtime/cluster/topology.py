@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ...errors import HetserveError
 from ...plan import Deployment
 from ...scheduling.instance import InstanceConfig, WorkEstimate
-from ...vocabulary import ENGINE_DTYPES, SchedulePolicy
+from ...vocabulary import ENGINE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -32,31 +32,25 @@ class WorkerSpec:
 @dataclass(frozen=True)
 class InstanceSpec:
     name: str
-    role: str  # mixed | prefill | decode
     stages: tuple[tuple[int, ...], ...]  # per server in the chain: its ranks, TP rank 0 first
     servers: tuple[str, ...]
-    block_size: int
-    lanes: int  # micro-batches in flight through the chain
     kv_shares: tuple[float, ...]  # per server in the chain: its share of that server's KV room
-    max_batch_size: int
-    max_batch_tokens: int
-    chunk_size: int | None
-    policy: SchedulePolicy
+    #: The settings the shared instance layer schedules it with (role, lanes, batch limits, policy).
+    scheduling: InstanceConfig
     #: Per-token costs and speed from the plan's cost model (least-work routing and JFFC read them).
     estimate: WorkEstimate
 
-    def scheduling(self) -> InstanceConfig:
-        """The settings the shared instance layer schedules this instance with."""
-        return InstanceConfig(
-            name=self.name,
-            role=self.role,
-            lanes=self.lanes,
-            max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens,
-            chunk_size=self.chunk_size,
-            policy=self.policy,
-            block_size=self.block_size,
-        )
+    @property
+    def role(self) -> str:  # mixed | prefill | decode
+        return self.scheduling.role
+
+    @property
+    def lanes(self) -> int:  # micro-batches in flight through the chain
+        return self.scheduling.lanes
+
+    @property
+    def block_size(self) -> int:
+        return self.scheduling.block_size
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -132,19 +126,12 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
     for inst in dep.instances.values():
         p = inst.plan
         stages = tuple(servers[s.name] for s in inst.servers)
-        lanes = max(p.micro_batches, 1)
         instances[p.name] = InstanceSpec(
             p.name,
-            p.role,
             stages,
             tuple(s.name for s in inst.servers),
-            p.block_size,
-            lanes,
             tuple(p.share_on(s.name) for s in inst.servers),
-            p.max_batch_size,
-            p.max_batch_tokens,
-            p.chunk_size,
-            p.policy,
+            inst.scheduling(),
             dep.chain_timer(p.name).work_estimate(),
         )
     r = dep.spec.routing
