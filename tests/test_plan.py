@@ -290,7 +290,7 @@ CASES = [
     (
         "negative-weight",
         _set("routing", {"weights": {"pipe": -1}}),
-        ["routing.weights", "'pipe' must be >= 0"],
+        ["routing.weights", "'pipe' must be from 0 to"],
     ),
     (
         "handoff-weights-name-decode-as-source",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, field_validator
@@ -28,6 +28,15 @@ from .vocabulary import DTYPE_BYTES, SchedulePolicy
 
 PLAN_VERSION = 1
 Role = Literal["prefill", "decode", "mixed"]
+
+#: Bounds of an instance's scheduler settings: sequences and tokens in one batch, batches in flight
+#: through a chain and tokens per KV block. Each sizes memory the simulator and the runtime allocate.
+MAX_BATCH_SIZE = 1 << 16
+MAX_BATCH_TOKENS = 1 << 24
+MAX_MICRO_BATCHES = 256
+MAX_BLOCK_SIZE = 1 << 12
+#: Largest routing weight (weights are relative; a bound keeps their sums finite).
+MAX_WEIGHT = 1e9
 
 
 class ServerPlan(Strict):
@@ -55,16 +64,20 @@ class InstancePlan(Strict):
     name: str = Field(min_length=1)
     role: Role
     chain: list[str] = Field(min_length=1, description="server names, first layer to last")
-    max_batch_size: int = Field(default=256, ge=1)
-    max_batch_tokens: int = Field(default=8192, ge=1)
-    chunk_size: int | None = Field(default=None, ge=1, description="chunked prefill; None = whole prompts")
+    max_batch_size: int = Field(default=256, ge=1, le=MAX_BATCH_SIZE)
+    max_batch_tokens: int = Field(default=8192, ge=1, le=MAX_BATCH_TOKENS)
+    chunk_size: int | None = Field(
+        default=None, ge=1, le=MAX_BATCH_TOKENS, description="chunked prefill; None = whole prompts"
+    )
     policy: SchedulePolicy = "decode-first"
-    micro_batches: int = Field(default=1, ge=1, description="batches in flight through the chain")
+    micro_batches: int = Field(
+        default=1, ge=1, le=MAX_MICRO_BATCHES, description="batches in flight through the chain"
+    )
     kv_share: float | dict[str, float] = Field(
         default=1.0,
         description="share of each server's KV room: one for every server of the chain, or per server",
     )
-    block_size: int = Field(default=16, ge=1)
+    block_size: int = Field(default=16, ge=1, le=MAX_BLOCK_SIZE)
 
     @field_validator("kv_share")
     @classmethod
@@ -91,8 +104,8 @@ class RoutingPlan(Strict):
     @classmethod
     def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
         for k, w in v.items():
-            if w < 0:
-                raise ValueError(f"weight of '{k}' must be >= 0")
+            if not 0 <= w <= MAX_WEIGHT:
+                raise ValueError(f"weight of '{k}' must be from 0 to {MAX_WEIGHT:g}")
         return v
 
     @field_validator("handoff_weights")
@@ -100,8 +113,8 @@ class RoutingPlan(Strict):
     def _non_negative_handoff(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         for p, ws in v.items():
             for d, w in ws.items():
-                if w < 0:
-                    raise ValueError(f"weight of '{p}' -> '{d}' must be >= 0")
+                if not 0 <= w <= MAX_WEIGHT:
+                    raise ValueError(f"weight of '{p}' -> '{d}' must be from 0 to {MAX_WEIGHT:g}")
         return v
 
 
@@ -113,7 +126,8 @@ class PlanFile(Strict):
     servers: list[ServerPlan] = Field(min_length=1)
     instances: list[InstancePlan] = Field(min_length=1)
     routing: RoutingPlan = RoutingPlan()
-    predicted: dict[str, float | int | str | None] = {}
+    #: What the planner predicted (informational; a figure may be .inf or .nan, e.g. no request finished).
+    predicted: dict[str, Annotated[float, Field(allow_inf_nan=True)] | int | str | None] = {}
     notes: str = ""
 
 

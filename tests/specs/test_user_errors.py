@@ -30,7 +30,7 @@ CLUSTER_CASES = [
     (
         "negative bandwidth",
         CLUSTER_OK.replace("gbit_per_s: 100", "gbit_per_s: -5"),
-        ["network.gbit_per_s", "greater than 0"],
+        ["network.gbit_per_s", "greater than or equal to 0.001"],
     ),
     (
         "misspelt key",

@@ -21,11 +21,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
 from .gpus import Fabric, GPUOverride, GPUSpec, Strict, builtin_gpus
 from .loading import load_yaml_model, validate
+
+#: Most nodes a cluster may have, counting every replica (a node's ``replicas`` included).
+MAX_NODES = 10_000
+#: Most GPUs on one node.
+MAX_GPUS_PER_NODE = 64
+#: Bounds of a network link: bandwidth in Gbit/s and one-way latency in ms.
+MIN_GBIT_PER_S, MAX_GBIT_PER_S = 0.001, 1e6
+MAX_LATENCY_MS = 10_000.0
 
 
 @dataclass(frozen=True)
@@ -42,22 +50,31 @@ class Link:
 class NodeSpec(Strict):
     name: str = Field(min_length=1)
     gpu: str
-    count: int = Field(default=1, ge=1, le=64)
+    count: int = Field(default=1, ge=1, le=MAX_GPUS_PER_NODE)
     zone: str = "default"
     fabric: Fabric | None = Field(default=None, description="override the GPU's intra-node fabric")
-    replicas: int = Field(default=1, ge=1, description="identical nodes named NAME-0 .. NAME-(N-1)")
+    replicas: int = Field(
+        default=1, ge=1, le=MAX_NODES, description="identical nodes named NAME-0 .. NAME-(N-1)"
+    )
 
 
 class LinkOverride(Strict):
     a: str
     b: str
-    gbit_per_s: float = Field(gt=0)
-    latency_ms: float = Field(default=0.0, ge=0)
+    gbit_per_s: float = Field(ge=MIN_GBIT_PER_S, le=MAX_GBIT_PER_S)
+    latency_ms: float = Field(default=0.0, ge=0, le=MAX_LATENCY_MS)
 
 
 class NetworkSpec(Strict):
-    gbit_per_s: float = Field(default=100.0, gt=0, description="default inter-node bandwidth, Gbit/s")
-    latency_ms: float = Field(default=0.05, ge=0, description="default inter-node one-way latency")
+    gbit_per_s: float = Field(
+        default=100.0,
+        ge=MIN_GBIT_PER_S,
+        le=MAX_GBIT_PER_S,
+        description="default inter-node bandwidth, Gbit/s",
+    )
+    latency_ms: float = Field(
+        default=0.05, ge=0, le=MAX_LATENCY_MS, description="default inter-node one-way latency"
+    )
     zones: list[LinkOverride] = []
     pairs: list[LinkOverride] = []
 
@@ -67,6 +84,16 @@ class ClusterFile(Strict):
     gpus: dict[str, GPUOverride] = {}
     nodes: list[NodeSpec] = Field(min_length=1)
     network: NetworkSpec = NetworkSpec()
+
+    @model_validator(mode="after")
+    def _node_count(self) -> ClusterFile:
+        total = sum(n.replicas for n in self.nodes)
+        if total > MAX_NODES:
+            raise ValueError(
+                f"the cluster has {total:,} nodes (replicas counted), more than the {MAX_NODES:,} "
+                "a cluster may have"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ of catalogued ones (``gpus:`` section). Throughput figures are *dense* (no struc
 
 from __future__ import annotations
 
+import typing
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,15 +22,61 @@ HALF_DTYPES: tuple[DType, ...] = ("bf16", "fp16")
 
 
 class Strict(BaseModel):
-    """Base for every user-facing spec: unknown keys are errors (catches misspelt keys)."""
+    """Base for every user-facing spec: unknown keys are errors (catches misspelt keys), numbers are
+    finite (``.inf``/``.nan`` are refused) and true/false is not a number (``count: true`` is refused
+    where YAML would make it 1)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is not None and _holds_bool(value) and not _admits_bool(field.annotation):
+                    raise ValueError(f"{name}: true/false is not a number; give a number")
+        return data
+
+
+def _holds_bool(value: Any) -> bool:
+    """A bool, or a list or mapping with a bool among its values (one level: nested specs check theirs)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, bool) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, bool) for v in value.values())
+    return False
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes true/false itself (bool) or leaves it to a nested spec to judge."""
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_admits_bool(arg) for arg in typing.get_args(annotation))
+
+
+#: Bounds of a GPU's figures: wide enough for any real accelerator, narrow enough that no cost-model
+#: time overflows or takes forever to simulate (a fabric of 0 GB/s would divide by zero).
+MIN_GB_PER_S, MAX_GB_PER_S = 0.01, 1e6
+MAX_LATENCY_US = 1e6
+MAX_MEMORY_GB = 1e5
+MAX_TFLOPS = 1e6
+MAX_WATTS = 1e5
+MAX_PRICE_PER_HOUR = 1e5
 
 
 class Fabric(Strict):
     kind: FabricKind
-    gb_per_s: float = Field(ge=0, description="GB/s per direction per GPU")
-    latency_us: float = Field(default=5.0, ge=0, description="one-hop latency of a collective step")
+    gb_per_s: float = Field(
+        ge=MIN_GB_PER_S, le=MAX_GB_PER_S, description="GB/s per direction per GPU (at least 0.01)"
+    )
+    latency_us: float = Field(
+        default=5.0, ge=0, le=MAX_LATENCY_US, description="one-hop latency of a collective step"
+    )
 
 
 class Efficiency(Strict):
@@ -42,13 +89,15 @@ class Efficiency(Strict):
 class GPUSpec(Strict):
     name: str
     vendor: Vendor
-    memory_gb: float = Field(gt=0, description="device memory, GB (1e9 bytes)")
-    memory_bw_gb_per_s: float = Field(gt=0, description="memory bandwidth, GB/s")
+    memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB, description="device memory, GB (1e9 bytes)")
+    memory_bw_gb_per_s: float = Field(ge=MIN_GB_PER_S, le=MAX_GB_PER_S, description="memory bandwidth, GB/s")
     tflops: dict[DType, float] = Field(description="dense TFLOPS (TOPS for int) per dtype")
     fabric: Fabric
-    tdp_w: float = Field(gt=0)
-    idle_w: float | None = Field(default=None, ge=0, description="idle draw; default 20% of TDP")
-    price_per_hour: float = Field(ge=0, description="USD per GPU-hour")
+    tdp_w: float = Field(gt=0, le=MAX_WATTS)
+    idle_w: float | None = Field(
+        default=None, ge=0, le=MAX_WATTS, description="idle draw; default 20% of TDP"
+    )
+    price_per_hour: float = Field(ge=0, le=MAX_PRICE_PER_HOUR, description="USD per GPU-hour")
     weight_dtypes: list[str] = Field(description="weight formats with a native or fused kernel path")
     kv_dtypes: list[DType]
     efficiency: Efficiency = Efficiency()
@@ -58,8 +107,11 @@ class GPUSpec(Strict):
     @model_validator(mode="after")
     def _check(self) -> GPUSpec:
         for dtype, value in self.tflops.items():
-            if value <= 0:
-                raise ValueError(f"tflops.{dtype} must be > 0 (leave the dtype out if unsupported)")
+            if not 0.001 <= value <= MAX_TFLOPS:
+                raise ValueError(
+                    f"tflops.{dtype} must be between 0.001 and {MAX_TFLOPS:g} (leave the dtype out if "
+                    "unsupported)"
+                )
         if not any(d in self.tflops for d in ("fp16", "bf16")):
             raise ValueError("tflops needs fp16 or bf16: the cost model times 16-bit work with it")
         return self
@@ -97,13 +149,13 @@ class GPUOverride(Strict):
     """Fields a cluster file may change on a catalogued GPU (or, all given, a new one)."""
 
     vendor: Vendor | None = None
-    memory_gb: float | None = Field(default=None, gt=0)
-    memory_bw_gb_per_s: float | None = Field(default=None, gt=0)
+    memory_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB)
+    memory_bw_gb_per_s: float | None = Field(default=None, ge=MIN_GB_PER_S, le=MAX_GB_PER_S)
     tflops: dict[DType, float] | None = None
     fabric: Fabric | None = None
-    tdp_w: float | None = Field(default=None, gt=0)
-    idle_w: float | None = Field(default=None, ge=0)
-    price_per_hour: float | None = Field(default=None, ge=0)
+    tdp_w: float | None = Field(default=None, gt=0, le=MAX_WATTS)
+    idle_w: float | None = Field(default=None, ge=0, le=MAX_WATTS)
+    price_per_hour: float | None = Field(default=None, ge=0, le=MAX_PRICE_PER_HOUR)
     weight_dtypes: list[str] | None = None
     kv_dtypes: list[DType] | None = None
     efficiency: Efficiency | None = None

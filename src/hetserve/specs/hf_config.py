@@ -4,6 +4,7 @@ engine's ``LlamaConfig`` both build from, so the two never read the same file di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,21 @@ from ..errors import HetserveError
 
 #: ``model_type`` values whose config.json has the Llama layout.
 LLAMA_FAMILY_TYPES = frozenset({"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe", "mixtral"})
+
+#: Largest value of each architecture size a config.json may give (several times the largest published
+#: models); beyond them a size is a mistake, and would make the derived sizes and searches unbounded.
+MAX_SIZES = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 24,
+    "num_local_experts": 1024,
+    "num_experts_per_tok": 1024,
+}
 
 
 @dataclass(frozen=True)
@@ -34,14 +50,30 @@ class LlamaFamilyConfig:
     experts_per_token: int
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str | None, default: int | None = None) -> int:
+def config_int(
+    cfg: Mapping[str, Any],
+    key: str,
+    where: str | None,
+    default: int | None = None,
+    *,
+    limit: str | None = None,
+) -> int:
+    """``cfg[key]`` (or ``default`` when absent): a whole number from 1 to the ``MAX_SIZES`` bound of
+    ``limit`` (default: of ``key``), else one HetserveError naming the key."""
     value = cfg.get(key)
     if value is None:
         if default is None:
             raise HetserveError(f"config.json lacks '{key}'", source=where)
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value <= 0:
-        raise HetserveError(f"'{key}' must be a positive whole number, not {value!r}", source=where)
+    top = MAX_SIZES.get(limit or key, 1 << 24)
+    whole = isinstance(value, int) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    )
+    if isinstance(value, bool) or not whole or not 1 <= value <= top:
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+        raise HetserveError(
+            f"'{key}' must be a whole number from 1 to {top:,}, not {shown[:40]}", source=where
+        )
     return int(value)
 
 
@@ -55,22 +87,28 @@ def read_llama_family(cfg: Mapping[str, Any], where: str | None = None) -> Llama
             f"(supported: {', '.join(sorted(LLAMA_FAMILY_TYPES))})",
             source=where,
         )
-    hidden = _int(cfg, "hidden_size", where)
-    heads = _int(cfg, "num_attention_heads", where)
+    hidden = config_int(cfg, "hidden_size", where)
+    heads = config_int(cfg, "num_attention_heads", where)
+    if heads > hidden and "head_dim" not in cfg:
+        raise HetserveError(
+            f"num_attention_heads ({heads}) exceeds hidden_size ({hidden}): each head needs at least one "
+            "dimension (or give head_dim)",
+            source=where,
+        )
     attention_bias = bool(cfg.get("attention_bias", False))
     return LlamaFamilyConfig(
         model_type=model_type,
-        vocab_size=_int(cfg, "vocab_size", where),
+        vocab_size=config_int(cfg, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=_int(cfg, "intermediate_size", where),
-        num_layers=_int(cfg, "num_hidden_layers", where),
+        intermediate_size=config_int(cfg, "intermediate_size", where),
+        num_layers=config_int(cfg, "num_hidden_layers", where),
         num_heads=heads,
-        num_kv_heads=_int(cfg, "num_key_value_heads", where, default=heads),
-        head_dim=_int(cfg, "head_dim", where, default=hidden // heads),
-        max_position_embeddings=_int(cfg, "max_position_embeddings", where, default=4096),
+        num_kv_heads=config_int(cfg, "num_key_value_heads", where, default=heads),
+        head_dim=config_int(cfg, "head_dim", where, default=hidden // heads),
+        max_position_embeddings=config_int(cfg, "max_position_embeddings", where, default=4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type.startswith("qwen2") or attention_bias,
         o_bias=attention_bias,
-        num_experts=_int(cfg, "num_local_experts", where, default=1),
-        experts_per_token=_int(cfg, "num_experts_per_tok", where, default=1),
+        num_experts=config_int(cfg, "num_local_experts", where, default=1),
+        experts_per_token=config_int(cfg, "num_experts_per_tok", where, default=1),
     )

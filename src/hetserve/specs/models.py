@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
-from .hf_config import LLAMA_FAMILY_TYPES, read_llama_family
-from .loading import read_mapping, validate
+from .hf_config import LLAMA_FAMILY_TYPES, MAX_SIZES, config_int, read_llama_family
+from .loading import read_mapping, show_value, validate
 
 Family = Literal["llama", "mixtral", "opt", "bloom"]
 
@@ -54,17 +54,17 @@ class ModelSpec(BaseModel):
 
     name: str
     family: Family
-    num_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    max_position_embeddings: int = Field(gt=0)
+    num_layers: int = Field(gt=0, le=MAX_SIZES["num_hidden_layers"])
+    hidden_size: int = Field(gt=0, le=MAX_SIZES["hidden_size"])
+    num_heads: int = Field(gt=0, le=MAX_SIZES["num_attention_heads"])
+    num_kv_heads: int = Field(gt=0, le=MAX_SIZES["num_key_value_heads"])
+    head_dim: int = Field(gt=0, le=MAX_SIZES["head_dim"])
+    intermediate_size: int = Field(gt=0, le=MAX_SIZES["intermediate_size"])
+    vocab_size: int = Field(gt=0, le=MAX_SIZES["vocab_size"])
+    max_position_embeddings: int = Field(gt=0, le=MAX_SIZES["max_position_embeddings"])
     tie_word_embeddings: bool = False
-    num_experts: int = Field(default=1, ge=1)
-    experts_per_token: int = Field(default=1, ge=1)
+    num_experts: int = Field(default=1, ge=1, le=MAX_SIZES["num_local_experts"])
+    experts_per_token: int = Field(default=1, ge=1, le=MAX_SIZES["num_experts_per_tok"])
     gated_mlp: bool = True  # SwiGLU (3 matrices) vs plain (2 matrices)
     linear_bias: bool = False  # biases on every projection (OPT, BLOOM)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
@@ -258,13 +258,14 @@ class ModelSpec(BaseModel):
         }
 
 
-def _get(cfg: dict, *keys, default=None):
+def _get(cfg: dict, *keys, default=None, where: str | None = None, limit: str | None = None) -> int:
+    """The first of ``keys`` the config gives, checked as a size (``config_int``), else ``default``."""
     for k in keys:
         if k in cfg and cfg[k] is not None:
-            return cfg[k]
+            return config_int(cfg, k, where, limit=limit or k)
     if default is not None:
         return default
-    raise HetserveError(f"config.json lacks '{keys[0]}'")
+    raise HetserveError(f"config.json lacks '{keys[0]}'", source=where)
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> ModelSpec:
@@ -287,46 +288,45 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
             experts_per_token=arch.experts_per_token,
             qkv_bias=arch.qkv_bias,
         )
-    elif mtype == "opt":
-        hidden = _get(cfg, "hidden_size")
-        heads = _get(cfg, "num_attention_heads")
+    elif mtype in ("opt", "bloom"):
+        where = source or None
+        opt = mtype == "opt"
+        hidden = _get(cfg, "hidden_size", "n_embed", where=where, limit="hidden_size")
+        heads = _get(cfg, "num_attention_heads", "n_head", where=where, limit="num_attention_heads")
+        if heads > hidden:
+            raise HetserveError(
+                f"the {heads} attention heads exceed hidden_size ({hidden}): each head needs at least one "
+                "dimension",
+                source=where,
+            )
         spec = dict(
-            family="opt",
-            num_layers=_get(cfg, "num_hidden_layers"),
+            family=mtype,
+            num_layers=_get(cfg, "num_hidden_layers", "n_layer", where=where, limit="num_hidden_layers"),
             hidden_size=hidden,
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            intermediate_size=_get(cfg, "ffn_dim"),
-            vocab_size=_get(cfg, "vocab_size"),
-            max_position_embeddings=_get(cfg, "max_position_embeddings", default=2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            intermediate_size=_get(cfg, "ffn_dim", where=where, limit="intermediate_size")
+            if opt
+            else 4 * hidden,
+            vocab_size=_get(cfg, "vocab_size", where=where),
+            max_position_embeddings=_get(
+                cfg,
+                "max_position_embeddings" if opt else "seq_length",
+                default=2048,
+                where=where,
+                limit="max_position_embeddings",
+            ),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)) if opt else True,
             gated_mlp=False,
-            linear_bias=bool(cfg.get("enable_bias", True)),
+            linear_bias=bool(cfg.get("enable_bias", True)) if opt else True,
             layer_norm_bias=True,
-            learned_positions=True,
-        )
-    elif mtype == "bloom":
-        hidden = _get(cfg, "hidden_size", "n_embed")
-        heads = _get(cfg, "n_head", "num_attention_heads")
-        spec = dict(
-            family="bloom",
-            num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            intermediate_size=4 * hidden,
-            vocab_size=_get(cfg, "vocab_size"),
-            max_position_embeddings=cfg.get("seq_length") or 2048,
-            tie_word_embeddings=True,
-            gated_mlp=False,
-            linear_bias=True,
-            layer_norm_bias=True,
+            learned_positions=opt,
         )
     else:
         raise HetserveError(
-            f"model_type '{mtype}' is not supported; supported: llama, mistral, qwen2, mixtral, opt, bloom"
+            f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, mixtral, "
+            "opt, bloom"
         )
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
@@ -361,6 +361,8 @@ def load_model(name_or_path: str) -> ModelSpec:
         try:
             return model_from_hf_config(cfg, name or path.stem, source=str(path))
         except HetserveError as exc:
+            if str(exc).startswith(str(path)):
+                raise
             raise HetserveError(str(exc), source=str(path)) from None
     raise HetserveError(
         f"unknown model '{key}'{suggest(key, builtin_model_names())}; use a built-in name "

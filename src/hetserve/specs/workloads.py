@@ -30,27 +30,53 @@ from pydantic import Field, model_validator
 
 from ..errors import HetserveError
 from .gpus import Strict
-from .loading import load_yaml_model
+from .loading import load_yaml_model, open_regular, show_value
+
+#: Highest arrival rate (requests/s) a workload may ask for.
+MAX_RATE = 100_000.0
+#: Longest arrival window (s) a workload may ask for: 30 days.
+MAX_DURATION_S = 30 * 86_400.0
+#: Most requests one sample of a workload may hold (rate x duration, or a trace's rows).
+MAX_REQUESTS = 10_000_000
+#: Largest coefficient of variation of gamma inter-arrival times (bursty production traces: 2-8).
+MAX_ARRIVAL_CV = 10.0
+#: Most tokens of one prompt or one output.
+MAX_TOKENS = 1 << 20
+#: Largest coefficient of variation of a lognormal length.
+MAX_LENGTH_CV = 100.0
+#: Longest SLO target (ms): a day.
+MAX_SLO_MS = 86_400_000.0
+#: Largest trace file read, in bytes, and most rows (requests) in it.
+MAX_TRACE_BYTES = 512 * 1024 * 1024
+MAX_TRACE_ROWS = 5_000_000
+#: Most prefix-block hash ids of one Mooncake request.
+MAX_HASH_IDS = MAX_TOKENS // 16
 
 
 # ---- arrivals ------------------------------------------------------------------------------------
 class PoissonArrivals(Strict):
     kind: Literal["poisson"]
-    rate: float = Field(gt=0, description="requests per second")
+    rate: float = Field(gt=0, le=MAX_RATE, description="requests per second")
 
 
 class GammaArrivals(Strict):
     kind: Literal["gamma"]
-    rate: float = Field(gt=0, description="requests per second")
-    cv: float = Field(gt=0, description="coefficient of variation of inter-arrival times (1 = Poisson)")
+    rate: float = Field(gt=0, le=MAX_RATE, description="requests per second")
+    cv: float = Field(
+        gt=0,
+        le=MAX_ARRIVAL_CV,
+        description="coefficient of variation of inter-arrival times (1 = Poisson)",
+    )
 
 
 class TraceArrivals(Strict):
     kind: Literal["trace"]
     path: str
     format: Literal["azure", "mooncake", "auto"] = "auto"
-    rate_scale: float = Field(default=1.0, gt=0, description="multiply the trace's request rate")
-    rate: float | None = Field(default=None, gt=0, description="rescale the trace to this mean rate")
+    rate_scale: float = Field(default=1.0, ge=1e-6, le=1e6, description="multiply the trace's request rate")
+    rate: float | None = Field(
+        default=None, gt=0, le=MAX_RATE, description="rescale the trace to this mean rate"
+    )
 
 
 Arrivals = Annotated[PoissonArrivals | GammaArrivals | TraceArrivals, Field(discriminator="kind")]
@@ -59,13 +85,13 @@ Arrivals = Annotated[PoissonArrivals | GammaArrivals | TraceArrivals, Field(disc
 # ---- lengths ---------------------------------------------------------------------------------------
 class FixedLength(Strict):
     kind: Literal["fixed"]
-    value: int = Field(ge=1)
+    value: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class UniformLength(Strict):
     kind: Literal["uniform"]
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
+    low: int = Field(ge=1, le=MAX_TOKENS)
+    high: int = Field(ge=1, le=MAX_TOKENS)
 
     @model_validator(mode="after")
     def _order(self) -> UniformLength:
@@ -76,10 +102,16 @@ class UniformLength(Strict):
 
 class LognormalLength(Strict):
     kind: Literal["lognormal"]
-    mean: float = Field(gt=0)
-    cv: float = Field(default=1.0, gt=0)
-    min: int = Field(default=1, ge=1)
-    max: int = Field(default=32768, ge=1)
+    mean: float = Field(gt=0, le=MAX_TOKENS)
+    cv: float = Field(default=1.0, gt=0, le=MAX_LENGTH_CV)
+    min: int = Field(default=1, ge=1, le=MAX_TOKENS)
+    max: int = Field(default=32768, ge=1, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _order(self) -> LognormalLength:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
 
 
 class EmpiricalLength(Strict):
@@ -94,9 +126,13 @@ Length = Annotated[
 
 
 class SLO(Strict):
-    ttft_ms: float | None = Field(default=None, gt=0, description="time to first token")
-    tpot_ms: float | None = Field(default=None, gt=0, description="time per output token after the first")
-    e2e_ms: float | None = Field(default=None, gt=0, description="arrival -> last output token")
+    ttft_ms: float | None = Field(default=None, gt=0, le=MAX_SLO_MS, description="time to first token")
+    tpot_ms: float | None = Field(
+        default=None, gt=0, le=MAX_SLO_MS, description="time per output token after the first"
+    )
+    e2e_ms: float | None = Field(
+        default=None, gt=0, le=MAX_SLO_MS, description="arrival -> last output token"
+    )
     percentile: float = Field(default=90, gt=0, le=100)
 
     @model_validator(mode="after")
@@ -115,7 +151,7 @@ class WorkloadFile(Strict):
     prompt: Length | None = None
     output: Length | None = None
     slo: SLO = SLO()
-    duration_s: float = Field(default=600.0, gt=0)
+    duration_s: float = Field(default=600.0, gt=0, le=MAX_DURATION_S)
 
     @model_validator(mode="after")
     def _lengths(self) -> WorkloadFile:
@@ -123,6 +159,12 @@ class WorkloadFile(Strict):
             missing = [k for k in ("prompt", "output") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"'{missing[0]}' length distribution is required unless arrivals is a trace")
+            expected = self.arrivals.rate * self.duration_s
+            if expected > MAX_REQUESTS:
+                raise ValueError(
+                    f"arrivals.rate x duration_s is {expected:,.0f} requests, more than the "
+                    f"{MAX_REQUESTS:,} a workload may hold; lower the rate or the duration"
+                )
         return self
 
 
@@ -164,61 +206,131 @@ def _trace_format(path: Path, fmt: str) -> str:
 @lru_cache(maxsize=8)
 def read_trace(path: str, fmt: str = "auto") -> Trace:
     """An Azure LLM-inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens) or a Mooncake JSONL
-    (timestamp ms, input_length, output_length, hash_ids) as arrays; arrivals start at 0."""
+    (timestamp ms, input_length, output_length, hash_ids) as arrays; arrivals start at 0.
+
+    The file must be a regular UTF-8 file of at most ``MAX_TRACE_BYTES`` and ``MAX_TRACE_ROWS`` rows;
+    a row with a timestamp that is not a finite time or a token count outside 0..``MAX_TOKENS`` is an
+    error naming its line."""
     p = Path(path)
-    if not p.exists():
-        raise HetserveError(
-            f"trace file not found: {p}; give a path relative to the workload file, or "
-            "fetch the trace (docs/workloads.md says where)"
-        )
     kind = _trace_format(p, fmt)
     times: list[float] = []
     prompts: list[int] = []
     outputs: list[int] = []
     hashes: list[tuple[int, ...]] = []
+    line = 0
+
+    def lines(raw):
+        """The file's lines as text, counted in ``line``; a byte that is not UTF-8 names its line."""
+        nonlocal line
+        for number, data in enumerate(raw, 1):
+            line = number
+            try:
+                yield data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HetserveError(
+                    f"the trace is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {number} cannot be "
+                    "decoded; save it as UTF-8",
+                    source=str(p),
+                ) from None
+
     try:
-        if kind == "azure":
-            with p.open(newline="") as fh:
-                reader = csv.DictReader(fh)
+        with open_regular(p, "trace file", MAX_TRACE_BYTES) as raw:
+            if kind == "azure":
+                reader = csv.DictReader(lines(raw))
                 need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
                 if not reader.fieldnames or not need <= set(reader.fieldnames):
+                    found = [f[:40] for f in (reader.fieldnames or [])[:10]]
                     raise HetserveError(
-                        f"an Azure trace needs columns {sorted(need)}, found {reader.fieldnames}",
-                        source=str(p),
+                        f"an Azure trace needs columns {sorted(need)}, found {found}", source=str(p)
                     )
                 for row in reader:
+                    _count_row(len(times), p)
                     times.append(_azure_time(row["TIMESTAMP"]))
-                    prompts.append(int(row["ContextTokens"]))
-                    outputs.append(int(row["GeneratedTokens"]))
-        else:
-            with p.open() as fh:
-                for line in fh:
-                    if not line.strip():
+                    prompts.append(_tokens(row["ContextTokens"], "ContextTokens"))
+                    outputs.append(_tokens(row["GeneratedTokens"], "GeneratedTokens"))
+            else:
+                for text_line in lines(raw):
+                    if not text_line.strip():
                         continue
-                    rec = json.loads(line)
-                    times.append(float(rec["timestamp"]) / 1000.0)
-                    prompts.append(int(rec["input_length"]))
-                    outputs.append(int(rec["output_length"]))
-                    hashes.append(tuple(rec.get("hash_ids", ())))
-    except (KeyError, ValueError) as exc:
-        if isinstance(exc, HetserveError):
-            raise
-        raise HetserveError(f"malformed {kind} trace: {exc}", source=str(p)) from None
+                    _count_row(len(times), p)
+                    rec = json.loads(text_line)
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"a record must be a JSON object, got a {type(rec).__name__}")
+                    times.append(_finite_time(rec["timestamp"]) / 1000.0)
+                    prompts.append(_tokens(rec["input_length"], "input_length"))
+                    outputs.append(_tokens(rec["output_length"], "output_length"))
+                    hashes.append(_hash_ids(rec.get("hash_ids", [])))
+    except KeyError as exc:
+        raise HetserveError(f"malformed {kind} trace: line {line} lacks {exc}", source=str(p)) from None
+    except RecursionError:
+        raise HetserveError(
+            f"malformed {kind} trace: line {line} is nested too deeply", source=str(p)
+        ) from None
+    except (ValueError, TypeError, csv.Error) as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise HetserveError(f"malformed {kind} trace: line {line}: {msg}", source=str(p)) from None
     if not times:
         raise HetserveError("the trace holds no requests", source=str(p))
     t = np.asarray(times)
     order = np.argsort(t, kind="stable")
     t = t[order] - t[order][0]
-    pr = np.maximum(np.asarray(prompts)[order], 1)
-    out = np.maximum(np.asarray(outputs)[order], 1)
+    pr = np.maximum(np.asarray(prompts, dtype=np.int64)[order], 1)
+    out = np.maximum(np.asarray(outputs, dtype=np.int64)[order], 1)
     hs = tuple(hashes[i] for i in order) if hashes else None
     return Trace(t, pr, out, hs)
 
 
-def _azure_time(stamp: str) -> float:
+def _count_row(rows: int, path: Path) -> None:
+    if rows >= MAX_TRACE_ROWS:
+        raise HetserveError(
+            f"the trace has more than {MAX_TRACE_ROWS:,} requests; cut it to a window (e.g. with head)",
+            source=str(path),
+        )
+
+
+def _tokens(value, column: str) -> int:
+    """A token count of a trace row: a whole number from 0 to ``MAX_TOKENS``."""
+    if isinstance(value, str):
+        value = value.strip()
+        number = int(value) if value.lstrip("-").isdigit() else None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        number = None
+    if number is None or not 0 <= number <= MAX_TOKENS:
+        raise ValueError(
+            f"{column} must be a whole number of tokens from 0 to {MAX_TOKENS:,}, got {show_value(value, 40)}"
+        )
+    return number
+
+
+def _finite_time(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"timestamp must be a finite number of milliseconds, got {show_value(value, 40)}")
+    return float(value)
+
+
+def _hash_ids(value) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_HASH_IDS:
+        raise ValueError(f"hash_ids must be a list of at most {MAX_HASH_IDS:,} integers")
+    if not all(isinstance(h, int) and not isinstance(h, bool) for h in value):
+        raise ValueError("hash_ids must hold integers only")
+    return tuple(value)
+
+
+def _azure_time(stamp: str | None) -> float:
     # "2023-11-16 18:17:03.9799600": seven fractional digits, more than datetime parses
-    head, _, frac = stamp.strip().partition(".")
-    base = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp()
+    head, _, frac = (stamp or "").strip().partition(".")
+    try:
+        base = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp()
+        if frac and not frac.isdigit():
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"TIMESTAMP must be a time like 2023-11-16 18:17:03.979, got {repr(stamp)[:40]}"
+        ) from None
     return base + (float("0." + frac) if frac else 0.0)
 
 
@@ -244,7 +356,11 @@ class Workload:
         return cls(spec, Path(path).parent, source=str(path))
 
     def _path(self, p: str) -> Path:
-        path = Path(p).expanduser()
+        path = Path(p)
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # ~user of no known user: the path as written
+            pass
         return path if path.is_absolute() else self.base_dir / path
 
     def _trace(self, value) -> Trace:
@@ -281,6 +397,10 @@ class Workload:
     def sample(self, seed: int = 0, duration_s: float | None = None, rate: float | None = None) -> Requests:
         """Requests arriving within ``duration_s`` (default: the file's; a trace: its length unless
         given). ``rate`` overrides the mean arrival rate (used by the planner's rate search)."""
+        # the work is bounded where arrivals are drawn (at most MAX_REQUESTS) or by the trace's rows
+        for flag, value in (("rate", rate), ("duration", duration_s)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise HetserveError(f"a {flag} of {value:g} is out of range: give a positive, finite number")
         rng = np.random.default_rng(seed)
         a = self.spec.arrivals
         hashes = None
@@ -320,15 +440,40 @@ class Workload:
 
 
 def _gamma_arrivals(rng: np.random.Generator, rate: float, cv: float, horizon: float) -> np.ndarray:
-    """Arrival times in [0, horizon] with Gamma inter-arrivals of mean 1/rate and the given CV."""
-    expected = int(rate * horizon * 1.2 + 10 * math.sqrt(rate * horizon + 1) + 10)
+    """Arrival times in [0, horizon] with Gamma inter-arrivals of mean 1/rate and the given CV.
+
+    Gaps are drawn in chunks until the horizon is passed. The work is bounded: at most ``MAX_REQUESTS``
+    are expected, and the draws stop at four times the expected count (plus a margin for short windows),
+    which a CV of at most ``MAX_ARRIVAL_CV`` passes with negligible probability; were it reached, the
+    sample is refused rather than cut short."""
+    expected = rate * horizon
+    if not (math.isfinite(expected) and rate > 0 and horizon >= 0 and cv > 0):
+        raise HetserveError(
+            f"arrivals need a positive rate, duration and cv (got {rate:g}, {horizon:g}, {cv:g})"
+        )
+    if expected > MAX_REQUESTS:
+        raise HetserveError(
+            f"a rate of {rate:g} requests/s over {horizon:g} s is {expected:,.0f} requests, more than the "
+            f"{MAX_REQUESTS:,} a sample may hold; lower the rate or the duration"
+        )
+    chunk = int(expected * 1.2 + 10 * math.sqrt(expected + 1) + 10)
+    limit = 4 * chunk + 10_000
     shape = 1.0 / (cv * cv)
     scale = 1.0 / (rate * shape)
-    gaps = rng.gamma(shape, scale, size=expected)
-    t = np.cumsum(gaps)
-    while t[-1] < horizon:
-        more = np.cumsum(rng.gamma(shape, scale, size=expected)) + t[-1]
-        t = np.concatenate([t, more])
+    parts: list[np.ndarray] = []
+    drawn, last = 0, 0.0
+    while last < horizon:
+        if drawn >= limit:
+            raise HetserveError(
+                f"gamma arrivals with cv {cv:g} did not reach {horizon:g} s within {limit:,} requests; "
+                "lower the cv"
+            )
+        size = min(chunk, limit - drawn)
+        times = np.cumsum(rng.gamma(shape, scale, size=size)) + last
+        parts.append(times)
+        drawn += size
+        last = float(times[-1])
+    t = np.concatenate(parts)
     return t[t <= horizon]
 
 
