@@ -16,6 +16,9 @@ def _gpu_catalogue(cluster_path: str | None):
     return Cluster.load(cluster_path).gpus if cluster_path else builtin_gpus()
 
 
+CALIBRATION_HELP = "calibration file from `hetserve calibrate` (cost factors fitted to measurements)"
+
+
 def cmd_gpus(args) -> int:
     gpus = _gpu_catalogue(args.cluster)
     if args.json:
@@ -98,6 +101,10 @@ def cmd_estimate(args) -> int:
         raise HetserveError(
             f"--gpu: unknown GPU '{args.gpu}'{suggest(args.gpu, gpus)}; known: {allowed(gpus)}"
         )
+    if args.calibration:
+        from .calibration.file import apply_calibration, load_calibration
+
+        gpus = apply_calibration(gpus, load_calibration(args.calibration), args.calibration, {args.gpu})
     est = estimate(
         load_model(args.model),
         gpus[args.gpu],
@@ -173,7 +180,7 @@ def cmd_simulate(args) -> int:
 
     if args.duration is not None and args.duration <= 0:
         raise HetserveError(f"--duration={args.duration} must be > 0")
-    dep = load_plan(args.plan)
+    dep = load_plan(args.plan, calibration=args.calibration)
     wl = Workload.load(args.workload)
     requests = wl.sample(seed=args.seed, duration_s=args.duration, rate=args.rate)
     if len(requests) == 0:
@@ -218,7 +225,7 @@ def cmd_plan(args) -> int:
     from .specs.models import load_model
     from .specs.workloads import Workload
 
-    cluster = Cluster.load(args.cluster)
+    cluster = Cluster.load(args.cluster, calibration=args.calibration)
     model = load_model(args.model)
     workload = Workload.load(args.workload)
     out = Path(args.out)
@@ -239,7 +246,7 @@ def cmd_plan(args) -> int:
         planner.progress = tick
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_plan(result.plan, out, cluster_path=args.cluster)
+    save_plan(result.plan, out, cluster_path=args.cluster, calibration_path=args.calibration)
     report = plan_report(result, str(out))
     if args.json:
         print_json(report)
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     e.add_argument("--output", type=int, default=128, help="output tokens per request")
     e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
+    e.add_argument("--calibration", metavar="FILE", help=CALIBRATION_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_estimate)
 
@@ -365,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine runs at most N sequences in one batch (per micro-batch of a pipeline, as "
         "vLLM's --max-num-seqs); default: the planner's per-role settings",
     )
+    pl.add_argument(
+        "--calibration", metavar="FILE", help=CALIBRATION_HELP + "; the plan records it for simulate"
+    )
     pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
@@ -380,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
     s.add_argument("--records", choices=["csv", "parquet"], default="csv")
+    s.add_argument(
+        "--calibration", metavar="FILE", help=CALIBRATION_HELP + " (default: the one the plan records)"
+    )
     s.set_defaults(func=cmd_simulate)
     x = sub.add_parser("export", help="write a plan as vLLM/SGLang launch scripts or Kubernetes manifests")
     x.add_argument("plan", help="plan YAML (see docs/plan.md)")
@@ -425,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.quality import add_quality_parser
 
     add_quality_parser(sub)
+    from .calibration.cli import add_calibrate_parser, add_profile_parser
+
+    add_profile_parser(sub)
+    add_calibrate_parser(sub)
     return p
 
 

@@ -145,14 +145,15 @@ class LoadedScenario:
         from .specs.clusters import Cluster
 
         if not isinstance(value, str):
-            return Cluster(value, source=f"{self.path}: {field}"), f"{self.spec.name}-{field}.yaml"
+            cluster = Cluster(value, source=f"{self.path}: {field}", calibration=self.calibration)
+            return cluster, f"{self.spec.name}-{field}.yaml"
         path = base / value
         if not path.exists():
             raise HetserveError(
                 f"{field}: file {path} not found (paths are relative to the scenario file)",
                 source=str(self.path),
             )
-        return Cluster.load(path), str(path.resolve())
+        return Cluster.load(path, calibration=self.calibration), str(path.resolve())
 
     def context(self, strategy: str, seed: int, time_limit: float | None):
         from .baselines import StrategyContext
@@ -284,18 +285,20 @@ def run_compare(
     requests: int | None = None,
     time_limit: float | None = None,
     progress=None,
+    calibration: str | None = None,
 ) -> dict:
     """Plan with each strategy and simulate each plan on the scenario's workload (same requests).
 
     ``requests`` overrides how many requests each simulation replays (scaling the scenario's duration);
-    ``time_limit`` overrides the planning seconds per strategy. Returns the comparison as a dict:
+    ``time_limit`` overrides the planning seconds per strategy; ``calibration`` times every cluster with
+    a calibration file's factors. Returns the comparison as a dict:
     ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
     """
     from .baselines import get_strategy
     from .plan import Deployment
     from .planner.evaluate import OBJECTIVES
 
-    sc = LoadedScenario(scenario_path)
+    sc = LoadedScenario(scenario_path, calibration)
     spec = sc.spec
     if requests is not None and requests < 1:
         raise HetserveError(f"--requests={requests} must be >= 1")
@@ -449,6 +452,7 @@ def cmd_compare(args) -> int:
         requests=args.requests,
         time_limit=args.time_limit,
         progress=progress,
+        calibration=args.calibration,
     )
     if args.json:
         print_json(report["strategies"])
@@ -487,4 +491,7 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--requests", type=int, help="requests per simulation (default: the scenario's duration)")
     c.add_argument("--time-limit", type=float, help="planning seconds per strategy (default: the scenario's)")
+    c.add_argument(
+        "--calibration", metavar="FILE", help="calibration file (hetserve calibrate) applied to every cluster"
+    )
     c.set_defaults(func=cmd_compare)

@@ -126,6 +126,10 @@ class PlanFile(Strict):
     servers: list[ServerPlan] = Field(min_length=1)
     instances: list[InstancePlan] = Field(min_length=1)
     routing: RoutingPlan = RoutingPlan()
+    calibration: str | None = Field(
+        default=None,
+        description="calibration file the plan was made with (relative to the plan file); simulate uses it",
+    )
     #: What the planner predicted (informational; a figure may be .inf or .nan, e.g. no request finished).
     predicted: dict[str, Annotated[float, Field(allow_inf_nan=True)] | int | str | None] = {}
     notes: str = ""
@@ -254,6 +258,8 @@ class Deployment:
                 first=start == 0,
                 last=end == m.num_layers,
                 kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
+                # hetserve's engine runs a server with fp32 KV in fp32 throughout
+                run_bytes=4.0 if s.kv_dtype == "fp32" else 2.0,
             )
             self.servers[s.name] = Server(s, node, shape)
             chain_pos[s.name] = []
@@ -443,7 +449,9 @@ class Deployment:
         )
 
 
-def load_plan(path: str | Path) -> Deployment:
+def load_plan(path: str | Path, calibration: str | Path | None = None) -> Deployment:
+    """The plan in ``path`` on its cluster, timed with ``calibration`` (default: the calibration file
+    the plan records, if any)."""
     spec = load_yaml_model(PlanFile, path, "plan file")
     base = Path(path).parent
     cluster_path = Path(spec.cluster)
@@ -453,7 +461,17 @@ def load_plan(path: str | Path) -> Deployment:
         raise HetserveError(
             f"cluster: file {cluster_path} not found (paths are relative to the plan file)", source=str(path)
         )
-    cluster = Cluster.load(cluster_path)
+    if calibration is None and spec.calibration:
+        calibration = Path(spec.calibration)
+        if not calibration.is_absolute():
+            calibration = base / calibration
+        if not calibration.is_file():
+            raise HetserveError(
+                f"calibration: file {calibration} not found (paths are relative to the plan file; pass "
+                "--calibration to use another)",
+                source=str(path),
+            )
+    cluster = Cluster.load(cluster_path, calibration=calibration)
     try:
         model = load_model(spec.model)
     except HetserveError as exc:
@@ -466,15 +484,22 @@ def deployment_from_dict(data: dict, cluster: Cluster, model: ModelSpec, source:
     return Deployment(validate(PlanFile, data, source), cluster, model, source)
 
 
-def save_plan(spec: PlanFile, path: str | Path, cluster_path: str | Path | None = None) -> None:
-    """Write ``spec`` as YAML. ``cluster_path`` (where the cluster file really is) is rewritten relative
-    to the new file, so the saved plan finds its cluster from wherever it is written."""
+def save_plan(
+    spec: PlanFile,
+    path: str | Path,
+    cluster_path: str | Path | None = None,
+    calibration_path: str | Path | None = None,
+) -> None:
+    """Write ``spec`` as YAML. ``cluster_path`` and ``calibration_path`` (where those files really are)
+    are rewritten relative to the new file, so the saved plan finds them from wherever it is written."""
     import os
 
     data = spec.model_dump(mode="json", exclude_defaults=False)
+    target = Path(path).resolve().parent
     if cluster_path is not None:
-        target = Path(path).resolve().parent
         data["cluster"] = os.path.relpath(Path(cluster_path).resolve(), target)
+    if calibration_path is not None:
+        data["calibration"] = os.path.relpath(Path(calibration_path).resolve(), target)
     Path(path).write_text(
         f"# hetserve plan (version {PLAN_VERSION}); see docs/plan.md\n"
         + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)

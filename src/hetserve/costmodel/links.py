@@ -5,12 +5,23 @@ from __future__ import annotations
 from ..specs.clusters import Link
 
 
-def allreduce_time(nbytes: float, ranks: int, link: Link) -> float:
-    """Ring all-reduce of ``nbytes`` over ``ranks`` GPUs: 2(n-1) steps, each moving nbytes/n."""
+def allreduce_time(nbytes: float, ranks: int, link: Link, algorithm: str = "ring") -> float:
+    """All-reduce of ``nbytes`` over ``ranks`` GPUs.
+
+    ring: 2(n-1) steps, each moving nbytes/n (bandwidth-optimal, latency grows with n);
+    one-shot: one step in which every rank reads the n-1 other buffers (latency-optimal, as custom
+    all-reduce kernels over NVLink/NVSwitch do for small messages); auto: the faster of the two.
+    """
     if ranks <= 1 or nbytes <= 0:
         return 0.0
     steps = 2 * (ranks - 1)
-    return steps * link.latency + steps / ranks * nbytes / link.bandwidth
+    ring = steps * link.latency + steps / ranks * nbytes / link.bandwidth
+    if algorithm == "ring":
+        return ring
+    one_shot = link.latency + (ranks - 1) * nbytes / link.bandwidth
+    if algorithm == "one-shot":
+        return one_shot
+    return min(ring, one_shot)
 
 
 def p2p_time(nbytes: float, link: Link) -> float:

@@ -1,10 +1,13 @@
-"""Roofline cost model: spec-sheet peaks times efficiency factors, per layer and per phase.
+"""Roofline cost model: spec-sheet peaks times correction factors, per layer and per phase.
 
 A batch on a server is summarised by four numbers (``BatchShape``): new tokens computed, sequences,
-attention (query, key) pairs and KV tokens read. Each layer is two kernels groups, timed separately:
+attention (query, key) pairs and KV tokens read. Each layer is two kernel groups, timed separately:
 the weight GEMMs, bound by FLOPs or by weight bytes, and attention, bound by FLOPs or by KV bytes.
-Low-bit weights without a native kernel path pay a dequantisation pass; tensor parallelism adds two
-all-reduces per layer. ``ServerTimer`` folds all constants once so a call is a few float operations.
+The GPU's ``CostFactors`` (``efficiency:`` in the catalogue) shape each term: GEMM efficiency that
+grows with the rows of the product, how far compute and memory traffic overlap, attention's own
+efficiencies, fixed per-layer and per-step times, and the all-reduce algorithm. Low-bit weights
+without a native kernel path pay a dequantisation pass; tensor parallelism adds two all-reduces per
+layer. ``ServerTimer`` folds all constants once so a call is a few float operations.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ from .links import allreduce_time
 
 #: Operations per weight for a standalone dequantisation pass (unpack, scale, zero, store).
 DEQUANT_OPS_PER_WEIGHT = 4.0
-#: Fixed per-layer time (kernel launches, norms, small ops) when the GPU spec gives none, seconds.
-LAYER_OVERHEAD_S = 20e-6
 #: Fraction of device memory the runtime may use (the rest is the framework's and the driver's).
 MEMORY_UTILISATION = 0.9
-#: Fraction of a fabric's per-direction bandwidth that collectives achieve. PCIe cards in cloud
-#: machines usually lack peer-to-peer access, so NCCL stages through host memory.
+#: Fraction of a fabric's per-direction bandwidth that collectives achieve when the GPU's factors
+#: give none. PCIe cards in cloud machines usually lack peer-to-peer access, so NCCL stages through
+#: host memory.
 COLLECTIVE_EFFICIENCY = {
     "nvlink": 0.8,
     "xgmi": 0.7,
@@ -40,13 +42,26 @@ ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 2 * 8
 
 def collective_link(gpu: GPUSpec) -> Link:
     """The path a tensor-parallel collective sees inside one node of ``gpu``."""
-    f = gpu.fabric
-    return Link(f.gb_per_s * 1e9 * COLLECTIVE_EFFICIENCY[f.kind], f.latency_us * 1e-6)
+    f, k = gpu.fabric, gpu.efficiency
+    share = k.collective if k.collective is not None else COLLECTIVE_EFFICIENCY[f.kind]
+    latency_us = k.allreduce_latency_us if k.allreduce_latency_us is not None else f.latency_us
+    return Link(f.gb_per_s * 1e9 * share, latency_us * 1e-6)
+
+
+def roof(compute: float, memory: float, overlap: float) -> float:
+    """Time of work bound by ``compute`` and ``memory`` seconds that overlap to the degree ``overlap``
+    (1: the slower of the two; 0: their sum)."""
+    if compute > memory:
+        return compute + (1.0 - overlap) * memory
+    return memory + (1.0 - overlap) * compute
 
 
 @dataclass(frozen=True)
 class ServerShape:
-    """What the cost model needs of a server: GPU, TP degree and the bits of each layer it holds."""
+    """What the cost model needs of a server: GPU, TP degree and the bits of each layer it holds.
+
+    ``run_bytes`` is the width the engine computes 16-bit layers in: 2 (fp16/bf16), or 4 when it runs
+    everything in fp32 (as hetserve's engine does for a server whose KV is fp32)."""
 
     gpu: GPUSpec
     tp: int
@@ -54,6 +69,7 @@ class ServerShape:
     first: bool = True  # holds the embedding
     last: bool = True  # holds the final norm and LM head
     kv_dtype_bytes: float = 2.0
+    run_bytes: float = 2.0
 
     @property
     def num_layers(self) -> int:
@@ -119,64 +135,75 @@ class ServerTimer:
 
     def __post_init__(self) -> None:
         s, m, g = self.shape, self.model, self.shape.gpu
-        eff_c, eff_m = g.efficiency.compute, g.efficiency.memory
-        bw = g.memory_bw_gb_per_s * 1e9 * eff_m
-        half = g.half_tflops * 1e12 * eff_c
+        k = g.efficiency
+        wide = s.run_bytes > 2.0
+        bw = g.memory_bw_gb_per_s * 1e9
+        half = (g.tflops.get("fp32", g.half_tflops) if wide else g.half_tflops) * 1e12
         tp = s.tp
         self._moe = m.num_experts > 1
+        self._overlap = k.overlap
+        self._half_rows = k.gemm_half_rows
         self._groups = []
         for bits, count in s.bits_counts().items():
-            flops_per_token = m.linear_flops_per_token_layer / tp / (g.tflops_for_bits(bits) * 1e12 * eff_c)
-            weight_read = m.layer_weight_bytes(bits) / tp / bw
+            rate = half if bits >= 16 else g.tflops_for_bits(bits) * 1e12
+            flops_per_token = m.linear_flops_per_token_layer / tp / (rate * k.compute)
+            weight_bytes = m.layer_weight_bytes(bits) * (s.run_bytes / 2.0 if bits >= 16 else 1.0)
+            weight_read = weight_bytes / tp / (bw * k.memory)
             dequant = 0.0
             if not g.has_native_weight_path(bits):
-                vector = g.tflops.get("fp32", g.half_tflops / 8) * 1e12 * eff_c
+                vector = g.tflops.get("fp32", g.half_tflops / 8) * 1e12 * k.compute
                 dequant = m.matmul_params_per_layer / tp * DEQUANT_OPS_PER_WEIGHT / vector
             self._groups.append((count, flops_per_token, weight_read, dequant, bits))
         kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
-        self._kv_read = m.kv_bytes_per_token_layer(s.kv_dtype_bytes) * kv_heads_per_gpu / m.num_kv_heads / bw
-        self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / half
+        self._kv_read = (
+            m.kv_bytes_per_token_layer(s.kv_dtype_bytes)
+            * kv_heads_per_gpu
+            / m.num_kv_heads
+            / (bw * k.attention_memory_or_default)
+        )
+        self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / (half * k.attention_compute_or_default)
         self._layers = s.num_layers
-        self._overhead = LAYER_OVERHEAD_S * s.num_layers
-        self._ar_bytes_per_token = m.hidden_size * 2.0  # fp16 activations, per all-reduce
+        self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + k.step_overhead_ms * 1e-3
+        self._ar_bytes_per_token = m.hidden_size * s.run_bytes  # activations, per all-reduce
+        self._allreduce = k.allreduce
         self._link = collective_link(g)
         head_params = m.vocab_size * m.hidden_size / tp
-        self._head_flop = 2 * head_params / half if s.last else 0.0
-        self._head_read = 2 * head_params / bw if s.last else 0.0
+        self._head_flop = 2 * head_params / (half * k.compute) if s.last else 0.0
+        self._head_read = s.run_bytes * head_params / (bw * k.memory) if s.last else 0.0
 
     def time(self, new_tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
         if new_tokens <= 0:
             return 0.0
-        attn_c = self._attn_flop * attn_pairs
-        attn_m = self._kv_read * kv_read_tokens
-        return self._fixed(new_tokens, seqs) + self._layers * (attn_c if attn_c > attn_m else attn_m)
+        return self._fixed(new_tokens, seqs) + self._layers * roof(
+            self._attn_flop * attn_pairs, self._kv_read * kv_read_tokens, self._overlap
+        )
 
     def decode_affine(self, batch: float) -> tuple[float, float]:
         """``(a, b)`` with ``time(batch, batch, kv, kv) == a + b * kv``: a decode step of ``batch``
         sequences is affine in the KV tokens it reads (attention pairs equal KV reads in decode)."""
-        per_kv = self._attn_flop if self._attn_flop > self._kv_read else self._kv_read
-        return self._fixed(batch, batch), self._layers * per_kv
+        return self._fixed(batch, batch), self._layers * roof(self._attn_flop, self._kv_read, self._overlap)
 
     def _fixed(self, new_tokens: float, seqs: float) -> float:
         """Everything but attention: weight GEMMs, dequantisation, overheads, all-reduces, LM head."""
         t = self._overhead
+        rows = new_tokens + self._half_rows  # GEMM efficiency rows / (rows + half_rows)
         for count, per_token, weight_read, dequant, bits in self._groups:
             if self._moe:
                 weight_read *= self.model.layer_weight_bytes_read(
                     bits, new_tokens
                 ) / self.model.layer_weight_bytes(bits)
-            linear = per_token * new_tokens
-            t += count * ((linear if linear > weight_read else weight_read) + dequant)
+            t += count * (roof(per_token * rows, weight_read, self._overlap) + dequant)
         if self.shape.tp > 1:
             # two all-reduces per layer: after attention and after the MLP
             t += (
                 2
                 * self._layers
-                * allreduce_time(self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link)
+                * allreduce_time(
+                    self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link, self._allreduce
+                )
             )
         if self.shape.last:
-            head_c = self._head_flop * seqs
-            t += head_c if head_c > self._head_read else self._head_read
+            t += roof(self._head_flop * (seqs + self._half_rows), self._head_read, self._overlap)
         return t
 
     def batch_time(self, batch: BatchShape) -> float:
@@ -218,13 +245,14 @@ class RooflineCostModel:
         self, shape: ServerShape, max_batch_tokens: int = 8192, max_batch_size: int = 256
     ) -> MemoryBreakdown:
         m, tp = self.model, shape.tp
-        weights = sum(m.layer_weight_bytes(b) for b in shape.layer_bits) / tp
-        emb = m.vocab_size * m.hidden_size * 2.0
+        wide = shape.run_bytes / 2.0  # 16-bit tensors held at the run width
+        weights = sum(m.layer_weight_bytes(b) * (wide if b >= 16 else 1.0) for b in shape.layer_bits) / tp
+        emb = m.vocab_size * m.hidden_size * shape.run_bytes
         if shape.first:
             weights += (
                 emb
                 + (m.embedding_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2))
-                * 2.0
+                * shape.run_bytes
             ) / tp
         if shape.last and (not m.tie_word_embeddings or not shape.first):
             weights += emb / tp

@@ -3,8 +3,9 @@
 A cluster file (YAML)::
 
     name: mixed-dc
+    include: [this-cpu.yaml]   # optional: devices measured by `hetserve profile`
     gpus:                      # optional: add GPUs or override catalogued fields
-      h100-sxm: {price_per_hour: 3.50}
+      h100-sxm: {price_per_hour: 3.50, calibration: h100-vllm.yaml}
     nodes:
       - {name: h100, gpu: h100-sxm, count: 8, zone: east}
       - {name: t4, gpu: t4, count: 4, zone: west, replicas: 3}   # t4-0, t4-1, t4-2
@@ -81,6 +82,9 @@ class NetworkSpec(Strict):
 
 class ClusterFile(Strict):
     name: str = "cluster"
+    include: list[str] = Field(
+        default=[], description="device files written by `hetserve profile`, relative to the cluster file"
+    )
     gpus: dict[str, GPUOverride] = {}
     nodes: list[NodeSpec] = Field(min_length=1)
     network: NetworkSpec = NetworkSpec()
@@ -112,11 +116,17 @@ class Node:
 class Cluster:
     """A validated cluster: nodes with resolved GPU specs and a link between any two nodes."""
 
-    def __init__(self, spec: ClusterFile, source: str | None = None):
+    def __init__(self, spec: ClusterFile, source: str | None = None, calibration: str | Path | None = None):
         self.spec = spec
         self.name = spec.name
         self.source = source
-        self.gpus = resolve_gpus(spec.gpus, source)
+        self.gpus = resolve_gpus(spec.gpus, source, spec.include)
+        self.calibration = str(calibration) if calibration else None
+        if calibration:
+            from ..calibration.file import apply_calibration, load_calibration
+
+            used = {n.gpu for n in spec.nodes if n.gpu in self.gpus}
+            self.gpus = apply_calibration(self.gpus, load_calibration(calibration), str(calibration), used)
         nodes: list[Node] = []
         for i, n in enumerate(spec.nodes):
             if n.gpu not in self.gpus:
@@ -154,9 +164,11 @@ class Cluster:
         self._pair_links = {frozenset((o.a, o.b)): o for o in net.pairs}
 
     @classmethod
-    def load(cls, path: str | Path) -> Cluster:
+    def load(cls, path: str | Path, calibration: str | Path | None = None) -> Cluster:
+        """The cluster in ``path``; ``calibration``: a calibration file whose factors replace the
+        defaults of the GPU types it covers."""
         spec = load_yaml_model(ClusterFile, path, "cluster file")
-        return cls(spec, source=str(path))
+        return cls(spec, source=str(path), calibration=calibration)
 
     @cached_property
     def total_gpus(self) -> int:
@@ -194,12 +206,27 @@ class Cluster:
         }
 
 
-def resolve_gpus(overrides: dict[str, GPUOverride], source: str | None = None) -> dict[str, GPUSpec]:
-    """The catalogue with a cluster file's additions and overrides applied."""
+def _relative(path: str, source: str | None) -> Path:
+    """``path`` as written in a cluster file: relative to that file when it is one."""
+    p = Path(path)
+    if p.is_absolute() or source is None or not Path(source).is_file():
+        return p
+    return Path(source).parent / p
+
+
+def resolve_gpus(
+    overrides: dict[str, GPUOverride], source: str | None = None, include: list[str] = ()
+) -> dict[str, GPUSpec]:
+    """The catalogue with a cluster file's included devices, additions and overrides applied."""
+    from ..calibration.file import apply_calibration, load_calibration, load_device
+
     gpus = dict(builtin_gpus())
+    for i, entry in enumerate(include):
+        device = load_device(_relative(entry, source), f"include[{i}]", source)
+        gpus[device.name] = device
     for name, o in overrides.items():
         base_name = o.base or name
-        changes = o.model_dump(exclude_none=True, exclude={"base"})
+        changes = o.model_dump(exclude_none=True, exclude={"base", "calibration"})
         if base_name in gpus:
             merged = gpus[base_name].model_dump()
             merged.update(changes)
@@ -220,6 +247,13 @@ def resolve_gpus(overrides: dict[str, GPUOverride], source: str | None = None) -
                 )
             merged = {"name": name, "sources": {k: f"cluster file {source}" for k in changes}, **changes}
         gpus[name] = validate(GPUSpec, merged, source, prefix=f"gpus.{name}")
+        if o.calibration:
+            path = _relative(o.calibration, source)
+            try:
+                calibration = load_calibration(path)
+            except HetserveError as exc:
+                raise HetserveError(f"gpus.{name}.calibration: {exc}", source=source) from None
+            gpus.update(apply_calibration(gpus, calibration, str(path), {name}))
     return gpus
 
 

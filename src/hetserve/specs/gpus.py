@@ -79,11 +79,71 @@ class Fabric(Strict):
     )
 
 
-class Efficiency(Strict):
-    """Fractions of peak a well-tuned kernel sustains (roofline correction factors)."""
+AllReduceAlgorithm = Literal["ring", "one-shot", "auto"]
 
-    compute: float = Field(default=0.7, gt=0, le=1)
-    memory: float = Field(default=0.8, gt=0, le=1)
+
+class CostFactors(Strict):
+    """The cost model's correction factors for one GPU type (the ``efficiency:`` key of a GPU entry).
+
+    The defaults reproduce the plain roofline: every GEMM at ``compute`` of peak whatever its shape,
+    compute and memory traffic fully overlapped, attention at the GEMM factors, 20 us per layer, no
+    per-step cost, ring all-reduces over the fabric at ``COLLECTIVE_EFFICIENCY`` of its bandwidth.
+    ``hetserve calibrate`` and ``hetserve profile`` fit them to measurements of the engine a user runs
+    (docs/costmodel.md lists each factor, its default and the source of the default).
+    """
+
+    compute: float = Field(
+        default=0.7, gt=0, le=1, description="fraction of peak FLOPS a large GEMM sustains"
+    )
+    memory: float = Field(
+        default=0.8, gt=0, le=1, description="fraction of peak memory bandwidth weight reads sustain"
+    )
+    gemm_half_rows: float = Field(
+        default=0.0,
+        ge=0,
+        le=1e5,
+        description="rows (batch or chunk tokens) at which a GEMM reaches half of `compute`; 0 = all shapes "
+        "at `compute`",
+    )
+    overlap: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="how far compute and memory traffic overlap: 1 = the slower of the two (roofline), "
+        "0 = their sum",
+    )
+    attention_compute: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of peak FLOPS of prefill attention; default: compute"
+    )
+    attention_memory: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of peak bandwidth of decode KV reads; default: memory"
+    )
+    layer_overhead_us: float = Field(
+        default=20.0, ge=0, le=1e5, description="fixed time per layer and step (launches, norms, small ops)"
+    )
+    step_overhead_ms: float = Field(
+        default=0.0, ge=0, le=1e4, description="fixed time per engine step (scheduler, input preparation)"
+    )
+    allreduce: AllReduceAlgorithm = Field(
+        default="ring", description="tensor-parallel all-reduce: ring, one-shot (NVSwitch-style) or auto"
+    )
+    allreduce_latency_us: float | None = Field(
+        default=None, ge=0, le=1e5, description="latency of one all-reduce step; default: fabric latency_us"
+    )
+    collective: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="fraction of fabric bandwidth collectives achieve; default: per fabric kind",
+    )
+
+    @property
+    def attention_compute_or_default(self) -> float:
+        return self.attention_compute if self.attention_compute is not None else self.compute
+
+    @property
+    def attention_memory_or_default(self) -> float:
+        return self.attention_memory if self.attention_memory is not None else self.memory
 
 
 class GPUSpec(Strict):
@@ -100,7 +160,7 @@ class GPUSpec(Strict):
     price_per_hour: float = Field(ge=0, le=MAX_PRICE_PER_HOUR, description="USD per GPU-hour")
     weight_dtypes: list[str] = Field(description="weight formats with a native or fused kernel path")
     kv_dtypes: list[DType]
-    efficiency: Efficiency = Efficiency()
+    efficiency: CostFactors = CostFactors()
     sources: dict[str, str] = Field(description="field name -> where the figure comes from")
     notes: str = ""
 
@@ -158,10 +218,15 @@ class GPUOverride(Strict):
     price_per_hour: float | None = Field(default=None, ge=0, le=MAX_PRICE_PER_HOUR)
     weight_dtypes: list[str] | None = None
     kv_dtypes: list[DType] | None = None
-    efficiency: Efficiency | None = None
+    efficiency: CostFactors | None = None
     sources: dict[str, str] | None = None
     notes: str | None = None
     base: str | None = Field(default=None, description="catalogued GPU to start from")
+    calibration: str | None = Field(
+        default=None,
+        description="calibration file (from `hetserve calibrate`) whose factors for this GPU type apply; "
+        "relative to the cluster file",
+    )
 
 
 class Catalog(Strict):
