@@ -52,7 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_plan(plan: Path, args) -> dict:
+def run_plan(
+    plan: Path, args, workload: Path = HERE / "plans" / "serve-load.yaml", kv_cache_gb: float = 0.1
+) -> dict:
+    """Serve ``plan``, replay ``workload`` against it with ``hetserve bench`` (args.duration, args.rate,
+    args.seed) and return bench's JSON report with the start-up time."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -66,7 +70,7 @@ def run_plan(plan: Path, args) -> dict:
             "--port",
             str(port),
             "--kv-cache-gb",
-            "0.1",
+            str(kv_cache_gb),
             "--threads",
             "1",
             "--log-level",
@@ -105,7 +109,7 @@ def run_plan(plan: Path, args) -> dict:
                 "--url",
                 url,
                 "--workload",
-                str(HERE / "plans" / "serve-load.yaml"),
+                str(workload),
                 "--duration",
                 str(args.duration),
                 "--rate",

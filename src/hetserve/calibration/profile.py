@@ -1,0 +1,393 @@
+"""``hetserve profile``: measure this machine's torch device and describe it as a GPU type.
+
+Measured with torch itself, in the dtype and thread count the engine serves with:
+- matrix products over a sweep of row counts (1 to 1,024) at the served model's shapes, and one large
+  square product (the device's peak);
+- attention (``scaled_dot_product_attention``) for prefill over prompt lengths and decode over contexts;
+- memory bandwidth (a large tensor copy: bytes read plus written per second);
+- between two processes on this machine (gloo over 127.0.0.1, as the runtime's workers talk): an
+  all-reduce and a point-to-point tensor send (the primitive KV hand-offs and pipeline hops use) over
+  a sweep of sizes, fitted to a latency plus bytes over bandwidth;
+- the real engine (``LLMEngine`` on SmolLM2-135M) over batch sizes and prompt lengths: whole-batch
+  prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits.
+
+The device entry takes its peak FLOPS, bandwidth and fabric from the micro-benchmarks; its cost
+factors are then fitted to the engine rows, so the simulator describes the engine that serves.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import HetserveError
+from ..specs.gpus import CostFactors, GPUSpec
+from .file import (
+    AttentionPoint,
+    EngineRow,
+    FitError,
+    GemmPoint,
+    GPUCalibration,
+    ProfileFile,
+    ProfileMeasurements,
+    TransferPoint,
+)
+
+MODEL = "smollm2-135m"
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _timed(fn: Callable[[], object], *, repeats: int, sync: Callable[[], None]) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync_for(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def measure_gemm(device, dtype, shapes: list[tuple[int, int, int]], repeats: int) -> list[GemmPoint]:
+    import torch
+
+    sync = _sync_for(device)
+    out = []
+    for rows, k, n in shapes:
+        a = torch.randn(rows, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        with torch.inference_mode():
+            t = _timed(lambda a=a, b=b: a @ b, repeats=repeats, sync=sync)
+        out.append(
+            GemmPoint(
+                dtype=TORCH_DTYPES[str(dtype).removeprefix("torch.")],
+                rows=rows,
+                k=k,
+                n=n,
+                ms=t * 1e3,
+                tflops=2 * rows * k * n / t / 1e12,
+            )
+        )
+    return out
+
+
+def measure_attention(device, dtype, heads: int, head_dim: int, quick: bool) -> list[AttentionPoint]:
+    import torch
+    import torch.nn.functional as F
+
+    sync = _sync_for(device)
+    out = []
+    prompts = (64, 512) if quick else (64, 256, 1024)
+    contexts = (256, 2048) if quick else (128, 512, 2048)
+    with torch.inference_mode():
+        for p in prompts:
+            q = torch.randn(1, heads, p, head_dim, device=device, dtype=dtype)
+            t = _timed(
+                lambda q=q: F.scaled_dot_product_attention(q, q, q, is_causal=True), repeats=3, sync=sync
+            )
+            out.append(AttentionPoint(phase="prefill", tokens=p, context=p, ms=t * 1e3))
+        for c in contexts:
+            q = torch.randn(8, heads, 1, head_dim, device=device, dtype=dtype)
+            kv = torch.randn(8, heads, c, head_dim, device=device, dtype=dtype)
+            t = _timed(lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv, kv), repeats=5, sync=sync)
+            out.append(AttentionPoint(phase="decode", tokens=8, context=c, ms=t * 1e3))
+    return out
+
+
+def measure_copy(device, quick: bool) -> float:
+    """GB/s of a large copy (bytes read + bytes written)."""
+    import torch
+
+    n = (64 if quick else 256) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = _timed(lambda: dst.copy_(src), repeats=5, sync=_sync_for(device))
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _comm_worker(rank: int, port: int, sizes: list[int], repeats: int, threads: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=_timeout()
+    )
+    try:
+        results = {"allreduce": [], "p2p": []}
+        for nbytes in sizes:
+            x = torch.zeros(max(1, nbytes // 4))
+            for kind in ("allreduce", "p2p"):
+                times = []
+                for i in range(repeats + 1):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    if kind == "allreduce":
+                        dist.all_reduce(x)
+                    elif rank == 0:
+                        dist.send(x, 1)
+                        dist.recv(x[:1], 1)  # the receiver's one-element ack closes the clock
+                    else:
+                        dist.recv(x, 0)
+                        dist.send(x[:1], 0)
+                    if i:
+                        times.append(time.perf_counter() - start)
+                results[kind].append((x.numel() * 4, statistics.median(times)))
+        if rank == 0:
+            queue.put(results)
+    finally:
+        dist.destroy_process_group()
+
+
+def _timeout():
+    from datetime import timedelta
+
+    return timedelta(seconds=120)
+
+
+def measure_comm(quick: bool, threads: int) -> tuple[list[TransferPoint], list[TransferPoint]]:
+    """(all-reduce, point-to-point) times between two local processes."""
+    import multiprocessing as mp
+
+    sizes = [2**k for k in ((12, 16, 20, 22) if quick else (10, 12, 14, 16, 18, 20, 22, 24))]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_comm_worker, args=(r, port, sizes, 5 if quick else 9, threads, queue))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = queue.get(timeout=300)
+    except Exception as exc:  # noqa: BLE001 - a worker that died leaves the queue empty
+        raise HetserveError(f"profile: the two-process communication test failed ({exc})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    ar = [TransferPoint(bytes=b, ms=t * 1e3) for b, t in results["allreduce"]]
+    # the p2p clock spans the message and a 4-byte ack back: the ack costs one latency
+    p2p = [TransferPoint(bytes=b, ms=t * 1e3) for b, t in results["p2p"]]
+    return ar, p2p
+
+
+def fit_line(points: list[TransferPoint]) -> tuple[float, float]:
+    """(seconds of fixed cost, seconds per byte) of a least-squares line through the points."""
+    x = np.array([p.bytes for p in points], dtype=float)
+    y = np.array([p.ms * 1e-3 for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    return max(float(intercept), 0.0), max(float(slope), 1e-15)
+
+
+def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow]:
+    import torch
+
+    from ..runtime import EngineConfig, LLMEngine, SamplingParams
+
+    torch.set_num_threads(threads)
+    batches = (1, 2, 4) if quick else (1, 2, 4, 8, 16)
+    prompts = (16, 64, 128) if quick else (16, 64, 256, 512)
+    output = 6 if quick else 16
+    engine = LLMEngine.from_model(
+        MODEL, EngineConfig(dtype=dtype, max_batch_size=max(batches), max_batch_tokens=16 * 512 + 64)
+    )
+    rng = np.random.default_rng(0)
+    vocab = engine.model.config.vocab_size
+    rows = []
+    for batch in batches:
+        for prompt in prompts:
+            prefill, decode = [], []
+            for _repeat in range(2 if quick else 3):
+                for _ in range(batch):
+                    ids = rng.integers(100, vocab - 1, size=prompt).tolist()
+                    engine.add_request(ids, SamplingParams(max_tokens=output, ignore_eos=True))
+                start = time.perf_counter()
+                engine.step()  # the whole batch's prompts fit one step's token budget
+                prefill.append(time.perf_counter() - start)
+                steps = []
+                while engine.has_unfinished_requests():
+                    start = time.perf_counter()
+                    engine.step()
+                    steps.append(time.perf_counter() - start)
+                decode.append(statistics.mean(steps))
+            rows.append(
+                EngineRow(
+                    model=MODEL,
+                    tp=1,
+                    batch=batch,
+                    prompt=prompt,
+                    output=output,
+                    prefill_ms=statistics.median(prefill) * 1e3,
+                    decode_ms=statistics.median(decode) * 1e3,
+                    dtype=TORCH_DTYPES[dtype],
+                )
+            )
+            log(
+                f"  engine batch {batch:>2} x {prompt:>3} tokens: prefill {rows[-1].prefill_ms:7.1f} ms, "
+                f"decode step {rows[-1].decode_ms:6.1f} ms"
+            )
+    return rows
+
+
+def run_profile(
+    *, device: str, name: str | None, quick: bool, threads: int, dtype: str, log=lambda msg: None
+) -> ProfileFile:
+    import torch
+
+    from ..specs.models import load_model
+    from .fit import errors, fit_gpu
+    from .measurements import RUN_DTYPES, ModelRow
+
+    if threads < 1:
+        raise HetserveError(f"--threads={threads} must be >= 1")
+    try:
+        dev = torch.device(device)
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise HetserveError(f"--device={device}: torch cannot use it ({str(exc).splitlines()[0]})") from None
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    model = load_model(MODEL)
+    h, f = model.hidden_size, model.intermediate_size
+    rows = (1, 16, 256) if quick else (1, 4, 16, 64, 256, 1024)
+    shapes = [(r, h, f) for r in rows] + [(r, f, h) for r in rows]
+    shapes.append((1024, 1024, 1024) if quick else (2048, 2048, 2048))
+    log(f"profiling {device} ({dtype}, {threads} thread(s)){' quick' if quick else ''}")
+    gemm = measure_gemm(dev, torch_dtype, shapes, repeats=3 if quick else 5)
+    if dtype != "bfloat16" and not quick:
+        gemm += measure_gemm(dev, torch.bfloat16, [(1024, 1024, 1024)], repeats=3)
+    peak = max(g.tflops for g in gemm if g.dtype == TORCH_DTYPES[dtype])
+    log(f"  matrix products: peak {peak * 1e3:.1f} GFLOPS")
+    attention = measure_attention(dev, torch_dtype, model.num_heads, model.head_dim, quick)
+    copy = measure_copy(dev, quick)
+    log(f"  memory copy: {copy:.1f} GB/s")
+    allreduce, p2p = measure_comm(quick, threads)
+    ar_fixed, ar_per_byte = fit_line(allreduce)
+    p2p_fixed, p2p_per_byte = fit_line(p2p)
+    log(
+        f"  two processes: all-reduce {ar_fixed * 1e6:.0f} us + {1 / ar_per_byte / 1e9:.2f} GB/s, "
+        f"send {p2p_fixed * 1e6:.0f} us + {1 / p2p_per_byte / 1e9:.2f} GB/s"
+    )
+    engine = measure_engine(dtype, threads, quick, log)
+
+    run = TORCH_DTYPES[dtype]
+    tflops = {run: peak}
+    for g in gemm:
+        if g.dtype != run:
+            tflops[g.dtype] = max(tflops.get(g.dtype, 0.0), g.tflops)
+    if "bf16" not in tflops and "fp16" not in tflops:
+        tflops["bf16"] = peak  # the cost model times 16-bit work with a 16-bit entry
+    memory_gb = _memory_gb(dev)
+    label = name or ("this-cpu" if dev.type == "cpu" else f"this-{dev.type}")
+    measured = (
+        f"measured by hetserve profile on {platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')}"
+    )
+    # a two-rank ring all-reduce is 2 latency steps and one buffer over the link
+    device_spec = GPUSpec(
+        name=label,
+        vendor="nvidia" if dev.type == "cuda" else "other",
+        memory_gb=memory_gb,
+        memory_bw_gb_per_s=copy,
+        tflops=tflops,
+        fabric={"kind": "none", "gb_per_s": 1 / p2p_per_byte / 1e9, "latency_us": ar_fixed / 2 * 1e6},
+        tdp_w=_tdp(dev),
+        price_per_hour=0.0,
+        weight_dtypes=[],
+        kv_dtypes=["fp32", "bf16", "fp16"],
+        sources={
+            "memory_gb": measured + " (total memory)",
+            "memory_bw_gb_per_s": measured + " (tensor copy, read + write)",
+            "tflops": measured + f" (torch matmul, {threads} thread(s))",
+            "fabric": measured + " (gloo between two local processes)",
+            "tdp_w": "not measured (no power counters read); set tdp_w in a cluster file before planning for "
+            "power",
+            "price_per_hour": "0: a machine already owned",
+        },
+        notes=f"{platform.processor() or platform.machine()}; torch {torch.__version__}; the engine "
+        f"serves in {dtype}",
+    )
+    base = CostFactors(
+        collective=min(1.0, 1 / ar_per_byte / 1e9 / device_spec.fabric.gb_per_s),
+        allreduce_latency_us=ar_fixed / 2 * 1e6,
+    )
+    device_spec = device_spec.model_copy(update={"efficiency": base})
+    model_rows = [
+        ModelRow(
+            model,
+            device_spec,
+            e.tp,
+            e.batch,
+            e.prompt,
+            e.output,
+            e.prefill_ms,
+            e.decode_ms,
+            "hetserve",
+            f"engine row {i}",
+            RUN_DTYPES[e.dtype],
+        )
+        for i, e in enumerate(engine)
+    ]
+    fit = fit_gpu(model_rows, device_spec, source="profile")
+    calibration = GPUCalibration(
+        factors=fit.factors,
+        fitted=list(fit.fitted),
+        engine="hetserve",
+        rows=len(model_rows),
+        fit=FitError.model_validate(fit.error.as_dict()),
+        uncalibrated=FitError.model_validate(errors(model_rows, device_spec).as_dict()),
+    )
+    log(f"  engine fit: median {fit.error.median_ape:.1f}% (p90 {fit.error.p90_ape:.1f}%)")
+    return ProfileFile(
+        device=device_spec,
+        engine="hetserve",
+        threads=threads,
+        measurements=ProfileMeasurements(
+            gemm=gemm,
+            attention=attention,
+            copy_gb_per_s=copy,
+            allreduce=allreduce,
+            kv_handoff=p2p,
+            engine=engine,
+        ),
+        calibration=calibration,
+    )
+
+
+def _memory_gb(dev) -> float:
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory / 1e9
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def _tdp(dev) -> float:
+    return 300.0 if dev.type == "cuda" else 65.0
