@@ -1,0 +1,75 @@
+"""``hetserve profile --quick`` on this machine's CPU, and the simulator against real serving."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetserve.calibration.file import load_profile
+from tests.conftest import EXAMPLES, REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    from hetserve.cli import main
+
+    out = tmp_path_factory.mktemp("profile") / "this-cpu.yaml"
+    assert main(["profile", "--quick", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def test_quick_profile_describes_the_cpu_and_fits_the_engine(profile):
+    p = load_profile(profile)
+    assert p.device.name == "this-cpu"
+    assert p.device.tflops["fp32"] > 0 and p.device.memory_bw_gb_per_s > 0
+    assert len(p.measurements.engine) == 9 and len(p.measurements.gemm) >= 7
+    assert p.measurements.allreduce and p.measurements.kv_handoff
+    # the fitted factors describe the engine better than the defaults do
+    assert p.calibration.fit.median_ape_pct < p.calibration.uncalibrated.median_ape_pct
+    assert p.calibration.fit.median_ape_pct < 25
+
+
+def test_profiled_device_is_a_gpu_type_for_cluster_files_and_calibrate(profile, write, run_cli, tmp_path):
+    from hetserve.specs.clusters import Cluster
+
+    cluster = write("c.yaml", f"include: [{profile}]\nnodes:\n  - {{name: box, gpu: this-cpu, count: 2}}\n")
+    c = Cluster.load(cluster)
+    assert c.nodes["box"].gpu.efficiency == load_profile(profile).calibration.factors
+    code, out, err = run_cli("calibrate", "--measurements", profile, "--out", tmp_path / "c.yaml")
+    assert code == 0, err
+    assert "this-cpu" in yaml.safe_load((tmp_path / "c.yaml").read_text())["gpus"]
+
+
+def test_simulated_replicas_plan_matches_serving(profile, tmp_path):
+    """One small plan served for real and simulated on the profiled CPU with the same requests: the
+    medians agree within 40% (a loose bound: CI machines are shared)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sim_vs_serve
+    from serve_plans import run_plan
+
+    class Args:
+        duration, rate, seed = 40.0, 0.25, 0
+
+    plan = EXAMPLES / "serve" / "smollm2-replicas.yaml"
+    measured = run_plan(plan, Args, sim_vs_serve.WORKLOAD, sim_vs_serve.KV_CACHE_GB)
+    simulated = json.loads(
+        sim_vs_serve.hetserve(
+            "simulate",
+            "--plan",
+            str(sim_vs_serve.sim_plan(plan, Path(profile), tmp_path)),
+            "--workload",
+            str(sim_vs_serve.WORKLOAD),
+            "--duration",
+            "40",
+            "--rate",
+            "0.25",
+            "--json",
+        )
+    )
+    assert measured["completed"] == simulated["completed"] > 0
+    for metric in ("ttft_p50_ms", "tpot_p50_ms", "e2e_p50_ms", "throughput_tok_s"):
+        assert simulated[metric] == pytest.approx(measured[metric], rel=0.4), metric
