@@ -34,6 +34,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "attention_compute": (0.002, 1.0),
     "attention_memory": (0.01, 1.0),
     "gemm_half_rows": (0.0, 8192.0),
+    "gemm_rows_exponent": (0.2, 2.0),
     "overlap": (0.0, 1.0),
     "layer_overhead_us": (0.0, 20000.0),
     "step_overhead_ms": (0.0, 2000.0),
@@ -47,6 +48,7 @@ SCALE = {
     "attention_compute": 0.5,
     "attention_memory": 0.5,
     "gemm_half_rows": 256.0,
+    "gemm_rows_exponent": 0.5,
     "overlap": 0.5,
     "layer_overhead_us": 50.0,
     "step_overhead_ms": 5.0,
@@ -137,7 +139,7 @@ def errors(rows: Sequence[Row], gpu: GPUSpec) -> ErrorStats:
 
 def fitted_names(rows: Sequence[Row]) -> list[str]:
     """The factors ``rows`` can inform."""
-    names = ["compute", "memory", "gemm_half_rows", "overlap", "layer_overhead_us"]
+    names = ["compute", "memory", "gemm_half_rows", "gemm_rows_exponent", "overlap", "layer_overhead_us"]
     whole = [r for r in rows if isinstance(r, ModelRow)]
     if whole:
         names.append("step_overhead_ms")
@@ -163,6 +165,7 @@ def _start(defaults: CostFactors, gpu: GPUSpec, names: list[str], alt: bool) -> 
         "attention_compute": defaults.attention_compute_or_default,
         "attention_memory": defaults.attention_memory_or_default,
         "gemm_half_rows": 256.0 if alt else max(defaults.gemm_half_rows, 8.0),
+        "gemm_rows_exponent": 0.6 if alt else defaults.gemm_rows_exponent,
         "overlap": 0.5 if alt else min(defaults.overlap, 0.95),
         "layer_overhead_us": max(defaults.layer_overhead_us, 1.0),
         "step_overhead_ms": max(defaults.step_overhead_ms, 0.5),

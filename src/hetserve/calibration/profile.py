@@ -17,6 +17,7 @@ factors are then fitted to the engine rows, so the simulator describes the engin
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import socket
@@ -210,47 +211,49 @@ def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow
     from ..runtime import EngineConfig, LLMEngine, SamplingParams
 
     torch.set_num_threads(threads)
-    batches = (1, 2, 4) if quick else (1, 2, 4, 8, 16)
-    prompts = (16, 64, 128) if quick else (16, 64, 256, 512)
-    output = 6 if quick else 16
+    batches = (1, 2, 4) if quick else (1, 2, 4, 8)
+    prompts = (16, 64, 128) if quick else (16, 64, 256)
+    output = 8 if quick else 32
+    shapes = list(itertools.product(batches, prompts))
+    if not quick:
+        shapes += [(1, 512), (1, 1024)]  # long prompts alone: the quadratic attention term
     engine = LLMEngine.from_model(
         MODEL, EngineConfig(dtype=dtype, max_batch_size=max(batches), max_batch_tokens=16 * 512 + 64)
     )
     rng = np.random.default_rng(0)
     vocab = engine.model.config.vocab_size
     rows = []
-    for batch in batches:
-        for prompt in prompts:
-            prefill, decode = [], []
-            for _repeat in range(2 if quick else 3):
-                for _ in range(batch):
-                    ids = rng.integers(100, vocab - 1, size=prompt).tolist()
-                    engine.add_request(ids, SamplingParams(max_tokens=output, ignore_eos=True))
+    for batch, prompt in shapes:
+        prefill, decode = [], []
+        for _repeat in range(2):
+            for _ in range(batch):
+                ids = rng.integers(100, vocab - 1, size=prompt).tolist()
+                engine.add_request(ids, SamplingParams(max_tokens=output, ignore_eos=True))
+            start = time.perf_counter()
+            engine.step()  # the whole batch's prompts fit one step's token budget
+            prefill.append(time.perf_counter() - start)
+            steps = []
+            while engine.has_unfinished_requests():
                 start = time.perf_counter()
-                engine.step()  # the whole batch's prompts fit one step's token budget
-                prefill.append(time.perf_counter() - start)
-                steps = []
-                while engine.has_unfinished_requests():
-                    start = time.perf_counter()
-                    engine.step()
-                    steps.append(time.perf_counter() - start)
-                decode.append(statistics.mean(steps))
-            rows.append(
-                EngineRow(
-                    model=MODEL,
-                    tp=1,
-                    batch=batch,
-                    prompt=prompt,
-                    output=output,
-                    prefill_ms=statistics.median(prefill) * 1e3,
-                    decode_ms=statistics.median(decode) * 1e3,
-                    dtype=TORCH_DTYPES[dtype],
-                )
+                engine.step()
+                steps.append(time.perf_counter() - start)
+            decode.append(statistics.mean(steps))
+        rows.append(
+            EngineRow(
+                model=MODEL,
+                tp=1,
+                batch=batch,
+                prompt=prompt,
+                output=output,
+                prefill_ms=statistics.median(prefill) * 1e3,
+                decode_ms=statistics.median(decode) * 1e3,
+                dtype=TORCH_DTYPES[dtype],
             )
-            log(
-                f"  engine batch {batch:>2} x {prompt:>3} tokens: prefill {rows[-1].prefill_ms:7.1f} ms, "
-                f"decode step {rows[-1].decode_ms:6.1f} ms"
-            )
+        )
+        log(
+            f"  engine batch {batch:>2} x {prompt:>3} tokens: prefill {rows[-1].prefill_ms:7.1f} ms, "
+            f"decode step {rows[-1].decode_ms:6.1f} ms"
+        )
     return rows
 
 

@@ -143,6 +143,7 @@ class ServerTimer:
         self._moe = m.num_experts > 1
         self._overlap = k.overlap
         self._half_rows = k.gemm_half_rows
+        self._rows_exponent = k.gemm_rows_exponent
         self._groups = []
         for bits, count in s.bits_counts().items():
             rate = half if bits >= 16 else g.tflops_for_bits(bits) * 1e12
@@ -186,7 +187,10 @@ class ServerTimer:
     def _fixed(self, new_tokens: float, seqs: float) -> float:
         """Everything but attention: weight GEMMs, dequantisation, overheads, all-reduces, LM head."""
         t = self._overhead
-        rows = new_tokens + self._half_rows  # GEMM efficiency rows / (rows + half_rows)
+        # GEMM efficiency compute x (rows / (rows + half_rows)) ** exponent, folded into the row count
+        rows = new_tokens + self._half_rows
+        if self._rows_exponent != 1.0 and self._half_rows:
+            rows = new_tokens * (rows / new_tokens) ** self._rows_exponent
         for count, per_token, weight_read, dequant, bits in self._groups:
             if self._moe:
                 weight_read *= self.model.layer_weight_bytes_read(
@@ -203,7 +207,10 @@ class ServerTimer:
                 )
             )
         if self.shape.last:
-            t += roof(self._head_flop * (seqs + self._half_rows), self._head_read, self._overlap)
+            head_rows = seqs + self._half_rows
+            if self._rows_exponent != 1.0 and self._half_rows:
+                head_rows = seqs * (head_rows / seqs) ** self._rows_exponent
+            t += roof(self._head_flop * head_rows, self._head_read, self._overlap)
         return t
 
     def batch_time(self, batch: BatchShape) -> float:

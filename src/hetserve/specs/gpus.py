@@ -102,8 +102,15 @@ class CostFactors(Strict):
         default=0.0,
         ge=0,
         le=1e5,
-        description="rows (batch or chunk tokens) at which a GEMM reaches half of `compute`; 0 = all shapes "
-        "at `compute`",
+        description="rows (batch or chunk tokens) at which a GEMM reaches half of `compute` (with exponent "
+        "1); 0 = all shapes at `compute`",
+    )
+    gemm_rows_exponent: float = Field(
+        default=1.0,
+        gt=0,
+        le=4,
+        description="shape of the GEMM efficiency curve: efficiency = compute x (rows / (rows + "
+        "gemm_half_rows)) ** exponent; below 1 the curve rises more slowly (CPU and small-GEMM kernels)",
     )
     overlap: float = Field(
         default=1.0,
