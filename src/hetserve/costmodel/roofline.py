@@ -175,9 +175,10 @@ class ServerTimer:
     def time(self, new_tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
         if new_tokens <= 0:
             return 0.0
-        return self._fixed(new_tokens, seqs) + self._layers * roof(
-            self._attn_flop * attn_pairs, self._kv_read * kv_read_tokens, self._overlap
-        )
+        c, m = self._attn_flop * attn_pairs, self._kv_read * kv_read_tokens
+        if self._overlap == 1.0:  # the plain roofline: the hot path of the default factors
+            return self._fixed(new_tokens, seqs) + self._layers * (c if c > m else m)
+        return self._fixed(new_tokens, seqs) + self._layers * roof(c, m, self._overlap)
 
     def decode_affine(self, batch: float) -> tuple[float, float]:
         """``(a, b)`` with ``time(batch, batch, kv, kv) == a + b * kv``: a decode step of ``batch``
@@ -196,7 +197,11 @@ class ServerTimer:
                 weight_read *= self.model.layer_weight_bytes_read(
                     bits, new_tokens
                 ) / self.model.layer_weight_bytes(bits)
-            t += count * (roof(per_token * rows, weight_read, self._overlap) + dequant)
+            c = per_token * rows
+            if self._overlap == 1.0:
+                t += count * ((c if c > weight_read else weight_read) + dequant)
+            else:
+                t += count * (roof(c, weight_read, self._overlap) + dequant)
         if self.shape.tp > 1:
             # two all-reduces per layer: after attention and after the MLP
             t += (
