@@ -90,7 +90,7 @@ def scenario_schema():
 class LoadedScenario:
     """A scenario with its files resolved and loaded."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, calibration: str | None = None):
         from .baselines import STRATEGIES
         from .planner.quality import parse_quality
         from .specs.loading import load_yaml_model
@@ -98,6 +98,7 @@ class LoadedScenario:
         from .specs.workloads import Workload
 
         self.path = Path(path)
+        self.calibration = calibration
         self.spec = load_yaml_model(scenario_schema(), self.path, "scenario file")
         src = str(self.path)
         base = self.path.parent

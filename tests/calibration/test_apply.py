@@ -73,3 +73,14 @@ def test_cluster_file_names_a_calibration_per_gpu_type(write):
         HetserveError, match=r"gpus.l4.calibration: calibration file .*missing.yaml not found"
     ):
         Cluster.load(bad)
+
+
+def test_compare_times_every_cluster_with_the_calibration(write):
+    from hetserve.compare import LoadedScenario
+
+    calib = write("calib.yaml", CALIBRATION)
+    scenario = LoadedScenario(EXAMPLES / "scenarios" / "helix-24.yaml", str(calib))
+    l4 = [n.gpu for n in scenario.cluster.nodes.values() if n.gpu.name == "l4"]
+    assert l4 and all(g.efficiency.step_overhead_ms == 40.0 for g in l4)
+    plain = LoadedScenario(EXAMPLES / "scenarios" / "helix-24.yaml")
+    assert all(n.gpu.efficiency.step_overhead_ms == 0.0 for n in plain.cluster.nodes.values())
