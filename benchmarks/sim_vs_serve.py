@@ -116,16 +116,22 @@ def main() -> None:
         for m in METRICS:
             s, r = simulated.get(m), measured.get(m)
             metrics[m] = {"simulated": s, "measured": r, "ratio": s / r if s is not None and r else None}
-        results.append({"plan": name, "completed": measured.get("completed"), "metrics": metrics})
-        if not args.json:
-            print(f"{name}: " + ", ".join(f"{m} {v['ratio']:.2f}" for m, v in metrics.items() if v["ratio"]))
+        workers = sum(len(s["gpus"]) for s in yaml.safe_load(plan.read_text())["servers"])
+        results.append(
+            {"plan": name, "workers": workers, "completed": measured.get("completed"), "metrics": metrics}
+        )
+        line = f"{name} ({workers} workers): " + ", ".join(
+            f"{m} {v['ratio']:.2f}" for m, v in metrics.items() if v["ratio"]
+        )
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
     report = {
         "profile": {
             "file": str(profile),
             "device": prof["device"]["name"],
             "fit_median_ape_pct": prof["calibration"]["fit"]["median_ape_pct"],
         },
-        "load_before": os.getloadavg()[0],
+        "cores": os.cpu_count(),
+        "load_after": os.getloadavg()[0],
         "plans": results,
     }
     if args.json:
