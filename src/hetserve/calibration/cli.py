@@ -112,7 +112,15 @@ def cmd_calibrate(args) -> int:
     table(
         f"cost factors fitted to {len(fit_rows)} rows"
         + (f", {len(held)} held out ({holdout})" if held else ""),
-        ["gpu", "phase", "rows", "default median/p90 %", "fitted median/p90 %", "held-out median/p90 %"],
+        [
+            "gpu",
+            "phase",
+            "rows fitted",
+            "default median/p90 %",
+            "fitted median/p90 %",
+            "held out: default",
+            "held out: fitted",
+        ],
         _error_rows(entries),
     )
     for name, entry in entries.items():
@@ -142,6 +150,7 @@ def _error_rows(entries) -> list[tuple]:
                     entry.fit.by_phase[phase].n,
                     pair(entry.uncalibrated, phase),
                     pair(entry.fit, phase),
+                    pair(entry.heldout_uncalibrated, phase),
                     pair(entry.heldout, phase),
                 )
             )
