@@ -102,7 +102,7 @@ def cmd_estimate(args) -> int:
             f"--gpu: unknown GPU '{args.gpu}'{suggest(args.gpu, gpus)}; known: {allowed(gpus)}"
         )
     if args.calibration:
-        from .calibration.file import apply_calibration, load_calibration
+        from .specs.calibration import apply_calibration, load_calibration
 
         gpus = apply_calibration(gpus, load_calibration(args.calibration), args.calibration, {args.gpu})
     est = estimate(

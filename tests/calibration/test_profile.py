@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetserve.calibration.file import load_profile
+from hetserve.specs.calibration import load_profile
 from tests.conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.slow

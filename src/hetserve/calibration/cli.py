@@ -19,7 +19,7 @@ def _read_all(paths: list[str], cluster: str | None):
     rows = []
     for path in paths:
         if Path(path).suffix.lower() in (".yaml", ".yml"):
-            from .file import load_profile
+            from ..specs.calibration import load_profile
 
             profile = load_profile(path)
             device = profile.device
@@ -66,7 +66,7 @@ def _engine_of(rows, gpu: str, engine: str | None) -> str:
 
 def cmd_calibrate(args) -> int:
     from ..report.tables import print_json, table
-    from .file import CalibrationFile, FitError, GPUCalibration
+    from ..specs.calibration import CalibrationFile, FitError, GPUCalibration
     from .fit import errors, fit_gpu, holdout_split
 
     if args.holdout is not None and args.holdout_by:

@@ -28,8 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import HetserveError
-from ..specs.gpus import CostFactors, GPUSpec
-from .file import (
+from ..specs.calibration import (
     AttentionPoint,
     EngineRow,
     FitError,
@@ -39,6 +38,7 @@ from .file import (
     ProfileMeasurements,
     TransferPoint,
 )
+from ..specs.gpus import CostFactors, GPUSpec
 
 MODEL = "smollm2-135m"
 TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

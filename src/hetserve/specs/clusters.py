@@ -123,7 +123,7 @@ class Cluster:
         self.gpus = resolve_gpus(spec.gpus, source, spec.include)
         self.calibration = str(calibration) if calibration else None
         if calibration:
-            from ..calibration.file import apply_calibration, load_calibration
+            from .calibration import apply_calibration, load_calibration
 
             used = {n.gpu for n in spec.nodes if n.gpu in self.gpus}
             self.gpus = apply_calibration(self.gpus, load_calibration(calibration), str(calibration), used)
@@ -218,7 +218,7 @@ def resolve_gpus(
     overrides: dict[str, GPUOverride], source: str | None = None, include: list[str] = ()
 ) -> dict[str, GPUSpec]:
     """The catalogue with a cluster file's included devices, additions and overrides applied."""
-    from ..calibration.file import apply_calibration, load_calibration, load_device
+    from .calibration import apply_calibration, load_calibration, load_device
 
     gpus = dict(builtin_gpus())
     for i, entry in enumerate(include):

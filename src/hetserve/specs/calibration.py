@@ -13,8 +13,8 @@ from pathlib import Path
 from pydantic import Field
 
 from ..errors import HetserveError, allowed
-from ..specs.gpus import CostFactors, GPUSpec, Strict
-from ..specs.loading import load_yaml_model
+from .gpus import CostFactors, GPUSpec, Strict
+from .loading import load_yaml_model
 
 CALIBRATION_VERSION = 1
 
