@@ -12,8 +12,7 @@ def _read_all(paths: list[str], cluster: str | None):
     """Rows of every measurement file, and the GPU types they name (a profile adds its device)."""
     from ..specs.clusters import Cluster
     from ..specs.gpus import builtin_gpus
-    from ..specs.models import load_model
-    from .measurements import RUN_DTYPES, ModelRow, read_csv
+    from .measurements import engine_rows, read_csv
 
     gpus = dict(Cluster.load(cluster).gpus if cluster else builtin_gpus())
     rows = []
@@ -24,29 +23,7 @@ def _read_all(paths: list[str], cluster: str | None):
             profile = load_profile(path)
             device = profile.device
             gpus[device.name] = device
-            for i, e in enumerate(profile.measurements.engine):
-                where = f"{path} measurements.engine[{i}]"
-                try:
-                    model = load_model(e.model)
-                except HetserveError as exc:
-                    raise HetserveError(f"{where}.model: {exc}") from None
-                if e.dtype not in RUN_DTYPES:
-                    raise HetserveError(f"{where}.dtype: '{e.dtype}' is not one of {', '.join(RUN_DTYPES)}")
-                rows.append(
-                    ModelRow(
-                        model,
-                        device,
-                        e.tp,
-                        e.batch,
-                        e.prompt,
-                        e.output,
-                        e.prefill_ms,
-                        e.decode_ms,
-                        profile.engine,
-                        where,
-                        RUN_DTYPES[e.dtype],
-                    )
-                )
+            rows.extend(engine_rows(profile.measurements.engine, device, profile.engine, path))
         else:
             rows.extend(read_csv(path, gpus))
     if not rows:

@@ -137,6 +137,35 @@ class _Reader:
         return tp
 
 
+def engine_rows(rows, device: GPUSpec, engine: str, where: str) -> list[ModelRow]:
+    """A profile's engine measurements (``EngineRow``s, from ``where``) as model rows on ``device``."""
+    out = []
+    for i, e in enumerate(rows):
+        at = f"{where} measurements.engine[{i}]"
+        try:
+            model = load_model(e.model)
+        except HetserveError as exc:
+            raise HetserveError(f"{at}.model: {exc}") from None
+        if e.dtype not in RUN_DTYPES:
+            raise HetserveError(f"{at}.dtype: '{e.dtype}' is not one of {', '.join(RUN_DTYPES)}")
+        out.append(
+            ModelRow(
+                model,
+                device,
+                e.tp,
+                e.batch,
+                e.prompt,
+                e.output,
+                e.prefill_ms,
+                e.decode_ms,
+                engine,
+                at,
+                RUN_DTYPES[e.dtype],
+            )
+        )
+    return out
+
+
 def _open_csv(path: Path) -> list[dict]:
     if not path.is_file():
         raise HetserveError(f"measurement file {path} not found (or not a regular file)")

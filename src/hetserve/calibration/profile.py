@@ -264,7 +264,7 @@ def run_profile(
 
     from ..specs.models import load_model
     from .fit import errors, fit_gpu
-    from .measurements import RUN_DTYPES, ModelRow
+    from .measurements import engine_rows
 
     if threads < 1:
         raise HetserveError(f"--threads={threads} must be >= 1")
@@ -339,22 +339,7 @@ def run_profile(
         allreduce_latency_us=ar_fixed / 2 * 1e6,
     )
     device_spec = device_spec.model_copy(update={"efficiency": base})
-    model_rows = [
-        ModelRow(
-            model,
-            device_spec,
-            e.tp,
-            e.batch,
-            e.prompt,
-            e.output,
-            e.prefill_ms,
-            e.decode_ms,
-            "hetserve",
-            f"engine row {i}",
-            RUN_DTYPES[e.dtype],
-        )
-        for i, e in enumerate(engine)
-    ]
+    model_rows = engine_rows(engine, device_spec, "hetserve", "profile")
     fit = fit_gpu(model_rows, device_spec, source="profile")
     calibration = GPUCalibration(
         factors=fit.factors,
