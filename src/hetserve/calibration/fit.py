@@ -187,10 +187,16 @@ class Fit:
 
 
 def fit_gpu(
-    rows: Sequence[Row], gpu: GPUSpec, *, max_evaluations: int = 4000, source: str = "measurements"
+    rows: Sequence[Row],
+    gpu: GPUSpec,
+    *,
+    keep: frozenset[str] = frozenset(),
+    max_evaluations: int = 4000,
+    source: str = "measurements",
 ) -> Fit:
-    """Fit ``gpu``'s cost factors to ``rows`` (all of that GPU type)."""
-    names = fitted_names(rows)
+    """Fit ``gpu``'s cost factors to ``rows`` (all of that GPU type); the factors named in ``keep``
+    stay as ``gpu`` has them (measured another way)."""
+    names = [n for n in fitted_names(rows) if n not in keep]
     values = sum(len(r.values) for r in rows)
     need = ROWS_PER_FACTOR * len(names)
     if values < need:
@@ -302,3 +308,22 @@ def holdout_split(
     if len(held) == len(rows):
         raise HetserveError(f"--holdout-by={by}: every row would be held out; nothing is left to fit")
     return [r for r, k in zip(rows, keys) if not pick(k)], held
+
+
+def fit_gemm_curve(points, peak_tflops: float) -> tuple[float, float, float, float]:
+    """``(compute, gemm_half_rows, gemm_rows_exponent, median APE %)`` of the GEMM efficiency curve
+    ``compute * (rows / (rows + half_rows)) ** exponent`` through measured products (``GemmPoint``s:
+    rows, k, n, ms) against ``peak_tflops``."""
+    rows = np.array([p.rows for p in points], dtype=float)
+    flops = np.array([2.0 * p.rows * p.k * p.n for p in points])
+    measured = np.log([p.ms * 1e-3 for p in points])
+
+    def residuals(x):
+        compute, half, exponent = x
+        eff = compute * (rows / (rows + half)) ** exponent
+        return np.log(flops / (peak_tflops * 1e12 * eff)) - measured
+
+    result = least_squares(residuals, [0.8, 16.0, 1.0], bounds=([0.01, 0.0, 0.2], [1.0, 8192.0, 2.0]))
+    apes = np.abs(np.expm1(-residuals(result.x))) * 100
+    compute, half, exponent = (float(f"{v:.4g}") for v in result.x)
+    return compute, half, exponent, float(np.median(apes))
