@@ -15,6 +15,11 @@ class HetserveError(Exception):
         super().__init__(f"{source}: {message}" if source else message)
 
 
+class OutOfTime(Exception):
+    """A computation passed its wall-clock deadline (a caller's time limit) before it finished. Not a
+    user's mistake: the caller that set the deadline decides what to do without the result."""
+
+
 def suggest(word: str, choices) -> str:
     """' (did you mean X?)' for a near miss among ``choices``, else ''."""
     import difflib

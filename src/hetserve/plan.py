@@ -9,6 +9,7 @@ everything resolved (GPU specs, cost-model shapes, links, KV capacities). docs/p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,7 +19,7 @@ from pydantic import Field, field_validator
 
 from .costmodel.chain import ChainTimer
 from .costmodel.roofline import RooflineCostModel, ServerShape
-from .errors import HetserveError, allowed, suggest
+from .errors import HetserveError, OutOfTime, allowed, suggest
 from .scheduling.instance import InstanceConfig
 from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
@@ -186,8 +187,19 @@ class Instance:
 class Deployment:
     """A validated plan with its cluster and model resolved."""
 
-    def __init__(self, spec: PlanFile, cluster: Cluster, model: ModelSpec, source: str | None = None):
+    def __init__(
+        self,
+        spec: PlanFile,
+        cluster: Cluster,
+        model: ModelSpec,
+        source: str | None = None,
+        *,
+        deadline: float | None = None,
+    ):
+        """``deadline``: a ``time.perf_counter()`` value past which building a large plan raises
+        ``OutOfTime`` (the planner's time limit)."""
         self.spec, self.cluster, self.model, self.source = spec, cluster, model, source
+        self.deadline = deadline
         self.cost_model = RooflineCostModel(model)
         self.servers: dict[str, Server] = {}
         self.instances: dict[str, Instance] = {}
@@ -197,6 +209,10 @@ class Deployment:
     def _err(self, msg: str) -> HetserveError:
         return HetserveError(msg, source=self.source)
 
+    def _on_time(self, i: int) -> None:
+        if self.deadline is not None and i % 256 == 255 and time.perf_counter() > self.deadline:
+            raise OutOfTime(f"checking plan {self.spec.name}")
+
     def _build(self) -> None:
         m, spec = self.model, self.spec
         if spec.version != PLAN_VERSION:
@@ -204,6 +220,7 @@ class Deployment:
         used: dict[tuple[str, int], str] = {}
         chain_pos: dict[str, list[tuple[int, int]]] = {}
         for i, s in enumerate(spec.servers):
+            self._on_time(i)
             where = f"servers[{i}] ({s.name})"
             if s.name in self.servers:
                 raise self._err(f"{where}.name: server name '{s.name}' is used twice")
@@ -266,6 +283,7 @@ class Deployment:
 
         shares: dict[str, float] = {name: 0.0 for name in self.servers}
         for i, inst in enumerate(spec.instances):
+            self._on_time(i)
             where = f"instances[{i}] ({inst.name})"
             if inst.name in self.instances:
                 raise self._err(f"{where}.name: instance name '{inst.name}' is used twice")
@@ -329,7 +347,8 @@ class Deployment:
 
     def _check_memory(self) -> None:
         gb = 1e9
-        for inst in self.instances.values():
+        for i, inst in enumerate(self.instances.values()):
+            self._on_time(i)
             caps = []
             for srv in inst.servers:
                 users = [self.instances[n].plan for n in srv.instances if n in self.instances] or [inst.plan]

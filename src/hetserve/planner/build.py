@@ -3,9 +3,14 @@ and route requests and KV hand-offs by the flows (a transport LP for prefill -> 
 
 from __future__ import annotations
 
+import heapq
+import time
+
 import numpy as np
+from scipy import sparse
 from scipy.optimize import linprog
 
+from ..errors import OutOfTime
 from ..plan import InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
@@ -18,15 +23,20 @@ class PlacementError(Exception):
     """The allocation's TP groups do not pack into the pools' nodes."""
 
 
+#: Most (prefill, decode) instance pairs the hand-off LP weighs; a larger plan hands KV to the least-loaded
+#: decode instance instead (the LP's size grows with the product).
+MAX_HANDOFF_PAIRS = 40_000
+
+
 def place(
     cluster: Cluster, templates: list[Template], alloc: Allocation
 ) -> list[tuple[Template, list[tuple[str, list[int]]]]]:
     """For every instance of the allocation, (template, [(node, gpu indices) per stage]).
 
     Largest TP groups first, each into the node of its pool with the fewest free GPUs that still fit
-    it (best fit), so big groups are not blocked by fragments.
+    it (best fit; ties to the first name), so big groups are not blocked by fragments.
     """
-    free: dict[str, list[int]] = {n: list(range(node.count)) for n, node in cluster.nodes.items()}
+    free = _FreeGPUs(cluster)
     wanted = []
     for j, n in sorted(alloc.counts.items()):
         for _ in range(n):
@@ -37,22 +47,60 @@ def place(
         used_nodes: set[str] = set()
         spots = []
         for s in t.stages:
-            node = _best_fit(s.pool, s.tp, free, used_nodes if len(t.stages) > 1 else set())
+            node = free.best_fit(s.pool, s.tp, used_nodes if len(t.stages) > 1 else set())
             if node is None:
-                node = _best_fit(s.pool, s.tp, free, set())
+                node = free.best_fit(s.pool, s.tp, set())
             if node is None:
                 raise PlacementError(f"no node of {s.pool.key} has {s.tp} free GPUs")
-            gpus = free[node][: s.tp]
-            del free[node][: s.tp]
             used_nodes.add(node)
-            spots.append((node, gpus))
+            spots.append((node, free.take(node, s.tp)))
         out.append((t, spots))
     return out
 
 
-def _best_fit(pool: Pool, tp: int, free: dict[str, list[int]], avoid: set[str]) -> str | None:
-    fits = [n for n in pool.nodes if len(free[n]) >= tp and n not in avoid]
-    return min(fits, key=lambda n: (len(free[n]), n)) if fits else None
+class _FreeGPUs:
+    """The free GPU indices of every node and, per pool, its nodes by free count (a heap of names per
+    count, stale entries dropped when met), so a best fit costs a logarithm of the pool's size."""
+
+    def __init__(self, cluster: Cluster):
+        self.free: dict[str, list[int]] = {n: list(range(node.count)) for n, node in cluster.nodes.items()}
+        self.pool_of: dict[str, str] = {}
+        self.heaps: dict[tuple[str, int], list[str]] = {}
+        self.most: dict[str, int] = {}
+
+    def _index(self, pool: Pool) -> None:
+        if pool.key in self.most:
+            return
+        self.most[pool.key] = max((len(self.free[n]) for n in pool.nodes), default=0)
+        for n in pool.nodes:
+            self.pool_of[n] = pool.key
+            heapq.heappush(self.heaps.setdefault((pool.key, len(self.free[n])), []), n)
+
+    def best_fit(self, pool: Pool, tp: int, avoid: set[str]) -> str | None:
+        self._index(pool)
+        for count in range(tp, self.most[pool.key] + 1):
+            heap = self.heaps.get((pool.key, count))
+            skipped, found = [], None
+            while heap:
+                name = heap[0]
+                if len(self.free[name]) != count:  # moved to another count since
+                    heapq.heappop(heap)
+                elif name in avoid:
+                    skipped.append(heapq.heappop(heap))
+                else:
+                    found = name
+                    break
+            for name in skipped:
+                heapq.heappush(heap, name)
+            if found is not None:
+                return found
+        return None
+
+    def take(self, node: str, tp: int) -> list[int]:
+        gpus = self.free[node][:tp]
+        del self.free[node][:tp]
+        heapq.heappush(self.heaps.setdefault((self.pool_of[node], len(self.free[node])), []), node)
+        return gpus
 
 
 def handoff_weights(
@@ -61,42 +109,41 @@ def handoff_weights(
     prompt: float,
     prefill: list[tuple[str, str, float]],
     decode: list[tuple[str, str, float]],
+    time_limit: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Split each prefill instance's flow over decode instances: a transport LP minimising KV transfer
-    time, within decode capacities and link bandwidth. Items are (instance, node, requests/s)."""
-    if not prefill or not decode:
+    time, within decode capacities and link bandwidth (a bound on each pair's flow). Items are (instance,
+    node, requests/s). Empty (least-loaded hand-off) without both roles, beyond ``MAX_HANDOFF_PAIRS`` or
+    when the LP finds no solution within ``time_limit`` seconds."""
+    if not prefill or not decode or len(prefill) * len(decode) > MAX_HANDOFF_PAIRS:
         return {}
     kv = prompt * model.kv_bytes_per_token(2)
     P, D = len(prefill), len(decode)
     cost = np.zeros(P * D)
-    link_rows, link_caps = [], []
+    upper = np.zeros(P * D)
     for i, (_, pn, _) in enumerate(prefill):
         for k, (_, dn, _) in enumerate(decode):
             link = cluster.link(pn, dn)
             cost[i * D + k] = link.transfer_time(kv)
-            row = np.zeros(P * D)
-            row[i * D + k] = kv
-            link_rows.append(row)
-            link_caps.append(link.bandwidth * 0.9)
-    a_eq = np.zeros((P, P * D))
+            upper[i * D + k] = link.bandwidth * 0.9 / kv
+    pairs = np.arange(P * D)
+    a_eq = sparse.csr_matrix((np.ones(P * D), (pairs // D, pairs)), shape=(P, P * D))
+    a_ub = sparse.csr_matrix((np.ones(P * D), (pairs % D, pairs)), shape=(D, P * D))
     b_eq = np.array([f for _, _, f in prefill])
-    for i in range(P):
-        a_eq[i, i * D : (i + 1) * D] = 1
-    a_ub = np.zeros((D, P * D))
     total_p = b_eq.sum()
     dcap = np.array([f for _, _, f in decode])
     scale = total_p / dcap.sum() if dcap.sum() > 0 else 1.0
-    for k in range(D):
-        a_ub[k, k::D] = 1
     b_ub = dcap * max(scale, 1.0) * 1.0001
+    options = {} if time_limit is None else {"time_limit": max(time_limit, 0.01)}
     res = linprog(
         cost,
-        A_ub=np.vstack([a_ub, np.array(link_rows)]),
-        b_ub=np.concatenate([b_ub, link_caps]),
+        A_ub=a_ub,
+        b_ub=b_ub,
         A_eq=a_eq,
         b_eq=b_eq,
-        bounds=(0, None),
+        bounds=np.column_stack([np.zeros(P * D), upper]),
         method="highs",
+        options=options,
     )
     if res.status != 0:
         return {}
@@ -125,11 +172,13 @@ def build_plan(
     weighted_handoff: bool = True,
     layerwise_kv: bool = True,
     notes: str = "",
+    deadline: float | None = None,
 ) -> PlanFile:
     """The plan of ``alloc`` (``model_ref``: what its ``model:`` says; default the model's name). KV caches
     go from prefill to decode instances by the flows' weights where the allocation has both
     (``weighted_handoff`` False: to the least-loaded decode instance), streamed layer by layer behind the
-    prefill unless ``layerwise_kv`` is False (staged after it)."""
+    prefill unless ``layerwise_kv`` is False (staged after it). Past ``deadline`` (a ``time.perf_counter()``
+    value), ``OutOfTime`` is raised; it also bounds the hand-off LP's time."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
     per_template: dict[int, int] = {}
@@ -137,7 +186,9 @@ def build_plan(
     count_by_template = {id(templates[j]): n for j, n in alloc.counts.items()}
     flow_by_template = {id(templates[j]): alloc.flows.get(j, 0.0) for j in alloc.counts}
     pre_nodes, dec_nodes = [], []
-    for t, spots in placed:
+    for n, (t, spots) in enumerate(placed):
+        if deadline is not None and n % 256 == 255 and time.perf_counter() > deadline:
+            raise OutOfTime(f"building a plan of {len(placed)} instances")
         k = per_template.get(id(t), 0)
         per_template[id(t)] = k + 1
         base = (
@@ -171,7 +222,8 @@ def build_plan(
         elif t.role == "decode":
             dec_nodes.append((base, spots[0][0], share))
     entry = {i.name: round(flows_by_instance[i.name], 6) for i in instances if i.role != "decode"}
-    hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes) if weighted_handoff else {}
+    left = None if deadline is None else deadline - time.perf_counter()
+    hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes, left) if weighted_handoff else {}
     routing = RoutingPlan(
         policy=routing_policy,
         layerwise_kv=layerwise_kv,

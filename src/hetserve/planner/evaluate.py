@@ -6,12 +6,14 @@ judge plans with these functions and nothing else, so a plan is judged the same 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from ..errors import OutOfTime
 from ..plan import Deployment
 from ..sim import SimResult, simulate
 from ..sim.metrics import MAX_SEARCH_WINDOW_S, SimSummary, probe_window_s
@@ -120,27 +122,47 @@ def arrival_window_s(workload: Workload, rate: float, requests: int, *, judge_sl
 
 
 def simulate_at_rate(
-    dep: Deployment, workload: Workload, rate: float, *, seed: int, requests: int, judge_slo: bool = True
+    dep: Deployment,
+    workload: Workload,
+    rate: float,
+    *,
+    seed: int,
+    requests: int,
+    judge_slo: bool = True,
+    deadline: float | None = None,
 ) -> Run | None:
     """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s), about ``requests``
     requests over ``arrival_window_s`` (``judge_slo`` False: the SLOs do not decide the figure, e.g.
     throughput, and the window need not span their deadlines); drained for twice as long as it arrived
-    (at least ``MIN_DRAIN_S``). None when no request arrives."""
+    (at least ``MIN_DRAIN_S``). None when no request arrives. ``deadline`` (a ``time.perf_counter()``
+    value): past it, ``OutOfTime`` is raised."""
     rate = max(rate, 1e-3)
     duration = arrival_window_s(workload, rate, requests, judge_slo=judge_slo)
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OutOfTime("no time left to sample the requests")
     reqs = workload.sample(seed=seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:
         return None
-    result = simulate(dep, reqs, workload.slo, seed=seed, drain_s=max(MIN_DRAIN_S, 2 * duration))
+    result = simulate(
+        dep, reqs, workload.slo, seed=seed, drain_s=max(MIN_DRAIN_S, 2 * duration), deadline=deadline
+    )
     return Run(len(reqs) / duration, result)
 
 
 def simulate_requests(
-    dep: Deployment, workload: Workload, reqs: Requests, duration: float, *, seed: int
+    dep: Deployment,
+    workload: Workload,
+    reqs: Requests,
+    duration: float,
+    *,
+    seed: int,
+    deadline: float | None = None,
 ) -> Run:
     """Simulate ``dep`` on the given requests (the workload as it arrives over ``duration`` seconds),
-    drained until every request finishes or the simulator's limit."""
-    return Run(len(reqs) / max(duration, 1e-9), simulate(dep, reqs, workload.slo, seed=seed))
+    drained until every request finishes or the simulator's limit (``deadline``: as ``simulate_at_rate``)."""
+    return Run(
+        len(reqs) / max(duration, 1e-9), simulate(dep, reqs, workload.slo, seed=seed, deadline=deadline)
+    )
 
 
 @dataclass(frozen=True)

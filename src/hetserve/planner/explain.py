@@ -172,8 +172,9 @@ def why_slo_unreachable(
 def why_rate_unreachable(
     templates: list[Template], pools: dict[str, int], rate: float, budget: float | None, time_limit: float
 ) -> str:
-    """The highest rate the cluster sustains within the SLOs, against the workload's ``rate``."""
-    best = solve(templates, pools, "goodput", budget=budget, time_limit=max(1.0, time_limit / 6))
+    """The highest rate the cluster sustains within the SLOs, against the workload's ``rate`` (its MILP
+    given ``time_limit`` seconds)."""
+    best = solve(templates, pools, "goodput", budget=budget, time_limit=time_limit)
     if best is None:
         return "no allocation meets the SLOs within the inventory and budget"
     within = f" within ${budget:.2f}/h" if budget else ""

@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 
-from ..errors import HetserveError
+from ..errors import HetserveError, OutOfTime
 from ..plan import Deployment
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
@@ -40,6 +41,17 @@ GOODPUT_BISECTIONS = 2
 WEIGHTED_LEADS = 2
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
 MAX_REPLAY = 4 * CONFIRM_REQUESTS
+#: Shares of the time limit: candidate instances are generated until this share has passed; one
+#: allocation MILP takes at most this share of the time left (and at most a sixth of the limit).
+TEMPLATE_SHARE = 0.3
+MILP_SHARE = 0.25
+#: Shortest time a MILP is given (HiGHS returns its best solution so far when it runs out).
+MIN_MILP_SECONDS = 0.05
+#: Until a plan is confirmed, a confirmation runs full-size until this share of the time limit; if it has
+#: not finished by then, a quick one of ``QUICK_REQUESTS`` (its window not widened to the SLO's
+#: deadlines) takes the time left, so that a short limit still gives a simulated plan.
+FIRST_SHARE = 0.7
+QUICK_REQUESTS = 300
 
 
 class Planner:
@@ -59,12 +71,13 @@ class Planner:
         progress=None,
         max_seqs: int | None = None,
     ):
+        self._t0 = time.perf_counter()  # the time limit covers reading the workload's lengths too
         if objective not in OBJECTIVES:
             raise HetserveError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         if budget is not None and budget <= 0:
             raise HetserveError(f"--budget={budget} must be > 0 (USD per hour)")
-        if time_limit <= 0:
-            raise HetserveError(f"--time-limit={time_limit} must be > 0 seconds")
+        if not (math.isfinite(time_limit) and time_limit > 0):
+            raise HetserveError(f"--time-limit={time_limit} must be a positive, finite number of seconds")
         if max_seqs is not None and max_seqs < 1:
             raise HetserveError(f"--max-batch-size={max_seqs} must be at least 1 (sequences per batch)")
         #: Most sequences the engine runs in one batch, per micro-batch lane (None: the planner's defaults).
@@ -76,10 +89,26 @@ class Planner:
         self.slo: SLO = workload.slo
         self.prompt, self.output, self.output_q = workload.length_stats(self.slo.percentile, seed)
         self.rate = workload.mean_rate
-        self._t0 = time.perf_counter()
+        #: ``time.perf_counter()`` at which every phase stops: simulations raise ``OutOfTime`` past it.
+        self.deadline = self._t0 + time_limit
+        #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
+        self._confirmed = False
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0
+
+    def _left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def _milp_seconds(self) -> float:
+        """Time for one MILP: a share of what is left, at most a sixth of the limit."""
+        return max(MIN_MILP_SECONDS, min(self.time_limit / 6, self._left() * MILP_SHARE))
+
+    def _out_of_time(self, what: str) -> HetserveError:
+        return HetserveError(
+            f"--time-limit {self.time_limit:g} s ran out {what} ({self.cluster.total_gpus} GPUs in "
+            f"{len(self.cluster.nodes)} nodes); raise --time-limit"
+        )
 
     def _tick(self, what: str) -> None:
         if self.progress:
@@ -102,10 +131,13 @@ class Planner:
             output_q=self.output_q,
             max_seqs=self.max_seqs,
             long_tokens=long,
+            deadline=self._t0 + self.time_limit * TEMPLATE_SHARE,
         )
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
         if not templates:
+            if factory.cut_short:
+                raise self._out_of_time("while candidate instances were made")
             raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality))
         usable = [t for t in templates if (t.cap_free if self.objective == "throughput" else t.cap).rate > 0]
         roles = {t.role for t in usable}
@@ -123,17 +155,19 @@ class Planner:
         variants = [("joint", None), ("colocated", {"mixed"}), ("disaggregated", {"prefill", "decode"})]
         allocs: list[tuple[str, Allocation]] = []
         seen = set()
-        limit = max(1.0, self.time_limit / 6)
 
         def allocate(label: str, **restrict) -> None:
-            """Solve the allocation MILP under ``restrict`` (roles= or exclude=); keep a new allocation."""
+            """Solve the allocation MILP under ``restrict`` (roles= or exclude=); keep a new allocation.
+            Past the deadline only the first is solved (the search has nothing without one)."""
+            if allocs and self._left() <= 0:
+                return
             a = solve(
                 templates,
                 pools,
                 self.objective,
                 rate=self.rate,
                 budget=self.budget,
-                time_limit=limit,
+                time_limit=self._milp_seconds(),
                 **restrict,
             )
             key = None if a is None else tuple(sorted(a.counts.items()))
@@ -144,8 +178,10 @@ class Planner:
         for label, roles in variants:
             allocate(label, roles=roles)
         if not allocs:
+            if self._left() <= 0:
+                raise self._out_of_time("before an allocation was found")
             raise HetserveError(
-                why_rate_unreachable(templates, pools, self.rate, self.budget, self.time_limit)
+                why_rate_unreachable(templates, pools, self.rate, self.budget, self._milp_seconds())
             )
         # Two more designs for the simulation to judge, where the analytic capacities are least sure: the
         # runner-up (the best allocation without the joint optimum's templates: near-equal designs, e.g. two
@@ -167,6 +203,7 @@ class Planner:
             cand = self._candidate(f"{label}/least-work", alloc, templates, "least-work")
             if cand is not None:
                 candidates.append(cand)
+                self._confirmed = True
         if self._chains_called_for(templates):
             for name in CHAIN_DESIGNS:  # shared-server chains over small or far servers
                 if self._elapsed() > self.time_limit * 0.5:
@@ -175,7 +212,10 @@ class Planner:
                 cand = self._strategy_candidate(name, allocs[0][1] if allocs else None)
                 if cand is not None:
                     candidates.append(cand)
+                    self._confirmed = True
         if not candidates:
+            if self._left() <= 0:
+                raise self._out_of_time("before a plan's confirming simulation finished")
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
         if self.objective == "goodput":
             # The rate search for the two allocations of highest analytic goodput, and for a chain placement
@@ -256,6 +296,8 @@ class Planner:
     def _candidate(
         self, label: str, alloc: Allocation, templates: list[Template], policy: str
     ) -> Candidate | None:
+        if self._left() <= 0:
+            return None
         try:
             plan = build_plan(
                 self.cluster,
@@ -267,16 +309,19 @@ class Planner:
                 f"{self.model.name}-{self.objective}",
                 policy,
                 self.model_ref,
+                deadline=self.deadline,
             )
-        except PlacementError:
+            dep = Deployment(plan, self.cluster, self.model, source="planned plan", deadline=self.deadline)
+            if self.objective == "throughput":
+                rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
+                run = self._simulate_throughput(dep, rate)
+            else:
+                rate = (
+                    alloc.rate * 0.8 if self.objective == "goodput" else self.rate
+                )  # goodput: with a margin
+                run = self._simulate(dep, rate)
+        except (PlacementError, OutOfTime):
             return None
-        dep = Deployment(plan, self.cluster, self.model, source="planned plan")
-        if self.objective == "throughput":
-            rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
-            run = self._simulate_throughput(dep, rate)
-        else:
-            rate = alloc.rate * 0.8 if self.objective == "goodput" else self.rate  # goodput: with a margin
-            run = self._simulate(dep, rate)
         if run is None:
             return None
         return Candidate(label, alloc, plan, dep, run, OBJECTIVES[self.objective].score(run, rate))
@@ -294,7 +339,9 @@ class Planner:
         from .placement.chain import ChainComposition
         from .placement.helix import Helix
 
-        left = self.time_limit - self._elapsed()
+        left = self._left()
+        if left <= 0:
+            return None
         ctx = StrategyContext(
             self.cluster,
             self.model,
@@ -305,7 +352,7 @@ class Planner:
             budget=self.budget,
             quality=self.quality,
             seed=self.seed,
-            time_limit=max(1.0, left * 0.25),
+            time_limit=left * 0.25,
             max_seqs=self.max_seqs,
         )
         try:
@@ -316,11 +363,14 @@ class Planner:
             return None
         rate = ref.rate if ref is not None else self.rate
         alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)
-        if self.objective == "throughput":
-            run = self._simulate_throughput(dep, rate)
-        else:
-            rate = rate * 0.8 if self.objective == "goodput" else self.rate
-            run = self._simulate(dep, rate)
+        try:
+            if self.objective == "throughput":
+                run = self._simulate_throughput(dep, rate)
+            else:
+                rate = rate * 0.8 if self.objective == "goodput" else self.rate
+                run = self._simulate(dep, rate)
+        except OutOfTime:
+            return None
         if run is None:
             return None
         return Candidate(
@@ -333,12 +383,40 @@ class Planner:
         )
 
     def _simulate(self, dep: Deployment, rate: float) -> Run | None:
-        """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more."""
+        """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more
+        (before the first plan is confirmed, a quick simulation if that takes too long: ``FIRST_SHARE``)."""
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
         judge_slo = OBJECTIVES[self.objective].judges_slo
-        return simulate_at_rate(
-            dep, self.workload, rate, seed=self.seed, requests=wanted, judge_slo=judge_slo
+        return self._first_or_quick(
+            lambda deadline: simulate_at_rate(
+                dep,
+                self.workload,
+                rate,
+                seed=self.seed,
+                requests=wanted,
+                judge_slo=judge_slo,
+                deadline=deadline,
+            ),
+            lambda: simulate_at_rate(
+                dep,
+                self.workload,
+                rate,
+                seed=self.seed,
+                requests=QUICK_REQUESTS,
+                judge_slo=False,
+                deadline=self.deadline,
+            ),
         )
+
+    def _first_or_quick(self, full, quick):
+        """``full(deadline)`` by the planner's deadline once a plan is confirmed; before that by
+        ``FIRST_SHARE`` of the time limit, falling back to ``quick()`` (by the deadline) if it runs out."""
+        if self._confirmed:
+            return full(self.deadline)
+        try:
+            return full(min(self.deadline, self._t0 + self.time_limit * FIRST_SHARE))
+        except OutOfTime:
+            return quick()
 
     def _simulate_throughput(self, dep: Deployment, capacity: float) -> Run | None:
         """Throughput is output tokens/s at the workload's offered load, every request drained. When the
@@ -349,20 +427,35 @@ class Planner:
         if self.rate >= capacity and n <= MAX_REPLAY:
             reqs = self.workload.sample(seed=self.seed)
             if len(reqs):
-                return simulate_requests(
-                    dep, self.workload, reqs, self.workload.spec.duration_s, seed=self.seed
+                duration = self.workload.spec.duration_s
+                return self._first_or_quick(
+                    lambda deadline: simulate_requests(
+                        dep, self.workload, reqs, duration, seed=self.seed, deadline=deadline
+                    ),
+                    lambda: simulate_at_rate(
+                        dep,
+                        self.workload,
+                        capacity * 1.2,
+                        seed=self.seed,
+                        requests=QUICK_REQUESTS,
+                        judge_slo=False,
+                        deadline=self.deadline,
+                    ),
                 )
         return self._simulate(dep, capacity * 1.2)
 
     def _goodput_search(self, cand: Candidate) -> None:
         """Goodput = the highest offered rate at which the SLO percentiles hold (``max_rate_within_slo``
         from the confirmation at 0.8 x the analytic rate); the candidate keeps the simulation at that rate."""
-        search = max_rate_within_slo(
-            lambda rate: self._simulate(cand.dep, rate),
-            cand.alloc.rate * 0.8,
-            cand.run.slo_met,
-            bisection_steps=GOODPUT_BISECTIONS,
-        )
+        try:
+            search = max_rate_within_slo(
+                lambda rate: self._simulate(cand.dep, rate),
+                cand.alloc.rate * 0.8,
+                cand.run.slo_met,
+                bisection_steps=GOODPUT_BISECTIONS,
+            )
+        except OutOfTime:  # the candidate keeps its confirmation and the score it gave
+            return
         if search.run is not None:
             cand.run = search.run
         cand.score = cand.run.offered_rps if search.rate > 0 and cand.run.slo_met else 0.0

@@ -16,6 +16,7 @@ fit that no single node holds, and what puts every small server of a cluster to 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from ..costmodel.roofline import RooflineCostModel, ServerShape
@@ -85,8 +86,12 @@ class TemplateFactory:
         output_q: float | None = None,
         max_seqs: int | None = None,
         long_tokens: float | None = None,
+        deadline: float | None = None,
     ):
         self.cluster, self.model = cluster, model
+        #: ``time.perf_counter()`` after which ``all`` makes no more templates (None: every one is made).
+        self.deadline = deadline
+        self.cut_short = False
         #: Most sequences the engine runs in one batch (per micro-batch lane); None: the roles' settings.
         #: With a limit, stages keep KV room for that many ``long_tokens`` requests per lane (``weight_room``).
         self.max_seqs = max_seqs
@@ -214,6 +219,8 @@ class TemplateFactory:
             if len(vendor_pools) > max_len:
                 windows.append(vendor_pools)
             for chosen in windows:
+                if self._past_deadline():
+                    return out
                 for layout in self._stage_layouts(chosen, len(chosen) <= max_len):
                     key = tuple((p.key, t) for p, t in layout)
                     if key in seen:
@@ -251,11 +258,14 @@ class TemplateFactory:
                 zones.append(p.zone)
         grouped = sorted(chosen, key=lambda p: zones.index(p.zone))  # stable: speed order in a zone
         limit = min(MAX_CHAIN_STAGES, self.model.num_layers)
-        every_node = [(p, self._max_tp(p)) for p in grouped for _ in p.nodes]
-        every_gpu = [(p, 1) for p in grouped for _ in range(p.total)]
-        for layout in (every_node, every_gpu):
-            if len(layout) <= limit and layout not in out:
-                out.append(layout)
+        if sum(len(p.nodes) for p in grouped) <= limit:  # (counted first: a big pool has many GPUs)
+            every_node = [(p, self._max_tp(p)) for p in grouped for _ in p.nodes]
+            if every_node not in out:
+                out.append(every_node)
+        if sum(p.total for p in grouped) <= limit:
+            every_gpu = [(p, 1) for p in grouped for _ in range(p.total)]
+            if every_gpu not in out:
+                out.append(every_gpu)
         return out
 
     def _balanced_spans(
@@ -404,10 +414,19 @@ class TemplateFactory:
             any(b < 16 for s in stages for b in s.bits),
         )
 
+    def _past_deadline(self) -> bool:
+        """Whether the deadline has passed (then ``cut_short`` says that some templates were not made)."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.cut_short = True
+        return self.cut_short
+
     def all(self) -> list[Template]:
+        """Every template: each pool's, then the cross-pool chains; with a deadline, those made by then."""
         pools = pools_of(self.cluster)
         out = []
         for pool in pools:
+            if self._past_deadline():
+                return out
             out.extend(self.single_pool(pool))
         out.extend(self.hetero_chains(pools))
         return out

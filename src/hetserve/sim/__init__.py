@@ -1,5 +1,5 @@
 """Trace-driven discrete-event simulation of a plan (see docs/simulate.md)."""
 
-from .simulator import SimResult, Simulator, simulate
+from .simulator import OutOfTime, SimResult, Simulator, simulate
 
-__all__ = ["SimResult", "Simulator", "simulate"]
+__all__ = ["OutOfTime", "SimResult", "Simulator", "simulate"]

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..costmodel.links import kv_transfer_time
+from ..errors import OutOfTime
 from ..plan import Deployment
 from ..scheduling.routing import make_policy
 from ..scheduling.sequence import Sequence
@@ -29,6 +31,10 @@ from .links import SharedLink
 from .metrics import Records, SimSummary, summarise
 
 ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
+#: Events between two looks at the clock when a simulation has a deadline.
+DEADLINE_EVERY = 512
+
+
 #: Bytes of KV converted per second when formats differ (a device-side copy kernel; conservative).
 KV_CONVERSION_BYTES_PER_S = 100e9
 
@@ -52,8 +58,11 @@ class Simulator:
         drain_s: float | None = None,
         progress=None,
         util_bins: int = 120,
+        deadline: float | None = None,
     ):
         self.dep, self.req, self.slo = dep, requests, slo
+        #: ``time.perf_counter()`` after which ``run`` raises ``OutOfTime`` (None: no limit).
+        self.deadline = deadline
         n = len(requests)
         horizon = float(requests.arrival_s[-1]) if n else 0.0
         self.limit = horizon + (drain_s if drain_s is not None else max(600.0, horizon))
@@ -106,7 +115,17 @@ class Simulator:
         if len(self.req):
             self.push(float(self.req.arrival_s[0]), ARRIVAL, 0)
         now = 0.0
+        events = 0
         while self.heap:
+            if (
+                self.deadline is not None
+                and events % DEADLINE_EVERY == 0
+                and time.perf_counter() > self.deadline
+            ):
+                raise OutOfTime(
+                    f"simulation stopped at {now:.1f} s of simulated time: out of wall-clock time"
+                )
+            events += 1
             t, _, kind, payload = heapq.heappop(self.heap)
             if t > self.limit:
                 break
@@ -415,5 +434,10 @@ def simulate(
     seed: int = 0,
     drain_s: float | None = None,
     progress=None,
+    deadline: float | None = None,
 ) -> SimResult:
-    return Simulator(dep, requests, slo, seed=seed, drain_s=drain_s, progress=progress).run()
+    """Replay ``requests`` against ``dep``; with a ``deadline`` (a ``time.perf_counter()`` value) a run
+    still going at that moment raises ``OutOfTime``."""
+    return Simulator(
+        dep, requests, slo, seed=seed, drain_s=drain_s, progress=progress, deadline=deadline
+    ).run()

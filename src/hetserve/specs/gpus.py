@@ -7,7 +7,7 @@ of catalogued ones (``gpus:`` section). Throughput figures are *dense* (no struc
 from __future__ import annotations
 
 import typing
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Literal
 
@@ -32,11 +32,17 @@ class Strict(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            numeric = _numeric_fields(cls)
             for name, value in data.items():
-                field = cls.model_fields.get(name) if isinstance(name, str) else None
-                if field is not None and _holds_bool(value) and not _admits_bool(field.annotation):
+                if name in numeric and _holds_bool(value):
                     raise ValueError(f"{name}: true/false is not a number; give a number")
         return data
+
+
+@cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` whose type does not take true/false."""
+    return frozenset(name for name, f in model.model_fields.items() if not _admits_bool(f.annotation))
 
 
 def _holds_bool(value: Any) -> bool:
