@@ -354,12 +354,15 @@ class Planner:
             seed=self.seed,
             time_limit=left * 0.25,
             max_seqs=self.max_seqs,
+            deadline=self.deadline,
         )
         try:
             placed = {"chain": ChainComposition(), "helix": Helix()}[name].plan(ctx)
             plan = placed.model_copy(update={"name": f"{self.model.name}-{self.objective}"})
-            dep = Deployment(plan, self.cluster, self.model, source=f"{name} placement")
-        except HetserveError:
+            dep = Deployment(
+                plan, self.cluster, self.model, source=f"{name} placement", deadline=self.deadline
+            )
+        except (HetserveError, OutOfTime):
             return None
         rate = ref.rate if ref is not None else self.rate
         alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)

@@ -61,6 +61,9 @@ class StrategyContext:
     time_limit: float = 60.0  # seconds, for strategies that search
     max_seqs: int | None = None  # most sequences the engine runs in one batch (per micro-batch lane)
     started: float = field(default_factory=time.perf_counter)
+    #: A ``time.perf_counter()`` value past which the strategy's trials raise ``OutOfTime`` (the planner
+    #: sets it for the designs it confirms; None: a strategy keeps to ``time_limit`` by its own checks).
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -356,7 +359,9 @@ def trial(ctx: StrategyContext, plan: PlanFile, rate: float, requests: int = TRI
     search; the comparison itself simulates separately)."""
     dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{plan.name} (trial)")
     judge_slo = OBJECTIVES[ctx.objective].judges_slo
-    return simulate_at_rate(dep, ctx.workload, rate, seed=ctx.seed, requests=requests, judge_slo=judge_slo)
+    return simulate_at_rate(
+        dep, ctx.workload, rate, seed=ctx.seed, requests=requests, judge_slo=judge_slo, deadline=ctx.deadline
+    )
 
 
 def best_by_trial(ctx: StrategyContext, designs, build) -> PlanFile | None:

@@ -73,7 +73,11 @@ class Simulator:
             )
             for name, s in dep.servers.items()
         }
-        self.instances = {name: SimInstance(inst, dep, self.servers) for name, inst in dep.instances.items()}
+        self.instances = {}
+        for i, (name, inst) in enumerate(dep.instances.items()):  # a large plan takes a while to set up
+            if deadline is not None and i % 64 == 63 and time.perf_counter() > deadline:
+                raise OutOfTime(f"setting up {len(dep.instances)} instances: out of wall-clock time")
+            self.instances[name] = SimInstance(inst, dep, self.servers)
         for name, s in dep.servers.items():
             if len(s.instances) > 1:
                 users = [dep.instances[i] for i in s.instances]

@@ -84,9 +84,17 @@ class Helix(Strategy):
         P, O = ctx.prompt, ctx.output
         max_batch, max_tokens, _ = ctx.settings("mixed")  # a machine's batch, within the engine's limit
         out = []
+        by_kind: dict[tuple[str, int], list[float]] = {}  # identical nodes have identical capacities
         for node in ctx.cluster.nodes.values():
             tp = tp_choices(node.count, m)[-1]
             gpu = node.gpu
+            kind = (gpu.name, node.count)
+            if kind in by_kind:
+                if by_kind[kind]:
+                    out.append(
+                        Machine(node.name, tuple(range(tp)), by_kind[kind], (gpu.name, node.count, node.zone))
+                    )
+                continue
             kmax = int(WEIGHT_SHARE * gpu.memory_gb * 1e9 * tp // m.layer_weight_bytes(16))
             caps = []
             for k in range(1, min(kmax, m.num_layers) + 1):
@@ -103,6 +111,7 @@ class Helix(Strategy):
                 kv = B * (P + O / 2 + 1)
                 step = timer.time(B, B, kv, kv)
                 caps.append(1.0 / (pre + O * step / B))
+            by_kind[kind] = caps
             if caps:
                 out.append(Machine(node.name, tuple(range(tp)), caps, (gpu.name, node.count, node.zone)))
         return out
@@ -118,7 +127,7 @@ class Helix(Strategy):
             )
         per_request = (ctx.prompt + ctx.output) * m.hidden_size * 2.0
         placement = self._solve(
-            ctx, machines, per_request, min(MILP_SECONDS, max(2.0, ctx.time_left() * 0.8))
+            ctx, machines, per_request, min(MILP_SECONDS, max(0.1, ctx.time_left() * 0.8))
         )
         self.last = placement
         if placement is None or placement.max_flow <= 0:
