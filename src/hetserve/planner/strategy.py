@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..costmodel.roofline import RooflineCostModel, ServerShape
-from ..errors import HetserveError
+from ..errors import HetserveError, OutOfTime
 from ..plan import Deployment, InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
@@ -148,6 +148,12 @@ class StrategyContext:
 
     def time_left(self) -> float:
         return self.time_limit - self.elapsed()
+
+    def check_time(self) -> None:
+        """Raise ``OutOfTime`` once ``deadline`` (when one is set) has passed: the long loops of a
+        placement call it, so that the planner's time limit holds for them too."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise OutOfTime("the strategy ran out of time")
 
     def bits_allowed(self, bits) -> bool:
         """Whether per-layer ``bits`` stay within the quality budget."""
@@ -357,7 +363,7 @@ class PlanWriter:
 def trial(ctx: StrategyContext, plan: PlanFile, rate: float, requests: int = TRIAL_REQUESTS) -> Run | None:
     """Simulate ``plan`` on the workload at ``rate`` for about ``requests`` requests (a strategy's own
     search; the comparison itself simulates separately)."""
-    dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{plan.name} (trial)")
+    dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{plan.name} (trial)", deadline=ctx.deadline)
     judge_slo = OBJECTIVES[ctx.objective].judges_slo
     return simulate_at_rate(
         dep, ctx.workload, rate, seed=ctx.seed, requests=requests, judge_slo=judge_slo, deadline=ctx.deadline

@@ -104,6 +104,7 @@ def fastest_chain(
         heap.append((d, n, None))
     heapq.heapify(heap)
     while heap:
+        ctx.check_time()
         d, n, p = heapq.heappop(heap)
         if n in dist:
             continue

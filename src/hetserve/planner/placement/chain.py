@@ -182,6 +182,7 @@ class ChainComposition(Strategy):
         complete: list[list[str]] = []
         pos = 0
         for srv in order:
+            ctx.check_time()
             k = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0, last=True)
             k_mid = blocks_that_fit(ctx, srv, bits, tokens, first=pos == 0)
             k = k if pos + k_mid >= L else k_mid  # the last server of a chain also holds the head
@@ -231,6 +232,7 @@ class ChainComposition(Strategy):
         out = []
         banned: set[str] = set()
         while True:
+            ctx.check_time()
             usable = {n for n in placed if n not in banned and left[n] >= least}
             ch = fastest_chain(ctx, placed, servers, usable=usable)
             if ch is None:
