@@ -35,6 +35,8 @@ MAX_GPUS_PER_NODE = 64
 #: Bounds of a network link: bandwidth in Gbit/s and one-way latency in ms.
 MIN_GBIT_PER_S, MAX_GBIT_PER_S = 0.001, 1e6
 MAX_LATENCY_MS = 10_000.0
+#: Most device files one cluster file includes.
+MAX_INCLUDES = 64
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ class NetworkSpec(Strict):
 class ClusterFile(Strict):
     name: str = "cluster"
     include: list[str] = Field(
-        default=[], description="device files written by `hetserve profile`, relative to the cluster file"
+        default=[],
+        max_length=MAX_INCLUDES,
+        description="device files written by `hetserve profile`, relative to the cluster file",
     )
     gpus: dict[str, GPUOverride] = {}
     nodes: list[NodeSpec] = Field(min_length=1)
