@@ -221,6 +221,8 @@ def build_plan(
             pre_nodes.append((base, spots[-1][0], share))
         elif t.role == "decode":
             dec_nodes.append((base, spots[0][0], share))
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OutOfTime(f"building a plan of {len(placed)} instances")
     entry = {i.name: round(flows_by_instance[i.name], 6) for i in instances if i.role != "decode"}
     left = None if deadline is None else deadline - time.perf_counter()
     hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes, left) if weighted_handoff else {}

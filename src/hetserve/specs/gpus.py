@@ -47,12 +47,13 @@ def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
 
 def _holds_bool(value: Any) -> bool:
     """A bool, or a list or mapping with a bool among its values (one level: nested specs check theirs)."""
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is bool:
         return True
-    if isinstance(value, (list, tuple)):
-        return any(isinstance(v, bool) for v in value)
-    if isinstance(value, dict):
-        return any(isinstance(v, bool) for v in value.values())
+    if kind is list or kind is tuple:
+        return bool in map(type, value)
+    if kind is dict:
+        return bool in map(type, value.values())
     return False
 
 
