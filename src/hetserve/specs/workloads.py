@@ -32,8 +32,8 @@ from ..errors import HetserveError
 from .gpus import Strict
 from .loading import load_yaml_model, open_regular, show_value
 
-#: Highest arrival rate (requests/s) a workload may ask for.
-MAX_RATE = 100_000.0
+#: Lowest and highest arrival rate (requests/s) a workload may ask for.
+MIN_RATE, MAX_RATE = 1e-6, 100_000.0
 #: Longest arrival window (s) a workload may ask for: 30 days.
 MAX_DURATION_S = 30 * 86_400.0
 #: Most requests one sample of a workload may hold (rate x duration, or a trace's rows).
@@ -56,12 +56,12 @@ MAX_HASH_IDS = MAX_TOKENS // 16
 # ---- arrivals ------------------------------------------------------------------------------------
 class PoissonArrivals(Strict):
     kind: Literal["poisson"]
-    rate: float = Field(gt=0, le=MAX_RATE, description="requests per second")
+    rate: float = Field(ge=MIN_RATE, le=MAX_RATE, description="requests per second")
 
 
 class GammaArrivals(Strict):
     kind: Literal["gamma"]
-    rate: float = Field(gt=0, le=MAX_RATE, description="requests per second")
+    rate: float = Field(ge=MIN_RATE, le=MAX_RATE, description="requests per second")
     cv: float = Field(
         gt=0,
         le=MAX_ARRIVAL_CV,
@@ -75,7 +75,7 @@ class TraceArrivals(Strict):
     format: Literal["azure", "mooncake", "auto"] = "auto"
     rate_scale: float = Field(default=1.0, ge=1e-6, le=1e6, description="multiply the trace's request rate")
     rate: float | None = Field(
-        default=None, gt=0, le=MAX_RATE, description="rescale the trace to this mean rate"
+        default=None, ge=MIN_RATE, le=MAX_RATE, description="rescale the trace to this mean rate"
     )
 
 
