@@ -3,11 +3,14 @@
 ``LLMEngine`` owns the model (through a ``ModelRunner`` holding the paged KV cache), the shared
 ``Scheduler`` and the tokenizer. ``step()`` = schedule a batch, run it, sample one token for every
 sequence that reached the end of its known tokens, apply stop conditions, advance the scheduler.
+A step that fails (an exception in the model, the sampler or the scheduler) ends every request it
+touched with a failed output and leaves the engine ready for the others.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -22,6 +25,11 @@ from .model_runner import ModelRunner
 from .request import RequestOutput, RequestState, accept_tokens
 from .sampling import SamplingParams, sample
 from .serving import ClusterStats, EngineLoad
+
+log = logging.getLogger("hetserve.engine")
+
+#: ``RequestOutput.error`` of a request whose step failed (the exception goes to the log).
+STEP_FAILED = "the engine failed while generating this request (the server log has the details)"
 
 
 @dataclass
@@ -119,12 +127,38 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for each request that produced a token this step."""
-        batch = self.scheduler.schedule()
+        """Run one batch; return an output for each request that produced a token this step, or failed."""
+        try:
+            batch = self.scheduler.schedule()
+        except Exception:
+            log.exception("scheduling failed; failing every request")
+            return self._fail(list(self._requests), STEP_FAILED)
         if not batch.items:
             if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not schedule any pending request")
+                log.error("the scheduler could not schedule any of %d pending requests", len(self._requests))
+                return self._fail(list(self._requests), "the request could not be scheduled")
             return []
+        touched = [it.seq.seq_id for it in batch.items]
+        states = {i: self._requests[i] for i in touched if i in self._requests}
+        try:
+            return self._run(batch)
+        except Exception:
+            log.exception("an engine step failed; failing its %d requests", len(touched))
+            for request_id, state in states.items():  # those it finished are failed as well
+                self._requests.setdefault(request_id, state)
+            return self._fail(touched, STEP_FAILED)
+
+    def _fail(self, request_ids: list[int], why: str) -> list[RequestOutput]:
+        """End ``request_ids`` with a failed output each, their sequences and KV blocks freed."""
+        outputs = []
+        for request_id in request_ids:
+            self.scheduler.abort(request_id)
+            req = self._requests.pop(request_id, None)
+            if req is not None:
+                outputs.append(req.failed(why))
+        return outputs
+
+    def _run(self, batch) -> list[RequestOutput]:
         logits = self.runner.run(batch.items)
         sampling = [it for it in batch.items if it.samples]
         reqs = [self._requests[it.seq.seq_id] for it in sampling]

@@ -87,6 +87,8 @@ class RequestState:
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
         if params.seed is not None:
+            if not -(2**63) <= params.seed < 2**64:
+                raise ValueError(f"seed must be a 64-bit integer, in [-2**63, 2**64); got {params.seed}")
             generator = torch.Generator().manual_seed(params.seed)
         decoder = IncrementalDecoder(tokenizer) if tokenizer else None
         return cls(request_id, ids, params, generator, decoder)

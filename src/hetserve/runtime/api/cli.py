@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -11,6 +12,10 @@ from ...errors import HetserveError
 from ...vocabulary import DEFAULT_KV_CACHE_GB, ENGINE_DTYPES, SCHEDULE_POLICIES, SchedulePolicy
 
 TORCH_DTYPES = tuple(dict.fromkeys(ENGINE_DTYPES.values()))  # float32, float16, bfloat16
+#: ``serve --model``: prompt tokens a request prefills per step. A step then holds at most one chunk and
+#: a token of every running request, so a long prompt delays the other streams by one chunk's time.
+DEFAULT_CHUNK_SIZE = 256
+API_KEY_ENV = "HETSERVE_API_KEY"
 
 
 @dataclass
@@ -23,7 +28,8 @@ class ServeOptions:
     kv_cache_gb: float = DEFAULT_KV_CACHE_GB
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # None: DEFAULT_CHUNK_SIZE, unless chunked_prefill is off
+    chunked_prefill: bool = True
     policy: SchedulePolicy | None = None
     max_model_len: int | None = None
     prefix_caching: bool = True
@@ -37,10 +43,15 @@ def build_engine(opts: ServeOptions):
     from ..quant import parse_layer_bits, quantize_model
 
     model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+    chunk, budget = opts.chunk_size, opts.max_batch_tokens
+    if opts.chunked_prefill:
+        chunk = chunk or DEFAULT_CHUNK_SIZE
+        if budget is None:  # one chunk beside a decode token for every request of a full batch
+            budget = chunk + (opts.max_batch_size or EngineConfig.max_batch_size)
     given = {
         "max_batch_size": opts.max_batch_size,
-        "max_batch_tokens": opts.max_batch_tokens,
-        "chunk_size": opts.chunk_size,
+        "max_batch_tokens": budget,
+        "chunk_size": chunk,
         "policy": opts.policy,
     }
     settings = {key: value for key, value in given.items() if value is not None}
@@ -122,7 +133,18 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         type=int,
         help="most tokens in a step",
     )
-    s.add_argument("--chunk-size", type=int, help="chunked prefill: most prompt tokens per request per step")
+    s.add_argument(
+        "--chunk-size",
+        type=int,
+        help=f"chunked prefill: most prompt tokens per request per step (default {DEFAULT_CHUNK_SIZE})",
+    )
+    s.add_argument(
+        "--no-chunked-prefill",
+        "--no-enable-chunked-prefill",
+        dest="chunked_prefill",
+        action="store_false",
+        help="prefill each prompt in one step (a long prompt then stalls every other stream meanwhile)",
+    )
     s.add_argument("--policy", choices=SCHEDULE_POLICIES)
     s.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     s.add_argument("--no-prefix-caching", action="store_true")
@@ -138,11 +160,113 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "'hetserve worker' on other machines",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_http_options(s)
     s.set_defaults(func=cmd_serve)
     return s
 
 
+def _add_http_options(s: argparse.ArgumentParser) -> None:
+    from .limits import ServerLimits
+
+    d = ServerLimits()
+    g = s.add_argument_group("access and limits (see docs/serve.md)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}; none)",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        help="comma-separated Host header names accepted besides localhost, 127.0.0.1, ::1, --host and IP "
+        "addresses ('*': any)",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help=f"request body limit (default {d.max_body_bytes})",
+    )
+    g.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=d.max_prompt_chars,
+        help=f"characters of prompt text or message content per request (default {d.max_prompt_chars})",
+    )
+    g.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=d.max_prompts_per_request,
+        help=f"prompts in one /v1/completions request (default {d.max_prompts_per_request})",
+    )
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=d.default_max_tokens,
+        help=f"max_tokens of a chat request that gives none, within the context (default {d.default_max_tokens})",
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help=f"seconds for a request's headers to arrive (default {d.header_timeout:g})",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout,
+        help=f"seconds for a request's body to arrive (default {d.body_timeout:g})",
+    )
+    g.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=d.timeout_keep_alive,
+        help=f"seconds an idle connection stays open (default {d.timeout_keep_alive:g})",
+    )
+    g.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=d.limit_concurrency,
+        help=f"open connections before new requests get 503 (default {d.limit_concurrency}; 0: no limit)",
+    )
+
+
+def http_settings(args):
+    """``ServerLimits`` and ``Access`` from the serve options; HetserveError for a value out of range."""
+    from .limits import Access, ServerLimits
+
+    try:
+        limits = ServerLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_chars=args.max_prompt_chars,
+            max_prompts_per_request=args.max_prompts_per_request,
+            default_max_tokens=args.default_max_tokens,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            timeout_keep_alive=args.timeout_keep_alive,
+            limit_concurrency=args.limit_concurrency or None,
+        )
+    except ValueError as exc:
+        flag = "--" + str(exc).split()[0].replace("_", "-")
+        raise HetserveError(f"{flag}: {exc}") from None
+    extra = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
+    return limits, Access.for_bind(args.host, extra, api_key=args.api_key)
+
+
+def _access_note(args, access) -> str | None:
+    from .limits import LOCAL_HOSTS
+
+    if access.api_key is None and args.host not in LOCAL_HOSTS:
+        return (
+            f"note: listening on {args.host} without an API key: anyone who can reach this address can use "
+            f"the server (set --api-key or ${API_KEY_ENV})"
+        )
+    return None
+
+
 def cmd_serve(args) -> int:
+    if args.limit_concurrency is not None and args.limit_concurrency < 0:
+        raise HetserveError(f"--limit-concurrency={args.limit_concurrency} is out of range")
+    limits, access = http_settings(args)
     for flag, value, ok in (
         ("--port", args.port, 0 <= args.port <= 65535),
         ("--kv-cache-gb", args.kv_cache_gb, args.kv_cache_gb > 0),
@@ -162,7 +286,7 @@ def cmd_serve(args) -> int:
         import torch
         import uvicorn
 
-        from .server import create_app
+        from .server import create_app, serve
     except ImportError as exc:
         raise HetserveError(
             f"serving needs the '{exc.name}' package: pip install 'hetserve[serve]'"
@@ -186,6 +310,7 @@ def cmd_serve(args) -> int:
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
         chunk_size=args.chunk_size,
+        chunked_prefill=args.chunked_prefill,
         policy=args.policy,
         max_model_len=args.max_model_len,
         prefix_caching=not args.no_prefix_caching,
@@ -195,13 +320,17 @@ def cmd_serve(args) -> int:
     for note in opts.notes:
         print(note, file=sys.stderr)
     c = engine.config
+    prefill = f"prefill chunks of {c.chunk_size}" if c.chunk_size else "whole-prompt prefill"
     print(
         f"serving '{name}' on http://{args.host}:{args.port} (context {engine.max_model_len}, "
         f"{engine.runner.num_blocks} KV blocks of {c.block_size}, max batch {c.max_batch_size}, "
-        f"{torch.get_num_threads()} threads)",
+        f"{prefill}, {torch.get_num_threads()} threads)",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level)
+    note = _access_note(args, access)
+    if note:
+        print(note, file=sys.stderr)
+    serve(create_app(engine, name, limits, access), args.host, args.port, args.log_level)
     return 0
 
 
@@ -209,6 +338,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
     """Every server of the plan as worker processes, the router and the API here."""
     from ..cluster.launch import start_cluster
 
+    limits, access = http_settings(args)
     ignored = [
         flag
         for flag, v in (
@@ -216,6 +346,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
             ("--max-batch-size", args.max_batch_size),
             ("--max-batch-tokens", args.max_batch_tokens),
             ("--chunk-size", args.chunk_size),
+            ("--no-chunked-prefill", None if args.chunked_prefill else True),
             ("--policy", args.policy),
         )
         if v is not None
@@ -251,8 +382,13 @@ def _serve_plan(args, uvicorn, create_app) -> int:
             f"{inst.spec.lanes} lane(s)",
             file=sys.stderr,
         )
+    from .server import serve
+
+    note = _access_note(args, access)
+    if note:
+        print(note, file=sys.stderr)
     try:
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level)
+        serve(create_app(engine, name, limits, access), args.host, args.port, args.log_level)
     finally:
         engine.shutdown()
     return 0

@@ -7,8 +7,10 @@ pairs, all outputs of a step in one hand-over per event loop. ``abort`` queues a
 client went away). Between two steps the thread applies every queued command, so a request that
 arrives while a step runs joins the next one.
 
-An exception inside a step fails only the requests in flight (each queue gets ``(index, exception)``);
-the loop carries on with the next request.
+A request that fails gets ``(index, exception)`` on its queue, the exception's text being fit for its
+client: the engine's own reason for a failed output (``RequestOutput.error``), or ``ENGINE_FAILED``
+when ``step`` raised (that fails every request in flight; the traceback goes to the log, and the loop
+carries on with the next requests).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from ..serving import ServingEngine
 from .metrics import ServerMetrics
 
 log = logging.getLogger("hetserve.serve")
+
+ENGINE_FAILED = "the engine failed while generating (the server log has the details)"
 
 
 @dataclass(eq=False)
@@ -121,9 +125,10 @@ class EngineLoop:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:
+            except Exception:
                 log.exception("engine step failed; failing the %d requests in flight", len(self._tracked))
-                self._fail_all(exc)
+                self._fail_all(RuntimeError(ENGINE_FAILED))
+                self._wake.wait(timeout=0.1)  # an engine that keeps failing is not spun on
                 continue
             self._deliver(outputs)
         self._fail_all(RuntimeError("the server is shutting down"))
@@ -145,8 +150,12 @@ class EngineLoop:
                 continue
             try:
                 request_id = self.engine.add_request(prompt_ids, params)
-            except Exception as exc:  # noqa: BLE001 - reported to the handler (ValueError -> 400)
+            except (ValueError, RuntimeError) as exc:  # refused (400) / cannot serve now (503)
                 future.set_exception(exc)
+                continue
+            except Exception:  # a bug: logged, the client gets a plain 500
+                log.exception("the engine could not take a request")
+                future.set_exception(_InternalError(ENGINE_FAILED))
                 continue
             tracked.request_id = request_id
             if tracked.aborted:  # aborted while its add command was queued
@@ -208,6 +217,10 @@ class EngineLoop:
             self.metrics.finished.inc(sum(len(v) for v in by_loop.values()), "abort")
         for loop, items in by_loop.items():
             _hand_over(loop, items)
+
+
+class _InternalError(Exception):
+    pass
 
 
 def _put_all(items: list) -> None:

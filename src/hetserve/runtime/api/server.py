@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one ``EngineLoop``.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE
-streaming), ``GET /health`` and ``GET /metrics`` (Prometheus text). Bodies are validated in
-``protocol``; prompts are tokenised and checked against the context here, before they reach the engine.
+streaming), ``GET /health``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``. Every request
+first passes ``guard.Guard`` (Host header, API key, content type, declared size); a generation request's
+body is read within ``ServerLimits``' size and time, then decoded, validated (``protocol``), checked
+against the limits and the context and tokenised on a worker thread, so a large prompt never holds up
+the event loop; only then does it reach the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +25,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..serving import ServingEngine
-from .engine_loop import EngineLoop, Tracked
+from .engine_loop import ENGINE_FAILED, EngineLoop, Tracked
+from .guard import Guard, body_too_large
+from .limits import Access, ServerLimits, uvicorn_config
 from .metrics import CONTENT_TYPE
+from .openapi import install_openapi
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger("hetserve.serve")
@@ -38,47 +46,78 @@ class _Prompt:
     params: SamplingParams
 
 
-def create_app(engine: ServingEngine, model_name: str) -> FastAPI:
-    """An app serving ``engine`` under ``model_name``; the engine thread runs while the app is up."""
+@dataclass
+class _Context:
+    """What the request handlers share."""
+
+    engine: ServingEngine
+    loop: EngineLoop
+    served: str
+    limits: ServerLimits
+    executor: ThreadPoolExecutor | None = None  # while the app runs
+
+    async def off_loop(self, fn: Callable, *args):
+        """``fn(*args)`` on a worker thread (decoding, validating and tokenising a request)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def create_app(
+    engine: ServingEngine,
+    model_name: str,
+    limits: ServerLimits | None = None,
+    access: Access | None = None,
+) -> FastAPI:
+    """An app serving ``engine`` under ``model_name``; the engine thread runs while the app is up.
+    ``limits`` bound what a request may ask; ``access`` says who may ask (default: no API key, local
+    Host names)."""
+    limits, access = limits or ServerLimits(), access or Access()
     loop = EngineLoop(engine)
+    ctx = _Context(engine, loop, model_name, limits)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ctx.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hetserve-prepare")
         loop.start()
         try:
             yield
         finally:
             loop.stop()
+            ctx.executor.shutdown(wait=False, cancel_futures=True)
+            ctx.executor = None
 
-    app = FastAPI(title="hetserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="hetserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json"
+    )
     app.state.engine_loop = loop
     app.state.model_name = model_name
+    app.state.limits = limits
+    app.add_middleware(Guard, access=access, limits=limits)
 
     # ---- errors ---------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = (
-            f"no route {request.method} {request.url.path}"
-            if exc.status_code in (404, 405)
-            else str(exc.detail)
+        if exc.status_code == 404:
+            kind, message = "not_found_error", f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            kind = "invalid_request_error"
+            message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
+        else:
+            kind, message = "invalid_request_error", str(exc.detail)
+        return JSONResponse(
+            APIError(exc.status_code, message, type=kind).body(),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
-        return JSONResponse(APIError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(APIError(400, "the request does not match this route").body(), status_code=400)
 
     # ---- plain endpoints ------------------------------------------------------------------------
     @app.get("/health")
@@ -116,12 +155,13 @@ def create_app(engine: ServingEngine, model_name: str) -> FastAPI:
     # ---- generation -----------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _counted(loop, "completions", _completions(request, loop, engine, model_name))
+        return await _counted(loop, "completions", _completions(request, ctx))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _counted(loop, "chat_completions", _chat(request, loop, engine, model_name))
+        return await _counted(loop, "chat_completions", _chat(request, ctx))
 
+    install_openapi(app, access)
     return app
 
 
@@ -140,9 +180,10 @@ async def _counted(loop: EngineLoop, endpoint: str, handler):
 
 
 def _unknown_model(name: str, served: str) -> APIError:
+    shown = name if len(name) <= 100 else name[:100] + "..."
     return APIError(
         404,
-        f"model '{name}' does not exist; this server serves '{served}' (see GET /v1/models)",
+        f"model '{shown}' does not exist; this server serves '{served}' (see GET /v1/models)",
         param="model",
         code="model_not_found",
     )
@@ -151,6 +192,53 @@ def _unknown_model(name: str, served: str) -> APIError:
 def _check_model(name: str, served: str) -> None:
     if name != served:
         raise _unknown_model(name, served)
+
+
+async def read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The request body, refused (413) once it passes ``max_body_bytes`` or (408) when it has not all
+    arrived within ``body_timeout`` seconds; either closes the connection."""
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                exc = body_too_large(limits.max_body_bytes)
+                exc.headers = {"Connection": "close"}
+                raise exc
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), limits.body_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {limits.body_timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
+
+
+def _check_prompt_chars(chars: int, limits: ServerLimits, param: str) -> None:
+    if chars > limits.max_prompt_chars:
+        raise APIError(
+            400,
+            f"{param}: {chars} characters of prompt text in one request; this server takes at most "
+            f"{limits.max_prompt_chars}",
+            param=param,
+            code="prompt_too_long",
+        )
+
+
+def _check_stop_token_ids(req, vocab: int) -> None:
+    for i, t in enumerate(req.stop_token_ids or []):
+        if not 0 <= t < vocab:
+            raise APIError(
+                400, f"stop_token_ids.{i}: token ids must be in [0, {vocab})", param=f"stop_token_ids.{i}"
+            )
 
 
 def _sampling(
@@ -194,16 +282,28 @@ def _sampling(
         raise APIError(400, str(exc)) from None
 
 
-async def _completions(request: Request, loop: EngineLoop, engine: ServingEngine, served: str):
-    req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
-    _check_model(req.model, served)
+def _prepare_completion(ctx: _Context, raw: bytes) -> tuple[CompletionRequest, list[_Prompt]]:
+    """Decode, validate, check and tokenise a completion request (on a worker thread)."""
+    engine, limits = ctx.engine, ctx.limits
+    req: CompletionRequest = parse_body(raw, CompletionRequest)
+    _check_model(req.model, ctx.served)
     if isinstance(req.prompt, str):
         texts: list[Any] = [req.prompt]
     elif req.prompt and isinstance(req.prompt[0], int):
         texts = [req.prompt]
     else:
         texts = list(req.prompt)
+    if len(texts) > limits.max_prompts_per_request:
+        raise APIError(
+            400,
+            f"prompt: {len(texts)} prompts in one request; this server takes at most "
+            f"{limits.max_prompts_per_request} (send several requests)",
+            param="prompt",
+            code="too_many_prompts",
+        )
+    _check_prompt_chars(sum(len(p) for p in texts if isinstance(p, str)), limits, "prompt")
     vocab = engine.vocab_size
+    _check_stop_token_ids(req, vocab)
     prompts = []
     for i, p in enumerate(texts):
         param = "prompt" if len(texts) == 1 else f"prompt.{i}"
@@ -218,6 +318,43 @@ async def _completions(request: Request, loop: EngineLoop, engine: ServingEngine
         if not ids:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
         prompts.append(_Prompt(ids, _sampling(req, len(ids), engine.max_model_len, 16, param)))
+    return req, prompts
+
+
+def _prepare_chat(ctx: _Context, raw: bytes) -> tuple[ChatCompletionRequest, list[_Prompt]]:
+    """Decode, validate, check, render and tokenise a chat request (on a worker thread)."""
+    engine, limits = ctx.engine, ctx.limits
+    req: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
+    _check_model(req.model, ctx.served)
+    tok = engine.tokenizer
+    if tok is None or not tok.chat_template:
+        raise APIError(
+            400, f"model '{ctx.served}' has no chat template; use /v1/completions", param="messages"
+        )
+    if len(req.messages) > engine.max_model_len:
+        raise APIError(
+            400,
+            f"messages: {len(req.messages)} messages cannot fit in this model's context of "
+            f"{engine.max_model_len} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    messages = [m.as_template_input() for m in req.messages]
+    chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
+    _check_prompt_chars(chars, limits, "messages")
+    _check_stop_token_ids(req, engine.vocab_size)
+    try:
+        ids = tok.encode_chat(messages)
+    except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
+        raise APIError(400, f"messages: {exc}", param="messages") from None
+    default = limits.default_max_tokens
+    return req, [_Prompt(ids, _sampling(req, len(ids), engine.max_model_len, default, "messages"))]
+
+
+async def _completions(request: Request, ctx: _Context):
+    raw = await read_body(request, ctx.limits)
+    req, prompts = await ctx.off_loop(_prepare_completion, ctx, raw)
+    served = ctx.served
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": served}
 
@@ -237,22 +374,14 @@ async def _completions(request: Request, loop: EngineLoop, engine: ServingEngine
             "usage": _usage(prompts, outs),
         }
 
-    return await _run(request, loop, req, prompts, chunk, full, first_delta=None)
+    return await _run(request, ctx.loop, req, prompts, chunk, full, first_delta=None)
 
 
-async def _chat(request: Request, loop: EngineLoop, engine: ServingEngine, served: str):
-    req: ChatCompletionRequest = parse_body(await request.body(), ChatCompletionRequest)
-    _check_model(req.model, served)
-    tok = engine.tokenizer
-    if tok is None or not tok.chat_template:
-        raise APIError(400, f"model '{served}' has no chat template; use /v1/completions", param="messages")
-    try:
-        ids = tok.encode_chat([m.as_template_input() for m in req.messages])
-    except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
-        raise APIError(400, f"messages: {exc}", param="messages") from None
-    prompts = [_Prompt(ids, _sampling(req, len(ids), engine.max_model_len, None, "messages"))]
+async def _chat(request: Request, ctx: _Context):
+    raw = await read_body(request, ctx.limits)
+    req, prompts = await ctx.off_loop(_prepare_chat, ctx, raw)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.served}
 
     def chunk(index: int, out: RequestOutput | None, text: str, finish: str | None) -> dict:
         delta = {"content": text} if text or finish is None else {}
@@ -279,7 +408,7 @@ async def _chat(request: Request, loop: EngineLoop, engine: ServingEngine, serve
             "usage": _usage(prompts, outs),
         }
 
-    return await _run(request, loop, req, prompts, chunk, full, first_delta=True)
+    return await _run(request, ctx.loop, req, prompts, chunk, full, first_delta=True)
 
 
 def _usage(prompts: list[_Prompt], outs: list[RequestOutput]) -> dict[str, int]:
@@ -288,22 +417,24 @@ def _usage(prompts: list[_Prompt], outs: list[RequestOutput]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _submit_all(loop: EngineLoop, prompts: list[_Prompt], queue: asyncio.Queue) -> list[Tracked]:
+async def _submit_all(
+    loop: EngineLoop, prompts: list[_Prompt], queue: asyncio.Queue, param: str
+) -> list[Tracked]:
     arrival = time.perf_counter()
     tracked: list[Tracked] = []
     try:
         for i, p in enumerate(prompts):
             tracked.append(await loop.submit(p.ids, p.params, queue, i, arrival))
-    except ValueError as exc:  # the engine refused it (e.g. more KV than the whole cache)
+    except BaseException as exc:
         for t in tracked:
             loop.abort(t)
-        param = "prompt" if len(prompts) == 1 else f"prompt.{len(tracked)}"
-        raise APIError(400, str(exc), param=param) from None
-    except RuntimeError as exc:
-        raise APIError(503, str(exc), type="server_error", code="engine_unavailable") from None
-    except BaseException:
-        for t in tracked:
-            loop.abort(t)
+        if isinstance(exc, ValueError):  # the engine refused it (e.g. more KV than the whole cache)
+            where = param if len(prompts) == 1 else f"{param}.{len(tracked)}"
+            raise APIError(400, str(exc), param=where) from None
+        if isinstance(exc, RuntimeError):  # no instance up, or the engine loop stopped
+            raise APIError(503, str(exc), type="server_error", code="engine_unavailable") from None
+        if isinstance(exc, Exception):
+            raise APIError(500, ENGINE_FAILED, type="server_error") from None
         raise
     return tracked
 
@@ -330,7 +461,7 @@ async def _run(
     first_delta: bool | None,
 ):
     queue: asyncio.Queue = asyncio.Queue()
-    tracked = await _submit_all(loop, prompts, queue)
+    tracked = await _submit_all(loop, prompts, queue, "messages" if first_delta else "prompt")
     if req.stream:
         return StreamingResponse(
             _stream(loop, req, prompts, tracked, queue, chunk, first_delta),
@@ -418,6 +549,17 @@ async def _stream(
             loop.abort(t)
 
 
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve ``app`` (from ``create_app``) with uvicorn until interrupted, with its connection limits."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(app, host, port, _limits_of(app), log_level)).run()
+
+
+def _limits_of(app: FastAPI) -> ServerLimits:
+    return getattr(app.state, "limits", None) or ServerLimits()
+
+
 class BackgroundServer:
     """Serve ``app`` with uvicorn from a background thread (for tests and benchmarks)::
 
@@ -436,7 +578,7 @@ class BackgroundServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
         self.host, self.port = self.socket.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, _limits_of(app), log_level))
         self._thread = None
 
     @property
