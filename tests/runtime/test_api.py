@@ -203,7 +203,8 @@ BAD = [
         400,
         "stream_options",
     ),
-    ("completions", {"model": NAME, "prompt": "hi", "stop": ["", "x"]}, 400, "stop"),
+    ("completions", {"model": NAME, "prompt": "hi", "stop": ["", "x"]}, 400, "stop.0"),
+    ("completions", {"model": NAME, "prompt": "hi", "stop": ""}, 400, "stop"),
     ("chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
     (

@@ -53,8 +53,9 @@ def _json(description: str, schema: dict | None = None) -> dict[str, Any]:
     }
 
 
-def install_openapi(app: FastAPI, access: Access) -> None:
-    """Make ``app.openapi()`` (served at /openapi.json) describe the bodies, responses and the API key."""
+def install_openapi(app: FastAPI, access: Access, model_name: str) -> None:
+    """Make ``app.openapi()`` (served at /openapi.json) describe the bodies (``model``: the one served),
+    the responses and the API key."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi() -> dict[str, Any]:
@@ -71,6 +72,7 @@ def install_openapi(app: FastAPI, access: Access) -> None:
         for model in (CompletionRequest, ChatCompletionRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
+            schema["properties"]["model"] = {"type": "string", "enum": [model_name]}
             schemas[model.__name__] = schema
         schemas["Error"] = _ERROR
         paths = doc["paths"]
@@ -87,12 +89,16 @@ def install_openapi(app: FastAPI, access: Access) -> None:
                 },
             }
             ok = _json("the completion (or, with stream: true, server-sent events)")
-            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            # each event: a chunk as JSON in ``data`` (an error object, or the final ``[DONE]``)
+            event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+            ok["content"]["text/event-stream"] = {"schema": event}
             op["responses"] = {
                 "200": ok,
                 **_errors("400", *auth, "404", "408", "413", "415", "499", "500", "503"),
             }
         paths["/v1/models"]["get"]["responses"] = {"200": _json("the served model"), **_errors(*auth)}
+        for param in paths["/v1/models/{name}"]["get"].get("parameters", []):
+            param["schema"] = {"type": "string", "enum": [model_name]}  # others: 404
         paths["/v1/models/{name}"]["get"]["responses"] = {
             "200": _json("the served model"),
             **_errors(*auth, "404"),

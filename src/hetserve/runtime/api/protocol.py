@@ -20,7 +20,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 
 class APIError(Exception):
@@ -56,7 +56,13 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_NAME_CHARS = 1024  # ``model`` and ``user``
 
 
-_Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+_Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _Only(values: list) -> WithJsonSchema:
+    """The documented schema of an OpenAI option this server does not implement: the values it takes
+    (others are refused with a 400 naming the option, by ``check_supported``)."""
+    return WithJsonSchema({"enum": values, "default": values[0]})
 
 
 class _Strict(BaseModel):
@@ -72,14 +78,14 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
+    n: Annotated[int, _Only([1])] = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, _Only([0])] = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Annotated[float, _Only([0])] = Field(default=0.0, ge=-2, le=2)
+    logit_bias: Annotated[dict[str, float] | None, _Only([None, {}])] = None
     user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     # hetserve extensions
     top_k: int = Field(default=0, ge=0)
@@ -99,8 +105,6 @@ class _Sampling(_Strict):
             raise APIError(400, "logit_bias is not supported; omit it", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-        if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
-            raise APIError(400, "stop: stop strings must be non-empty", param="stop")
 
     @property
     def stop_list(self) -> list[str]:
@@ -113,10 +117,10 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = Field(default=None, ge=1)
-    suffix: str | None = None
+    echo: Annotated[bool, _Only([False])] = False
+    logprobs: Annotated[int | None, _Only([None])] = None
+    best_of: Annotated[int | None, _Only([None, 1])] = Field(default=None, ge=1)
+    suffix: Annotated[str | None, _Only([None, ""])] = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -154,12 +158,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    logprobs: Annotated[bool, _Only([False])] = False
+    top_logprobs: Annotated[int | None, _Only([None])] = None
+    tools: Annotated[list[Any] | None, _Only([None, []])] = None
+    tool_choice: Annotated[Any, _Only([None, "none"])] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        WithJsonSchema({"anyOf": [{"type": "null"}, {"const": {"type": "text"}}], "default": None}),
+    ] = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -171,7 +178,7 @@ class ChatCompletionRequest(_Sampling):
             raise APIError(
                 400, "tools are not supported by this server; omit tools and tool_choice", param="tools"
             )
-        if self.response_format and self.response_format.get("type") != "text":
+        if self.response_format is not None and self.response_format != {"type": "text"}:
             raise APIError(
                 400, 'response_format: only {"type": "text"} is supported', param="response_format"
             )

@@ -31,7 +31,7 @@ from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..serving import ServingEngine
 from .engine_loop import ENGINE_FAILED, EngineLoop, Tracked
-from .guard import Guard, body_too_large
+from .guard import Guard
 from .limits import Access, ServerLimits, uvicorn_config
 from .metrics import CONTENT_TYPE
 from .openapi import install_openapi
@@ -92,7 +92,7 @@ def create_app(
     app.state.engine_loop = loop
     app.state.model_name = model_name
     app.state.limits = limits
-    app.add_middleware(Guard, access=access, limits=limits)
+    app.add_middleware(Guard, access=access)
 
     # ---- errors ---------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -161,7 +161,7 @@ def create_app(
     async def chat_completions(request: Request):
         return await _counted(loop, "chat_completions", _chat(request, ctx))
 
-    install_openapi(app, access)
+    install_openapi(app, access, model_name)
     return app
 
 
@@ -195,17 +195,28 @@ def _check_model(name: str, served: str) -> None:
 
 
 async def read_body(request: Request, limits: ServerLimits) -> bytes:
-    """The request body, refused (413) once it passes ``max_body_bytes`` or (408) when it has not all
-    arrived within ``body_timeout`` seconds; either closes the connection."""
+    """The JSON request body, refused when it is not sent as ``application/json`` (415: a web page can
+    send ``text/plain`` or form bodies to another site without the browser asking that site first, but
+    not JSON), is larger than ``max_body_bytes`` (413) or has not all arrived within ``body_timeout``
+    seconds (408). A 413 or 408 closes the connection."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(
+            415,
+            "the request body must be JSON, sent with the header 'Content-Type: application/json'"
+            + (f" (got {media[:60]!r})" if media else ""),
+            code="unsupported_media_type",
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _too_large(limits)
 
     async def read() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limits.max_body_bytes:
-                exc = body_too_large(limits.max_body_bytes)
-                exc.headers = {"Connection": "close"}
-                raise exc
+                raise _too_large(limits)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -220,6 +231,15 @@ async def read_body(request: Request, limits: ServerLimits) -> bytes:
         ) from None
     except ClientDisconnect:
         raise APIError(499, "client disconnected") from None
+
+
+def _too_large(limits: ServerLimits) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes",
+        code="body_too_large",
+        headers={"Connection": "close"},
+    )
 
 
 def _check_prompt_chars(chars: int, limits: ServerLimits, param: str) -> None:
