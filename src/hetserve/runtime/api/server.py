@@ -198,7 +198,8 @@ async def read_body(request: Request, limits: ServerLimits) -> bytes:
     """The JSON request body, refused when it is not sent as ``application/json`` (415: a web page can
     send ``text/plain`` or form bodies to another site without the browser asking that site first, but
     not JSON), is larger than ``max_body_bytes`` (413) or has not all arrived within ``body_timeout``
-    seconds (408). A 413 or 408 closes the connection."""
+    seconds (408, closing the connection). After a 413 uvicorn discards the rest of the body as it
+    arrives, within the header timeout, and the connection stays open."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise APIError(
@@ -238,7 +239,6 @@ def _too_large(limits: ServerLimits) -> APIError:
         413,
         f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes",
         code="body_too_large",
-        headers={"Connection": "close"},
     )
 
 
