@@ -512,8 +512,11 @@ def test_a_failing_step_fails_its_requests_but_not_the_server():
 
 
 @pytest.mark.slow
-def test_serve_command_in_its_own_process(tmp_path):
-    """cmd_serve end to end: a child process loads a GGUF file, serves it, and stops on SIGINT."""
+@pytest.mark.parametrize("stop,key", [("SIGINT", None), ("SIGTERM", "sekrit")])
+def test_serve_command_in_its_own_process(tmp_path, stop, key):
+    """cmd_serve end to end: a child process loads a GGUF file, serves it (with an API key from the
+    environment, once), and stops cleanly on SIGINT or SIGTERM."""
+    import os
     import signal
     import socket
     import subprocess
@@ -549,8 +552,10 @@ def test_serve_command_in_its_own_process(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "HETSERVE_API_KEY": key or ""},
     )
     url = f"http://127.0.0.1:{port}"
+    auth = {"authorization": f"Bearer {key}"} if key else {}
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -562,13 +567,18 @@ def test_serve_command_in_its_own_process(tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"  # named after the file
+        assert (
+            httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+        )  # the file's name
+        if key:
+            assert httpx.get(url + "/v1/models").status_code == 401
         r = httpx.post(
             url + "/v1/completions",
             json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+            headers=auth,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
-        child.send_signal(signal.SIGINT)
+        child.send_signal(getattr(signal, stop))
         _, err = child.communicate(timeout=30)
     assert child.returncode == 0 and f"serving 'tiny' on {url}" in err

@@ -569,11 +569,34 @@ async def _stream(
             loop.abort(t)
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` (from ``create_app``) with uvicorn until interrupted, with its connection limits."""
+    """Serve ``app`` (from ``create_app``) with uvicorn, with its connection limits, until SIGINT or
+    SIGTERM; then return normally, so the caller's clean-up runs. (uvicorn shuts down gracefully on
+    either signal, then raises it again: SIGINT arrives here as KeyboardInterrupt, SIGTERM would end
+    the process at once but for the handler installed meanwhile.)"""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, host, port, _limits_of(app), log_level)).run()
+    server = uvicorn.Server(uvicorn_config(app, host, port, _limits_of(app), log_level))
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _limits_of(app: FastAPI) -> ServerLimits:
