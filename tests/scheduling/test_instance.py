@@ -6,6 +6,7 @@ import pytest
 
 from hetserve.scheduling import Sequence
 from hetserve.scheduling.instance import InstanceConfig, InstanceState, Lane, WorkEstimate
+from hetserve.scheduling.routing import Pool
 
 EST = WorkEstimate(prefill_s_per_token=0.001, decode_s_per_token=0.01, speed=2.0)
 
@@ -44,8 +45,10 @@ def test_outstanding_work_is_seconds_of_queued_prompt_and_owed_output():
     inst.add(Sequence(0, 100, 20))
     inst.add(Sequence(1, 50, 10, num_transferred_tokens=40))  # a hand-off: 10 prompt tokens to compute
     assert inst.outstanding_work() == pytest.approx(110 * 0.001 + 30 * 0.01)
-    inst.downstream_work = 1.5
-    assert inst.outstanding_work() == pytest.approx(110 * 0.001 + 30 * 0.01 + 1.5)
+    decoder = InstanceState(config(name="d", role="decode"), EST, 100, Lane)
+    decoder.add(Sequence(2, 100, 150, num_transferred_tokens=100))
+    inst.downstream = Pool([decoder])  # a prefill instance counts its decode pool's least work
+    assert inst.outstanding_work() == pytest.approx(110 * 0.001 + 30 * 0.01 + 150 * 0.01)
     assert inst.speed == 2.0
 
 

@@ -15,10 +15,12 @@ step times). Pure Python: no torch, no numpy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .block_manager import BlockManager
+from .routing import Pool
 from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
 
@@ -111,9 +113,12 @@ class InstanceState(Generic[L]):
         self.pending_prompt = 0
         self.pending_output = 0
         self.requests = 0
-        #: For a prefill instance: the least outstanding work among the decode instances it hands off
-        #: to, set before each routing decision so entry routing sees decode-pool congestion.
-        self.downstream_work = 0.0
+        #: For a prefill instance: the pool of decode instances it hands off to, whose least outstanding
+        #: work counts in its own so entry routing sees decode-pool congestion.
+        self.downstream: Pool | None = None
+        #: Routing pools this instance is in (told of every change of its load) and the tie-break stamp.
+        self.pools: list[Pool] = []
+        self.last_chosen = -1
 
     # ---- the router's view (Routable) -------------------------------------------------------------
     @property
@@ -125,14 +130,28 @@ class InstanceState(Generic[L]):
         advances several decode steps at once reports the part already behind it)."""
         return 0
 
-    def outstanding_work(self) -> float:
-        """Seconds of work ahead of a new request on its whole path."""
+    def own_work(self) -> float:
+        """Seconds of work queued and running here."""
         output = self.pending_output - self.output_in_flight()
-        own = (
+        return (
             self.pending_prompt * self.estimate.prefill_s_per_token
             + output * self.estimate.decode_s_per_token
         )
-        return own + self.downstream_work
+
+    def outstanding_work(self) -> float:
+        """Seconds of work ahead of a new request on its whole path."""
+        own = self.own_work()
+        return own if self.downstream is None else own + self.downstream.least_work()
+
+    def work_valid_until(self) -> float:
+        """Clock time before which ``own_work`` changes only with the calls below (which tell the
+        pools); a clock that advances several decode steps at once says when the next one ends."""
+        return math.inf
+
+    def load_changed(self) -> None:
+        """Tell this instance's routing pools that its load changed."""
+        for pool in self.pools:
+            pool.mark(self)
 
     def has_free_slot(self) -> bool:
         """A batch slot, and a lane with KV room for a reference prompt (or an empty lane)."""
@@ -143,12 +162,18 @@ class InstanceState(Generic[L]):
             ln.scheduler.blocks.num_free_blocks * ln.scheduler.blocks.block_size >= need for ln in self.lanes
         )
 
+    @property
+    def fit_limit(self) -> int:
+        """The most prompt + output tokens a request can have and still run here: KV room and, for an
+        instance that prefills without chunking, the token budget (a decode instance receives the
+        prompt's KV and computes one token per step, so it needs KV room only)."""
+        if self.role == "decode" or self.config.chunk_size is not None:
+            return self.capacity_tokens
+        return min(self.capacity_tokens, self.config.max_batch_tokens)
+
     def fits(self, prompt: int, output: int) -> bool:
-        """Whether a request could ever run here (KV room and, without chunking, the token budget)."""
-        need = prompt + output
-        if need > self.capacity_tokens:
-            return False
-        return self.config.chunk_size is not None or need <= self.config.max_batch_tokens
+        """Whether a request could ever run here (``fit_limit``)."""
+        return prompt + output <= self.fit_limit
 
     # ---- a request's life -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> L:
@@ -158,6 +183,7 @@ class InstanceState(Generic[L]):
         self.pending_prompt += seq.prompt_len - seq.num_transferred_tokens
         self.pending_output += seq.max_tokens - seq.num_output_tokens
         self.requests += 1
+        self.load_changed()
         return lane
 
     def schedule(self, lane: L) -> Batch:
@@ -165,6 +191,7 @@ class InstanceState(Generic[L]):
         batch = lane.scheduler.schedule()
         for seq in batch.preempted:
             self.pending_prompt += seq.prompt_len + seq.num_output_tokens - 1 - seq.num_transferred_tokens
+        self.load_changed()  # preemptions, and free blocks for has_free_slot
         return batch
 
     def complete(
@@ -195,6 +222,7 @@ class InstanceState(Generic[L]):
         for seq in finished:
             self.pending_output -= seq.max_tokens - seq.num_output_tokens  # stopped early
             self.requests -= 1
+        self.load_changed()
         return finished
 
     def abort(self, lane: L, seq_id: int) -> None:
@@ -206,3 +234,4 @@ class InstanceState(Generic[L]):
         self.pending_prompt -= max(0, seq.prompt_len - computed)
         self.pending_output -= seq.max_tokens - seq.num_output_tokens
         self.requests -= 1
+        self.load_changed()

@@ -13,6 +13,11 @@ When a running sequence needs a block and none is free, the most recently admitt
 is preempted: its blocks are freed, its progress forgotten, and it goes back to the head of the queue
 to recompute its prompt and output later. Admission is first come, first served.
 
+Without chunking a prompt is computed whole and must fit the step's token budget, except for a sequence
+whose KV arrives from another instance (a decode instance's hand-off): it only computes one token per
+step, so only its KV must fit; if a preemption makes it recompute more than a step holds, it recomputes
+in budget-sized pieces.
+
 Pure Python and O(running sequences) per step (plus block bookkeeping) so the discrete-event
 simulator can drive it with token counts alone.
 """
@@ -116,7 +121,11 @@ class Scheduler:
                 f"sequence {seq.seq_id} may need {seq.max_total_tokens} KV slots "
                 f"({need} blocks) but the cache has {self.blocks.num_blocks} blocks"
             )
-        if self.config.chunk_size is None and seq.max_total_tokens > self.config.max_batch_tokens:
+        if (
+            self.config.chunk_size is None
+            and not seq.num_transferred_tokens
+            and seq.max_total_tokens > self.config.max_batch_tokens
+        ):
             raise ValueError(
                 f"sequence {seq.seq_id} may need {seq.max_total_tokens} tokens in one "
                 f"step but max_batch_tokens is {self.config.max_batch_tokens}; "
@@ -159,7 +168,11 @@ class Scheduler:
 
     def _chunk(self, pending: int, budget: int) -> int:
         if self.config.chunk_size is None:
-            return pending
+            if pending <= self.config.max_batch_tokens:
+                return pending
+            # Longer than any step: only a sequence whose KV was handed over (admitted without the
+            # budget check) and then lost to preemption. It is recomputed in pieces, or never runs.
+            return min(pending, budget)
         return min(pending, self.config.chunk_size, budget)
 
     def _schedule_running(self, batch: Batch, budget: int, prefill_only: bool) -> int:

@@ -156,3 +156,15 @@ class SimInstance(InstanceState[Lane]):
         """Tokens that runs of decode steps part-way through have produced by now."""
         now = self.clock[0]
         return sum(ln.steps_done_by(now) * ln.n for ln in self.lanes if ln.busy and ln.steps > 1)
+
+    def work_valid_until(self) -> float:
+        """When the next step of a run of decode steps part-way through ends (its tokens then leave
+        ``output_in_flight``); a hair early, so a rounding difference never makes it late."""
+        now = self.clock[0]
+        due = math.inf
+        for ln in self.lanes:
+            if ln.busy and ln.steps > 1:
+                done = ln.steps_done_by(now)
+                if done < ln.steps:
+                    due = min(due, ln.t0 + ln.total(done + 1))
+        return due - 1e-9 * (1.0 + abs(due)) if due < math.inf else due

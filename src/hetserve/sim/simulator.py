@@ -23,7 +23,7 @@ import numpy as np
 from ..costmodel.links import kv_transfer_time
 from ..errors import OutOfTime
 from ..plan import Deployment
-from ..scheduling.routing import make_policy
+from ..scheduling.routing import Pool, make_policy
 from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
 from .instance import Lane, SimInstance, SimServer
@@ -87,6 +87,21 @@ class Simulator:
         self.entry = [i for i in self.instances.values() if i.role in ("prefill", "mixed")]
         self.decoders = [i for i in self.instances.values() if i.role == "decode"]
         self.prefillers = [i for i in self.entry if i.role == "prefill"]
+        self.clock = [0.0]
+        for inst in self.instances.values():
+            inst.clock = self.clock
+        # Routing pools, indexed by load. A request that fits every instance of a pool is routed over
+        # the pool; one that does not (rare: a prompt longer than some instance holds) over the list of
+        # those it fits. Prefill instances count the decode pool's least work as their own.
+        self.entry_pool = Pool(self.entry, self.clock)
+        self.decode_pool = Pool(self.decoders, self.clock)
+        if self.decoders:
+            for p in self.prefillers:
+                p.downstream = self.decode_pool
+        self._fits_all_mixed = min((i.fit_limit for i in self.entry if i.role == "mixed"), default=math.inf)
+        self._fits_all_prefill = min((i.fit_limit for i in self.prefillers), default=math.inf)
+        self._fits_all_decode = min((i.fit_limit for i in self.decoders), default=math.inf)
+        self._fits_any_decode = max((i.fit_limit for i in self.decoders), default=math.inf)
         r = dep.spec.routing
         self.router = make_policy(r.policy, r.weights, seed)
         self.handoff_default = make_policy(r.handoff, None, seed + 1)
@@ -106,9 +121,6 @@ class Simulator:
         self.peak_kv = {name: 0.0 for name in self.instances}
         self.progress = progress
         self.hashes = requests.block_hashes
-        self.clock = [0.0]
-        for inst in self.instances.values():
-            inst.clock = self.clock
 
     # ---- heap ----------------------------------------------------------------------------------
     def push(self, t: float, kind: int, payload) -> None:
@@ -159,8 +171,8 @@ class Simulator:
         if self.progress is not None:
             self.progress(1)
         p, o = int(self.rec.prompt[i]), int(self.rec.output[i])
-        cands = [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
-        if self.decoders and not any(d.fits(p, o) for d in self.decoders):
+        cands = self._entry_candidates(p, o)
+        if self.decoders and p + o > self._fits_any_decode:
             cands = []
         if not cands:
             self.rec.dropped[i] = True
@@ -169,22 +181,20 @@ class Simulator:
             self.central.append(i)
             self._dispatch_central(t)
             return
-        self._see_decoders()
         self._admit(self.router.choose(cands), i, t)
 
-    def _see_decoders(self) -> None:
-        """Let prefill instances count the decode pool's congestion in their outstanding work."""
-        if self.prefillers:
-            down = min(d.outstanding_work() for d in self.decoders)
-            for p in self.prefillers:
-                p.downstream_work = down
+    def _entry_candidates(self, p: int, o: int):
+        """The entry instances a request of ``p`` prompt and ``o`` output tokens fits (a prefill
+        instance computes one output token): the whole pool when it fits them all."""
+        if p + o <= self._fits_all_mixed and p + 1 <= self._fits_all_prefill:
+            return self.entry_pool
+        return [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
 
     def _dispatch_central(self, t: float) -> None:
         while self.central:
             i = self.central[0]
             p, o = int(self.rec.prompt[i]), int(self.rec.output[i])
-            cands = [c for c in self.entry if c.fits(p, o if c.role == "mixed" else 1)]
-            self._see_decoders()
+            cands = self._entry_candidates(p, o)
             inst = self.router.choose(cands)
             if inst is None:
                 return
@@ -253,6 +263,8 @@ class Simulator:
         else:
             lane.duration = inst.chain.cycle_time(new, seqs, pairs, kv)
         self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
+        if steps > 1:
+            inst.load_changed()  # its work now falls as the run's steps end (work_valid_until)
 
     def _cut_run(self, lane: Lane, t: float) -> None:
         """A sequence joined ``lane``'s queue at ``t`` during a run of decode steps: end the run at the
@@ -347,7 +359,10 @@ class Simulator:
             self.rec.finish[i] = t
             return
         p = int(self.rec.prompt[i])
-        cands = [d for d in self.decoders if d.fits(p, out)]
+        if p + out <= self._fits_all_decode:
+            cands = self.decode_pool
+        else:
+            cands = [d for d in self.decoders if d.fits(p, out)]
         policy = self.handoff_by_prefill.get(inst.name, self.handoff_default)
         dec = policy.choose(cands)
         self.rec.decode[i] = dec.name
