@@ -15,7 +15,6 @@ step times). Pure Python: no torch, no numpy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -143,10 +142,10 @@ class InstanceState(Generic[L]):
         own = self.own_work()
         return own if self.downstream is None else own + self.downstream.least_work()
 
-    def work_valid_until(self) -> float:
-        """Clock time before which ``own_work`` changes only with the calls below (which tell the
-        pools); a clock that advances several decode steps at once says when the next one ends."""
-        return math.inf
+    def work_drop_bound(self) -> tuple[float, float, float]:
+        """How much ``own_work`` can fall with time alone (``routing.Indexable``): not at all here; a
+        clock that advances several decode steps at once says how fast its runs end steps."""
+        return 0.0, 0.0, 0.0
 
     def load_changed(self) -> None:
         """Tell this instance's routing pools that its load changed."""

@@ -43,8 +43,8 @@ class Routable(Protocol):
 
 
 class Indexable(Routable, Protocol):
-    """What a ``Pool`` member adds: its work split into its own and what lies downstream of it, when
-    its own work next changes without an event, and the pools it tells about changes."""
+    """What a ``Pool`` member adds: its work split into its own and what lies downstream of it, how
+    fast its own work can fall with time alone, and the pools it tells about changes."""
 
     #: A pool whose least work is added to this instance's own (a prefill instance's decode pool).
     downstream: Pool | None
@@ -53,8 +53,10 @@ class Indexable(Routable, Protocol):
     def own_work(self) -> float:
         """Outstanding work without ``downstream``'s."""
 
-    def work_valid_until(self) -> float:
-        """Clock time before which ``own_work`` cannot change unless the member says so (inf: never)."""
+    def work_drop_bound(self) -> tuple[float, float, float]:
+        """``(jump, rate, most)``: until the member next tells its pools of a change, its own work at
+        clock time ``t`` is at least its current own work minus ``min(most, jump + rate * (t - now))``;
+        (0, 0, 0) when it changes only with such calls."""
 
 
 def chosen(inst: Routable) -> Routable:
@@ -144,34 +146,102 @@ class _Heap:
                 return
 
 
+class _Group:
+    """The members of a pool with the same ``downstream``, in three heaps: those whose own work is
+    fixed until their next change (``still``, keyed by it exactly), and those whose work falls with
+    time alone, keyed by a lower bound of it (``falling`` and ``floor``).
+
+    A falling member read at time ``r`` with own work ``U`` and bound ``(J, rho, most)`` has own work at
+    any later ``t`` of at least ``U - J - rate * (t - r)`` for any ``rate >= rho``, and at least
+    ``F = U - most``. With one ``rate`` for the group the first is ``K - rate * t``, ``K = U - J + rate
+    * r``: one heap ordered by ``K`` gives those bounds in order at any time. Once it falls below ``F``
+    (time ``switch``) the member moves to the ``floor`` heap, ordered by ``F``. Either bound is valid
+    at any time, so the moment of the move only decides how tight the bound is."""
+
+    def __init__(self, downstream: Pool | None):
+        self.downstream = downstream
+        self.still = _Heap()
+        self.falling = _Heap()
+        self.floor = _Heap()
+        self.rate = 0.0
+        self.reads: dict[int, tuple[float, float, float, float, int]] = {}  # pos -> (U, J, F, r, serial)
+        self.switch: list[tuple[float, int, int]] = []  # (time, pos, serial)
+        self._serial = 0
+
+    def heaps(self) -> tuple[_Heap, _Heap, _Heap]:
+        return self.still, self.falling, self.floor
+
+    def remove(self, pos: int) -> None:
+        for heap in self.heaps():
+            heap.remove(pos)
+        self.reads.pop(pos, None)
+
+    def place(self, pos: int, key: tuple, bound: tuple[float, float, float], now: float) -> None:
+        """Put a member just read at ``now`` (``key``: its own work, -speed, stamp, pos) in a heap."""
+        jump, rho, most = bound
+        if most <= 0.0:
+            self.falling.remove(pos)
+            self.floor.remove(pos)
+            self.reads.pop(pos, None)
+            self.still.set(pos, key)
+            return
+        self.still.remove(pos)
+        self._serial += 1
+        self.reads[pos] = (key[0], jump, key[0] - most, now, self._serial)
+        if rho > self.rate:  # re-base every bound on the new rate (rare: it grows by 1.5x or more)
+            self.rate = max(rho, 1.5 * self.rate)
+            falling = [p for p in self.falling.keys]
+            self.switch = []
+            for p in falling:
+                self.falling.remove(p)
+                self._put(p)
+        self._put(pos)
+
+    def _put(self, pos: int) -> None:
+        u, j, f, r, serial = self.reads[pos]
+        if not math.isfinite(r) or f >= u - j or self.rate <= 0.0:
+            self.falling.remove(pos)
+            self.floor.set(pos, (f, pos))
+            return
+        self.floor.remove(pos)
+        self.falling.set(pos, (u - j + self.rate * r, pos))
+        _heappush(self.switch, (r + (u - j - f) / self.rate, pos, serial))
+
+    def advance(self, now: float) -> None:
+        """Move the falling members whose floor is now the tighter bound."""
+        while self.switch and self.switch[0][0] <= now:
+            _, pos, serial = _heappop(self.switch)
+            read = self.reads.get(pos)
+            if read is not None and read[4] == serial and pos in self.falling.keys:
+                self.falling.remove(pos)
+                self.floor.set(pos, (read[2], pos))
+
+
 class Pool(Seq):
     """A fixed set of instances to route among (in a fixed order), indexed by outstanding work.
 
     Members tell the pool when their load may have changed (``mark``: admissions, steps, completions,
-    preemptions, aborts, being chosen); the pool re-reads only those, and the members whose own work
-    changes with time alone (``work_valid_until``: a simulated run of decode steps part-way through),
-    when it is next asked. ``remove`` takes a failed instance out. Members are grouped by their
+    preemptions, aborts, being chosen); the pool re-reads those when next asked. A member whose work
+    also falls with time alone (a simulated run of decode steps, which ends its steps between events)
+    is re-read only when the lower bound of its work reaches the least work found: a heap gives those
+    bounds in order (``_Group``). ``remove`` takes a failed instance out. Members are grouped by their
     ``downstream`` pool: a group's order does not depend on that pool's work, which is added when the
     groups' best are compared. ``examined`` counts member reads plus heap comparisons.
     """
 
     def __init__(self, members: Iterable[Indexable], clock: list[float] | None = None):
         self.members: list[Indexable] = list(members)
-        #: The caller's current time (``clock[0]``), for members whose work changes with time.
+        #: The caller's current time (``clock[0]``), for members whose work falls with time.
         self.clock = clock
         self._live: list[Indexable] = list(self.members)
         self._pos = {id(m): i for i, m in enumerate(self.members)}
-        self._group: dict[int, Pool | None] = {}
-        self._heaps: dict[int, _Heap] = {}
-        self._expiry: list[tuple[float, int]] = []
-        self._due: dict[int, float] = {}
-        self._dirty: set[int] = set()
+        self._groups: dict[int, _Group] = {}
+        self._group_of: dict[int, _Group] = {}
+        self._dirty: set[int] = set(range(len(self.members)))
         self._gone: set[int] = set()
         self._reads = 0
-        self._offsets: dict[int, Pool | None] = {}
-        for i, m in enumerate(self.members):
+        for m in self.members:
             m.pools.append(self)
-            self._dirty.add(i)
 
     # ---- a sequence of the live members, in order ---------------------------------------------------
     def __len__(self) -> int:
@@ -184,8 +254,18 @@ class Pool(Seq):
         return iter(self._live)
 
     @property
+    def reads(self) -> int:
+        """Members whose work was read (a scan reads every member per decision)."""
+        return self._reads
+
+    @property
+    def comparisons(self) -> int:
+        """Heap entries compared while keeping the index in order."""
+        return sum(h.steps for g in self._groups.values() for h in g.heaps())
+
+    @property
     def examined(self) -> int:
-        return self._reads + sum(h.steps for h in self._heaps.values())
+        return self.reads + self.comparisons
 
     # ---- changes -----------------------------------------------------------------------------------
     def mark(self, member: Indexable) -> None:
@@ -202,64 +282,81 @@ class Pool(Seq):
         self._gone.add(pos)
         self._live = [m for i, m in enumerate(self.members) if i not in self._gone]
         self._dirty.discard(pos)
-        self._due.pop(pos, None)
-        if pos in self._group:
-            self._heaps[id(self._group.pop(pos))].remove(pos)
+        group = self._group_of.pop(pos, None)
+        if group is not None:
+            group.remove(pos)
         if self in member.pools:
             member.pools.remove(self)
 
     # ---- reading -----------------------------------------------------------------------------------
-    def _now(self) -> float:
-        return math.inf if self.clock is None else self.clock[0]
-
-    def _refresh(self) -> None:
-        now = self._now()
-        while self._expiry and self._expiry[0][0] <= now:
-            due, pos = _heappop(self._expiry)
-            if self._due.get(pos) == due:
-                del self._due[pos]
-                self._dirty.add(pos)
-        if not self._dirty:
-            return
-        for pos in self._dirty:
-            self._rekey(pos)
-        self._dirty.clear()
-
-    def _rekey(self, pos: int) -> None:
+    def _read(self, pos: int, now: float) -> tuple:
+        """Read member ``pos`` at ``now`` into its group's heaps; its key."""
         m = self.members[pos]
         self._reads += 1
-        group = m.downstream
-        if pos in self._group and self._group[pos] is not group:
-            self._heaps[id(self._group[pos])].remove(pos)
-        self._group[pos] = group
-        heap = self._heaps.get(id(group))
-        if heap is None:
-            heap = self._heaps[id(group)] = _Heap()
-            self._offsets[id(group)] = group
-        heap.set(pos, (m.own_work(), -m.speed, m.last_chosen, pos))
-        due = m.work_valid_until()
-        if due < math.inf:
-            if self._due.get(pos) != due:
-                self._due[pos] = due
-                _heappush(self._expiry, (due, pos))
-        else:
-            self._due.pop(pos, None)
+        key = (m.own_work(), -m.speed, m.last_chosen, pos)
+        bound = m.work_drop_bound()
+        group = self._groups.get(id(m.downstream))
+        if group is None:
+            group = self._groups[id(m.downstream)] = _Group(m.downstream)
+        old = self._group_of.get(pos)
+        if old is not None and old is not group:
+            old.remove(pos)
+        self._group_of[pos] = group
+        group.place(pos, key, bound, now)
+        return key
+
+    def _least_own(self, group: _Group, now: float) -> tuple | None:
+        """The least (own work, -speed, stamp, pos) in ``group`` at ``now``: the still heap's top, or a
+        falling member read because its lower bound reached it."""
+        group.advance(now)
+        pos = group.still.top()
+        best = None if pos is None else group.still.keys[pos]
+        read = []
+        falling, floor, rate = group.falling, group.floor, group.rate
+        while len(falling) or len(floor):
+            lo = hi = math.inf
+            if len(falling):
+                k = falling.keys[falling.top()][0]
+                lo = k - rate * now
+                scale = abs(k) + rate * abs(now)
+            if len(floor):
+                f = floor.keys[floor.top()][0]
+                if f < lo:
+                    lo, scale = f, abs(f)
+                    hi = 0.0
+            heap = floor if hi == 0.0 else falling
+            if best is not None and lo > best[0] + 1e-9 * (1.0 + scale):  # rounding never hides one
+                break
+            pos = heap.top()
+            heap.remove(pos)
+            m = self.members[pos]
+            self._reads += 1
+            key = (m.own_work(), -m.speed, m.last_chosen, pos)
+            read.append((pos, key, m.work_drop_bound()))
+            if best is None or key < best:
+                best = key
+        for pos, key, bound in read:
+            group.place(pos, key, bound, now)
+        return best
 
     def least(self) -> Indexable | None:
         """The live member with the least outstanding work (then the fastest, then the least recently
         chosen, then the first): what ``min`` over ``_rank`` returns for the members in order."""
-        self._refresh()
+        now = math.inf if self.clock is None else self.clock[0]
+        if self._dirty:
+            for pos in self._dirty:
+                self._read(pos, now)
+            self._dirty.clear()
         best = best_key = None
-        for gid, heap in self._heaps.items():
-            pos = heap.top()
-            if pos is None:
+        for group in self._groups.values():
+            own = self._least_own(group, now)
+            if own is None:
                 continue
-            own, speed, stamp, _ = heap.keys[pos]
-            group = self._offsets[gid]
-            key = (own + (group.least_work() if group is not None else 0.0), speed, stamp, pos)
             self._reads += 1
+            offset = group.downstream.least_work() if group.downstream is not None else 0.0
+            key = (own[0] + offset, *own[1:])
             if best_key is None or key < best_key:
-                best, best_key = self.members[pos], key
+                best, best_key = self.members[own[3]], key
         return best
 
     def least_work(self) -> float:

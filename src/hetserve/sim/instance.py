@@ -157,14 +157,26 @@ class SimInstance(InstanceState[Lane]):
         now = self.clock[0]
         return sum(ln.steps_done_by(now) * ln.n for ln in self.lanes if ln.busy and ln.steps > 1)
 
-    def work_valid_until(self) -> float:
-        """When the next step of a run of decode steps part-way through ends (its tokens then leave
-        ``output_in_flight``); a hair early, so a rounding difference never makes it late."""
+    def work_drop_bound(self) -> tuple[float, float, float]:
+        """Each run of decode steps part-way through ends a step of ``n`` tokens at most every
+        ``shortest`` seconds (its shortest step, the first or the last): by time ``t`` at most one step
+        plus ``(t - now) / shortest`` more, each ``n`` tokens of owed output fewer, and no more than the
+        steps it has left."""
         now = self.clock[0]
-        due = math.inf
+        jump = rate = most = 0.0
+        per_token = self.estimate.decode_s_per_token
         for ln in self.lanes:
-            if ln.busy and ln.steps > 1:
-                done = ln.steps_done_by(now)
-                if done < ln.steps:
-                    due = min(due, ln.t0 + ln.total(done + 1))
-        return due - 1e-9 * (1.0 + abs(due)) if due < math.inf else due
+            if not (ln.busy and ln.steps > 1):
+                continue
+            left = ln.steps - ln.steps_done_by(now)
+            if left <= 0:
+                continue  # the run's end is the next change (an event)
+            shortest = min(ln.a + ln.b * ln.kv0, ln.a + ln.b * (ln.kv0 + ln.n * (ln.steps - 1)))
+            step = per_token * ln.n
+            most += step * left
+            if shortest > 0:
+                jump += step
+                rate += step / shortest
+            else:
+                jump += step * left
+        return jump, rate, most
