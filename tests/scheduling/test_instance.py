@@ -125,3 +125,14 @@ def test_fits_needs_kv_room_and_without_chunking_the_token_budget():
     chunked = InstanceState(config(max_batch_tokens=100, chunk_size=64), EST, 100, Lane)
     assert chunked.fits(1000, 600)
     assert not chunked.fits(1000, 601)  # over the 1,600 KV tokens
+
+
+def test_a_decode_instance_fits_whatever_its_kv_holds_whatever_its_token_budget():
+    """It never prefills: a handed-off request needs KV room only (not prompt + output in one step)."""
+    dec = InstanceState(config(role="decode", max_batch_tokens=100), EST, 100, Lane)  # 1,600 KV tokens
+    assert dec.fits(1000, 600) and not dec.fits(1000, 601)
+    seq = Sequence(0, 1000, 50, num_transferred_tokens=1000)
+    seq.num_output_tokens = 1
+    lane = dec.add(seq)
+    batch = dec.schedule(lane)
+    assert [(it.start, it.num_tokens, it.is_prefill) for it in batch.items] == [(1000, 1, False)]

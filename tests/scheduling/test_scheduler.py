@@ -81,6 +81,42 @@ def test_unchunked_prompt_longer_than_the_budget_is_rejected():
         s.add(Sequence(0, 20, 1))
 
 
+def handed_off(seq_id: int, prompt: int, max_tokens: int) -> Sequence:
+    """A sequence whose prompt KV (and first token) another instance computed."""
+    seq = Sequence(seq_id, prompt, max_tokens)
+    seq.num_output_tokens = 1
+    seq.num_transferred_tokens = prompt
+    return seq
+
+
+def test_a_handed_off_sequence_needs_kv_room_not_a_step_budget_for_its_prompt():
+    """A decode instance without chunking and a 16-token budget takes a 40-token prompt's KV and
+    decodes it one token per step."""
+    s = make(max_batch_tokens=16)
+    s.add(handed_off(0, 40, 6))
+    batches = drain(s)
+    assert [[(it.start, it.num_tokens) for it in b.items] for b in batches] == [
+        [(40 + k, 1)] for k in range(5)
+    ]
+    assert s.stats.prefill_tokens == 0 and s.stats.finished == 1
+
+
+def test_a_handed_off_sequence_preempted_recomputes_in_pieces_of_the_step_budget():
+    """Preempted, it lost its transferred KV: it recomputes prompt and outputs in budget-sized
+    pieces (the whole recompute never fits one 16-token step) and finishes."""
+    s = make(num_blocks=14, block_size=4, max_batch_tokens=16)  # 56 KV slots
+    other = handed_off(0, 8, 30)
+    s.add(other)
+    run_step(s)
+    d = handed_off(1, 40, 12)
+    s.add(d)
+    batches = drain(s)
+    assert d.num_preemptions >= 1 and d.is_finished and other.is_finished
+    pieces = [it.num_tokens for b in batches for it in b.items if it.seq is d and it.is_prefill]
+    assert max(pieces) <= 16 and sum(pieces) >= 40  # the prompt (and outputs so far) recomputed
+    assert all(b.num_tokens <= 16 for b in batches)
+
+
 def test_sequence_larger_than_the_cache_is_rejected():
     s = make(num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="blocks"):
