@@ -314,17 +314,14 @@ class Pool(Seq):
         read = []
         falling, floor, rate = group.falling, group.floor, group.rate
         while len(falling) or len(floor):
-            lo = hi = math.inf
-            if len(falling):
+            heap, lo, scale = None, math.inf, 0.0
+            if len(falling):  # the least lower bound of either heap
                 k = falling.keys[falling.top()][0]
-                lo = k - rate * now
-                scale = abs(k) + rate * abs(now)
+                heap, lo, scale = falling, k - rate * now, abs(k) + rate * abs(now)
             if len(floor):
                 f = floor.keys[floor.top()][0]
-                if f < lo:
-                    lo, scale = f, abs(f)
-                    hi = 0.0
-            heap = floor if hi == 0.0 else falling
+                if heap is None or f < lo:
+                    heap, lo, scale = floor, f, abs(f)
             if best is not None and lo > best[0] + 1e-9 * (1.0 + scale):  # rounding never hides one
                 break
             pos = heap.top()
