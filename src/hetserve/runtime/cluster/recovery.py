@@ -77,6 +77,7 @@ class Recovery:
         self.back_after: list[float] = []  # seconds from a worker's death to its instances serving
         self._retired: list = []  # earlier generations' groups (receives pending on them end by themselves)
         self._last_look = 0.0
+        self._remote_seen = False  # a worker on another machine announced itself
 
     @property
     def _rendezvous(self):
@@ -107,10 +108,10 @@ class Recovery:
             return False
         if self.pending:
             return True
-        return (
-            any(r not in self.given_up and p.poll() is not None for r, p in self.engine.processes.items())
-            or self._remote_rejoining()
+        restartable = self.launcher is not None and any(
+            r not in self.given_up and p.poll() is not None for r, p in self.engine.processes.items()
         )
+        return restartable or self._remote_rejoining()
 
     def _remote_rejoining(self) -> bool:
         """A worker on another machine announced itself again (looked at once a second)."""
@@ -119,13 +120,15 @@ class Recovery:
             return False
         self._last_look = now
         remote = [r for r in self.engine.topo.workers if r not in self.engine.processes]
-        return any(rv.has_announced("rejoin", r) for r in remote)
+        self._remote_seen = self._remote_seen or any(rv.has_announced("rejoin", r) for r in remote)
+        return self._remote_seen
 
     def run(self, outputs: list) -> None:
         """Admit workers that announced themselves; regroup once every restarted one has."""
         rv = self._rendezvous
-        if self.stopped or rv is None:
+        if self.stopped or rv is None or not (self.pending or self._remote_rejoining()):
             return
+        self._remote_seen = False
         for rank in self.engine.topo.workers:
             if rank in self.admitted or not rv.has_announced("rejoin", rank):
                 continue
@@ -141,6 +144,8 @@ class Recovery:
             if rank not in self.admitted and proc is not None and now - since > self.rejoin_limit:
                 log.error("worker rank %d did not rejoin within %.0f s; stopping it", rank, self.rejoin_limit)
                 proc.kill()
+        if self.given_up:
+            return  # a worker that stays dead: the groups of every rank cannot be formed again
         if self.admitted and all(r in self.admitted for r in self.pending):
             self._regroup(outputs)
 
@@ -161,20 +166,21 @@ class Recovery:
         e._reprefill_handoffs(outputs)  # workers forget KV not yet installed when they regroup
         generation = self.generation + 1
         back = dict(self.admitted)
-        e.transport.send(Regroup(generation), [r for r in e.topo.workers if r not in back])
-        e.transport.drain()
         rv, mesh = self._rendezvous, e.transport.mesh
-        for rank, nonce in back.items():
-            rv.admit(rank, nonce, generation)
-        self._retired.append(mesh.world)
-        try:
-            mesh.form(generation)
-        except Exception as exc:  # noqa: BLE001 - a worker that did not come: everything is down
-            log.error("the workers could not form generation %d: %s", generation, exc)
-            for inst in list(e.instances.values()):
-                e._take_down(inst, outputs)
-            self.admitted.clear()
-            return
+        with e.transport.lock:  # no other frame goes out on the group being retired
+            e.transport.send(Regroup(generation), [r for r in e.topo.workers if r not in back])
+            e.transport.drain()
+            for rank, nonce in back.items():
+                rv.admit(rank, nonce, generation)
+            self._retired.append(mesh.world)
+            try:
+                mesh.form(generation)
+            except Exception as exc:  # noqa: BLE001 - a worker that did not come: everything is down
+                log.error("the workers could not form generation %d: %s", generation, exc)
+                for inst in list(e.instances.values()):
+                    e._take_down(inst, outputs)
+                self.admitted.clear()
+                return
         self.generation = generation
         now = time.monotonic()
         for rank in back:

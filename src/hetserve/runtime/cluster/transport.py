@@ -46,7 +46,7 @@ class ProcessGroupTransport:
         self.mesh = mesh
         self.codec = CommandCodec(mesh.rv.command_key)
         self._sending = Sends("hetserve-driver-sends")
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # held by a send, and by a regroup (no frame on a retiring group)
         self._last_sent: dict[int, float] = {}
         self.ranks: set[int] = set(range(1, mesh.world_size))  # workers to ping
         self._closed = threading.Event()
@@ -57,7 +57,7 @@ class ProcessGroupTransport:
         ranks = list(ranks)
         if not ranks:
             return
-        with self._lock:
+        with self.lock:
             sizes, frame = encoded = self.codec.encode(command)
             now = time.monotonic()
             for r in ranks:
@@ -65,7 +65,7 @@ class ProcessGroupTransport:
                     try:
                         self._sending.add(self.mesh.send(t, r, TAG_COMMAND), encoded)
                     except RuntimeError as exc:  # a worker that is gone: its instance is taken down
-                        log.warning("cannot send to worker rank %d: %s", r, exc)
+                        log.debug("cannot send to worker rank %d: %s", r, exc)
                         break
                 self._last_sent[r] = now
 
@@ -82,7 +82,7 @@ class ProcessGroupTransport:
     def _pinger(self) -> None:
         while not self._closed.wait(min(1.0, self._interval)):
             now = time.monotonic()
-            with self._lock:
+            with self.lock:
                 if self.mesh.world is None:
                     continue
                 idle = [r for r in sorted(self.ranks) if now - self._last_sent.get(r, 0.0) >= self._interval]
@@ -93,5 +93,5 @@ class ProcessGroupTransport:
         self._closed.set()
         self.drain()
         self._sending.close()
-        with self._lock:
+        with self.lock:
             self.mesh.close()
