@@ -133,7 +133,7 @@ class ClusterEngine:
             max_model_len=self.max_model_len,
             generator=self._generator,
         )
-        if not any(i.up for i in self.entry) and not self.recovery.pending:
+        if not any(i.up for i in self.entry) and not self.recovery.may_recover():
             raise RuntimeError(f"no instance is up to serve the request ({self.down_summary()})")
         req = _ClusterRequest(state)
         self._requests[req.id] = req
@@ -245,7 +245,7 @@ class ClusterEngine:
             now = time.monotonic()
             if req.waiting_since is None:
                 req.waiting_since = now
-            if self.recovery.pending and now - req.waiting_since < self.recovery.wait_limit:
+            if now - req.waiting_since < self.recovery.wait_limit and self.recovery.may_recover():
                 self._queued.append(req)  # its instance's workers are coming back
             else:
                 self._fail(req, f"no instance is up to serve the request ({self.down_summary()})", outputs)

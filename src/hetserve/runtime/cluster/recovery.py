@@ -113,6 +113,19 @@ class Recovery:
         )
         return restartable or self._remote_rejoining()
 
+    def may_recover(self) -> bool:
+        """Whether an instance that takes requests may come back: it is down, none of its workers was
+        given up, and someone restarts workers (this launcher, or 'hetserve worker' elsewhere)."""
+        if self.stopped:
+            return False
+        supervised = self.launcher is not None or any(
+            r not in self.engine.processes for r in self.engine.topo.workers
+        )
+        return supervised and any(
+            not inst.up and inst.spec.role != "decode" and not set(inst.spec.ranks) & self.given_up
+            for inst in self.engine.instances.values()
+        )
+
     def _remote_rejoining(self) -> bool:
         """A worker on another machine announced itself again (looked at once a second)."""
         rv, now = self._rendezvous, time.monotonic()
