@@ -89,7 +89,7 @@ def test_worker_killed_mid_stream():
             # the last replica goes too: a request waits for the workers to come back and is served
             engine.processes[engine.topo.instances[other].ranks[0]].popen.kill()
             time.sleep(0.5)
-            r = c.post("/v1/completions", json={"model": "smollm2", "prompt": PROMPT, "max_tokens": 8})
+            r = c.post("/v1/completions", json=dict(body, stream=False, max_tokens=8))
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
             deadline = time.monotonic() + 120
             while c.get("/health").status_code != 200 or not all(i.up for i in engine.instances.values()):
