@@ -146,3 +146,4 @@ def test_health_fails_when_no_instance_can_take_requests(cluster):
         cluster.instances["pipeline"].up = False
         r = c.get("/health")
         assert r.status_code == 503 and "no instance" in r.json()["status"]
+        assert sorted(r.json()["down"]) == ["pipeline", "replica"]  # it names what is down

@@ -249,39 +249,51 @@ def greedy_run(
     return all_logits, generated
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, size: int, port: int, fn, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=size,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    timeout = datetime.timedelta(seconds=120)
+    store = dist.TCPStore("127.0.0.1", port, size, False, timeout)  # a client: run_ranks hosts it
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=timeout)
     try:
         fn(rank, size, *args)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def run_ranks(fn, size: int, *args, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, size, *args)`` in ``size`` spawned processes joined by a gloo group."""
-    ctx = mp.start_processes(
-        _rank_main, args=(size, _free_port(), fn, args), nprocs=size, join=False, start_method="spawn"
+    """Run ``fn(rank, size, *args)`` in ``size`` spawned processes joined by a gloo group.
+
+    The rendezvous store lives here, on a socket bound before the ranks start: when rank 0 hosted it
+    (``init_method="tcp://..."``), its store server could still be serving the other rank while rank 0
+    exited, and the process aborted ("terminate called without an active exception", SIGABRT); and a
+    port picked free and closed could be taken by another process before rank 0 bound it again."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(size)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        size,
+        True,
+        datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
     )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"tensor-parallel ranks did not finish within {timeout:.0f} s")
+    try:
+        ctx = mp.start_processes(
+            _rank_main, args=(size, port, fn, args), nprocs=size, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"tensor-parallel ranks did not finish within {timeout:.0f} s")
+    finally:
+        del store
 
 
 def assert_matches(out_dir: Path, size: int, reference: tuple[list[torch.Tensor], list[list[int]]]) -> None:

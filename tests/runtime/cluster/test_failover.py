@@ -1,5 +1,6 @@
 """A worker killed while its instance streams: the instance goes down, its requests are prefilled again on
-the other replica, the client's stream completes with the same text, and the server keeps serving."""
+the other replica, the client's stream completes with the same text, and the server keeps serving; with
+every replica's worker killed, requests wait for them to be started again."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_worker_killed_mid_stream():
             assert text == ref  # nothing lost, nothing repeated
             metrics = parse_prometheus(c.get("/metrics").text)
             role = 'role="mixed"'
-            assert metrics[f'hetserve_instance_up{{instance="{killed}",{role}}}'] == 0
+            # down (or already back, empty): its requests are not counted there any more
+            assert metrics[f'hetserve_instance_requests_running{{instance="{killed}",{role}}}'] == 0
             other = next(n for n in engine.instances if n != killed)
             assert metrics[f'hetserve_instance_up{{instance="{other}",{role}}}'] == 1
             assert c.get("/health").json() == {"status": "ok"}
@@ -84,11 +86,18 @@ def test_worker_killed_mid_stream():
                 },
             )
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
-            # the last replica goes too: requests then fail cleanly, the server stays up
+            # the last replica goes too: a request waits for the workers to come back and is served
             engine.processes[engine.topo.instances[other].ranks[0]].popen.kill()
             time.sleep(0.5)
-            r = c.post("/v1/completions", json={"model": "smollm2", "prompt": PROMPT, "max_tokens": 8})
-            assert r.status_code >= 500 and "instance" in r.json()["error"]["message"]
-            assert c.get("/v1/models").status_code == 200
+            r = c.post("/v1/completions", json=dict(body, stream=False, max_tokens=8))
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+            deadline = time.monotonic() + 120
+            while c.get("/health").status_code != 200 or not all(i.up for i in engine.instances.values()):
+                assert time.monotonic() < deadline, engine.down_summary()
+                time.sleep(0.5)
+            metrics = parse_prometheus(c.get("/metrics").text)
+            for name in engine.instances:
+                assert metrics[f'hetserve_instance_up{{instance="{name}",{role}}}'] == 1
+                assert metrics[f'hetserve_instance_requests_running{{instance="{name}",{role}}}'] == 0
     finally:
         engine.shutdown()

@@ -156,8 +156,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--rendezvous",
-        help="with --plan: HOST:PORT the driver listens on for workers started by "
-        "'hetserve worker' on other machines",
+        help="with --plan: HOST:PORT the driver listens on (that address only) for workers started by "
+        "'hetserve worker' on other machines; default a free port on 127.0.0.1",
+    )
+    s.add_argument(
+        "--secret-file",
+        help="with --plan and workers on other machines: file holding the secret they share (default: "
+        "the HETSERVE_CLUSTER_SECRET environment variable)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_http_options(s)
@@ -357,6 +362,11 @@ def _serve_plan(args, uvicorn, create_app) -> int:
             "edit the plan instead"
         )
     servers = [x.strip() for x in args.servers.split(",") if x.strip()] if args.servers else None
+    secret = None  # default: made for this launch, or HETSERVE_CLUSTER_SECRET with remote workers
+    if args.secret_file:
+        from ..cluster.mesh import read_secret
+
+        secret = read_secret(args.secret_file)
     engine = start_cluster(
         args.plan,
         args.model,
@@ -368,6 +378,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
         prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
         group_size=args.group_size,
+        secret=secret,
     )
     name = args.served_model_name or served_name(args.model or engine.topo.model)
     print(
@@ -387,7 +398,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
     note = _access_note(args, access)
     if note:
         print(note, file=sys.stderr)
-    try:
+    try:  # serve returns on SIGINT and SIGTERM, so the workers are shut down and their files removed
         serve(create_app(engine, name, limits, access), args.host, args.port, args.log_level)
     finally:
         engine.shutdown()
@@ -413,14 +424,27 @@ def add_worker_parser(sub) -> argparse.ArgumentParser:
     )
     w.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     w.add_argument("--group-size", type=int, default=64, choices=[64, 128])
+    w.add_argument(
+        "--secret-file",
+        help="file holding the secret shared with the serving machine (default: the "
+        "HETSERVE_CLUSTER_SECRET environment variable; one of the two is required)",
+    )
+    w.add_argument(
+        "--bind",
+        help="address the workers' sockets listen on (default: this machine's address towards the "
+        "rendezvous host)",
+    )
     w.set_defaults(func=cmd_worker)
     return w
 
 
 def cmd_worker(args) -> int:
     from ..cluster.launch import run_workers
+    from ..cluster.mesh import read_secret
 
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
+    if args.threads < 1:
+        raise HetserveError(f"--threads={args.threads} is out of range")
     return run_workers(
         args.plan,
         args.model,
@@ -430,4 +454,6 @@ def cmd_worker(args) -> int:
         dtype=args.dtype,
         threads=args.threads,
         group_size=args.group_size,
+        secret=read_secret(args.secret_file),
+        bind=args.bind,
     )

@@ -126,7 +126,12 @@ def create_app(
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         stats = engine.cluster_stats()
         if stats is not None and not any(i.up and i.role != "decode" for i in stats.instances):
-            return JSONResponse({"status": "no instance is up to take requests"}, status_code=503)
+            down = [i.name for i in stats.instances if not i.up]
+            workers = [w.rank for w in stats.workers if not w.up]
+            return JSONResponse(
+                {"status": "no instance is up to take requests", "down": down, "workers_down": workers},
+                status_code=503,
+            )
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -7,7 +7,9 @@ chain), sampling and stop conditions. Workers hold the weights and KV and run wh
 A step: route waiting requests; give every idle lane of every live instance its next batch (its KV
 hand-offs and installs first); wait for at least one lane's logits; sample, hand prefilled requests to
 a decode instance, and report the tokens. A worker that dies takes its instances down: their requests
-go back to the router and are prefilled again elsewhere (the tokens already sent are kept).
+go back to the router and are prefilled again elsewhere (the tokens already sent are kept). Workers
+started here are started again (``recovery``); when they have rejoined, every process forms the next
+generation's groups and the instances whose workers are all back take requests again.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from ..serving import ClusterStats, EngineLoad, InstanceStats, WorkerStats
 from .channel import KVDrop, KVInstall, Shutdown, Step
 from .handoff import KVHandoffs
 from .instance import InstanceRunner, _Flight, _Lane
-from .recovery import exited_ranks, stop_instance, struck_instances
+from .recovery import Recovery, stop_instance, struck_instances
 from .topology import Topology
-from .transport import ProcessGroupTransport, Transport
+from .transport import Transport
 
 log = logging.getLogger("hetserve.driver")
 
@@ -42,6 +44,7 @@ class _ClusterRequest:
     instance: str | None = None
     lane: int = 0
     install: tuple[int, str] | None = None  # (KV key, decode instance) waiting to be installed
+    waiting_since: float | None = None  # when it was queued with no instance up (workers restarting)
 
     @property
     def id(self) -> int:
@@ -63,6 +66,7 @@ class ClusterEngine:
         seed: int = 0,
         processes: dict[int, object] | None = None,
         transport: Transport | None = None,
+        launcher=None,
     ):
         from .sizing import instance_blocks
 
@@ -71,20 +75,16 @@ class ClusterEngine:
         self.eos_token_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         blocks = instance_blocks(topo, config, kv_cache_gb)
         self._results: queue.Queue = queue.Queue()
-        self.transport: Transport = transport or ProcessGroupTransport()
-        self.instances = {
-            name: InstanceRunner(
-                spec, blocks[name], config.vocab_size, self._results, prefix_caching, self.transport
-            )
-            for name, spec in topo.instances.items()
-        }
-        for inst in self.instances.values():
-            inst.strided = any(topo.workers[r].kv_layout == "head-major" for r in inst.spec.ranks)
-        self.entry = [i for i in self.instances.values() if i.spec.role != "decode"]
-        self.decoders = [i for i in self.instances.values() if i.spec.role == "decode"]
+        if transport is None:
+            raise ValueError("a ClusterEngine needs a transport (start_cluster makes one)")
+        self.transport: Transport = transport
+        self._blocks, self._prefix_caching = blocks, prefix_caching
+        self.instances = {name: self._runner(name) for name in topo.instances}
+        self._index_instances()
         self.router = make_policy(topo.routing_policy, topo.routing_weights, seed)
         self.kv = KVHandoffs(topo, config, seed)
-        self.processes = processes or {}  # rank -> a process handle with poll() (local workers)
+        self.processes = processes if processes is not None else {}  # rank -> local worker process
+        self.recovery = Recovery(self, launcher)
         self._generator = torch.Generator().manual_seed(seed)
         self._requests: dict[int, _ClusterRequest] = {}
         self._by_seq: dict[int, _ClusterRequest] = {}
@@ -92,6 +92,23 @@ class ClusterEngine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self.instance_steps: dict[str, int] = {name: 0 for name in self.instances}
+
+    def _runner(self, name: str) -> InstanceRunner:
+        spec = self.topo.instances[name]
+        runner = InstanceRunner(
+            spec,
+            self._blocks[name],
+            self.config.vocab_size,
+            self._results,
+            self._prefix_caching,
+            self.transport,
+        )
+        runner.strided = any(self.topo.workers[r].kv_layout == "head-major" for r in spec.ranks)
+        return runner
+
+    def _index_instances(self) -> None:
+        self.entry = [i for i in self.instances.values() if i.spec.role != "decode"]
+        self.decoders = [i for i in self.instances.values() if i.spec.role == "decode"]
 
     # ---- requests (the ServingEngine interface) ---------------------------------------------------
     @property
@@ -116,8 +133,8 @@ class ClusterEngine:
             max_model_len=self.max_model_len,
             generator=self._generator,
         )
-        if not any(i.up for i in self.entry):
-            raise RuntimeError("no instance is up to serve the request")
+        if not any(i.up for i in self.entry) and not self.recovery.may_recover():
+            raise RuntimeError(f"no instance is up to serve the request ({self.down_summary()})")
         req = _ClusterRequest(state)
         self._requests[req.id] = req
         self._route(req)
@@ -132,7 +149,18 @@ class ClusterEngine:
         self._detach(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        """Requests to serve, or workers to bring back (the caller keeps stepping until they are)."""
+        return bool(self._requests) or self.recovery.due()
+
+    def down_summary(self) -> str:
+        """Which instances are down and which of their workers are restarting, in words."""
+        down = [name for name, inst in self.instances.items() if not inst.up]
+        if not down:
+            return "every instance is up"
+        text = f"instance(s) down: {', '.join(down)}"
+        if self.recovery.pending:
+            text += f"; worker rank(s) {sorted(self.recovery.pending)} restarting"
+        return text
 
     @staticmethod
     def _load_of(lanes: list[_Lane], queued: int = 0, steps: int | None = None) -> EngineLoad:
@@ -151,11 +179,18 @@ class ClusterEngine:
             [ln for i in self.instances.values() if i.up for ln in i.lanes], len(self._queued)
         )
 
+    _NO_LOAD = EngineLoad(0, 0, 0, 0, 0, 0)
+
     def cluster_stats(self) -> ClusterStats:
         """Per instance (up, load, micro-batches run) and per worker (up, micro-batches through it)."""
         instances = tuple(
             InstanceStats(
-                name, inst.spec.role, inst.up, self._load_of(inst.lanes, steps=self.instance_steps[name])
+                name,
+                inst.spec.role,
+                inst.up,
+                self._load_of(inst.lanes, steps=self.instance_steps[name])
+                if inst.up
+                else self._NO_LOAD,  # a down instance holds nothing (its requests went elsewhere)
             )
             for name, inst in self.instances.items()
         )
@@ -177,9 +212,15 @@ class ClusterEngine:
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         self._check_processes(outputs)
+        self.recovery.run(outputs)
         self._route_queued(outputs)
         self._dispatch()
         if not any(ln.flight for i in self.instances.values() for ln in i.lanes):
+            if self.recovery.pending or self._queued:  # waiting for workers: do not spin
+                try:
+                    self._handle(self._results.get(timeout=0.2), outputs)
+                except queue.Empty:
+                    pass
             return outputs
         while True:
             try:
@@ -201,8 +242,15 @@ class ClusterEngine:
     def _route(self, req: _ClusterRequest, outputs: list | None = None) -> None:
         live = [i for i in self.entry if i.up]
         if not live:
-            self._fail(req, "no instance is up to serve the request", outputs)
+            now = time.monotonic()
+            if req.waiting_since is None:
+                req.waiting_since = now
+            if now - req.waiting_since < self.recovery.wait_limit and self.recovery.may_recover():
+                self._queued.append(req)  # its instance's workers are coming back
+            else:
+                self._fail(req, f"no instance is up to serve the request ({self.down_summary()})", outputs)
             return
+        req.waiting_since = None
         target = self.router.choose(live)
         if target is None:  # JFFC: every chain busy; wait in the central queue
             self._queued.append(req)
@@ -329,8 +377,8 @@ class ClusterEngine:
 
     # ---- failures (recovery.py) -------------------------------------------------------------------
     def _check_processes(self, outputs: list) -> bool:
-        """Take down the instances of local workers that exited; True if any did."""
-        hit = struck_instances(self.instances.values(), exited_ranks(self.processes))
+        """Take down the instances of local workers that exited (and start those again); True if any."""
+        hit = struck_instances(self.instances.values(), self.recovery.exited())
         for inst in hit:
             self._take_down(inst, outputs)
         return bool(hit)
@@ -348,6 +396,17 @@ class ClusterEngine:
             req.install = None
             req.instance = None
         for req in orphans:
+            self._route(req, outputs)
+
+    def _reprefill_handoffs(self, outputs: list) -> None:
+        """Requests whose KV was handed to a decode instance but not yet installed go back to the router
+        (the workers forget staged KV when they regroup)."""
+        for req in list(self._requests.values()):
+            if req.install is None:
+                continue
+            self._detach(req)
+            req.install = None
+            req.instance = None
             self._route(req, outputs)
 
     def _detach(self, req: _ClusterRequest) -> None:
@@ -370,18 +429,16 @@ class ClusterEngine:
 
     # ---- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop the workers (those this launcher started are waited for, then killed if stuck) and leave
-        the process group."""
+        """Stop the workers (those this launcher started are waited for, then terminated if stuck),
+        leave the groups and remove the workers' log directory. Safe to call twice."""
+        if self.recovery.stopped:
+            return
+        self.recovery.stopped = True
         for inst in self.instances.values():
             inst.stop()
-        live = sorted({r for inst in self.instances.values() if inst.up for r in inst.spec.ranks})
         try:
-            self.transport.send(Shutdown(), live)
+            self.transport.send(Shutdown(), sorted(self.topo.workers))
         except Exception:  # noqa: BLE001 - a worker that is gone cannot be told
             pass
         self.transport.close()
-        deadline = time.monotonic() + 30
-        for p in self.processes.values():
-            while p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            p.kill()
+        self.recovery.close()

@@ -3,13 +3,15 @@
 One machine: ``start_cluster(plan)`` spawns every worker. Several machines: each machine runs
 ``hetserve worker --plan P --rendezvous HOST:PORT --servers a,b`` for the servers it holds, and the
 machine with the API runs ``hetserve serve --plan P --rendezvous HOST:PORT --servers c`` (HOST:PORT is
-where the driver listens; torch.distributed's TCP store does the rendezvous).
+where the driver listens, on that address only; see ``mesh`` for the rendezvous and the secret they
+share). Workers started here are supervised: one that dies is started again and rejoins the job.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,10 +21,16 @@ from pathlib import Path
 
 from ...errors import HetserveError
 from ...vocabulary import DEFAULT_KV_CACHE_GB
+from .mesh import SECRET_ENV, Mesh, Rendezvous, new_secret, read_secret
 from .topology import Topology, topology_from_plan
+
+#: a worker that has died this many times within ``RESTART_WINDOW`` seconds is not started again
+MAX_RESTARTS, RESTART_WINDOW = 5, 600.0
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,6 +41,7 @@ class WorkerProcess:
 
     def __init__(self, rank: int, server: str, popen: subprocess.Popen, log: Path):
         self.rank, self.server, self.popen, self.log = rank, server, popen, log
+        self.restarts: list[float] = []  # when it was started again
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -50,50 +59,88 @@ class WorkerProcess:
             self.popen.wait()
 
 
-def spawn_workers(
-    plan: str,
-    model: str,
-    topo: Topology,
-    ranks: list[int],
-    master: str,
-    *,
-    kv_cache_gb: float,
-    dtype: str | None,
-    threads: int,
-    group_size: int = 64,
-) -> dict[int, WorkerProcess]:
-    logs = Path(tempfile.mkdtemp(prefix="hetserve-workers-"))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    procs = {}
-    for index, rank in enumerate(ranks):
-        log = logs / f"rank{rank}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "hetserve.runtime.cluster.worker",
+class LocalWorkers:
+    """The workers of ``ranks`` on this machine: started with the secret in their environment, their
+    logs in one temporary directory (removed by ``cleanup``), started again when they die."""
+
+    def __init__(
+        self,
+        plan: str,
+        model: str,
+        topo: Topology,
+        ranks: list[int],
+        master: str,
+        secret: str,
+        *,
+        kv_cache_gb: float,
+        dtype: str | None,
+        threads: int,
+        group_size: int = 64,
+        bind: str | None = None,
+    ):
+        self.topo = topo
+        self.logs = Path(tempfile.mkdtemp(prefix="hetserve-workers-"))
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{SECRET_ENV: secret})
+        self.args = [
             "--plan",
             str(plan),
             "--model",
             model,
-            "--rank",
-            str(rank),
             "--master",
             master,
             "--kv-cache-gb",
             str(kv_cache_gb),
             "--threads",
             str(threads),
-            "--local-index",
-            str(index),
             "--group-size",
             str(group_size),
         ]
         if dtype:
-            cmd += ["--dtype", dtype]
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        procs[rank] = WorkerProcess(rank, topo.workers[rank].server, popen, log)
-    return procs
+            self.args += ["--dtype", dtype]
+        if bind:
+            self.args += ["--bind", bind]
+        self.index = {rank: i for i, rank in enumerate(ranks)}
+        self.procs: dict[int, WorkerProcess] = {}
+        for rank in ranks:
+            self.procs[rank] = self._spawn(rank, rejoin=False)
+
+    def _spawn(self, rank: int, rejoin: bool) -> WorkerProcess:
+        log = self.logs / f"rank{rank}.log"
+        cmd = [sys.executable, "-m", "hetserve.runtime.cluster.worker", *self.args, "--rank", str(rank)]
+        cmd += ["--local-index", str(self.index[rank])] + (["--rejoin"] if rejoin else [])
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        return WorkerProcess(rank, self.topo.workers[rank].server, popen, log)
+
+    def restart(self, rank: int) -> WorkerProcess | None:
+        """Start ``rank`` again (to rejoin the running job); None if it keeps dying."""
+        old = self.procs[rank]
+        now = time.monotonic()
+        recent = [t for t in old.restarts if now - t < RESTART_WINDOW]
+        if len(recent) >= MAX_RESTARTS:
+            return None
+        proc = self._spawn(rank, rejoin=True)
+        proc.restarts = recent + [now]
+        self.procs[rank] = proc
+        return proc
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Wait for the workers to leave (they were told to), terminate those still there."""
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            while p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.popen.terminate()
+        for p in self.procs.values():
+            try:
+                p.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.logs, ignore_errors=True)
 
 
 def wait_for(what: str, fn, procs: dict[int, WorkerProcess], timeout: float = 900.0) -> None:
@@ -113,7 +160,7 @@ def wait_for(what: str, fn, procs: dict[int, WorkerProcess], timeout: float = 90
                     q.kill()
                 raise HetserveError(
                     f"worker rank {p.rank} (server '{p.server}') exited while {what} "
-                    f"(code {p.poll()}); its log {p.log}:\n{p.tail()}"
+                    f"(code {p.poll()}); its last output:\n{p.tail()}"
                 )
 
     t = threading.Thread(target=run, daemon=True)
@@ -162,13 +209,14 @@ def start_cluster(
     max_model_len: int | None = None,
     seed: int = 0,
     group_size: int = 64,
+    secret: str | None = None,
 ):
-    """Start the workers of ``plan`` held here, join the job as rank 0 and return the ``ClusterEngine``."""
-    import torch.distributed as dist
-
+    """Start the workers of ``plan`` held here, host the rendezvous (``rendezvous``, default a free
+    loopback port) and return the ``ClusterEngine``. Workers on other machines need ``secret`` (default
+    ``HETSERVE_CLUSTER_SECRET``); when every worker is started here a secret is made for this launch."""
     from ...plan import load_plan
     from .driver import ClusterEngine
-    from .worker import init_distributed, tp_groups
+    from .transport import ProcessGroupTransport
 
     dep = load_plan(plan)
     topo = topology_from_plan(dep, dtype)
@@ -179,26 +227,36 @@ def start_cluster(
             f"{plan}: the plan's model {topo.model} has {topo.num_layers} layers but {model} has "
             f"{config.num_layers}; serve the model the plan was made for"
         )
-    master = rendezvous or f"127.0.0.1:{free_port()}"
     local = topo.ranks_of(servers)
-    procs = spawn_workers(
+    remote = sorted(set(range(1, topo.world_size)) - set(local))
+    if secret is None:
+        secret = read_secret() if remote else new_secret()
+    rv = Rendezvous.host(rendezvous or "127.0.0.1:0", secret)
+    workers = LocalWorkers(
         plan,
         model,
         topo,
         local,
-        master,
+        rv.address,
+        secret,
         kv_cache_gb=kv_cache_gb,
         dtype=dtype,
         threads=threads,
         group_size=group_size,
     )
+    mesh = Mesh(rv, topo.world_size)
     try:
-        wait_for("joining the job", lambda: init_distributed(0, topo.world_size, master), procs)
-        tp_groups(topo)
-        wait_for("loading the model", dist.barrier, procs)
+        wait_for(
+            "loading the model",
+            lambda: [rv.wait_announced("join", r) for r in range(1, topo.world_size)],
+            workers.procs,
+        )
+        wait_for("forming the worker groups", lambda: mesh.form(0), workers.procs)
     except BaseException:
-        for p in procs.values():
+        for p in workers.procs.values():
             p.kill()
+        workers.cleanup()
+        rv.close()
         raise
     return ClusterEngine(
         topo,
@@ -208,7 +266,9 @@ def start_cluster(
         prefix_caching=prefix_caching,
         max_model_len=max_model_len,
         seed=seed,
-        processes=procs,
+        processes=workers.procs,
+        transport=ProcessGroupTransport(mesh),
+        launcher=workers,
     )
 
 
@@ -222,31 +282,74 @@ def run_workers(
     dtype: str | None,
     threads: int,
     group_size: int = 64,
+    secret: str,
+    bind: str | None = None,
 ) -> int:
-    """``hetserve worker``: start this machine's workers of ``plan`` and wait for them to finish."""
+    """``hetserve worker``: start this machine's workers of ``plan``, start again any that dies while the
+    job runs, and return when the driver shuts them down (or is gone)."""
     from ...plan import load_plan
+    from .mesh import parse_address
+    from .worker import EXIT_DRIVER_GONE
 
+    parse_address(rendezvous)
     topo = topology_from_plan(load_plan(plan), dtype)
-    procs = spawn_workers(
+    ranks = topo.ranks_of(servers)
+    workers = LocalWorkers(
         plan,
         model or topo.model,
         topo,
-        topo.ranks_of(servers),
+        ranks,
         rendezvous,
+        secret,
         kv_cache_gb=kv_cache_gb,
         dtype=dtype,
         threads=threads,
         group_size=group_size,
+        bind=bind,
     )
     print(
-        f"started workers {sorted(procs)} of {topo.world_size - 1} for {plan}; rendezvous {rendezvous}",
+        f"started workers {ranks} of {topo.world_size - 1} for {plan}; rendezvous {rendezvous}",
         file=sys.stderr,
     )
-    codes = {r: p.popen.wait() for r, p in procs.items()}
-    bad = {r: c for r, c in codes.items() if c}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    done: dict[int, int] = {}
+    try:
+        while len(done) < len(ranks):
+            time.sleep(0.2)
+            for rank, proc in list(workers.procs.items()):
+                code = proc.poll()
+                if rank in done or code is None:
+                    continue
+                if code in (0, 1, EXIT_DRIVER_GONE):  # shut down, a mistake, or the job is over
+                    done[rank] = code
+                    continue
+                print(
+                    f"worker rank {rank} died (code {code}); log {proc.log}:\n{proc.tail()}",
+                    file=sys.stderr,
+                )
+                if workers.restart(rank) is None:
+                    print(f"worker rank {rank} keeps dying; not starting it again", file=sys.stderr)
+                    done[rank] = code
+                else:
+                    print(f"worker rank {rank} started again", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("stopping the workers", file=sys.stderr)
+        for p in workers.procs.values():
+            if p.poll() is None:
+                p.popen.terminate()
+        workers.stop(10)
+        workers.cleanup()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    bad = {r: c for r, c in done.items() if c}
     for r in bad:
-        print(
-            f"worker rank {r} exited with code {bad[r]}; log {procs[r].log}:\n{procs[r].tail()}",
-            file=sys.stderr,
-        )
+        proc = workers.procs[r]
+        print(f"worker rank {r} exited with code {bad[r]}; log {proc.log}:\n{proc.tail()}", file=sys.stderr)
+    if not bad:
+        workers.cleanup()
     return 1 if bad else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

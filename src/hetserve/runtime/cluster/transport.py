@@ -1,18 +1,24 @@
 """How the driver reaches its workers: commands out, each micro-batch's logits back.
 
-``ProcessGroupTransport`` is the wire the cluster serves on (``torch.distributed`` point-to-point
-messages between rank 0 and the workers). The driver depends only on ``Transport``, so the same
-driver code can be run against an in-process stand-in (the conformance test with the simulator does).
+``ProcessGroupTransport`` is the wire the cluster serves on (gloo point-to-point messages between
+rank 0 and the workers, over the ``mesh``'s groups of the current generation; commands in the signed
+frame format of ``channel``). The driver depends only on ``Transport``, so the same driver code can be
+run against an in-process stand-in (the conformance test with the simulator does).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 
-from .channel import TAG_LOGITS, encode_command, recv_tensor, send_encoded
+from .channel import TAG_COMMAND, TAG_LOGITS, CommandCodec, Ping, Sends, recv_tensor
+
+log = logging.getLogger("hetserve.driver")
 
 
 class Transport(Protocol):
@@ -30,30 +36,62 @@ class Transport(Protocol):
 
 
 class ProcessGroupTransport:
-    """Point-to-point messages of the default ``torch.distributed`` process group."""
+    """Signed command frames and raw logits over the mesh's world group. Sends are serialised by a
+    lock (a frame is two messages; two threads must not interleave theirs), and a thread pings every
+    worker that has had no command for ``ping_interval`` seconds."""
 
-    def __init__(self) -> None:
-        self._sending: list = []  # (work handle, the buffers it sends: kept alive until it completes)
+    def __init__(self, mesh, ping_interval: float | None = None):
+        from .mesh import PING_INTERVAL
+
+        self.mesh = mesh
+        self.codec = CommandCodec(mesh.rv.command_key)
+        self._sending = Sends("hetserve-driver-sends")
+        self.lock = threading.RLock()  # held by a send, and by a regroup (no frame on a retiring group)
+        self._last_sent: dict[int, float] = {}
+        self.ranks: set[int] = set(range(1, mesh.world_size))  # workers to ping
+        self._closed = threading.Event()
+        self._interval = PING_INTERVAL if ping_interval is None else ping_interval
+        threading.Thread(target=self._pinger, name="hetserve-ping", daemon=True).start()
 
     def send(self, command: Any, ranks: Iterable[int]) -> None:
-        encoded = encode_command(command)
-        for r in ranks:
-            self._sending.extend((w, encoded) for w in send_encoded(encoded, r))
+        ranks = list(ranks)
+        if not ranks:
+            return
+        with self.lock:
+            sizes, frame = encoded = self.codec.encode(command)
+            now = time.monotonic()
+            for r in ranks:
+                for t in (sizes, frame):
+                    try:
+                        self._sending.add(self.mesh.send(t, r, TAG_COMMAND), encoded)
+                    except RuntimeError as exc:  # a worker that is gone: its instance is taken down
+                        log.debug("cannot send to worker rank %d: %s", r, exc)
+                        break
+                self._last_sent[r] = now
 
     def recv_logits(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
-        return recv_tensor(shape, torch.float32, src, TAG_LOGITS)
+        return recv_tensor(self.mesh, shape, torch.float32, src, TAG_LOGITS)
 
     def flush(self) -> None:
-        self._sending = [(w, b) for w, b in self._sending if not w.is_completed()]
+        """Nothing to do: the sends' thread lets each go once it completed."""
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait (at most ``timeout``) for the sends in flight; failed ones (a worker gone) are dropped."""
+        return self._sending.drain(timeout)
+
+    def _pinger(self) -> None:
+        while not self._closed.wait(min(1.0, self._interval)):
+            now = time.monotonic()
+            with self.lock:
+                if self.mesh.world is None:
+                    continue
+                idle = [r for r in sorted(self.ranks) if now - self._last_sent.get(r, 0.0) >= self._interval]
+                if idle:
+                    self.send(Ping(), idle)
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        for w, _ in self._sending:
-            try:
-                w.wait()
-            except Exception:  # noqa: BLE001 - a worker that is gone cannot receive
-                pass
-        self._sending = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self._closed.set()
+        self.drain()
+        self._sending.close()
+        with self.lock:
+            self.mesh.close()

@@ -3,50 +3,59 @@ instance it serves -- executing the driver's commands in the order they arrive.
 
 Every worker sees the commands of all instances it serves in one global order (the driver sends them
 that way), so pipeline stages shared by several chains never wait on each other in a cycle.
+
+A worker leaves when the driver says so (exit 0), when the driver is gone (nothing heard for the
+group timeout, or its connection closed: exit 2), or when a peer it exchanges tensors with fails
+(exit 3: its supervisor starts it again and it rejoins the job with its layers reloaded).
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
+import secrets
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from ...errors import HetserveError
 from ...vocabulary import DEFAULT_KV_CACHE_GB
 from .channel import (
     DRIVER,
+    MAC_BYTES,
+    TAG_COMMAND,
     TAG_HIDDEN,
     TAG_LOGITS,
+    ChannelError,
+    CommandCodec,
     KVDrop,
     KVInstall,
     KVRecv,
+    Ping,
+    Regroup,
+    Sends,
     Shutdown,
     Step,
     kv_tag,
-    recv_command,
     recv_tensor,
     send_tensor,
 )
+from .mesh import SECRET_ENV, Mesh, Rendezvous
 from .topology import InstanceSpec, Topology, WorkerSpec
 
 log = logging.getLogger("hetserve.worker")
-TIMEOUT = datetime.timedelta(days=7)  # workers wait for commands as long as the server is up
+EXIT_DRIVER_GONE, EXIT_PEER_LOST = 2, 3
 
 
-def init_distributed(rank: int, world_size: int, master: str) -> None:
-    """Join the job's process group (the driver, rank 0, hosts the rendezvous at ``master``)."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size, timeout=TIMEOUT
-    )
+class DriverGone(Exception):
+    """The driver's connection closed, or it sent nothing for the group timeout."""
 
 
-def tp_groups(topo: Topology) -> dict[str, object]:
-    """One process group per server with TP > 1; every rank must create them, in the same order."""
-    return {name: dist.new_group(list(ranks)) for name, ranks in topo.servers.items() if len(ranks) > 1}
+class PeerLost(Exception):
+    """A tensor exchange with another worker failed (that worker died)."""
 
 
 def local_device(local_index: int) -> torch.device:
@@ -80,17 +89,16 @@ class Worker:
 
         self.topo, self.rank, self.device = topo, rank, device
         self.spec: WorkerSpec = topo.workers[rank]
-        groups = tp_groups(topo)
+        self.mesh: Mesh | None = None
         s = self.spec
         self.dtype = parse_dtype(s.dtype)
-        self.model, _ = load_model(
+        self.model, _ = load_model(  # its TP group is attached when the mesh is formed
             model,
             dtype=self.dtype,
             layer_start=s.layers[0],
             layer_end=s.layers[1],
             tp_rank=s.tp_rank,
             tp_size=s.tp_size,
-            tp_group=groups.get(s.server),
             tokenizer=False,
         )
         self.model.to(device)
@@ -120,24 +128,64 @@ class Worker:
                 (token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout)) for k, v in caches
             ]
         self.staged: dict[int, _Staged] = {}
-        self.sending: list = []  # works (with their buffers) of KV still leaving
+        self.sending = Sends()  # activations and KV still leaving
+
+    # ---- the groups ---------------------------------------------------------------------------
+    def attach(self, mesh: Mesh, generation: int) -> None:
+        """Form ``generation``'s groups and give the model's sharded layers this server's TP group."""
+        self.mesh = mesh
+        mesh.form(generation, tuple(self.topo.servers[self.spec.server]))
+        if self.spec.tp_size > 1:
+            self.model.tp_group = mesh.tp
+            for module in self.model.modules():
+                if hasattr(module, "group"):
+                    module.group = mesh.tp
+
+    def regroup(self, generation: int) -> None:
+        """Finish what is leaving (bounded), forget KV still arriving (the driver prefills those requests
+        again), and form the next generation's groups."""
+        self.sending.drain(30)
+        self.staged = {}
+        self.attach(self.mesh, generation)
 
     # ---- the command loop ---------------------------------------------------------------------
+    def _recv_command(self, codec: CommandCodec):
+        sizes = torch.empty(2, dtype=torch.int64)
+        try:
+            self.mesh.recv(sizes, DRIVER, TAG_COMMAND).wait()
+            h, p = codec.check_sizes(sizes)
+            frame = torch.empty(h + p + MAC_BYTES, dtype=torch.uint8)
+            self.mesh.recv(frame, DRIVER, TAG_COMMAND).wait()
+        except RuntimeError as exc:
+            if isinstance(exc, ChannelError):
+                raise
+            raise DriverGone(str(exc)) from None
+        return codec.decode(sizes, frame)
+
     def serve(self) -> None:
+        """Run commands until ``Shutdown``; raises ``DriverGone``, ``PeerLost`` or ``ChannelError``."""
+        codec = CommandCodec(self.mesh.rv.command_key)
         while True:
-            command = recv_command(DRIVER)
+            command = self._recv_command(codec)
             if isinstance(command, Shutdown):
                 return
-            with torch.inference_mode():
-                if isinstance(command, Step):
-                    self.step(command)
-                elif isinstance(command, KVRecv):
-                    self.post_kv_receives(command)
-                elif isinstance(command, KVInstall):
-                    self.install(command)
-                elif isinstance(command, KVDrop):
-                    self.staged.pop(command.key, None)
-            self.sending = [(w, buf) for w, buf in self.sending if not w.is_completed()]
+            if isinstance(command, Ping):
+                continue
+            if isinstance(command, Regroup):
+                self.regroup(command.generation)
+                continue
+            try:
+                with torch.inference_mode():
+                    if isinstance(command, Step):
+                        self.step(command)
+                    elif isinstance(command, KVRecv):
+                        self.post_kv_receives(command)
+                    elif isinstance(command, KVInstall):
+                        self.install(command)
+                    elif isinstance(command, KVDrop):
+                        self.staged.pop(command.key, None)
+            except RuntimeError as exc:  # gloo: a peer's connection closed or timed out
+                raise PeerLost(f"{type(command).__name__} of rank {self.rank}: {exc}") from None
 
     def _stage(self, inst: InstanceSpec) -> int:
         return next(i for i, ranks in enumerate(inst.stages) if self.rank in ranks)
@@ -152,6 +200,7 @@ class Worker:
         else:
             prev = self.topo.workers[inst.stages[k - 1][0]]
             x = recv_tensor(
+                self.mesh,
                 (cmd.ids.numel(), self.model.config.hidden_size),
                 _dtype(prev.dtype),
                 prev.rank,
@@ -165,11 +214,11 @@ class Worker:
         if k == len(inst.stages) - 1:
             # logits of the sampling rows, or a one-element "done" when the step samples nothing
             out = self.model.compute_logits(h[cmd.sample_rows]) if cmd.sample_rows else torch.zeros(1)
-            work, _ = send_tensor(out, DRIVER, TAG_LOGITS)
+            work, _ = send_tensor(self.mesh, out, DRIVER, TAG_LOGITS)
             work.wait()
             return
         for dst in inst.stages[k + 1]:
-            self.sending.append(send_tensor(h, dst, TAG_HIDDEN))
+            self.sending.add(*send_tensor(self.mesh, h, dst, TAG_HIDDEN))
 
     # ---- KV hand-off ----------------------------------------------------------------------------
     def _kv_streamer(self, cmd: Step):
@@ -190,7 +239,7 @@ class Worker:
                 for r in routes:
                     h0, h1 = r.kv_heads[0] - lo_heads, r.kv_heads[1] - lo_heads
                     kv = torch.stack((k[h0:h1], v[h0:h1]))
-                    self.sending.append(send_tensor(kv, r.dst.rank, kv_tag(out.key)))
+                    self.sending.add(*send_tensor(self.mesh, kv, r.dst.rank, kv_tag(out.key)))
 
         return after_layer
 
@@ -203,7 +252,7 @@ class Worker:
                 if r.layers[0] <= layer < r.layers[1]:
                     h0, h1 = r.kv_heads
                     buf = torch.empty((2, h1 - h0, cmd.num_tokens, hd), dtype=_dtype(cmd.src_dtype))
-                    pieces.append((layer, h0, buf, dist.irecv(buf, r.src.rank, tag=kv_tag(cmd.key))))
+                    pieces.append((layer, h0, buf, self.mesh.recv(buf, r.src.rank, kv_tag(cmd.key))))
         self.staged[cmd.key] = _Staged(cmd.num_tokens, pieces)
 
     def install(self, cmd: KVInstall) -> None:
@@ -261,20 +310,42 @@ def run_worker(
     threads: int,
     local_index: int,
     group_size: int = 64,
-) -> None:
-    """Load this rank's part of ``plan`` and serve commands until the driver shuts it down."""
+    *,
+    rejoin: bool = False,
+    bind: str | None = None,
+) -> int:
+    """Load this rank's part of ``plan`` and serve commands until the driver shuts it down; the exit
+    code (0, ``EXIT_DRIVER_GONE`` or ``EXIT_PEER_LOST``)."""
     from ...plan import load_plan
     from .topology import topology_from_plan
 
+    secret = os.environ.pop(SECRET_ENV, "")
+    if not secret:
+        raise HetserveError(f"a worker needs the cluster secret in {SECRET_ENV}")
     torch.set_num_threads(threads)
     topo = topology_from_plan(load_plan(plan), dtype)
-    init_distributed(rank, topo.world_size, master)
+    rv = Rendezvous.join(master, secret, rank, bind)
     worker = Worker(topo, rank, model, kv_cache_gb, local_device(local_index), group_size)
-    dist.barrier()  # everyone loaded: the driver may start
+    if rejoin:
+        nonce = secrets.token_hex(8)
+        rv.announce("rejoin", nonce)
+        generation = rv.wait_admitted(nonce)
+    else:
+        rv.announce("join")
+        generation = 0
+    worker.attach(Mesh(rv, topo.world_size), generation)
+    log.info("rank %d serving (generation %d)", rank, generation)
     try:
         worker.serve()
+    except DriverGone as exc:
+        print(f"worker rank {rank}: the driver is gone ({exc}); leaving", file=sys.stderr)
+        return EXIT_DRIVER_GONE
+    except PeerLost as exc:
+        print(f"worker rank {rank}: a peer failed ({exc}); leaving to be restarted", file=sys.stderr)
+        return EXIT_PEER_LOST
     finally:
-        dist.destroy_process_group()
+        worker.mesh.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,12 +361,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--local-index", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--rejoin", action="store_true", help="a restarted worker: join the running job")
+    ap.add_argument("--bind", help="address this worker's sockets listen on (default: towards --master)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HETSERVE_LOG", "WARNING"))
-    run_worker(
-        a.plan, a.model, a.rank, a.master, a.kv_cache_gb, a.dtype, a.threads, a.local_index, a.group_size
-    )
-    return 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which shuts workers down
+    try:
+        return run_worker(
+            a.plan,
+            a.model,
+            a.rank,
+            a.master,
+            a.kv_cache_gb,
+            a.dtype,
+            a.threads,
+            a.local_index,
+            a.group_size,
+            rejoin=a.rejoin,
+            bind=a.bind,
+        )
+    except (HetserveError, ChannelError) as exc:
+        print(f"worker rank {a.rank}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
