@@ -3,9 +3,12 @@ paper's headline, and hetserve against each baseline (same cost model, same simu
 
     python benchmarks/compare_scenarios.py [--scenarios a,b] [--seed N] [--out DIR] [--json FILE]
 
-Ratios are "times better" in the scenario's objective (higher-is-better objectives: ours / theirs;
-lower-is-better: theirs / ours). For chain-bloom176b the paper's metric, mean response time at the
-offered rate, is reported as well (Petals' mean / chain composition's mean). A strategy that cannot plan
+Every strategy plans at the scenario's quality (16-bit weights unless the scenario sets a quality budget);
+``hetserve-q``, hetserve allowed to quantise, is a row of its own, and its "vs hetserve" figure is what
+quantising would add, not part of any headline. Ratios are "times better" in the scenario's objective
+(higher-is-better objectives: ours / theirs; lower-is-better: theirs / ours). For chain-bloom176b the
+paper's metric, mean response time at the offered rate, is reported as well (Petals' mean / chain
+composition's mean). A strategy that cannot plan
 the scenario, or whose plan never meets the SLOs, has no ratio ("-").
 """
 
@@ -89,18 +92,19 @@ def main() -> None:
             f"{report['offered_rps']:.3g} req/s, {wall:.0f} s"
         )
         print(
-            f"  {'strategy':12s} {'objective':>10s} {'tok/s':>8s} {'TTFT p90':>9s} {'TPOT p90':>9s} {'$/h':>7s} "
-            f"{'J/tok':>6s} {'plan s':>6s}  vs hetserve"
+            f"  {'strategy':12s} {'bits':>5s} {'objective':>10s} {'tok/s':>8s} {'TTFT p90':>9s} {'TPOT p90':>9s} "
+            f"{'$/h':>7s} {'J/tok':>6s} {'plan s':>6s}  vs hetserve"
         )
         ours = res.get("hetserve", {}).get("objective_value")
         for s, m in res.items():
             if "error" in m:
-                print(f"  {s:12s} {'failed':>10s}  {m['error'][:90]}")
+                print(f"  {s:12s} {'':>5s} {'failed':>10s}  {m['error'][:90]}")
                 continue
             x = ratio(ours, m["objective_value"], report["objective_sense"]) if s != "hetserve" else None
             value = m["objective_value"] if m["objective_value"] is not None else "infeasible"
             print(
-                f"  {s:12s} {fmt(value):>10s} {fmt(m['throughput_tok_s'], 0):>8s} {fmt(m['ttft_p90_ms'], 0):>9s} "
+                f"  {s:12s} {m['weight_bits']:>5s} {fmt(value):>10s} {fmt(m['throughput_tok_s'], 0):>8s} "
+                f"{fmt(m['ttft_p90_ms'], 0):>9s} "
                 f"{fmt(m['tpot_p90_ms'], 0):>9s} {fmt(m['cost_per_hour']):>7s} {fmt(m['joules_per_token']):>6s} "
                 f"{fmt(m['plan_seconds'], 1):>6s}  {'' if s == 'hetserve' else ('-' if x is None else fmt(x) + 'x')}"
             )

@@ -97,6 +97,37 @@ def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_pat
     )
 
 
+def test_every_strategy_runs_at_16_bits_unless_the_scenario_allows_quantising(write):
+    """Equal quality: a scenario without `quality` keeps every strategy's weights at 16 bits, hetserve
+    included; hetserve's quantised plan is the separate `hetserve-q` row, planned with a quality budget,
+    and never part of hetserve's ratios."""
+    spec = {**TINY, "strategies": None, "workload": {**TINY["workload"], "duration_s": 10}}
+    spec.pop("strategies")
+    sc = LoadedScenario(write("lossless.yaml", yaml.safe_dump(spec)))
+    assert sc.quality == 0.0
+    names = sc.strategies(None)
+    assert names[-2:] == ["hetserve", "hetserve-q"]
+    report = run_compare(
+        write("pair.yaml", yaml.safe_dump({**spec, "strategies": ["homogeneous", "hetserve-q", "hetserve"]})),
+        requests=30,
+    )
+    res = report["strategies"]
+    assert res["hetserve"]["weight_bits"] == "16" and res["homogeneous"]["weight_bits"] == "16"
+    assert set(report["ratios"]["hetserve_vs"]) == {"homogeneous"}
+    assert set(report["ratios"]["hetserve_q_vs"]) == {"homogeneous"}
+    rows = {row[0]: row for row in table_rows(report)}
+    assert rows["hetserve"][1] == "16"  # every row states its weight bits
+
+
+def test_a_scenario_that_allows_quantising_runs_everyone_at_its_budget_and_no_second_hetserve(write):
+    spec = {**TINY, "quality": 0.5}
+    spec.pop("strategies")
+    sc = LoadedScenario(write("q.yaml", yaml.safe_dump(spec)))
+    assert sc.quality == 0.5
+    assert "hetserve-q" not in sc.strategies(None)  # the same budget: the same plan as hetserve
+    assert sc.strategies(["hetserve-q", "hexgen"]) == ["hexgen", "hetserve-q"]  # asked for: run
+
+
 def test_the_same_seed_gives_the_same_comparison(tiny):
     a = run_compare(tiny, ["homogeneous"], seed=3, requests=40)["strategies"]["homogeneous"]
     b = run_compare(tiny, ["homogeneous"], seed=3, requests=40)["strategies"]["homogeneous"]
@@ -286,6 +317,7 @@ def test_hetserve_is_at_least_as_good_as_every_strategy_on_the_small_scenarios(n
 
 def test_the_table_says_when_a_plan_finished_no_request_and_when_it_is_infeasible():
     row = dict(
+        weight_bits="16",
         throughput_tok_s=0.0,
         goodput_rps=0.0,
         ttft_p90_ms=None,
@@ -302,5 +334,5 @@ def test_the_table_says_when_a_plan_finished_no_request_and_when_it_is_infeasibl
             "over": {**row, "objective_value": None, "completed": 5},
         }
     }
-    cells = {r[0]: r[1] for r in table_rows(report)}
+    cells = {r[0]: r[2] for r in table_rows(report)}
     assert cells == {"stuck": "0 (no request finished)", "slow": 0.0, "over": "infeasible"}

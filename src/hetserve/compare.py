@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 BISECTION_STEPS = 5
 #: Fewest requests a simulation replays.
 MIN_REQUESTS = 50
+#: Quality of a scenario that names none: every strategy keeps the model's 16-bit weights.
+SCENARIO_QUALITY = "lossless"
+#: hetserve's planner as a strategy, and its quantised row (labelled, never the headline).
+HETSERVE, QUANTISED = "hetserve", "hetserve-q"
+OURS = (HETSERVE, QUANTISED)
 
 
 @cache
@@ -137,8 +142,8 @@ class LoadedScenario:
             self.workload = Workload.load(wpath)
         else:
             self.workload = Workload(self.spec.workload, base, source=f"{src}: workload")
-        try:
-            self.quality = parse_quality(self.spec.quality)
+        try:  # equal quality for every strategy; 16-bit weights unless the scenario says otherwise
+            self.quality = parse_quality(SCENARIO_QUALITY if self.spec.quality is None else self.spec.quality)
         except HetserveError as exc:
             raise HetserveError(f"quality: {exc}", source=src) from None
 
@@ -178,13 +183,15 @@ class LoadedScenario:
 
     def strategies(self, chosen: list[str] | None) -> list[str]:
         from .baselines import STRATEGIES, get_strategy
+        from .baselines.ours import QUANTISED_QUALITY
 
         names = chosen or self.spec.strategies or list(STRATEGIES)
         for n in names:
             get_strategy(n)  # a clear error for a misspelt name
-        if "hetserve" in names:  # ours last: the others' planning does not eat its time
-            names = [n for n in names if n != "hetserve"] + ["hetserve"]
-        return list(dict.fromkeys(names))
+        if not chosen and self.quality >= QUANTISED_QUALITY:
+            names = [n for n in names if n != QUANTISED]  # the scenario's own budget: the same plan
+        ours = [n for n in OURS if n in names]  # ours last: the others' planning does not eat its time
+        return list(dict.fromkeys([n for n in names if n not in OURS] + ours))
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------
@@ -247,11 +254,19 @@ def _metrics(dep, result, offered: float) -> dict:
         "joules_per_token": s.joules_per_token,
         "power_w": s.power_w,
         "provisioned_w": sum(srv.node.gpu.tdp_w * srv.num_gpus for srv in dep.servers.values()),
+        "weight_bits": weight_bits(dep),
         "gpus": dep.gpus_used(),
         "gpus_by_type": dep.gpu_counts(),
         "instances": len(dep.instances),
         "roles": sorted({i.role for i in dep.instances.values()}),
     }
+
+
+def weight_bits(dep) -> str:
+    """The plan's weight bits in a few characters: ``16``, ``8``, or ``4-16`` when layers differ."""
+    bits = {b for srv in dep.servers.values() for b in srv.shape.layer_bits}
+    lo, hi = min(bits), max(bits)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _judge(objective: Objective, ev: Evaluator, dep, base: Run) -> tuple[float | None, bool, int]:
@@ -388,14 +403,16 @@ def run_compare(
 def _ratios(results: dict, spec, sense: str) -> dict:
     val = {n: r.get("objective_value") for n, r in results.items()}
     out = {"baseline_vs_reference": ratio(val.get(spec.baseline), val.get(spec.reference), sense)}
-    if "hetserve" in val:
-        out["hetserve_vs"] = {n: ratio(val["hetserve"], v, sense) for n, v in val.items() if n != "hetserve"}
+    for ours, key in ((HETSERVE, "hetserve_vs"), (QUANTISED, "hetserve_q_vs")):
+        if ours in val:
+            out[key] = {n: ratio(val[ours], v, sense) for n, v in val.items() if n not in OURS}
     return out
 
 
 # ---- output ----------------------------------------------------------------------------------------------
 TABLE_COLUMNS = (
     "strategy",
+    "weight bits",
     "objective",
     "tok/s",
     "goodput rps",
@@ -412,7 +429,7 @@ def table_rows(report: dict) -> list[list]:
     rows = []
     for name, r in report["strategies"].items():
         if "error" in r:
-            rows.append([name, "failed: " + r["error"][:80]] + [None] * 7 + [r.get("plan_seconds")])
+            rows.append([name, None, "failed: " + r["error"][:80]] + [None] * 7 + [r.get("plan_seconds")])
             continue
         value = r["objective_value"]
         if value is None:
@@ -422,6 +439,7 @@ def table_rows(report: dict) -> list[list]:
         rows.append(
             [
                 name,
+                r["weight_bits"],
                 value,
                 r["throughput_tok_s"],
                 r["goodput_rps"],
@@ -468,8 +486,18 @@ def cmd_compare(args) -> int:
     r = report["ratios"]
     if r.get("baseline_vs_reference") is not None:
         print(f"{report['baseline']} vs {report['reference']}: {r['baseline_vs_reference']:.2f}x")
+    q = report["quality"]
+    print(
+        "every strategy planned at the scenario's quality: "
+        + ("lossless (16-bit weights)" if q == 0 else f"quality budget {q:g} (may quantise)")
+    )
     for name, x in (r.get("hetserve_vs") or {}).items():
         print(f"hetserve vs {name}: " + ("-" if x is None else f"{x:.2f}x"))
+    q = report["strategies"].get(QUANTISED, {})
+    if q.get("weight_bits"):
+        print(f"hetserve-q ({q['weight_bits']}-bit weights, quantised; not comparable with 16-bit rows):")
+        for name, x in (r.get("hetserve_q_vs") or {}).items():
+            print(f"  hetserve-q vs {name}: " + ("-" if x is None else f"{x:.2f}x"))
     if report.get("files"):
         print("wrote: " + ", ".join(report["files"]))
     return 0

@@ -16,7 +16,7 @@ from ..planner.strategy import Strategy, StrategyContext
 from .hexgen import HexGen
 from .homogeneous import Homogeneous
 from .llmpq import LLMPQ
-from .ours import Hetserve
+from .ours import Hetserve, HetserveQuantised
 from .pdhetero import PDHetero
 from .petals import Petals
 from .splitwise import Splitwise
@@ -27,6 +27,7 @@ STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
         Hetserve(),
+        HetserveQuantised(),
         Homogeneous(),
         Uniform(),
         HexGen(),
