@@ -258,6 +258,27 @@ def test_hf_directory_loads(tmp_path):
 
 
 # ---- config ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{bad", "is not valid JSON"),
+        ("[1]", "must hold a JSON object"),
+        ('{"hidden_size": 0, "num_hidden_layers": 2}', "hidden_size"),
+        ("", "is not valid JSON"),
+    ],
+)
+def test_a_bad_config_json_is_one_error_naming_the_file(tmp_path, text, message):
+    from hetserve.errors import HetserveError
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(HetserveError, match=message) as err:
+        load_hf_directory(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value) or "hidden_size" in str(err.value)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(HetserveError, match="config.json"):
+        LlamaConfig.from_hf_file(tmp_path)
+
+
 def test_config_from_hf_reads_both_rope_layouts():
     base = {
         "model_type": "llama",

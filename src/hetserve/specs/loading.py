@@ -49,6 +49,24 @@ def read_text(path, what: str = "file", limit: int = MAX_SPEC_BYTES) -> str:
     return _decode(data, path, what)
 
 
+def read_json_object(path, what: str = "JSON file", limit: int = MAX_SPEC_BYTES) -> dict:
+    """The JSON object (a mapping at the top) of a regular file, or one HetserveError naming the file."""
+    text = read_text(path, what, limit)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HetserveError(
+            f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", source=str(path)
+        ) from None
+    except RecursionError:
+        raise HetserveError("is nested too deeply", source=str(path)) from None
+    if not isinstance(value, dict):
+        raise HetserveError(
+            f"must hold a JSON object ({{...}}) at the top, not {type(value).__name__}", source=str(path)
+        )
+    return value
+
+
 def open_regular(path, what: str, limit: int) -> io.BufferedReader:
     """``path`` opened for binary reading if it is a regular file of at most ``limit`` bytes; a missing
     file, a directory, a FIFO, a device or a socket is one HetserveError naming the path. The file is

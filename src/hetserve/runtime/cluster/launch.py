@@ -191,9 +191,7 @@ def load_config(model: str):
     if path.is_file():
         reader, config = read_gguf(path)
         return config, Tokenizer.from_gguf(reader.meta)
-    import json
-
-    return LlamaConfig.from_hf(json.loads((path / "config.json").read_text())), Tokenizer.from_directory(path)
+    return LlamaConfig.from_hf_file(path / "config.json"), Tokenizer.from_directory(path)
 
 
 def start_cluster(

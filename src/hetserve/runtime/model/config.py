@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from ...errors import HetserveError
 from ...specs.hf_config import read_llama_family
+from ...specs.loading import read_json_object
 
 _HF_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
 _GGUF_ARCHS = {"llama", "qwen2"}
@@ -79,6 +82,19 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path) -> LlamaConfig:
+        """From a ``config.json`` file (or the directory holding one): a missing, oversized, undecodable
+        or non-object file is one HetserveError naming it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        d = read_json_object(path, "model config (config.json)")
+        try:
+            return cls.from_hf(d)
+        except ValueError as exc:
+            raise HetserveError(str(exc), source=str(path)) from None
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:

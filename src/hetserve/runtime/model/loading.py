@@ -12,7 +12,6 @@ head so the two rotary halves interleave; ``unpermute_rope_rows`` restores the H
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,10 +160,7 @@ def load_hf_directory(
     """The model (layers ``[layer_start, layer_end)``, tensor-parallel shard ``tp_rank`` of ``tp_size``)
     of a Hugging Face directory (``config.json`` + ``*.safetensors``)."""
     directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{directory}: no config.json")
-    config = LlamaConfig.from_hf(json.loads(config_file.read_text()))
+    config = LlamaConfig.from_hf_file(directory / "config.json")
     model = LlamaModel(
         config,
         layer_start,

@@ -18,6 +18,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from ...specs.loading import read_json_object
+
 Message = Mapping[str, Any]
 
 # GGUF token types (llama.cpp's vocabulary attributes).
@@ -217,4 +219,5 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """An optional JSON object beside the tokenizer: {} when absent; a malformed one is an error."""
+    return read_json_object(path, "tokenizer's JSON file") if path.is_file() else {}
