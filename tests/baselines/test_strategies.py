@@ -206,7 +206,7 @@ def test_pd_hetero_prefills_on_the_compute_strong_vendor_and_decodes_on_the_othe
 def test_petals_chains_share_block_servers_within_their_kv_room():
     nodes = [
         {"name": "a10", "gpu": "a10", "count": 1},
-        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 6},
     ]
     ctx = context(
         nodes, model="llama-2-13b", workload={**WORKLOAD, "arrivals": {"kind": "poisson", "rate": 0.5}}
@@ -217,10 +217,20 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
         for srv in inst.servers:
             users.setdefault(srv.name, []).append(inst.name)
     shared = [s for s, u in users.items() if len(u) > 1]
-    assert shared, "the A10 heads both chains"
+    assert "a10-g0" in shared, "the A10 heads two chains"
     for s in shared:
         shares = [dep.instances[i].plan.share_on(s) for i in users[s]]
         assert sum(shares) <= 1 + 1e-9
         assert shares == pytest.approx([1 / len(shares)] * len(shares), abs=1e-3)  # split evenly
     assert all(len(i.servers) > 1 for i in dep.instances.values())
     assert plan.routing.policy == "least-work"
+
+
+def test_petals_reserves_its_default_attention_cache_per_model():
+    """Petals' server default: 16,384 cache tokens per block when KV heads are shared, 4,096 otherwise."""
+    from hetserve.baselines.petals import attn_cache_tokens
+    from hetserve.specs.models import load_model
+
+    assert attn_cache_tokens(load_model("llama-2-70b")) == 16384  # 8 KV heads for 64 query heads
+    assert attn_cache_tokens(load_model("llama-2-13b")) == 4096
+    assert attn_cache_tokens(load_model("bloom-176b")) == 4096

@@ -32,8 +32,17 @@ from ..planner.placement.blocks import (
 )
 from ..planner.strategy import PlanWriter, Strategy, StrategyContext
 
-#: Tokens of attention cache a Petals server reserves per block (its --attn_cache_tokens default).
-ATTN_CACHE_TOKENS = 16384
+#: Tokens of attention cache a Petals server reserves per block: its ``--attn_cache_tokens`` default,
+#: 16,384 for models whose attention shares KV heads (GQA/MQA) and 4,096 for the others (Petals,
+#: petals/server/server.py).
+GQA_CACHE_TOKENS, MHA_CACHE_TOKENS = 16384, 4096
+
+
+def attn_cache_tokens(model) -> int:
+    """The attention cache tokens a Petals server reserves per block of ``model``."""
+    return GQA_CACHE_TOKENS if model.num_kv_heads < model.num_heads else MHA_CACHE_TOKENS
+
+
 REBALANCE_GAIN = 1.10
 MAX_CHAINS = 16
 
@@ -44,11 +53,12 @@ class Petals(Strategy):
 
     def plan(self, ctx: StrategyContext) -> PlanFile:
         L = ctx.model.num_layers
-        bits = uniform_bits_for(ctx, ATTN_CACHE_TOKENS)
+        cache = attn_cache_tokens(ctx.model)
+        bits = uniform_bits_for(ctx, cache)
         if bits is None:
             raise HetserveError(
                 f"petals: the servers of {ctx.cluster.name} do not hold {ctx.model.name} beside "
-                f"their {ATTN_CACHE_TOKENS}-token cache at any precision the quality budget "
+                f"their {cache}-token cache at any precision the quality budget "
                 "allows; add GPUs or raise the quality budget"
             )
         servers = {s.node: s for s in block_servers(ctx, bits)}
@@ -121,7 +131,8 @@ class Petals(Strategy):
         L = ctx.model.num_layers
         cuts = sorted({0, L} | {x for span in placed.values() for x in span})
         tput = self._throughputs(placed, servers, L)
-        fit = lambda first, last: blocks_that_fit(ctx, srv, bits, ATTN_CACHE_TOKENS, first=first, last=last)
+        cache = attn_cache_tokens(ctx.model)
+        fit = lambda first, last: blocks_that_fit(ctx, srv, bits, cache, first=first, last=last)
         candidates = set()
         for c in cuts:
             if c < L:  # start at c, end at the farthest boundary in reach
