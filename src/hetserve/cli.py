@@ -217,6 +217,7 @@ def cmd_simulate(args) -> int:
 def cmd_plan(args) -> int:
     from pathlib import Path
 
+    from .deploy.targets import engine_target
     from .plan import save_plan
     from .planner import Planner
     from .planner.quality import parse_quality
@@ -241,6 +242,7 @@ def cmd_plan(args) -> int:
         seed=args.seed,
         time_limit=args.time_limit,
         max_seqs=args.max_batch_size,
+        target=engine_target(args.target) if args.target else None,
     )
     with _progress("planning", 1.0, enabled=not args.json) as tick:
         planner.progress = tick
@@ -253,6 +255,8 @@ def cmd_plan(args) -> int:
         return 0
     title = f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}"
     print_plan(result, report, title)
+    if args.target:
+        print(f"runs on {planner.target.label} as planned: hetserve export {out} --to {args.target}")
     return 0
 
 
@@ -375,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument(
         "--calibration", metavar="FILE", help=CALIBRATION_HELP + "; the plan records it for simulate"
+    )
+    pl.add_argument(
+        "--target",
+        choices=["vllm", "sglang"],
+        help="only plans this engine runs as they are (no asymmetric TP, mixed bits, shared servers or "
+        "converting P/D hand-offs), so 'hetserve export --to' that engine needs no --nearest",
     )
     pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     pl.add_argument("--json", action="store_true")

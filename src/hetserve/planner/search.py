@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from typing import Protocol
 
 from ..errors import HetserveError, OutOfTime
 from ..plan import Deployment
@@ -29,6 +30,17 @@ from .explain import explain_choice, why_nothing_fits, why_rate_unreachable, why
 from .pools import pools_of
 from .strategy import StrategyContext
 from .templates import Template, TemplateFactory
+
+
+class PlanTarget(Protocol):
+    """An engine the plan must run on unchanged (``hetserve plan --target``; ``deploy.targets``)."""
+
+    label: str
+
+    def template_ok(self, template: Template) -> bool: ...
+
+    def gaps(self, dep: Deployment) -> list[str]: ...
+
 
 #: Shared-server chain designs confirmed alongside the allocations when the cluster calls for them.
 CHAIN_DESIGNS = ("chain", "helix")
@@ -70,6 +82,7 @@ class Planner:
         time_limit: float = 60.0,
         progress=None,
         max_seqs: int | None = None,
+        target: PlanTarget | None = None,
     ):
         self._t0 = time.perf_counter()  # the time limit covers reading the workload's lengths too
         if objective not in OBJECTIVES:
@@ -93,6 +106,10 @@ class Planner:
         self.deadline = self._t0 + time_limit
         #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
         self._confirmed = False
+        #: The engine every plan must run on as built (None: hetserve's own runtime, which runs them all),
+        #: and why built plans were set aside for it.
+        self.target = target
+        self.off_target: list[str] = []
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0
@@ -139,6 +156,14 @@ class Planner:
             if factory.cut_short:
                 raise self._out_of_time("while candidate instances were made")
             raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality))
+        if self.target is not None:
+            templates = [t for t in templates if self.target.template_ok(t)]
+            if not templates:
+                raise HetserveError(
+                    f"--target: no instance of {self.model.name} on {self.cluster.name} is one "
+                    f"{self.target.label} runs (one TP degree for all stages, one weight format of 16 or "
+                    "8 bits, NVIDIA or AMD GPUs); plan without --target and serve with hetserve"
+                )
         usable = [t for t in templates if (t.cap_free if self.objective == "throughput" else t.cap).rate > 0]
         roles = {t.role for t in usable}
         if "mixed" not in roles and not {"prefill", "decode"} <= roles:
@@ -204,7 +229,7 @@ class Planner:
             if cand is not None:
                 candidates.append(cand)
                 self._confirmed = True
-        if self._chains_called_for(templates):
+        if self.target is None and self._chains_called_for(templates):  # engines do not share servers
             for name in CHAIN_DESIGNS:  # shared-server chains over small or far servers
                 if self._elapsed() > self.time_limit * 0.5:
                     break
@@ -216,6 +241,11 @@ class Planner:
         if not candidates:
             if self._left() <= 0:
                 raise self._out_of_time("before a plan's confirming simulation finished")
+            if self.off_target:
+                raise HetserveError(
+                    f"--target: every plan found needs what {self.target.label} cannot express, e.g. "
+                    f"{self.off_target[0]}; plan without --target and serve with hetserve"
+                )
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
         if self.objective == "goodput":
             # The rate search for the two allocations of highest analytic goodput, and for a chain placement
@@ -312,6 +342,8 @@ class Planner:
                 deadline=self.deadline,
             )
             dep = Deployment(plan, self.cluster, self.model, source="planned plan", deadline=self.deadline)
+            if self._off_target(dep):
+                return None
             if self.objective == "throughput":
                 rate = alloc.rate  # the workload as given if it saturates the plan, else 1.2 x
                 run = self._simulate_throughput(dep, rate)
@@ -325,6 +357,14 @@ class Planner:
         if run is None:
             return None
         return Candidate(label, alloc, plan, dep, run, OBJECTIVES[self.objective].score(run, rate))
+
+    def _off_target(self, dep: Deployment) -> bool:
+        """Whether the target engine cannot run ``dep`` as built (the reasons are kept for the error)."""
+        if self.target is None:
+            return False
+        gaps = self.target.gaps(dep)
+        self.off_target.extend(gaps)
+        return bool(gaps)
 
     def _chains_called_for(self, templates: list[Template]) -> bool:
         """Shared-server chains are worth confirming when no single node holds the model or the cluster
