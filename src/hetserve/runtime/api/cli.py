@@ -164,6 +164,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         help="with --plan and workers on other machines: file holding the secret they share (default: "
         "the HETSERVE_CLUSTER_SECRET environment variable)",
     )
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="with --plan: start every worker as a Ray actor on the Ray node whose custom resource "
+        "'hetserve-node:NODE' names its plan node (ADDRESS: the Ray cluster; default RAY_ADDRESS or the "
+        "one started on this machine); dead workers are started again through Ray",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_http_options(s)
     s.set_defaults(func=cmd_serve)
@@ -298,6 +307,8 @@ def cmd_serve(args) -> int:
         ) from None
     if args.plan:
         return _serve_plan(args, uvicorn, create_app)
+    if args.ray:
+        raise HetserveError("--ray starts the workers of a plan: give --plan")
     if not args.model:
         raise HetserveError("--model is required (or give --plan)")
     from ..model.source import resolve_model
@@ -379,6 +390,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
         max_model_len=args.max_model_len,
         group_size=args.group_size,
         secret=secret,
+        ray_address=args.ray,
     )
     name = args.served_model_name or served_name(args.model or engine.topo.model)
     print(

@@ -59,6 +59,27 @@ class WorkerProcess:
             self.popen.wait()
 
 
+def worker_args(
+    plan: str,
+    model: str,
+    master: str,
+    kv_cache_gb: float,
+    dtype: str | None,
+    threads: int,
+    group_size: int,
+    bind: str | None = None,
+) -> list[str]:
+    """The arguments every worker of a launch gets (``--rank`` and ``--local-index`` are added per
+    worker), for ``python -m hetserve.runtime.cluster.worker``."""
+    args = ["--plan", str(plan), "--model", model, "--master", master, "--kv-cache-gb", str(kv_cache_gb)]
+    args += ["--threads", str(threads), "--group-size", str(group_size)]
+    if dtype:
+        args += ["--dtype", dtype]
+    if bind:
+        args += ["--bind", bind]
+    return args
+
+
 class LocalWorkers:
     """The workers of ``ranks`` on this machine: started with the secret in their environment, their
     logs in one temporary directory (removed by ``cleanup``), started again when they die."""
@@ -81,24 +102,7 @@ class LocalWorkers:
         self.topo = topo
         self.logs = Path(tempfile.mkdtemp(prefix="hetserve-workers-"))
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{SECRET_ENV: secret})
-        self.args = [
-            "--plan",
-            str(plan),
-            "--model",
-            model,
-            "--master",
-            master,
-            "--kv-cache-gb",
-            str(kv_cache_gb),
-            "--threads",
-            str(threads),
-            "--group-size",
-            str(group_size),
-        ]
-        if dtype:
-            self.args += ["--dtype", dtype]
-        if bind:
-            self.args += ["--bind", bind]
+        self.args = worker_args(plan, model, master, kv_cache_gb, dtype, threads, group_size, bind)
         self.index = {rank: i for i, rank in enumerate(ranks)}
         self.procs: dict[int, WorkerProcess] = {}
         for rank in ranks:
@@ -208,10 +212,13 @@ def start_cluster(
     seed: int = 0,
     group_size: int = 64,
     secret: str | None = None,
+    ray_address: str | None = None,
 ):
     """Start the workers of ``plan`` held here, host the rendezvous (``rendezvous``, default a free
     loopback port) and return the ``ClusterEngine``. Workers on other machines need ``secret`` (default
-    ``HETSERVE_CLUSTER_SECRET``); when every worker is started here a secret is made for this launch."""
+    ``HETSERVE_CLUSTER_SECRET``); when every worker is started here a secret is made for this launch.
+    With ``ray_address`` ("auto": the Ray cluster of this machine or ``RAY_ADDRESS``) every worker is
+    started as a Ray actor on the Ray node standing for its plan node (``ray_workers``) instead."""
     from ...plan import load_plan
     from .driver import ClusterEngine
     from .transport import ProcessGroupTransport
@@ -225,23 +232,46 @@ def start_cluster(
             f"{plan}: the plan's model {topo.model} has {topo.num_layers} layers but {model} has "
             f"{config.num_layers}; serve the model the plan was made for"
         )
-    local = topo.ranks_of(servers)
-    remote = sorted(set(range(1, topo.world_size)) - set(local))
+    if ray_address is not None:
+        if servers:
+            raise HetserveError("--servers does not go with --ray: Ray starts every worker of the plan")
+        local, remote = sorted(topo.workers), []
+    else:
+        local = topo.ranks_of(servers)
+        remote = sorted(set(range(1, topo.world_size)) - set(local))
     if secret is None:
         secret = read_secret() if remote else new_secret()
-    rv = Rendezvous.host(rendezvous or "127.0.0.1:0", secret)
-    workers = LocalWorkers(
-        plan,
-        model,
-        topo,
-        local,
-        rv.address,
-        secret,
-        kv_cache_gb=kv_cache_gb,
-        dtype=dtype,
-        threads=threads,
-        group_size=group_size,
-    )
+    if ray_address is not None:
+        from .ray_workers import RayWorkers, import_ray
+
+        ray = import_ray()
+        host = rendezvous or f"{ray.util.get_node_ip_address()}:0"  # reachable from every Ray node
+        rv = Rendezvous.host(host, secret)
+        args = worker_args(
+            str(Path(plan).resolve()), model, rv.address, kv_cache_gb, dtype, threads, group_size
+        )
+        try:
+            gpus = {n.name: (n.gpu.name, n.count) for n in dep.cluster.nodes.values()}
+            workers = RayWorkers(
+                topo, gpus, args, secret, threads, None if ray_address == "auto" else ray_address
+            )
+        except BaseException:
+            rv.close()
+            raise
+    else:
+        rv = Rendezvous.host(rendezvous or "127.0.0.1:0", secret)
+        workers = LocalWorkers(
+            plan,
+            model,
+            topo,
+            local,
+            rv.address,
+            secret,
+            kv_cache_gb=kv_cache_gb,
+            dtype=dtype,
+            threads=threads,
+            group_size=group_size,
+        )
     mesh = Mesh(rv, topo.world_size)
     try:
         wait_for(
