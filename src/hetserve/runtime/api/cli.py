@@ -400,9 +400,23 @@ def _serve_plan(args, uvicorn, create_app) -> int:
     )
     for inst in engine.instances.values():
         chain = " -> ".join(f"{srv}{list(ranks)}" for srv, ranks in zip(inst.spec.servers, inst.spec.stages))
+        chunk = inst.spec.scheduling.chunk_size
         print(
             f"  {inst.name} ({inst.spec.role}): {chain}, {inst.num_blocks} KV blocks of {inst.spec.block_size}, "
-            f"{inst.spec.lanes} lane(s)",
+            f"{inst.spec.lanes} lane(s), "
+            + (f"prefill chunks of {chunk}" if chunk else "whole-prompt prefill"),
+            file=sys.stderr,
+        )
+    whole = [
+        i.name
+        for i in engine.instances.values()
+        if not i.spec.scheduling.chunk_size and i.spec.role != "decode"
+    ]
+    if whole:
+        print(
+            f"note: {', '.join(whole)} prefill(s) whole prompts (the plan sets no chunk_size): one long prompt "
+            "holds the other streams of its instance for its whole prefill; set chunk_size in the plan "
+            "(plans made by 'hetserve plan' always do) to bound that to one chunk",
             file=sys.stderr,
         )
     from .server import serve
