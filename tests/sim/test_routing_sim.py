@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from hetserve.scheduling import routing
 from hetserve.scheduling.routing import LeastWork, Pool, _rank
 from hetserve.sim import simulate
 from hetserve.sim.simulator import Simulator
@@ -80,6 +81,7 @@ def test_every_indexed_decision_in_a_simulation_equals_a_scan(monkeypatch):
         return choose(self, candidates)
 
     monkeypatch.setattr(LeastWork, "choose", checked)
+    monkeypatch.setattr(routing, "INDEX_MIN", 1)  # index even these few instances
     dep = _mixed_and_pd()
     rng = np.random.default_rng(3)
     n = 600
@@ -91,9 +93,10 @@ def test_every_indexed_decision_in_a_simulation_equals_a_scan(monkeypatch):
     assert sum(r.records.preemptions) >= 0
 
 
-def test_instances_examined_per_arrival_grow_far_slower_than_the_pool():
+def test_instances_examined_per_arrival_grow_far_slower_than_the_pool(monkeypatch):
     """8x the replicas at 8x the arrival rate (the same load each): an arrival's routing reads about as
     many instances as before (a scan reads 8x as many) and compares heap entries a few levels deeper."""
+    monkeypatch.setattr(routing, "INDEX_MIN", 1)
     per_arrival = {}
     for scale in (1, 8):
         dep = _replicas(8 * scale)
@@ -108,3 +111,22 @@ def test_instances_examined_per_arrival_grow_far_slower_than_the_pool():
     for (reads, cmp), n in ((per_arrival[1], 8), (per_arrival[8], 64)):
         assert cmp <= reads * 4 * math.log2(n)  # a heap: a removal and an insertion per read
     assert reads8 + cmp8 < 4 * (reads1 + cmp1)  # under half of 8x
+
+
+def test_a_scanned_and_an_indexed_pool_give_the_same_simulation(monkeypatch):
+    """Few instances are routed by a scan, many through the index: the choice of pool changes the
+    simulator's cost, never a decision."""
+    dep = _mixed_and_pd()
+    rng = np.random.default_rng(5)
+    n = 400
+    reqs = requests(poisson(12.0, n, seed=5), rng.integers(50, 1500, n), rng.integers(5, 300, n))
+    scanned = Simulator(dep, reqs, NO_SLO)
+    assert isinstance(scanned.entry_pool, routing.ScanPool)
+    a = scanned.run().records
+    monkeypatch.setattr(routing, "INDEX_MIN", 1)
+    indexed = Simulator(dep, reqs, NO_SLO)
+    assert isinstance(indexed.entry_pool, routing.Pool)
+    b = indexed.run().records
+    assert list(a.entry) == list(b.entry) and list(a.decode) == list(b.decode)
+    assert len(set(a.entry)) > 2 and len(set(a.decode) - {None}) > 1  # choices were made
+    assert np.array_equal(a.finish, b.finish, equal_nan=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .block_manager import BlockManager
-from .routing import Pool
+from .routing import Pool, ScanPool
 from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
 
@@ -114,9 +114,9 @@ class InstanceState(Generic[L]):
         self.requests = 0
         #: For a prefill instance: the pool of decode instances it hands off to, whose least outstanding
         #: work counts in its own so entry routing sees decode-pool congestion.
-        self.downstream: Pool | None = None
+        self.downstream: Pool | ScanPool | None = None
         #: Routing pools this instance is in (told of every change of its load) and the tie-break stamp.
-        self.pools: list[Pool] = []
+        self.pools: list[Pool | ScanPool] = []
         self.last_chosen = -1
 
     # ---- the router's view (Routable) -------------------------------------------------------------

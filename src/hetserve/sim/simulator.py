@@ -23,7 +23,7 @@ import numpy as np
 from ..costmodel.links import kv_transfer_time
 from ..errors import OutOfTime
 from ..plan import Deployment
-from ..scheduling.routing import Pool, make_policy
+from ..scheduling.routing import make_policy, make_pool
 from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
 from .instance import Lane, SimInstance, SimServer
@@ -93,8 +93,8 @@ class Simulator:
         # Routing pools, indexed by load. A request that fits every instance of a pool is routed over
         # the pool; one that does not (rare: a prompt longer than some instance holds) over the list of
         # those it fits. Prefill instances count the decode pool's least work as their own.
-        self.entry_pool = Pool(self.entry, self.clock)
-        self.decode_pool = Pool(self.decoders, self.clock)
+        self.entry_pool = make_pool(self.entry, self.clock)
+        self.decode_pool = make_pool(self.decoders, self.clock)
         if self.decoders:
             for p in self.prefillers:
                 p.downstream = self.decode_pool
