@@ -321,9 +321,14 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from .deploy.export import export_plan
 
-    out, files = export_plan(args.plan, args.to, args.engine, args.out, args.nearest, args.checkpoint)
+    out, files = export_plan(
+        args.plan, args.to, args.engine, args.out, args.nearest, args.checkpoint, workload=args.workload
+    )
     for g in out.gaps:
         print(f"nearest: {g.line()}", file=sys.stderr)
+    for line in out.cost:
+        if line:
+            print(line)
     where = files[0].parent if files else args.out
     print(f"wrote {len(files)} files to {where} ({', '.join(f.name for f in files)}); see {where}/README.md")
     return 0
@@ -420,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="Hugging Face id or path of the checkpoint to serve (e.g. a pre-quantised AWQ/GPTQ one for "
         "4-bit plans); default: the plan's model",
+    )
+    x.add_argument(
+        "--workload",
+        metavar="W",
+        help="with --nearest: simulate the plan and the nearest plan on this workload and report what the "
+        "changes cost (goodput, throughput, latency, $/h)",
     )
     x.set_defaults(func=cmd_export)
     from .compare import add_compare_parser

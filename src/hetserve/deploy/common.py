@@ -297,3 +297,5 @@ class Export:
     urls: dict[str, str] = field(default_factory=dict)  # instance -> its API base URL
     notes: dict[str, list[str]] = field(default_factory=dict)  # instance -> differences in behaviour
     gaps: list[Gap] = field(default_factory=list)  # what the plan asked that the target cannot express
+    #: --nearest with --workload: the planned and the nearest plan simulated (``nearest_cost``)
+    cost: list[str] = field(default_factory=list)

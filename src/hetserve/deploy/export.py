@@ -89,11 +89,23 @@ def export_plan(
     out_dir: str | None = None,
     use_nearest: bool = False,
     checkpoint: str | None = None,
+    workload: str | None = None,
 ) -> tuple[Export, list[Path]]:
+    """Export ``plan``; with ``use_nearest`` and ``workload``, the README also gives what the nearest
+    plan's changes cost in simulation."""
     if target not in TARGETS:
         raise HetserveError(f"--to: unknown target '{target}'; use one of {', '.join(TARGETS)}")
+    if workload is not None and not use_nearest:
+        raise HetserveError(
+            "--workload goes with --nearest: it simulates what the nearest plan's changes cost"
+        )
     dep = load_plan(plan)
     out = build(dep, target, engine, use_nearest, checkpoint)
+    if out.gaps and workload is not None:
+        from .nearest_cost import simulate_change
+
+        out.cost = simulate_change(dep, out.asks, workload).lines()
+        out.files["README.md"] = readme(out, dep, out.gaps)
     directory = out_dir or f"{Path(plan).stem}-{target if target != 'k8s' else 'k8s-' + out.engine}"
     return out, write(out, directory)
 
@@ -265,6 +277,14 @@ def readme(out: Export, dep: Deployment, gaps) -> str:
         dropped = {g.instance for g in gaps} - {a.name for a in out.asks}
         for name in sorted(dropped):
             lines.append(f"- instance `{name}`: not exported (its servers are taken by another instance)")
+        lines.append("")
+        lines += (
+            out.cost
+            if out.cost
+            else [
+                "What these changes cost: `hetserve export ... --nearest --workload W` simulates both plans."
+            ]
+        )
         lines.append("")
     warn = [(a.name, w) for a in out.asks for w in a.warnings]
     notes = [(n, x) for n, xs in out.notes.items() for x in xs]
