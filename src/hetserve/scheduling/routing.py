@@ -410,8 +410,9 @@ class ScanPool(Seq):
         return 0.0 if m is None else m.outstanding_work()
 
 
-#: Fewest members for which ``make_pool`` indexes a pool by load (measured: the simulator's 8-instance
-#: benchmark plan is ~25% faster scanning; 200 replicas ~1.7x faster indexed; BENCHMARKS.md).
+#: Fewest members for which ``make_pool`` indexes a pool by load: the 8-instance plan of
+#: benchmarks/sim_speed.py runs faster scanned, 200 replicas (benchmarks/sim_scaling.py) faster indexed
+#: (BENCHMARKS.md, "Simulator speed").
 INDEX_MIN = 32
 
 
