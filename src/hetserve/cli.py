@@ -228,6 +228,10 @@ def cmd_plan(args) -> int:
 
     cluster = Cluster.load(args.cluster, calibration=args.calibration)
     model = load_model(args.model)
+    if args.sensitivity:
+        from .specs.sensitivity import with_sensitivity
+
+        model = with_sensitivity(model, args.sensitivity)
     workload = Workload.load(args.workload)
     out = Path(args.out)
     planner = Planner(
@@ -372,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--quality",
         help="'lossless' or the share of sensitivity-weighted bits that may be removed (default 0.3)",
+    )
+    pl.add_argument(
+        "--sensitivity",
+        metavar="FILE",
+        help="per-layer quantisation sensitivity measured by 'hetserve quality --sensitivity' (default: "
+        "an assumed curve); decides which layers lose bits first under --quality",
     )
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")

@@ -103,3 +103,30 @@ def test_chains_never_span_vendors_and_groups_stay_in_nodes():
             assert s.tp <= s.pool.gpus_per_node and s.pool.gpus_per_node % s.tp == 0
     # the 70B model fits no single 2-GPU node at 16 bits: chains (or lower bits) make it fit
     assert any(len(t.stages) > 1 for t in templates)
+
+
+@pytest.mark.parametrize("sensitive_half", ["first", "second"])
+def test_measured_sensitivity_decides_which_layers_lose_bits(write, sensitive_half):
+    """With a sensitivity file, a single-stage instance's least sensitive layers go below 16 bits first:
+    no layer of the measured-insensitive half keeps more bits than any of the sensitive half."""
+    from hetserve.specs.sensitivity import with_sensitivity
+
+    model = load_model("llama-3.1-8b")
+    n = model.num_layers
+    sensitive = set(range(n // 2)) if sensitive_half == "first" else set(range(n // 2, n))
+    changes = "\n".join(f"    - {8.0 if i in sensitive else 0.2}" for i in range(n))
+    path = write(
+        "sens.yaml",
+        f"model: x\nnum_layers: {n}\ntokens: 400\ngroup_size: 64\nbase_perplexity: 20.0\n"
+        f"change_pct:\n  4:\n{changes}\n",
+    )
+    cluster = Cluster(ClusterFile.model_validate({"nodes": CLUSTERS["a100x4+l4x4"]}))
+    p, o, slo = WORKLOADS["chat"]
+    measured = with_sensitivity(model, path)
+    templates = TemplateFactory(cluster, measured, p, o, slo, 0.3).all()
+    single = [[b for s in t.stages for b in s.bits] for t in templates if len(t.stages) == 1]
+    quantised = [bits for bits in single if min(bits) < 16]
+    assert quantised  # the budget is spent somewhere, or the test says nothing
+    for bits in quantised:
+        assert max(bits[i] for i in range(n) if i not in sensitive) <= min(bits[i] for i in sensitive)
+        assert removed_share(bits, sensitivity(measured)) <= 0.3 + 1e-9

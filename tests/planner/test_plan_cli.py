@@ -161,3 +161,14 @@ def test_max_batch_size_holds_every_instance_to_that_many_sequences_per_lane(run
         assert inst.plan.max_batch_size <= 2 * inst.plan.micro_batches, inst.plan
     code, out, err = plan(run_cli, files, tmp_path, "--max-batch-size", "0")
     assert code == 2 and "--max-batch-size=0" in err and "at least 1" in err
+
+
+def test_a_sensitivity_file_of_another_model_is_refused(run_cli, files, tmp_path, write):
+    sens = write(
+        "sens.yaml",
+        "model: other\nnum_layers: 2\ntokens: 400\ngroup_size: 64\nbase_perplexity: 20.0\n"
+        "change_pct:\n  4: [1.0, 2.0]\n",
+    )
+    code, out, err = plan(run_cli, files, tmp_path, "--sensitivity", sens)
+    assert code != 0 and "sens.yaml" in err and "32" in err and "hetserve quality --sensitivity" in err
+    assert not (tmp_path / "plan.yaml").exists()

@@ -11,7 +11,14 @@ from hetserve.bench.quality import PERPLEXITY_TEXT, perplexity
 from hetserve.errors import HetserveError
 from hetserve.runtime import EngineConfig, LLMEngine, SamplingParams
 from hetserve.runtime.model.tiny import tiny_config, tiny_model
-from hetserve.runtime.quant import QuantLinear, layer_bits, linear_weight_bytes, quantize_model
+from hetserve.runtime.quant import (
+    QuantLinear,
+    layer_bits,
+    linear_weight_bytes,
+    quantize_layer,
+    quantize_model,
+    restore_layer,
+)
 
 SHAPES = [(96, 64), (200, 576), (576, 1536)]
 
@@ -124,6 +131,21 @@ def test_per_layer_bits_and_mistakes():
         quantize_model(tiny_model(seed=2), 8)  # intermediate size 160 is not a multiple of 64
     with pytest.raises(HetserveError, match="group size"):
         quantize_model(copy.deepcopy(base), 8, group_size=32)
+
+
+def test_one_layer_quantised_then_restored_exactly():
+    """The per-layer sensitivity sweep quantises one layer at a time: the others stay as they were, and
+    restoring gives back the very modules (outputs bit-identical)."""
+    model = tiny_model(tiny_config(intermediate_size=192, num_layers=3), seed=5)
+    x = torch.randn(4, model.layers[1].self_attn.qkv_proj.in_features)
+    proj = model.layers[1].mlp.gate_up_proj
+    before = proj(x)
+    originals = quantize_layer(model.layers[1], 4)
+    assert layer_bits(model) == [16, 4, 16]
+    assert not torch.equal(model.layers[1].mlp.gate_up_proj(x), before)
+    restore_layer(originals)
+    assert layer_bits(model) == [16, 16, 16] and model.layers[1].mlp.gate_up_proj is proj
+    assert torch.equal(model.layers[1].mlp.gate_up_proj(x), before)
 
 
 def test_quantised_model_runs_in_the_engine():

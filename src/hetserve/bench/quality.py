@@ -1,6 +1,7 @@
 """Model quality under weight quantisation: perplexity on a fixed paragraph at 16, 8 and 4 bits.
 
-    python -m hetserve.bench.quality [--model smollm2-135m] [--group-size 64] [--threads 1] [--json]
+    hetserve quality [--model smollm2-135m] [--group-size 64] [--threads 1] [--json]
+    hetserve quality --sensitivity [MODEL] --out FILE      # per layer: each layer alone at 8 and 4 bits
 
 Perplexity is exp(mean negative log-likelihood) of every token of ``PERPLEXITY_TEXT`` given the ones
 before it, computed with one forward pass over the paged-KV model (the engine's own code path).
@@ -13,6 +14,8 @@ import json
 import math
 import time
 from collections.abc import Sequence
+
+from ..errors import HetserveError
 
 #: A fixed English paragraph (written for hetserve) to measure perplexity on.
 PERPLEXITY_TEXT = """\
@@ -101,6 +104,48 @@ def quantisation_report(
     return rows
 
 
+def layer_sensitivity(
+    model: str = "smollm2-135m",
+    bits: Sequence[int] = (8, 4),
+    group_size: int = 64,
+    layers: Sequence[int] | None = None,
+    text: str = PERPLEXITY_TEXT,
+    progress=None,
+) -> dict:
+    """Perplexity change (percent) of quantising each decoder layer alone to each of ``bits``, every other
+    layer at the model's own precision: the fields of a sensitivity file (specs/sensitivity.py) when
+    ``layers`` is None (every layer); ``progress(done, total)`` is called after each measurement."""
+    from ..runtime.model.source import load_model
+    from ..runtime.quant import quantize_layer, restore_layer
+
+    net, tokenizer = load_model(model)
+    ids = tokenizer.encode(text)
+    base = perplexity(net, ids)
+    chosen = list(range(len(net.layers))) if layers is None else list(layers)
+    change: dict[int, list[float]] = {b: [] for b in bits}
+    total, done = len(chosen) * len(bits), 0
+    for index in chosen:
+        for b in bits:
+            originals = quantize_layer(net.layers[index], b, group_size)
+            try:
+                change[b].append((perplexity(net, ids) / base - 1) * 100)
+            finally:
+                restore_layer(originals)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return {
+        "model": model,
+        "num_layers": len(net.layers),
+        "tokens": len(ids),
+        "group_size": group_size,
+        "base_perplexity": base,
+        "change_pct": change,
+        "source": f"hetserve quality --sensitivity {model} --group-size {group_size} (each layer alone, "
+        "the engine's own int8/int4 weights, perplexity on the fixed paragraph)",
+    }
+
+
 def add_quality_parser(sub) -> argparse.ArgumentParser:
     q = sub.add_parser("quality", help="perplexity change of int8/int4 weight quantisation on a fixed text")
     q.add_argument(
@@ -115,6 +160,15 @@ def add_quality_parser(sub) -> argparse.ArgumentParser:
         help="settings to measure (16 = the model's own dtype; the first is the reference)",
     )
     q.add_argument("--group-size", type=int, default=64, choices=[64, 128])
+    q.add_argument(
+        "--sensitivity",
+        nargs="?",
+        const="",
+        metavar="MODEL",
+        help="measure each layer alone at 8 and 4 bits (MODEL, default --model) and write a sensitivity "
+        "file for 'plan --sensitivity' (needs --out)",
+    )
+    q.add_argument("--out", metavar="FILE", help="where --sensitivity writes its file (YAML)")
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quality)
@@ -125,6 +179,10 @@ def cmd_quality(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.sensitivity is not None:
+        return _write_sensitivity(args.sensitivity or args.model, args)
+    if args.out:
+        raise HetserveError("quality: --out is where --sensitivity writes; add --sensitivity")
     rows = quantisation_report(args.model, bits=args.bits, group_size=args.group_size)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -139,4 +197,39 @@ def cmd_quality(args) -> int:
             f"{name:>8} {r['perplexity']:11.3f} {r['perplexity_change_pct']:+7.2f}% {r['linear_weight_mb']:14.1f} "
             f"{r['weight_fraction']:9.3f}x"
         )
+    return 0
+
+
+def _write_sensitivity(model: str, args) -> int:
+    import sys
+
+    from ..calibration.cli import write_yaml
+    from ..specs.sensitivity import SensitivityFile
+
+    if not args.out:
+        raise HetserveError("quality --sensitivity: give --out FILE, where the sensitivity file is written")
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty() and not args.json:
+            print(
+                f"\rmeasured {done}/{total} layer settings", end="" if done < total else "\n", file=sys.stderr
+            )
+
+    fields = layer_sensitivity(model, group_size=args.group_size, progress=progress)
+    sens = SensitivityFile.model_validate(fields)
+    write_yaml(sens.model_dump(mode="json"), args.out, "hetserve layer sensitivity", "docs/planner.md")
+    if args.json:
+        print(json.dumps(sens.model_dump(mode="json"), indent=2))
+        return 0
+    ranked = sorted(range(sens.num_layers), key=lambda i: -sens.change_pct[4][i])
+    print(
+        f"{model}: perplexity {sens.base_perplexity:.2f} on {sens.tokens} tokens; one layer at a time, "
+        f"change at 8 bits {min(sens.change_pct[8]):+.2f}%..{max(sens.change_pct[8]):+.2f}%, at 4 bits "
+        f"{min(sens.change_pct[4]):+.2f}%..{max(sens.change_pct[4]):+.2f}%"
+    )
+    print(
+        "most sensitive layers (4 bits): "
+        + ", ".join(f"{i} ({sens.change_pct[4][i]:+.2f}%)" for i in ranked[:5])
+    )
+    print(f"wrote {args.out}; use it with: hetserve plan ... --sensitivity {args.out}")
     return 0

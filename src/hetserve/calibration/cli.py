@@ -134,13 +134,13 @@ def _error_rows(entries) -> list[tuple]:
     return out
 
 
-def write_yaml(data: dict, path: str, title: str) -> None:
+def write_yaml(data: dict, path: str, title: str, doc: str = "docs/costmodel.md") -> None:
     import yaml
 
     out = Path(path)
     if out.parent and not out.parent.exists():
         raise HetserveError(f"--out: directory {out.parent} does not exist")
-    out.write_text(f"# {title}; see docs/costmodel.md\n" + yaml.safe_dump(data, sort_keys=False, width=110))
+    out.write_text(f"# {title}; see {doc}\n" + yaml.safe_dump(data, sort_keys=False, width=110))
 
 
 def cmd_profile(args) -> int:

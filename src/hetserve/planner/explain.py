@@ -11,7 +11,7 @@ from ..specs.workloads import SLO
 from .allocate import solve
 from .candidate import Candidate
 from .evaluate import Objective
-from .quality import describe_bits
+from .quality import describe_bits, sensitivity_basis
 from .templates import Template
 
 
@@ -87,7 +87,8 @@ def explain_choice(
         bits = [b for s in quant[0].stages for b in s.bits]
         out.append(
             f"Traded precision for memory/speed within the quality budget {quality:g}: "
-            f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}."
+            f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}; "
+            f"{sensitivity_basis(best.dep.model)}."
         )
     pipes = [t for t in used if len(t.stages) > 1]
     if pipes:

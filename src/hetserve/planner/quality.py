@@ -1,8 +1,9 @@
 """Per-layer precision under a quality budget (LLM-PQ's idea, with a documented proxy).
 
 Each layer gets a *sensitivity* score: how much quantising it hurts quality, relative to the others.
-Without calibration data the default is the shape measured across LLM quantisation studies: the first
-and last layers are the most sensitive, the middle ones the least. The budget is a hard constraint on
+Measured, it is read from a sensitivity file (``hetserve quality --sensitivity``, ``plan --sensitivity``:
+specs/sensitivity.py); without one it is an assumption, the shape reported across LLM quantisation
+studies: the first and last layers are the most sensitive, the middle ones the least. The budget is a hard constraint on
 the share of sensitivity-weighted bits removed:
 
     removed = sum_l s_l * (16 - b_l) / sum_l (s_l * 16)  <=  quality budget
@@ -44,10 +45,23 @@ def parse_quality(value: str | float | None) -> float:
 
 
 def sensitivity(model: ModelSpec) -> list[float]:
-    """Relative sensitivity per layer: 1 in the middle, up to 3 at the first and last layers."""
+    """Relative sensitivity per layer: the model's measured weights (``plan --sensitivity``), else the
+    assumed curve: 1 in the middle, up to 3 at the first and last layers."""
+    if model.layer_sensitivity is not None:
+        return list(model.layer_sensitivity)
     n = model.num_layers
     width = max(1.0, n / 16)
     return [1.0 + 2.0 * math.exp(-l / width) + 2.0 * math.exp(-(n - 1 - l) / width) for l in range(n)]
+
+
+def sensitivity_basis(model: ModelSpec) -> str:
+    """Where ``sensitivity(model)`` comes from, in words for a plan's explanation."""
+    if model.layer_sensitivity is not None:
+        return f"per-layer sensitivity measured ({model.sensitivity_source or 'given'})"
+    return (
+        "per-layer sensitivity assumed (1 in the middle, 3 at the ends; measure it with "
+        "'hetserve quality --sensitivity MODEL' and pass --sensitivity FILE)"
+    )
 
 
 def removed_share(bits: list[int] | tuple[int, ...], sens: list[float]) -> float:

@@ -239,26 +239,42 @@ def quantize_model(
     tp = getattr(model, "tp", None)
     where = f" on tensor-parallel rank {tp.rank} of {tp.size}" if tp is not None and tp.size > 1 else ""
     for layer, b in zip(model.layers, per_layer):
-        if b == 16:
-            continue
-        for parent_name, name in _PROJECTIONS:
-            parent = getattr(layer, parent_name)
-            current = getattr(parent, name)
-            if isinstance(current, QuantLinear):
-                raise HetserveError("the model is already quantised; quantise a freshly loaded model")
-            if current.in_features % group_size:
-                fits = [g for g in GROUP_SIZES if current.in_features % g == 0]
-                fix = (
-                    f"use group size {fits[0]}"
-                    if fits
-                    else f"no supported group size {list(GROUP_SIZES)} divides it; keep these layers at 16 bits"
-                )
-                raise QuantGroupError(
-                    f"{name} has {current.in_features} input features{where}, not a multiple "
-                    f"of the group size {group_size}; {fix}"
-                )
-            setattr(parent, name, QuantLinear(current, b, group_size, search))
+        if b != 16:
+            quantize_layer(layer, b, group_size, search, where)
     return model
+
+
+def quantize_layer(
+    layer: nn.Module, bits: int, group_size: int = 64, search: bool = True, where: str = ""
+) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Quantise one decoder layer's projections in place; returns (parent, name, original) for each, so
+    that ``restore_layer`` can put the originals back (a per-layer sensitivity sweep)."""
+    originals = []
+    for parent_name, name in _PROJECTIONS:
+        parent = getattr(layer, parent_name)
+        current = getattr(parent, name)
+        if isinstance(current, QuantLinear):
+            raise HetserveError("the model is already quantised; quantise a freshly loaded model")
+        if current.in_features % group_size:
+            fits = [g for g in GROUP_SIZES if current.in_features % g == 0]
+            fix = (
+                f"use group size {fits[0]}"
+                if fits
+                else f"no supported group size {list(GROUP_SIZES)} divides it; keep these layers at 16 bits"
+            )
+            raise QuantGroupError(
+                f"{name} has {current.in_features} input features{where}, not a multiple "
+                f"of the group size {group_size}; {fix}"
+            )
+        setattr(parent, name, QuantLinear(current, bits, group_size, search))
+        originals.append((parent, name, current))
+    return originals
+
+
+def restore_layer(originals: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+    """Undo ``quantize_layer``."""
+    for parent, name, linear in originals:
+        setattr(parent, name, linear)
 
 
 def layer_bits(model: nn.Module) -> list[int]:

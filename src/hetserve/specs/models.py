@@ -71,9 +71,18 @@ class ModelSpec(BaseModel):
     layer_norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
     learned_positions: bool = False  # OPT's learned positional embedding table
     source: str = ""
+    #: Per-layer weights of how much quantising each layer hurts quality (mean 1), measured and read from a
+    #: sensitivity file (specs/sensitivity.py); None: the planner's assumed curve (planner/quality.py).
+    layer_sensitivity: tuple[float, ...] | None = None
+    sensitivity_source: str = ""  # the file the weights were read from
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.layer_sensitivity is not None and (
+            len(self.layer_sensitivity) != self.num_layers
+            or not all(math.isfinite(w) and w > 0 for w in self.layer_sensitivity)
+        ):
+            raise ValueError(f"layer_sensitivity: give {self.num_layers} positive weights, one per layer")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_kv_heads}) must divide "
