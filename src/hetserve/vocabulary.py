@@ -29,3 +29,6 @@ SCHEDULE_POLICIES: tuple[SchedulePolicy, ...] = ("decode-first", "prefill-first"
 
 #: GB of paged KV cache an engine (``serve --model``) or each plan worker gets unless told otherwise.
 DEFAULT_KV_CACHE_GB = 0.5
+
+#: Environment variable holding the API key a server requires and a client sends (``--api-key``).
+API_KEY_ENV = "HETSERVE_API_KEY"

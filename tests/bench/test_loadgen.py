@@ -166,3 +166,23 @@ def test_synthesised_prompts_have_about_the_asked_length():
 
     tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m"))[0].meta)
     assert abs(len(tok.encode(text)) - 200) <= 4  # one token per word with a byte-level BPE vocabulary
+
+
+def test_a_server_with_an_api_key_is_benchmarked_with_it(workload, monkeypatch, capsys):
+    from hetserve.runtime.api.limits import Access
+
+    engine = LLMEngine(tiny_model(seed=5), tiny_tokenizer(), EngineConfig(num_kv_blocks=256, block_size=4))
+    app = create_app(engine, "tiny", access=Access.for_bind("127.0.0.1", api_key="s3cret"))
+    with BackgroundServer(app) as srv:
+        without = run_bench(
+            BenchConfig(url=srv.url, workload=Workload.load(workload), model="tiny", max_requests=3)
+        )
+        assert without[1]["completed"] == 0 and any("401" in e for e in without[1]["errors"])
+        monkeypatch.setenv("HETSERVE_API_KEY", "s3cret")  # the flag's default, as for serve
+        capsys.readouterr()
+        assert bench("--url", srv.url, "--workload", workload, "--max-requests", 3, "--json") == 0
+        assert json.loads(capsys.readouterr().out)["completed"] == 3
+        keyed = run_bench(
+            BenchConfig(url=srv.url, workload=Workload.load(workload), max_requests=3, api_key="s3cret")
+        )
+        assert keyed[1]["completed"] == 3 and not keyed[1]["errors"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..errors import HetserveError
+from ..vocabulary import API_KEY_ENV
 
 SUMMARY_ROWS = (
     "requests",
@@ -55,6 +57,11 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="do not send ignore_eos (for servers that reject unknown fields)",
     )
+    b.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"sent as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; none)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="directory for requests.csv and summary.json")
@@ -92,6 +99,7 @@ def cmd_bench(args) -> int:
         timeout_s=args.timeout,
         endpoint=args.endpoint,
         ignore_eos=not args.no_ignore_eos,
+        api_key=args.api_key,
     )
     results, summary = run_bench(cfg)
     if args.out:

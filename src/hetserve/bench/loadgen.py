@@ -65,6 +65,7 @@ class BenchConfig:
     timeout_s: float | None = None  # the whole run; None: arrival span + 600 s
     endpoint: Literal["completions", "chat"] = "completions"
     ignore_eos: bool = True
+    api_key: str | None = None  # sent as 'Authorization: Bearer KEY' (a server started with --api-key)
 
 
 @dataclass
@@ -187,7 +188,10 @@ async def run_bench_async(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
     url = base_url(cfg.url)
     limit = cfg.timeout_s if cfg.timeout_s is not None else float(arrivals[-1]) + 600.0
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(limit, connect=30.0), limits=limits) as client:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(limit, connect=30.0), limits=limits, headers=headers
+    ) as client:
         model = cfg.model or await _discover_model(client, url)
         start = time.perf_counter()
         tasks = [

@@ -9,13 +9,12 @@ import sys
 from dataclasses import dataclass, field
 
 from ...errors import HetserveError
-from ...vocabulary import DEFAULT_KV_CACHE_GB, ENGINE_DTYPES, SCHEDULE_POLICIES, SchedulePolicy
+from ...vocabulary import API_KEY_ENV, DEFAULT_KV_CACHE_GB, ENGINE_DTYPES, SCHEDULE_POLICIES, SchedulePolicy
 
 TORCH_DTYPES = tuple(dict.fromkeys(ENGINE_DTYPES.values()))  # float32, float16, bfloat16
 #: ``serve --model``: prompt tokens a request prefills per step. A step then holds at most one chunk and
 #: a token of every running request, so a long prompt delays the other streams by one chunk's time.
 DEFAULT_CHUNK_SIZE = 256
-API_KEY_ENV = "HETSERVE_API_KEY"
 
 
 @dataclass
