@@ -343,3 +343,11 @@ def test_the_table_says_when_a_plan_finished_no_request_and_when_it_is_infeasibl
     }
     cells = {r[0]: r[2] for r in table_rows(report)}
     assert cells == {"stuck": "0 (no request finished)", "slow": 0.0, "over": "infeasible"}
+
+
+def test_compare_tells_of_each_strategy_before_it_runs():
+    path = next(p for p in SCENARIOS if p.stem == "llmpq-opt66b")
+    seen = []
+    report = run_compare(path, ["uniform", "llm-pq"], time_limit=2, progress=lambda *a: seen.append(a))
+    assert seen == [("uniform", 1, 2), ("llm-pq", 2, 2)]
+    assert list(report["strategies"]) == ["uniform", "llm-pq"]

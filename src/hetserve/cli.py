@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import HetserveError
+from .report.progress import progress as _progress
 from .report.tables import err_console, key_values, print_json, table
 
 
@@ -262,33 +263,6 @@ def cmd_plan(args) -> int:
     if args.target:
         print(f"runs on {planner.target.label} as planned: hetserve export {out} --to {args.target}")
     return 0
-
-
-class _progress:
-    """A transient rich progress bar on a terminal (a no-op elsewhere). Entering it yields
-    ``update(advance=1)`` for counted work, or ``update(description, completed_fraction)`` when
-    ``total`` is 1.0 (the planner's time budget)."""
-
-    def __init__(self, label: str, total: float, enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled and sys.stderr.isatty()
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True, console=err_console)
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        if self.total == 1.0:
-            return lambda what, frac: self.bar.update(task, completed=frac, description=what)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
 
 
 def cmd_generate(args) -> int:

@@ -305,7 +305,8 @@ def run_compare(
 ) -> dict:
     """Plan with each strategy and simulate each plan on the scenario's workload (same requests).
 
-    ``requests`` overrides how many requests each simulation replays (scaling the scenario's duration);
+    ``progress(name, i, n)`` is told of each strategy before it runs (the i-th of n). ``requests``
+    overrides how many requests each simulation replays (scaling the scenario's duration);
     ``time_limit`` overrides the planning seconds per strategy; ``calibration`` times every cluster with
     a calibration file's factors. Returns the comparison as a dict:
     ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
@@ -330,9 +331,9 @@ def run_compare(
     results: dict[str, dict] = {}
     sims: dict[str, object] = {}
     plans: dict[str, tuple[dict, object]] = {}
-    for name in names:
+    for i, name in enumerate(names, 1):
         if progress:
-            progress(name)
+            progress(name, i, len(names))
         ctx = sc.context(name, seed, time_limit)
         t0 = time.perf_counter()
         try:
@@ -459,9 +460,9 @@ def cmd_compare(args) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
 
-    def progress(name):
+    def progress(name: str, i: int, n: int) -> None:
         if not args.json:
-            err_console.print(f"planning and simulating: {name}", highlight=False)
+            err_console.print(f"[{i}/{n}] {name}: planning and simulating", highlight=False)
 
     report = run_compare(
         args.scenario,

@@ -186,3 +186,24 @@ def test_a_server_with_an_api_key_is_benchmarked_with_it(workload, monkeypatch, 
             BenchConfig(url=srv.url, workload=Workload.load(workload), max_requests=3, api_key="s3cret")
         )
         assert keyed[1]["completed"] == 3 and not keyed[1]["errors"]
+
+
+def test_progress_hooks_see_every_request_and_the_live_ttft(server, workload):
+    from hetserve.bench.cli import _LiveBench
+
+    started, ended = [], []
+    results, s = run_bench(
+        BenchConfig(url=server.url, workload=Workload.load(workload), model="tiny", max_requests=5),
+        on_start=started.append,
+        on_done=ended.append,
+    )
+    assert started == [5] and len(ended) == 5 and {id(r) for r in ended} == {id(r) for r in results}
+    live, notes = _LiveBench(enabled=True), []
+    live.advance = lambda n, note: notes.append(note)  # what the bar shows beside "requests"
+    for r in sorted(results, key=lambda r: r.first_token):
+        live.done(r)
+    ttfts = sorted((r.first_token - r.arrival) * 1000 for r in results)
+    assert notes[-1] == f"TTFT p50 {ttfts[2]:,.0f} ms"
+    failed = type(results[0])(arrival=0.0, prompt_tokens=3, error="HTTP 503: down")
+    live.done(failed)
+    assert notes[-1].endswith(", 1 failed")

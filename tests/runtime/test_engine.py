@@ -2,6 +2,7 @@
 
 import io
 import random
+import re
 
 import pytest
 import torch
@@ -206,6 +207,24 @@ def test_run_generate_on_a_gguf_file(tmp_path):
     ids = eng.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
     (expected,) = eng.generate([ids], SamplingParams(max_tokens=10))
     assert text == expected.text and stream.getvalue() == text + "\n"
+
+
+def test_run_generate_tells_a_terminal_user_what_it_does(tmp_path, monkeypatch):
+    """On a terminal: a line before loading (which takes seconds on a real model) and one with the first
+    token's latency and the decode speed at the end; the reply itself stays alone on stdout."""
+    import hetserve.report.progress as progress
+
+    lines = []
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(progress.err_console, "print", lambda msg, **kw: lines.append(msg))
+    path = write_gguf(tmp_path / "tiny.gguf", MODEL)
+    stream = io.StringIO()
+    text = run_generate(str(path), "hello", max_tokens=6, stream=stream, chat=False)
+    assert stream.getvalue() == text + "\n"
+    assert lines[0].startswith("loading ") and lines[1].startswith("loaded in ")
+    assert re.fullmatch(
+        r"6 tokens in [\d.]+ s: first after [\d.]+ s \(a \d+-token prompt\), then [\d.]+ tok/s", lines[-1]
+    )
 
 
 def test_run_generate_reports_user_mistakes(tmp_path, monkeypatch):

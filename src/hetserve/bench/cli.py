@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 from ..errors import HetserveError
@@ -71,7 +72,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from ..specs.workloads import Workload
-    from .loadgen import BenchConfig, run_bench, to_records
+    from .loadgen import BenchConfig, to_records
 
     for flag, value, ok in (
         ("--duration", args.duration, args.duration is None or args.duration > 0),
@@ -101,7 +102,7 @@ def cmd_bench(args) -> int:
         ignore_eos=not args.no_ignore_eos,
         api_key=args.api_key,
     )
-    results, summary = run_bench(cfg)
+    results, summary = _run_with_progress(cfg, enabled=not args.json)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -125,3 +126,44 @@ def cmd_bench(args) -> int:
     if summary.get("files"):
         print("wrote: " + ", ".join(summary["files"]))
     return 0
+
+
+class _LiveBench:
+    """A progress bar while the replay runs: requests ended of all, ETA, the TTFT p50 so far."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.advance = None
+        self.ttfts: list[float] = []
+        self.failed = 0
+
+    def start(self, n: int) -> None:
+        from ..report.progress import progress
+
+        self.bar = progress("requests", n, self.enabled)
+        self.advance = self.bar.__enter__()
+
+    def done(self, r) -> None:
+        if self.advance is None:
+            return
+        if r.error is None and r.first_token == r.first_token:  # not NaN
+            self.ttfts.append((r.first_token - r.arrival) * 1000)
+        else:
+            self.failed += 1
+        ttft = f"TTFT p50 {statistics.median(self.ttfts):,.0f} ms" if self.ttfts else "no token yet"
+        self.advance(1, ttft + (f", {self.failed} failed" if self.failed else ""))
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _run_with_progress(cfg, enabled: bool):
+    from .loadgen import run_bench
+
+    live = _LiveBench(enabled)
+    try:
+        return run_bench(cfg, on_start=live.start, on_done=live.done)
+    finally:
+        live.stop()

@@ -21,6 +21,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -172,7 +173,13 @@ async def _one(
         result.error = f"{type(exc).__name__}: {exc}"
 
 
-async def run_bench_async(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
+async def run_bench_async(
+    cfg: BenchConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], dict]:
+    """Replay the workload; ``on_start(n)`` once the ``n`` requests are known, ``on_done(result)`` as each
+    request ends (for a progress display)."""
     import httpx
 
     if cfg.max_requests < 1:
@@ -193,11 +200,16 @@ async def run_bench_async(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
         timeout=httpx.Timeout(limit, connect=30.0), limits=limits, headers=headers
     ) as client:
         model = cfg.model or await _discover_model(client, url)
+        if on_start is not None:
+            on_start(n)
         start = time.perf_counter()
         tasks = [
             asyncio.ensure_future(_one(client, url, cfg, model, p, int(o), r, start))
             for p, o, r in zip(prompts, reqs.output_tokens[:n], results)
         ]
+        if on_done is not None:
+            for task, r in zip(tasks, results):
+                task.add_done_callback(lambda _t, r=r: on_done(r))
         done, pending = await asyncio.wait(tasks, timeout=limit)
         for task in pending:
             task.cancel()
@@ -210,9 +222,13 @@ async def run_bench_async(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
     return results, _summary(results, cfg, model, url, wall, int(len(reqs)))
 
 
-def run_bench(cfg: BenchConfig) -> tuple[list[RequestResult], dict]:
+def run_bench(
+    cfg: BenchConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], dict]:
     """Replay the workload against the server; (per-request results, summary)."""
-    return asyncio.run(run_bench_async(cfg))
+    return asyncio.run(run_bench_async(cfg, on_start, on_done))
 
 
 def to_records(results: list[RequestResult], url: str = "") -> Records:

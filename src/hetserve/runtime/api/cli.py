@@ -330,6 +330,7 @@ def cmd_serve(args) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=not args.no_prefix_caching,
     )
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     engine = build_engine(opts)
     name = args.served_model_name or served_name(args.model)
     for note in opts.notes:
@@ -377,6 +378,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
         from ..cluster.mesh import read_secret
 
         secret = read_secret(args.secret_file)
+    print(f"starting the workers of {args.plan} (each loads its layers) ...", file=sys.stderr, flush=True)
     engine = start_cluster(
         args.plan,
         args.model,
