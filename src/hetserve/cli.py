@@ -437,9 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     from .bench.cli import add_bench_parser
     from .runtime.api.cli import add_serve_parser, add_worker_parser
+    from .runtime.router.cli import add_route_parser
 
     add_serve_parser(sub)
     add_worker_parser(sub)
+    add_route_parser(sub)
     add_bench_parser(sub)
     from .bench.quality import add_quality_parser
 

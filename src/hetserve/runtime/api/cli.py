@@ -173,12 +173,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "one started on this machine); dead workers are started again through Ray",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_http_options(s)
+    add_http_options(s)
     s.set_defaults(func=cmd_serve)
     return s
 
 
-def _add_http_options(s: argparse.ArgumentParser) -> None:
+def add_http_options(s: argparse.ArgumentParser) -> None:
     from .limits import ServerLimits
 
     d = ServerLimits()
@@ -265,7 +265,7 @@ def http_settings(args):
     return limits, Access.for_bind(args.host, extra, api_key=args.api_key)
 
 
-def _access_note(args, access) -> str | None:
+def access_note(args, access) -> str | None:
     from .limits import LOCAL_HOSTS
 
     if access.api_key is None and args.host not in LOCAL_HOSTS:
@@ -343,7 +343,7 @@ def cmd_serve(args) -> int:
         f"{prefill}, {torch.get_num_threads()} threads)",
         file=sys.stderr,
     )
-    note = _access_note(args, access)
+    note = access_note(args, access)
     if note:
         print(note, file=sys.stderr)
     serve(create_app(engine, name, limits, access), args.host, args.port, args.log_level)
@@ -422,7 +422,7 @@ def _serve_plan(args, uvicorn, create_app) -> int:
         )
     from .server import serve
 
-    note = _access_note(args, access)
+    note = access_note(args, access)
     if note:
         print(note, file=sys.stderr)
     try:  # serve returns on SIGINT and SIGTERM, so the workers are shut down and their files removed

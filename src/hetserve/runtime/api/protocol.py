@@ -91,6 +91,10 @@ class _Sampling(_Strict):
     top_k: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    #: vLLM's field for a disaggregated prefill/decode hand-off (what ``hetserve route`` sends a P/D plan's
+    #: backends): accepted and ignored, as this server has no KV connector (a decode request computes its
+    #: prompt again).
+    kv_transfer_params: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         """Refuse OpenAI options this server does not implement (rather than silently ignoring them)."""
