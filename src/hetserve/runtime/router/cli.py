@@ -30,27 +30,19 @@ def add_route_parser(sub) -> argparse.ArgumentParser:
     r.add_argument(
         "--retries", type=int, default=d.retries, help=f"other backends tried (default {d.retries})"
     )
-    r.add_argument(
-        "--health-interval",
-        type=float,
-        default=d.health_interval,
-        metavar="S",
-        help=f"seconds between health checks of each backend (default {d.health_interval:g})",
-    )
-    r.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout,
-        metavar="S",
-        help=f"seconds without a byte from a backend before it counts as failed (default {d.request_timeout:g})",
-    )
-    r.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=d.queue_timeout,
-        metavar="S",
-        help=f"seconds a request may wait for a free slot under jffc (default {d.queue_timeout:g})",
-    )
+    for flag, what in (
+        ("health_interval", "seconds between health checks of each backend"),
+        ("request_timeout", "seconds without a byte from a backend before it counts as failed"),
+        ("queue_timeout", "seconds a request may wait for a free slot under jffc"),
+    ):
+        value = getattr(d, flag)
+        r.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=float,
+            default=value,
+            metavar="S",
+            help=f"{what} (default {value:g})",
+        )
     r.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_http_options(r)
     r.set_defaults(func=cmd_route)
