@@ -130,3 +130,18 @@ def test_measured_sensitivity_decides_which_layers_lose_bits(write, sensitive_ha
     for bits in quantised:
         assert max(bits[i] for i in range(n) if i not in sensitive) <= min(bits[i] for i in sensitive)
         assert removed_share(bits, sensitivity(measured)) <= 0.3 + 1e-9
+
+
+def test_instance_names_say_role_gpus_depth_and_tp():
+    from hetserve.planner.build import instance_prefix
+
+    templates, _ = factory("h100x2+a10x2+t4x4", "llama-3.1-8b", "chat")
+    names = {instance_prefix(t) for t in templates}
+    for t in templates:
+        name = instance_prefix(t)
+        assert name.startswith(t.role + "-") and t.stages[0].pool.gpu.name in name
+        assert ("pp" + str(len(t.stages))) in name if len(t.stages) > 1 else "pp" not in name
+        assert name.endswith("tp" + "/".join(dict.fromkeys(str(s.tp) for s in t.stages)))
+    assert any("+" in n for n in names) or all(
+        len({s.pool.gpu.name for s in t.stages}) == 1 for t in templates
+    )

@@ -158,6 +158,15 @@ def handoff_weights(
     return out
 
 
+def instance_prefix(t: Template) -> str:
+    """What an instance of ``t`` is called before its number: role, GPU types, pipeline depth and TP
+    (``prefill-h100-sxm-pp3-tp2``, ``mixed-a100-80gb+l4-pp2-tp4/2`` for an asymmetric chain)."""
+    gpus = list(dict.fromkeys(s.pool.gpu.name for s in t.stages))
+    tps = list(dict.fromkeys(s.tp for s in t.stages))
+    depth = f"pp{len(t.stages)}-" if len(t.stages) > 1 else ""
+    return f"{t.role}-{'+'.join(gpus)}-{depth}tp{'/'.join(map(str, tps))}"
+
+
 def build_plan(
     cluster: Cluster,
     cluster_ref: str,
@@ -181,7 +190,7 @@ def build_plan(
     value), ``OutOfTime`` is raised; it also bounds the hand-off LP's time."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
-    per_template: dict[int, int] = {}
+    per_prefix: dict[str, int] = {}
     flows_by_instance: dict[str, float] = {}
     count_by_template = {id(templates[j]): n for j, n in alloc.counts.items()}
     flow_by_template = {id(templates[j]): alloc.flows.get(j, 0.0) for j in alloc.counts}
@@ -189,12 +198,10 @@ def build_plan(
     for n, (t, spots) in enumerate(placed):
         if deadline is not None and n % 256 == 255 and time.perf_counter() > deadline:
             raise OutOfTime(f"building a plan of {len(placed)} instances")
-        k = per_template.get(id(t), 0)
-        per_template[id(t)] = k + 1
-        base = (
-            f"{t.role}-{t.stages[0].pool.gpu.name}-{'pp' + str(len(t.stages)) + '-' if len(t.stages) > 1 else ''}"
-            f"tp{t.stages[0].tp}-{t.name}-{k}"
-        )
+        prefix = instance_prefix(t)
+        k = per_prefix.get(prefix, 0)
+        per_prefix[prefix] = k + 1
+        base = f"{prefix}-{k}"
         chain = []
         for si, (s, (node, gpus)) in enumerate(zip(t.stages, spots)):
             sname = f"{base}-s{si}" if len(t.stages) > 1 else base
