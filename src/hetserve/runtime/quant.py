@@ -208,7 +208,8 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0
     buffers = _local.__dict__.setdefault("buffers", {})
     key = (slot, dtype, str(device))
     buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
+    # a buffer made under torch.inference_mode cannot be written outside it: make another
+    if buf is None or buf.numel() < numel or (buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 

@@ -144,6 +144,8 @@ def parse_text(text: str, source: str, json_syntax: bool = False) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "nesting depth" in problem:  # PyYAML's own bound (6.0.4 and later), met before ours
+            raise HetserveError(f"nested more than {MAX_DEPTH} levels deep{where}", source=source) from None
         raise HetserveError(f"invalid YAML{where}: {problem}", source=source) from None
     except json.JSONDecodeError as exc:
         raise HetserveError(f"invalid JSON at line {exc.lineno}: {exc.msg}", source=source) from None
