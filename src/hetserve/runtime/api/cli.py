@@ -243,6 +243,11 @@ def add_http_options(s: argparse.ArgumentParser) -> None:
     )
 
 
+def flag_error(exc: ValueError) -> HetserveError:
+    """A settings object's ``ValueError`` ("max_body_bytes must be ...") as the flag's error."""
+    return HetserveError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}")
+
+
 def http_settings(args):
     """``ServerLimits`` and ``Access`` from the serve options; HetserveError for a value out of range."""
     from .limits import Access, ServerLimits
@@ -259,8 +264,7 @@ def http_settings(args):
             limit_concurrency=args.limit_concurrency or None,
         )
     except ValueError as exc:
-        flag = "--" + str(exc).split()[0].replace("_", "-")
-        raise HetserveError(f"{flag}: {exc}") from None
+        raise flag_error(exc) from None
     extra = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
     return limits, Access.for_bind(args.host, extra, api_key=args.api_key)
 

@@ -77,7 +77,7 @@ class RouterStats:
     def sent(self, b: Backend) -> None:
         self.requests.inc(1.0, b.name)
 
-    def failure(self, b: Backend, ejected: bool) -> None:
+    def failure(self, b: Backend) -> None:
         self.failures.inc(1.0, b.name)
 
     def ejected(self, b: Backend) -> None:

@@ -52,7 +52,7 @@ def add_route_parser(sub) -> argparse.ArgumentParser:
 def cmd_route(args) -> int:
     from ...plan import PlanFile
     from ...specs.loading import load_yaml_model
-    from ..api.cli import access_note, http_settings
+    from ..api.cli import access_note, flag_error, http_settings
     from ..api.server import serve
     from .app import RouterSettings, create_router_app
     from .backends import backends_for, parse_backend_flags
@@ -70,7 +70,7 @@ def cmd_route(args) -> int:
             queue_timeout=args.queue_timeout,
         )
     except ValueError as exc:
-        raise HetserveError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+        raise flag_error(exc) from None
     limits, access = http_settings(args)
     app = create_router_app(plan, backends, settings, limits, access)
     print(

@@ -23,6 +23,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -30,6 +31,9 @@ from ...plan import PlanFile
 from ...scheduling.routing import RoutingPolicy, make_policy
 from ..api.protocol import APIError
 from .backends import Backend
+
+if TYPE_CHECKING:
+    from .app import RouterStats
 
 #: What a prefill request asks of a vLLM prefill instance with a NIXL connector.
 PREFILL_KV_PARAMS = {
@@ -69,7 +73,7 @@ class Router:
         *,
         retries: int = 2,
         queue_timeout: float = 30.0,
-        stats=None,
+        stats: RouterStats,
     ):
         self.plan, self.backends, self.client = plan, backends, client
         self.retries, self.queue_timeout = retries, queue_timeout
@@ -124,9 +128,8 @@ class Router:
 
     def _failed(self, backend: Backend, why: str, eject: bool) -> None:
         backend.last_error = why
-        if self.stats is not None:
-            self.stats.failure(backend, eject)
-        if eject and backend.eject(why) and self.stats is not None:
+        self.stats.failure(backend)
+        if eject and backend.eject(why):
             self.stats.ejected(backend)
 
     # ---- one request -----------------------------------------------------------------------------------
@@ -180,8 +183,7 @@ class Router:
             if backend is None:
                 break
             tried.add(backend.name)
-            if self.stats is not None:
-                self.stats.sent(backend)
+            self.stats.sent(backend)
             try:
                 if body.get("stream"):
                     return await self._stream(backend, path, body)  # releases when the stream ends
@@ -195,8 +197,7 @@ class Router:
         raise _none_took(what, errors, candidates)
 
     def _count_retry(self) -> None:
-        if self.stats is not None:
-            self.stats.retried()
+        self.stats.retried()
 
     async def _whole(self, backend: Backend, path: str, body: dict) -> Answer:
         try:
