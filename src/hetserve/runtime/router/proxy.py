@@ -23,7 +23,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
@@ -31,9 +30,7 @@ from ...plan import PlanFile
 from ...scheduling.routing import RoutingPolicy, make_policy
 from ..api.protocol import APIError
 from .backends import Backend
-
-if TYPE_CHECKING:
-    from .app import RouterStats
+from .stats import RouterStats
 
 #: What a prefill request asks of a vLLM prefill instance with a NIXL connector.
 PREFILL_KV_PARAMS = {
