@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import HetserveError
+from .errors import HetserveError, seed_value
 from .report.progress import progress as _progress
 from .report.tables import err_console, key_values, print_json, table
 
@@ -222,11 +222,16 @@ def cmd_plan(args) -> int:
     from .plan import save_plan
     from .planner import Planner
     from .planner.quality import parse_quality
-    from .report.planning import plan_report, print_plan
+    from .report.planning import OBJECTIVE_WORDS, plan_report, print_plan
     from .specs.clusters import Cluster
     from .specs.models import load_model
     from .specs.workloads import Workload
 
+    if args.weight_bits is not None and args.quality is not None:
+        raise HetserveError(
+            "--weight-bits and --quality both set the weights' bits; give one (--weight-bits: every layer "
+            "alike; --quality: the planner chooses per layer)"
+        )
     cluster = Cluster.load(args.cluster, calibration=args.calibration)
     model = load_model(args.model)
     if args.sensitivity:
@@ -244,6 +249,8 @@ def cmd_plan(args) -> int:
         model_ref=args.model,
         budget=args.budget,
         quality=parse_quality(args.quality),
+        weight_bits=args.weight_bits,
+        headroom=args.headroom,
         seed=args.seed,
         time_limit=args.time_limit,
         max_seqs=args.max_batch_size,
@@ -254,15 +261,16 @@ def cmd_plan(args) -> int:
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_plan(result.plan, out, cluster_path=args.cluster, calibration_path=args.calibration)
-    report = plan_report(result, str(out))
+    report = plan_report(result, str(out), workload)
+    carries = result.carrying is None or result.carrying.carries
     if args.json:
         print_json(report)
-        return 0
-    title = f"plan for {model.name} on {cluster.name} ({cluster.total_gpus} GPUs), objective {args.objective}"
-    print_plan(result, report, title)
+        return 0 if carries else 1
+    title = f"plan for {model.name} on {cluster.name}: {OBJECTIVE_WORDS[args.objective]}"
+    print_plan(result, report, title, cluster.total_gpus)
     if args.target:
         print(f"runs on {planner.target.label} as planned: hetserve export {out} --to {args.target}")
-    return 0
+    return 0 if carries else 1
 
 
 def cmd_generate(args) -> int:
@@ -316,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hetserve", description="Plan, simulate and serve LLMs on heterogeneous GPUs."
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"hetserve {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("gpus", help="list the GPU catalogue")
@@ -345,11 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cluster", required=True, help="cluster YAML (see docs/files.md)")
     pl.add_argument("--model", required=True, help="built-in name or path of a config.json")
     pl.add_argument("--workload", required=True, help="workload YAML: rates, lengths and SLOs")
-    pl.add_argument("--objective", default="goodput", choices=["throughput", "goodput", "cost", "power"])
+    pl.add_argument(
+        "--objective",
+        default="cost",
+        choices=["cost", "goodput", "throughput", "power"],
+        help="cost (default): the cheapest plan that carries the workload's rate within its SLOs; "
+        "goodput: the highest request rate within the SLOs; throughput: the most output tokens/s; "
+        "power: the least power that carries the workload",
+    )
+    pl.add_argument(
+        "--headroom",
+        type=float,
+        default=0.2,
+        metavar="SHARE",
+        help="cost and power plans carry this share more than the workload's rate (default 0.2: 20%%)",
+    )
     pl.add_argument("--budget", type=float, help="most USD per hour to spend")
     pl.add_argument(
         "--quality",
-        help="'lossless' or the share of sensitivity-weighted bits that may be removed (default 0.3)",
+        help="'lossless' (default: 16-bit weights) or the share of sensitivity-weighted weight bits the "
+        "planner may remove, layer by layer (0 to 0.75)",
+    )
+    pl.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=[16, 8, 4],
+        help="every layer's weights at these bits (as an engine's quantisation flag); instead of --quality",
     )
     pl.add_argument(
         "--sensitivity",
@@ -357,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer quantisation sensitivity measured by 'hetserve quality --sensitivity' (default: "
         "an assumed curve); decides which layers lose bits first under --quality",
     )
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--seed", type=seed_value, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")
     pl.add_argument(
         "--max-batch-size",
@@ -386,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, help="seconds of arrivals (default: the workload's; traces: all)"
     )
     s.add_argument("--rate", type=float, help="override the mean arrival rate (requests/s)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_value, default=0)
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="directory for per-request records, summary.json and PNG plots")
     s.add_argument("--records", choices=["csv", "parquet"], default="csv")
@@ -428,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--seed", type=seed_value)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -455,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's one-line usage error
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -30,7 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import HetserveError, allowed, suggest
+from .errors import HetserveError, allowed, seed_value, suggest
 
 if TYPE_CHECKING:
     from .planner.evaluate import Objective, Run
@@ -518,7 +518,7 @@ def add_compare_parser(subparsers) -> None:
     )
     c.add_argument("--json", action="store_true", help="print {strategy: metrics} as JSON")
     c.add_argument("--out", help="directory for compare.json, the plans and PNG plots")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_value, default=0)
     c.add_argument("--requests", type=int, help="requests per simulation (default: the scenario's duration)")
     c.add_argument("--time-limit", type=float, help="planning seconds per strategy (default: the scenario's)")
     c.add_argument(

@@ -21,10 +21,16 @@ class OutOfTime(Exception):
 
 
 def suggest(word: str, choices) -> str:
-    """' (did you mean X?)' for a near miss among ``choices``, else ''."""
+    """' (did you mean X?)' for a near miss among ``choices``, else ''. Names of the same family come
+    first: a word that starts one or more names ('h100' -> 'h100-pcie', 'h100-sxm') names those."""
     import difflib
 
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    names = sorted(str(c) for c in choices)
+    w = str(word).strip().lower()
+    family = [n for n in names if w and n.lower().startswith(w)] if len(w) >= 2 else []
+    if 1 <= len(family) <= 4:
+        return " (did you mean " + " or ".join(f"'{n}'" for n in family) + "?)"
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -32,3 +38,20 @@ def allowed(choices, limit: int = 30) -> str:
     names = sorted(str(c) for c in choices)
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+#: Largest seed the random generators take (NumPy's and torch's accept 0 .. 2**32 - 1 alike).
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    """An argparse ``type`` for ``--seed``: an integer in [0, 2**32 - 1], or argparse's one-line error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. {MAX_SEED}")
+    return value

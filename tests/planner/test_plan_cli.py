@@ -172,3 +172,59 @@ def test_a_sensitivity_file_of_another_model_is_refused(run_cli, files, tmp_path
     code, out, err = plan(run_cli, files, tmp_path, "--sensitivity", sens)
     assert code != 0 and "sens.yaml" in err and "32" in err and "hetserve quality --sensitivity" in err
     assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_default_plan_is_the_cheapest_that_carries_the_workload_losslessly(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["objective"] == "cost" and d["workload_rps"] == 3 and d["headroom"] == 0.2
+    assert d["target_rps"] == pytest.approx(3.6)
+    # the plan holds its SLOs at the rate it was sized for, and the verdict says so
+    assert d["carries_workload"] and d["sustained_rps"] >= d["target_rps"] * (1 - 1e-9)
+    assert d["verdict"].startswith("workload asks 3 req/s; this plan sustains")
+    assert d["weights"] == "16-bit (lossless)" and all(s["bits"] == 16 for s in d["servers"])
+    # and costs no more than the plan of the highest rate within the SLOs
+    top = json.loads(plan(run_cli, files, tmp_path, "--objective", "goodput", out="g.yaml")[1])
+    assert d["cost_per_hour"] <= top["cost_per_hour"] and top["sustained_rps"] >= d["sustained_rps"]
+
+
+def test_a_plan_that_cannot_carry_the_workload_exits_1_with_the_nearest_fix(run_cli, write, files, tmp_path):
+    busy = write("busy.yaml", WORKLOAD.replace("rate: 3", "rate: 40"))
+    cluster, _ = files
+    code, out, err = run_cli(
+        "plan", "--cluster", cluster, "--model", "llama-3.1-8b", "--workload", busy, "--out",
+        tmp_path / "p.yaml", "--time-limit", "20", "--objective", "goodput", "--budget", "4", "--json",
+    )  # fmt: skip
+    assert code == 1, err
+    d = json.loads(out)
+    assert not d["carries_workload"] and d["sustained_rps"] < 40
+    assert any(f.startswith("raise --budget to $") for f in d["fixes"]), d["fixes"]
+    assert d["cost_per_hour"] <= 4
+    # the cost objective says at once that no allocation carries it, and what would
+    code, out, err = run_cli(
+        "plan", "--cluster", cluster, "--model", "llama-3.1-8b", "--workload", busy, "--out",
+        tmp_path / "q.yaml", "--time-limit", "20", "--budget", "4",
+    )  # fmt: skip
+    assert code == 2 and "asks for 40 req/s" in err and "raise --budget to $" in err
+
+
+def test_weight_bits_puts_every_layer_at_those_bits(run_cli, files, tmp_path):
+    code, out, err = plan(run_cli, files, tmp_path, "--weight-bits", "8")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["weights"] == "8-bit" and all(s["bits"] == 8 for s in d["servers"])
+    code, out, err = plan(run_cli, files, tmp_path, "--weight-bits", "8", "--quality", "0.3")
+    assert code == 2 and "--weight-bits and --quality" in err
+
+
+def test_plan_table_speaks_in_units(run_cli, files, tmp_path):
+    cluster, work = files
+    code, out, err = run_cli(
+        "plan", "--cluster", cluster, "--model", "llama-3.1-8b", "--workload", work, "--out",
+        tmp_path / "p.yaml", "--time-limit", "20",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "workload asks 3 req/s; this plan sustains" in out
+    assert re.search(r"\$[0-9.,]+/h", out) and re.search(r"\d+ x (a100-80gb|l4)", out)
+    assert "{" not in out and "mixed-bit" not in out  # no Python dicts, every server's bits shown

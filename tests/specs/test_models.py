@@ -17,7 +17,16 @@ PUBLISHED = {
     "opt-66b": 65.7,
     "bloom-176b": 176.25,
     "smollm2-135m": 0.1345,
+    "llama-3.2-1b": 1.24,  # model card: 1.23B
+    "llama-3.2-3b": 3.21,
+    "llama-3.3-70b": 70.6,
+    "qwen3-8b": 8.2,  # Qwen3 model cards
+    "qwen3-32b": 32.8,
+    "qwen3-30b-a3b": 30.5,
+    "qwen3-235b-a22b": 235.0,
 }
+#: Published activated parameters per token of the MoE models (Qwen3 model cards), in billions.
+ACTIVE = {"qwen3-30b-a3b": 3.3, "qwen3-235b-a22b": 22.0, "mixtral-8x7b": 12.9}
 
 
 @pytest.mark.parametrize("name,billions", sorted(PUBLISHED.items()))
@@ -191,3 +200,34 @@ def test_planner_and_engine_read_config_json_alike():
     ):
         with pytest.raises(HetserveError, match="lacks 'intermediate_size'"):
             read()
+
+
+@pytest.mark.parametrize("name,billions", sorted(ACTIVE.items()))
+def test_moe_activated_parameters_match_published(name, billions):
+    m = load_model(name)
+    dense = m.total_params - m.params_per_layer * m.num_layers  # embeddings, head, final norm
+    active = m.active_params_per_layer * m.num_layers + dense
+    assert active / 1e9 == pytest.approx(billions, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "model_id,builtin",
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"),
+        ("meta-llama/Llama-2-70b-chat-hf", "llama-2-70b"),
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3-30b-a3b"),
+        ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"),
+        ("bigscience/bloom", "bloom-176b"),
+    ],
+)
+def test_hugging_face_ids_name_the_builtin_of_their_architecture(model_id, builtin):
+    assert load_model(model_id) == load_model(builtin)
+
+
+def test_an_unknown_hugging_face_id_says_how_to_use_it_without_a_download():
+    from hetserve.errors import HetserveError
+
+    with pytest.raises(HetserveError) as e:
+        load_model("google/gemma-2-9b")
+    assert "nothing is downloaded" in str(e.value) and "config.json" in str(e.value)

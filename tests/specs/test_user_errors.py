@@ -159,6 +159,11 @@ ESTIMATE_CASES = [
     ("pp too deep", ["--model", "smollm2-135m", "--gpu", "t4", "--pp", "31"], ["--pp=31"]),
     ("zero batch", ["--model", "llama-2-7b", "--gpu", "t4", "--batch", "0"], ["--batch=0 must be >= 1"]),
     ("missing model config", ["--model", "/nonexistent/config.json", "--gpu", "t4"], ["unknown model"]),
+    (
+        "gpu family",
+        ["--model", "llama-2-7b", "--gpu", "h100"],
+        ["unknown GPU 'h100' (did you mean 'h100-pcie' or 'h100-sxm'?)"],
+    ),
 ]
 
 
@@ -184,3 +189,16 @@ def test_shipped_examples_load():
         if "trace" in path.name and not (path.parent / "../../../shared").resolve().exists():
             continue
         assert Workload.load(path).mean_rate > 0
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_a_seed_out_of_range_is_one_line(seed, run_cli, write):
+    code, out, err = run_cli("simulate", "--plan", "p.yaml", "--workload", "w.yaml", "--seed", seed)
+    assert code == 2 and "--seed" in err and "Traceback" not in err
+
+
+def test_version(run_cli):
+    from hetserve import __version__
+
+    code, out, err = run_cli("--version")
+    assert code == 0 and f"hetserve {__version__}" in out + err

@@ -8,7 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
-from ..errors import HetserveError
+from ..errors import HetserveError, seed_value
 from ..vocabulary import API_KEY_ENV
 
 SUMMARY_ROWS = (
@@ -63,7 +63,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"sent as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; none)",
     )
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed_value, default=0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="directory for requests.csv and summary.json")
     b.set_defaults(func=cmd_bench)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import HetserveError
+from ..errors import HetserveError, seed_value
 from .fit import HOLDOUT_COLUMNS
 
 
@@ -190,7 +190,7 @@ def add_calibrate_parser(sub) -> None:
         metavar="COLUMN[=VALUE]",
         help=f"hold out the rows with the largest value of a column, or with VALUE ({', '.join(HOLDOUT_COLUMNS)})",
     )
-    c.add_argument("--seed", type=int, default=0, help="seed of the random hold-out")
+    c.add_argument("--seed", type=seed_value, default=0, help="seed of the random hold-out")
     c.add_argument("--out", required=True, help="calibration file to write (YAML)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)

@@ -56,6 +56,43 @@ class Alternative:
 
 
 @dataclass
+class Carrying:
+    """Whether a plan carries its workload: the rate the workload asks, the rate the plan was sized for
+    (the workload's plus the headroom), the highest rate the simulation held the SLOs at, and, when it
+    falls short, the nearest changes that would carry it."""
+
+    workload_rps: float
+    target_rps: float
+    headroom: float  # share above the workload's rate the plan was sized for
+    sustained_rps: float  # highest offered rate found within the SLO percentiles (0: none)
+    sustained_is_lower_bound: bool  # the search ran out of time above this rate
+    fixes: list[str]
+
+    @property
+    def carries(self) -> bool:
+        return self.sustained_rps >= self.workload_rps * (1 - 1e-9)
+
+    @property
+    def headroom_reached(self) -> float:
+        """Share by which the sustained rate exceeds the workload's (negative: short of it)."""
+        return self.sustained_rps / self.workload_rps - 1
+
+    def sentence(self) -> str:
+        """'workload asks R req/s; this plan sustains S req/s within the SLOs (headroom x%)'."""
+        at_least = "at least " if self.sustained_is_lower_bound else ""
+        if self.sustained_rps <= 0:
+            return f"workload asks {self.workload_rps:.3g} req/s; this plan meets the SLOs at no rate tried"
+        share = self.headroom_reached
+        room = (
+            f"headroom {share:.0%}" if share >= 0 else f"{self.sustained_rps / self.workload_rps:.0%} of it"
+        )
+        return (
+            f"workload asks {self.workload_rps:.3g} req/s; this plan sustains {at_least}"
+            f"{self.sustained_rps:.3g} req/s within the SLOs ({room})"
+        )
+
+
+@dataclass
 class PlanResult:
     plan: PlanFile
     deployment: Deployment
@@ -68,3 +105,6 @@ class PlanResult:
     searched: Searched
     seconds: float
     alternatives: list[Alternative] = field(default_factory=list)
+    carrying: Carrying | None = None  # None: the throughput objective or a workload without a rate
+    unit: str = ""  # the objective's unit
+    simulated_rps: float = 0.0  # the rate the chosen plan's reported simulation was offered

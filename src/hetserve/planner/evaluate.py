@@ -83,7 +83,7 @@ class Objective:
     def score(self, run: Run | None, target_rate: float) -> float:
         """``run`` ranked for this objective, higher is better. Goodput counts half when the SLO
         percentiles failed (a plan that holds them at a lower rate ranks above one that does not); cost and
-        power count only when the SLOs held and at least 95% of ``target_rate`` was served."""
+        power count only when the SLOs held with requests offered at 95% of ``target_rate`` or more."""
         if run is None:
             return -math.inf
         s = run.summary
@@ -91,7 +91,9 @@ class Objective:
             return s.throughput_tok_s
         if self.name == "goodput":
             return s.goodput_rps if run.slo_met else s.goodput_rps * 0.5
-        served = run.slo_met and s.throughput_rps >= 0.95 * target_rate
+        # The offered rate, not completions over the makespan (which includes the drain after the last
+        # arrival and so reads low on a short window).
+        served = run.slo_met and run.offered_rps >= 0.95 * target_rate
         penalty = 0.0 if served else 1e12
         return -((s.cost_per_hour if self.name == "cost" else s.power_w) + penalty)
 

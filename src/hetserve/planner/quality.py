@@ -8,8 +8,9 @@ the share of sensitivity-weighted bits removed:
 
     removed = sum_l s_l * (16 - b_l) / sum_l (s_l * 16)  <=  quality budget
 
-``--quality lossless`` (budget 0) keeps every layer at 16 bits; the default 0.3 lets about half of the
-layers go to 8 bits and a few of the least sensitive to 4, or all of them to 8 bits plus a little.
+``--quality lossless`` (budget 0, the default, as an engine serves a checkpoint unless told to quantise)
+keeps every layer at 16 bits; 0.3 lets about half of the layers go to 8 bits and a few of the least
+sensitive to 4, or all of them to 8 bits plus a little.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import math
 from ..errors import HetserveError
 from ..specs.models import ModelSpec
 
-DEFAULT_QUALITY = 0.3
+DEFAULT_QUALITY = 0.0
 BIT_STEPS = (16, 8, 4)  # the widths the planner assigns (3-bit is readable in plans, not chosen)
 
 
 def parse_quality(value: str | float | None) -> float:
-    """``lossless`` -> 0; a number in [0, 1) -> that budget; None -> the default."""
+    """``lossless`` -> 0; a number in [0, 0.75] -> that budget; None -> the default (lossless)."""
     if value is None:
         return DEFAULT_QUALITY
     if isinstance(value, str) and value.strip().lower() == "lossless":

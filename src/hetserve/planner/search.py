@@ -24,10 +24,18 @@ from ..specs.models import ModelSpec
 from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
-from .candidate import Alternative, Analytic, Candidate, PlanResult, Searched
+from .candidate import Alternative, Analytic, Candidate, Carrying, PlanResult, Searched
 from .evaluate import OBJECTIVES, Run, max_rate_within_slo, simulate_at_rate, simulate_requests
-from .explain import explain_choice, why_nothing_fits, why_rate_unreachable, why_slo_unreachable
+from .explain import (
+    explain_choice,
+    how_to_carry,
+    slo_reached,
+    why_nothing_fits,
+    why_rate_unreachable,
+    why_slo_unreachable,
+)
 from .pools import pools_of
+from .quality import BIT_STEPS
 from .strategy import StrategyContext
 from .templates import Template, TemplateFactory
 
@@ -51,6 +59,8 @@ CONFIRM_PER_INSTANCE = 15
 GOODPUT_BISECTIONS = 2
 #: Allocations (best simulated first) also confirmed with weighted routing (goodput: the best only).
 WEIGHTED_LEADS = 2
+#: Cost and power: allocations made again for a higher analytic rate when the cheapest failed in simulation.
+RESIZE_ROUNDS = 4
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
 MAX_REPLAY = 4 * CONFIRM_REQUESTS
 #: Shares of the time limit: candidate instances are generated until this share has passed; one
@@ -77,7 +87,9 @@ class Planner:
         cluster_ref: str,
         model_ref: str,
         budget: float | None = None,
-        quality: float = 0.3,
+        quality: float = 0.0,
+        weight_bits: int | None = None,
+        headroom: float = 0.0,
         seed: int = 0,
         time_limit: float = 60.0,
         progress=None,
@@ -91,6 +103,12 @@ class Planner:
             raise HetserveError(f"--budget={budget} must be > 0 (USD per hour)")
         if not (math.isfinite(time_limit) and time_limit > 0):
             raise HetserveError(f"--time-limit={time_limit} must be a positive, finite number of seconds")
+        if not (math.isfinite(headroom) and 0 <= headroom <= 10):
+            raise HetserveError(f"--headroom={headroom} must be between 0 and 10 (0.2 = plan for 20% more)")
+        if weight_bits is not None and weight_bits not in BIT_STEPS:
+            raise HetserveError(
+                f"--weight-bits={weight_bits}: use one of {', '.join(map(str, BIT_STEPS))} (every layer)"
+            )
         if max_seqs is not None and max_seqs < 1:
             raise HetserveError(f"--max-batch-size={max_seqs} must be at least 1 (sequences per batch)")
         #: Most sequences the engine runs in one batch, per micro-batch lane (None: the planner's defaults).
@@ -102,6 +120,12 @@ class Planner:
         self.slo: SLO = workload.slo
         self.prompt, self.output, self.output_q = workload.length_stats(self.slo.percentile, seed)
         self.rate = workload.mean_rate
+        #: Every layer's bits when the user fixed them (``--weight-bits``); None: the quality budget decides.
+        self.weight_bits = weight_bits
+        #: Share above the workload's rate a cost or power plan is sized for (``--headroom``).
+        self.headroom = headroom
+        #: The rate cost and power plans must carry within the SLOs: the workload's, plus the headroom.
+        self.target_rate = self.rate * (1 + headroom) if self.rate else self.rate
         #: ``time.perf_counter()`` at which every phase stops: simulations raise ``OutOfTime`` past it.
         self.deadline = self._t0 + time_limit
         #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
@@ -145,6 +169,7 @@ class Planner:
             self.quality,
             lane_tokens=self.prompt + self.output,
             precisions=("fit", "spread", "deep"),
+            weight_bits=self.weight_bits,
             output_q=self.output_q,
             max_seqs=self.max_seqs,
             long_tokens=long,
@@ -152,10 +177,11 @@ class Planner:
         )
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
+        self._templates, self._pools = templates, pools
         if not templates:
             if factory.cut_short:
                 raise self._out_of_time("while candidate instances were made")
-            raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality))
+            raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality, self.weight_bits))
         if self.target is not None:
             templates = [t for t in templates if self.target.template_ok(t)]
             if not templates:
@@ -190,7 +216,7 @@ class Planner:
                 templates,
                 pools,
                 self.objective,
-                rate=self.rate,
+                rate=self.target_rate,
                 budget=self.budget,
                 time_limit=self._milp_seconds(),
                 **restrict,
@@ -206,7 +232,9 @@ class Planner:
             if self._left() <= 0:
                 raise self._out_of_time("before an allocation was found")
             raise HetserveError(
-                why_rate_unreachable(templates, pools, self.rate, self.budget, self._milp_seconds())
+                why_rate_unreachable(
+                    templates, pools, self.rate, self.headroom, self.budget, self._milp_seconds()
+                )
             )
         # Two more designs for the simulation to judge, where the analytic capacities are least sure: the
         # runner-up (the best allocation without the joint optimum's templates: near-equal designs, e.g. two
@@ -247,6 +275,8 @@ class Planner:
                     f"{self.off_target[0]}; plan without --target and serve with hetserve"
                 )
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
+        if OBJECTIVES[self.objective].sense == "min":
+            self._resize(candidates, templates, pools)
         if self.objective == "goodput":
             # The rate search for the two allocations of highest analytic goodput, and for a chain placement
             # if it simulated best: one simulation at 0.8x the analytic rate ranks plans whose SLOs failed
@@ -276,7 +306,8 @@ class Planner:
                     self._goodput_search(alt)
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
-        best = max(candidates, key=lambda c: c.score)
+        best = self._best(candidates)
+        carrying = self._carrying(best)
         alloc = best.alloc
         predicted = Analytic(
             requests_per_s=round(alloc.rate, 4),
@@ -301,7 +332,7 @@ class Planner:
             "objective": self.objective,
         }
         reasons = explain_choice(
-            best, candidates, templates, objective, self.cluster, self.budget, self.quality
+            best, candidates, templates, objective, self.cluster, self.budget, self.quality, self.weight_bits
         )
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = Searched(len(templates), len(allocs), len(candidates), len(pools))
@@ -321,7 +352,108 @@ class Planner:
             searched,
             self._elapsed(),
             alts,
+            carrying,
+            objective.unit,
+            best.run.offered_rps,
         )
+
+    def _resize(self, candidates: list[Candidate], templates: list[Template], pools: dict[str, int]) -> None:
+        """Cost and power: while the cheapest allocations failed their simulation at the target rate (the
+        capacity model is optimistic for them) and no cheaper plan carried it, allocate again for a
+        higher analytic rate, scaled by the share of the target the failed plan served within the SLOs,
+        and confirm that plan (``RESIZE_ROUNDS`` at most)."""
+        rate = self.target_rate
+        for _ in range(RESIZE_ROUNDS):
+            served = [c for c in candidates if c.score > -1e12]
+            failed = [c for c in candidates if c.score <= -1e12 and c.alloc.counts]
+            cheapest = min(served, key=lambda c: c.summary.cost_per_hour, default=None)
+            if not failed or self._elapsed() > self.time_limit * 0.6:
+                return
+            worst = max(failed, key=lambda c: c.summary.goodput_rps)
+            if cheapest is not None and cheapest.summary.cost_per_hour <= worst.summary.cost_per_hour:
+                return
+            share = worst.summary.goodput_rps / self.target_rate
+            rate *= min(2.0, max(1.1, 1 / max(share, 1e-9)))
+            self._tick(f"allocating for {rate:.3g} req/s")
+            alloc = solve(
+                templates,
+                pools,
+                self.objective,
+                rate=rate,
+                budget=self.budget,
+                time_limit=self._milp_seconds(),
+            )
+            if alloc is None or (cheapest is not None and alloc.price >= cheapest.summary.cost_per_hour):
+                return
+            cand = self._candidate(
+                f"resized x{rate / self.target_rate:.2f}/least-work", alloc, templates, "least-work"
+            )
+            if cand is None:
+                return
+            candidates.append(cand)
+
+    def _best(self, candidates: list[Candidate]) -> Candidate:
+        """The candidate of highest score; for cost and power, when none carried the target rate within
+        the SLOs (every score penalised), the one that served the most requests within them."""
+        best = max(candidates, key=lambda c: c.score)
+        if OBJECTIVES[self.objective].sense == "min" and best.score <= -1e12:
+            best = max(candidates, key=lambda c: (c.run.slo_met, c.summary.goodput_rps))
+        return best
+
+    def _carrying(self, best: Candidate) -> Carrying | None:
+        """What the workload asks of ``best`` and the highest rate ``best`` holds its SLOs at (None for the
+        throughput objective, which ignores the SLOs, or a workload without a rate). For goodput that
+        rate is the search's figure; for cost and power a rate search from the simulated target rate."""
+        if self.objective == "throughput" or not self.rate:
+            return None
+        lower_bound = False
+        if self.objective == "goodput":
+            sustained = best.run.offered_rps if best.run.slo_met else 0.0
+        else:
+            start = self.target_rate  # the nominal rate it was confirmed at (its sample's rate varies)
+            sustained = start if best.run.slo_met else 0.0
+            lower_bound = best.run.slo_met
+            self._tick("highest rate within the SLOs")
+            try:
+                search = max_rate_within_slo(
+                    lambda rate: self._simulate(best.dep, rate),
+                    start,
+                    best.run.slo_met,
+                    bisection_steps=2,
+                )
+                sustained, lower_bound = search.rate, False
+            except OutOfTime:
+                pass
+        carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [])
+        if not carrying.carries:
+            carrying.fixes.extend(self._fixes(best, sustained))
+        return carrying
+
+    def _fixes(self, best: Candidate, sustained: float) -> list[str]:
+        """The nearest changes that would let a plan carry the workload: a higher budget, more GPUs, or the
+        SLO this plan reaches at the workload's rate."""
+        fixes = how_to_carry(
+            self._templates,
+            self._pools,
+            self.rate,
+            self.budget,
+            self.cluster,
+            self._milp_seconds(),
+        )
+        try:  # the SLO this plan would need at the workload's rate (the search's deadline, plus a little)
+            run = simulate_at_rate(
+                best.dep,
+                self.workload,
+                self.rate,
+                seed=self.seed,
+                requests=QUICK_REQUESTS,
+                deadline=max(self.deadline, time.perf_counter() + min(10.0, self.time_limit * 0.2)),
+            )
+        except OutOfTime:
+            run = None
+        if run is not None and not run.slo_met:
+            fixes.append(slo_reached(run.summary, self.slo, self.rate))
+        return fixes
 
     def _candidate(
         self, label: str, alloc: Allocation, templates: list[Template], policy: str
@@ -349,7 +481,7 @@ class Planner:
                 run = self._simulate_throughput(dep, rate)
             else:
                 rate = (
-                    alloc.rate * 0.8 if self.objective == "goodput" else self.rate
+                    alloc.rate * 0.8 if self.objective == "goodput" else self.target_rate
                 )  # goodput: with a margin
                 run = self._simulate(dep, rate)
         except (PlacementError, OutOfTime):
@@ -404,13 +536,15 @@ class Planner:
             )
         except (HetserveError, OutOfTime):
             return None
-        rate = ref.rate if ref is not None else self.rate
+        if self.budget is not None and dep.cost_per_hour() > self.budget * (1 + 1e-9):
+            return None  # a placement over the whole cluster knows no budget
+        rate = ref.rate if ref is not None else self.target_rate
         alloc = Allocation({}, {}, rate, dep.cost_per_hour(), 0.0, 0.0)
         try:
             if self.objective == "throughput":
                 run = self._simulate_throughput(dep, rate)
             else:
-                rate = rate * 0.8 if self.objective == "goodput" else self.rate
+                rate = rate * 0.8 if self.objective == "goodput" else self.target_rate
                 run = self._simulate(dep, rate)
         except OutOfTime:
             return None

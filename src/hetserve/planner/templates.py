@@ -83,6 +83,7 @@ class TemplateFactory:
         cost_model: RooflineCostModel | None = None,
         lane_tokens: float | None = None,
         precisions: tuple[str, ...] = ("fit", "spread"),
+        weight_bits: int | None = None,
         output_q: float | None = None,
         max_seqs: int | None = None,
         long_tokens: float | None = None,
@@ -101,6 +102,8 @@ class TemplateFactory:
         #: Modes of ``_bits_for`` tried per template (the planner adds "deep"; the baselines that build on
         #: this factory keep the two they were written with).
         self.precisions = precisions
+        #: Every layer at these bits (``plan --weight-bits``), whatever the quality budget; None: the budget.
+        self.weight_bits = weight_bits
         #: Tokens (prompt + output) a micro-batch lane's share of the KV cache must hold (the simulator and
         #: the runtime split an instance's cache equally over its lanes); a chain whose cache is small for its
         #: stage count gets fewer lanes. None: only the whole cache must hold a mean request.
@@ -156,7 +159,15 @@ class TemplateFactory:
         return bits
 
     def _precisions(self, spans: list[tuple[int, int]], caps: list[float]) -> list[list[int]]:
-        """The distinct per-layer bits of each mode (only ``fit`` for a lossless budget)."""
+        """The distinct per-layer bits of each mode (only ``fit`` for a lossless budget; only the fixed
+        bits with ``weight_bits``, if they fit)."""
+        m = self.model
+        if self.weight_bits is not None:
+            fixed = [self.weight_bits] * m.num_layers
+            fits = all(
+                (b - a) * m.layer_weight_bytes(self.weight_bits) <= c for (a, b), c in zip(spans, caps)
+            )
+            return [fixed] if fits else []
         out: list[list[int]] = []
         for mode in self.precisions if self.quality > 0 else ("fit",):
             bits = self._bits_for(spans, caps, mode)

@@ -1,5 +1,5 @@
-"""One reader of a Hugging Face ``config.json`` for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM,
-Mixtral-style MoE): the field names, defaults and derived sizes that the planner's ``ModelSpec`` and the
+"""One reader of a Hugging Face ``config.json`` for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM,
+Mixtral- and Qwen-style MoE): the field names, defaults and derived sizes that the planner's ``ModelSpec`` and the
 engine's ``LlamaConfig`` both build from, so the two never read the same file differently."""
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from typing import Any
 from ..errors import HetserveError
 
 #: ``model_type`` values whose config.json has the Llama layout.
-LLAMA_FAMILY_TYPES = frozenset({"llama", "mistral", "qwen2", "smollm", "smollm2", "qwen2_moe", "mixtral"})
+LLAMA_FAMILY_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "qwen2_moe", "qwen3_moe", "mixtral"}
+)
+#: MoE configs that name their experts ``num_experts`` and size them by ``moe_intermediate_size`` (Qwen's
+#: layout) rather than Mixtral's ``num_local_experts`` and ``intermediate_size``.
+QWEN_MOE_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
 
 #: Largest value of each architecture size a config.json may give (several times the largest published
 #: models); beyond them a size is a mistake, and would make the derived sizes and searches unbounded.
@@ -96,11 +101,14 @@ def read_llama_family(cfg: Mapping[str, Any], where: str | None = None) -> Llama
             source=where,
         )
     attention_bias = bool(cfg.get("attention_bias", False))
+    qwen_moe = model_type in QWEN_MOE_TYPES
+    experts_key = "num_experts" if qwen_moe else "num_local_experts"
+    ffn_key = "moe_intermediate_size" if qwen_moe else "intermediate_size"
     return LlamaFamilyConfig(
         model_type=model_type,
         vocab_size=config_int(cfg, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=config_int(cfg, "intermediate_size", where),
+        intermediate_size=config_int(cfg, ffn_key, where, limit="intermediate_size"),
         num_layers=config_int(cfg, "num_hidden_layers", where),
         num_heads=heads,
         num_kv_heads=config_int(cfg, "num_key_value_heads", where, default=heads),
@@ -109,6 +117,6 @@ def read_llama_family(cfg: Mapping[str, Any], where: str | None = None) -> Llama
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type.startswith("qwen2") or attention_bias,
         o_bias=attention_bias,
-        num_experts=config_int(cfg, "num_local_experts", where, default=1),
+        num_experts=config_int(cfg, experts_key, where, default=1, limit="num_local_experts"),
         experts_per_token=config_int(cfg, "num_experts_per_tok", where, default=1),
     )

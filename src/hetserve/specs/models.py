@@ -8,6 +8,7 @@ SmolLM), Mixtral-style MoE, OPT and BLOOM.
 from __future__ import annotations
 
 import math
+import re
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -334,8 +335,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
         )
     else:
         raise HetserveError(
-            f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, mixtral, "
-            "opt, bloom"
+            f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, qwen3, "
+            "qwen2_moe, qwen3_moe, mixtral, opt, bloom"
         )
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
@@ -356,12 +357,51 @@ def _builtin(name: str) -> ModelSpec:
     return model_from_hf_config(cfg, name, source=cfg.get("_source", ""))
 
 
+#: Suffixes of a Hugging Face repository name that do not change the architecture (fine-tunes, formats,
+#: releases): stripped before an id is matched to a built-in model.
+_HF_VARIANT = re.compile(r"(-(instruct|chat|hf|it|base|v\d+(\.\d+)*|\d{4}))+$")
+
+
+def _hf_key(repo: str) -> str:
+    return _HF_VARIANT.sub("", repo.strip().lower())
+
+
+@lru_cache(maxsize=1)
+def _hf_aliases() -> dict[str, str]:
+    """Hugging Face repository names (variants stripped) -> built-in model, from each built-in's source."""
+    out = {}
+    for name in builtin_model_names():
+        source = _builtin(name).source
+        m = re.match(r"https://huggingface\.co/([^/]+)/([^/]+)/", source)
+        if m:
+            out[_hf_key(m.group(2))] = name
+        out[_hf_key(name)] = name
+    return out
+
+
+def builtin_for_hf_id(model_id: str) -> str | None:
+    """The built-in model a Hugging Face id names ('meta-llama/Llama-3.1-8B-Instruct' -> 'llama-3.1-8b'):
+    the same architecture, whatever the fine-tune or release suffix; None if none is built in."""
+    repo = model_id.strip().split("/")[-1]
+    return _hf_aliases().get(_hf_key(repo))
+
+
 def load_model(name_or_path: str) -> ModelSpec:
-    """A built-in model by name, or a ``config.json`` (or a directory holding one) by path."""
+    """A built-in model by name or Hugging Face id, or a ``config.json`` (or a directory holding one) by
+    path. Nothing is downloaded: an id that is not built in needs its config.json on disk."""
     key = str(name_or_path).strip()
     if key.lower() in builtin_model_names():
         return _builtin(key.lower())
     path = Path(key)
+    if not path.exists() and key.count("/") == 1 and not key.endswith(".json"):
+        builtin = builtin_for_hf_id(key)
+        if builtin is not None:
+            return _builtin(builtin)
+        raise HetserveError(
+            f"model '{key}': no built-in model has this Hugging Face id's architecture, and nothing is "
+            f"downloaded; fetch its config.json (e.g. 'huggingface-cli download {key} config.json "
+            f"--local-dir DIR') and pass DIR or DIR/config.json; built in: {allowed(builtin_model_names())}"
+        )
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" and path.exists():
