@@ -261,7 +261,11 @@ def cmd_plan(args) -> int:
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_plan(result.plan, out, cluster_path=args.cluster, calibration_path=args.calibration)
+    from .report.plan_picture import draw_plan
+
+    pictures = draw_plan(result.deployment, out, result.plan.notes)
     report = plan_report(result, str(out), workload)
+    report["pictures"] = [str(f) for f in pictures]
     carries = result.carrying is None or result.carrying.carries
     if args.json:
         print_json(report)
@@ -271,6 +275,26 @@ def cmd_plan(args) -> int:
     if args.target:
         print(f"runs on {planner.target.label} as planned: hetserve export {out} --to {args.target}")
     return 0 if carries else 1
+
+
+def cmd_show(args) -> int:
+    from pathlib import Path
+
+    from .plan import load_plan
+    from .report.plan_picture import draw_plan, write_html, write_png
+
+    dep = load_plan(args.plan)
+    notes = dep.spec.notes
+    if args.out is None:
+        files = draw_plan(dep, Path(args.plan), notes)
+    elif args.out.endswith(".png"):
+        files = [write_png(dep, args.out)]
+    elif args.out.endswith(".html"):
+        files = [write_html(dep, args.out, notes)]
+    else:
+        raise HetserveError(f"--out {args.out}: name a .png or .html file (or leave it out for both)")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -410,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    sh = sub.add_parser("show", help="draw a plan: nodes, GPUs, servers, instances, hand-offs (PNG and HTML)")
+    sh.add_argument("plan", help="plan YAML (see docs/plan.md)")
+    sh.add_argument(
+        "--out", help="a .png or .html file (default: both, beside the plan: PLAN.png and PLAN.html)"
+    )
+    sh.set_defaults(func=cmd_show)
 
     s = sub.add_parser("simulate", help="replay a workload against a plan (discrete-event simulation)")
     s.add_argument("--plan", required=True, help="plan YAML (see docs/plan.md)")

@@ -3,6 +3,7 @@ answers to asks that cannot be met, and the same plan for the same seed."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -184,6 +185,9 @@ def test_default_plan_is_the_cheapest_that_carries_the_workload_losslessly(run_c
     assert d["carries_workload"] and d["sustained_rps"] >= d["target_rps"] * (1 - 1e-9)
     assert d["verdict"].startswith("workload asks 3 req/s; this plan sustains")
     assert d["weights"] == "16-bit (lossless)" and all(s["bits"] == 16 for s in d["servers"])
+    # the picture of the plan is written beside it
+    assert d["pictures"] == [str(tmp_path / "plan.png"), str(tmp_path / "plan.html")]
+    assert all(Path(f).stat().st_size > 1000 for f in d["pictures"])
     # and costs no more than the plan of the highest rate within the SLOs
     top = json.loads(plan(run_cli, files, tmp_path, "--objective", "goodput", out="g.yaml")[1])
     assert d["cost_per_hour"] <= top["cost_per_hour"] and top["sustained_rps"] >= d["sustained_rps"]

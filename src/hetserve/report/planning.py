@@ -163,7 +163,8 @@ def print_plan(result: PlanResult, report: dict, title: str, cluster_gpus: int) 
         console.print(c.sentence(), style=style, highlight=False)
         for fix in c.fixes:
             console.print(f"  to carry it: {fix}", highlight=False)
-    console.print(f"wrote {report['plan']}", highlight=False)
+    written = [report["plan"], *report.get("pictures", [])]
+    console.print(f"wrote {', '.join(written)}", highlight=False)
 
 
 def slo_in_words(report: dict) -> str:
