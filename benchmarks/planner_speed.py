@@ -1,4 +1,4 @@
-"""Planner speed and plan quality at scale, goodput objective.
+"""Planner speed and plan quality at scale (goodput objective unless --objectives says otherwise).
 
     python benchmarks/planner_speed.py [--sizes 64,512]
 
@@ -69,31 +69,44 @@ def workload(rate: float) -> Workload:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64,512")
+    ap.add_argument(
+        "--objectives",
+        default="goodput",
+        help="comma-separated planner objectives (cost: the cheapest plan carrying the workload, the CLI's "
+        "default, with its 20%% headroom)",
+    )
     args = ap.parse_args()
     model = load_model("llama-3.1-70b")
     for size in (int(s) for s in args.sizes.split(",")):
-        c = cluster(size)
-        wl = workload(rate=size / 4)
-        t0 = time.perf_counter()
-        res = Planner(
-            c,
-            model,
-            wl,
-            "goodput",
-            cluster_ref="-",
-            model_ref="llama-3.1-70b",
-            time_limit=LIMITS.get(size, size * 0.5),
-        ).run()
-        wall = time.perf_counter() - t0
-        print(
-            f"{c.total_gpus:4d} GPUs ({len(c.gpu_counts())} types): {wall:6.1f} s (limit "
-            f"{LIMITS.get(size, size * 0.5):.0f} s)  goodput {res.value:.2f} req/s within SLOs "
-            f"(analytic {res.predicted.requests_per_s:.2f})  GPUs used {res.deployment.gpus_used()}  "
-            f"instances {len(res.deployment.instances)}  ${res.summary.cost_per_hour:.0f}/h  "
-            f"searched {res.searched.templates} templates, {res.searched.allocations} allocations, "
-            f"{res.searched.simulated} designs simulated"
-        )
-        print("      " + " | ".join(res.reasons[:2]))
+        for objective in args.objectives.split(","):
+            run(model, size, objective)
+
+
+def run(model, size: int, objective: str) -> None:
+    c = cluster(size)
+    wl = workload(rate=size / 4)
+    t0 = time.perf_counter()
+    res = Planner(
+        c,
+        model,
+        wl,
+        objective,
+        cluster_ref="-",
+        model_ref="llama-3.1-70b",
+        headroom=0.2 if objective in ("cost", "power") else 0.0,
+        time_limit=LIMITS.get(size, size * 0.5),
+    ).run()
+    wall = time.perf_counter() - t0
+    carrying = f"  {res.carrying.sentence()}" if res.carrying else ""
+    print(
+        f"{c.total_gpus:4d} GPUs ({len(c.gpu_counts())} types), {objective}: {wall:6.1f} s (limit "
+        f"{LIMITS.get(size, size * 0.5):.0f} s)  {res.value:.2f} {res.unit}  (analytic "
+        f"{res.predicted.requests_per_s:.2f} req/s)  GPUs used {res.deployment.gpus_used()}  "
+        f"instances {len(res.deployment.instances)}  ${res.summary.cost_per_hour:.0f}/h  "
+        f"searched {res.searched.templates} templates, {res.searched.allocations} allocations, "
+        f"{res.searched.simulated} designs simulated{carrying}"
+    )
+    print("      " + " | ".join(res.reasons[:2]))
 
 
 if __name__ == "__main__":
