@@ -7,7 +7,7 @@ import sys
 
 from .errors import HetserveError, seed_value
 from .report.progress import progress as _progress
-from .report.tables import err_console, key_values, print_json, table
+from .report.tables import err_console, human_bytes, key_values, print_json, table
 
 
 def _gpu_catalogue(cluster_path: str | None):
@@ -191,24 +191,37 @@ def cmd_simulate(args) -> int:
     t0 = time.perf_counter()
     with _progress("simulating", len(requests), enabled=not args.json and len(requests) >= 2000) as advance:
         result = simulate(dep, requests, wl.slo, seed=args.seed, progress=advance)
-    summary = dict(result.summary.as_dict(), plan=dep.name, workload=wl.name, wall_s=time.perf_counter() - t0)
+    summary = dict(
+        result.summary.as_dict(),
+        plan=dep.name,
+        workload=wl.name,
+        wall_s=time.perf_counter() - t0,
+        drop_reasons=result.records.drops(),
+    )
     if args.out:
         from .sim.plots import latency_cdfs, utilisation
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         files = [result.records.write(out / f"requests.{args.records}")]
-        files.append(latency_cdfs(result.records, out / "latency_cdf.png", f"{dep.name} x {wl.name}"))
+        files.append(latency_cdfs(result.records, out / "latency_cdf.png", f"{dep.name} x {wl.name}", wl.slo))
         files.append(utilisation(result.servers, result.bin_width, out / "utilisation.png", f"{dep.name}"))
         (out / "summary.json").write_text(__import__("json").dumps(summary, indent=2, default=float))
         summary["files"] = [str(f) for f in files if f]
     if args.json:
         print_json(summary)
         return 0
+    shown = dict(summary, bytes_transferred=human_bytes(summary["bytes_transferred"]))
     key_values(
         f"{dep.name} ({dep.gpus_used()} GPUs) x {wl.name}: {len(requests)} requests, seed {args.seed}",
-        [(k, summary.get(k)) for k in SUMMARY_ROWS],
+        [(k, shown.get(k)) for k in SUMMARY_ROWS],
     )
+    if summary["drop_reasons"]:
+        table(
+            "Dropped requests",
+            ["reason", "requests", "first request ids"],
+            [(r, d["count"], d["first_ids"]) for r, d in summary["drop_reasons"].items()],
+        )
     table("Servers", ["server", "utilisation"], sorted(summary["utilisation"].items()))
     if summary.get("files"):
         print("wrote: " + ", ".join(summary["files"]))

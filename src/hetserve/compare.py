@@ -389,6 +389,7 @@ def run_compare(
         "baseline": spec.baseline,
         "reference": spec.reference,
         "offered_rps": ev.rate,
+        "slo": sc.workload.slo.model_dump(),
         "requests": len(ev.base),
         "headline": spec.headline,
         "strategies": results,

@@ -43,9 +43,27 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
-def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
-    import numpy as np
+#: One colour per strategy in every comparison plot (tab10 hues; hetserve red, its quantised row pink).
+STRATEGY_COLOURS = {
+    "hetserve": "#d62728",
+    "hetserve-q": "#e377c2",
+    "homogeneous": "#7f7f7f",
+    "uniform": "#bcbd22",
+    "hexgen": "#1f77b4",
+    "llm-pq": "#ff7f0e",
+    "splitwise": "#2ca02c",
+    "pd-hetero": "#9467bd",
+    "helix": "#8c564b",
+    "petals": "#17becf",
+    "chain": "#393b79",
+}
 
+
+def strategy_colour(name: str) -> str:
+    return STRATEGY_COLOURS.get(name, "#555555")
+
+
+def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
     try:
         import matplotlib
 
@@ -53,17 +71,17 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - depends on the install
         return []
+    from ..sim.plots import cdf_panels
+    from ..specs.workloads import SLO
+
     res = report["strategies"]
     names = list(res)
+    colours = {n: strategy_colour(n) for n in names}
     paths = []
     # objective per strategy
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     vals = [res[n].get("objective_value") or 0.0 for n in names]
-    colors = [
-        "tab:red" if n == "hetserve" else ("tab:blue" if n == report["baseline"] else "tab:gray")
-        for n in names
-    ]
-    ax.bar(names, vals, color=colors)
+    ax.bar(names, vals, color=[colours[n] for n in names])
     ax.set_ylabel(
         f"{report['objective']}: {report['objective_label']} "
         f"({report['objective_unit']}, {report['objective_sense']})"
@@ -76,43 +94,36 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
-    # latency CDFs
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, result in sims.items():
-        rec = result.records
-        done = rec.completed
-        for ax, values in zip(axes, (rec.ttft()[done], rec.tpot()[done] * 1e3, rec.e2e()[done])):
-            v = np.sort(values[~np.isnan(values)])
-            if len(v):
-                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=name, lw=2 if name == "hetserve" else 1)
-    for ax, label in zip(axes, ("TTFT (s)", "TPOT (ms)", "end-to-end (s)")):
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests")
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    # latency CDFs, the SLO's targets marked
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    slo = SLO(**report["slo"]) if report.get("slo") else None
+    cdf_panels(axes, {n: r.records for n, r in sims.items()}, slo, colours, log=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
     fig.suptitle(f"{report['scenario']}: latency at {report['offered_rps']:.3g} req/s offered")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     p = out / "latency_cdf.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
-    # cost vs throughput
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    # cost vs throughput: a legend names the points (labels beside them overlap when points are close)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name in sims:
         r = res[name]
-        ax.scatter(r["cost_per_hour"], r["throughput_tok_s"], s=60 if name == "hetserve" else 30)
-        ax.annotate(
-            name,
-            (r["cost_per_hour"], r["throughput_tok_s"]),
-            fontsize=8,
-            xytext=(4, 3),
-            textcoords="offset points",
+        ax.scatter(
+            r["cost_per_hour"],
+            r["throughput_tok_s"],
+            s=70 if name.startswith("hetserve") else 40,
+            color=colours[name],
+            label=name,
+            edgecolors="black",
+            linewidths=0.5,
         )
     ax.set_xlabel("cost ($/hour)")
     ax.set_ylabel("throughput (output tok/s)")
     ax.set_title(f"{report['scenario']}: cost vs throughput")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     p = out / "cost_throughput.png"
     fig.savefig(p, dpi=110)

@@ -63,3 +63,13 @@ def fmt(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(str(x) for x in v)
     return str(v)
+
+
+def human_bytes(n: float | None) -> str:
+    """'0 B', '512 B', '12.3 MB', '4.56 GB' (decimal units, as GPU memory and link speeds are quoted)."""
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"

@@ -47,7 +47,14 @@ RECORD_FIELDS = (
     "preemptions",
     "kv_bytes",
     "dropped",
+    "drop_reason",
 )
+
+#: Why the simulator dropped a request (``Records.drop_reason``).
+DROP_TOO_LONG = "prompt + output longer than any instance's KV cache holds"
+DROP_UNFINISHED = "unfinished when the simulation stopped (arrivals plus drain time)"
+#: Request ids listed per drop reason.
+DROP_EXAMPLES = 5
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Records:
     preemptions: np.ndarray = None
     kv_bytes: np.ndarray = None
     dropped: np.ndarray = None
+    drop_reason: list = field(default_factory=list)  # "" for requests not dropped
 
     def __post_init__(self) -> None:
         nan = lambda: np.full(self.n, np.nan)
@@ -91,6 +99,20 @@ class Records:
             self.entry = [""] * self.n
         if not self.decode:
             self.decode = [""] * self.n
+        if not self.drop_reason:
+            self.drop_reason = [""] * self.n
+
+    def drops(self) -> dict[str, dict]:
+        """Dropped requests by reason: ``{reason: {"count": n, "first_ids": [...]}}`` (ids are row
+        numbers, first ``DROP_EXAMPLES``)."""
+        out: dict[str, dict] = {}
+        for i in np.flatnonzero(self.dropped):
+            reason = self.drop_reason[i] or DROP_UNFINISHED
+            d = out.setdefault(reason, {"count": 0, "first_ids": []})
+            d["count"] += 1
+            if len(d["first_ids"]) < DROP_EXAMPLES:
+                d["first_ids"].append(int(i))
+        return out
 
     @property
     def completed(self) -> np.ndarray:
@@ -124,6 +146,7 @@ class Records:
             self.preemptions,
             self.kv_bytes,
             self.dropped,
+            self.drop_reason,
         ]
         if path.suffix == ".parquet":
             import pyarrow as pa

@@ -28,7 +28,7 @@ from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
 from .instance import Lane, SimInstance, SimServer
 from .links import SharedLink
-from .metrics import Records, SimSummary, summarise
+from .metrics import DROP_TOO_LONG, DROP_UNFINISHED, Records, SimSummary, summarise
 
 ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
 #: Events between two looks at the clock when a simulation has a deadline.
@@ -176,6 +176,7 @@ class Simulator:
             cands = []
         if not cands:
             self.rec.dropped[i] = True
+            self.rec.drop_reason[i] = DROP_TOO_LONG
             return
         if self.router.queues:
             self.central.append(i)
@@ -420,6 +421,8 @@ class Simulator:
     def _result(self, now: float) -> SimResult:
         rec = self.rec
         unfinished = np.isnan(rec.finish) & ~rec.dropped
+        for i in np.flatnonzero(unfinished):
+            rec.drop_reason[i] = DROP_UNFINISHED
         rec.dropped |= unfinished
         done = ~np.isnan(rec.finish)
         first = float(rec.arrival[0]) if rec.n else 0.0
