@@ -202,3 +202,22 @@ def test_version(run_cli):
 
     code, out, err = run_cli("--version")
     assert code == 0 and f"hetserve {__version__}" in out + err
+
+
+def test_every_mistake_in_a_cluster_file_is_reported_at_once(write, run_cli):
+    bad = write(
+        "c.yaml",
+        "name: c\nnodes:\n  - {name: a, gpu: a1000, count: 2}\n  - {name: b, gpu: h1000, count: 4}\n"
+        "  - {name: c, gpu: l4, count: 4}\n  - {name: c, gpu: t4, count: 1}\n"
+        "network:\n  gbit_per_s: 5\n  pairs: [{a: c, b: zz, gbit_per_s: 1}]\n",
+    )
+    code, out, err = run_cli("gpus", "--cluster", bad)
+    assert_clean_error(
+        code,
+        err,
+        "nodes[0].gpu: unknown GPU 'a1000'",
+        "nodes[1].gpu: unknown GPU 'h1000'",
+        "node name 'c' appears twice",
+        "network.pairs[0].b: unknown node 'zz'",
+    )
+    assert err.count("known: a10,") == 1  # the catalogue is listed once

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
 from .gpus import Fabric, GPUOverride, GPUSpec, Strict, builtin_gpus
-from .loading import load_yaml_model, validate
+from .loading import MAX_LISTED_ERRORS, load_yaml_model, validate
 
 #: Most nodes a cluster may have, counting every replica (a node's ``replicas`` included).
 MAX_NODES = 10_000
@@ -132,13 +132,14 @@ class Cluster:
             used = {n.gpu for n in spec.nodes if n.gpu in self.gpus}
             self.gpus = apply_calibration(self.gpus, load_calibration(calibration), str(calibration), used)
         nodes: list[Node] = []
+        mistakes: list[str] = []  # every mistake in the file, reported together
+        listed = False  # the known GPU names are listed once
         for i, n in enumerate(spec.nodes):
             if n.gpu not in self.gpus:
-                raise HetserveError(
-                    f"nodes[{i}].gpu: unknown GPU '{n.gpu}'{suggest(n.gpu, self.gpus)}; "
-                    f"known: {allowed(self.gpus)} (or define it under 'gpus:')",
-                    source=source,
-                )
+                known = "" if listed else f"; known: {allowed(self.gpus)} (or define it under 'gpus:')"
+                listed = True
+                mistakes.append(f"nodes[{i}].gpu: unknown GPU '{n.gpu}'{suggest(n.gpu, self.gpus)}{known}")
+                continue
             gpu = self.gpus[n.gpu]
             names = [n.name] if n.replicas == 1 else [f"{n.name}-{r}" for r in range(n.replicas)]
             for name in names:
@@ -146,9 +147,7 @@ class Cluster:
         seen: set[str] = set()
         for node in nodes:
             if node.name in seen:
-                raise HetserveError(
-                    f"nodes: node name '{node.name}' appears twice; names must be unique", source=source
-                )
+                mistakes.append(f"nodes: node name '{node.name}' appears twice; names must be unique")
             seen.add(node.name)
         self.nodes: dict[str, Node] = {n.name: n for n in nodes}
         zones = {n.zone for n in nodes}
@@ -159,11 +158,14 @@ class Cluster:
                     value = getattr(o, end)
                     if value not in known:
                         what = "zone" if kind == "zones" else "node"
-                        raise HetserveError(
+                        mistakes.append(
                             f"network.{kind}[{j}].{end}: unknown {what} '{value}'"
-                            f"{suggest(value, known)}; known: {allowed(known)}",
-                            source=source,
+                            f"{suggest(value, known)}; known: {allowed(known)}"
                         )
+        if mistakes:
+            shown = mistakes[:MAX_LISTED_ERRORS]
+            more = f"; ... and {len(mistakes) - len(shown)} more" if len(mistakes) > len(shown) else ""
+            raise HetserveError("; ".join(shown) + more, source=source)
         self._zone_links = {frozenset((o.a, o.b)): o for o in net.zones}
         self._pair_links = {frozenset((o.a, o.b)): o for o in net.pairs}
 
