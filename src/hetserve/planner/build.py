@@ -47,7 +47,13 @@ def place(
         used_nodes: set[str] = set()
         spots = []
         for s in t.stages:
-            node = free.best_fit(s.pool, s.tp, used_nodes if len(t.stages) > 1 else set())
+            # The previous stage's node first (the hop stays inside the node), then a node the chain has
+            # not used (a chain that leaves a node does not come back to it); only when neither has room,
+            # any node of the pool.
+            prev = spots[-1][0] if spots else None
+            node = prev if prev is not None and free.fits(prev, s.pool, s.tp) else None
+            if node is None:
+                node = free.best_fit(s.pool, s.tp, used_nodes)
             if node is None:
                 node = free.best_fit(s.pool, s.tp, set())
             if node is None:
@@ -95,6 +101,11 @@ class _FreeGPUs:
             if found is not None:
                 return found
         return None
+
+    def fits(self, node: str, pool: Pool, tp: int) -> bool:
+        """Whether ``node`` belongs to ``pool`` and has ``tp`` free GPUs."""
+        self._index(pool)
+        return self.pool_of.get(node) == pool.key and len(self.free[node]) >= tp
 
     def take(self, node: str, tp: int) -> list[int]:
         gpus = self.free[node][:tp]
