@@ -231,3 +231,19 @@ def test_an_unknown_hugging_face_id_says_how_to_use_it_without_a_download():
     with pytest.raises(HetserveError) as e:
         load_model("google/gemma-2-9b")
     assert "nothing is downloaded" in str(e.value) and "config.json" in str(e.value)
+
+
+def test_deepseek_v3_latent_attention_and_shared_experts_match_published():
+    """DeepSeek-V3 (its paper and model card): 671B parameters, 37B activated per token; MLA caches
+    kv_lora_rank 512 + rope 64 elements per token and layer, the same on every tensor-parallel rank."""
+    m = load_model("deepseek-v3")
+    dense = m.total_params - m.params_per_layer * m.num_layers
+    assert m.total_params / 1e9 == pytest.approx(671, rel=0.005)
+    assert (m.active_params_per_layer * m.num_layers + dense) / 1e9 == pytest.approx(37, rel=0.02)
+    assert m.kv_bytes_per_token(2) == 61 * 576 * 2
+    assert m.kv_share_per_gpu(8) == 1.0  # the latent is not split by TP
+    gqa = load_model("llama-3.1-70b")
+    assert gqa.kv_share_per_gpu(8) == 1 / 8 and gqa.kv_share_per_gpu(16) == 1 / 8  # replicated KV heads
+    # a dense first layer has no experts: the averaged layer reads fewer expert bytes than all-MoE would
+    assert m.layer_weight_bytes_read(16, 1) < m.layer_weight_bytes(16)
+    assert load_model("deepseek-ai/DeepSeek-R1") == m

@@ -12,7 +12,6 @@ layer. ``ServerTimer`` folds all constants once so a call is a few float operati
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..specs.clusters import Link
@@ -155,14 +154,12 @@ class ServerTimer:
                 vector = g.tflops.get("fp32", g.half_tflops / 8) * 1e12 * k.compute
                 dequant = m.matmul_params_per_layer / tp * DEQUANT_OPS_PER_WEIGHT / vector
             self._groups.append((count, flops_per_token, weight_read, dequant, bits))
-        kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
         self._kv_read = (
             m.kv_bytes_per_token_layer(s.kv_dtype_bytes)
-            * kv_heads_per_gpu
-            / m.num_kv_heads
+            * m.kv_share_per_gpu(tp)
             / (bw * k.attention_memory_or_default)
         )
-        self._attn_flop = 4.0 * m.num_heads * m.head_dim / tp / (half * k.attention_compute_or_default)
+        self._attn_flop = m.attention_flops_per_pair / tp / (half * k.attention_compute_or_default)
         self._layers = s.num_layers
         self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + k.step_overhead_ms * 1e-3
         self._ar_bytes_per_token = m.hidden_size * s.run_bytes  # activations, per all-reduce
@@ -268,12 +265,8 @@ class RooflineCostModel:
             ) / tp
         if shape.last and (not m.tie_word_embeddings or not shape.first):
             weights += emb / tp
-        kv_heads_per_gpu = math.ceil(m.num_kv_heads / tp)
         kv_per_token = (
-            m.kv_bytes_per_token_layer(shape.kv_dtype_bytes)
-            * kv_heads_per_gpu
-            / m.num_kv_heads
-            * shape.num_layers
+            m.kv_bytes_per_token_layer(shape.kv_dtype_bytes) * m.kv_share_per_gpu(tp) * shape.num_layers
         )
         cap = shape.gpu.memory_gb * 1e9
         return MemoryBreakdown(

@@ -93,12 +93,14 @@ def explain_choice(
     quant = [t for t in used if t.quantised]
     if quant:
         bits = [b for s in quant[0].stages for b in s.bits]
-        asked = f"--weight-bits {weight_bits}" if weight_bits else f"the quality budget {quality:g}"
-        out.append(
-            f"Traded precision for memory/speed as asked ({asked}): "
-            f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}; "
-            f"{sensitivity_basis(best.dep.model)}."
-        )
+        if weight_bits:
+            out.append(f"Every layer's weights at {weight_bits} bits, as asked (--weight-bits {weight_bits}).")
+        else:
+            out.append(
+                f"Traded precision for memory/speed as asked (the quality budget {quality:g}): "
+                f"{describe_bits(bits)} on {quant[0].describe().split(': ')[1]}; "
+                f"{sensitivity_basis(best.dep.model)}."
+            )
     pipes = [t for t in used if len(t.stages) > 1]
     if pipes:
         out.append(f"Pipelines: {pipes[0].describe().split(': ')[1]}.")
@@ -155,15 +157,17 @@ def memory_in_words(cand: Candidate) -> str:
         return ""
     stages, gpus, inst = max(sizes, key=lambda x: (x[1], x[0]))
     gpu = inst.servers[0].node.gpu
-    weights = m.weight_bytes(16) / 1e9
+    widths = {b for srv in inst.servers for b in srv.plan.layer_bits()}
+    bits = widths.pop() if len(widths) == 1 else 16
+    weights = m.weight_bytes(bits) / 1e9
     if gpus == 1:
         return (
-            f"One {gpu.name} ({gpu.memory_gb:g} GB) holds the whole model ({weights:.0f} GB at 16 bits) "
+            f"One {gpu.name} ({gpu.memory_gb:g} GB) holds the whole model ({weights:.0f} GB at {bits} bits) "
             "and its KV cache, so no instance needs tensor or pipeline parallelism."
         )
     shape = "tensor-parallel" if stages == 1 else f"a {stages}-stage pipeline"
     why = (
-        f"the weights ({weights:.0f} GB at 16 bits) and KV cache need more than one {gpu.name} "
+        f"the weights ({weights:.0f} GB at {bits} bits) and KV cache need more than one {gpu.name} "
         f"({gpu.memory_gb:g} GB)"
         if weights > gpu.memory_gb * 0.8
         else "splitting the work makes each request's steps faster (the SLOs) or leaves more room for "

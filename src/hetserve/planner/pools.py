@@ -63,7 +63,13 @@ def weight_room(
     reserve = room * KV_RESERVE
     if max_seqs is not None:
         m = cm.model
-        need = max_batch * long_tokens * m.kv_bytes_per_token_layer(2) * (m.num_layers / stages) / tp
+        need = (
+            max_batch
+            * long_tokens
+            * m.kv_bytes_per_token_layer(2)
+            * (m.num_layers / stages)
+            * m.kv_share_per_gpu(tp)
+        )
         reserve = min(reserve, need)
     return (room - reserve) * tp
 

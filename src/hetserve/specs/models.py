@@ -20,7 +20,7 @@ from ..errors import HetserveError, allowed, suggest
 from .hf_config import LLAMA_FAMILY_TYPES, MAX_SIZES, config_int, read_llama_family
 from .loading import read_mapping, show_value, validate
 
-Family = Literal["llama", "mixtral", "opt", "bloom"]
+Family = Literal["llama", "mixtral", "opt", "bloom"]  # mixtral: any MoE (Mixtral, Qwen-MoE, DeepSeek)
 
 #: Bits per weight the planner and cost model know, and the group size of group-wise quantisation.
 WEIGHT_BITS = (16, 8, 4, 3)
@@ -71,6 +71,22 @@ class ModelSpec(BaseModel):
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     layer_norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
     learned_positions: bool = False  # OPT's learned positional embedding table
+    #: Multi-head latent attention (DeepSeek-V2/V3): K and V are cached as one compressed latent of
+    #: ``kv_lora_rank`` plus a shared rotary key of ``qk_rope_head_dim`` per token and layer, the same on
+    #: every tensor-parallel rank (each rank expands it for its own heads). 0: ordinary (GQA) attention.
+    kv_lora_rank: int = Field(default=0, ge=0, le=MAX_SIZES["hidden_size"])
+    q_lora_rank: int = Field(default=0, ge=0, le=MAX_SIZES["hidden_size"])  # 0: a full query projection
+    qk_rope_head_dim: int = Field(default=0, ge=0, le=MAX_SIZES["head_dim"])
+    qk_nope_head_dim: int = Field(default=0, ge=0, le=MAX_SIZES["head_dim"])
+    v_head_dim: int = Field(default=0, ge=0, le=MAX_SIZES["head_dim"])
+    #: Experts every token goes through besides its routed ones (DeepSeek's shared experts), each the
+    #: size of a routed expert.
+    shared_experts: int = Field(default=0, ge=0, le=64)
+    #: The first ``dense_layers`` layers of an MoE model have one dense MLP of ``dense_intermediate_size``
+    #: instead of experts (DeepSeek's first_k_dense_replace). The per-layer figures below are the average
+    #: over all layers: a pipeline stage's share of the weights and FLOPs is exact in total, spread evenly.
+    dense_layers: int = Field(default=0, ge=0, le=MAX_SIZES["num_hidden_layers"])
+    dense_intermediate_size: int = Field(default=0, ge=0, le=MAX_SIZES["intermediate_size"])
     source: str = ""
     #: Per-layer weights of how much quantising each layer hurts quality (mean 1), measured and read from a
     #: sensitivity file (specs/sensitivity.py); None: the planner's assumed curve (planner/quality.py).
@@ -91,11 +107,29 @@ class ModelSpec(BaseModel):
             )
         if self.experts_per_token > self.num_experts:
             raise ValueError("num_experts_per_tok exceeds num_local_experts")
+        if self.dense_layers > self.num_layers:
+            raise ValueError(f"first_k_dense_replace ({self.dense_layers}) exceeds num_hidden_layers")
+        if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
+            raise ValueError(
+                "multi-head latent attention needs qk_rope_head_dim, qk_nope_head_dim, v_head_dim"
+            )
         return self
+
+    @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention (a compressed KV cache)."""
+        return self.kv_lora_rank > 0
+
+    @cached_property
+    def moe_share(self) -> float:
+        """Share of the layers that have experts (1 for a dense model: its one MLP is its 'expert')."""
+        return (self.num_layers - self.dense_layers) / self.num_layers if self.dense_layers else 1.0
 
     # ---- parameters ---------------------------------------------------------------------------
     @cached_property
     def attention_params(self) -> int:
+        if self.mla:  # projections plus the RMSNorms of the two latents
+            return self.attention_matrix_params + self.kv_lora_rank + self.q_lora_rank
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         weights = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
@@ -122,27 +156,57 @@ class ModelSpec(BaseModel):
         return 2 * self.hidden_size * (2 if self.layer_norm_bias else 1)
 
     @cached_property
+    def dense_mlp_params(self) -> int:
+        """The MLP of one of the first ``dense_layers`` layers of an MoE model."""
+        return 3 * self.hidden_size * self.dense_intermediate_size if self.dense_layers else 0
+
+    def _mlp(self, experts: int, per_expert: int, router: int, dense: int) -> int:
+        """Per-layer MLP figure averaged over the layers: ``experts`` (routed + shared) of ``per_expert``
+        plus the router where there are experts, ``dense`` in the dense layers."""
+        if not self.dense_layers:
+            return experts * per_expert + router
+        share = self.moe_share
+        return round(share * (experts * per_expert + router) + (1 - share) * dense)
+
+    @cached_property
     def params_per_layer(self) -> int:
         return (
             self.attention_params
-            + self.num_experts * self.expert_params
-            + self.router_params
+            + self._mlp(
+                self.num_experts + self.shared_experts,
+                self.expert_params,
+                self.router_params,
+                self.dense_mlp_params,
+            )
             + self.norm_params
         )
 
     @cached_property
     def active_params_per_layer(self) -> int:
-        """Parameters one token multiplies through (MoE: only its routed experts)."""
+        """Parameters one token multiplies through (MoE: only its routed and shared experts)."""
         return (
             self.attention_params
-            + self.experts_per_token * self.expert_params
-            + self.router_params
+            + self._mlp(
+                self.experts_per_token + self.shared_experts,
+                self.expert_params,
+                self.router_params,
+                self.dense_mlp_params,
+            )
             + self.norm_params
         )
 
     @cached_property
     def attention_matrix_params(self) -> int:
-        """Weights of the q, k, v and output projections (no biases)."""
+        """Weights of the q, k, v and output projections (no biases). MLA: the query's down and up
+        projections (or one full one), the latent's down projection (with the rotary key), its up
+        projection to every head's key and value, and the output projection."""
+        if self.mla:
+            h, heads = self.hidden_size, self.num_heads
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = h * self.q_lora_rank + self.q_lora_rank * heads * qk if self.q_lora_rank else h * heads * qk
+            kv_down = h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv_up = self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv_down + kv_up + heads * self.v_head_dim * h
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         return self.hidden_size * (q + 2 * kv) + q * self.hidden_size
@@ -155,7 +219,9 @@ class ModelSpec(BaseModel):
     @cached_property
     def matmul_params_per_layer(self) -> int:
         """Parameters in weight matrices (the part that quantisation shrinks)."""
-        return self.attention_matrix_params + self.num_experts * self.expert_matrix_params
+        return self.attention_matrix_params + self._mlp(
+            self.num_experts + self.shared_experts, self.expert_matrix_params, 0, self.dense_mlp_params
+        )
 
     @cached_property
     def embedding_params(self) -> int:
@@ -190,8 +256,26 @@ class ModelSpec(BaseModel):
         return self.num_layers * self.layer_weight_bytes(bits) + self.embedding_bytes()
 
     def kv_bytes_per_token_layer(self, dtype_bytes: float = 2) -> float:
-        """K and V of one token in one layer (GQA: only the KV heads are stored)."""
+        """K and V of one token in one layer (GQA: only the KV heads are stored; MLA: the latent and the
+        rotary key)."""
+        if self.mla:
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def kv_share_per_gpu(self, tp: int) -> float:
+        """Share of a token's KV one of ``tp`` tensor-parallel ranks stores: its KV heads (a KV head
+        replicated on several ranks is stored on each); MLA's latent is stored whole on every rank."""
+        if self.mla:
+            return 1.0
+        return math.ceil(self.num_kv_heads / tp) / self.num_kv_heads
+
+    @cached_property
+    def attention_flops_per_pair(self) -> float:
+        """FLOPs of one query token attending to one cached token in one layer, over all heads: Q.K and
+        the weighted sum of V (MLA: keys of nope + rope dims, values of v_head_dim)."""
+        if self.mla:
+            return 2.0 * self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+        return 4.0 * self.num_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype_bytes: float = 2) -> float:
         return self.num_layers * self.kv_bytes_per_token_layer(dtype_bytes)
@@ -202,15 +286,19 @@ class ModelSpec(BaseModel):
         """2 FLOPs per multiply-add through every weight a token uses in one layer."""
         return 2 * (
             self.attention_matrix_params
-            + self.experts_per_token * self.expert_matrix_params
-            + self.router_params
+            + self._mlp(
+                self.experts_per_token + self.shared_experts,
+                self.expert_matrix_params,
+                self.router_params,
+                self.dense_mlp_params,
+            )
         )
 
     def attention_flops_layer(self, new_tokens: float, context_before: float) -> float:
         """QK^T and softmax(QK^T)V FLOPs in one layer for ``new_tokens`` appended to a sequence that
         already holds ``context_before`` tokens (causal: token i attends to all before it and itself)."""
         pairs = new_tokens * context_before + new_tokens * (new_tokens + 1) / 2
-        return 4.0 * self.num_heads * self.head_dim * pairs
+        return self.attention_flops_per_pair * pairs
 
     def prefill_flops_layer(self, prompt_len: int) -> float:
         """FLOPs per layer to prefill one prompt (linear + quadratic attention)."""
@@ -236,7 +324,7 @@ class ModelSpec(BaseModel):
         if self.num_experts == 1:
             return full
         one_expert = full * (self.expert_params / self.params_per_layer)
-        return full - (self.num_experts - self.experts_touched(tokens)) * one_expert
+        return full - (self.num_experts - self.experts_touched(tokens)) * one_expert * self.moe_share
 
     def check_tp(self, tp: int, field: str = "tp") -> None:
         """Raise a clear error if tensor parallelism of degree ``tp`` cannot split this model's heads
@@ -278,6 +366,46 @@ def _get(cfg: dict, *keys, default=None, where: str | None = None, limit: str | 
     raise HetserveError(f"config.json lacks '{keys[0]}'", source=where)
 
 
+def _deepseek(cfg: dict[str, Any], where: str | None) -> dict[str, Any]:
+    """DeepSeek-V2/V3: multi-head latent attention, routed plus shared experts, dense first layers.
+    The multi-token-prediction module (``num_nextn_predict_layers``) is not served and not counted."""
+    get = lambda key, default=None, limit=None: config_int(cfg, key, where, default, limit=limit)
+    heads = get("num_attention_heads")
+    rope, nope = get("qk_rope_head_dim", limit="head_dim"), get("qk_nope_head_dim", limit="head_dim")
+    routed = get("n_routed_experts", 1, limit="num_local_experts")
+    layers = get("num_hidden_layers")
+    dense = cfg.get("first_k_dense_replace", 0) or 0
+    if not isinstance(dense, int) or isinstance(dense, bool) or not 0 <= dense <= layers:
+        raise HetserveError(
+            f"'first_k_dense_replace' must be a whole number from 0 to {layers}", source=where
+        )
+    q_lora = cfg.get("q_lora_rank") or 0
+    return dict(
+        family="mixtral" if routed > 1 else "llama",
+        num_layers=layers,
+        hidden_size=get("hidden_size"),
+        num_heads=heads,
+        num_kv_heads=heads,  # every head has its own key and value, expanded from the shared latent
+        head_dim=rope + nope,
+        intermediate_size=get("moe_intermediate_size", limit="intermediate_size")
+        if routed > 1
+        else get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        max_position_embeddings=get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_experts=routed,
+        experts_per_token=get("num_experts_per_tok", 1, limit="num_experts_per_tok"),
+        kv_lora_rank=get("kv_lora_rank", limit="hidden_size"),
+        q_lora_rank=config_int(cfg, "q_lora_rank", where, limit="hidden_size") if q_lora else 0,
+        qk_rope_head_dim=rope,
+        qk_nope_head_dim=nope,
+        v_head_dim=get("v_head_dim", limit="head_dim"),
+        shared_experts=(cfg.get("n_shared_experts") or 0) if routed > 1 else 0,
+        dense_layers=dense if routed > 1 else 0,
+        dense_intermediate_size=get("intermediate_size") if routed > 1 and dense else 0,
+    )
+
+
 def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> ModelSpec:
     """Build a ModelSpec from a Hugging Face ``config.json`` dict."""
     mtype = str(cfg.get("model_type", "")).lower()
@@ -298,6 +426,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
             experts_per_token=arch.experts_per_token,
             qkv_bias=arch.qkv_bias,
         )
+    elif mtype in ("deepseek_v2", "deepseek_v3"):
+        spec = _deepseek(cfg, source or None)
     elif mtype in ("opt", "bloom"):
         where = source or None
         opt = mtype == "opt"
@@ -336,7 +466,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
     else:
         raise HetserveError(
             f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, qwen3, "
-            "qwen2_moe, qwen3_moe, mixtral, opt, bloom"
+            "qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, opt, bloom"
         )
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
@@ -366,10 +496,15 @@ def _hf_key(repo: str) -> str:
     return _HF_VARIANT.sub("", repo.strip().lower())
 
 
+#: Hugging Face repositories of the same architecture as a built-in under another name (their
+#: config.json files match the built-in's in every field the cost model reads).
+_SAME_ARCHITECTURE = {"deepseek-r1": "deepseek-v3", "llama-3.3-70b": "llama-3.3-70b"}
+
+
 @lru_cache(maxsize=1)
 def _hf_aliases() -> dict[str, str]:
     """Hugging Face repository names (variants stripped) -> built-in model, from each built-in's source."""
-    out = {}
+    out = dict(_SAME_ARCHITECTURE)
     for name in builtin_model_names():
         source = _builtin(name).source
         m = re.match(r"https://huggingface\.co/([^/]+)/([^/]+)/", source)

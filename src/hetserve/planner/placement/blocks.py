@@ -74,7 +74,9 @@ def blocks_that_fit(
 ) -> int:
     """Blocks a server holds beside a cache reservation of ``cache_tokens`` tokens in every block."""
     m = ctx.model
-    per_block = (m.layer_weight_bytes(bits) + cache_tokens * m.kv_bytes_per_token_layer(2)) / srv.tp
+    per_block = m.layer_weight_bytes(bits) / srv.tp + cache_tokens * m.kv_bytes_per_token_layer(
+        2
+    ) * m.kv_share_per_gpu(srv.tp)
     room = srv.usable
     emb = m.vocab_size * m.hidden_size * 2.0 / srv.tp
     room -= emb * (int(first) + int(last))
