@@ -88,7 +88,7 @@ def test_compare_reports_every_strategy_and_writes_plans_and_plots(tiny, tmp_pat
     for name in report["strategies"]:
         dep = load_plan(out / "plans" / f"{name}.yaml")  # plans stand alone (inline cluster written)
         assert dep.gpus_used() == report["strategies"][name]["gpus"]
-    for f in ("compare.json", "objective.png", "latency_cdf.png", "cost_throughput.png"):
+    for f in ("compare.json", "objective.png", "latency_cdf.png", "cost_objective.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "compare.json").read_text())
     assert (

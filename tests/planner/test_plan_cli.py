@@ -191,6 +191,21 @@ def test_default_plan_is_the_cheapest_that_carries_the_workload_losslessly(run_c
     # and costs no more than the plan of the highest rate within the SLOs
     top = json.loads(plan(run_cli, files, tmp_path, "--objective", "goodput", out="g.yaml")[1])
     assert d["cost_per_hour"] <= top["cost_per_hour"] and top["sustained_rps"] >= d["sustained_rps"]
+    # the rate each reports holds when the user re-simulates the plan at it (the workload's duration,
+    # the default seed): it was checked over a steady window, not only the search's short ones
+    for report in (d, top):
+        assert report["steady_window_s"] is not None, report["verdict"]
+        code, out, err = run_cli(
+            "simulate",
+            "--plan",
+            report["plan"],
+            "--workload",
+            files[1],
+            "--rate",
+            report["sustained_rps"],
+            "--json",
+        )
+        assert code == 0 and json.loads(out)["slo_met"], (report["verdict"], out)
 
 
 def test_a_plan_that_cannot_carry_the_workload_exits_1_with_the_nearest_fix(run_cli, write, files, tmp_path):

@@ -67,6 +67,9 @@ class Carrying:
     sustained_rps: float  # highest offered rate found within the SLO percentiles (0: none)
     sustained_is_lower_bound: bool  # the search ran out of time above this rate
     fixes: list[str]
+    #: Seconds of arrivals the sustained rate held its SLOs over (None: the check ran out of time, and the
+    #: rate is from the search's shorter windows).
+    steady_window_s: float | None = None
 
     @property
     def carries(self) -> bool:
@@ -86,9 +89,14 @@ class Carrying:
         room = (
             f"headroom {share:.0%}" if share >= 0 else f"{self.sustained_rps / self.workload_rps:.0%} of it"
         )
+        over = (
+            f" over {self.steady_window_s:.0f} s of arrivals"
+            if self.steady_window_s
+            else " in the search's short windows (the steady-state check ran out of time)"
+        )
         return (
             f"workload asks {self.workload_rps:.3g} req/s; this plan sustains {at_least}"
-            f"{self.sustained_rps:.3g} req/s within the SLOs ({room})"
+            f"{self.sustained_rps:.3g} req/s within the SLOs{over} ({room})"
         )
 
 

@@ -27,6 +27,12 @@ MIN_WINDOW_S = 20.0
 MIN_DRAIN_S = 300.0
 #: Doublings or halvings of the rate while the goodput search brackets the SLO boundary.
 BRACKET_STEPS = 8
+#: A steady-state check spans this many times the time a long request decodes for (its output at the
+#: SLO percentile, at the TPOT target): decode batches and KV caches fill over about that long, so a
+#: shorter window can hold its SLOs at a rate the plan does not sustain.
+STEADY_DECODES = 3
+#: TPOT assumed for the steady window when the SLO sets no TPOT target (s per token).
+STEADY_TPOT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,16 @@ def arrival_window_s(workload: Workload, rate: float, requests: int, *, judge_sl
     return min(window, MAX_SEARCH_WINDOW_S)
 
 
+def steady_window_s(workload: Workload, output_q: float) -> float:
+    """Seconds of arrivals a steady-state check of a rate replays: ``STEADY_DECODES`` times a long
+    request's decode (``output_q`` tokens at the TPOT target), at least the search's probe window, at
+    most ``MAX_SEARCH_WINDOW_S``."""
+    slo = workload.slo
+    tpot = slo.tpot_ms / 1e3 if slo.tpot_ms else STEADY_TPOT_S
+    window = max(MIN_WINDOW_S, probe_window_s(slo), STEADY_DECODES * output_q * tpot)
+    return min(window, MAX_SEARCH_WINDOW_S)
+
+
 def simulate_at_rate(
     dep: Deployment,
     workload: Workload,
@@ -132,14 +148,16 @@ def simulate_at_rate(
     requests: int,
     judge_slo: bool = True,
     deadline: float | None = None,
+    window_s: float | None = None,
 ) -> Run | None:
     """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s), about ``requests``
     requests over ``arrival_window_s`` (``judge_slo`` False: the SLOs do not decide the figure, e.g.
     throughput, and the window need not span their deadlines); drained for twice as long as it arrived
     (at least ``MIN_DRAIN_S``). None when no request arrives. ``deadline`` (a ``time.perf_counter()``
-    value): past it, ``OutOfTime`` is raised."""
+    value): past it, ``OutOfTime`` is raised. ``window_s``: this arrival window instead (a steady-state
+    check, ``steady_window_s``)."""
     rate = max(rate, 1e-3)
-    duration = arrival_window_s(workload, rate, requests, judge_slo=judge_slo)
+    duration = window_s or arrival_window_s(workload, rate, requests, judge_slo=judge_slo)
     if deadline is not None and time.perf_counter() > deadline:
         raise OutOfTime("no time left to sample the requests")
     reqs = workload.sample(seed=seed, duration_s=duration, rate=rate)
@@ -226,3 +244,24 @@ def max_rate_within_slo(
         else:
             hi = mid
     return GoodputSearch(lo, best if best_rate == lo else None, sims)
+
+
+@dataclass(frozen=True)
+class SteadyCheck:
+    rate: float  # the highest rate tried at which the SLOs held over the steady window (0: none)
+    run: Run | None  # its simulation
+    window_s: float
+
+
+def hold_over_steady_window(
+    probe: Callable[[float], Run | None], rate: float, window_s: float, *, steps: int, factor: float
+) -> SteadyCheck:
+    """``rate`` if ``probe`` (simulations over ``window_s`` of arrivals: their run when the SLOs held,
+    else None) holds there, else the first of ``steps`` lower rates (each ``factor`` times the last) that
+    does; 0 when none does."""
+    for _ in range(steps):
+        run = probe(rate)
+        if run is not None and run.slo_met:
+            return SteadyCheck(rate, run, window_s)
+        rate *= factor
+    return SteadyCheck(0.0, None, window_s)

@@ -94,7 +94,9 @@ def explain_choice(
     if quant:
         bits = [b for s in quant[0].stages for b in s.bits]
         if weight_bits:
-            out.append(f"Every layer's weights at {weight_bits} bits, as asked (--weight-bits {weight_bits}).")
+            out.append(
+                f"Every layer's weights at {weight_bits} bits, as asked (--weight-bits {weight_bits})."
+            )
         else:
             out.append(
                 f"Traded precision for memory/speed as asked (the quality budget {quality:g}): "

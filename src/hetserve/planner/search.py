@@ -25,7 +25,17 @@ from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
 from .candidate import Alternative, Analytic, Candidate, Carrying, PlanResult, Searched
-from .evaluate import OBJECTIVES, Run, max_rate_within_slo, simulate_at_rate, simulate_requests
+from .evaluate import (
+    OBJECTIVES,
+    Run,
+    SteadyCheck,
+    arrival_window_s,
+    hold_over_steady_window,
+    max_rate_within_slo,
+    simulate_at_rate,
+    simulate_requests,
+    steady_window_s,
+)
 from .explain import (
     explain_choice,
     how_to_carry,
@@ -61,6 +71,13 @@ GOODPUT_BISECTIONS = 2
 WEIGHTED_LEADS = 2
 #: Cost and power: allocations made again for a higher analytic rate when the cheapest failed in simulation.
 RESIZE_ROUNDS = 4
+#: The sustained rate a plan reports is checked over a steady window (``evaluate.steady_window_s``), and
+#: lowered by ``STEADY_FACTOR`` up to ``STEADY_STEPS`` times until it holds; the check has its own
+#: ``STEADY_SHARE`` of the time limit after the search.
+STEADY_STEPS = 6
+STEADY_FACTOR = 0.93
+STEADY_SHARE = 0.5
+STEADY_MAX_REQUESTS = 20_000
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
 MAX_REPLAY = 4 * CONFIRM_REQUESTS
 #: Shares of the time limit: candidate instances are generated until this share has passed; one
@@ -424,10 +441,56 @@ class Planner:
                 sustained, lower_bound = search.rate, False
             except OutOfTime:
                 pass
-        carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [])
+        check = self._steady(best, sustained)
+        if check is not None:
+            sustained, lower_bound = check.rate, lower_bound and check.rate == sustained
+            if self.objective == "goodput" and check.run is not None:
+                best.run = check.run  # the figures reported are the steady run's
+        window = check.window_s if check is not None else None
+        carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [], window)
         if not carrying.carries:
             carrying.fixes.extend(self._fixes(best, sustained))
         return carrying
+
+    def _steady_window(self, rate: float, wanted: int) -> float:
+        """Seconds of arrivals a steady-state simulation at ``rate`` spans: the steady window
+        (``steady_window_s``), at least ``wanted`` requests (a p90 over a few hundred requests is noisy),
+        and the workload's own duration when that is at most ``STEADY_MAX_REQUESTS`` requests (what
+        ``hetserve simulate --rate`` replays by default)."""
+        window = max(
+            steady_window_s(self.workload, self.output_q), arrival_window_s(self.workload, rate, wanted)
+        )
+        own = self.workload.spec.duration_s
+        return max(window, own) if rate * own <= STEADY_MAX_REQUESTS else window
+
+    def _steady(self, best: Candidate, rate: float) -> SteadyCheck | None:
+        """The highest of ``rate`` and a few steps below it at which ``best`` holds its SLOs over a steady
+        window (``steady_window_s``: the search's short windows can hold them at a rate whose decode
+        batches and KV caches have not filled yet). Its own allowance of ``STEADY_SHARE`` of the time
+        limit from now; None when that runs out (or there is no rate to check)."""
+        if rate <= 0:
+            return None
+        wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(best.dep.instances))
+        window = self._steady_window(rate, wanted)
+        deadline = time.perf_counter() + STEADY_SHARE * self.time_limit
+        self._tick(f"checking {rate:.3g} req/s over {window:.0f} s of arrivals")
+
+        def holds(r: float) -> Run | None:
+            """The run at ``r`` when the SLOs hold on two request samples (the plan's seed, then the next)."""
+            first = simulate_at_rate(
+                best.dep, self.workload, r, seed=self.seed, requests=0, window_s=window, deadline=deadline
+            )
+            if first is None or not first.slo_met:
+                return None
+            second = simulate_at_rate(
+                best.dep, self.workload, r, seed=self.seed + 1, requests=0, window_s=window, deadline=deadline
+            )
+            return first if second is not None and second.slo_met else None
+
+        try:
+            return hold_over_steady_window(holds, rate, window, steps=STEADY_STEPS, factor=STEADY_FACTOR)
+        except OutOfTime:
+            return None
 
     def _fixes(self, best: Candidate, sustained: float) -> list[str]:
         """The nearest changes that would let a plan carry the workload: a higher budget, more GPUs, or the
@@ -564,6 +627,8 @@ class Planner:
         (before the first plan is confirmed, a quick simulation if that takes too long: ``FIRST_SHARE``)."""
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
         judge_slo = OBJECTIVES[self.objective].judges_slo
+        # Cost and power plans must carry the workload's rate in steady state (``_steady_window``).
+        window = self._steady_window(rate, wanted) if OBJECTIVES[self.objective].sense == "min" else None
         return self._first_or_quick(
             lambda deadline: simulate_at_rate(
                 dep,
@@ -573,6 +638,7 @@ class Planner:
                 requests=wanted,
                 judge_slo=judge_slo,
                 deadline=deadline,
+                window_s=window,
             ),
             lambda: simulate_at_rate(
                 dep,

@@ -106,13 +106,15 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
-    # cost vs throughput: a legend names the points (labels beside them overlap when points are close)
+    # cost vs the objective: a legend names the points (labels beside them overlap when points are close)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name in sims:
         r = res[name]
+        if r.get("objective_value") is None:
+            continue
         ax.scatter(
             r["cost_per_hour"],
-            r["throughput_tok_s"],
+            r["objective_value"],
             s=70 if name.startswith("hetserve") else 40,
             color=colours[name],
             label=name,
@@ -120,12 +122,12 @@ def _plots(out: Path, report: dict, sims: dict) -> list[Path]:
             linewidths=0.5,
         )
     ax.set_xlabel("cost ($/hour)")
-    ax.set_ylabel("throughput (output tok/s)")
-    ax.set_title(f"{report['scenario']}: cost vs throughput")
+    ax.set_ylabel(f"{report['objective']} ({report['objective_unit']}, {report['objective_sense']})")
+    ax.set_title(f"{report['scenario']}: cost vs {report['objective']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    p = out / "cost_throughput.png"
+    p = out / "cost_objective.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)

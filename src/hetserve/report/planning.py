@@ -68,6 +68,7 @@ def plan_report(result: PlanResult, written: str, workload: Workload) -> dict:
         "headroom": c.headroom if c else None,
         "sustained_rps": c.sustained_rps if c else None,
         "sustained_is_lower_bound": c.sustained_is_lower_bound if c else None,
+        "steady_window_s": c.steady_window_s if c else None,
         "carries_workload": c.carries if c else None,
         "verdict": c.sentence() if c else None,
         "fixes": c.fixes if c else [],
