@@ -553,3 +553,31 @@ def test_cli_broken_plan_exits_2_with_one_line(plan, run_cli):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert "covered twice" in lines[0]
+
+
+def test_every_server_mistake_and_every_instance_mistake_is_reported_at_once(write, run_cli):
+    from pathlib import Path
+
+    cluster = Path(__file__).resolve().parents[1] / "examples" / "clusters" / "bench-32gpu.yaml"
+    plan = write(
+        "bad.yaml",
+        f"name: bad\nmodel: llama-3.1-8b\ncluster: {cluster}\nservers:\n"
+        "  - {name: a, node: nosuch, gpus: [0], layers: [0, 32]}\n"
+        "  - {name: b, node: l4-0, gpus: [0, 9], layers: [0, 32]}\n"
+        "  - {name: c, node: l4-1, gpus: [0], layers: [0, 40]}\n"
+        "instances:\n  - {name: x, role: mixed, chain: [b]}\n",
+    )
+    work = write("w.yaml", "arrivals: {kind: poisson, rate: 1}\n")
+    code, out, err = run_cli("simulate", "--plan", plan, "--workload", work)
+    assert code == 2 and "Traceback" not in err
+    for needle in (
+        "servers[0] (a).node: unknown node 'nosuch'",
+        "servers[1] (b).gpus: GPU index 9",
+        "servers[2] (c).layers",
+    ):
+        assert needle in err, err
+    assert err.count(str(plan)) == 1  # the file is named once
+    fixed = plan.read_text().replace("nosuch", "l4-0").replace("[0, 9]", "[2]").replace("[0, 40]", "[0, 32]")
+    plan.write_text(fixed.replace("chain: [b]}", "chain: [zz]}\n  - {name: y, role: mixed, chain: [c, c]}"))
+    code, out, err = run_cli("simulate", "--plan", plan, "--workload", work)
+    assert "instances[0] (x).chain[0]: unknown server 'zz'" in err and "instances[1] (y).chain" in err

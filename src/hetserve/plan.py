@@ -23,7 +23,7 @@ from .errors import HetserveError, OutOfTime, allowed, suggest
 from .scheduling.instance import InstanceConfig
 from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
-from .specs.loading import load_yaml_model, validate
+from .specs.loading import MAX_LISTED_ERRORS, load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
 from .vocabulary import DTYPE_BYTES, SchedulePolicy
 
@@ -213,122 +213,150 @@ class Deployment:
         if self.deadline is not None and i % 256 == 255 and time.perf_counter() > self.deadline:
             raise OutOfTime(f"checking plan {self.spec.name}")
 
+    def _message(self, exc: HetserveError) -> str:
+        """A HetserveError's text without this plan's file name (added once when they are joined)."""
+        text = str(exc)
+        prefix = f"{self.source}: " if self.source else ""
+        return text[len(prefix) :] if prefix and text.startswith(prefix) else text
+
+    def _raise_all(self, mistakes: list[str]) -> None:
+        if mistakes:
+            shown = mistakes[:MAX_LISTED_ERRORS]
+            more = f"; ... and {len(mistakes) - len(shown)} more" if len(mistakes) > len(shown) else ""
+            raise self._err("; ".join(shown) + more)
+
+    def _add_server(self, i: int, s: ServerPlan, used: dict, chain_pos: dict) -> None:
+        """Check server ``i`` of the plan and add it (a mistake raises HetserveError)."""
+        m = self.model
+        where = f"servers[{i}] ({s.name})"
+        if s.name in self.servers:
+            raise self._err(f"{where}.name: server name '{s.name}' is used twice")
+        if len(set(s.gpus)) != len(s.gpus):
+            raise self._err(f"{where}.gpus: {s.gpus} lists a GPU twice; list each GPU index once")
+        node = self.cluster.nodes.get(s.node)
+        if node is None:
+            raise self._err(
+                f"{where}.node: unknown node '{s.node}'{suggest(s.node, self.cluster.nodes)}; "
+                f"nodes: {allowed(self.cluster.nodes)}"
+            )
+        for g in s.gpus:
+            if not 0 <= g < node.count:
+                raise self._err(
+                    f"{where}.gpus: GPU index {g} does not exist on node {node.name} "
+                    f"(it has {node.count} GPUs: 0..{node.count - 1})"
+                )
+            if (node.name, g) in used:
+                raise self._err(
+                    f"{where}.gpus: GPU {g} of node {node.name} is already used by server "
+                    f"'{used[(node.name, g)]}'; a GPU belongs to one server"
+                )
+            used[(node.name, g)] = s.name
+        try:
+            m.check_tp(s.tp, "tp (len(gpus))")
+        except HetserveError as exc:
+            raise self._err(f"{where}.gpus: {exc}") from None
+        start, end = s.layers
+        if not 0 <= start < end <= m.num_layers:
+            raise self._err(
+                f"{where}.layers: [{start}, {end}) is not a layer range of {m.name} "
+                f"(need 0 <= start < end <= {m.num_layers})"
+            )
+        bits = s.layer_bits()
+        if len(bits) != end - start:
+            raise self._err(
+                f"{where}.bits: {len(bits)} values for {end - start} layers; give one value or one per layer"
+            )
+        bad = [b for b in bits if b not in WEIGHT_BITS]
+        if bad:
+            raise self._err(f"{where}.bits: {bad[0]} is not supported; use one of {list(WEIGHT_BITS)}")
+        if s.kv_dtype not in node.gpu.kv_dtypes and not (s.kv_dtype == "fp32"):
+            raise self._err(
+                f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
+                f"supported: {node.gpu.kv_dtypes}"
+            )
+        shape = ServerShape(
+            node.gpu,
+            s.tp,
+            bits,
+            first=start == 0,
+            last=end == m.num_layers,
+            kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
+            # hetserve's engine runs a server with fp32 KV in fp32 throughout
+            run_bytes=4.0 if s.kv_dtype == "fp32" else 2.0,
+        )
+        self.servers[s.name] = Server(s, node, shape)
+        chain_pos[s.name] = []
+
+    def _add_instance(self, i: int, inst: InstancePlan, shares: dict[str, float]) -> None:
+        """Check instance ``i`` of the plan and add it (a mistake raises HetserveError)."""
+        m = self.model
+        where = f"instances[{i}] ({inst.name})"
+        if inst.name in self.instances:
+            raise self._err(f"{where}.name: instance name '{inst.name}' is used twice")
+        chain: list[Server] = []
+        expect = 0
+        for j, sname in enumerate(inst.chain):
+            srv = self.servers.get(sname)
+            if srv is None:
+                raise self._err(f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}")
+            start, end = srv.plan.layers
+            if start != expect:
+                what = "covered twice" if start < expect else "not covered"
+                lo, hi = sorted((start, expect))
+                raise self._err(
+                    f"{where}.chain: layers {lo}..{hi - 1} are {what} (server '{sname}' starts "
+                    f"at layer {start}, the chain so far ends at {expect})"
+                )
+            expect = end
+            if chain and srv.node.gpu.vendor != chain[0].node.gpu.vendor:
+                raise self._err(
+                    f"{where}.chain: a pipeline never spans vendors ({chain[0].node.gpu.vendor} "
+                    f"server '{chain[0].name}' and {srv.node.gpu.vendor} server '{sname}'); "
+                    "hand KV between vendors with prefill and decode instances instead"
+                )
+            chain.append(srv)
+        if expect != m.num_layers:
+            raise self._err(
+                f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
+                f"must hold all {m.num_layers} layers of {m.name}"
+            )
+        if isinstance(inst.kv_share, dict) and set(inst.kv_share) != set(inst.chain):
+            missing = [x for x in inst.chain if x not in inst.kv_share]
+            extra = [x for x in inst.kv_share if x not in inst.chain]
+            what = f"has no share for {missing}" if missing else f"names {extra}, not on its chain"
+            raise self._err(
+                f"{where}.kv_share: {what}; give one share per server of the chain "
+                f"{inst.chain}, or a single number for all of them"
+            )
+        for srv in chain:
+            srv.instances.append(inst.name)
+            shares[srv.name] += inst.share_on(srv.name)
+        hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
+        self.instances[inst.name] = Instance(inst, chain, 0, hops)
+
     def _build(self) -> None:
-        m, spec = self.model, self.spec
+        spec = self.spec
         if spec.version != PLAN_VERSION:
             raise self._err(f"version: this hetserve reads plan version {PLAN_VERSION}, got {spec.version}")
         used: dict[tuple[str, int], str] = {}
         chain_pos: dict[str, list[tuple[int, int]]] = {}
+        mistakes: list[str] = []  # every server's mistakes, reported together
         for i, s in enumerate(spec.servers):
             self._on_time(i)
-            where = f"servers[{i}] ({s.name})"
-            if s.name in self.servers:
-                raise self._err(f"{where}.name: server name '{s.name}' is used twice")
-            if len(set(s.gpus)) != len(s.gpus):
-                raise self._err(f"{where}.gpus: {s.gpus} lists a GPU twice; list each GPU index once")
-            node = self.cluster.nodes.get(s.node)
-            if node is None:
-                raise self._err(
-                    f"{where}.node: unknown node '{s.node}'{suggest(s.node, self.cluster.nodes)}; "
-                    f"nodes: {allowed(self.cluster.nodes)}"
-                )
-            for g in s.gpus:
-                if not 0 <= g < node.count:
-                    raise self._err(
-                        f"{where}.gpus: GPU index {g} does not exist on node {node.name} "
-                        f"(it has {node.count} GPUs: 0..{node.count - 1})"
-                    )
-                if (node.name, g) in used:
-                    raise self._err(
-                        f"{where}.gpus: GPU {g} of node {node.name} is already used by server "
-                        f"'{used[(node.name, g)]}'; a GPU belongs to one server"
-                    )
-                used[(node.name, g)] = s.name
             try:
-                m.check_tp(s.tp, "tp (len(gpus))")
+                self._add_server(i, s, used, chain_pos)
             except HetserveError as exc:
-                raise self._err(f"{where}.gpus: {exc}") from None
-            start, end = s.layers
-            if not 0 <= start < end <= m.num_layers:
-                raise self._err(
-                    f"{where}.layers: [{start}, {end}) is not a layer range of {m.name} "
-                    f"(need 0 <= start < end <= {m.num_layers})"
-                )
-            bits = s.layer_bits()
-            if len(bits) != end - start:
-                raise self._err(
-                    f"{where}.bits: {len(bits)} values for {end - start} layers; give one value "
-                    "or one per layer"
-                )
-            bad = [b for b in bits if b not in WEIGHT_BITS]
-            if bad:
-                raise self._err(f"{where}.bits: {bad[0]} is not supported; use one of {list(WEIGHT_BITS)}")
-            if s.kv_dtype not in node.gpu.kv_dtypes and not (s.kv_dtype == "fp32"):
-                raise self._err(
-                    f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
-                    f"supported: {node.gpu.kv_dtypes}"
-                )
-            shape = ServerShape(
-                node.gpu,
-                s.tp,
-                bits,
-                first=start == 0,
-                last=end == m.num_layers,
-                kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
-                # hetserve's engine runs a server with fp32 KV in fp32 throughout
-                run_bytes=4.0 if s.kv_dtype == "fp32" else 2.0,
-            )
-            self.servers[s.name] = Server(s, node, shape)
-            chain_pos[s.name] = []
+                mistakes.append(self._message(exc))
+        self._raise_all(mistakes)
 
         shares: dict[str, float] = {name: 0.0 for name in self.servers}
         for i, inst in enumerate(spec.instances):
             self._on_time(i)
-            where = f"instances[{i}] ({inst.name})"
-            if inst.name in self.instances:
-                raise self._err(f"{where}.name: instance name '{inst.name}' is used twice")
-            chain: list[Server] = []
-            expect = 0
-            for j, sname in enumerate(inst.chain):
-                srv = self.servers.get(sname)
-                if srv is None:
-                    raise self._err(
-                        f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}"
-                    )
-                start, end = srv.plan.layers
-                if start != expect:
-                    what = "covered twice" if start < expect else "not covered"
-                    lo, hi = sorted((start, expect))
-                    raise self._err(
-                        f"{where}.chain: layers {lo}..{hi - 1} are {what} (server '{sname}' starts "
-                        f"at layer {start}, the chain so far ends at {expect})"
-                    )
-                expect = end
-                if chain and srv.node.gpu.vendor != chain[0].node.gpu.vendor:
-                    raise self._err(
-                        f"{where}.chain: a pipeline never spans vendors ({chain[0].node.gpu.vendor} "
-                        f"server '{chain[0].name}' and {srv.node.gpu.vendor} server '{sname}'); "
-                        "hand KV between vendors with prefill and decode instances instead"
-                    )
-                chain.append(srv)
-            if expect != m.num_layers:
-                raise self._err(
-                    f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
-                    f"must hold all {m.num_layers} layers of {m.name}"
-                )
-            if isinstance(inst.kv_share, dict) and set(inst.kv_share) != set(inst.chain):
-                missing = [x for x in inst.chain if x not in inst.kv_share]
-                extra = [x for x in inst.kv_share if x not in inst.chain]
-                what = f"has no share for {missing}" if missing else f"names {extra}, not on its chain"
-                raise self._err(
-                    f"{where}.kv_share: {what}; give one share per server of the chain "
-                    f"{inst.chain}, or a single number for all of them"
-                )
-            for srv in chain:
-                srv.instances.append(inst.name)
-                shares[srv.name] += inst.share_on(srv.name)
-            hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
-            self.instances[inst.name] = Instance(inst, chain, 0, hops)
+            try:
+                self._add_instance(i, inst, shares)
+            except HetserveError as exc:
+                mistakes.append(self._message(exc))
+        self._raise_all(mistakes)
 
         for name, total in shares.items():
             if total > 1.0 + 1e-9:
