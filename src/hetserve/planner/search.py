@@ -147,6 +147,8 @@ class Planner:
         self.deadline = self._t0 + time_limit
         #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
         self._confirmed = False
+        #: Simulations run so far (confirmations, rate searches, steady-state checks), for the progress bar.
+        self.simulations = 0
         #: The engine every plan must run on as built (None: hetserve's own runtime, which runs them all),
         #: and why built plans were set aside for it.
         self.target = target
@@ -169,8 +171,13 @@ class Planner:
         )
 
     def _tick(self, what: str) -> None:
+        """Report the phase, with the simulations run so far and the seconds left, to the progress bar."""
         if self.progress:
-            self.progress(what, min(self._elapsed() / self.time_limit, 1.0))
+            left = max(self._left(), 0.0)
+            self.progress(
+                f"{what} ({self.simulations} simulations, {left:.0f} s left)",
+                min(self._elapsed() / self.time_limit, 1.0),
+            )
 
     # ---- the search --------------------------------------------------------------------------------------
     def run(self) -> PlanResult:
@@ -477,6 +484,7 @@ class Planner:
 
         def holds(r: float) -> Run | None:
             """The run at ``r`` when the SLOs hold on two request samples (the plan's seed, then the next)."""
+            self.simulations += 1
             first = simulate_at_rate(
                 best.dep, self.workload, r, seed=self.seed, requests=0, window_s=window, deadline=deadline
             )
@@ -625,6 +633,7 @@ class Planner:
     def _simulate(self, dep: Deployment, rate: float) -> Run | None:
         """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more
         (before the first plan is confirmed, a quick simulation if that takes too long: ``FIRST_SHARE``)."""
+        self.simulations += 1
         wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
         judge_slo = OBJECTIVES[self.objective].judges_slo
         # Cost and power plans must carry the workload's rate in steady state (``_steady_window``).
