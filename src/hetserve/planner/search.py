@@ -452,7 +452,10 @@ class Planner:
         if check is not None:
             sustained, lower_bound = check.rate, lower_bound and check.rate == sustained
             if self.objective == "goodput" and check.run is not None:
-                best.run = check.run  # the figures reported are the steady run's
+                # the figures reported are the steady run's, and the goodput is the rate its requests
+                # arrived at (as the search reports it), so the verdict and the objective agree
+                best.run = check.run
+                sustained = check.run.offered_rps
         window = check.window_s if check is not None else None
         carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [], window)
         if not carrying.carries:
