@@ -26,7 +26,7 @@ cluster files they refer to) and PNG plots: the objective per strategy, latency 
 from __future__ import annotations
 
 import time
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 BISECTION_STEPS = 5
 #: Fewest requests a simulation replays.
 MIN_REQUESTS = 50
-#: The goodput figure's steady-state check (as the planner's): lowered by STEADY_FACTOR up to STEADY_STEPS
-#: times until the SLOs hold over a steady window on two request samples.
-STEADY_STEPS = 6
-STEADY_FACTOR = 0.93
 #: Quality of a scenario that names none: every strategy keeps the model's 16-bit weights.
 SCENARIO_QUALITY = "lossless"
 #: hetserve's planner as a strategy, and its quantised row (labelled, never the headline).
@@ -213,6 +209,14 @@ class Evaluator:
         self.n = max(len(self.base), MIN_REQUESTS)
         self.rate = len(self.base) / duration
 
+    @cached_property
+    def steady_s(self) -> float:
+        """The steady window of every goodput check (``max_rate``), the same for every strategy."""
+        from .planner.evaluate import steady_window_s
+
+        _, _, output_q = self.workload.length_stats(self.workload.slo.percentile, self.seed)
+        return steady_window_s(self.workload, output_q)
+
     def run(self, dep, rate: float | None = None) -> Run:
         """The base simulation (``rate`` None: the scenario's requests, drained until all finish or the
         simulator's default limit) or a probe at ``rate`` with the scenario's number of requests."""
@@ -226,36 +230,16 @@ class Evaluator:
         """The highest offered rate at which the SLOs hold; (rate, simulations run). The search's figure
         is then checked over a steady window on two request samples, and lowered until it holds there
         (as the planner checks the rate it reports: ``Planner._steady``)."""
-        from .planner.evaluate import (
-            arrival_window_s,
-            hold_over_steady_window,
-            max_rate_within_slo,
-            simulate_at_rate,
-            steady_window_s,
-        )
+        from .planner.evaluate import arrival_window_s, max_rate_within_slo, steady_rate
 
         search = max_rate_within_slo(
             lambda rate: self.run(dep, rate), self.rate, base_holds, bisection_steps=BISECTION_STEPS
         )
         if search.rate <= 0:
             return search.rate, search.simulations
-        _, _, output_q = self.workload.length_stats(self.workload.slo.percentile, self.seed)
-        window = max(
-            steady_window_s(self.workload, output_q), arrival_window_s(self.workload, search.rate, self.n)
-        )
-        sims = search.simulations
-
-        def holds(rate: float):
-            nonlocal sims
-            for seed in (self.seed, self.seed + 1):
-                sims += 1
-                run = simulate_at_rate(dep, self.workload, rate, seed=seed, requests=0, window_s=window)
-                if run is None or not run.slo_met:
-                    return None
-            return run
-
-        check = hold_over_steady_window(holds, search.rate, window, steps=STEADY_STEPS, factor=STEADY_FACTOR)
-        return check.rate, sims
+        window = max(self.steady_s, arrival_window_s(self.workload, search.rate, self.n))
+        check = steady_rate(dep, self.workload, search.rate, window, seed=self.seed)
+        return check.rate, search.simulations + check.simulations
 
 
 def _metrics(dep, result, offered: float) -> dict:

@@ -23,7 +23,7 @@ from .errors import HetserveError, OutOfTime, allowed, suggest
 from .scheduling.instance import InstanceConfig
 from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
-from .specs.loading import MAX_LISTED_ERRORS, load_yaml_model, validate
+from .specs.loading import list_mistakes, load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
 from .vocabulary import DTYPE_BYTES, SchedulePolicy
 
@@ -221,9 +221,7 @@ class Deployment:
 
     def _raise_all(self, mistakes: list[str]) -> None:
         if mistakes:
-            shown = mistakes[:MAX_LISTED_ERRORS]
-            more = f"; ... and {len(mistakes) - len(shown)} more" if len(mistakes) > len(shown) else ""
-            raise self._err("; ".join(shown) + more)
+            raise self._err(list_mistakes(mistakes))
 
     def _add_server(self, i: int, s: ServerPlan, used: dict, chain_pos: dict) -> None:
         """Check server ``i`` of the plan and add it (a mistake raises HetserveError)."""

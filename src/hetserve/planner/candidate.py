@@ -80,24 +80,30 @@ class Carrying:
         """Share by which the sustained rate exceeds the workload's (negative: short of it)."""
         return self.sustained_rps / self.workload_rps - 1
 
-    def sentence(self) -> str:
-        """'workload asks R req/s; this plan sustains S req/s within the SLOs (headroom x%)'."""
-        at_least = "at least " if self.sustained_is_lower_bound else ""
-        if self.sustained_rps <= 0:
-            return f"workload asks {self.workload_rps:.3g} req/s; this plan meets the SLOs at no rate tried"
+    def room(self) -> str:
+        """'headroom x%' above the workload's rate, or 'x% of it' when short of it."""
         share = self.headroom_reached
-        room = (
+        return (
             f"headroom {share:.0%}" if share >= 0 else f"{self.sustained_rps / self.workload_rps:.0%} of it"
         )
+
+    def sustains(self) -> str:
+        """'[at least ]S req/s within the SLOs' (the sustained rate, in words)."""
+        at_least = "at least " if self.sustained_is_lower_bound else ""
+        return f"{at_least}{self.sustained_rps:.3g} req/s within the SLOs"
+
+    def sentence(self) -> str:
+        """'workload asks R req/s; this plan sustains S req/s within the SLOs over W s of arrivals
+        (headroom x%)'."""
+        if self.sustained_rps <= 0:
+            return f"workload asks {self.workload_rps:.3g} req/s; this plan meets the SLOs at no rate tried"
         over = (
             f" over {self.steady_window_s:.0f} s of arrivals"
             if self.steady_window_s
             else " in the search's short windows (the steady-state check ran out of time)"
         )
-        return (
-            f"workload asks {self.workload_rps:.3g} req/s; this plan sustains {at_least}"
-            f"{self.sustained_rps:.3g} req/s within the SLOs{over} ({room})"
-        )
+        asks = f"workload asks {self.workload_rps:.3g} req/s"
+        return f"{asks}; this plan sustains {self.sustains()}{over} ({self.room()})"
 
 
 @dataclass

@@ -33,6 +33,10 @@ BRACKET_STEPS = 8
 STEADY_DECODES = 3
 #: TPOT assumed for the steady window when the SLO sets no TPOT target (s per token).
 STEADY_TPOT_S = 0.05
+#: A reported rate that fails the steady-state check is lowered by ``STEADY_FACTOR`` at most
+#: ``STEADY_STEPS`` times until it holds (``steady_rate``).
+STEADY_STEPS = 6
+STEADY_FACTOR = 0.93
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,15 @@ class Objective:
             return s.throughput_tok_s
         if self.name == "goodput":
             return s.goodput_rps if run.slo_met else s.goodput_rps * 0.5
-        # The offered rate, not completions over the makespan (which includes the drain after the last
-        # arrival and so reads low on a short window).
-        served = run.slo_met and run.offered_rps >= 0.95 * target_rate
-        penalty = 0.0 if served else 1e12
+        penalty = 0.0 if self.carries(run, target_rate) else 1e12
         return -((s.cost_per_hour if self.name == "cost" else s.power_w) + penalty)
+
+    @staticmethod
+    def carries(run: Run, target_rate: float) -> bool:
+        """Whether ``run`` held the SLOs with requests offered at 95% of ``target_rate`` or more: the
+        offered rate, not completions over the makespan (which includes the drain after the last
+        arrival and so reads low on a short window)."""
+        return run.slo_met and run.offered_rps >= 0.95 * target_rate
 
     def better(self, a: float, b: float) -> bool:
         """Whether figure ``a`` beats figure ``b``."""
@@ -249,19 +257,36 @@ def max_rate_within_slo(
 @dataclass(frozen=True)
 class SteadyCheck:
     rate: float  # the highest rate tried at which the SLOs held over the steady window (0: none)
-    run: Run | None  # its simulation
+    run: Run | None  # its simulation (the first sample's)
     window_s: float
+    simulations: int
 
 
-def hold_over_steady_window(
-    probe: Callable[[float], Run | None], rate: float, window_s: float, *, steps: int, factor: float
+def steady_rate(
+    dep: Deployment,
+    workload: Workload,
+    rate: float,
+    window_s: float,
+    *,
+    seed: int,
+    deadline: float | None = None,
 ) -> SteadyCheck:
-    """``rate`` if ``probe`` (simulations over ``window_s`` of arrivals: their run when the SLOs held,
-    else None) holds there, else the first of ``steps`` lower rates (each ``factor`` times the last) that
-    does; 0 when none does."""
-    for _ in range(steps):
-        run = probe(rate)
-        if run is not None and run.slo_met:
-            return SteadyCheck(rate, run, window_s)
-        rate *= factor
-    return SteadyCheck(0.0, None, window_s)
+    """``rate`` if ``dep`` holds the SLOs there over ``window_s`` of arrivals on two request samples
+    (``seed`` and the next), else the first of ``STEADY_STEPS`` lower rates (each ``STEADY_FACTOR`` times
+    the last) where both hold; 0 when none does. The check of every rate a plan or a comparison reports
+    (``Planner._steady``, ``compare.Evaluator.max_rate``). ``deadline``: as ``simulate_at_rate``."""
+    sims = 0
+    for _ in range(STEADY_STEPS):
+        runs = []
+        for sd in (seed, seed + 1):
+            sims += 1
+            run = simulate_at_rate(
+                dep, workload, rate, seed=sd, requests=0, window_s=window_s, deadline=deadline
+            )
+            if run is None or not run.slo_met:
+                break
+            runs.append(run)
+        if len(runs) == 2:
+            return SteadyCheck(rate, runs[0], window_s, sims)
+        rate *= STEADY_FACTOR
+    return SteadyCheck(0.0, None, window_s, sims)

@@ -284,7 +284,7 @@ def why_rate_unreachable(
     fixes = []
     if headroom > 0 and best.rate >= rate:
         fixes.append(f"lower --headroom to {max(best.rate / rate - 1, 0):.2f} or less")
-    fixes += how_to_carry(templates, pools, rate * (1 + headroom), budget, None, time_limit)
+    fixes += how_to_carry(templates, pools, rate * (1 + headroom), budget, time_limit)
     return (
         f"the workload asks for {asked} but the cluster sustains at most {best.rate:.3g} req/s within "
         f"the SLOs{within} (at ${best.price:.2f}/h, analytic); to carry it: " + "; or ".join(fixes)
@@ -296,7 +296,6 @@ def how_to_carry(
     pools: dict[str, int],
     rate: float,
     budget: float | None,
-    cluster: Cluster | None,
     time_limit: float,
 ) -> list[str]:
     """The nearest changes that let an allocation carry ``rate`` within the SLOs (analytically): the

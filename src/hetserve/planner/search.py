@@ -30,10 +30,10 @@ from .evaluate import (
     Run,
     SteadyCheck,
     arrival_window_s,
-    hold_over_steady_window,
     max_rate_within_slo,
     simulate_at_rate,
     simulate_requests,
+    steady_rate,
     steady_window_s,
 )
 from .explain import (
@@ -71,11 +71,8 @@ GOODPUT_BISECTIONS = 2
 WEIGHTED_LEADS = 2
 #: Cost and power: allocations made again for a higher analytic rate when the cheapest failed in simulation.
 RESIZE_ROUNDS = 4
-#: The sustained rate a plan reports is checked over a steady window (``evaluate.steady_window_s``), and
-#: lowered by ``STEADY_FACTOR`` up to ``STEADY_STEPS`` times until it holds; the check has its own
-#: ``STEADY_SHARE`` of the time limit after the search.
-STEADY_STEPS = 6
-STEADY_FACTOR = 0.93
+#: The sustained rate a plan reports is checked over a steady window (``evaluate.steady_rate``); the
+#: check has its own ``STEADY_SHARE`` of the time limit after the search.
 STEADY_SHARE = 0.5
 STEADY_MAX_REQUESTS = 20_000
 #: Largest workload (requests) a throughput confirmation replays as given; larger ones are sampled.
@@ -142,7 +139,7 @@ class Planner:
         #: Share above the workload's rate a cost or power plan is sized for (``--headroom``).
         self.headroom = headroom
         #: The rate cost and power plans must carry within the SLOs: the workload's, plus the headroom.
-        self.target_rate = self.rate * (1 + headroom) if self.rate else self.rate
+        self.target_rate = self.rate * (1 + headroom)
         #: ``time.perf_counter()`` at which every phase stops: simulations raise ``OutOfTime`` past it.
         self.deadline = self._t0 + time_limit
         #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
@@ -201,7 +198,6 @@ class Planner:
         )
         templates = factory.all()
         pools = {p.key: p.total for p in pools_of(self.cluster)}
-        self._templates, self._pools = templates, pools
         if not templates:
             if factory.cut_short:
                 raise self._out_of_time("while candidate instances were made")
@@ -331,7 +327,7 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
-        carrying = self._carrying(best)
+        carrying = self._carrying(best, templates, pools)
         alloc = best.alloc
         predicted = Analytic(
             requests_per_s=round(alloc.rate, 4),
@@ -388,8 +384,8 @@ class Planner:
         and confirm that plan (``RESIZE_ROUNDS`` at most)."""
         rate = self.target_rate
         for _ in range(RESIZE_ROUNDS):
-            served = [c for c in candidates if c.score > -1e12]
-            failed = [c for c in candidates if c.score <= -1e12 and c.alloc.counts]
+            served = [c for c in candidates if self._carries(c)]
+            failed = [c for c in candidates if not self._carries(c) and c.alloc.counts]
             cheapest = min(served, key=lambda c: c.summary.cost_per_hour, default=None)
             if not failed or self._elapsed() > self.time_limit * 0.6:
                 return
@@ -420,11 +416,15 @@ class Planner:
         """The candidate of highest score; for cost and power, when none carried the target rate within
         the SLOs (every score penalised), the one that served the most requests within them."""
         best = max(candidates, key=lambda c: c.score)
-        if OBJECTIVES[self.objective].sense == "min" and best.score <= -1e12:
+        if OBJECTIVES[self.objective].sense == "min" and not self._carries(best):
             best = max(candidates, key=lambda c: (c.run.slo_met, c.summary.goodput_rps))
         return best
 
-    def _carrying(self, best: Candidate) -> Carrying | None:
+    def _carries(self, cand: Candidate) -> bool:
+        """Whether a cost or power candidate's confirmation carried the target rate within the SLOs."""
+        return OBJECTIVES[self.objective].carries(cand.run, self.target_rate)
+
+    def _carrying(self, best: Candidate, templates: list[Template], pools: dict[str, int]) -> Carrying | None:
         """What the workload asks of ``best`` and the highest rate ``best`` holds its SLOs at (None for the
         throughput objective, which ignores the SLOs, or a workload without a rate). For goodput that
         rate is the search's figure; for cost and power a rate search from the simulated target rate."""
@@ -459,8 +459,13 @@ class Planner:
         window = check.window_s if check is not None else None
         carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [], window)
         if not carrying.carries:
-            carrying.fixes.extend(self._fixes(best, sustained))
+            carrying.fixes.extend(self._fixes(best, templates, pools))
         return carrying
+
+    @staticmethod
+    def _wanted(dep: Deployment) -> int:
+        """Requests a confirmation replays: enough for every instance to see a dozen or more."""
+        return max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
 
     def _steady_window(self, rate: float, wanted: int) -> float:
         """Seconds of arrivals a steady-state simulation at ``rate`` spans: the steady window
@@ -480,38 +485,24 @@ class Planner:
         limit from now; None when that runs out (or there is no rate to check)."""
         if rate <= 0:
             return None
-        wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(best.dep.instances))
-        window = self._steady_window(rate, wanted)
+        window = self._steady_window(rate, self._wanted(best.dep))
         deadline = time.perf_counter() + STEADY_SHARE * self.time_limit
         self._tick(f"checking {rate:.3g} req/s over {window:.0f} s of arrivals")
-
-        def holds(r: float) -> Run | None:
-            """The run at ``r`` when the SLOs hold on two request samples (the plan's seed, then the next)."""
-            self.simulations += 1
-            first = simulate_at_rate(
-                best.dep, self.workload, r, seed=self.seed, requests=0, window_s=window, deadline=deadline
-            )
-            if first is None or not first.slo_met:
-                return None
-            second = simulate_at_rate(
-                best.dep, self.workload, r, seed=self.seed + 1, requests=0, window_s=window, deadline=deadline
-            )
-            return first if second is not None and second.slo_met else None
-
         try:
-            return hold_over_steady_window(holds, rate, window, steps=STEADY_STEPS, factor=STEADY_FACTOR)
+            check = steady_rate(best.dep, self.workload, rate, window, seed=self.seed, deadline=deadline)
         except OutOfTime:
             return None
+        self.simulations += check.simulations
+        return check
 
-    def _fixes(self, best: Candidate, sustained: float) -> list[str]:
-        """The nearest changes that would let a plan carry the workload: a higher budget, more GPUs, or the
-        SLO this plan reaches at the workload's rate."""
+    def _fixes(self, best: Candidate, templates: list[Template], pools: dict[str, int]) -> list[str]:
+        """The nearest changes that would let a plan carry the workload: a higher budget, more GPUs (among
+        the candidate instances the search used), or the SLO this plan reaches at the workload's rate."""
         fixes = how_to_carry(
-            self._templates,
-            self._pools,
+            templates,
+            pools,
             self.rate,
             self.budget,
-            self.cluster,
             self._milp_seconds(),
         )
         try:  # the SLO this plan would need at the workload's rate (the search's deadline, plus a little)
@@ -637,7 +628,7 @@ class Planner:
         """Simulate ``dep`` at ``rate`` with enough requests for every instance to see a dozen or more
         (before the first plan is confirmed, a quick simulation if that takes too long: ``FIRST_SHARE``)."""
         self.simulations += 1
-        wanted = max(CONFIRM_REQUESTS, CONFIRM_PER_INSTANCE * len(dep.instances))
+        wanted = self._wanted(dep)
         judge_slo = OBJECTIVES[self.objective].judges_slo
         # Cost and power plans must carry the workload's rate in steady state (``_steady_window``).
         window = self._steady_window(rate, wanted) if OBJECTIVES[self.objective].sense == "min" else None

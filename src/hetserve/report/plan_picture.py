@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .planning import server_bits
+
 if TYPE_CHECKING:
     from ..plan import Deployment
 
@@ -74,9 +76,7 @@ class Picture:
 
 
 def _bits(bits) -> str:
-    if isinstance(bits, int):
-        return f"{bits}-bit"
-    return "/".join(str(b) for b in sorted(set(bits))) + "-bit"
+    return f"{server_bits(bits)}-bit"
 
 
 def server_roles(dep: Deployment) -> dict[str, str]:

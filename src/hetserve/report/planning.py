@@ -39,10 +39,7 @@ def weights_in_words(dep: Deployment) -> str:
     """'16-bit (lossless)', '8-bit', or which share of the layers each width holds."""
     layers: dict[int, int] = {}
     for s in dep.servers.values():
-        a, b = s.plan.layers
-        bits = s.plan.bits
-        per_layer = [bits] * (b - a) if isinstance(bits, int) else list(bits)
-        for x in per_layer:
+        for x in s.plan.layer_bits():
             layers[x] = layers.get(x, 0) + 1
     if set(layers) == {16}:
         return "16-bit (lossless)"
@@ -111,19 +108,9 @@ def print_plan(result: PlanResult, report: dict, title: str, cluster_gpus: int) 
     c = result.carrying
     rows: list[tuple[str, str]] = [("workload", f"{report['workload']}: SLOs {slo_in_words(report)}")]
     if c is not None:
-        at_least = "at least " if c.sustained_is_lower_bound else ""
         sized = f"planned for {c.target_rps:.3g} req/s (--headroom {c.headroom:g})" if c.headroom else ""
         rows.append(("asks", f"{c.workload_rps:.3g} req/s"))
-        sustains = (
-            f"{at_least}{c.sustained_rps:.3g} req/s within the SLOs"
-            if c.sustained_rps > 0
-            else "no rate tried within the SLOs"
-        )
-        if c.sustained_rps > 0:
-            room = c.headroom_reached
-            sustains += (
-                f" (headroom {room:.0%})" if room >= 0 else f" ({c.sustained_rps / c.workload_rps:.0%} of it)"
-            )
+        sustains = f"{c.sustains()} ({c.room()})" if c.sustained_rps > 0 else "no rate tried within the SLOs"
         rows.append(("sustains", sustains + (f"; {sized}" if sized else "")))
     elif result.objective == "throughput":
         rows.append(("output", f"{s.throughput_tok_s:,.0f} tok/s"))

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
 from .gpus import Fabric, GPUOverride, GPUSpec, Strict, builtin_gpus
-from .loading import MAX_LISTED_ERRORS, load_yaml_model, validate
+from .loading import list_mistakes, load_yaml_model, validate
 
 #: Most nodes a cluster may have, counting every replica (a node's ``replicas`` included).
 MAX_NODES = 10_000
@@ -163,9 +163,7 @@ class Cluster:
                             f"{suggest(value, known)}; known: {allowed(known)}"
                         )
         if mistakes:
-            shown = mistakes[:MAX_LISTED_ERRORS]
-            more = f"; ... and {len(mistakes) - len(shown)} more" if len(mistakes) > len(shown) else ""
-            raise HetserveError("; ".join(shown) + more, source=source)
+            raise HetserveError(list_mistakes(mistakes), source=source)
         self._zone_links = {frozenset((o.a, o.b)): o for o in net.zones}
         self._pair_links = {frozenset((o.a, o.b)): o for o in net.pairs}
 

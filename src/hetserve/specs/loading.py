@@ -271,9 +271,15 @@ def explain_validation(
                 msg += f" (got {show_value(err['input'])})"
         lines.append(f"{field}: {msg}")
     more = len(errors) - len(lines)
-    if more > 0:
-        lines.append(f"... and {more} more")
-    return HetserveError("; ".join(lines), source=source)
+    return HetserveError(list_mistakes(lines, more), source=source)
+
+
+def list_mistakes(mistakes: list[str], unlisted: int = 0) -> str:
+    """Several mistakes in one file as one message: the first ``MAX_LISTED_ERRORS``, '; '-joined, then
+    '... and N more' for the rest (and for ``unlisted`` ones not given)."""
+    shown = mistakes[:MAX_LISTED_ERRORS]
+    more = len(mistakes) - len(shown) + unlisted
+    return "; ".join(shown + ([f"... and {more} more"] if more > 0 else []))
 
 
 def show_value(value: Any, limit: int = 60) -> str:
