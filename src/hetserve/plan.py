@@ -21,6 +21,7 @@ from .costmodel.chain import ChainTimer
 from .costmodel.roofline import RooflineCostModel, ServerShape
 from .errors import HetserveError, OutOfTime, allowed, suggest
 from .scheduling.instance import InstanceConfig
+from .scheduling.kv_window import KVWindow
 from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import list_mistakes, load_yaml_model, validate
@@ -157,8 +158,9 @@ class Server:
 class Instance:
     plan: InstancePlan
     servers: list[Server]
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # KV slots (scheduling.kv_window): tokens, for a model without windows
     hops: list[Link]  # link from servers[i] to servers[i+1]
+    kv_window: KVWindow | None = None  # the model's sliding-window layers, if any
 
     @property
     def name(self) -> str:
@@ -181,6 +183,7 @@ class Instance:
             chunk_size=p.chunk_size,
             policy=p.policy,
             block_size=p.block_size,
+            kv_window=self.kv_window,
         )
 
 
@@ -330,7 +333,7 @@ class Deployment:
             srv.instances.append(inst.name)
             shares[srv.name] += inst.share_on(srv.name)
         hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
-        self.instances[inst.name] = Instance(inst, chain, 0, hops)
+        self.instances[inst.name] = Instance(inst, chain, 0, hops, m.kv_window)
 
     def _build(self) -> None:
         spec = self.spec

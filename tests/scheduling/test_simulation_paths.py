@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hetserve.scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from hetserve.scheduling.kv_window import KVWindow
 
 
 def state(s: Scheduler):
@@ -31,13 +32,17 @@ def state(s: Scheduler):
     max_seqs=st.integers(1, 8),
     chunk=st.sampled_from([None, 8]),
     keyed=st.booleans(),
+    window=st.sampled_from([None, KVWindow(8, 3, 4), KVWindow(5, 1, 2), KVWindow(6, 6, 6)]),
 )
-def test_a_run_of_decode_steps_equals_stepping_one_at_a_time(reqs, block_size, extra, max_seqs, chunk, keyed):
-    need = max(-(-(p + m - 1) // block_size) for p, m in reqs)
+def test_a_run_of_decode_steps_equals_stepping_one_at_a_time(
+    reqs, block_size, extra, max_seqs, chunk, keyed, window
+):
+    blocks = BlockManager(1, block_size, window=window)
+    need = max(blocks.blocks_for(p + m - 1) for p, m in reqs)
     budget = 64 if chunk else max(64, max(p + m for p, m in reqs))
     s = Scheduler(
         SchedulerConfig(max_batch_size=max_seqs, max_batch_tokens=budget, chunk_size=chunk),
-        BlockManager(need + extra, block_size),
+        BlockManager(need + extra, block_size, window=window),
     )
     for i, (p, m) in enumerate(reqs):
         # keyed: prompts share a prefix in the cache, so evictions are part of the observed state

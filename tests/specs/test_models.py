@@ -219,6 +219,8 @@ def test_moe_activated_parameters_match_published(name, billions):
         ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"),
         ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"),
         ("bigscience/bloom", "bloom-176b"),
+        ("google/gemma-2-9b-it", "gemma-2-9b"),
+        ("google/gemma-3-27b-it", "gemma-3-27b"),
     ],
 )
 def test_hugging_face_ids_name_the_builtin_of_their_architecture(model_id, builtin):
@@ -229,7 +231,7 @@ def test_an_unknown_hugging_face_id_says_how_to_use_it_without_a_download():
     from hetserve.errors import HetserveError
 
     with pytest.raises(HetserveError) as e:
-        load_model("google/gemma-2-9b")
+        load_model("microsoft/phi-4")
     assert "nothing is downloaded" in str(e.value) and "config.json" in str(e.value)
 
 
@@ -247,3 +249,59 @@ def test_deepseek_v3_latent_attention_and_shared_experts_match_published():
     # a dense first layer has no experts: the averaged layer reads fewer expert bytes than all-MoE would
     assert m.layer_weight_bytes_read(16, 1) < m.layer_weight_bytes(16)
     assert load_model("deepseek-ai/DeepSeek-R1") == m
+
+
+#: Gemma technical reports (Gemma 2: Table 2; Gemma 3: Table 1): embedding and non-embedding parameters
+#: of the language model (Gemma 3's 417M vision encoder is not served and not counted).
+GEMMA_PUBLISHED = {
+    "gemma-2-9b": (917_504_000, 8_324_201_984),
+    "gemma-2-27b": (1_179_648_000, 26_047_480_320),
+    "gemma-3-12b": (1_012e6, 10_759e6),
+    "gemma-3-27b": (1_416e6, 25_600e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA_PUBLISHED))
+def test_gemma_parameters_match_the_technical_reports(name):
+    m = load_model(name)
+    embedding, rest = GEMMA_PUBLISHED[name]
+    own_embedding = m.vocab_size * m.hidden_size  # tied with the LM head
+    assert own_embedding == pytest.approx(embedding, rel=0.01)
+    assert m.total_params - own_embedding == pytest.approx(rest, rel=0.001)
+
+
+def test_gemma_sliding_layers_follow_each_generation_rule():
+    """Gemma 2 slides on every other layer (4,096 tokens); Gemma 3 on five of every six (1,024)."""
+    g2, g3 = load_model("gemma-2-9b"), load_model("gemma-3-27b")
+    assert (g2.sliding_layers, g2.sliding_window) == (21, 4096)
+    assert (g3.sliding_layers, g3.sliding_window, g3.num_layers) == (52, 1024, 62)
+    # a 32k-token Gemma 3 sequence holds its 10 global layers' KV in full and 1,024 tokens of the rest
+    assert g3.kv_slots(32_768) == -(-(10 * 32_768 + 52 * 1024) // 62)
+    assert g3.kv_slots(800) == 800
+    # attention past the window: a sliding layer's decode token reads 1,024 keys, a global one all
+    assert g3.attention_pairs(1, 9_999) == pytest.approx((10 * 10_000 + 52 * 1024) / 62)
+    assert load_model("llama-3.1-8b").kv_slots(32_768) == 32_768
+
+
+def test_gemma_layer_types_override_the_pattern_and_mistakes_are_named():
+    from hetserve.errors import HetserveError
+
+    cfg = {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "num_hidden_layers": 4,
+        "vocab_size": 100,
+        "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention", "full_attention", "full_attention"],
+    }
+    assert model_from_hf_config(cfg, "tiny").sliding_layers == 1
+    with pytest.raises(HetserveError, match="layer_types"):
+        model_from_hf_config({**cfg, "layer_types": ["full_attention"]}, "tiny")
+    with pytest.raises(HetserveError, match="text_config"):
+        model_from_hf_config({"model_type": "gemma3"}, "tiny")
+    with pytest.raises(HetserveError, match="sliding_window"):
+        model_from_hf_config({**cfg, "sliding_window": 0}, "tiny")

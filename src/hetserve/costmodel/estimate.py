@@ -81,7 +81,7 @@ def estimate(
     step += (pp - 1) * p2p_time(batch * act, hop)
     e2e = prefill + (output - 1) * step
 
-    total_tokens = batch * (prompt + output)
+    total_tokens = batch * model.kv_slots(prompt + output)  # KV slots (sliding layers keep a window)
     chunk = min(batch * prompt, PREFILL_CHUNK_TOKENS)
     worst = None
     for s in stages:
@@ -99,7 +99,8 @@ def estimate(
         )
     elif need > mem.usable:
         reason = (
-            f"the KV cache of {total_tokens} tokens needs {mem.kv_bytes_per_token * total_tokens / gb:.1f} GB "
+            f"the KV cache of {batch} sequences of {prompt + output} tokens needs "
+            f"{mem.kv_bytes_per_token * total_tokens / gb:.1f} GB "
             f"per GPU but only {mem.kv_room / gb:.1f} GB is left ({capacity} tokens); lower --batch or "
             "the lengths, or add GPUs"
         )

@@ -239,10 +239,20 @@ class RooflineCostModel:
         return self.timer(shape).batch_time(batch)
 
     def prefill_time(self, shape: ServerShape, prompt_lens, cached: int = 0) -> float:
-        return self.batch_time(shape, BatchShape.prefill(prompt_lens, cached))
+        m = self.model
+        if m.kv_window is None:
+            return self.batch_time(shape, BatchShape.prefill(prompt_lens, cached))
+        pairs = sum(m.attention_pairs(p, cached) for p in prompt_lens)
+        read = sum(m.kv_read(p + cached) for p in prompt_lens)
+        return self.timer(shape).time(float(sum(prompt_lens)), float(len(prompt_lens)), pairs, read)
 
     def decode_time(self, shape: ServerShape, batch: int, total_context: float) -> float:
-        return self.batch_time(shape, BatchShape.decode(batch, total_context))
+        """``batch`` sequences decoding one token each over ``total_context`` tokens in all (with
+        sliding-window layers, each sequence is taken at the mean context)."""
+        if self.model.kv_window is None:
+            return self.batch_time(shape, BatchShape.decode(batch, total_context))
+        read = batch * self.model.kv_read(total_context / batch + 1)
+        return self.timer(shape).time(batch, batch, read, read)
 
     def activation_bytes(self, shape: ServerShape, max_batch_tokens: int, max_batch_size: int) -> float:
         m = self.model

@@ -128,7 +128,7 @@ def handoff_weights(
     when the LP finds no solution within ``time_limit`` seconds."""
     if not prefill or not decode or len(prefill) * len(decode) > MAX_HANDOFF_PAIRS:
         return {}
-    kv = prompt * model.kv_bytes_per_token(2)
+    kv = model.kv_slots(prompt) * model.kv_bytes_per_token(2)
     P, D = len(prefill), len(decode)
     cost = np.zeros(P * D)
     upper = np.zeros(P * D)

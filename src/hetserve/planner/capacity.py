@@ -64,15 +64,16 @@ class ChainTiming:
 
     def prefill(self, prompt: float, batch: int) -> tuple[float, float]:
         """(TTFT of a prompt alone, requests/s at saturation) for lanes of ``batch`` prompts."""
-        alone, _ = self.cycle(prompt, 1, prompt * (prompt + 1) / 2, prompt)
-        n = batch * prompt
-        _, cyc = self.cycle(n, batch, batch * prompt * (prompt + 1) / 2, n)
+        m = self.timers[0].model
+        pairs, read = m.attention_pairs(prompt, 0), m.kv_read(prompt)
+        alone, _ = self.cycle(prompt, 1, pairs, read)
+        _, cyc = self.cycle(batch * prompt, batch, batch * pairs, batch * read)
         return alone, self.micro_batches * batch / cyc
 
     def decode(self, batch: float, context: float) -> tuple[float, float]:
         """(TPOT, output tokens/s) with ``batch`` sequences decoding (split over the lanes)."""
         lane = max(batch / self.micro_batches, 1.0)
-        kv = lane * (context + 1)
+        kv = lane * self.timers[0].model.kv_read(context + 1)
         _, cyc = self.cycle(lane, lane, kv, kv)
         return cyc, self.micro_batches * lane / cyc
 
@@ -170,7 +171,7 @@ def decode_capacity(
     output_q: float | None = None,
 ) -> Capacity:
     context = prompt + output / 2
-    kv_limit = KV_HEADROOM * kv_tokens / (prompt + output / 2 + 1)
+    kv_limit = KV_HEADROOM * kv_tokens / ch.timers[0].model.kv_read(context + 1)
     _, tpot_target, e2e_target = _targets(slo)
     steps = max((output if output_q is None else output_q) - 1, 1.0)
     target = min(tpot_target, e2e_target / steps)
@@ -213,7 +214,7 @@ def mixed_capacity(
     s_p = 1.0 / mu_p  # prefill seconds per request at full batches
     q = (slo.percentile if slo else 90) / 100
     ttft_target, tpot_target, e2e_target = _targets(slo)
-    kv_limit = KV_HEADROOM * kv_tokens / (context + 1)
+    kv_limit = KV_HEADROOM * kv_tokens / ch.timers[0].model.kv_read(context + 1)
     top_b = min(float(max_batch), kv_limit)
     out = max(output, 1.0)
     steps = max((output if output_q is None else output_q) - 1, 0.0)

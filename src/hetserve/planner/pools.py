@@ -65,7 +65,7 @@ def weight_room(
         m = cm.model
         need = (
             max_batch
-            * long_tokens
+            * m.kv_slots(long_tokens)
             * m.kv_bytes_per_token_layer(2)
             * (m.num_layers / stages)
             * m.kv_share_per_gpu(tp)

@@ -261,7 +261,9 @@ def estimate(
             return Estimate(False, 0, None)
         kv = min(kv, mem.kv_capacity_tokens * kv_share)
     kv = int(kv)
-    if kv / micro_batches < ctx.prompt + ctx.output:  # each lane gets an equal share of the KV
+    if kv / micro_batches < ctx.model.kv_slots(
+        ctx.prompt + ctx.output
+    ):  # each lane gets an equal share of the KV
         return Estimate(False, kv, None)
     ch = chain_timing(ctx, spots, micro_batches)
     if role == "prefill":

@@ -355,11 +355,11 @@ class TemplateFactory:
             if not mem.fits:
                 return None
             kv = min(kv, mem.kv_capacity_tokens)
-        if kv < self.prompt + self.output:
+        if kv < m.kv_slots(self.prompt + self.output):
             return None
         lanes = len(stages)  # micro-batches in flight: one per stage keeps every stage busy
         if self.lane_tokens is not None:  # ... unless a lane's share of the cache cannot hold a request
-            lanes = min(lanes, int(kv // self.lane_tokens))
+            lanes = min(lanes, int(kv // m.kv_slots(self.lane_tokens)))
             if lanes < 1:
                 return None
         settings = role_settings(role, lanes, self.max_seqs)
@@ -387,7 +387,7 @@ class TemplateFactory:
         kv_bytes = m.kv_bytes_per_token(2)
         if role == "prefill":
             net = self.cluster.spec.network.gbit_per_s * 1e9 / 8
-            link_rate = net / (self.prompt * kv_bytes)
+            link_rate = net / (m.kv_slots(self.prompt) * kv_bytes)
             cap = prefill_capacity(ch, self.prompt, self.slo, max_tokens, link_rate, max_batch)
             free = prefill_capacity(ch, self.prompt, None, max_tokens, link_rate, max_batch)
         elif role == "decode":

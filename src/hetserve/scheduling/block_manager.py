@@ -14,18 +14,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .kv_window import KVWindow
 from .sequence import Sequence
 
 _ROOT_HASH = -1
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        window: KVWindow | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be at least 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        #: With sliding-window layers a sequence holds ``window.held(n)`` slots for ``n`` tokens, so its
+        #: block table counts slots, not positions, and no prefix is shared (a block no longer names
+        #: one span of positions).
+        self.window = window
+        self.enable_prefix_caching = enable_prefix_caching and window is None
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # content hash -> block id
@@ -42,6 +53,9 @@ class BlockManager:
         return self.num_blocks - self.num_free_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a sequence of ``num_tokens`` tokens holds."""
+        if self.window is not None:
+            num_tokens = self.window.held(num_tokens)
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache -------------------------------------------------------------------------

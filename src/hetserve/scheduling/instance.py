@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .block_manager import BlockManager
+from .kv_window import KVWindow
 from .routing import Pool, ScanPool
 from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
@@ -51,6 +52,7 @@ class InstanceConfig:
     chunk_size: int | None
     policy: Policy
     block_size: int
+    kv_window: KVWindow | None = None  # the model's sliding-window layers: KV held per token
 
 
 @dataclass(eq=False)
@@ -88,8 +90,12 @@ class InstanceState(Generic[L]):
         self.estimate = estimate
         lanes = max(1, config.lanes)
         per_lane = max(1, num_blocks // lanes)
-        #: KV tokens one lane holds (a request must fit in one lane).
+        #: KV slots one lane holds (a request must fit in one lane), and the longest sequence they hold.
         self.capacity_tokens = per_lane * config.block_size
+        window = config.kv_window
+        self.longest_sequence = (
+            self.capacity_tokens if window is None else window.tokens_within(self.capacity_tokens)
+        )
         self.lane_seqs = max(1, config.max_batch_size // lanes)
         self.lanes: list[L] = [
             make_lane(
@@ -101,7 +107,7 @@ class InstanceState(Generic[L]):
                         chunk_size=config.chunk_size,
                         policy=config.policy,
                     ),
-                    BlockManager(per_lane, config.block_size, prefix_caching),
+                    BlockManager(per_lane, config.block_size, prefix_caching, config.kv_window),
                 ),
                 i * per_lane,
             )
@@ -167,8 +173,8 @@ class InstanceState(Generic[L]):
         instance that prefills without chunking, the token budget (a decode instance receives the
         prompt's KV and computes one token per step, so it needs KV room only)."""
         if self.role == "decode" or self.config.chunk_size is not None:
-            return self.capacity_tokens
-        return min(self.capacity_tokens, self.config.max_batch_tokens)
+            return self.longest_sequence
+        return min(self.longest_sequence, self.config.max_batch_tokens)
 
     def fits(self, prompt: int, output: int) -> bool:
         """Whether a request could ever run here (``fit_limit``)."""

@@ -88,6 +88,7 @@ class Simulator:
         self.decoders = [i for i in self.instances.values() if i.role == "decode"]
         self.prefillers = [i for i in self.entry if i.role == "prefill"]
         self.clock = [0.0]
+        self.kv_window = dep.model.kv_window
         for inst in self.instances.values():
             inst.clock = self.clock
         # Routing pools, indexed by load. A request that fits every instance of a pool is routed over
@@ -236,12 +237,18 @@ class Simulator:
         lane.batch = batch
         inst = lane.instance
         new = seqs = 0
-        pairs = kv = 0.0
+        pairs = kv = growth = 0.0
+        window = self.kv_window
         for it in batch.items:
             n, start = it.num_tokens, it.start
             new += n
-            pairs += n * start + n * (n + 1) / 2
-            kv += start + n
+            if window is None:
+                pairs += n * start + n * (n + 1) / 2
+                kv += start + n
+            else:  # sliding layers attend to, and read, at most their window
+                pairs += window.pairs(n, start)
+                kv += window.read(start + n)
+                growth += window.read(start + n + 1) - window.read(start + n)
             if it.is_prefill and math.isnan(self.rec.prefill_start[it.seq.seq_id]):
                 self.rec.prefill_start[it.seq.seq_id] = t
         seqs = len(batch.items)
@@ -261,6 +268,11 @@ class Simulator:
         if steps > 1:
             lane.a, lane.b = inst.chain.decode_affine(seqs, kv)
             lane.kv0, lane.n, lane.steps = kv, seqs, steps
+            if window is not None and growth > 0:
+                # a run's KV reads grow by `growth` per step, not one per sequence: the same times
+                # with b scaled by growth / n and the reads counted in those units
+                scale = growth / seqs
+                lane.b, lane.kv0 = lane.b * scale, kv / scale
         else:
             lane.duration = inst.chain.cycle_time(new, seqs, pairs, kv)
         self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
@@ -367,7 +379,7 @@ class Simulator:
         policy = self.handoff_by_prefill.get(inst.name, self.handoff_default)
         dec = policy.choose(cands)
         self.rec.decode[i] = dec.name
-        nbytes = p * inst.kv_bytes_per_token
+        nbytes = self.dep.model.kv_slots(p) * inst.kv_bytes_per_token  # a sliding layer hands its window
         self.rec.kv_bytes[i] = nbytes
         self.rec.transfer_start[i] = t
         link_spec = self.dep.kv_link(inst.name, dec.name)

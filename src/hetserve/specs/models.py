@@ -1,8 +1,9 @@
 """Model specs: an architecture read from a Hugging Face ``config.json``.
 
 Only the architecture is typed in (it comes from the config); everything else — parameters, weight bytes
-at a bit-width, FLOPs, KV bytes — is derived here. Families: Llama (Llama 2/3, Mistral, Qwen2/2.5,
-SmolLM), Mixtral-style MoE, OPT and BLOOM.
+at a bit-width, FLOPs, KV bytes — is derived here. Families: Llama (Llama 2/3, Mistral, Qwen2/2.5/3,
+SmolLM, Gemma 2/3 with their sliding-window layers), Mixtral-style MoE (Qwen-MoE, DeepSeek), OPT and
+BLOOM.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
 from .hf_config import LLAMA_FAMILY_TYPES, MAX_SIZES, config_int, read_llama_family
+from ..scheduling.kv_window import KVWindow
 from .loading import read_mapping, show_value, validate
 
 Family = Literal["llama", "mixtral", "opt", "bloom"]  # mixtral: any MoE (Mixtral, Qwen-MoE, DeepSeek)
@@ -87,6 +89,12 @@ class ModelSpec(BaseModel):
     #: over all layers: a pipeline stage's share of the weights and FLOPs is exact in total, spread evenly.
     dense_layers: int = Field(default=0, ge=0, le=MAX_SIZES["num_hidden_layers"])
     dense_intermediate_size: int = Field(default=0, ge=0, le=MAX_SIZES["intermediate_size"])
+    #: Sliding-window attention (Gemma 2/3): ``sliding_layers`` of the layers attend only to the last
+    #: ``sliding_window`` tokens and keep only their KV (``kv_window``). 0: every layer is global.
+    sliding_window: int = Field(default=0, ge=0, le=MAX_SIZES["max_position_embeddings"])
+    sliding_layers: int = Field(default=0, ge=0, le=MAX_SIZES["num_hidden_layers"])
+    norms_per_layer: int = Field(default=2, ge=1, le=8)  # Gemma 2/3: four (before and after each block)
+    qk_norm: bool = False  # a norm of head_dim on queries and keys (Gemma 3)
     source: str = ""
     #: Per-layer weights of how much quantising each layer hurts quality (mean 1), measured and read from a
     #: sensitivity file (specs/sensitivity.py); None: the planner's assumed curve (planner/quality.py).
@@ -107,6 +115,10 @@ class ModelSpec(BaseModel):
             )
         if self.experts_per_token > self.num_experts:
             raise ValueError("num_experts_per_tok exceeds num_local_experts")
+        if self.sliding_layers > self.num_layers:
+            raise ValueError(f"{self.sliding_layers} sliding-window layers exceed num_hidden_layers")
+        if bool(self.sliding_layers) != bool(self.sliding_window):
+            raise ValueError("sliding-window layers need a sliding_window, and a window needs its layers")
         if self.dense_layers > self.num_layers:
             raise ValueError(f"first_k_dense_replace ({self.dense_layers}) exceeds num_hidden_layers")
         if self.kv_lora_rank and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
@@ -119,6 +131,31 @@ class ModelSpec(BaseModel):
     def mla(self) -> bool:
         """Whether attention is multi-head latent attention (a compressed KV cache)."""
         return self.kv_lora_rank > 0
+
+    @cached_property
+    def kv_window(self) -> KVWindow | None:
+        """The sliding-window layers' effect on the KV a sequence holds and reads; None without them."""
+        if not self.sliding_layers:
+            return None
+        return KVWindow(self.sliding_window, self.sliding_layers, self.num_layers)
+
+    def kv_slots(self, tokens: int) -> int:
+        """KV slots (one token's K and V in every layer) a sequence of ``tokens`` tokens holds."""
+        window = self.kv_window
+        return tokens if window is None else window.held(tokens)
+
+    def attention_pairs(self, new_tokens: float, context_before: float) -> float:
+        """(query, key) pairs per layer, averaged over the layers, of ``new_tokens`` appended after
+        ``context_before`` (causal; sliding layers see at most their window)."""
+        window = self.kv_window
+        if window is None:
+            return new_tokens * context_before + new_tokens * (new_tokens + 1) / 2
+        return window.pairs(new_tokens, context_before)
+
+    def kv_read(self, context: float) -> float:
+        """KV slots one step of a sequence over ``context`` tokens reads, averaged over the layers."""
+        window = self.kv_window
+        return context if window is None else window.read(context)
 
     @cached_property
     def moe_share(self) -> float:
@@ -153,7 +190,8 @@ class ModelSpec(BaseModel):
 
     @cached_property
     def norm_params(self) -> int:
-        return 2 * self.hidden_size * (2 if self.layer_norm_bias else 1)
+        qk = 2 * self.head_dim if self.qk_norm else 0
+        return self.norms_per_layer * self.hidden_size * (2 if self.layer_norm_bias else 1) + qk
 
     @cached_property
     def dense_mlp_params(self) -> int:
@@ -297,8 +335,7 @@ class ModelSpec(BaseModel):
     def attention_flops_layer(self, new_tokens: float, context_before: float) -> float:
         """QK^T and softmax(QK^T)V FLOPs in one layer for ``new_tokens`` appended to a sequence that
         already holds ``context_before`` tokens (causal: token i attends to all before it and itself)."""
-        pairs = new_tokens * context_before + new_tokens * (new_tokens + 1) / 2
-        return self.attention_flops_per_pair * pairs
+        return self.attention_flops_per_pair * self.attention_pairs(new_tokens, context_before)
 
     def prefill_flops_layer(self, prompt_len: int) -> float:
         """FLOPs per layer to prefill one prompt (linear + quadratic attention)."""
@@ -406,6 +443,60 @@ def _deepseek(cfg: dict[str, Any], where: str | None) -> dict[str, Any]:
     )
 
 
+#: Defaults of Hugging Face's Gemma3TextConfig for fields a Gemma 3 config.json may leave out (its
+#: multimodal configs give only some of the text model's fields).
+_GEMMA3_DEFAULTS = {"vocab_size": 262208, "max_position_embeddings": 131072, "sliding_window": 4096}
+GEMMA_TYPES = ("gemma2", "gemma3", "gemma3_text")
+
+
+def _gemma(cfg: dict[str, Any], mtype: str, where: str | None) -> dict[str, Any]:
+    """Gemma 2 and 3: gated-GELU MLPs, four RMSNorms per layer (Gemma 3 also normalises queries and
+    keys), tied embeddings, and sliding-window layers. Which layers slide: ``layer_types`` when the
+    config lists them, else Gemma 2's even layers, else all but every ``sliding_window_pattern``-th
+    layer (Gemma 3). A multimodal Gemma 3 config is read from its ``text_config`` (the vision tower is
+    not served and not counted)."""
+    text = cfg.get("text_config") if mtype == "gemma3" else None
+    if mtype == "gemma3" and not isinstance(text, dict):
+        raise HetserveError("a gemma3 config.json needs its 'text_config' mapping", source=where)
+    if text is not None:
+        cfg = {**_GEMMA3_DEFAULTS, **text}
+    elif mtype == "gemma3_text":
+        cfg = {**_GEMMA3_DEFAULTS, **cfg}
+    get = lambda key, default=None, limit=None: config_int(cfg, key, where, default, limit=limit)
+    layers = get("num_hidden_layers")
+    heads = get("num_attention_heads")
+    hidden = get("hidden_size")
+    kinds = cfg.get("layer_types")
+    if kinds is not None:
+        if not (isinstance(kinds, list) and len(kinds) == layers):
+            raise HetserveError(
+                f"'layer_types' must list one type for each of the {layers} layers", source=where
+            )
+        sliding = sum(1 for k in kinds if k == "sliding_attention")
+    elif mtype == "gemma2":
+        sliding = (layers + 1) // 2  # layers 0, 2, 4, ... slide
+    else:
+        pattern = get("sliding_window_pattern", 6, limit="num_hidden_layers")
+        sliding = layers - layers // pattern  # every pattern-th layer is global
+    window = get("sliding_window", limit="max_position_embeddings") if sliding else 0
+    return dict(
+        family="llama",
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=get("num_key_value_heads", heads, limit="num_key_value_heads"),
+        head_dim=get("head_dim", hidden // heads),
+        intermediate_size=get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        max_position_embeddings=get("max_position_embeddings", 8192),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        sliding_window=window,
+        sliding_layers=sliding if window else 0,
+        norms_per_layer=4,
+        qk_norm=mtype != "gemma2",
+    )
+
+
 def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> ModelSpec:
     """Build a ModelSpec from a Hugging Face ``config.json`` dict."""
     mtype = str(cfg.get("model_type", "")).lower()
@@ -428,6 +519,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
         )
     elif mtype in ("deepseek_v2", "deepseek_v3"):
         spec = _deepseek(cfg, source or None)
+    elif mtype in GEMMA_TYPES:
+        spec = _gemma(cfg, mtype, source or None)
     elif mtype in ("opt", "bloom"):
         where = source or None
         opt = mtype == "opt"
@@ -466,7 +559,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
     else:
         raise HetserveError(
             f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, qwen3, "
-            "qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, opt, bloom"
+            "qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, gemma2, gemma3, gemma3_text, opt, bloom"
         )
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
