@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import HetserveError, allowed, suggest
-from .hf_config import LLAMA_FAMILY_TYPES, MAX_SIZES, config_int, read_llama_family
 from ..scheduling.kv_window import KVWindow
+from .hf_config import LLAMA_FAMILY_TYPES, MAX_SIZES, config_int, read_llama_family
 from .loading import read_mapping, show_value, validate
 
 Family = Literal["llama", "mixtral", "opt", "bloom"]  # mixtral: any MoE (Mixtral, Qwen-MoE, DeepSeek)
