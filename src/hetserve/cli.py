@@ -83,6 +83,7 @@ def cmd_models(args) -> int:
         "weights_gb_16bit",
         "weights_gb_4bit",
         "kv_kb_per_token",
+        "sliding_window",
     ]
     table(
         "Built-in models (derived from each config.json)",

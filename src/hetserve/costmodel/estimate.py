@@ -101,7 +101,8 @@ def estimate(
         reason = (
             f"the KV cache of {batch} sequences of {prompt + output} tokens needs "
             f"{mem.kv_bytes_per_token * total_tokens / gb:.1f} GB "
-            f"per GPU but only {mem.kv_room / gb:.1f} GB is left ({capacity} tokens); lower --batch or "
+            f"per GPU but only {mem.kv_room / gb:.1f} GB is left (room for "
+            f"{capacity // model.kv_slots(prompt + output)} of them); lower --batch or "
             "the lengths, or add GPUs"
         )
     else:

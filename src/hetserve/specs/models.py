@@ -389,6 +389,9 @@ class ModelSpec(BaseModel):
             "weights_gb_16bit": round(self.weight_bytes(16) / 1e9, 2),
             "weights_gb_4bit": round(self.weight_bytes(4) / 1e9, 2),
             "kv_kb_per_token": round(self.kv_bytes_per_token(2) / 1e3, 1),
+            "sliding_window": f"{self.sliding_layers}/{self.num_layers} layers, {self.sliding_window} tokens"
+            if self.sliding_layers
+            else "none",
             "source": self.source,
         }
 
