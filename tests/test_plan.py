@@ -18,6 +18,7 @@ from .conftest import EXAMPLES
 
 PLANS = EXAMPLES / "plans"
 EXPECTED_EXAMPLES = {
+    "deepseek-expert-parallel.yaml",
     "homogeneous-replicas.yaml",
     "hexgen-asymmetric.yaml",
     "llmpq-mixed-precision.yaml",
@@ -344,6 +345,11 @@ CASES = [
         _set("instances", 0, "kv_share", {"a": 1.2, "b": 1.0}),
         ["instances[0].kv_share", "server 'a'", "less than or equal to 1"],
     ),
+    (
+        "expert-parallel-without-experts",
+        _set("servers", 2, "expert_parallel", True),
+        ["servers[2] (c).expert_parallel", "has no experts", "remove it"],
+    ),
     ("unknown-routing-policy", _set("routing", {"policy": "random"}), ["routing.policy", "jffc", "'random'"]),
     ("wrong-version", lambda d: d.update(version=2), ["version", "got 2"]),
     ("unknown-model", lambda d: d.update(model="llama-9"), ["model", "unknown model 'llama-9'"]),
@@ -581,3 +587,22 @@ def test_every_server_mistake_and_every_instance_mistake_is_reported_at_once(wri
     plan.write_text(fixed.replace("chain: [b]}", "chain: [zz]}\n  - {name: y, role: mixed, chain: [c, c]}"))
     code, out, err = run_cli("simulate", "--plan", plan, "--workload", work)
     assert "instances[0] (x).chain[0]: unknown server 'zz'" in err and "instances[1] (y).chain" in err
+
+
+def test_expert_parallel_example_spreads_experts_and_keeps_the_latent_once():
+    dep = load_plan(PLANS / "deepseek-expert-parallel.yaml")
+    srv = dep.servers["mi300x-ep8"]
+    assert srv.shape.ep and srv.plan.tp == 8
+    tp = load_plan_with(PLANS / "deepseek-expert-parallel.yaml", expert_parallel=False)
+    assert dep.instances["ds"].kv_capacity_tokens > 4 * tp.instances["ds"].kv_capacity_tokens
+
+
+def load_plan_with(path, **server_fields):
+    """``path`` with every server's fields updated."""
+    from hetserve.plan import deployment_from_dict
+
+    data = yaml.safe_load(path.read_text())
+    for s in data["servers"]:
+        s.update(server_fields)
+    base = load_plan(path)
+    return deployment_from_dict(data, base.cluster, base.model)

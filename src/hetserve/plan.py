@@ -52,6 +52,11 @@ class ServerPlan(Strict):
         default="token-major",
         description="KV cache block layout: [tokens, heads, dim] or [heads, tokens, dim]",
     )
+    expert_parallel: bool = Field(
+        default=False,
+        description="MoE models: routed experts spread whole over the GPUs, attention data-parallel "
+        "(each GPU its own sequences and their KV); false: everything split by tensor parallelism",
+    )
 
     @property
     def tp(self) -> int:
@@ -275,6 +280,12 @@ class Deployment:
                 f"{where}.kv_dtype: {node.gpu.name} does not run a {s.kv_dtype} KV cache; "
                 f"supported: {node.gpu.kv_dtypes}"
             )
+        if s.expert_parallel and (m.num_experts == 1 or s.tp < 2):
+            why = f"{m.name} has no experts" if m.num_experts == 1 else "it has one GPU"
+            raise self._err(
+                f"{where}.expert_parallel: {why}; expert parallelism spreads an MoE model's experts over "
+                "the GPUs of one server: remove it or give the server several GPUs"
+            )
         shape = ServerShape(
             node.gpu,
             s.tp,
@@ -284,6 +295,7 @@ class Deployment:
             kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
             # hetserve's engine runs a server with fp32 KV in fp32 throughout
             run_bytes=4.0 if s.kv_dtype == "fp32" else 2.0,
+            ep=s.expert_parallel,
         )
         self.servers[s.name] = Server(s, node, shape)
         chain_pos[s.name] = []

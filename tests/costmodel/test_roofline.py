@@ -159,3 +159,46 @@ def test_estimate_refuses_what_does_not_fit_with_numbers(run_cli):
         "estimate", "--model", "llama-2-70b", "--gpu", "l4", "--tp", "2", "--pp", "4", "--weight-bits", "4"
     )
     assert code == 0
+
+
+def test_max_load_is_the_mean_plus_the_balls_into_bins_deviation():
+    from hetserve.costmodel.roofline import max_load
+
+    assert max_load(37, 1) == 37
+    assert max_load(0, 8) == 0
+    assert max_load(1, 8) == 1  # one ball: one bin holds it
+    assert max_load(3, 8) <= 3
+    big = max_load(80_000, 8)
+    assert 10_000 < big < 10_000 * 1.03  # many balls: close to the mean
+    assert max_load(8, 8) > max_load(8, 2) / 4  # fewer per bin, relatively more imbalance
+
+
+def test_all_to_all_moves_each_ranks_share_to_every_other():
+    from hetserve.costmodel.links import all_to_all_time
+
+    link = Link(100e9, 5e-6)
+    assert all_to_all_time(1e6, 1, link) == 0.0
+    assert all_to_all_time(8e6, 8, link) == pytest.approx(7 * (5e-6 + 1e6 / 100e9))
+
+
+def test_expert_parallelism_stores_latent_kv_once_and_pays_for_replicated_attention():
+    """DeepSeek-V3 at 8 bits on 8 H200s. Tensor parallelism keeps every sequence's MLA latent on every
+    GPU; expert parallelism with data-parallel attention keeps it once (about 8x the KV room less the
+    replicated attention weights), so large decode batches over long contexts read 1/8 of the KV per
+    GPU; a lone request pays for the whole attention weights and the busiest GPU's experts."""
+    ds = load_model("deepseek-v3")
+    cm = RooflineCostModel(ds)
+    tp = shape("h200", tp=8, layers=61, bits=8)
+    ep = shape("h200", tp=8, layers=61, bits=8, ep=True)
+    m_tp, m_ep = cm.memory(tp, 8192, 256), cm.memory(ep, 8192, 256)
+    assert m_ep.kv_bytes_per_token == pytest.approx(m_tp.kv_bytes_per_token / 8)
+    attention = ds.num_layers * ds.attention_params  # 8-bit: about a byte per weight
+    assert m_ep.weights - m_tp.weights == pytest.approx(attention * 7 / 8, rel=0.1)
+    assert m_ep.kv_capacity_tokens > 5 * m_tp.kv_capacity_tokens
+    assert cm.decode_time(ep, 1, 2000) > 1.3 * cm.decode_time(tp, 1, 2000)
+    assert cm.decode_time(ep, 256, 256 * 8000) < 0.8 * cm.decode_time(tp, 256, 256 * 8000)
+    # a dense model has no experts to spread: the flag changes nothing in the timing
+    dense = RooflineCostModel(L70)
+    assert dense.decode_time(shape("h100-sxm", tp=8, ep=True), 8, 8000) == pytest.approx(
+        dense.decode_time(shape("h100-sxm", tp=8), 8, 8000)
+    )

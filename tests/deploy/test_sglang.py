@@ -17,6 +17,11 @@ def test_every_plan_exports(path):
         argv = step.argv
         assert argv[:5] == ["python", "-m", "sglang.launch_server", "--model-path", out.model]
         assert flag(argv, "--tp") == str(a.tp) and flag(argv, "--pp-size") == str(a.pp)
+        if a.expert_parallel:
+            assert "--enable-dp-attention" in argv
+            assert flag(argv, "--dp") == flag(argv, "--ep-size") == str(a.tp)
+        else:
+            assert "--ep-size" not in argv and "--enable-dp-attention" not in argv
         assert flag(argv, "--max-running-requests") == str(a.max_batch_size)
         assert flag(argv, "--chunked-prefill-size") == str(a.chunk_size or -1)
         assert 0 < float(flag(argv, "--mem-fraction-static")) <= 0.9

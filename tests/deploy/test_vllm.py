@@ -22,7 +22,13 @@ def test_every_plan_exports(path):
         a = by_name[step.instance]
         argv = step.argv
         assert argv[:3] == ["vllm", "serve", out.model]
-        assert flag(argv, "--tensor-parallel-size") == str(a.tp)
+        if a.expert_parallel:  # data-parallel attention and experts over the stage's GPUs
+            assert flag(argv, "--tensor-parallel-size") == "1" and "--enable-expert-parallel" in argv
+            assert flag(argv, "--data-parallel-size") == str(a.tp)
+        else:
+            assert (
+                flag(argv, "--tensor-parallel-size") == str(a.tp) and "--enable-expert-parallel" not in argv
+            )
         assert flag(argv, "--pipeline-parallel-size") == str(a.pp)
         assert flag(argv, "--max-num-batched-tokens") == str(a.max_batch_tokens)
         assert flag(argv, "--block-size") == str(a.block_size)
@@ -89,3 +95,48 @@ def test_uniform_8bit_and_fp8_kv(write):
     assert flag(step.argv, "--quantization") == "fp8"
     assert flag(step.argv, "--kv-cache-dtype") == "fp8"
     assert flag(step.argv, "--dtype") == "auto"
+
+
+def test_expert_parallel_plan_exports_as_is_with_its_flags():
+    from ..conftest import EXAMPLES
+
+    out, refused = exported(EXAMPLES / "plans" / "deepseek-expert-parallel.yaml", "vllm")
+    assert refused is None
+    (step,) = _engine_steps(out)
+    assert flag(step.argv, "--data-parallel-size") == "8" and "--enable-expert-parallel" in step.argv
+    assert flag(step.argv, "--quantization") == "fp8"
+
+
+def test_expert_parallelism_on_some_stages_is_a_gap_and_nearest_turns_it_off():
+    from hetserve.deploy.common import asks_from
+    from hetserve.deploy.gaps import instance_gaps, nearest
+    from hetserve.deploy.vllm import CAPS
+    from hetserve.plan import deployment_from_dict
+
+    from ..conftest import EXAMPLES
+
+    base = deployment(EXAMPLES / "plans" / "deepseek-expert-parallel.yaml")
+    plan = {
+        "name": "half-ep",
+        "model": "deepseek-v3",
+        "cluster": "-",
+        "servers": [
+            {
+                "name": "a",
+                "node": "mi300x",
+                "gpus": [0, 1, 2, 3],
+                "layers": [0, 31],
+                "bits": 8,
+                "expert_parallel": True,
+            },
+            {"name": "b", "node": "mi300x", "gpus": [4, 5, 6, 7], "layers": [31, 61], "bits": 8},
+        ],
+        "instances": [{"name": "ds", "role": "mixed", "chain": ["a", "b"], "chunk_size": 2048}],
+    }
+    dep = deployment_from_dict(plan, base.cluster, base.model)
+    (ask,) = asks_from(dep)
+    assert ask.expert_parallel is None
+    gaps = instance_gaps(ask, CAPS)
+    assert [g.feature for g in gaps] == ["expert parallelism on some stages only"]
+    (fixed,) = nearest(dep, [ask], CAPS)
+    assert fixed.expert_parallel is False and "expert parallelism off" in fixed.changes[0]

@@ -145,3 +145,23 @@ def test_instance_names_say_role_gpus_depth_and_tp():
     assert any("+" in n for n in names) or all(
         len({s.pool.gpu.name for s in t.stages}) == 1 for t in templates
     )
+
+
+def test_templates_of_an_moe_model_take_expert_parallelism_where_it_serves_more():
+    """DeepSeek-V3 at 8 bits on 8 H200s: with its latent KV kept once per sequence (expert parallelism,
+    data-parallel attention) a decode server holds several times the sequences, and serves more within
+    the SLOs; a dense model's templates never get the flag."""
+    from hetserve.planner.pools import Stage
+
+    cluster = Cluster(ClusterFile.model_validate({"nodes": [{"name": "h", "gpu": "h200", "count": 8}]}))
+    (pool,) = pools_of(cluster)
+    f = TemplateFactory(cluster, load_model("deepseek-v3"), 2000, 400, SLO(ttft_ms=3000, tpot_ms=100), 0.0)
+    stage = Stage(pool, 8, 0, 61, (8,) * 61)
+    chosen = f.make("decode", [stage])
+    tp = f._make("decode", [stage])
+    assert chosen.stages[0].ep and not tp.stages[0].ep
+    assert chosen.kv_tokens > 4 * tp.kv_tokens and chosen.cap.rate > tp.cap.rate
+    dense = TemplateFactory(
+        cluster, load_model("llama-3.1-70b"), 2000, 400, SLO(ttft_ms=3000, tpot_ms=100), 0.0
+    )
+    assert not dense.make("decode", [Stage(pool, 8, 0, 80, (16,) * 80)]).stages[0].ep

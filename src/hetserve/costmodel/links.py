@@ -24,6 +24,14 @@ def allreduce_time(nbytes: float, ranks: int, link: Link, algorithm: str = "ring
     return min(ring, one_shot)
 
 
+def all_to_all_time(nbytes: float, ranks: int, link: Link) -> float:
+    """Each of ``ranks`` GPUs sends ``nbytes`` spread evenly over the others (MoE dispatch or combine):
+    ``ranks - 1`` steps, each rank moving ``nbytes / ranks`` per step."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return (ranks - 1) * (link.latency + nbytes / ranks / link.bandwidth)
+
+
 def p2p_time(nbytes: float, link: Link) -> float:
     """One message from one GPU to another (pipeline hand-off)."""
     return link.transfer_time(nbytes) if nbytes > 0 else 0.0

@@ -12,12 +12,13 @@ layer. ``ServerTimer`` folds all constants once so a call is a few float operati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..specs.clusters import Link
 from ..specs.gpus import GPUSpec
 from ..specs.models import ModelSpec
-from .links import allreduce_time
+from .links import all_to_all_time, allreduce_time
 
 #: Operations per weight for a standalone dequantisation pass (unpack, scale, zero, store).
 DEQUANT_OPS_PER_WEIGHT = 4.0
@@ -47,6 +48,22 @@ def collective_link(gpu: GPUSpec) -> Link:
     return Link(f.gb_per_s * 1e9 * share, latency_us * 1e-6)
 
 
+def max_load(balls: float, bins: int) -> float:
+    """Expected most balls in one of ``bins`` bins when ``balls`` fall uniformly at random: the mean
+    plus ``sqrt(2 * mean * ln bins)`` (Raab and Steger, "Balls into bins", RANDOM 1998, tight for
+    ``balls >= bins ln bins``; an approximation below), at least one ball and at most all of them."""
+    if bins <= 1 or balls <= 0:
+        return max(balls, 0.0)
+    mean = balls / bins
+    return min(balls, max(1.0, mean + math.sqrt(2.0 * mean * math.log(bins))))
+
+
+def ep_kv_share(shape: ServerShape, model: ModelSpec) -> float:
+    """Share of a token's KV one GPU of ``shape`` stores: under expert parallelism each sequence lives
+    on one GPU with all its heads (1/tp on average), else tensor parallelism's rule."""
+    return 1.0 / shape.tp if shape.ep and model.num_experts > 1 else model.kv_share_per_gpu(shape.tp)
+
+
 def roof(compute: float, memory: float, overlap: float) -> float:
     """Time of work bound by ``compute`` and ``memory`` seconds that overlap to the degree ``overlap``
     (1: the slower of the two; 0: their sum)."""
@@ -69,6 +86,11 @@ class ServerShape:
     last: bool = True  # holds the final norm and LM head
     kv_dtype_bytes: float = 2.0
     run_bytes: float = 2.0
+    #: Expert parallelism with data-parallel attention (an MoE model's server only): each of the ``tp``
+    #: GPUs runs attention for its own share of the sequences with the whole attention weights and
+    #: keeps those sequences' KV, and holds ``1/tp`` of the routed experts whole; tokens go to their
+    #: experts' GPUs and back (two all-to-alls per layer). Shared experts and dense MLPs stay split.
+    ep: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -156,9 +178,12 @@ class ServerTimer:
             self._groups.append((count, flops_per_token, weight_read, dequant, bits))
         self._kv_read = (
             m.kv_bytes_per_token_layer(s.kv_dtype_bytes)
-            * m.kv_share_per_gpu(tp)
+            * ep_kv_share(s, m)
             / (bw * k.attention_memory_or_default)
         )
+        self._ep = s.ep and self._moe and tp > 1
+        if self._ep:
+            self._compile_ep(half, bw)
         self._attn_flop = m.attention_flops_per_pair / tp / (half * k.attention_compute_or_default)
         self._layers = s.num_layers
         self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + k.step_overhead_ms * 1e-3
@@ -168,6 +193,66 @@ class ServerTimer:
         head_params = m.vocab_size * m.hidden_size / tp
         self._head_flop = 2 * head_params / (half * k.compute) if s.last else 0.0
         self._head_read = s.run_bytes * head_params / (bw * k.memory) if s.last else 0.0
+
+    def _compile_ep(self, half: float, bw: float) -> None:
+        """Per-layer constants of an expert-parallel server (``ServerShape.ep``), per group of bits:
+        attention (whole weights, its GPU's share of the tokens), routed experts (the busiest GPU's
+        tokens and experts), the rest of the MLP (shared experts, dense layers, router: split by TP)."""
+        s, m, g = self.shape, self.model, self.shape.gpu
+        k, tp = g.efficiency, s.tp
+        layer_params = m.params_per_layer
+        attn_share = m.attention_params / layer_params
+        expert_share = m.expert_params * m.moe_share / layer_params  # one routed expert
+        routed_flops = 2.0 * m.experts_per_token * m.expert_matrix_params * m.moe_share
+        attn_flops = 2.0 * m.attention_matrix_params
+        rest_flops = m.linear_flops_per_token_layer - attn_flops - routed_flops
+        self._ep_groups = []
+        for bits, count in s.bits_counts().items():
+            rate = (half if bits >= 16 else g.tflops_for_bits(bits) * 1e12) * k.compute
+            layer = m.layer_weight_bytes(bits) * (s.run_bytes / 2.0 if bits >= 16 else 1.0) / (bw * k.memory)
+            expert = layer * expert_share
+            rest = layer - layer * attn_share - expert * m.num_experts
+            self._ep_groups.append(
+                (
+                    count,
+                    attn_flops / rate,
+                    routed_flops / rate,
+                    rest_flops / tp / rate,
+                    layer * attn_share,
+                    expert,
+                    rest / tp,
+                )
+            )
+        self._ep_experts_per_gpu = math.ceil(m.num_experts / tp)
+        self._ep_dense = rest_flops > 0  # a split MLP part: one all-reduce per layer
+
+    def _fixed_ep(self, new_tokens: float) -> float:
+        """The weight GEMMs and collectives of an expert-parallel step of ``new_tokens`` tokens."""
+        m, tp, ov = self.model, self.shape.tp, self._overlap
+        share = new_tokens / tp  # tokens per GPU through attention
+        routed = max_load(new_tokens * m.experts_per_token, tp)  # (token, expert) pairs on the busiest GPU
+        touched = min(float(self._ep_experts_per_gpu), max_load(m.experts_touched(new_tokens), tp))
+        t = 0.0
+        for count, attn_f, routed_f, rest_f, attn_read, expert_read, rest_read in self._ep_groups:
+            t += count * (
+                roof(attn_f * self._rows(share), attn_read, ov)
+                + roof(routed_f / m.experts_per_token * self._rows(routed), expert_read * touched, ov)
+                + roof(rest_f * self._rows(new_tokens), rest_read, ov)
+            )
+        wire = self._ar_bytes_per_token * share * m.experts_per_token  # each GPU's tokens to their experts
+        t += 2 * self._layers * all_to_all_time(wire, tp, self._link)
+        if self._ep_dense:
+            t += self._layers * allreduce_time(
+                self._ar_bytes_per_token * new_tokens, tp, self._link, self._allreduce
+            )
+        return t
+
+    def _rows(self, n: float) -> float:
+        """``n`` rows of a product with the GEMM efficiency folded in (see ``_fixed``)."""
+        rows = n + self._half_rows
+        if self._rows_exponent != 1.0 and self._half_rows and n > 0:
+            rows = n * (rows / n) ** self._rows_exponent
+        return rows
 
     def time(self, new_tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
         if new_tokens <= 0:
@@ -185,6 +270,9 @@ class ServerTimer:
     def _fixed(self, new_tokens: float, seqs: float) -> float:
         """Everything but attention: weight GEMMs, dequantisation, overheads, all-reduces, LM head."""
         t = self._overhead
+        if self._ep:
+            t += self._fixed_ep(new_tokens)
+            return t + self._head(seqs)
         # GEMM efficiency compute x (rows / (rows + half_rows)) ** exponent, folded into the row count
         rows = new_tokens + self._half_rows
         if self._rows_exponent != 1.0 and self._half_rows:
@@ -208,12 +296,13 @@ class ServerTimer:
                     self._ar_bytes_per_token * new_tokens, self.shape.tp, self._link, self._allreduce
                 )
             )
-        if self.shape.last:
-            head_rows = seqs + self._half_rows
-            if self._rows_exponent != 1.0 and self._half_rows:
-                head_rows = seqs * (head_rows / seqs) ** self._rows_exponent
-            t += roof(self._head_flop * head_rows, self._head_read, self._overlap)
-        return t
+        return t + self._head(seqs)
+
+    def _head(self, seqs: float) -> float:
+        """The LM head on the last stage: one row per sequence sampling."""
+        if not self.shape.last:
+            return 0.0
+        return roof(self._head_flop * self._rows(seqs), self._head_read, self._overlap)
 
     def batch_time(self, batch: BatchShape) -> float:
         return self.time(batch.new_tokens, batch.seqs, batch.attn_pairs, batch.kv_read_tokens)
@@ -266,6 +355,13 @@ class RooflineCostModel:
         m, tp = self.model, shape.tp
         wide = shape.run_bytes / 2.0  # 16-bit tensors held at the run width
         weights = sum(m.layer_weight_bytes(b) * (wide if b >= 16 else 1.0) for b in shape.layer_bits) / tp
+        if shape.ep and m.num_experts > 1 and tp > 1:
+            # attention whole on every GPU, ceil(E / tp) routed experts, the rest of the layer split
+            layer_params = m.params_per_layer
+            attn = m.attention_params / layer_params
+            expert = m.expert_params * m.moe_share / layer_params
+            per_gpu = attn + expert * math.ceil(m.num_experts / tp) + (1 - attn - expert * m.num_experts) / tp
+            weights *= per_gpu * tp
         emb = m.vocab_size * m.hidden_size * shape.run_bytes
         if shape.first:
             weights += (
@@ -276,7 +372,7 @@ class RooflineCostModel:
         if shape.last and (not m.tie_word_embeddings or not shape.first):
             weights += emb / tp
         kv_per_token = (
-            m.kv_bytes_per_token_layer(shape.kv_dtype_bytes) * m.kv_share_per_gpu(tp) * shape.num_layers
+            m.kv_bytes_per_token_layer(shape.kv_dtype_bytes) * ep_kv_share(shape, m) * shape.num_layers
         )
         cap = shape.gpu.memory_gb * 1e9
         return MemoryBreakdown(

@@ -38,6 +38,7 @@ class Stage:
     kv_layout: str
     gpu: GPUSpec
     kv_share: float
+    expert_parallel: bool = False
 
     @property
     def tp(self) -> int:
@@ -112,6 +113,12 @@ class InstanceAsk:
         return every.pop() if len(every) == 1 else None
 
     @property
+    def expert_parallel(self) -> bool | None:
+        """Whether the stages run expert parallelism with data-parallel attention; None when they differ."""
+        every = {s.expert_parallel for s in self.stages}
+        return every.pop() if len(every) == 1 else None
+
+    @property
     def layer_partition(self) -> list[int]:
         return [s.num_layers for s in self.stages]
 
@@ -168,6 +175,7 @@ def memory_fractions(dep: Deployment, ask: InstanceAsk) -> tuple[float, float]:
             first=s.layers[0] == 0,
             last=s.layers[1] == n,
             kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
+            ep=s.expert_parallel,
         )
         mem = cm.memory(shape, ask.max_batch_tokens, ask.max_batch_size)
         room = max(mem.kv_room, 0.0) * s.kv_share
@@ -197,6 +205,7 @@ def asks_from(dep: Deployment) -> list[InstanceAsk]:
                 kv_layout=srv.plan.kv_layout,
                 gpu=srv.node.gpu,
                 kv_share=inst.plan.share_on(srv.name),
+                expert_parallel=srv.plan.expert_parallel,
             )
             for srv in inst.servers
         ]

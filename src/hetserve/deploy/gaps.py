@@ -72,6 +72,15 @@ def instance_gaps(ask: InstanceAsk, caps: EngineCaps, checkpoint: bool = False) 
         old = sorted({s.gpu.name for s in ask.stages if not fp8_weights_ok(s.gpu)})
         if old:
             gaps.append(Gap(g, "8-bit weights on GPUs without FP8 kernels", ", ".join(old)))
+    if ask.expert_parallel is None:
+        on = ", ".join(s.server for s in ask.stages if s.expert_parallel)
+        gaps.append(
+            Gap(
+                g,
+                "expert parallelism on some stages only",
+                f"{on}; {caps.name} sets it for the whole instance",
+            )
+        )
     if ask.kv_dtype is None:
         kinds = "/".join(s.kv_dtype for s in ask.stages)
         gaps.append(
@@ -227,6 +236,9 @@ def _fix_instance(b: InstanceAsk, caps: EngineCaps, checkpoint: bool) -> None:
         before = sorted({x for s in b.stages for x in s.bits}, reverse=True)
         b.stages = [replace(s, bits=(bits,) * s.num_layers) for s in b.stages]
         b.changes.append(f"weights {'/'.join(map(str, before))}-bit -> uniform {bits}-bit")
+    if b.expert_parallel is None:
+        b.stages = [replace(s, expert_parallel=False) for s in b.stages]
+        b.changes.append("expert parallelism off on every stage (the plan had it on some)")
     kv = b.kv_dtype
     if kv is None or kv == "int8":
         new = b.stages[0].kv_dtype if kv is None else "fp16"

@@ -29,6 +29,7 @@ def plan_of_asks(dep: Deployment, asks: list[InstanceAsk]) -> PlanFile:
                     bits=bits,
                     kv_dtype=s.kv_dtype,
                     kv_layout=s.kv_layout,
+                    expert_parallel=s.expert_parallel,
                 ),
             )
         share = {s.server: s.kv_share for s in a.stages}

@@ -15,6 +15,8 @@ def engine_args(ask: InstanceAsk, model: str, ports: Ports, node_rank: int = 0) 
     """``python -m sglang.launch_server`` and its arguments for one instance on its ``node_rank``-th node."""
     argv = ["python", "-m", "sglang.launch_server", "--model-path", model]
     argv += ["--host", "0.0.0.0", "--port", str(ports.http), "--tp", str(ask.tp), "--pp-size", str(ask.pp)]
+    if ask.expert_parallel:  # data-parallel attention, experts spread over the TP group's GPUs
+        argv += ["--enable-dp-attention", "--dp", str(ask.tp), "--ep-size", str(ask.tp)]
     if ask.multi_node:
         argv += ["--nnodes", str(len(ask.nodes)), "--node-rank", str(node_rank)]
         argv += ["--dist-init-addr", f"{host_ref(ask.head)}:{DIST_INIT_PORT + ports.aux}"]

@@ -15,7 +15,18 @@ NIXL_SIDE_CHANNEL_PORT = 5600
 def engine_args(ask: InstanceAsk, model: str, ports: Ports, max_model_len: int, pd: bool) -> list[str]:
     """``vllm serve`` and its arguments for one instance (the model id first, as the CLI takes it)."""
     argv = ["vllm", "serve", model, "--host", "0.0.0.0", "--port", str(ports.http)]
-    argv += ["--tensor-parallel-size", str(ask.tp), "--pipeline-parallel-size", str(ask.pp)]
+    if ask.expert_parallel:
+        # data-parallel attention over the stage's GPUs, experts spread over them (vLLM's EP deployment)
+        argv += [
+            "--tensor-parallel-size",
+            "1",
+            "--data-parallel-size",
+            str(ask.tp),
+            "--enable-expert-parallel",
+        ]
+        argv += ["--pipeline-parallel-size", str(ask.pp)]
+    else:
+        argv += ["--tensor-parallel-size", str(ask.tp), "--pipeline-parallel-size", str(ask.pp)]
     if ask.multi_node:
         argv += ["--distributed-executor-backend", "ray"]
     argv += ["--dtype", torch_dtype(ask.kv_dtype)]

@@ -170,12 +170,14 @@ def handoff_weights(
 
 
 def instance_prefix(t: Template) -> str:
-    """What an instance of ``t`` is called before its number: role, GPU types, pipeline depth and TP
-    (``prefill-h100-sxm-pp3-tp2``, ``mixed-a100-80gb+l4-pp2-tp4/2`` for an asymmetric chain)."""
+    """What an instance of ``t`` is called before its number: role, GPU types, pipeline depth and TP, or
+    EP for expert parallelism (``prefill-h100-sxm-pp3-tp2``, ``mixed-a100-80gb+l4-pp2-tp4/2`` for an
+    asymmetric chain, ``mixed-h200-ep8``)."""
     gpus = list(dict.fromkeys(s.pool.gpu.name for s in t.stages))
     tps = list(dict.fromkeys(s.tp for s in t.stages))
     depth = f"pp{len(t.stages)}-" if len(t.stages) > 1 else ""
-    return f"{t.role}-{'+'.join(gpus)}-{depth}tp{'/'.join(map(str, tps))}"
+    split = "ep" if any(s.ep for s in t.stages) else "tp"
+    return f"{t.role}-{'+'.join(gpus)}-{depth}{split}{'/'.join(map(str, tps))}"
 
 
 def build_plan(
@@ -218,7 +220,14 @@ def build_plan(
             sname = f"{base}-s{si}" if len(t.stages) > 1 else base
             bits = list(s.bits) if len(set(s.bits)) > 1 else s.bits[0]
             servers.append(
-                ServerPlan(name=sname, node=node, gpus=list(gpus), layers=(s.start, s.end), bits=bits)
+                ServerPlan(
+                    name=sname,
+                    node=node,
+                    gpus=list(gpus),
+                    layers=(s.start, s.end),
+                    bits=bits,
+                    expert_parallel=s.ep,
+                )
             )
             chain.append(sname)
         max_batch, max_tokens, chunk = t.settings

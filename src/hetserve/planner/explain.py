@@ -168,6 +168,12 @@ def memory_in_words(cand: Candidate) -> str:
             "and its KV cache, so no instance needs tensor or pipeline parallelism."
         )
     shape = "tensor-parallel" if stages == 1 else f"a {stages}-stage pipeline"
+    if any(srv.plan.expert_parallel for srv in inst.servers):
+        shape += (
+            " with expert parallelism (the routed experts spread whole over the GPUs, attention data-parallel: "
+            "each GPU keeps its own sequences' KV instead of a copy of every one"
+            + (", as multi-head latent attention would need under tensor parallelism)" if m.mla else ")")
+        )
     why = (
         f"the weights ({weights:.0f} GB at {bits} bits) and KV cache need more than one {gpu.name} "
         f"({gpu.memory_gb:g} GB)"

@@ -94,6 +94,7 @@ class Stage:
     start: int
     end: int
     bits: tuple[int, ...]
+    ep: bool = False  # expert parallelism (ServerShape.ep)
 
 
 def pools_of(cluster: Cluster) -> list[Pool]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..costmodel.roofline import RooflineCostModel, ServerShape
 from ..specs.clusters import Cluster
@@ -65,7 +65,7 @@ class Template:
         for s in self.stages:
             b = sorted(set(s.bits))
             bits = f"{b[0]}-bit" if len(b) == 1 else "/".join(str(x) for x in b) + "-bit"
-            parts.append(f"{s.pool.gpu.name} TP{s.tp} L{s.start}-{s.end - 1} {bits}")
+            parts.append(f"{s.pool.gpu.name} TP{s.tp}{' EP' if s.ep else ''} L{s.start}-{s.end - 1} {bits}")
         return f"{self.role}: " + " -> ".join(parts)
 
 
@@ -343,10 +343,23 @@ class TemplateFactory:
 
     # ---- one template ---------------------------------------------------------------------------------
     def make(self, role: str, stages: list[Stage]) -> Template | None:
+        """The template of ``stages`` in ``role`` (None when it does not fit or serves nothing). For an
+        MoE model whose stages span several GPUs, expert parallelism is tried too and kept when it
+        serves more within the SLOs (then ignoring them)."""
+        plain = self._make(role, stages)
+        if self.model.num_experts == 1 or all(s.tp == 1 for s in stages):
+            return plain
+        ep = self._make(role, [replace(s, ep=s.tp > 1) for s in stages])
+        if ep is None or plain is None:
+            return ep or plain
+        better = (ep.cap.rate, ep.cap_free.rate) > (plain.cap.rate, plain.cap_free.rate)
+        return ep if better else plain
+
+    def _make(self, role: str, stages: list[Stage]) -> Template | None:
         m, cm = self.model, self.cm
         max_batch, max_tokens, _ = role_settings(role, len(stages), self.max_seqs)
         shapes = [
-            ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers)
+            ServerShape(s.pool.gpu, s.tp, s.bits, first=s.start == 0, last=s.end == m.num_layers, ep=s.ep)
             for s in stages
         ]
         kv = math.inf

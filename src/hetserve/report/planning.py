@@ -137,6 +137,7 @@ def print_plan(result: PlanResult, report: dict, title: str, cluster_gpus: int) 
                 " -> ".join(
                     f"{srv.node.name} {srv.plan.tp} x {srv.node.gpu.name} layers {srv.plan.layers[0]}-"
                     f"{srv.plan.layers[1] - 1} {server_bits(srv.plan.bits)}-bit"
+                    + (" expert-parallel" if srv.plan.expert_parallel else "")
                     for srv in i.servers
                 ),
             )
