@@ -606,3 +606,15 @@ def load_plan_with(path, **server_fields):
         s.update(server_fields)
     base = load_plan(path)
     return deployment_from_dict(data, base.cluster, base.model)
+
+
+def test_instances_prefill_in_chunks_unless_the_plan_says_null():
+    from hetserve.plan import DEFAULT_CHUNK_TOKENS, InstancePlan
+
+    mixed = InstancePlan(name="m", role="mixed", chain=["s"])
+    assert mixed.chunk_size == DEFAULT_CHUNK_TOKENS == 2048
+    assert InstancePlan(name="p", role="prefill", chain=["s"], max_batch_tokens=1024).chunk_size == 1024
+    assert InstancePlan(name="d", role="decode", chain=["s"]).chunk_size is None
+    assert InstancePlan(name="w", role="mixed", chain=["s"], chunk_size=None).chunk_size is None
+    # the default is written out, so a saved plan means the same when read back
+    assert InstancePlan.model_validate(mixed.model_dump()).chunk_size == 2048

@@ -116,6 +116,7 @@ def cmd_estimate(args) -> int:
         prompt=args.prompt,
         output=args.output,
         weight_bits=args.weight_bits,
+        expert_parallel=args.expert_parallel,
     )
     if args.json:
         print_json(est.as_dict())
@@ -386,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     e.add_argument("--output", type=int, default=128, help="output tokens per request")
     e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
+    e.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="MoE models: experts spread over the TP group's GPUs, attention data-parallel (see docs/costmodel.md)",
+    )
     e.add_argument("--calibration", metavar="FILE", help=CALIBRATION_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_estimate)
@@ -412,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", type=float, help="most USD per hour to spend")
     pl.add_argument(
         "--quality",
-        help="'lossless' (default: 16-bit weights) or the share of sensitivity-weighted weight bits the "
-        "planner may remove, layer by layer (0 to 0.75)",
+        help="'lossless' (default: the checkpoint's weights, 16-bit or an FP8 release's 8) or the share of "
+        "sensitivity-weighted weight bits the planner may remove, layer by layer (0 to 0.75)",
     )
     pl.add_argument(
         "--weight-bits",

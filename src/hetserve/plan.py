@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .costmodel.chain import ChainTimer
 from .costmodel.roofline import RooflineCostModel, ServerShape
@@ -67,6 +67,11 @@ class ServerPlan(Strict):
         return tuple(self.bits) if isinstance(self.bits, list) else (self.bits,) * n
 
 
+#: Prompt tokens per prefill chunk when a plan's instance gives no ``chunk_size``: vLLM V1's and SGLang's
+#: default step budget for chunked prefill on GPUs short of the largest (their docs: 2,048 tokens).
+DEFAULT_CHUNK_TOKENS = 2048
+
+
 class InstancePlan(Strict):
     name: str = Field(min_length=1)
     role: Role
@@ -74,7 +79,11 @@ class InstancePlan(Strict):
     max_batch_size: int = Field(default=256, ge=1, le=MAX_BATCH_SIZE)
     max_batch_tokens: int = Field(default=8192, ge=1, le=MAX_BATCH_TOKENS)
     chunk_size: int | None = Field(
-        default=None, ge=1, le=MAX_BATCH_TOKENS, description="chunked prefill; None = whole prompts"
+        default=None,
+        ge=1,
+        le=MAX_BATCH_TOKENS,
+        description=f"chunked prefill: prompt tokens per step; absent: {DEFAULT_CHUNK_TOKENS} (at most "
+        "max_batch_tokens) on an instance that prefills; null: whole prompts",
     )
     policy: SchedulePolicy = "decode-first"
     micro_batches: int = Field(
@@ -85,6 +94,14 @@ class InstancePlan(Strict):
         description="share of each server's KV room: one for every server of the chain, or per server",
     )
     block_size: int = Field(default=16, ge=1, le=MAX_BLOCK_SIZE)
+
+    @model_validator(mode="after")
+    def _default_chunk(self) -> InstancePlan:
+        """Chunked prefill unless the plan says ``chunk_size: null``: one long prompt then holds the
+        other requests of its instance for one chunk's time, not its whole prefill."""
+        if "chunk_size" not in self.model_fields_set and self.role != "decode":
+            object.__setattr__(self, "chunk_size", min(DEFAULT_CHUNK_TOKENS, self.max_batch_tokens))
+        return self
 
     @field_validator("kv_share")
     @classmethod

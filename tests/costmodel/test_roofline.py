@@ -202,3 +202,20 @@ def test_expert_parallelism_stores_latent_kv_once_and_pays_for_replicated_attent
     assert dense.decode_time(shape("h100-sxm", tp=8, ep=True), 8, 8000) == pytest.approx(
         dense.decode_time(shape("h100-sxm", tp=8), 8, 8000)
     )
+
+
+def test_estimate_with_expert_parallelism_fits_the_batch_tensor_parallelism_cannot(run_cli):
+    """128 DeepSeek-V3 requests of 4,500 tokens on 8 H200s: tensor parallelism stores every latent on
+    every GPU and runs out of KV room; expert parallelism stores each once and fits."""
+    import json
+
+    args = ["estimate", "--model", "deepseek-v3", "--gpu", "h200", "--tp", "8", "--weight-bits", "8"]
+    args += ["--batch", "128", "--prompt", "4000", "--output", "500", "--json"]
+    code, out, _ = run_cli(*args)
+    assert code == 1 and json.loads(out)["fits"] is False
+    code, out, _ = run_cli(*args, "--expert-parallel")
+    assert code == 0 and json.loads(out)["fits"] is True
+    code, out, err = run_cli(
+        "estimate", "--model", "llama-3.1-8b", "--gpu", "h200", "--tp", "2", "--expert-parallel"
+    )
+    assert code == 2 and "--expert-parallel: llama-3.1-8b has no experts" in err

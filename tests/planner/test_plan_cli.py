@@ -251,18 +251,17 @@ def test_plan_table_speaks_in_units(run_cli, files, tmp_path):
 
 def test_deepseek_v3_plans_at_its_released_8_bits(run_cli, write, tmp_path):
     """MLA's compressed cache and 256 routed + 1 shared experts through the whole planner: 671B
-    parameters at 8 bits on one 8 x MI300X node; at 16 bits (1.34 TB) it does not fit, and the message
-    says which flag would."""
+    parameters at 8 bits on one 8 x MI300X node, by default, since its released checkpoint is FP8
+    (lossless); upcast to 16 bits (1.34 TB) it does not fit, and the message says what would."""
     cluster = write(
         "mi.yaml", "name: mi\nnodes:\n  - {name: m, gpu: mi300x, count: 8}\nnetwork: {gbit_per_s: 100}\n"
     )
     work = write("w.yaml", WORKLOAD.replace("rate: 3", "rate: 0.5"))
     args = ["plan", "--cluster", cluster, "--model", "deepseek-ai/DeepSeek-V3", "--workload", work]
-    code, out, err = run_cli(
-        *args, "--out", tmp_path / "d.yaml", "--time-limit", "20", "--json", "--weight-bits", "8"
-    )
+    code, out, err = run_cli(*args, "--out", tmp_path / "d.yaml", "--time-limit", "20", "--json")
     assert code == 0, err
     d = json.loads(out)
-    assert d["weights"] == "8-bit" and d["carries_workload"] and d["gpus_used"] <= 8
-    code, out, err = run_cli(*args, "--out", tmp_path / "e.yaml", "--time-limit", "20")
-    assert code == 2 and "does not fit lossless" in err and "--weight-bits 8" in err
+    assert d["weights"] == "8-bit (as released, lossless)" and d["carries_workload"] and d["gpus_used"] <= 8
+    assert any("as released" in r and "lossless" in r for r in d["reasons"])
+    code, out, err = run_cli(*args, "--out", tmp_path / "e.yaml", "--time-limit", "20", "--weight-bits", "16")
+    assert code == 2 and "does not fit at --weight-bits 16" in err and "fewer --weight-bits" in err

@@ -57,18 +57,25 @@ def estimate(
     prompt: int = 512,
     output: int = 128,
     weight_bits: int = 16,
+    expert_parallel: bool = False,
 ) -> Estimate:
     model.check_tp(tp, "--tp")
     if pp < 1 or pp > model.num_layers:
         raise HetserveError(f"--pp={pp} must be between 1 and the model's {model.num_layers} layers")
     if weight_bits not in WEIGHT_BITS:
         raise HetserveError(f"--weight-bits={weight_bits} is not supported; use one of {list(WEIGHT_BITS)}")
+    if expert_parallel and (model.num_experts == 1 or tp < 2):
+        raise HetserveError(
+            f"--expert-parallel: {model.name} has no experts"
+            if model.num_experts == 1
+            else "--expert-parallel spreads the experts over the TP group's GPUs: give --tp 2 or more"
+        )
     for flag, value in (("--batch", batch), ("--prompt", prompt), ("--output", output)):
         if value < 1:
             raise HetserveError(f"{flag}={value} must be >= 1")
     cm = RooflineCostModel(model)
     stages = [
-        ServerShape(gpu, tp, (weight_bits,) * n, first=i == 0, last=i == pp - 1)
+        ServerShape(gpu, tp, (weight_bits,) * n, first=i == 0, last=i == pp - 1, ep=expert_parallel)
         for i, n in enumerate(split_layers(model.num_layers, pp))
     ]
     hop = Link(gpu.fabric.gb_per_s * 1e9, gpu.fabric.latency_us * 1e-6)

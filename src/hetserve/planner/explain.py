@@ -40,6 +40,7 @@ def explain_choice(
     budget: float | None,
     quality: float,
     weight_bits: int | None = None,
+    bits_asked: bool = True,
 ) -> list[str]:
     """Why ``best`` was chosen among ``cands``, in sentences: the design and what it beat, the
     bottleneck, utilisation by GPU type, GPUs left unused, precision traded, pipelines."""
@@ -93,7 +94,12 @@ def explain_choice(
     quant = [t for t in used if t.quantised]
     if quant:
         bits = [b for s in quant[0].stages for b in s.bits]
-        if weight_bits:
+        if weight_bits and not bits_asked:
+            out.append(
+                f"Every layer's weights at {weight_bits} bits, as released: {best.dep.model.name}'s checkpoint "
+                f"is FP8, so this is lossless (--weight-bits 16 would upcast it)."
+            )
+        elif weight_bits:
             out.append(
                 f"Every layer's weights at {weight_bits} bits, as asked (--weight-bits {weight_bits})."
             )
@@ -199,7 +205,11 @@ def limit_text(limit: str) -> str:
 
 
 def why_nothing_fits(
-    cluster: Cluster, model: ModelSpec, quality: float, weight_bits: int | None = None
+    cluster: Cluster,
+    model: ModelSpec,
+    quality: float,
+    weight_bits: int | None = None,
+    bits_asked: bool = True,
 ) -> str:
     """Why no instance holds ``model`` on ``cluster``, and what would."""
     m = model
@@ -211,8 +221,13 @@ def why_nothing_fits(
         w = m.weight_bytes(weight_bits) / gb
         need = w - total * 0.85
         lower = " or fewer --weight-bits" if weight_bits > 4 else ""
+        at = (
+            f"--weight-bits {weight_bits}"
+            if bits_asked
+            else f"{weight_bits} bits (its checkpoint's, lossless)"
+        )
         return (
-            f"{m.name} does not fit at --weight-bits {weight_bits}: {w:.0f} GB of weights against "
+            f"{m.name} does not fit at {at}: {w:.0f} GB of weights against "
             f"~{total:.0f} GB usable in the cluster (less room for the KV cache); add "
             f"{max(1, math.ceil(max(need, 0) / (biggest * 0.9)))} or more {biggest:.0f} GB GPUs{lower}"
         )

@@ -134,7 +134,11 @@ class Planner:
         self.slo: SLO = workload.slo
         self.prompt, self.output, self.output_q = workload.length_stats(self.slo.percentile, seed)
         self.rate = workload.mean_rate
-        #: Every layer's bits when the user fixed them (``--weight-bits``); None: the quality budget decides.
+        #: Every layer's bits: as the user fixed them (``--weight-bits``), else, lossless, the checkpoint's
+        #: own when it is quantised (FP8 releases); None: the quality budget decides.
+        self.bits_asked = weight_bits is not None
+        if weight_bits is None and quality == 0 and model.checkpoint_bits < 16:
+            weight_bits = model.checkpoint_bits
         self.weight_bits = weight_bits
         #: Share above the workload's rate a cost or power plan is sized for (``--headroom``).
         self.headroom = headroom
@@ -201,7 +205,9 @@ class Planner:
         if not templates:
             if factory.cut_short:
                 raise self._out_of_time("while candidate instances were made")
-            raise HetserveError(why_nothing_fits(self.cluster, self.model, self.quality, self.weight_bits))
+            raise HetserveError(
+                why_nothing_fits(self.cluster, self.model, self.quality, self.weight_bits, self.bits_asked)
+            )
         if self.target is not None:
             templates = [t for t in templates if self.target.template_ok(t)]
             if not templates:
@@ -352,7 +358,15 @@ class Planner:
             "objective": self.objective,
         }
         reasons = explain_choice(
-            best, candidates, templates, objective, self.cluster, self.budget, self.quality, self.weight_bits
+            best,
+            candidates,
+            templates,
+            objective,
+            self.cluster,
+            self.budget,
+            self.quality,
+            self.weight_bits,
+            self.bits_asked,
         )
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = Searched(len(templates), len(allocs), len(candidates), len(pools))

@@ -44,7 +44,9 @@ def weights_in_words(dep: Deployment) -> str:
     if set(layers) == {16}:
         return "16-bit (lossless)"
     if len(layers) == 1:
-        return f"{next(iter(layers))}-bit"
+        bits = next(iter(layers))
+        released = bits == dep.model.checkpoint_bits
+        return f"{bits}-bit" + (" (as released, lossless)" if released else "")
     total = sum(layers.values())
     return ", ".join(f"{b}-bit {n / total:.0%} of layers" for b, n in sorted(layers.items(), reverse=True))
 

@@ -93,6 +93,9 @@ class ModelSpec(BaseModel):
     #: ``sliding_window`` tokens and keep only their KV (``kv_window``). 0: every layer is global.
     sliding_window: int = Field(default=0, ge=0, le=MAX_SIZES["max_position_embeddings"])
     sliding_layers: int = Field(default=0, ge=0, le=MAX_SIZES["num_hidden_layers"])
+    #: Bits of the released checkpoint's weight matrices: 8 for an FP8 checkpoint (DeepSeek-V3/R1's
+    #: ``quantization_config``), else 16. Serving it as released is lossless.
+    checkpoint_bits: Literal[16, 8] = 16
     norms_per_layer: int = Field(default=2, ge=1, le=8)  # Gemma 2/3: four (before and after each block)
     qk_norm: bool = False  # a norm of head_dim on queries and keys (Gemma 3)
     source: str = ""
@@ -564,6 +567,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, source: str = "") -> Mo
             f"model_type {show_value(mtype)} is not supported; supported: llama, mistral, qwen2, qwen3, "
             "qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, gemma2, gemma3, gemma3_text, opt, bloom"
         )
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and str(quant.get("quant_method", "")).lower() == "fp8":
+        spec["checkpoint_bits"] = 8
     return validate(ModelSpec, dict(name=name, source=source, **spec), source or None)
 
 

@@ -419,9 +419,9 @@ def _serve_plan(args, uvicorn, create_app) -> int:
     ]
     if whole:
         print(
-            f"note: {', '.join(whole)} prefill(s) whole prompts (the plan sets no chunk_size): one long prompt "
-            "holds the other streams of its instance for its whole prefill; set chunk_size in the plan "
-            "(plans made by 'hetserve plan' always do) to bound that to one chunk",
+            f"note: {', '.join(whole)} prefill(s) whole prompts (the plan says chunk_size: null): one long "
+            "prompt holds the other streams of its instance for its whole prefill; remove that line (a "
+            "2,048-token chunk) or give a chunk_size to bound that to one chunk",
             file=sys.stderr,
         )
     from .server import serve
