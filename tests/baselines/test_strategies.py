@@ -234,3 +234,35 @@ def test_petals_reserves_its_default_attention_cache_per_model():
     assert attn_cache_tokens(load_model("llama-2-70b")) == 16384  # 8 KV heads for 64 query heads
     assert attn_cache_tokens(load_model("llama-2-13b")) == 4096
     assert attn_cache_tokens(load_model("bloom-176b")) == 4096
+
+
+def test_petals_serves_in_nf4_where_allowed_and_every_lane_holds_a_long_request():
+    """Petals' GPU default is NF4: at a quality budget that allows 4 bits its servers load 4-bit blocks
+    (at lossless, 16); each chain's lanes have room for a long request, so a swarm whose caches hold
+    the workload's requests refuses none of them (at 8 bits with four lanes per chain, BLOOM-176B on
+    the geo cluster held 1,138 tokens per lane and dropped every 2,000-token request)."""
+    from pathlib import Path
+
+    import yaml
+
+    from hetserve.baselines import StrategyContext, get_strategy
+    from hetserve.plan import Deployment
+    from hetserve.specs.clusters import Cluster
+    from hetserve.specs.models import load_model
+    from hetserve.specs.workloads import Workload, WorkloadFile
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    scenario = yaml.safe_load((root / "scenarios" / "chain-bloom176b.yaml").read_text())
+    cluster = Cluster.load(root / "clusters" / "chain-geo-mig.yaml")
+    wl = Workload(WorkloadFile.model_validate(scenario["workload"]))
+    ctx = StrategyContext(cluster, load_model("bloom-176b"), wl, "goodput", quality=0.75, time_limit=4.0)
+    plan = get_strategy("petals").plan(ctx)
+    dep = Deployment(plan, cluster, ctx.model, source="petals plan")
+    assert {b for s in dep.servers.values() for b in s.plan.layer_bits()} == {4}
+    long = ctx.long_request
+    for inst in dep.instances.values():
+        lanes = max(1, inst.plan.micro_batches)
+        assert inst.kv_capacity_tokens // lanes >= long
+    lossless = context([{"name": "a", "gpu": "a100-80gb", "count": 2}], model="llama-2-13b", quality=0.0)
+    _, dep16 = plan_of("petals", lossless)
+    assert {b for s in dep16.servers.values() for b in s.plan.layer_bits()} == {16}

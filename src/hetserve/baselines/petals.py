@@ -28,9 +28,10 @@ from ..planner.placement.blocks import (
     blocks_that_fit,
     chain_spots,
     fastest_chain,
+    holds_model,
     uniform_bits_for,
 )
-from ..planner.strategy import PlanWriter, Strategy, StrategyContext
+from ..planner.strategy import PlanWriter, Strategy, StrategyContext, memory_of
 
 #: Tokens of attention cache a Petals server reserves per block: its ``--attn_cache_tokens`` default,
 #: 16,384 for models whose attention shares KV heads (GQA/MQA) and 4,096 for the others (Petals,
@@ -45,6 +46,10 @@ def attn_cache_tokens(model) -> int:
 
 REBALANCE_GAIN = 1.10
 MAX_CHAINS = 16
+#: Petals' weight format on GPUs when the server is not told one: NF4 (petals/server/server.py).
+PETALS_BITS = 4
+#: Most lanes a chain's requests run in (see the module's docstring).
+MAX_LANES = 4
 
 
 class Petals(Strategy):
@@ -54,8 +59,8 @@ class Petals(Strategy):
     def plan(self, ctx: StrategyContext) -> PlanFile:
         L = ctx.model.num_layers
         cache = attn_cache_tokens(ctx.model)
-        bits = uniform_bits_for(ctx, cache)
-        if bits is None:
+        bits = PETALS_BITS if PETALS_BITS in ctx.uniform_bit_choices() else uniform_bits_for(ctx, cache)
+        if bits is None or not holds_model(ctx, bits, cache):
             raise HetserveError(
                 f"petals: the servers of {ctx.cluster.name} do not hold {ctx.model.name} beside "
                 f"their {cache}-token cache at any precision the quality budget "
@@ -94,13 +99,17 @@ class Petals(Strategy):
             for n in ch:
                 users[n] = users.get(n, 0) + 1
         writer = PlanWriter(ctx, f"petals-{ctx.model.name}")
+        long = ctx.model.kv_slots(ctx.long_request)
         for i, ch in enumerate(chains):
+            spots = chain_spots(placed, servers, ch, bits)
+            shares = [1.0 / users[n] for n in ch]
+            kv = min(memory_of(ctx, s).kv_capacity_tokens * f for s, f in zip(spots, shares))
             writer.instance(
                 f"chain-{i}",
                 "mixed",
-                chain_spots(placed, servers, ch, bits),
-                micro_batches=max(1, min(len(ch), 4)),
-                kv_share=[1.0 / users[n] for n in ch],
+                spots,
+                micro_batches=max(1, min(len(ch), MAX_LANES, int(kv // long))),
+                kv_share=shares,
             )
         return writer.plan(
             RoutingPlan(),

@@ -131,11 +131,16 @@ def chain_spots(
     return [spot(n, servers[n].gpus, *placed[n], bits) for n in chain]
 
 
+def holds_model(ctx: StrategyContext, bits: int, cache_tokens: float) -> bool:
+    """Whether the servers hold the model at least once at ``bits`` beside their cache reservation."""
+    total = sum(blocks_that_fit(ctx, s, bits, cache_tokens) for s in block_servers(ctx, bits))
+    return total >= ctx.model.num_layers
+
+
 def uniform_bits_for(ctx: StrategyContext, cache_tokens: float) -> int | None:
     """The widest one-precision width (within the quality budget) at which the servers hold the model
     at least once beside their cache reservation."""
     for bits in ctx.uniform_bit_choices():
-        total = sum(blocks_that_fit(ctx, s, bits, cache_tokens) for s in block_servers(ctx, bits))
-        if total >= ctx.model.num_layers:
+        if holds_model(ctx, bits, cache_tokens):
             return bits
     return None
