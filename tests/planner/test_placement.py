@@ -80,3 +80,20 @@ def test_chain_plans_jffc_over_chains_with_slots():
     for inst in dep.instances.values():  # a chain's slots are its batch; its KV holds a long request
         assert inst.plan.max_batch_size >= 1 and len(inst.servers) > 1
         assert inst.kv_capacity_tokens >= ctx.long_request
+
+
+def test_helix_stops_at_its_node_budget_with_the_same_placement_every_time(monkeypatch):
+    """The MILP's budget is branch-and-bound nodes, not seconds: with a budget too small to prove the
+    optimum it still returns its best placement, says so, and returns the same one on every run."""
+    import hetserve.planner.placement.helix as helix
+
+    monkeypatch.setattr(helix, "MILP_NODES", 2)
+    runs = []
+    for _ in range(2):
+        ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput", time_limit=60.0)
+        strategy = Helix()
+        plan = strategy.plan(ctx)
+        runs.append((strategy.last.ranges, strategy.last.max_flow, plan.notes))
+    (ranges, flow, notes), again = runs[0], runs[1]
+    assert flow > 0 and (ranges, flow, notes) == again
+    assert strategy.last.stopped_by == "nodes" and "after its 2 nodes" in notes

@@ -36,17 +36,22 @@ from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
 from ..pools import tp_choices
-from ..strategy import PlanWriter, Strategy, StrategyContext, spot
+from ..strategy import PlanWriter, Strategy, StrategyContext, memory_of, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
 MILP_GAP = 0.01
-MILP_SECONDS = 8.0
+#: Branch-and-bound nodes the placement MILP may explore: a budget in work, so the placement (and every
+#: figure made from it) is the same on any machine and under any load. The time limit left to the
+#: strategy (80% of it) only guards a machine too slow to explore them; the notes say which one stopped it.
+MILP_NODES = 300
 #: Most (class, start, end) choices before starts and ends move to a coarser layer grid.
 MAX_ARCS = 2500
 #: A machine holds at least this share of the layers it could hold (long spans keep the MILP small and
 #: its solutions made of few, long chains).
 MIN_SPAN_SHARE = 0.5
+#: Most micro-batch lanes a chain's requests run in.
+MAX_LANES = 4
 
 
 @dataclass
@@ -69,7 +74,8 @@ class HelixPlacement:
     flows: dict[tuple[str, str], float]  # edge -> requests/s ("source"/"sink" at the ends)
     max_flow: float
     step: int = 1  # layer granularity of starts and ends
-    gap: float | None = None  # MILP optimality gap at the time limit
+    gap: float | None = None  # MILP optimality gap where it stopped
+    stopped_by: str = "gap"  # what ended the MILP: "gap" (optimal within MILP_GAP), "nodes" or "time"
 
 
 class Helix(Strategy):
@@ -126,9 +132,7 @@ class Helix(Strategy):
                 f"layers of {m.name} within half of their memory, fewer than its {L}; add GPUs"
             )
         per_request = (ctx.prompt + ctx.output) * m.hidden_size * 2.0
-        placement = self._solve(
-            ctx, machines, per_request, min(MILP_SECONDS, max(0.1, ctx.time_left() * 0.8))
-        )
+        placement = self._solve(ctx, machines, per_request, max(0.1, ctx.time_left() * 0.8))
         self.last = placement
         if placement is None or placement.max_flow <= 0:
             raise HetserveError(
@@ -142,16 +146,18 @@ class Helix(Strategy):
                 through[n] = through.get(n, 0.0) + f
         writer = PlanWriter(ctx, f"helix-{m.name}")
         gpus = {x.node: x.gpus for x in machines}
+        long = m.kv_slots(ctx.long_request)
         weights = {}
         for i, (path, f) in enumerate(paths):
             chain = [spot(n, gpus[n], *placement.ranges[n]) for n in path]
-            lanes = max(1, min(len(chain), 4))
-            name = writer.instance(
-                f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=[f / through[n] for n in path]
-            )
+            shares = [f / through[n] for n in path]
+            kv = min(memory_of(ctx, s).kv_capacity_tokens * share for s, share in zip(chain, shares))
+            lanes = max(1, min(len(chain), MAX_LANES, int(kv // long)))  # each lane holds a long request
+            name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=shares)
             weights[name] = round(f, 6)
         routing = RoutingPlan(policy="weighted", weights=weights)
-        gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}"
+        stop = {"gap": "", "nodes": f" after its {MILP_NODES} nodes", "time": " at its time guard"}
+        gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}{stop[placement.stopped_by]}"
         return writer.plan(
             routing,
             notes=f"Helix baseline: max flow {placement.max_flow:.3f} req/s over "
@@ -256,9 +262,16 @@ class Helix(Strategy):
             constraints=LinearConstraint(a, lo, hi),
             integrality=integrality,
             bounds=Bounds(np.zeros(nv), ub),
-            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MILP_GAP},
+            options={
+                "time_limit": time_limit,
+                "node_limit": MILP_NODES,
+                "disp": False,
+                "mip_rel_gap": MILP_GAP,
+            },
         )
-        if res.x is None or res.status not in (0, 1):
+        # 0: optimal within the gap, 1: the time guard, 4: the node budget (HiGHS status 16); each with
+        # the best placement found so far
+        if res.x is None or res.status not in (0, 1, 4):
             return None
         x = res.x
         # label machines: each (class, start, end) takes that many machines of its class
@@ -282,6 +295,7 @@ class Helix(Strategy):
             float(sum(f for (a, b), f in flows.items() if b == "sink")),
             step,
             None if gap is None else float(gap),
+            {0: "gap", 1: "time", 4: "nodes"}[res.status],
         )
 
     @staticmethod
