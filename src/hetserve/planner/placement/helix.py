@@ -44,7 +44,7 @@ MILP_GAP = 0.01
 #: Branch-and-bound nodes the placement MILP may explore: a budget in work, so the placement (and every
 #: figure made from it) is the same on any machine and under any load. The time limit left to the
 #: strategy (80% of it) only guards a machine too slow to explore them; the notes say which one stopped it.
-MILP_NODES = 300
+MILP_NODES = 100
 #: Most (class, start, end) choices before starts and ends move to a coarser layer grid.
 MAX_ARCS = 2500
 #: A machine holds at least this share of the layers it could hold (long spans keep the MILP small and
