@@ -248,7 +248,8 @@ class ServerTimer:
         return t
 
     def _rows(self, n: float) -> float:
-        """``n`` rows of a product with the GEMM efficiency folded in (see ``_fixed``)."""
+        """``n`` rows of a product with the GEMM efficiency folded into the row count: efficiency
+        ``compute x (rows / (rows + gemm_half_rows)) ** gemm_rows_exponent``."""
         rows = n + self._half_rows
         if self._rows_exponent != 1.0 and self._half_rows and n > 0:
             rows = n * (rows / n) ** self._rows_exponent
@@ -273,10 +274,7 @@ class ServerTimer:
         if self._ep:
             t += self._fixed_ep(new_tokens)
             return t + self._head(seqs)
-        # GEMM efficiency compute x (rows / (rows + half_rows)) ** exponent, folded into the row count
-        rows = new_tokens + self._half_rows
-        if self._rows_exponent != 1.0 and self._half_rows:
-            rows = new_tokens * (rows / new_tokens) ** self._rows_exponent
+        rows = self._rows(new_tokens)
         for count, per_token, weight_read, dequant, bits in self._groups:
             if self._moe:
                 weight_read *= self.model.layer_weight_bytes_read(
