@@ -381,3 +381,18 @@ def test_cli_gives_one_line(argv, tmp_path, run_cli):
     code, out, err = run_cli(*[a.format(dir=tmp_path) for a in argv])
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"{tmp_path}/fifo: is a named pipe (FIFO)" in err
+
+
+def test_a_value_with_a_line_break_is_named_on_one_line(tmp_path):
+    """pydantic quotes a union's tag in its message; a tag with a line break must not split the one-line
+    error (found by the loader fuzz at 3,000 examples: kind: "l\\normal")."""
+    from hetserve.specs.workloads import Workload
+
+    path = tmp_path / "w.yaml"
+    path.write_text(
+        'arrivals: {kind: poisson, rate: 1}\nprompt: {kind: "l\\normal", mean: 100}\n'
+        "output: {kind: fixed, value: 10}\nslo: {ttft_ms: 1000}\n"
+    )
+    with pytest.raises(HetserveError) as e:
+        Workload.load(path)
+    assert "\n" not in str(e.value) and "prompt" in str(e.value)

@@ -266,7 +266,8 @@ def explain_validation(
         elif kind in ("literal_error", "enum"):
             msg = f"{err['msg'].lower()}, got {show_value(err.get('input'))}"
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            # pydantic's own text may quote the user's value (a union's tag): kept to one line
+            msg = _one_line(err["msg"].removeprefix("Value error, "), 300)
             if "input" in err and not isinstance(err["input"], (dict, list)):
                 msg += f" (got {show_value(err['input'])})"
         lines.append(f"{field}: {msg}")
