@@ -285,10 +285,13 @@ class Scheduler:
         if most <= 1:
             return 1
         free = self.blocks.num_free_blocks
-        blocks_for = self.blocks.blocks_for
+        bs, blocks_for = self.blocks.block_size, self.blocks.blocks_for
+        windowed = self.blocks.window is not None
 
         def growth(k: int) -> int:
-            return sum(max(0, blocks_for(it.start + k) - len(it.seq.block_table)) for it in batch.items)
+            if windowed:
+                return sum(max(0, blocks_for(it.start + k) - len(it.seq.block_table)) for it in batch.items)
+            return sum(max(0, -(-(it.start + k) // bs) - len(it.seq.block_table)) for it in batch.items)
 
         lo, hi = 1, most
         while lo < hi:  # the largest k in [1, most] whose block growth fits
