@@ -96,7 +96,7 @@ def layout(dep: Deployment) -> Picture:
     cost = dep.cost_per_hour()
     title = (
         f"{spec.name}: {dep.model.name} on {dep.cluster.name}, {dep.gpus_used()} GPUs, ${cost:,.2f}/h, "
-        f"{len(dep.instances)} instances"
+        f"{len(dep.instances)} instance{'s' if len(dep.instances) != 1 else ''}"
     )
     pic = Picture(0, 0, title)
     y = MARGIN + TITLE
@@ -123,7 +123,11 @@ def layout(dep: Deployment) -> Picture:
             x0 = MARGIN + NODE_LABEL + gpus[0] * GPU_CELL
             w = (gpus[-1] - gpus[0] + 1) * GPU_CELL - 4
             a, b = srv.plan.layers
-            tp = f"TP{srv.plan.tp} " if srv.plan.tp > 1 else ""
+            tp = (
+                (f"EP{srv.plan.tp} " if srv.plan.expert_parallel else f"TP{srv.plan.tp} ")
+                if srv.plan.tp > 1
+                else ""
+            )
             pic.boxes.append(
                 Box(
                     x0,
