@@ -58,10 +58,23 @@ def max_load(balls: float, bins: int) -> float:
     return min(balls, max(1.0, mean + math.sqrt(2.0 * mean * math.log(bins))))
 
 
+def runs_expert_parallel(shape: ServerShape, model: ModelSpec) -> bool:
+    """Whether ``shape`` spreads ``model``'s experts over its GPUs (``ServerShape.ep`` on an MoE model
+    over several GPUs; elsewhere the flag changes nothing)."""
+    return shape.ep and model.num_experts > 1 and shape.tp > 1
+
+
+def ep_layer_shares(model: ModelSpec) -> tuple[float, float]:
+    """(attention, one routed expert) shares of a layer's parameters: under expert parallelism the
+    first is whole on every GPU, the experts are spread whole, the rest of the layer is split by TP."""
+    layer = model.params_per_layer
+    return model.attention_params / layer, model.expert_params * model.moe_share / layer
+
+
 def ep_kv_share(shape: ServerShape, model: ModelSpec) -> float:
     """Share of a token's KV one GPU of ``shape`` stores: under expert parallelism each sequence lives
     on one GPU with all its heads (1/tp on average), else tensor parallelism's rule."""
-    return 1.0 / shape.tp if shape.ep and model.num_experts > 1 else model.kv_share_per_gpu(shape.tp)
+    return 1.0 / shape.tp if runs_expert_parallel(shape, model) else model.kv_share_per_gpu(shape.tp)
 
 
 def roof(compute: float, memory: float, overlap: float) -> float:
@@ -181,7 +194,7 @@ class ServerTimer:
             * ep_kv_share(s, m)
             / (bw * k.attention_memory_or_default)
         )
-        self._ep = s.ep and self._moe and tp > 1
+        self._ep = runs_expert_parallel(s, m)
         if self._ep:
             self._compile_ep(half, bw)
         self._attn_flop = m.attention_flops_per_pair / tp / (half * k.attention_compute_or_default)
@@ -200,9 +213,7 @@ class ServerTimer:
         tokens and experts), the rest of the MLP (shared experts, dense layers, router: split by TP)."""
         s, m, g = self.shape, self.model, self.shape.gpu
         k, tp = g.efficiency, s.tp
-        layer_params = m.params_per_layer
-        attn_share = m.attention_params / layer_params
-        expert_share = m.expert_params * m.moe_share / layer_params  # one routed expert
+        attn_share, expert_share = ep_layer_shares(m)
         routed_flops = 2.0 * m.experts_per_token * m.expert_matrix_params * m.moe_share
         attn_flops = 2.0 * m.attention_matrix_params
         rest_flops = m.linear_flops_per_token_layer - attn_flops - routed_flops
@@ -353,11 +364,9 @@ class RooflineCostModel:
         m, tp = self.model, shape.tp
         wide = shape.run_bytes / 2.0  # 16-bit tensors held at the run width
         weights = sum(m.layer_weight_bytes(b) * (wide if b >= 16 else 1.0) for b in shape.layer_bits) / tp
-        if shape.ep and m.num_experts > 1 and tp > 1:
+        if runs_expert_parallel(shape, m):
             # attention whole on every GPU, ceil(E / tp) routed experts, the rest of the layer split
-            layer_params = m.params_per_layer
-            attn = m.attention_params / layer_params
-            expert = m.expert_params * m.moe_share / layer_params
+            attn, expert = ep_layer_shares(m)
             per_gpu = attn + expert * math.ceil(m.num_experts / tp) + (1 - attn - expert * m.num_experts) / tp
             weights *= per_gpu * tp
         emb = m.vocab_size * m.hidden_size * shape.run_bytes
