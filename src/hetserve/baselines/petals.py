@@ -31,7 +31,7 @@ from ..planner.placement.blocks import (
     holds_model,
     uniform_bits_for,
 )
-from ..planner.strategy import PlanWriter, Strategy, StrategyContext, memory_of
+from ..planner.strategy import PlanWriter, Strategy, StrategyContext, lanes_holding_long_requests
 
 #: Tokens of attention cache a Petals server reserves per block: its ``--attn_cache_tokens`` default,
 #: 16,384 for models whose attention shares KV heads (GQA/MQA) and 4,096 for the others (Petals,
@@ -48,8 +48,6 @@ REBALANCE_GAIN = 1.10
 MAX_CHAINS = 16
 #: Petals' weight format on GPUs when the server is not told one: NF4 (petals/server/server.py).
 PETALS_BITS = 4
-#: Most lanes a chain's requests run in (see the module's docstring).
-MAX_LANES = 4
 
 
 class Petals(Strategy):
@@ -99,18 +97,11 @@ class Petals(Strategy):
             for n in ch:
                 users[n] = users.get(n, 0) + 1
         writer = PlanWriter(ctx, f"petals-{ctx.model.name}")
-        long = ctx.model.kv_slots(ctx.long_request)
         for i, ch in enumerate(chains):
             spots = chain_spots(placed, servers, ch, bits)
             shares = [1.0 / users[n] for n in ch]
-            kv = min(memory_of(ctx, s).kv_capacity_tokens * f for s, f in zip(spots, shares))
-            writer.instance(
-                f"chain-{i}",
-                "mixed",
-                spots,
-                micro_batches=max(1, min(len(ch), MAX_LANES, int(kv // long))),
-                kv_share=shares,
-            )
+            lanes = lanes_holding_long_requests(ctx, spots, shares)
+            writer.instance(f"chain-{i}", "mixed", spots, micro_batches=lanes, kv_share=shares)
         return writer.plan(
             RoutingPlan(),
             notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.",

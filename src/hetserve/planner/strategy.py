@@ -231,6 +231,18 @@ def memory_of(ctx: StrategyContext, s: Spot, role: str = "mixed", settings=None)
     return ctx.cost_model.memory(shape_of(ctx, s), max_tokens, max_batch)
 
 
+#: Most micro-batch lanes a chain over shared block servers (Petals, Helix) runs its requests in.
+MAX_CHAIN_LANES = 4
+
+
+def lanes_holding_long_requests(ctx: StrategyContext, spots: list[Spot], shares: list[float]) -> int:
+    """Lanes a chain over ``spots`` (each server giving it ``shares`` of its KV room) runs its requests
+    in: one per server, at most ``MAX_CHAIN_LANES``, and no more than leave each lane room for a long
+    (99th-percentile) request, so no request a server's cache holds is refused for its lane's share."""
+    kv = min(memory_of(ctx, s).kv_capacity_tokens * f for s, f in zip(spots, shares))
+    return max(1, min(len(spots), MAX_CHAIN_LANES, int(kv // ctx.model.kv_slots(ctx.long_request))))
+
+
 def chain_timing(ctx: StrategyContext, spots: list[Spot], micro_batches: int = 1) -> ChainTiming:
     """The planner's chain timing over the real links between the chosen nodes."""
     act = ctx.model.hidden_size * 2.0

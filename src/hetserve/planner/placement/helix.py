@@ -36,7 +36,7 @@ from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
 from ..pools import tp_choices
-from ..strategy import PlanWriter, Strategy, StrategyContext, memory_of, spot
+from ..strategy import PlanWriter, Strategy, StrategyContext, lanes_holding_long_requests, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
@@ -50,8 +50,6 @@ MAX_ARCS = 2500
 #: A machine holds at least this share of the layers it could hold (long spans keep the MILP small and
 #: its solutions made of few, long chains).
 MIN_SPAN_SHARE = 0.5
-#: Most micro-batch lanes a chain's requests run in.
-MAX_LANES = 4
 
 
 @dataclass
@@ -146,13 +144,11 @@ class Helix(Strategy):
                 through[n] = through.get(n, 0.0) + f
         writer = PlanWriter(ctx, f"helix-{m.name}")
         gpus = {x.node: x.gpus for x in machines}
-        long = m.kv_slots(ctx.long_request)
         weights = {}
         for i, (path, f) in enumerate(paths):
             chain = [spot(n, gpus[n], *placement.ranges[n]) for n in path]
             shares = [f / through[n] for n in path]
-            kv = min(memory_of(ctx, s).kv_capacity_tokens * share for s, share in zip(chain, shares))
-            lanes = max(1, min(len(chain), MAX_LANES, int(kv // long)))  # each lane holds a long request
+            lanes = lanes_holding_long_requests(ctx, chain, shares)
             name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=shares)
             weights[name] = round(f, 6)
         routing = RoutingPlan(policy="weighted", weights=weights)
