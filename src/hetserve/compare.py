@@ -26,6 +26,7 @@ cluster files they refer to) and PNG plots: the objective per strategy, latency 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 #: Probes of the goodput search after the SLO boundary is bracketed.
 BISECTION_STEPS = 5
+#: An engine setting is searched for goodput only if it holds the SLOs at this multiple of the rate the
+#: plan as written holds: about the search's precision (5 geometric bisections of a factor 2: 2^(1/32)).
+TUNE_STEP = 1.03
 #: Fewest requests a simulation replays.
 MIN_REQUESTS = 50
 #: Quality of a scenario that names none: every strategy keeps the model's 16-bit weights.
@@ -185,7 +189,10 @@ class LoadedScenario:
         from .baselines import STRATEGIES, get_strategy
         from .baselines.ours import QUANTISED_QUALITY
 
-        names = chosen or self.spec.strategies or list(STRATEGIES)
+        names = chosen or self.spec.strategies
+        if not names:  # every strategy that plans for this model and cluster (not a layout made for another)
+            ctx = self.context(HETSERVE, 0, None)
+            names = [n for n, s in STRATEGIES.items() if s.applies(ctx)]
         for n in names:
             get_strategy(n)  # a clear error for a misspelt name
         if not chosen and self.quality >= QUANTISED_QUALITY:
@@ -211,7 +218,7 @@ class Evaluator:
 
     @cached_property
     def steady_s(self) -> float:
-        """The steady window of every goodput check (``max_rate``), the same for every strategy."""
+        """The steady window of every goodput check (``steady``), the same for every strategy."""
         from .planner.evaluate import steady_window_s
 
         _, _, output_q = self.workload.length_stats(self.workload.slo.percentile, self.seed)
@@ -226,20 +233,108 @@ class Evaluator:
             return simulate_requests(dep, self.workload, self.base, self.duration, seed=self.seed)
         return simulate_at_rate(dep, self.workload, rate, seed=self.seed, requests=self.n)
 
-    def max_rate(self, dep, base_holds: bool) -> tuple[float, int]:
-        """The highest offered rate at which the SLOs hold; (rate, simulations run). The search's figure
-        is then checked over a steady window on two request samples, and lowered until it holds there
-        (as the planner checks the rate it reports: ``Planner._steady``)."""
-        from .planner.evaluate import arrival_window_s, max_rate_within_slo, steady_rate
+    def search_rate(self, dep, start: float, holds_at_start: bool | None) -> tuple[float, int]:
+        """The goodput search's highest rate within the SLOs from ``start``; (rate, simulations run)."""
+        from .planner.evaluate import max_rate_within_slo
 
         search = max_rate_within_slo(
-            lambda rate: self.run(dep, rate), self.rate, base_holds, bisection_steps=BISECTION_STEPS
+            lambda rate: self.run(dep, rate), start, holds_at_start, bisection_steps=BISECTION_STEPS
         )
-        if search.rate <= 0:
-            return search.rate, search.simulations
-        window = max(self.steady_s, arrival_window_s(self.workload, search.rate, self.n))
-        check = steady_rate(dep, self.workload, search.rate, window, seed=self.seed)
-        return check.rate, search.simulations + check.simulations
+        return search.rate, search.simulations
+
+    def steady(self, dep, rate: float) -> tuple[float, int]:
+        """``rate`` checked over a steady window on two request samples, lowered until it holds there (as
+        the planner checks the rate it reports: ``Planner._steady``); (rate, simulations run)."""
+        from .planner.evaluate import arrival_window_s, steady_rate
+
+        if rate <= 0:
+            return rate, 0
+        window = max(self.steady_s, arrival_window_s(self.workload, rate, self.n))
+        check = steady_rate(dep, self.workload, rate, window, seed=self.seed)
+        return check.rate, check.simulations
+
+    def max_rate(self, dep, base_holds: bool) -> tuple[float, int]:
+        """The highest offered rate at which the SLOs hold, from the scenario's rate, checked over a steady
+        window; (rate, simulations run)."""
+        rate, sims = self.search_rate(dep, self.rate, base_holds)
+        rate, more = self.steady(dep, rate)
+        return rate, sims + more
+
+    def tune(self, objective: Objective, plan, deploy) -> Tuned:
+        """``plan`` at the best engine setting of the grid (``planner.engine_settings``), the same search
+        for every strategy: the plan as written, each step budget of ``TOKEN_GRID``, then one lane per
+        stage with the best of those (plans with chains). Throughput, cost and power compare the base
+        simulations; goodput searches the plan as written, probes each setting once just above that rate
+        (``TUNE_STEP``) and searches on only from settings that hold there. A setting that refuses more
+        requests as too long than the plan as written is not taken. ``deploy(plan)`` makes the
+        deployment (raising ``HetserveError`` for a setting the memory check rejects)."""
+        from .planner.engine_settings import AS_WRITTEN, lane_variant, refused, token_variants
+
+        dep = deploy(plan)
+        base = self.run(dep)
+        best = Tuned(AS_WRITTEN, plan, dep, base, 0.0, 1, 1)
+        if objective.name == "goodput":
+            best.rate, sims = self.search_rate(dep, self.rate, base.slo_met)
+            best.simulations += sims
+        most_refused = refused(base.result)
+
+        def consider(setting, candidate) -> None:
+            nonlocal best
+            best.tried += 1
+            try:
+                d = deploy(candidate)
+            except HetserveError:
+                return
+            b = self.run(d)
+            best.simulations += 1
+            if refused(b.result) > most_refused:
+                return
+            if objective.name == "goodput":
+                rate = 0.0
+                if best.rate > 0:
+                    start = best.rate * TUNE_STEP
+                    probe = self.run(d, start)
+                    best.simulations += 1
+                    if probe.slo_met:
+                        rate, sims = self.search_rate(d, start, True)
+                        best.simulations += sims
+                else:
+                    rate, sims = self.search_rate(d, self.rate, b.slo_met)
+                    best.simulations += sims
+                if rate > best.rate:
+                    best = Tuned(setting, candidate, d, b, rate, best.simulations, best.tried)
+                return
+            if objective.name == "throughput":
+                better = b.summary.completed > 0 and objective.value(b) > objective.value(best.base)
+            else:  # cost, power: carry the offered load within the SLOs, then the lower figure
+                better = b.slo_met and (
+                    not best.base.slo_met or objective.value(b) < objective.value(best.base)
+                )
+            if better:
+                best = Tuned(setting, candidate, d, b, 0.0, best.simulations, best.tried)
+
+        for setting, candidate in token_variants(plan):
+            consider(setting, candidate)
+        laned = lane_variant(best.setting, plan)
+        if laned is not None:
+            consider(*laned)
+        if objective.name == "goodput":
+            best.rate, sims = self.steady(best.dep, best.rate)
+            best.simulations += sims
+        return best
+
+
+@dataclass
+class Tuned:
+    """A strategy's plan at the engine setting the comparison chose for it (``Evaluator.tune``)."""
+
+    setting: object  # planner.engine_settings.EngineSetting
+    plan: object  # PlanFile
+    dep: object  # Deployment
+    base: Run  # its simulation at the scenario's offered load
+    rate: float  # goodput: the highest rate within the SLOs (else unused)
+    simulations: int
+    tried: int  # settings tried, the plan as written included
 
 
 def _metrics(dep, result, offered: float) -> dict:
@@ -283,17 +378,16 @@ def weight_bits(dep) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _judge(objective: Objective, ev: Evaluator, dep, base: Run) -> tuple[float | None, bool, int]:
-    """(objective value or None, feasible, goodput probes run) of a plan whose base simulation is ``base``:
-    throughput as simulated (feasible when a request finished); goodput the highest rate within the SLOs
-    (feasible when above 0); cost and power as simulated when the plan carried the offered load within
-    the SLOs, nothing dropped (else infeasible)."""
+def _judge(objective: Objective, tuned: Tuned) -> tuple[float | None, bool]:
+    """(objective value or None, feasible) of a tuned plan: throughput as simulated (feasible when a
+    request finished); goodput the highest rate within the SLOs (feasible when above 0); cost and power as
+    simulated when the plan carried the offered load within the SLOs, nothing dropped (else infeasible)."""
+    base = tuned.base
     if objective.name == "goodput":
-        rate, probes = ev.max_rate(dep, base.slo_met)
-        return rate, rate > 0, probes
+        return tuned.rate, tuned.rate > 0
     if objective.name == "throughput":
-        return objective.value(base), base.summary.completed > 0, 0
-    return (objective.value(base) if base.slo_met else None), base.slo_met, 0
+        return objective.value(base), base.summary.completed > 0
+    return (objective.value(base) if base.slo_met else None), base.slo_met
 
 
 def ratio(a: float | None, b: float | None, sense: str) -> float | None:
@@ -350,9 +444,13 @@ def run_compare(
             progress(name, i, len(names))
         ctx = sc.context(name, seed, time_limit)
         t0 = time.perf_counter()
+
+        def deploy(plan, ctx=ctx, name=name):
+            return Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+
         try:
             plan = get_strategy(name).plan(ctx)
-            dep = Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+            deploy(plan)
         except HetserveError as exc:
             results[name] = {
                 "error": str(exc),
@@ -366,8 +464,9 @@ def run_compare(
             continue
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
-        base = ev.run(dep)
-        judged, feasible, probes = _judge(OBJECTIVES[objective], ev, dep, base)
+        tuned = ev.tune(OBJECTIVES[objective], plan, deploy)
+        plan, dep, base = tuned.plan, tuned.dep, tuned.base
+        judged, feasible = _judge(OBJECTIVES[objective], tuned)
         within_budget = spec.budget is None or base.summary.cost_per_hour <= spec.budget + 1e-6
         value = judged if within_budget else None  # over the scenario's budget: not comparable
         m = {
@@ -380,7 +479,9 @@ def run_compare(
             "feasible": feasible and within_budget,
             "plan_seconds": planned,
             "sim_seconds": time.perf_counter() - t1,
-            "simulations": 1 + probes,
+            "simulations": tuned.simulations,
+            "engine_setting": tuned.setting.name,
+            "engine_settings_tried": tuned.tried,
             "cluster": ctx.cluster.name,
             "notes": plan.notes,
         }

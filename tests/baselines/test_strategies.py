@@ -14,9 +14,11 @@ MIXED_NVIDIA = [
     {"name": "a100", "gpu": "a100-80gb", "count": 2},
     {"name": "l4", "gpu": "l4", "count": 2, "replicas": 2},
 ]
+#: Strategies that plan any model on any cluster (``helix-published`` is one fixed layout: tested below).
+GENERAL = [n for n in STRATEGIES if n != "helix-published"]
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", GENERAL)
 def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     ctx = context(MIXED_NVIDIA)
     plan, dep = plan_of(name, ctx)
@@ -33,7 +35,7 @@ def test_every_strategy_plans_something_the_loader_and_simulator_accept(name):
     assert s.completed > 0.9 * len(reqs)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", GENERAL)
 def test_every_strategy_keeps_to_an_engine_that_runs_one_sequence_per_batch(name):
     """With ``max_seqs`` (a scenario's ``max_batch_size``) no instance may batch more than that per
     micro-batch lane, and the simulator then never runs more sequences in an instance than it has lanes."""
@@ -227,13 +229,13 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
 
 
 def test_petals_reserves_its_default_attention_cache_per_model():
-    """Petals' server default: 16,384 cache tokens per block when KV heads are shared, 4,096 otherwise."""
+    """Petals' server default: 32,768 cache tokens per block when KV heads are shared, 8,192 otherwise."""
     from hetserve.baselines.petals import attn_cache_tokens
     from hetserve.specs.models import load_model
 
-    assert attn_cache_tokens(load_model("llama-2-70b")) == 16384  # 8 KV heads for 64 query heads
-    assert attn_cache_tokens(load_model("llama-2-13b")) == 4096
-    assert attn_cache_tokens(load_model("bloom-176b")) == 4096
+    assert attn_cache_tokens(load_model("llama-2-70b")) == 32768  # 8 KV heads for 64 query heads
+    assert attn_cache_tokens(load_model("llama-2-13b")) == 8192
+    assert attn_cache_tokens(load_model("bloom-176b")) == 8192
 
 
 def test_petals_serves_in_nf4_where_allowed_and_every_lane_holds_a_long_request():
@@ -266,3 +268,43 @@ def test_petals_serves_in_nf4_where_allowed_and_every_lane_holds_a_long_request(
     lossless = context([{"name": "a", "gpu": "a100-80gb", "count": 2}], model="llama-2-13b", quality=0.0)
     _, dep16 = plan_of("petals", lossless)
     assert {b for s in dep16.servers.values() for b in s.plan.layer_bits()} == {16}
+
+
+HELIX_24 = [
+    {"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 4},
+    {"name": "l4", "gpu": "l4", "count": 1, "replicas": 8},
+    {"name": "t4", "gpu": "t4", "count": 1, "replicas": 12},
+]
+
+
+def test_helix_published_runs_the_authors_layout_as_three_chains_over_all_24_machines():
+    ctx = context(HELIX_24, model="llama-2-70b", objective="throughput")
+    assert get_strategy("helix-published").applies(ctx)
+    plan, dep = plan_of("helix-published", ctx)
+    assert dep.gpus_used() == 24 and len(dep.instances) == 3
+    for inst in dep.instances.values():  # every chain covers the 80 layers, each span meeting the next
+        spans = [s.plan.layers for s in inst.servers]
+        assert spans[0][0] == 0 and spans[-1][1] == 80
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(s.plan.bits == 16 for s in inst.servers)
+    # the trunk's first machine (a T4 with layers 0-3) carries every chain: its KV shares add up to 1
+    first = {i.servers[0].name for i in dep.instances.values()}
+    assert len(first) == 1
+    (name,) = first
+    assert dep.servers[name].node.gpu.name == "t4"
+    assert sum(i.plan.share_on(name) for i in dep.instances.values()) == pytest.approx(1, abs=1e-3)
+    # requests weighted by the published flows (226.15 : 531.70 : 531.70)
+    w = sorted(plan.routing.weights.values())
+    assert w[0] / w[1] == pytest.approx(226.15 / 531.70, rel=1e-3)
+
+
+def test_helix_published_says_what_the_layout_needs_elsewhere():
+    strategy = get_strategy("helix-published")
+    small = context(
+        HELIX_24[:2] + [{"name": "t4", "gpu": "t4", "count": 1, "replicas": 10}], model="llama-2-70b"
+    )
+    assert not strategy.applies(small)
+    with pytest.raises(HetserveError, match="lacks 2 t4"):
+        strategy.plan(small)
+    with pytest.raises(HetserveError, match="80 layers"):
+        strategy.plan(context(HELIX_24))  # Llama-3.1-8B has 32

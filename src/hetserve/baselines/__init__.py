@@ -13,6 +13,7 @@ from ..errors import HetserveError, suggest
 from ..planner.placement.chain import ChainComposition
 from ..planner.placement.helix import Helix
 from ..planner.strategy import Strategy, StrategyContext
+from .helix_published import HelixPublished
 from .hexgen import HexGen
 from .homogeneous import Homogeneous
 from .llmpq import LLMPQ
@@ -35,6 +36,7 @@ STRATEGIES: dict[str, Strategy] = {
         Splitwise(),
         PDHetero(),
         Helix(),
+        HelixPublished(),
         Petals(),
         ChainComposition(),
     )

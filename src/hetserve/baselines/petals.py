@@ -34,9 +34,9 @@ from ..planner.placement.blocks import (
 from ..planner.strategy import PlanWriter, Strategy, StrategyContext, lanes_holding_long_requests
 
 #: Tokens of attention cache a Petals server reserves per block: its ``--attn_cache_tokens`` default,
-#: 16,384 for models whose attention shares KV heads (GQA/MQA) and 4,096 for the others (Petals,
-#: petals/server/server.py).
-GQA_CACHE_TOKENS, MHA_CACHE_TOKENS = 16384, 4096
+#: 32,768 for models whose attention shares KV heads (GQA/MQA) and 8,192 for the others (Petals 2.x,
+#: petals/server/server.py; 2,048 for the others before).
+GQA_CACHE_TOKENS, MHA_CACHE_TOKENS = 32768, 8192
 
 
 def attn_cache_tokens(model) -> int:

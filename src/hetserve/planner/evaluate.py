@@ -274,7 +274,7 @@ def steady_rate(
     """``rate`` if ``dep`` holds the SLOs there over ``window_s`` of arrivals on two request samples
     (``seed`` and the next), else the first of ``STEADY_STEPS`` lower rates (each ``STEADY_FACTOR`` times
     the last) where both hold; 0 when none does. The check of every rate a plan or a comparison reports
-    (``Planner._steady``, ``compare.Evaluator.max_rate``). ``deadline``: as ``simulate_at_rate``."""
+    (``Planner._steady``, ``compare.Evaluator.steady``). ``deadline``: as ``simulate_at_rate``."""
     sims = 0
     for _ in range(STEADY_STEPS):
         runs = []

@@ -25,6 +25,7 @@ from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
 from .candidate import Alternative, Analytic, Candidate, Carrying, PlanResult, Searched
+from .engine_settings import AS_WRITTEN, lane_variant, refused, token_variants
 from .evaluate import (
     OBJECTIVES,
     Run,
@@ -87,6 +88,10 @@ MIN_MILP_SECONDS = 0.05
 #: not finished by then, a quick one of ``QUICK_REQUESTS`` (its window not widened to the SLO's
 #: deadlines) takes the time left, so that a short limit still gives a simulated plan.
 FIRST_SHARE = 0.7
+#: Engine settings of the chosen plan (``engine_settings``) are confirmed until this share of the limit.
+TUNE_SHARE = 0.9
+#: A setting is searched for goodput only if it holds the SLOs at this multiple of the chosen plan's rate.
+TUNE_STEP = 1.03
 QUICK_REQUESTS = 300
 
 
@@ -333,6 +338,7 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
+        best, setting = self._tuned(best, candidates)
         carrying = self._carrying(best, templates, pools)
         alloc = best.alloc
         predicted = Analytic(
@@ -368,6 +374,11 @@ class Planner:
             self.weight_bits,
             self.bits_asked,
         )
+        if setting is not AS_WRITTEN:
+            reasons.append(
+                f"Its instances run {setting.name} (of the engine settings tried on it; "
+                "docs/planner.md, 'Engine settings')."
+            )
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = Searched(len(templates), len(allocs), len(candidates), len(pools))
         alts = [
@@ -425,6 +436,57 @@ class Planner:
             if cand is None:
                 return
             candidates.append(cand)
+
+    def _tuned(self, best: Candidate, candidates: list[Candidate]):
+        """The chosen plan under the engine settings of the grid (``engine_settings``: each step budget,
+        then one lane per stage with the best of them), each confirmed as the plan was, while
+        ``TUNE_SHARE`` of the limit lasts; (the best candidate, its setting). For goodput a setting is
+        searched only if it holds the SLOs at ``TUNE_STEP`` times the plan's rate. A setting that refuses
+        more requests as too long than the plan as written is not taken. Tried settings join
+        ``candidates`` (the plan's alternatives)."""
+        objective = OBJECTIVES[self.objective]
+        most_refused = refused(best.run.result)
+        chosen, setting_of = best, AS_WRITTEN
+
+        def confirm(setting, plan) -> None:
+            nonlocal chosen, setting_of
+            if self._elapsed() > self.time_limit * TUNE_SHARE:
+                return
+            try:
+                dep = Deployment(
+                    plan, self.cluster, self.model, source="planned plan", deadline=self.deadline
+                )
+                if self.objective == "throughput":
+                    rate = best.alloc.rate
+                    run = self._simulate_throughput(dep, rate)
+                else:
+                    rate = (
+                        chosen.run.offered_rps * TUNE_STEP
+                        if self.objective == "goodput"
+                        else self.target_rate
+                    )
+                    run = self._simulate(dep, rate)
+            except (HetserveError, OutOfTime):
+                return
+            if run is None or refused(run.result) > most_refused:
+                return
+            cand = Candidate(
+                f"{best.label}, {setting.name}", best.alloc, plan, dep, run, objective.score(run, rate)
+            )
+            if self.objective == "goodput":
+                if not run.slo_met or not chosen.run.slo_met:
+                    return
+                self._goodput_search(cand, start=rate)
+            candidates.append(cand)
+            if cand.score > chosen.score:
+                chosen, setting_of = cand, setting
+
+        for setting, plan in token_variants(best.plan):
+            confirm(setting, plan)
+        laned = lane_variant(setting_of, best.plan)
+        if laned is not None:
+            confirm(*laned)
+        return chosen, setting_of
 
     def _best(self, candidates: list[Candidate]) -> Candidate:
         """The candidate of highest score; for cost and power, when none carried the target rate within
@@ -704,13 +766,14 @@ class Planner:
                 )
         return self._simulate(dep, capacity * 1.2)
 
-    def _goodput_search(self, cand: Candidate) -> None:
+    def _goodput_search(self, cand: Candidate, start: float | None = None) -> None:
         """Goodput = the highest offered rate at which the SLO percentiles hold (``max_rate_within_slo``
-        from the confirmation at 0.8 x the analytic rate); the candidate keeps the simulation at that rate."""
+        from the candidate's confirmation: at ``start``, by default 0.8 x the analytic rate); the candidate
+        keeps the simulation at that rate."""
         try:
             search = max_rate_within_slo(
                 lambda rate: self._simulate(cand.dep, rate),
-                cand.alloc.rate * 0.8,
+                cand.alloc.rate * 0.8 if start is None else start,
                 cand.run.slo_met,
                 bisection_steps=GOODPUT_BISECTIONS,
             )

@@ -416,5 +416,10 @@ class Strategy:
     def plan(self, ctx: StrategyContext) -> PlanFile:
         raise NotImplementedError
 
+    def applies(self, ctx: StrategyContext) -> bool:
+        """Whether the strategy plans for ``ctx``'s model and cluster at all: every strategy but a fixed,
+        published layout does. ``hetserve compare`` runs by default only those that apply."""
+        return True
+
     def __repr__(self) -> str:
         return f"<strategy {self.name}>"

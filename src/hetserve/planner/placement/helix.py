@@ -36,7 +36,7 @@ from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
 from ..pools import tp_choices
-from ..strategy import PlanWriter, Strategy, StrategyContext, lanes_holding_long_requests, spot
+from ..strategy import PlanWriter, Spot, Strategy, StrategyContext, lanes_holding_long_requests, spot
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
@@ -137,27 +137,20 @@ class Helix(Strategy):
                 f"helix: the placement MILP found no source-to-sink flow for {m.name} on "
                 f"{ctx.cluster.name} within {ctx.time_limit:g} s"
             )
-        paths = decompose(placement.flows)
-        through: dict[str, float] = {}
-        for path, f in paths:
-            for n in path:
-                through[n] = through.get(n, 0.0) + f
-        writer = PlanWriter(ctx, f"helix-{m.name}")
         gpus = {x.node: x.gpus for x in machines}
-        weights = {}
-        for i, (path, f) in enumerate(paths):
-            chain = [spot(n, gpus[n], *placement.ranges[n]) for n in path]
-            shares = [f / through[n] for n in path]
-            lanes = lanes_holding_long_requests(ctx, chain, shares)
-            name = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=shares)
-            weights[name] = round(f, 6)
-        routing = RoutingPlan(policy="weighted", weights=weights)
+        paths = [
+            ([spot(n, gpus[n], *placement.ranges[n]) for n in path], f)
+            for path, f in decompose(placement.flows)
+        ]
         stop = {"gap": "", "nodes": f" after its {MILP_NODES} nodes", "time": " at its time guard"}
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}{stop[placement.stopped_by]}"
-        return writer.plan(
-            routing,
+        used = {s.node for chain, _ in paths for s in chain}
+        return write_chains(
+            ctx,
+            f"helix-{m.name}",
+            paths,
             notes=f"Helix baseline: max flow {placement.max_flow:.3f} req/s over "
-            f"{len(paths)} chains on {len(through)} machines (layer grid "
+            f"{len(paths)} chains on {len(used)} machines (layer grid "
             f"{placement.step}{gap}).",
         )
 
@@ -341,6 +334,27 @@ class Helix(Strategy):
                         ins[a] -= f
                         outs[b] -= f
         return flows
+
+
+def write_chains(
+    ctx: StrategyContext, name: str, paths: list[tuple[list[Spot], float]], notes: str
+) -> PlanFile:
+    """The plan of Helix-style chains: each (servers, flow) path an instance, requests weighted by the
+    flows (every machine then sends each next hop its share of the flow, as Helix's per-hop weighted
+    routing), a machine on several chains giving each a KV share in proportion to its flow there, and
+    each chain as many lanes as leave room for a long request (``lanes_holding_long_requests``)."""
+    through: dict[Spot, float] = {}
+    for chain, f in paths:
+        for s in chain:
+            through[s] = through.get(s, 0.0) + f
+    writer = PlanWriter(ctx, name)
+    weights = {}
+    for i, (chain, f) in enumerate(paths):
+        shares = [f / through[s] for s in chain]
+        lanes = lanes_holding_long_requests(ctx, chain, shares)
+        inst = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=shares)
+        weights[inst] = round(f, 6)
+    return writer.plan(RoutingPlan(policy="weighted", weights=weights), notes=notes)
 
 
 def decompose(flows: dict[tuple[str, str], float], tol: float = 1e-7) -> list[tuple[list[str], float]]:

@@ -1,0 +1,103 @@
+"""The serving engine's settings a plan's instances run with, and the grid every plan is tuned over.
+
+Three knobs of a plan's instances are engine settings rather than placement: ``chunk_size`` (prompt
+tokens per step under chunked prefill), ``max_batch_tokens`` (tokens per step) and, for a chain,
+``micro_batches`` (lanes moving through its stages). Which values serve a plan best depends on the
+plan: a long chain of small GPUs whose lanes move in lockstep stalls every decode behind a 2,048-token
+chunk at every stage, while one large GPU amortises its weight reads over large steps. A comparison
+that gave every strategy one fixed setting would measure the setting, not the plan, so the same grid
+is searched for every strategy's plan with the same budget (``hetserve compare``), and by the planner
+for its own plans (``Planner``): the plan as its strategy wrote it, then each setting of
+``TOKEN_GRID`` on every instance that prefills, then, for plans with chains, one lane per stage with
+the best of those.
+
+A setting is judged by simulation like the plan itself; one that refuses more requests as too long
+for a lane's KV share than the plan as written is not taken (``refused``), since a throughput figure
+would otherwise rise by dropping the longest requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..plan import MAX_MICRO_BATCHES, PlanFile
+from ..sim.metrics import DROP_TOO_LONG
+
+
+@dataclass(frozen=True)
+class EngineSetting:
+    """One point of the grid: ``None`` keeps what the plan says."""
+
+    name: str
+    chunk_size: int | None = None  # prompt tokens per step of an instance that prefills
+    max_batch_tokens: int | None = None  # tokens per step of an instance that prefills
+    lane_per_stage: bool = False  # a chain runs one micro-batch lane per stage
+    source: str = ""
+
+
+AS_WRITTEN = EngineSetting("as planned", source="the strategy's own settings")
+#: Step budgets of instances that prefill, smallest first.
+TOKEN_GRID = (
+    EngineSetting(
+        "chunks of 128, 256 tokens per step",
+        128,
+        256,
+        source="Helix's prototype schedules each node with step budgets of 1-3 prompts and 300-480 "
+        "decode tokens (Helix-ASPLOS25 artifact)",
+    ),
+    EngineSetting(
+        "chunks of 512, 2,048 tokens per step",
+        512,
+        2048,
+        source="Sarathi-Serve's chunk sizes (512-2,048 tokens, OSDI'24 section 5)",
+    ),
+    EngineSetting(
+        "chunks of 2,048, 8,192 tokens per step",
+        2048,
+        8192,
+        source="vLLM V1's API-server step budget on large GPUs (max_num_batched_tokens 8,192, "
+        "vllm/engine/arg_utils.py)",
+    ),
+)
+
+
+def with_setting(plan: PlanFile, setting: EngineSetting) -> PlanFile:
+    """``plan`` with ``setting`` applied to its instances (decode instances keep their step budget: they
+    never prefill)."""
+    instances = []
+    for inst in plan.instances:
+        update: dict = {}
+        if setting.max_batch_tokens is not None and inst.role != "decode":
+            tokens = setting.max_batch_tokens
+            update["max_batch_tokens"] = tokens
+            update["chunk_size"] = min(setting.chunk_size or tokens, tokens)
+        if setting.lane_per_stage and len(inst.chain) > 1:
+            update["micro_batches"] = min(len(inst.chain), MAX_MICRO_BATCHES)
+        instances.append(inst.model_copy(update=update) if update else inst)
+    return plan.model_copy(update={"instances": instances})
+
+
+def has_chains(plan: PlanFile) -> bool:
+    """Whether a lane per stage would change ``plan`` (an instance of several stages with fewer lanes)."""
+    return any(len(i.chain) > 1 and i.micro_batches < len(i.chain) for i in plan.instances)
+
+
+def token_variants(plan: PlanFile) -> Iterator[tuple[EngineSetting, PlanFile]]:
+    """The plan under each step budget of ``TOKEN_GRID`` (the plan as written is not among them)."""
+    for setting in TOKEN_GRID:
+        yield setting, with_setting(plan, setting)
+
+
+def lane_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetting, PlanFile] | None:
+    """``setting`` plus one lane per stage, applied to ``plan`` as written; None when it changes nothing."""
+    if not has_chains(plan):
+        return None
+    name = "one lane per stage" if setting is AS_WRITTEN else f"{setting.name}, one lane per stage"
+    laned = EngineSetting(name, setting.chunk_size, setting.max_batch_tokens, True, setting.source)
+    return laned, with_setting(plan, laned)
+
+
+def refused(result) -> int:
+    """Requests a simulation dropped as longer than any instance's KV share holds."""
+    return sum(1 for r in result.records.drop_reason if r == DROP_TOO_LONG)
