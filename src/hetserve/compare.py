@@ -480,7 +480,7 @@ def run_compare(
             "plan_seconds": planned,
             "sim_seconds": time.perf_counter() - t1,
             "simulations": tuned.simulations,
-            "engine_setting": tuned.setting.name,
+            "engine_setting": tuned.setting.short,
             "engine_settings_tried": tuned.tried,
             "cluster": ctx.cluster.name,
             "notes": plan.notes,
@@ -538,6 +538,7 @@ TABLE_COLUMNS = (
     "$/h",
     "$/Mtok",
     "J/token",
+    "engine (chunk/step)",
     "plan s",
 )
 
@@ -546,7 +547,7 @@ def table_rows(report: dict) -> list[list]:
     rows = []
     for name, r in report["strategies"].items():
         if "error" in r:
-            rows.append([name, None, "failed: " + r["error"][:80]] + [None] * 7 + [r.get("plan_seconds")])
+            rows.append([name, None, "failed: " + r["error"][:80]] + [None] * 8 + [r.get("plan_seconds")])
             continue
         value = r["objective_value"]
         if value is None:
@@ -565,6 +566,7 @@ def table_rows(report: dict) -> list[list]:
                 r["cost_per_hour"],
                 r["cost_per_mtok"],
                 r["joules_per_token"],
+                r.get("engine_setting"),
                 r["plan_seconds"],
             ]
         )

@@ -5,16 +5,17 @@ hold (beside its attention-cache reservation) where the swarm is weakest: among 
 picks the one whose blocks' current throughputs, sorted, are lexicographically smallest. A block's
 throughput is the sum over the servers holding it of their tokens/s through it (a server's speed over
 its span length). After everyone has joined, servers move when moving raises the swarm's bottleneck
-throughput by more than 10% (Petals' periodic rebalancing). Clients route each request along the
+throughput by more than 10%, in at most two passes (Petals' periodic rebalancing). Clients route each request along the
 fastest chain by Dijkstra (compute per token plus link latency).
 
 In a plan a chain must cover every block exactly once, so spans here start or end where another span
 does (or at the first or last block) and are trimmed to meet another boundary within reach: a span may
-be shorter than what the server could hold. Servers join fastest first; 16-bit weights unless
-the swarm does not hold the model (then 8 or 4, the widest the quality budget allows); one server per
-node (its GPUs as a TP group). Chains: repeated Dijkstra, each time adding the found chain's load to
-its servers' costs (a loaded server is slower for the next client), until no new chain appears; a
-server on several chains splits its KV cache evenly among them. Requests go to the chain with the
+be shorter than what the server could hold. Servers join fastest first; NF4 (4-bit) blocks, Petals'
+GPU default, where the quality budget allows 4 bits, else the widest width it allows at which the swarm
+holds the model (16 bits in a lossless scenario); one server per node (its GPUs as a TP group). Chains:
+repeated Dijkstra, each time adding the found chain's load to its servers' costs (a loaded server is
+slower for the next client), until no new chain appears; a server on several chains splits its KV cache
+evenly among them. Requests go to the chain with the
 least outstanding work (a client picks the currently fastest route).
 """
 

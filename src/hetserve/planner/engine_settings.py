@@ -35,6 +35,14 @@ class EngineSetting:
     lane_per_stage: bool = False  # a chain runs one micro-batch lane per stage
     source: str = ""
 
+    @property
+    def short(self) -> str:
+        """A few characters for a table: ``as planned``, ``128/256``, ``128/256 +lanes``."""
+        steps = (
+            "as planned" if self.max_batch_tokens is None else f"{self.chunk_size}/{self.max_batch_tokens}"
+        )
+        return steps + (" +lanes" if self.lane_per_stage else "")
+
 
 AS_WRITTEN = EngineSetting("as planned", source="the strategy's own settings")
 #: Step budgets of instances that prefill, smallest first.

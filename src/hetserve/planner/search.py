@@ -338,7 +338,16 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
-        best, setting = self._tuned(best, candidates)
+        # Engine settings: the chosen plan's, and for throughput and goodput also the best of each chain
+        # placement's (long chains of small GPUs gain most from small steps, so the settings can reorder
+        # designs); the best-scoring result is the plan.
+        leads = [best]
+        if OBJECTIVES[self.objective].sense == "max":
+            for name in CHAIN_DESIGNS:
+                placed = [c for c in candidates if c.label.split("/")[0] == name and c is not best]
+                leads += sorted(placed, key=lambda c: -c.score)[:1]
+        tuned = [self._tuned(lead, candidates) for lead in leads]
+        best, setting = max(tuned, key=lambda t: t[0].score)
         carrying = self._carrying(best, templates, pools)
         alloc = best.alloc
         predicted = Analytic(

@@ -3,18 +3,20 @@
 Helix sees the cluster as a flow network. Every machine (a node; its GPUs are one tensor-parallel
 group) holds one contiguous range of layers; a request enters at a machine holding layer 0, moves to
 a machine that starts where the previous one ended, and leaves at a machine holding the last layer.
-The placement maximises the flow (requests/s) from source to sink, as one MILP (SciPy HiGHS):
+The placement maximises the flow (requests/s) from source to sink, as one MILP (SciPy HiGHS). Helix
+writes it per machine (a start layer, binaries for the layers held and for every edge); here identical
+machines (same GPU, node size and zone) are one class, which is exact for them and removes the
+symmetry branch-and-bound cannot prune:
 
-- per machine: its start layer s_i (integer), binaries z[i, k] for holding k layers (at most what fits
-  in half of its GPU memory at 16 bits: Helix's rule, the rest is KV cache), so it ends at
-  e_i = s_i + sum_k k z[i, k];
-- binaries for the edges: source -> i only if s_i = 0, i -> sink only if e_i = L, i -> j only if
-  e_i = s_j (big-M constraints); flows only on valid edges;
-- flow conservation at every machine; a machine's inflow is at most its throughput with k layers,
-  sum_k cap_i(k) z[i, k] (from the roofline cost model: the largest decode batch its KV room holds,
-  plus its share of prefill); an edge's flow is at most its link's bandwidth over the activation bytes a
-  request sends across it ((prompt + output) x hidden x 2 bytes);
-- identical machines (same GPU, node size, zone) are ordered by start layer, to break symmetry.
+- integers y[class, s, e]: how many machines of the class hold layers [s, e), at most the class's size,
+  with e - s at most what fits in half of a GPU's memory at 16 bits (Helix's rule, the rest is KV cache)
+  and at least ``MIN_SPAN_SHARE`` of that; flows g[class, s, e] <= y x the machine's throughput with
+  e - s layers (from the roofline cost model: the largest decode batch its KV room holds, plus its share
+  of prefill);
+- flow conserved at every layer boundary per (zone, vendor), with crossing flows h between groups of one
+  vendor; the crossings between two zones are bounded by their link's bandwidth over the activation bytes
+  a request sends ((prompt + output) x hidden x 2 bytes), times the smaller zone's machine count;
+- objective: the flow into layer L, with tiny costs on machines and on crossings between zones.
 
 The flow is then decomposed into source -> sink paths: each path is a chain (an instance), and
 requests are spread over the chains in proportion to their flows, which gives every machine the same
