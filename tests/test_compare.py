@@ -12,6 +12,7 @@ import yaml
 from hetserve.compare import (
     LoadedScenario,
     add_compare_parser,
+    planning_objective,
     ratio,
     run_compare,
     table_rows,
@@ -200,6 +201,18 @@ def test_scenario_mistakes_are_clear_errors(write, change, message):
 def test_run_compare_rejects_a_misspelt_strategy(tiny):
     with pytest.raises(HetserveError, match="did you mean 'splitwise'"):
         run_compare(tiny, ["splitwse"])
+
+
+def test_a_latency_scenario_plans_baselines_for_goodput_and_hetserve_for_latency():
+    """Strategies without a latency objective of their own plan a latency scenario as goodput (the most
+    capacity within the SLOs); hetserve's planner minimises mean response itself."""
+    assert planning_objective("hexgen", "latency") == "goodput"
+    assert (
+        planning_objective("hetserve", "latency") == planning_objective("hetserve-q", "latency") == "latency"
+    )
+    assert planning_objective("hexgen", "cost") == "cost"
+    path = next(p for p in SCENARIOS if p.stem == "chain-bloom176b-latency")
+    assert LoadedScenario(path).context("petals", 0, None).objective == "goodput"
 
 
 def test_ratio_says_how_many_times_better():

@@ -403,10 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--objective",
         default="cost",
-        choices=["cost", "goodput", "throughput", "power"],
+        choices=["cost", "goodput", "throughput", "power", "latency"],
         help="cost (default): the cheapest plan that carries the workload's rate within its SLOs; "
         "goodput: the highest request rate within the SLOs; throughput: the most output tokens/s; "
-        "power: the least power that carries the workload",
+        "power: the least power that carries the workload; latency: the least mean response time at "
+        "the workload's rate within the SLOs (and --budget)",
     )
     pl.add_argument(
         "--headroom",

@@ -70,6 +70,7 @@ def test_objectives_carry_their_sense_unit_and_label():
         "goodput": "max",
         "cost": "min",
         "power": "min",
+        "latency": "min",
     }
     assert OBJECTIVES["goodput"].unit == "req/s" and "SLO" in OBJECTIVES["goodput"].label
     assert OBJECTIVES["cost"].better(9.0, 10.0) and OBJECTIVES["goodput"].better(2.0, 1.0)
@@ -85,6 +86,20 @@ def test_one_score_ranks_every_simulation():
     assert cost.score(run_of(True), 2.0) == -10.0 and power.score(run_of(True), 2.0) == -800.0
     assert cost.score(run_of(False), 2.0) < -1e9 and cost.score(run_of(True), 4.0) < -1e9
     assert OBJECTIVES["throughput"].score(None, 2.0) == -math.inf
+
+
+def test_latency_ranks_by_mean_response_and_counts_only_plans_that_carry_the_rate():
+    latency = OBJECTIVES["latency"]
+    fast, slow = run_of(True), run_of(True)
+    fast.e2e_mean_s, slow.e2e_mean_s = 3.0, 5.0
+    assert latency.value(fast) == 3.0 and latency.better(3.0, 5.0)
+    assert latency.score(fast, 2.0) > latency.score(slow, 2.0)
+    failed = run_of(False)
+    failed.e2e_mean_s = 1.0  # fast but outside the SLOs: ranked below every plan that holds them
+    assert latency.score(failed, 2.0) < latency.score(slow, 2.0)
+    dropped = run_of(True)
+    dropped.e2e_mean_s = math.inf  # a dropped request makes the mean infinite
+    assert latency.score(dropped, 2.0) < latency.score(slow, 2.0)
 
 
 WORKLOAD = Workload(

@@ -68,7 +68,7 @@ class Objective:
     """What a plan is chosen for: its sense, its unit and label, the figure a run shows for it and a score
     (higher is better) that ranks runs against a target rate."""
 
-    name: Literal["throughput", "goodput", "cost", "power"]
+    name: Literal["throughput", "goodput", "cost", "power", "latency"]
     sense: Literal["max", "min"]
     unit: str
     label: str  # what the figure is, in words
@@ -80,7 +80,8 @@ class Objective:
 
     def value(self, run: Run) -> float:
         """The objective's figure for ``run``: output tokens/s; requests/s within the SLOs (the offered
-        rate when they held); $/h; mean W."""
+        rate when they held); $/h; mean W; mean seconds from arrival to last token (inf if any request
+        was dropped)."""
         s = run.summary
         if self.name == "throughput":
             return s.throughput_tok_s
@@ -88,12 +89,15 @@ class Objective:
             return run.offered_rps if run.slo_met else s.goodput_rps
         if self.name == "cost":
             return s.cost_per_hour
+        if self.name == "latency":
+            return run.e2e_mean_s
         return s.power_w
 
     def score(self, run: Run | None, target_rate: float) -> float:
         """``run`` ranked for this objective, higher is better. Goodput counts half when the SLO
-        percentiles failed (a plan that holds them at a lower rate ranks above one that does not); cost and
-        power count only when the SLOs held with requests offered at 95% of ``target_rate`` or more."""
+        percentiles failed (a plan that holds them at a lower rate ranks above one that does not); cost,
+        power and latency count only when the SLOs held with requests offered at 95% of ``target_rate`` or
+        more."""
         if run is None:
             return -math.inf
         s = run.summary
@@ -102,7 +106,10 @@ class Objective:
         if self.name == "goodput":
             return s.goodput_rps if run.slo_met else s.goodput_rps * 0.5
         penalty = 0.0 if self.carries(run, target_rate) else 1e12
-        return -((s.cost_per_hour if self.name == "cost" else s.power_w) + penalty)
+        figure = {"cost": s.cost_per_hour, "power": s.power_w}.get(self.name)
+        if figure is None:  # latency
+            figure = run.e2e_mean_s if math.isfinite(run.e2e_mean_s) else 1e9
+        return -(figure + penalty)
 
     @staticmethod
     def carries(run: Run, target_rate: float) -> bool:
@@ -123,6 +130,12 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("goodput", "max", "req/s", "highest request rate within the SLOs"),
         Objective("cost", "min", "$/h", "dollars per hour at the workload's rate within the SLOs"),
         Objective("power", "min", "W", "average watts at the workload's rate within the SLOs"),
+        Objective(
+            "latency",
+            "min",
+            "s",
+            "mean response time (arrival to last token) at the workload's rate within the SLOs",
+        ),
     )
 }
 

@@ -306,7 +306,7 @@ class Planner:
                     f"{self.off_target[0]}; plan without --target and serve with hetserve"
                 )
             raise HetserveError("no allocation could be placed on the cluster's nodes; check the node sizes")
-        if OBJECTIVES[self.objective].sense == "min":
+        if self.objective in ("cost", "power"):
             self._resize(candidates, templates, pools)
         if self.objective == "goodput":
             # The rate search for the two allocations of highest analytic goodput, and for a chain placement
@@ -338,11 +338,11 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
-        # Engine settings: the chosen plan's, and for throughput and goodput also the best of each chain
+        # Engine settings: the chosen plan's, and (but for cost and power) also the best of each chain
         # placement's (long chains of small GPUs gain most from small steps, so the settings can reorder
         # designs); the best-scoring result is the plan.
         leads = [best]
-        if OBJECTIVES[self.objective].sense == "max":
+        if self.objective not in ("cost", "power"):
             for name in CHAIN_DESIGNS:
                 placed = [c for c in candidates if c.label.split("/")[0] == name and c is not best]
                 leads += sorted(placed, key=lambda c: -c.score)[:1]

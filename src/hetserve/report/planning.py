@@ -20,6 +20,7 @@ OBJECTIVE_WORDS = {
     "power": "the plan of least power that carries the workload within its SLOs",
     "goodput": "the plan with the highest request rate within the SLOs",
     "throughput": "the plan with the most output tokens per second (SLOs not judged)",
+    "latency": "the plan with the least mean response time at the workload's rate within its SLOs",
 }
 
 

@@ -3,7 +3,8 @@ JFFC dispatch.
 
 - **GBP-CR** (greedy block placement with cache reservation). Every server reserves cache for ``c``
   concurrent jobs in each block it holds, so it holds m_j(c) = memory / (block bytes + c x cache per
-  job per block) blocks. Servers are taken fastest-per-block first and laid end to end: each takes
+  job per block) blocks. Servers are taken in order of amortised time per block (compute per block plus
+  a job's communication with the server over m_j(c)) and laid end to end: each takes
   the next m_j(c) blocks of the chain being built (the last one of a chain only the blocks left); a
   complete chain starts the next one. Servers stop being added once the complete chains can carry the
   load (their job slots over their service times exceed the arrival rate at 70% utilisation); servers of
@@ -13,7 +14,7 @@ JFFC dispatch.
 - **GCA** (greedy cache allocation). Over all chains the placed servers compose (any server ending at
   block e may hand to any server starting at e), repeatedly take the fastest chain (Dijkstra on
   per-token service time plus link latencies) whose servers all have cache left, give it as many job
-  slots as its scarcest server has left (at most the ``c`` the placement reserved), and subtract them
+  slots as its scarcest server has left, and subtract them
   from every server on it. A job slot is the cache of a request of the workload's mean length; a chain
   needs enough slots for its 99th-percentile request. A chain with k slots takes, on each of its
   servers, the share k / (that server's slots): the plan's per-server ``kv_share``.
@@ -171,12 +172,32 @@ class ChainComposition(Strategy):
                 trip += (ctx.output + 1) * ctx.cluster.link(ch[a - 1], n).latency
         return max(trip + sum(stages), lanes * max(stages))
 
+    @staticmethod
+    def _amortised(ctx, servers, srv: BlockServer, bits: int, tokens: float) -> float:
+        """GBP-CR's ranking of a server: its time per block for a job amortised over the blocks it holds,
+        compute per block plus the job's communication with it (its tokens crossing the mean link to the
+        other servers: latency and activation bytes) over its block count."""
+        k = blocks_that_fit(ctx, srv, bits, tokens)
+        if k < 1:
+            return math.inf
+        others = [n for n in servers if n != srv.node]
+        if not others:
+            return srv.block_time
+        act = ctx.model.hidden_size * 2.0
+        hop = sum(
+            ctx.cluster.link(srv.node, n).latency + act / ctx.cluster.link(srv.node, n).bandwidth
+            for n in others
+        ) / len(others)
+        return srv.block_time + (ctx.output + 1) * hop / k
+
     def gbp_cr(
         self, ctx, servers: dict[str, BlockServer], bits: int, c: int, target: float
     ) -> dict[str, tuple[int, int]]:
         L = ctx.model.num_layers
         tokens = c * (ctx.prompt + ctx.output)
-        order = sorted(servers.values(), key=lambda s: (s.block_time, s.node))
+        order = sorted(
+            servers.values(), key=lambda s: (self._amortised(ctx, servers, s, bits, tokens), s.node)
+        )
         placed: dict[str, tuple[int, int]] = {}
         chain: list[str] = []
         complete: list[list[str]] = []
@@ -224,8 +245,8 @@ class ChainComposition(Strategy):
 
     def gca(self, ctx, servers, placed, bits, c: int) -> list[tuple[list[str], int, list[float]]]:
         """(chain, job slots, KV share of each of its servers) in allocation order. A chain gets as many
-        job slots as its scarcest server has left, at most the ``c`` the placement reserved; each server
-        gives it the cache of those slots and keeps the rest for other chains."""
+        job slots as its scarcest server has left (GCA; ``c`` sized the servers' spans, it does not cap a
+        chain); each server gives it the cache of those slots and keeps the rest for other chains."""
         slots_of = self._slots(ctx, servers, placed, bits)
         left = dict(slots_of)
         least = self._long_job_slots(ctx)
@@ -237,10 +258,10 @@ class ChainComposition(Strategy):
             ch = fastest_chain(ctx, placed, servers, usable=usable)
             if ch is None:
                 return out
-            if any(ch == other for other, _, _ in out):  # a chain is allocated once (at most c slots)
+            if any(ch == other for other, _, _ in out):  # a chain is allocated once
                 banned.add(min(ch, key=lambda n: left[n]))
                 continue
-            slots = min(c, min(left[n] for n in ch))
+            slots = min(left[n] for n in ch)
             if slots < least:  # the reservation holds no long request: this c cannot serve
                 return out
             for n in ch:
