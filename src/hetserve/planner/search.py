@@ -338,14 +338,16 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
-        # Engine settings: the chosen plan's, and (but for cost and power) also the best of each chain
-        # placement's (long chains of small GPUs gain most from small steps, so the settings can reorder
+        # Engine settings: the chosen plan's, and (but for cost and power) also the runner-up's and the best
+        # of each chain placement's (long chains of small GPUs gain most from small steps, so the settings can reorder
         # designs); the best-scoring result is the plan.
         leads = [best]
         if self.objective not in ("cost", "power"):
+            design = lambda c: c.label.split("/")[0]
+            ranked = sorted((c for c in candidates if design(c) != design(best)), key=lambda c: -c.score)
+            leads += ranked[:1]  # the runner-up design: the settings can reorder two close designs
             for name in CHAIN_DESIGNS:
-                placed = [c for c in candidates if c.label.split("/")[0] == name and c is not best]
-                leads += sorted(placed, key=lambda c: -c.score)[:1]
+                leads += [c for c in ranked if design(c) == name and c not in leads][:1]
         tuned = [self._tuned(lead, candidates) for lead in leads]
         best, setting = max(tuned, key=lambda t: t[0].score)
         carrying = self._carrying(best, templates, pools)
