@@ -185,7 +185,7 @@ def test_a_strategy_that_cannot_plan_is_reported_not_fatal(write):
         ({"baseline": "hexgn"}, "baseline: unknown strategy 'hexgn' (did you mean 'hexgen'?)"),
         ({"strategies": ["petal"]}, "strategies[0]: unknown strategy 'petal' (did you mean 'petals'?)"),
         ({"cluster": "nope.yaml"}, "cluster: file"),
-        ({"objective": "latency"}, "objective"),
+        ({"objective": "speed"}, "objective"),
         ({"quality": "best"}, "quality: --quality='best'"),
         ({"notes": None}, "notes"),
         ({"max_batch_size": 0}, "max_batch_size"),

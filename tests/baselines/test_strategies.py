@@ -76,8 +76,8 @@ def test_unknown_strategy_is_a_clear_error():
 
 
 def test_context_rejects_bad_settings():
-    with pytest.raises(HetserveError, match="objective 'latency'"):
-        context(MIXED_NVIDIA, objective="latency")
+    with pytest.raises(HetserveError, match="objective 'speed'"):
+        context(MIXED_NVIDIA, objective="speed")
     with pytest.raises(HetserveError, match="budget=-1"):
         context(MIXED_NVIDIA, budget=-1)
     with pytest.raises(HetserveError, match="max_batch_size=0 must be at least 1"):

@@ -48,23 +48,30 @@ def test_flow_decomposition_conserves_flow():
 
 
 def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers():
-    nodes = [{"name": "a10", "gpu": "a10", "count": 1, "replicas": 4}]
+    """GCA: the fastest composed chain takes every job slot its scarcest server has left (not capped by
+    the reservation c), so the servers it leaves slots on compose with other chains' servers."""
+    nodes = [
+        {"name": "big", "gpu": "a100-80gb", "count": 1},
+        {"name": "mid", "gpu": "a100-40gb", "count": 1},
+        {"name": "a10", "gpu": "a10", "count": 1, "replicas": 2},
+    ]
     ctx = context(nodes, model="llama-2-13b")
     servers = {s.node: s for s in block_servers(ctx, 16)}
-    placed = {"a10-0": (0, 20), "a10-1": (20, 40), "a10-2": (0, 20), "a10-3": (20, 40)}
+    placed = {"big": (0, 20), "mid": (20, 40), "a10-0": (0, 20), "a10-1": (20, 40)}
     alloc = ChainComposition().gca(ctx, servers, placed, 16, c=3)
     chains = [tuple(ch) for ch, _, _ in alloc]
-    assert len(chains) > 2  # composed across the two placed chains
     capacity = ChainComposition._slots(ctx, servers, placed, 16)
+    left = dict(capacity)
     share: dict[str, float] = {}
     for ch, slots, shares in alloc:
-        assert 1 <= slots <= 3 and len(shares) == len(ch)
+        assert slots == min(left[n] for n in ch) and slots > 3  # the scarcest server's slots, above c
         for n, x in zip(ch, shares):
-            assert 0 < x <= 1
             assert x * capacity[n] == pytest.approx(slots)  # every server holds the chain's job slots
             share[n] = share.get(n, 0.0) + x
+            left[n] -= slots
     assert max(share.values()) <= 1 + 1e-9
-    assert any(sum(n in ch for ch in chains) > 1 for n in placed)
+    # the big server keeps slots after the fastest chain exhausts the mid one, and composes with an A10
+    assert chains[0] == ("big", "mid") and ("big", "a10-1") in chains
 
 
 def test_chain_plans_jffc_over_chains_with_slots():
