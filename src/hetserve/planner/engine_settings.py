@@ -58,7 +58,7 @@ TOKEN_GRID = (
         "chunks of 512, 2,048 tokens per step",
         512,
         2048,
-        source="Sarathi-Serve's chunk sizes (512-2,048 tokens, OSDI'24 section 5)",
+        source="the token budgets Sarathi-Serve evaluates (512 and 2,048 tokens per step; OSDI'24)",
     ),
     EngineSetting(
         "chunks of 2,048, 8,192 tokens per step",
