@@ -407,14 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost (default): the cheapest plan that carries the workload's rate within its SLOs; "
         "goodput: the highest request rate within the SLOs; throughput: the most output tokens/s; "
         "power: the least power that carries the workload; latency: the least mean response time at "
-        "the workload's rate within the SLOs (and --budget)",
+        "the workload's rate (plus --headroom) within the SLOs and --budget",
     )
     pl.add_argument(
         "--headroom",
         type=float,
         default=0.2,
         metavar="SHARE",
-        help="cost and power plans carry this share more than the workload's rate (default 0.2: 20%%)",
+        help="cost, power and latency plans are judged at this share more than the workload's rate "
+        "(default 0.2: 20%%)",
     )
     pl.add_argument("--budget", type=float, help="most USD per hour to spend")
     pl.add_argument(
