@@ -23,6 +23,14 @@ def cluster(nodes, network=None):
     return Cluster(ClusterFile.model_validate(spec), source="test cluster")
 
 
+def helix_machines(a100: int, l4: int, t4: int) -> list[dict]:
+    """Nodes of Helix's machine mix: single-GPU A100-40GB, L4 and T4 machines."""
+    return [
+        {"name": name, "gpu": gpu, "count": 1, "replicas": n}
+        for name, gpu, n in (("a100", "a100-40gb", a100), ("l4", "l4", l4), ("t4", "t4", t4))
+    ]
+
+
 def context(nodes, model="llama-3.1-8b", objective="goodput", workload=None, network=None, **kw):
     wl = Workload(WorkloadFile.model_validate(workload or WORKLOAD))
     kw.setdefault("time_limit", 4.0)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Literal
 from .errors import HetserveError, allowed, seed_value, suggest
 
 if TYPE_CHECKING:
+    from .plan import Deployment, PlanFile
+    from .planner.engine_settings import EngineSetting
     from .planner.evaluate import Objective, Run
 
 # numpy, pydantic, the specs, the planner and the simulator are imported where they are used: building
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
 
 #: Probes of the goodput search after the SLO boundary is bracketed.
 BISECTION_STEPS = 5
-#: An engine setting is searched for goodput only if it holds the SLOs at this multiple of the rate the
-#: plan as written holds: about the search's precision (5 geometric bisections of a factor 2: 2^(1/32)).
-TUNE_STEP = 1.03
 #: Fewest requests a simulation replays.
 MIN_REQUESTS = 50
 #: Quality of a scenario that names none: every strategy keeps the model's 16-bit weights.
@@ -269,67 +268,60 @@ class Evaluator:
         rate, more = self.steady(dep, rate)
         return rate, sims + more
 
-    def tune(self, objective: Objective, plan, deploy) -> Tuned:
-        """``plan`` at the best engine setting of the grid (``planner.engine_settings``), the same search
-        for every strategy: the plan as written, each step budget of ``TOKEN_GRID``, then one lane per
-        stage with the best of those (plans with chains). Throughput, cost and power compare the base
+    def tune(self, objective: Objective, plan: PlanFile, deploy) -> Tuned:
+        """``plan`` at the best engine setting of the grid (``planner.engine_settings.grid``), the same
+        search for every strategy: the plan as written, each step budget, then one lane per stage with the
+        best of those (plans with chains). Throughput, cost, power and latency compare the base
         simulations; goodput searches the plan as written, probes each setting once just above that rate
-        (``TUNE_STEP``) and searches on only from settings that hold there. A setting that refuses more
+        (``GOODPUT_STEP``) and searches on only from settings that hold there. A setting that refuses more
         requests as too long than the plan as written is not taken. ``deploy(plan)`` makes the
         deployment (raising ``HetserveError`` for a setting the memory check rejects)."""
-        from .planner.engine_settings import AS_WRITTEN, lane_variant, refused, token_variants
+        from .planner.engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, refused
 
         dep = deploy(plan)
         base = self.run(dep)
         best = Tuned(AS_WRITTEN, plan, dep, base, 0.0, 1, 1)
+        sims, tried = 1, 1
         if objective.name == "goodput":
-            best.rate, sims = self.search_rate(dep, self.rate, base.slo_met)
-            best.simulations += sims
+            best.rate, n = self.search_rate(dep, self.rate, base.slo_met)
+            sims += n
         most_refused = refused(base.result)
 
-        def consider(setting, candidate) -> None:
-            nonlocal best
-            best.tried += 1
+        def best_setting():  # read when the lane variant is made: the best step budget by then
+            return best.setting
+
+        for setting, candidate in grid(plan, best_setting):
+            tried += 1
             try:
                 d = deploy(candidate)
             except HetserveError:
-                return
+                continue
             b = self.run(d)
-            best.simulations += 1
+            sims += 1
             if refused(b.result) > most_refused:
-                return
+                continue
+            rate = 0.0
             if objective.name == "goodput":
-                rate = 0.0
-                if best.rate > 0:
-                    start = best.rate * TUNE_STEP
-                    probe = self.run(d, start)
-                    best.simulations += 1
-                    if probe.slo_met:
-                        rate, sims = self.search_rate(d, start, True)
-                        best.simulations += sims
-                else:
-                    rate, sims = self.search_rate(d, self.rate, b.slo_met)
-                    best.simulations += sims
-                if rate > best.rate:
-                    best = Tuned(setting, candidate, d, b, rate, best.simulations, best.tried)
-                return
-            if objective.name == "throughput":
+                start, holds = self.rate, b.slo_met
+                if best.rate > 0:  # worth a search only if it holds just above the best rate so far
+                    start, holds = best.rate * GOODPUT_STEP, self.run(d, best.rate * GOODPUT_STEP).slo_met
+                    sims += 1
+                if holds or best.rate <= 0:
+                    rate, n = self.search_rate(d, start, holds)
+                    sims += n
+                better = rate > best.rate
+            elif objective.name == "throughput":
                 better = b.summary.completed > 0 and objective.value(b) > objective.value(best.base)
-            else:  # cost, power: carry the offered load within the SLOs, then the lower figure
+            else:  # cost, power, latency: carry the offered load within the SLOs, then the lower figure
                 better = b.slo_met and (
                     not best.base.slo_met or objective.value(b) < objective.value(best.base)
                 )
             if better:
-                best = Tuned(setting, candidate, d, b, 0.0, best.simulations, best.tried)
-
-        for setting, candidate in token_variants(plan):
-            consider(setting, candidate)
-        laned = lane_variant(best.setting, plan)
-        if laned is not None:
-            consider(*laned)
+                best = Tuned(setting, candidate, d, b, rate, 0, 0)
         if objective.name == "goodput":
-            best.rate, sims = self.steady(best.dep, best.rate)
-            best.simulations += sims
+            best.rate, n = self.steady(best.dep, best.rate)
+            sims += n
+        best.simulations, best.tried = sims, tried
         return best
 
 
@@ -337,9 +329,9 @@ class Evaluator:
 class Tuned:
     """A strategy's plan at the engine setting the comparison chose for it (``Evaluator.tune``)."""
 
-    setting: object  # planner.engine_settings.EngineSetting
-    plan: object  # PlanFile
-    dep: object  # Deployment
+    setting: EngineSetting
+    plan: PlanFile
+    dep: Deployment
     base: Run  # its simulation at the scenario's offered load
     rate: float  # goodput: the highest rate within the SLOs (else unused)
     simulations: int
@@ -389,8 +381,9 @@ def weight_bits(dep) -> str:
 
 def _judge(objective: Objective, tuned: Tuned) -> tuple[float | None, bool]:
     """(objective value or None, feasible) of a tuned plan: throughput as simulated (feasible when a
-    request finished); goodput the highest rate within the SLOs (feasible when above 0); cost and power as
-    simulated when the plan carried the offered load within the SLOs, nothing dropped (else infeasible)."""
+    request finished); goodput the highest rate within the SLOs (feasible when above 0); cost, power and
+    latency as simulated when the plan carried the offered load within the SLOs, nothing dropped (else
+    infeasible)."""
     base = tuned.base
     if objective.name == "goodput":
         return tuned.rate, tuned.rate > 0

@@ -8,7 +8,7 @@ from hetserve.errors import HetserveError
 from hetserve.planner.pools import pools_of
 from hetserve.planner.quality import removed_share, sensitivity
 from hetserve.sim import simulate
-from tests.contexts import WORKLOAD, context, layer_counts, plan_of
+from tests.contexts import WORKLOAD, context, helix_machines, layer_counts, plan_of
 
 MIXED_NVIDIA = [
     {"name": "a100", "gpu": "a100-80gb", "count": 2},
@@ -270,11 +270,7 @@ def test_petals_serves_in_nf4_where_allowed_and_every_lane_holds_a_long_request(
     assert {b for s in dep16.servers.values() for b in s.plan.layer_bits()} == {16}
 
 
-HELIX_24 = [
-    {"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 4},
-    {"name": "l4", "gpu": "l4", "count": 1, "replicas": 8},
-    {"name": "t4", "gpu": "t4", "count": 1, "replicas": 12},
-]
+HELIX_24 = helix_machines(4, 8, 12)
 
 
 def test_helix_published_runs_the_authors_layout_as_three_chains_over_all_24_machines():
@@ -300,9 +296,7 @@ def test_helix_published_runs_the_authors_layout_as_three_chains_over_all_24_mac
 
 def test_helix_published_says_what_the_layout_needs_elsewhere():
     strategy = get_strategy("helix-published")
-    small = context(
-        HELIX_24[:2] + [{"name": "t4", "gpu": "t4", "count": 1, "replicas": 10}], model="llama-2-70b"
-    )
+    small = context(helix_machines(4, 8, 10), model="llama-2-70b")
     assert not strategy.applies(small)
     with pytest.raises(HetserveError, match="lacks 2 t4"):
         strategy.plan(small)

@@ -7,13 +7,9 @@ from hetserve.plan import Deployment
 from hetserve.planner.placement.blocks import block_servers
 from hetserve.planner.placement.chain import ChainComposition
 from hetserve.planner.placement.helix import Helix, decompose
-from tests.contexts import WORKLOAD, context, plan_of
+from tests.contexts import WORKLOAD, context, helix_machines, plan_of
 
-HELIX_NODES = [
-    {"name": "a100", "gpu": "a100-40gb", "count": 1, "replicas": 2},
-    {"name": "l4", "gpu": "l4", "count": 1, "replicas": 3},
-    {"name": "t4", "gpu": "t4", "count": 1, "replicas": 4},
-]
+HELIX_NODES = helix_machines(2, 3, 4)
 
 
 def test_helix_max_flow_is_positive_and_covers_every_layer():

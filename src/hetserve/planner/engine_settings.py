@@ -18,7 +18,7 @@ would otherwise rise by dropping the longest requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..plan import MAX_MICRO_BATCHES, PlanFile
@@ -45,6 +45,9 @@ class EngineSetting:
 
 
 AS_WRITTEN = EngineSetting("as planned", source="the strategy's own settings")
+#: For goodput a setting is searched only if it holds the SLOs at this multiple of the rate the plan as
+#: written holds: about the goodput search's precision (5 geometric bisections of a factor 2: 2^(1/32)).
+GOODPUT_STEP = 1.03
 #: Step budgets of instances that prefill, smallest first.
 TOKEN_GRID = (
     EngineSetting(
@@ -104,6 +107,16 @@ def lane_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetting,
     name = "one lane per stage" if setting is AS_WRITTEN else f"{setting.name}, one lane per stage"
     laned = EngineSetting(name, setting.chunk_size, setting.max_batch_tokens, True, setting.source)
     return laned, with_setting(plan, laned)
+
+
+def grid(plan: PlanFile, best: Callable[[], EngineSetting]) -> Iterator[tuple[EngineSetting, PlanFile]]:
+    """The settings to try on ``plan`` after the plan as written, in order: each step budget of
+    ``TOKEN_GRID``, then one lane per stage with ``best()`` (the best setting so far, read once the step
+    budgets are tried) where that changes the plan. The one order the comparison and the planner share."""
+    yield from token_variants(plan)
+    laned = lane_variant(best(), plan)
+    if laned is not None:
+        yield laned
 
 
 def refused(result) -> int:

@@ -25,7 +25,7 @@ from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
 from .candidate import Alternative, Analytic, Candidate, Carrying, PlanResult, Searched
-from .engine_settings import AS_WRITTEN, lane_variant, refused, token_variants
+from .engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, refused
 from .evaluate import (
     OBJECTIVES,
     Run,
@@ -90,8 +90,6 @@ MIN_MILP_SECONDS = 0.05
 FIRST_SHARE = 0.7
 #: Engine settings of the chosen plan (``engine_settings``) are confirmed until this share of the limit.
 TUNE_SHARE = 0.9
-#: A setting is searched for goodput only if it holds the SLOs at this multiple of the chosen plan's rate.
-TUNE_STEP = 1.03
 QUICK_REQUESTS = 300
 
 
@@ -338,9 +336,9 @@ class Planner:
                 candidates.append(alt)
         objective = OBJECTIVES[self.objective]
         best = self._best(candidates)
-        # Engine settings: the chosen plan's, and (but for cost and power) also the runner-up's and the best
-        # of each chain placement's (long chains of small GPUs gain most from small steps, so the settings can reorder
-        # designs); the best-scoring result is the plan.
+        # Engine settings: the chosen plan's, and (but for cost and power) also the runner-up design's and
+        # the best of each chain placement's (long chains of small GPUs gain most from small steps, so the
+        # settings can reorder designs); the best-scoring result is the plan.
         leads = [best]
         if self.objective not in ("cost", "power"):
             design = lambda c: c.label.split("/")[0]
@@ -452,7 +450,7 @@ class Planner:
         """The chosen plan under the engine settings of the grid (``engine_settings``: each step budget,
         then one lane per stage with the best of them), each confirmed as the plan was, while
         ``TUNE_SHARE`` of the limit lasts; (the best candidate, its setting). For goodput a setting is
-        searched only if it holds the SLOs at ``TUNE_STEP`` times the plan's rate. A setting that refuses
+        searched only if it holds the SLOs at ``GOODPUT_STEP`` times the plan's rate. A setting that refuses
         more requests as too long than the plan as written is not taken. Tried settings join
         ``candidates`` (the plan's alternatives)."""
         objective = OBJECTIVES[self.objective]
@@ -472,7 +470,7 @@ class Planner:
                     run = self._simulate_throughput(dep, rate)
                 else:
                     rate = (
-                        chosen.run.offered_rps * TUNE_STEP
+                        chosen.run.offered_rps * GOODPUT_STEP
                         if self.objective == "goodput"
                         else self.target_rate
                     )
@@ -492,11 +490,8 @@ class Planner:
             if cand.score > chosen.score:
                 chosen, setting_of = cand, setting
 
-        for setting, plan in token_variants(best.plan):
+        for setting, plan in grid(best.plan, lambda: setting_of):
             confirm(setting, plan)
-        laned = lane_variant(setting_of, best.plan)
-        if laned is not None:
-            confirm(*laned)
         return chosen, setting_of
 
     def _best(self, candidates: list[Candidate]) -> Candidate:
