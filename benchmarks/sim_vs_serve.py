@@ -129,6 +129,13 @@ def main() -> None:
             "file": str(profile),
             "device": prof["device"]["name"],
             "fit_median_ape_pct": prof["calibration"]["fit"]["median_ape_pct"],
+            # the main format's fit above; every format's (a profile fits each format it measured apart)
+            "fit_median_ape_pct_per_dtype": {
+                prof["calibration"].get("dtype", "main"): prof["calibration"]["fit"]["median_ape_pct"],
+                **{
+                    d: f["fit"]["median_ape_pct"] for d, f in prof["calibration"].get("per_dtype", {}).items()
+                },
+            },
         },
         "cores": os.cpu_count(),
         "load_after": os.getloadavg()[0],

@@ -26,7 +26,7 @@ from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import list_mistakes, load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
-from .vocabulary import DTYPE_BYTES, SchedulePolicy
+from .vocabulary import DTYPE_BYTES, SchedulePolicy, run_dtype_for_kv
 
 PLAN_VERSION = 1
 Role = Literal["prefill", "decode", "mixed"]
@@ -310,8 +310,7 @@ class Deployment:
             first=start == 0,
             last=end == m.num_layers,
             kv_dtype_bytes=float(DTYPE_BYTES[s.kv_dtype]),
-            # hetserve's engine runs a server with fp32 KV in fp32 throughout
-            run_bytes=4.0 if s.kv_dtype == "fp32" else 2.0,
+            run_dtype=run_dtype_for_kv(s.kv_dtype),
             ep=s.expert_parallel,
         )
         self.servers[s.name] = Server(s, node, shape)

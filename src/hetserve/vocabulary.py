@@ -18,6 +18,20 @@ ENGINE_DTYPES: dict[str, str] = {
     "bfloat16": "bfloat16",
 }
 
+#: The formats an engine computes a server's layers in (the weights of 16-bit layers, the activations
+#: and, in hetserve's engine, the KV cache): the cost model times a server with its GPU's peak and cost
+#: factors for this format.
+RunDType = Literal["fp32", "bf16", "fp16"]
+RUN_DTYPES: tuple[RunDType, ...] = ("fp32", "bf16", "fp16")
+
+
+def run_dtype_for_kv(kv_dtype: str) -> RunDType:
+    """The format a server with ``kv_dtype`` KV computes in. hetserve's engine runs weights, activations
+    and KV in one format (fp32, bf16 or fp16), so it is the KV's; a narrower KV (fp8, int8: other engines)
+    goes with 16-bit compute, taken as fp16."""
+    return kv_dtype if kv_dtype in RUN_DTYPES else "fp16"  # type: ignore[return-value]
+
+
 #: Torch's name of a format -> bytes per element (what a worker's KV occupies on the wire).
 TORCH_DTYPE_BYTES: dict[str, int] = {
     torch_name: DTYPE_BYTES[short] for short, torch_name in ENGINE_DTYPES.items() if short in DTYPE_BYTES

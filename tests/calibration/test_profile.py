@@ -25,12 +25,31 @@ def profile(tmp_path_factory):
 def test_quick_profile_describes_the_cpu_and_fits_the_engine(profile):
     p = load_profile(profile)
     assert p.device.name == "this-cpu"
-    assert p.device.tflops["fp32"] > 0 and p.device.memory_bw_gb_per_s > 0
-    assert len(p.measurements.engine) == 9 and len(p.measurements.gemm) >= 7
-    assert p.measurements.allreduce and p.measurements.kv_handoff
-    # the fitted factors describe the engine better than the defaults do
-    assert p.calibration.fit.median_ape_pct < p.calibration.uncalibrated.median_ape_pct
-    assert p.calibration.fit.median_ape_pct < 25
+    assert p.device.tflops["fp32"] > 0 and p.device.tflops["bf16"] > 0 and p.device.memory_bw_gb_per_s > 0
+    # the engine in fp32 (the main format) and bf16, 9 shapes each
+    assert [r.dtype for r in p.measurements.engine] == ["fp32"] * 9 + ["bf16"] * 9
+    assert len(p.measurements.gemm) >= 14 and p.measurements.allreduce and p.measurements.kv_handoff
+    assert p.calibration.dtype == "fp32" and set(p.calibration.per_dtype) == {"bf16"}
+    # each format's fitted factors describe its engine steps better than the defaults do
+    for fit in (p.calibration, p.calibration.per_dtype["bf16"]):
+        assert fit.fit.median_ape_pct < fit.uncalibrated.median_ape_pct
+        assert fit.fit.median_ape_pct < 25
+
+
+def test_the_bf16_steps_are_described_by_their_own_fit(profile):
+    """The bf16 engine's steps are predicted better by the bf16 fit than by the fp32 factors timing a bf16
+    server (one factor set for every format: what a profile gave before fits per format)."""
+    from hetserve.calibration.fit import errors
+    from hetserve.calibration.measurements import engine_rows
+
+    p = load_profile(profile)
+    bf16 = [e for e in p.measurements.engine if e.dtype == "bf16"]
+    rows = engine_rows(bf16, p.device, p.engine, str(profile))
+    calibrated = p.calibration.apply_to(p.device)
+    fp32_for_all = p.device.model_copy(
+        update={"efficiency": p.calibration.factors, "efficiency_by_run_dtype": {}}
+    )
+    assert errors(rows, calibrated).median_ape < errors(rows, fp32_for_all).median_ape
 
 
 def test_profiled_device_is_a_gpu_type_for_cluster_files_and_calibrate(profile, write, run_cli, tmp_path):
@@ -38,7 +57,9 @@ def test_profiled_device_is_a_gpu_type_for_cluster_files_and_calibrate(profile, 
 
     cluster = write("c.yaml", f"include: [{profile}]\nnodes:\n  - {{name: box, gpu: this-cpu, count: 2}}\n")
     c = Cluster.load(cluster)
-    assert c.nodes["box"].gpu.efficiency == load_profile(profile).calibration.factors
+    calibration = load_profile(profile).calibration
+    assert c.nodes["box"].gpu.efficiency == calibration.factors
+    assert c.nodes["box"].gpu.factors_for("bf16") == calibration.per_dtype["bf16"].factors
     code, out, err = run_cli("calibrate", "--measurements", profile, "--out", tmp_path / "c.yaml")
     assert code == 0, err
     assert "this-cpu" in yaml.safe_load((tmp_path / "c.yaml").read_text())["gpus"]

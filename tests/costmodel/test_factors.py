@@ -13,10 +13,10 @@ MODEL = load_model("llama-3.1-8b")
 A100 = builtin_gpus()["a100-80gb"]
 
 
-def timer(tp=1, run_bytes=2.0, **factors):
+def timer(tp=1, run_dtype="fp16", **factors):
     gpu = A100.model_copy(update={"efficiency": A100.efficiency.model_copy(update=factors)})
     layers = (16,) * MODEL.num_layers
-    return ServerTimer(ServerShape(gpu, tp, layers, run_bytes=run_bytes, kv_dtype_bytes=2.0), MODEL)
+    return ServerTimer(ServerShape(gpu, tp, layers, run_dtype=run_dtype, kv_dtype_bytes=2.0), MODEL)
 
 
 def decode(t, batch, context=512):
@@ -72,7 +72,7 @@ def test_attention_memory_scales_decode_kv_reads():
 
 
 def test_fp32_servers_read_twice_the_weight_bytes():
-    half, wide = decode(timer(), 1, 1), decode(timer(run_bytes=4.0), 1, 1)
+    half, wide = decode(timer(), 1, 1), decode(timer(run_dtype="fp32"), 1, 1)
     assert wide == pytest.approx(2 * half, rel=0.05)
 
 

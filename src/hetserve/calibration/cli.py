@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import HetserveError, seed_value
 from .fit import HOLDOUT_COLUMNS
+
+if TYPE_CHECKING:
+    from ..specs.calibration import FactorFit, GPUCalibration
 
 
 def _read_all(paths: list[str], cluster: str | None):
@@ -43,8 +47,9 @@ def _engine_of(rows, gpu: str, engine: str | None) -> str:
 
 def cmd_calibrate(args) -> int:
     from ..report.tables import print_json, table
-    from ..specs.calibration import CalibrationFile, FitError, GPUCalibration
-    from .fit import errors, fit_gpu, holdout_split
+    from ..specs.calibration import CalibrationFile
+    from .fit import holdout_split
+    from .per_dtype import calibrate_gpu
 
     if args.holdout is not None and args.holdout_by:
         raise HetserveError("give --holdout or --holdout-by, not both")
@@ -61,20 +66,12 @@ def cmd_calibrate(args) -> int:
             raise HetserveError(
                 f"every measurement of {name} is held out; hold out fewer rows to calibrate {name}"
             )
-        gpu = gpus[name]
-        engine = _engine_of(mine, name, args.engine)
-        fit = fit_gpu(mine, gpu, source=", ".join(args.measurements))
-        fitted = gpu.model_copy(update={"efficiency": fit.factors})
-        theirs = [r for r in held if r.gpu.name == name]
-        entries[name] = GPUCalibration(
-            factors=fit.factors,
-            fitted=list(fit.fitted),
-            engine=engine,
-            rows=len(mine),
-            fit=FitError.model_validate(fit.error.as_dict()),
-            uncalibrated=FitError.model_validate(errors(mine, gpu).as_dict()),
-            heldout=FitError.model_validate(errors(theirs, fitted).as_dict()) if theirs else None,
-            heldout_uncalibrated=FitError.model_validate(errors(theirs, gpu).as_dict()) if theirs else None,
+        entries[name] = calibrate_gpu(
+            mine,
+            gpus[name],
+            engine=_engine_of(mine, name, args.engine),
+            source=", ".join(args.measurements),
+            held=[r for r in held if r.gpu.name == name],
         )
     holdout = (
         f"random {args.holdout:g} (seed {args.seed})"
@@ -91,6 +88,7 @@ def cmd_calibrate(args) -> int:
         + (f", {len(held)} held out ({holdout})" if held else ""),
         [
             "gpu",
+            "dtype",
             "phase",
             "rows fitted",
             "default median/p90 %",
@@ -101,13 +99,18 @@ def cmd_calibrate(args) -> int:
         _error_rows(entries),
     )
     for name, entry in entries.items():
-        changed = {n: getattr(entry.factors, n) for n in entry.fitted}
-        shown = ", ".join(f"{n}={v:g}" for n, v in changed.items())
-        print(
-            f"{name}: {shown}" + (f", allreduce={entry.factors.allreduce}" if "collective" in changed else "")
-        )
+        for dtype, fit in _fits(entry):
+            changed = {n: getattr(fit.factors, n) for n in fit.fitted}
+            shown = ", ".join(f"{n}={v:g}" for n, v in changed.items())
+            collective = f", allreduce={fit.factors.allreduce}" if "collective" in changed else ""
+            print(f"{name} ({dtype}): {shown}{collective}")
     print(f"wrote: {args.out}")
     return 0
+
+
+def _fits(entry: GPUCalibration) -> list[tuple[str, FactorFit]]:
+    """``(format, FactorFit)`` of a GPU's calibration, the main fit first."""
+    return [(entry.dtype or "any", entry), *entry.per_dtype.items()]
 
 
 def _error_rows(entries) -> list[tuple]:
@@ -119,18 +122,20 @@ def _error_rows(entries) -> list[tuple]:
 
     out = []
     for name, entry in entries.items():
-        for phase in sorted(entry.fit.by_phase):
-            out.append(
-                (
-                    name,
-                    phase,
-                    entry.fit.by_phase[phase].n,
-                    pair(entry.uncalibrated, phase),
-                    pair(entry.fit, phase),
-                    pair(entry.heldout_uncalibrated, phase),
-                    pair(entry.heldout, phase),
+        for dtype, fit in _fits(entry):
+            for phase in sorted(fit.fit.by_phase):
+                out.append(
+                    (
+                        name,
+                        dtype,
+                        phase,
+                        fit.fit.by_phase[phase].n,
+                        pair(fit.uncalibrated, phase),
+                        pair(fit.fit, phase),
+                        pair(fit.heldout_uncalibrated, phase),
+                        pair(fit.heldout, phase),
+                    )
                 )
-            )
     return out
 
 
@@ -153,7 +158,7 @@ def cmd_profile(args) -> int:
         name=args.name,
         quick=args.quick,
         threads=args.threads,
-        dtype=args.dtype,
+        dtypes=args.dtypes,
         log=log,
     )
     write_yaml(profile.model_dump(mode="json", exclude_none=True), args.out, "hetserve device profile")
@@ -162,11 +167,15 @@ def cmd_profile(args) -> int:
 
         print_json(profile.model_dump(mode="json", exclude_none=True))
         return 0
-    d, c = profile.device, profile.calibration
+    d = profile.device
+    peaks = ", ".join(f"{dtype} {tflops * 1e3:.1f}" for dtype, tflops in d.tflops.items())
+    fits = "; ".join(
+        f"{dtype} fit median {fit.fit.median_ape_pct:.1f}% (default factors {fit.uncalibrated.median_ape_pct:.1f}%)"
+        for dtype, fit in _fits(profile.calibration)
+    )
     print(
-        f"{d.name}: {d.tflops} TFLOPS, {d.memory_bw_gb_per_s:.1f} GB/s, fabric {d.fabric.gb_per_s:.2f} GB/s "
-        f"{d.fabric.latency_us:.0f} us; engine fit median {c.fit.median_ape_pct:.1f}% "
-        f"(default factors {c.uncalibrated.median_ape_pct:.1f}%)"
+        f"{d.name}: {peaks} GFLOPS, {d.memory_bw_gb_per_s:.1f} GB/s, fabric {d.fabric.gb_per_s:.2f} GB/s "
+        f"{d.fabric.latency_us:.0f} us; {profile.engine} {fits}"
     )
     print(f"wrote: {args.out} (use it in a cluster file: include: [{args.out}], then gpu: {d.name})")
     return 0
@@ -197,6 +206,8 @@ def add_calibrate_parser(sub) -> None:
 
 
 def add_profile_parser(sub) -> None:
+    from .profile import DEFAULT_DTYPES, TORCH_DTYPES
+
     p = sub.add_parser(
         "profile", help="measure this machine's device with torch and write it as a calibrated GPU type"
     )
@@ -205,7 +216,15 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a short sweep (about a minute on a laptop CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1, as serve)")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the engine's dtype"
+        "--dtypes",
+        "--dtype",
+        nargs="+",
+        default=list(DEFAULT_DTYPES),
+        choices=list(TORCH_DTYPES),
+        metavar="DTYPE",
+        help="formats to measure the engine in, each fitted apart; the first is the main one, whose factors "
+        f"also time servers in formats not measured ({', '.join(TORCH_DTYPES)}; default: "
+        f"{' '.join(DEFAULT_DTYPES)})",
     )
     p.add_argument("--out", required=True, help="profile to write (YAML)")
     p.add_argument("--json", action="store_true")

@@ -6,7 +6,10 @@ minimises squared log ratios (relative error, so a 2 ms and a 2 s measurement we
 SciPy's bounded trust-region least squares, from two starting points, with a weak pull towards the
 default factors that only decides factors the data cannot tell apart (for example the per-layer and
 per-step overheads of a single model). Factors the rows cannot inform at all are left at their
-defaults: all-reduce terms without TP > 1 rows, the per-step time without whole-model rows.
+defaults: all-reduce terms without TP > 1 rows, the per-step time without whole-model rows. One fit
+covers rows of one format (``run_dtype``): an engine's speed per format is its own (a CPU runs bf16
+matrix products faster than fp32 and bf16 matrix-vector products slower), so ``calibrate_gpu``
+(per_dtype.py) fits each format apart.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..costmodel.fidelity import layer_batch
 from ..costmodel.roofline import BatchShape, ServerShape, ServerTimer
 from ..errors import HetserveError
 from ..specs.gpus import CostFactors, GPUSpec
+from ..vocabulary import DTYPE_BYTES, RunDType
 from .measurements import LayerRow, ModelRow, Row
 
 #: Fitted factors: name -> (lower bound, upper bound, starting value, scale of the pull to defaults).
@@ -63,18 +67,18 @@ ROWS_PER_FACTOR = 2
 
 def predict_ms(row: Row, gpu: GPUSpec, cache: dict | None = None) -> tuple[float, ...]:
     """The cost model's figures for ``row`` on ``gpu`` (its factors), in the row's units (ms)."""
-    key = (id(row.model), row.tp, type(row).__name__, getattr(row, "run_bytes", 2.0))
+    key = (id(row.model), row.tp, type(row).__name__, row.run_dtype)
     timer = cache.get(key) if cache is not None else None
     if timer is None:
         if isinstance(row, LayerRow):
-            shape = ServerShape(gpu, row.tp, (16,), first=False, last=False)
+            shape = ServerShape(gpu, row.tp, (16,), first=False, last=False, run_dtype=row.run_dtype)
         else:
             shape = ServerShape(
                 gpu,
                 row.tp,
                 (16,) * row.model.num_layers,
-                kv_dtype_bytes=row.run_bytes,
-                run_bytes=row.run_bytes,
+                kv_dtype_bytes=float(DTYPE_BYTES[row.run_dtype]),
+                run_dtype=row.run_dtype,
             )
         timer = ServerTimer(shape, row.model)
         if cache is not None:
@@ -83,7 +87,7 @@ def predict_ms(row: Row, gpu: GPUSpec, cache: dict | None = None) -> tuple[float
         # a per-layer figure holds no per-step time
         t = (
             timer.batch_time(layer_batch(row.phase, row.batch_tokens))
-            - gpu.efficiency.step_overhead_ms * 1e-3
+            - gpu.factors_for(row.run_dtype).step_overhead_ms * 1e-3
         )
         return (t * 1e3,)
     prefill = timer.batch_time(BatchShape.prefill([row.prompt] * row.batch))
@@ -194,8 +198,13 @@ def fit_gpu(
     max_evaluations: int = 4000,
     source: str = "measurements",
 ) -> Fit:
-    """Fit ``gpu``'s cost factors to ``rows`` (all of that GPU type); the factors named in ``keep``
-    stay as ``gpu`` has them (measured another way)."""
+    """Fit ``gpu``'s cost factors to ``rows`` (all of that GPU type and of one format, from which the
+    fit starts: ``gpu.factors_for(format)``); the factors named in ``keep`` stay as ``gpu`` has them
+    (measured another way)."""
+    formats = {r.run_dtype for r in rows}
+    if len(formats) > 1:
+        raise ValueError(f"fit_gpu fits one format at a time, got rows in {sorted(formats)}")
+    run_dtype = formats.pop() if formats else "fp16"
     names = [n for n in fitted_names(rows) if n not in keep]
     values = sum(len(r.values) for r in rows)
     need = ROWS_PER_FACTOR * len(names)
@@ -204,7 +213,7 @@ def fit_gpu(
             f"{source}: {values} measurement(s) of {gpu.name} are too few to fit its {len(names)} factors "
             f"({', '.join(names)}); give at least {need} (more batch sizes, prompt lengths or TP degrees)"
         )
-    defaults = gpu.efficiency
+    defaults = gpu.factors_for(run_dtype)
     measured = np.log([m for r in rows for _, m in r.values])
     scale = np.array([SCALE[n] for n in names])
     algorithms = ("ring", "one-shot") if any(r.tp > 1 for r in rows) else (defaults.allreduce,)
@@ -219,7 +228,7 @@ def fit_gpu(
                 return defaults.model_copy(update=dict(zip(names, map(float, x)), allreduce=algorithm))
 
             def residuals(x, origin=origin, factors_at=factors_at) -> np.ndarray:
-                trial = gpu.model_copy(update={"efficiency": factors_at(x)})
+                trial = with_factors(gpu, run_dtype, factors_at(x))
                 cache: dict = {}
                 pred = [p for r in rows for p in predict_ms(r, trial, cache)]
                 bad = [p for p in pred if not p > 0]
@@ -241,8 +250,13 @@ def fit_gpu(
                 best = (cost, factors_at(result.x))
     assert best is not None
     factors = _tidy(best[1], names)
-    fitted_gpu = gpu.model_copy(update={"efficiency": factors})
-    return Fit(factors, tuple(names), errors(rows, fitted_gpu))
+    return Fit(factors, tuple(names), errors(rows, with_factors(gpu, run_dtype, factors)))
+
+
+def with_factors(gpu: GPUSpec, run_dtype: RunDType, factors: CostFactors) -> GPUSpec:
+    """``gpu`` with ``factors`` for servers that compute in ``run_dtype`` (the other formats as before)."""
+    per_dtype = {**gpu.efficiency_by_run_dtype, run_dtype: factors}
+    return gpu.model_copy(update={"efficiency_by_run_dtype": per_dtype})
 
 
 def _tidy(factors: CostFactors, names: list[str]) -> CostFactors:

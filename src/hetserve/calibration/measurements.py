@@ -8,8 +8,10 @@ Two kinds of rows:
 - ``ModelRow``: a whole model on ``tp`` GPUs: the prefill of ``batch`` prompts of ``prompt`` tokens
   (``prefill_ms``) and the mean decode step of that batch while it writes ``output`` tokens
   (``decode_ms``); columns ``model,gpu,tp,batch,prompt,output,prefill_ms,decode_ms`` and optionally
-  ``engine`` (the serving stack) and ``dtype`` (fp16, bf16 or fp32; default 16-bit).
-  ``hetserve profile`` writes its engine measurements as model rows.
+  ``engine`` (the serving stack) and ``dtype`` (the format it computed in: fp16, bf16 or fp32;
+  default fp16). ``hetserve profile`` writes its engine measurements as model rows.
+
+Each row carries the format it ran in (``run_dtype``): factors are fitted per format.
 
 Every reader names the file, row and column of the first mistake it finds (``HetserveError``).
 """
@@ -24,12 +26,11 @@ from pathlib import Path
 from ..errors import HetserveError, allowed, suggest
 from ..specs.gpus import GPUSpec
 from ..specs.models import ModelSpec, load_model
+from ..vocabulary import RUN_DTYPES, RunDType
 
 LAYER_COLUMNS = ("model", "machine", "gpu", "gpus_per_machine", "phase", "batch_tokens", "ms_per_layer")
 MODEL_COLUMNS = ("model", "gpu", "tp", "batch", "prompt", "output", "prefill_ms", "decode_ms")
 PHASES = ("prefill", "decode")
-#: The dtype an engine ran a full model in -> bytes per 16-bit weight and activation.
-RUN_DTYPES = {"fp16": 2.0, "bf16": 2.0, "fp32": 4.0}
 #: Largest measurement file read (bytes): far above any real sweep, small enough to refuse junk.
 MAX_FILE_BYTES = 64 * 2**20
 
@@ -43,6 +44,7 @@ class LayerRow:
     batch_tokens: int
     ms: float
     where: str  # "FILE row N"
+    run_dtype: RunDType = "fp16"  # the per-layer format has no dtype column: one 16-bit layer
 
     @property
     def values(self) -> tuple[tuple[str, float], ...]:
@@ -61,7 +63,7 @@ class ModelRow:
     decode_ms: float
     engine: str
     where: str
-    run_bytes: float = 2.0  # 4 when the engine ran in fp32
+    run_dtype: RunDType = "fp16"  # the format the engine computed in (the CSV's dtype column)
 
     @property
     def values(self) -> tuple[tuple[str, float], ...]:
@@ -102,11 +104,11 @@ class _Reader:
             raise self.fail(line, column, f"{raw} is out of range (at most 10,000,000)")
         return value
 
-    def run_bytes(self, row: dict, line: int) -> float:
+    def run_dtype(self, row: dict, line: int) -> RunDType:
         dtype = (row.get("dtype") or "").strip() or "fp16"
         if dtype not in RUN_DTYPES:
             raise self.fail(line, "dtype", f"'{dtype}' is not one of {', '.join(RUN_DTYPES)}")
-        return RUN_DTYPES[dtype]
+        return dtype
 
     def model(self, row: dict, line: int) -> ModelSpec:
         name = self.text(row, line, "model")
@@ -146,8 +148,6 @@ def engine_rows(rows, device: GPUSpec, engine: str, where: str) -> list[ModelRow
             model = load_model(e.model)
         except HetserveError as exc:
             raise HetserveError(f"{at}.model: {exc}") from None
-        if e.dtype not in RUN_DTYPES:
-            raise HetserveError(f"{at}.dtype: '{e.dtype}' is not one of {', '.join(RUN_DTYPES)}")
         out.append(
             ModelRow(
                 model,
@@ -160,7 +160,7 @@ def engine_rows(rows, device: GPUSpec, engine: str, where: str) -> list[ModelRow
                 e.decode_ms,
                 engine,
                 at,
-                RUN_DTYPES[e.dtype],
+                e.dtype,
             )
         )
     return out
@@ -236,7 +236,7 @@ def read_csv(path: str | Path, gpus: dict[str, GPUSpec]) -> list[Row]:
                     reader.number(rec, line, "decode_ms"),
                     (rec.get("engine") or "").strip(),
                     where,
-                    reader.run_bytes(rec, line),
+                    reader.run_dtype(rec, line),
                 )
             )
     return rows

@@ -1,18 +1,22 @@
 """``hetserve profile``: measure this machine's torch device and describe it as a GPU type.
 
-Measured with torch itself, in the dtype and thread count the engine serves with:
+Measured with torch itself, in the thread count the engine serves with and in each format the engine
+is asked to serve in (``--dtypes``: fp32 and bf16 unless told otherwise; the first is the main one):
 - matrix products over a sweep of row counts (1 to 1,024) at the served model's shapes, and one large
-  square product (the device's peak);
-- attention (``scaled_dot_product_attention``) for prefill over prompt lengths and decode over contexts;
+  square product (the format's peak), in each format;
+- attention (``scaled_dot_product_attention``) for prefill over prompt lengths and decode over contexts,
+  in the main format;
 - memory bandwidth (a large tensor copy: bytes read plus written per second);
 - between two processes on this machine (gloo over 127.0.0.1, as the runtime's workers talk): an
   all-reduce and a point-to-point tensor send (the primitive KV hand-offs and pipeline hops use) over
   a sweep of sizes, fitted to a latency plus bytes over bandwidth;
-- the real engine (``LLMEngine`` on SmolLM2-135M) over batch sizes and prompt lengths: whole-batch
-  prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits.
+- the real engine (``LLMEngine`` on SmolLM2-135M) over batch sizes and prompt lengths, in each format:
+  whole-batch prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits.
 
-The device entry takes its peak FLOPS, bandwidth and fabric from the micro-benchmarks; its cost
-factors are then fitted to the engine rows, so the simulator describes the engine that serves.
+The device entry takes its peak FLOPS per format, bandwidth and fabric from the micro-benchmarks; its
+cost factors are then fitted to the engine rows of each format apart (per_dtype.py), so the simulator
+times a server with the factors of the format it computes in: a CPU's bf16 runs a large product about
+twice as fast as fp32 but has no native matrix-vector path, so one factor set cannot describe both.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import platform
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from ..errors import HetserveError
 from ..specs.calibration import (
     AttentionPoint,
     EngineRow,
+    FactorFit,
     FitError,
     GemmPoint,
     GPUCalibration,
@@ -39,9 +44,16 @@ from ..specs.calibration import (
     TransferPoint,
 )
 from ..specs.gpus import CostFactors, GPUSpec
+from ..vocabulary import RunDType
 
 MODEL = "smollm2-135m"
-TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+#: torch's name of each format the engine serves in -> the cost model's.
+TORCH_DTYPES: dict[str, RunDType] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+#: The formats profiled unless told otherwise: fp32 (the main one) and bf16, the formats the example
+#: plans serve in; fp16's matrix products are several times slower than fp32's on CPUs without native
+#: fp16 arithmetic (a 64-token prefill of SmolLM2-135M: 0.86 s vs 0.28 s on the 2-core test machine),
+#: so it is measured on request only.
+DEFAULT_DTYPES = ("float32", "bfloat16")
 
 
 def _timed(fn: Callable[[], object], *, repeats: int, sync: Callable[[], None]) -> float:
@@ -251,42 +263,64 @@ def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow
             )
         )
         log(
-            f"  engine batch {batch:>2} x {prompt:>3} tokens: prefill {rows[-1].prefill_ms:7.1f} ms, "
-            f"decode step {rows[-1].decode_ms:6.1f} ms"
+            f"  engine {rows[-1].dtype} batch {batch:>2} x {prompt:>4} tokens: prefill "
+            f"{rows[-1].prefill_ms:7.1f} ms, decode step {rows[-1].decode_ms:6.1f} ms"
         )
     return rows
 
 
 def run_profile(
-    *, device: str, name: str | None, quick: bool, threads: int, dtype: str, log=lambda msg: None
+    *,
+    device: str,
+    name: str | None,
+    quick: bool,
+    threads: int,
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
+    log=lambda msg: None,
 ) -> ProfileFile:
+    """Profile ``device`` in each of ``dtypes`` (torch names; the first is the main format: its factors
+    also time servers in a format not measured here)."""
     import torch
 
     from ..specs.models import load_model
-    from .fit import errors, fit_gemm_curve, fit_gpu
+    from .fit import fit_gemm_curve
     from .measurements import engine_rows
+    from .per_dtype import calibrate_gpu
 
     if threads < 1:
         raise HetserveError(f"--threads={threads} must be >= 1")
+    unknown = [d for d in dtypes if d not in TORCH_DTYPES]
+    if not dtypes or unknown or len(set(dtypes)) < len(dtypes):
+        raise HetserveError(
+            f"--dtypes {' '.join(dtypes)}: give each of {', '.join(TORCH_DTYPES)} at most once (the first "
+            "is the main format)"
+        )
     try:
         dev = torch.device(device)
         torch.empty(1, device=dev)
     except (RuntimeError, AssertionError) as exc:
         raise HetserveError(f"--device={device}: torch cannot use it ({str(exc).splitlines()[0]})") from None
     torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, dtype)
+    runs = [TORCH_DTYPES[d] for d in dtypes]  # the formats as the cost model names them
+    main = runs[0]
     model = load_model(MODEL)
     h, f = model.hidden_size, model.intermediate_size
     rows = (1, 16, 256) if quick else (1, 4, 16, 64, 256, 1024)
     shapes = [(r, h, f) for r in rows] + [(r, f, h) for r in rows]
     shapes.append((1024, 1024, 1024) if quick else (2048, 2048, 2048))
-    log(f"profiling {device} ({dtype}, {threads} thread(s)){' quick' if quick else ''}")
-    gemm = measure_gemm(dev, torch_dtype, shapes, repeats=3 if quick else 5)
-    if dtype != "bfloat16" and not quick:
+    log(f"profiling {device} ({', '.join(dtypes)}; {threads} thread(s)){' quick' if quick else ''}")
+    gemm: list[GemmPoint] = []
+    for torch_name in dtypes:
+        gemm += measure_gemm(dev, getattr(torch, torch_name), shapes, repeats=3 if quick else 5)
+    if not {"bf16", "fp16"} & set(runs) and not quick:
         gemm += measure_gemm(dev, torch.bfloat16, [(1024, 1024, 1024)], repeats=3)
-    peak = max(g.tflops for g in gemm if g.dtype == TORCH_DTYPES[dtype])
-    log(f"  matrix products: peak {peak * 1e3:.1f} GFLOPS")
-    attention = measure_attention(dev, torch_dtype, model.num_heads, model.head_dim, quick)
+    tflops: dict[str, float] = {}
+    for g in gemm:
+        tflops[g.dtype] = max(tflops.get(g.dtype, 0.0), g.tflops)
+    if "bf16" not in tflops and "fp16" not in tflops:
+        tflops["bf16"] = tflops[main]  # the cost model needs a 16-bit peak; none was measured
+    log("  matrix products: peak " + ", ".join(f"{d} {tflops[d] * 1e3:.1f} GFLOPS" for d in runs))
+    attention = measure_attention(dev, getattr(torch, dtypes[0]), model.num_heads, model.head_dim, quick)
     copy = measure_copy(dev, quick)
     log(f"  memory copy: {copy:.1f} GB/s")
     allreduce, p2p = measure_comm(quick, threads)
@@ -301,32 +335,51 @@ def run_profile(
         f"send {p2p_fixed * 1e6:.0f} us + {1 / p2p_per_byte / 1e9:.2f} GB/s"
     )
     # hetserve's engine runs on the CPU: its steps describe a CPU device only
-    engine = measure_engine(dtype, threads, quick, log) if dev.type == "cpu" else []
+    engine = []
+    if dev.type == "cpu":
+        for torch_name in dtypes:
+            engine += measure_engine(torch_name, threads, quick, log)
 
-    run = TORCH_DTYPES[dtype]
-    tflops = {run: peak}
-    for g in gemm:
-        if g.dtype != run:
-            tflops[g.dtype] = max(tflops.get(g.dtype, 0.0), g.tflops)
-    if "bf16" not in tflops and "fp16" not in tflops:
-        tflops["bf16"] = peak  # the cost model times 16-bit work with a 16-bit entry
     memory_gb = _memory_gb(dev)
     label = name or ("this-cpu" if dev.type == "cpu" else f"this-{dev.type}")
     measured = (
         f"measured by hetserve profile on {platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')}"
     )
-    # a two-rank ring all-reduce is 2 latency steps and one buffer over the link
+    fabric_gb_per_s = 1 / p2p_per_byte / 1e9
+    # the micro-benchmarks' factors per format: the GEMM curve against that format's peak, and the
+    # collectives (a two-rank ring all-reduce is 2 latency steps and one buffer over the link)
+    base: dict[RunDType, CostFactors] = {}
+    curve_error: dict[RunDType, FitError] = {}
+    for run in runs:
+        points = [g for g in gemm if g.dtype == run]
+        compute, half_rows, exponent, gemm_ape = fit_gemm_curve(points, tflops[run])
+        log(
+            f"  GEMM efficiency curve ({run}): {compute:.2f} x (rows / (rows + {half_rows:g})) ** "
+            f"{exponent:.2f} (median error {gemm_ape:.1f}%)"
+        )
+        base[run] = CostFactors(
+            compute=compute,
+            gemm_half_rows=half_rows,
+            gemm_rows_exponent=exponent,
+            collective=min(1.0, 1 / ar_per_byte / 1e9 / fabric_gb_per_s),
+            allreduce_latency_us=ar_fixed / 2 * 1e6,
+        )
+        curve_error[run] = FitError(
+            n=len(points), median_ape_pct=round(gemm_ape, 2), p90_ape_pct=round(gemm_ape, 2)
+        )
     device_spec = GPUSpec(
         name=label,
         vendor="nvidia" if dev.type == "cuda" else "other",
         memory_gb=memory_gb,
         memory_bw_gb_per_s=copy,
         tflops=tflops,
-        fabric={"kind": "none", "gb_per_s": 1 / p2p_per_byte / 1e9, "latency_us": ar_fixed / 2 * 1e6},
+        fabric={"kind": "none", "gb_per_s": fabric_gb_per_s, "latency_us": ar_fixed / 2 * 1e6},
         tdp_w=_tdp(dev),
         price_per_hour=0.0,
         weight_dtypes=[],
         kv_dtypes=["fp32", "bf16", "fp16"],
+        efficiency=base[main],
+        efficiency_by_run_dtype={run: base[run] for run in runs[1:]},
         sources={
             "memory_gb": measured + " (total memory)",
             "memory_bw_gb_per_s": measured + " (tensor copy, read + write)",
@@ -337,50 +390,41 @@ def run_profile(
             "price_per_hour": "0: a machine already owned",
         },
         notes=f"{platform.processor() or platform.machine()}; torch {torch.__version__}; the engine "
-        f"serves in {dtype}",
+        f"measured in {', '.join(dtypes)} (main: {dtypes[0]})",
     )
-    compute, half_rows, exponent, gemm_ape = fit_gemm_curve(
-        [g for g in gemm if g.dtype == TORCH_DTYPES[dtype]], peak
-    )
-    log(
-        f"  GEMM efficiency curve: {compute:.2f} x (rows / (rows + {half_rows:g})) ** {exponent:.2f} "
-        f"(median error {gemm_ape:.1f}%)"
-    )
-    base = CostFactors(
-        compute=compute,
-        gemm_half_rows=half_rows,
-        gemm_rows_exponent=exponent,
-        collective=min(1.0, 1 / ar_per_byte / 1e9 / device_spec.fabric.gb_per_s),
-        allreduce_latency_us=ar_fixed / 2 * 1e6,
-    )
-    device_spec = device_spec.model_copy(update={"efficiency": base})
     if engine:
         model_rows = engine_rows(engine, device_spec, "hetserve", "profile")
-        # every factor from the engine's own steps: the micro-benchmarks' GEMM curve (the starting
-        # point) leaves the engine's steps 18% off at the median on this kind of CPU, its own fit ~8%
-        fit = fit_gpu(model_rows, device_spec, source="profile")
-        calibration = GPUCalibration(
-            factors=fit.factors,
-            fitted=list(fit.fitted),
-            engine="hetserve",
-            rows=len(model_rows),
-            fit=FitError.model_validate(fit.error.as_dict()),
-            uncalibrated=FitError.model_validate(
-                errors(model_rows, device_spec.model_copy(update={"efficiency": CostFactors()})).as_dict()
-            ),
+        # every factor from the engine's own steps, per format: the micro-benchmarks' GEMM curve (the
+        # starting point) leaves the engine's steps 18% off at the median on this kind of CPU, its own
+        # fit ~8%
+        defaults = device_spec.model_copy(update={"efficiency": CostFactors(), "efficiency_by_run_dtype": {}})
+        calibration = calibrate_gpu(
+            model_rows, device_spec, engine="hetserve", source="profile", main=main, baseline=defaults
         )
-        log(f"  engine fit: median {fit.error.median_ape:.1f}% (p90 {fit.error.p90_ape:.1f}%)")
+        for run, fit in [(main, calibration), *calibration.per_dtype.items()]:
+            log(
+                f"  engine fit ({run}): median {fit.fit.median_ape_pct:.1f}% (p90 {fit.fit.p90_ape_pct:.1f}%)"
+            )
     else:
         # no engine steps on this device: the factors are the micro-benchmarks' (GEMM curve, collectives)
-        error = FitError(n=len(gemm), median_ape_pct=round(gemm_ape, 2), p90_ape_pct=round(gemm_ape, 2))
-        calibration = GPUCalibration(
-            factors=base,
-            fitted=["compute", "gemm_half_rows", "gemm_rows_exponent", "allreduce_latency_us", "collective"],
-            engine="torch",
-            rows=len(gemm),
-            fit=error,
-            uncalibrated=error,
-        )
+        fits = {
+            run: FactorFit(
+                factors=base[run],
+                fitted=[
+                    "compute",
+                    "gemm_half_rows",
+                    "gemm_rows_exponent",
+                    "allreduce_latency_us",
+                    "collective",
+                ],
+                engine="torch",
+                rows=curve_error[run].n,
+                fit=curve_error[run],
+                uncalibrated=curve_error[run],
+            )
+            for run in runs
+        }
+        calibration = GPUCalibration(**dict(fits.pop(main)), dtype=main, per_dtype=fits)
     return ProfileFile(
         device=device_spec,
         engine="hetserve" if engine else "torch",

@@ -3,7 +3,8 @@
 A batch on a server is summarised by four numbers (``BatchShape``): new tokens computed, sequences,
 attention (query, key) pairs and KV tokens read. Each layer is two kernel groups, timed separately:
 the weight GEMMs, bound by FLOPs or by weight bytes, and attention, bound by FLOPs or by KV bytes.
-The GPU's ``CostFactors`` (``efficiency:`` in the catalogue) shape each term: GEMM efficiency that
+The GPU's ``CostFactors`` for the format the server computes in (``efficiency:`` in the catalogue,
+or its ``efficiency_by_run_dtype`` entry for that format) shape each term: GEMM efficiency that
 grows with the rows of the product, how far compute and memory traffic overlap, attention's own
 efficiencies, fixed per-layer and per-step times, and the all-reduce algorithm. Low-bit weights
 without a native kernel path pay a dequantisation pass; tensor parallelism adds two all-reduces per
@@ -16,8 +17,9 @@ import math
 from dataclasses import dataclass, field
 
 from ..specs.clusters import Link
-from ..specs.gpus import GPUSpec
+from ..specs.gpus import CostFactors, GPUSpec
 from ..specs.models import ModelSpec
+from ..vocabulary import DTYPE_BYTES, RunDType
 from .links import all_to_all_time, allreduce_time
 
 #: Operations per weight for a standalone dequantisation pass (unpack, scale, zero, store).
@@ -40,9 +42,9 @@ COLLECTIVE_EFFICIENCY = {
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 2 * 8
 
 
-def collective_link(gpu: GPUSpec) -> Link:
-    """The path a tensor-parallel collective sees inside one node of ``gpu``."""
-    f, k = gpu.fabric, gpu.efficiency
+def collective_link(gpu: GPUSpec, k: CostFactors) -> Link:
+    """The path a tensor-parallel collective sees inside one node of ``gpu`` with factors ``k``."""
+    f = gpu.fabric
     share = k.collective if k.collective is not None else COLLECTIVE_EFFICIENCY[f.kind]
     latency_us = k.allreduce_latency_us if k.allreduce_latency_us is not None else f.latency_us
     return Link(f.gb_per_s * 1e9 * share, latency_us * 1e-6)
@@ -89,8 +91,10 @@ def roof(compute: float, memory: float, overlap: float) -> float:
 class ServerShape:
     """What the cost model needs of a server: GPU, TP degree and the bits of each layer it holds.
 
-    ``run_bytes`` is the width the engine computes 16-bit layers in: 2 (fp16/bf16), or 4 when it runs
-    everything in fp32 (as hetserve's engine does for a server whose KV is fp32)."""
+    ``run_dtype`` is the format the engine computes 16-bit layers in (``vocabulary.run_dtype_for_kv``:
+    hetserve's engine runs a server in its KV's format, so fp32 KV means fp32 weights read at 4 bytes);
+    the server is timed with the GPU's peak and cost factors for that format (``GPUSpec.run_tflops``,
+    ``GPUSpec.factors_for``). The default, fp16, is the 16-bit compute of a GPU serving stack."""
 
     gpu: GPUSpec
     tp: int
@@ -98,7 +102,7 @@ class ServerShape:
     first: bool = True  # holds the embedding
     last: bool = True  # holds the final norm and LM head
     kv_dtype_bytes: float = 2.0
-    run_bytes: float = 2.0
+    run_dtype: RunDType = "fp16"
     #: Expert parallelism with data-parallel attention (an MoE model's server only): each of the ``tp``
     #: GPUs runs attention for its own share of the sequences with the whole attention weights and
     #: keeps those sequences' KV, and holds ``1/tp`` of the routed experts whole; tokens go to their
@@ -108,6 +112,16 @@ class ServerShape:
     @property
     def num_layers(self) -> int:
         return len(self.layer_bits)
+
+    @property
+    def run_bytes(self) -> float:
+        """Bytes per element of ``run_dtype``: the width 16-bit weights are held and read at."""
+        return float(DTYPE_BYTES[self.run_dtype])
+
+    @property
+    def factors(self) -> CostFactors:
+        """The GPU's cost factors for this server's ``run_dtype``."""
+        return self.gpu.factors_for(self.run_dtype)
 
     def bits_counts(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -169,10 +183,9 @@ class ServerTimer:
 
     def __post_init__(self) -> None:
         s, m, g = self.shape, self.model, self.shape.gpu
-        k = g.efficiency
-        wide = s.run_bytes > 2.0
+        k = s.factors
         bw = g.memory_bw_gb_per_s * 1e9
-        half = (g.tflops.get("fp32", g.half_tflops) if wide else g.half_tflops) * 1e12
+        peak = g.run_tflops(s.run_dtype) * 1e12  # 16-bit-weight layers, computed in the run format
         tp = s.tp
         self._moe = m.num_experts > 1
         self._overlap = k.overlap
@@ -180,7 +193,7 @@ class ServerTimer:
         self._rows_exponent = k.gemm_rows_exponent
         self._groups = []
         for bits, count in s.bits_counts().items():
-            rate = half if bits >= 16 else g.tflops_for_bits(bits) * 1e12
+            rate = peak if bits >= 16 else g.tflops_for_bits(bits) * 1e12
             flops_per_token = m.linear_flops_per_token_layer / tp / (rate * k.compute)
             weight_bytes = m.layer_weight_bytes(bits) * (s.run_bytes / 2.0 if bits >= 16 else 1.0)
             weight_read = weight_bytes / tp / (bw * k.memory)
@@ -196,30 +209,30 @@ class ServerTimer:
         )
         self._ep = runs_expert_parallel(s, m)
         if self._ep:
-            self._compile_ep(half, bw)
-        self._attn_flop = m.attention_flops_per_pair / tp / (half * k.attention_compute_or_default)
+            self._compile_ep(peak, bw)
+        self._attn_flop = m.attention_flops_per_pair / tp / (peak * k.attention_compute_or_default)
         self._layers = s.num_layers
         self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + k.step_overhead_ms * 1e-3
         self._ar_bytes_per_token = m.hidden_size * s.run_bytes  # activations, per all-reduce
         self._allreduce = k.allreduce
-        self._link = collective_link(g)
+        self._link = collective_link(g, k)
         head_params = m.vocab_size * m.hidden_size / tp
-        self._head_flop = 2 * head_params / (half * k.compute) if s.last else 0.0
+        self._head_flop = 2 * head_params / (peak * k.compute) if s.last else 0.0
         self._head_read = s.run_bytes * head_params / (bw * k.memory) if s.last else 0.0
 
-    def _compile_ep(self, half: float, bw: float) -> None:
+    def _compile_ep(self, peak: float, bw: float) -> None:
         """Per-layer constants of an expert-parallel server (``ServerShape.ep``), per group of bits:
         attention (whole weights, its GPU's share of the tokens), routed experts (the busiest GPU's
         tokens and experts), the rest of the MLP (shared experts, dense layers, router: split by TP)."""
         s, m, g = self.shape, self.model, self.shape.gpu
-        k, tp = g.efficiency, s.tp
+        k, tp = s.factors, s.tp
         attn_share, expert_share = ep_layer_shares(m)
         routed_flops = 2.0 * m.experts_per_token * m.expert_matrix_params * m.moe_share
         attn_flops = 2.0 * m.attention_matrix_params
         rest_flops = m.linear_flops_per_token_layer - attn_flops - routed_flops
         self._ep_groups = []
         for bits, count in s.bits_counts().items():
-            rate = (half if bits >= 16 else g.tflops_for_bits(bits) * 1e12) * k.compute
+            rate = (peak if bits >= 16 else g.tflops_for_bits(bits) * 1e12) * k.compute
             layer = m.layer_weight_bytes(bits) * (s.run_bytes / 2.0 if bits >= 16 else 1.0) / (bw * k.memory)
             expert = layer * expert_share
             rest = layer - layer * attn_share - expert * m.num_experts

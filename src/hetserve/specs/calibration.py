@@ -2,21 +2,43 @@
 
 Written by ``hetserve calibrate`` (and, for the profiled device, ``hetserve profile``); read wherever
 the cost model runs (``--calibration`` on estimate, simulate, plan and compare, ``calibration:`` on a
-GPU in a cluster file). Applying a calibration replaces the ``efficiency:`` factors of the GPU types it
-names; everything else about the GPU stays the catalogue's.
+GPU in a cluster file). A GPU type's calibration holds one fit per format its measurements ran in
+(fp32, bf16, fp16): the main one, and the others under ``per_dtype``. Applying it replaces the
+``efficiency:`` factors of the GPU types it names with the main fit's and ``efficiency_by_run_dtype``
+with the others'; everything else about the GPU stays the catalogue's.
+
+Version 1 files (before fits per format) load unchanged: their one factor set times every format.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import HetserveError, allowed
+from ..vocabulary import RunDType
 from .gpus import CostFactors, GPUSpec, Strict
 from .loading import load_yaml_model
 
-CALIBRATION_VERSION = 1
+#: Format of calibration and profile files: 2 added fits per run format (``GPUCalibration.dtype`` and
+#: ``per_dtype``, ``GPUSpec.efficiency_by_run_dtype``); version 1 files read as they are.
+CALIBRATION_VERSION = 2
+
+
+class Versioned(Strict):
+    version: int = Field(default=CALIBRATION_VERSION, description="file format (CALIBRATION_VERSION)")
+
+    @field_validator("version")
+    @classmethod
+    def _readable(cls, version: int) -> int:
+        if not 1 <= version <= CALIBRATION_VERSION:
+            raise ValueError(
+                f"a format this hetserve does not read (it reads 1 to {CALIBRATION_VERSION}); "
+                "write the file again with this hetserve (`hetserve calibrate` or `hetserve profile`) or "
+                "use the hetserve that wrote it"
+            )
+        return version
 
 
 class PhaseError(Strict):
@@ -32,7 +54,9 @@ class FitError(Strict):
     by_phase: dict[str, PhaseError] = {}
 
 
-class GPUCalibration(Strict):
+class FactorFit(Strict):
+    """Cost factors fitted to one engine's measurements in one format, with how well they fit."""
+
     factors: CostFactors
     fitted: list[str] = Field(description="factors fitted to the measurements (the rest are defaults)")
     engine: str = ""
@@ -43,8 +67,38 @@ class GPUCalibration(Strict):
     heldout_uncalibrated: FitError | None = None
 
 
-class CalibrationFile(Strict):
-    version: int = CALIBRATION_VERSION
+class GPUCalibration(FactorFit):
+    """One GPU type's calibration: the fit of its main format (``factors``, which also time servers in
+    a format without a fit of its own) and a fit per further format its measurements ran in."""
+
+    dtype: RunDType | None = Field(
+        default=None,
+        description="format of the rows ``factors`` was fitted to (the one with the most rows; `hetserve "
+        "profile`: the first of --dtypes); absent in version 1 files",
+    )
+    per_dtype: dict[RunDType, FactorFit] = Field(
+        default={},
+        description="fits to the rows of each further format, for servers that compute in it (default: "
+        "none; every format uses ``factors``)",
+    )
+
+    @model_validator(mode="after")
+    def _main_not_repeated(self) -> GPUCalibration:
+        if self.dtype is not None and self.dtype in self.per_dtype:
+            raise ValueError(
+                f"per_dtype.{self.dtype}: {self.dtype} is the main format (dtype), fitted in `factors`; "
+                "remove one of the two"
+            )
+        return self
+
+    def apply_to(self, gpu: GPUSpec) -> GPUSpec:
+        """``gpu`` timed with these fits: ``efficiency`` the main one, ``efficiency_by_run_dtype`` the
+        others (replacing any the GPU had: they were not fitted with these)."""
+        per_dtype = {dtype: fit.factors for dtype, fit in self.per_dtype.items()}
+        return gpu.model_copy(update={"efficiency": self.factors, "efficiency_by_run_dtype": per_dtype})
+
+
+class CalibrationFile(Versioned):
     measurements: list[str] = Field(default=[], description="files the factors were fitted to")
     holdout: str = ""
     gpus: dict[str, GPUCalibration] = Field(min_length=1)
@@ -73,7 +127,7 @@ def apply_calibration(
         )
     out = dict(gpus)
     for name in hits:
-        out[name] = gpus[name].model_copy(update={"efficiency": calibration.gpus[name].factors})
+        out[name] = calibration.gpus[name].apply_to(gpus[name])
     return out
 
 
@@ -109,23 +163,22 @@ class EngineRow(Strict):
     output: int = Field(ge=1)
     prefill_ms: float = Field(gt=0)
     decode_ms: float = Field(gt=0)
-    dtype: str = "fp32"
+    dtype: RunDType = Field(default="fp32", description="the format the engine ran in")
 
 
 class ProfileMeasurements(Strict):
     gemm: list[GemmPoint] = []
-    attention: list[AttentionPoint] = []
+    attention: list[AttentionPoint] = Field(default=[], description="in the main format only")
     copy_gb_per_s: float = Field(gt=0, description="memory bandwidth of a large tensor copy")
     allreduce: list[TransferPoint] = []
     kv_handoff: list[TransferPoint] = []
     engine: list[EngineRow] = []
 
 
-class ProfileFile(Strict):
+class ProfileFile(Versioned):
     """``hetserve profile``'s output: the device as a GPU type, the raw measurements, and the factors
-    fitted to the engine's whole-model rows."""
+    fitted to the engine's whole-model rows, one fit per format the engine was measured in."""
 
-    version: int = CALIBRATION_VERSION
     device: GPUSpec
     engine: str
     threads: int | None = None
@@ -146,4 +199,4 @@ def load_device(path: Path, field: str, source: str | None) -> GPUSpec:
         profile = load_profile(path)
     except HetserveError as exc:
         raise HetserveError(f"{field}: {exc}", source=source) from None
-    return profile.device.model_copy(update={"efficiency": profile.calibration.factors})
+    return profile.calibration.apply_to(profile.device)

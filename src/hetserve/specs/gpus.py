@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..vocabulary import RunDType
+
 Vendor = Literal["nvidia", "amd", "huawei", "intel", "other"]
 FabricKind = Literal["nvlink", "xgmi", "hccs", "pcie", "roce", "infinity-fabric", "none"]
 DType = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4"]
@@ -175,6 +177,13 @@ class GPUSpec(Strict):
     weight_dtypes: list[str] = Field(description="weight formats with a native or fused kernel path")
     kv_dtypes: list[DType]
     efficiency: CostFactors = CostFactors()
+    efficiency_by_run_dtype: dict[RunDType, CostFactors] = Field(
+        default={},
+        description="cost factors of servers that compute in a given format (fp32, bf16, fp16), where the "
+        "engine's speed differs by format more than the peaks say (a CPU without a native bf16 matrix-vector "
+        "path); a format not listed uses `efficiency`. Default: none (every format uses `efficiency`); "
+        "`hetserve profile` writes one entry per format it measured besides its main one",
+    )
     sources: dict[str, str] = Field(description="field name -> where the figure comes from")
     notes: str = ""
 
@@ -201,6 +210,15 @@ class GPUSpec(Strict):
     def half_tflops(self) -> float:
         """Dense 16-bit tensor throughput (the faster of bf16/fp16 the GPU has)."""
         return max(self.tflops.get(d, 0.0) for d in HALF_DTYPES)
+
+    def factors_for(self, run_dtype: RunDType) -> CostFactors:
+        """The cost factors of a server that computes in ``run_dtype``: its own entry, else ``efficiency``."""
+        return self.efficiency_by_run_dtype.get(run_dtype, self.efficiency)
+
+    def run_tflops(self, run_dtype: RunDType) -> float:
+        """Peak of the 16-bit-weight GEMMs of a server that computes in ``run_dtype``: that format's own
+        figure when ``tflops`` lists it, else the 16-bit peak (``half_tflops``)."""
+        return self.tflops.get(run_dtype) or self.half_tflops
 
     def tflops_for_bits(self, weight_bits: int) -> float:
         """Throughput of a matmul whose weights have ``weight_bits``; activations stay 16-bit unless
@@ -233,6 +251,7 @@ class GPUOverride(Strict):
     weight_dtypes: list[str] | None = None
     kv_dtypes: list[DType] | None = None
     efficiency: CostFactors | None = None
+    efficiency_by_run_dtype: dict[RunDType, CostFactors] | None = None
     sources: dict[str, str] | None = None
     notes: str | None = None
     base: str | None = Field(default=None, description="catalogued GPU to start from")
