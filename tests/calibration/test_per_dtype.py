@@ -2,6 +2,7 @@
 recovered from rows they generated, the main fit is the format with the most rows (or the one asked
 for), and ``hetserve calibrate`` writes every fit where the cost model picks it up."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -95,3 +96,23 @@ def test_profile_refuses_a_format_given_twice_before_measuring(run_cli, tmp_path
     assert code == 2 and "Traceback" not in err
     assert "--dtypes float32 float32: give each of float32, bfloat16, float16 at most once" in err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_the_measured_serving_overhead_is_held_in_the_step_overhead():
+    """Rows of the engine in-process, lacking 10 ms per step of the serving runtime: every format's fit
+    keeps the other factors and adds the 10 ms to its per-step time (it may not trade them for the GEMM
+    curve, which fits a single model's steps about as well)."""
+    in_process = rows_of("fp32", FP32) + rows_of("bf16", BF16)
+    served = [dataclasses.replace(r, serving_overhead_ms=10.0) for r in in_process]
+    assert served[0].values == (
+        ("prefill", in_process[0].prefill_ms + 10),
+        ("decode", in_process[0].decode_ms + 10),
+    )
+    plain = calibrate_gpu(in_process, L4, engine="", source="synthetic", main="fp32")
+    with_serving = calibrate_gpu(served, L4, engine="", source="synthetic", main="fp32")
+    for before, after in ((plain, with_serving), (plain.per_dtype["bf16"], with_serving.per_dtype["bf16"])):
+        assert after.factors.step_overhead_ms == pytest.approx(
+            before.factors.step_overhead_ms + 10.0, abs=0.05
+        )
+        assert after.factors.compute == pytest.approx(before.factors.compute, rel=0.01)
+        assert after.factors.memory == pytest.approx(before.factors.memory, rel=0.01)

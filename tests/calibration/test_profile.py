@@ -30,6 +30,7 @@ def test_quick_profile_describes_the_cpu_and_fits_the_engine(profile):
     assert [r.dtype for r in p.measurements.engine] == ["fp32"] * 9 + ["bf16"] * 9
     assert len(p.measurements.gemm) >= 14 and p.measurements.allreduce and p.measurements.kv_handoff
     assert p.calibration.dtype == "fp32" and set(p.calibration.per_dtype) == {"bf16"}
+    assert p.measurements.serving is None  # --quick leaves the serving runtime out
     # each format's fitted factors describe its engine steps better than the defaults do
     for fit in (p.calibration, p.calibration.per_dtype["bf16"]):
         assert fit.fit.median_ape_pct < fit.uncalibrated.median_ape_pct

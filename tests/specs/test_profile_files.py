@@ -6,7 +6,7 @@ import pytest
 
 from hetserve.calibration.cli import write_yaml
 from hetserve.errors import HetserveError
-from hetserve.specs.calibration import FactorFit, load_calibration, load_device, load_profile
+from hetserve.specs.calibration import FactorFit, ServedSteps, load_calibration, load_device, load_profile
 from hetserve.specs.clusters import Cluster
 from hetserve.specs.gpus import CostFactors
 
@@ -55,13 +55,25 @@ def two_format_profile(path):
     bf16_fit = FactorFit(factors=BF16, fitted=["compute"], engine="hetserve", rows=9, fit=old.calibration.fit)
     calibration = old.calibration.model_copy(update={"dtype": "fp32", "per_dtype": {"bf16": bf16_fit}})
     device = old.device.model_copy(update={"efficiency_by_run_dtype": {"bf16": CostFactors()}})
-    return old.model_copy(update={"version": 2, "device": device, "calibration": calibration})
+    serving = ServedSteps(
+        dtype="fp32",
+        prompt=128,
+        output=32,
+        served_tpot_ms=[58.0, 57.5, 60.1],
+        engine_step_ms=[47.2, 50.3, 46.0],
+    )
+    measurements = old.measurements.model_copy(update={"serving": serving})
+    return old.model_copy(
+        update={"version": 2, "device": device, "calibration": calibration, "measurements": measurements}
+    )
 
 
 def test_a_version_1_profile_loads_with_one_factor_set_for_every_format(write):
     path = write("old.yaml", VERSION_1)
     device = load_device(path, "include[0]", None)
-    factors = load_profile(path).calibration.factors
+    old = load_profile(path)
+    factors = old.calibration.factors
+    assert old.measurements.serving is None and old.measurements.serving_overhead_ms == 0.0
     assert device.efficiency == factors
     assert device.factors_for("bf16") == device.factors_for("fp16") == device.factors_for("fp32") == factors
 
@@ -72,6 +84,7 @@ def test_a_profile_with_a_fit_per_format_round_trips_and_reaches_the_cluster(wri
     write_yaml(profile.model_dump(mode="json", exclude_none=True), str(out), "hetserve device profile")
     again = load_profile(out)
     assert again == profile
+    assert again.measurements.serving_overhead_ms == pytest.approx(58.0 - 47.2)  # the medians' difference
     cluster = write("c.yaml", f"include: [{out}]\nnodes:\n  - {{name: box, gpu: this-cpu}}\n")
     gpu = Cluster.load(cluster).nodes["box"].gpu
     # the fitted factors replace the micro-benchmarks' in the device entry, per format
@@ -121,3 +134,8 @@ def test_a_cluster_file_sets_factors_for_one_format(write):
     bad = write("bad.yaml", "gpus:\n  l4: {efficiency_by_run_dtype: {fp8: {compute: 0.2}}}\nnodes: []\n")
     with pytest.raises(HetserveError, match=r"efficiency_by_run_dtype\.fp8"):
         Cluster.load(bad)
+
+
+def test_a_serving_runtime_measured_faster_than_the_engine_adds_nothing():
+    noise = ServedSteps(dtype="bf16", prompt=128, output=32, served_tpot_ms=[50.0], engine_step_ms=[51.0])
+    assert noise.overhead_ms == 0.0

@@ -27,7 +27,10 @@ def _read_all(paths: list[str], cluster: str | None):
             profile = load_profile(path)
             device = profile.device
             gpus[device.name] = device
-            rows.extend(engine_rows(profile.measurements.engine, device, profile.engine, path))
+            measured = profile.measurements
+            rows.extend(
+                engine_rows(measured.engine, device, profile.engine, path, measured.serving_overhead_ms)
+            )
         else:
             rows.extend(read_csv(path, gpus))
     if not rows:

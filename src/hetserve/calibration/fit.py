@@ -158,7 +158,27 @@ def fitted_names(rows: Sequence[Row]) -> list[str]:
     return names
 
 
-def _start(defaults: CostFactors, gpu: GPUSpec, names: list[str], alt: bool) -> dict[str, float]:
+def fit_bounds(rows: Sequence[Row], names: list[str]) -> dict[str, tuple[float, float]]:
+    """``BOUNDS`` of the factors ``names``, the per-step time held at least at the serving runtime's time
+    per step that the rows lack (``ModelRow.serving_overhead_ms``): measured apart, so the fit may add to
+    it but not trade it for other factors (for one model a fixed time per step is hard to tell from the
+    GEMM efficiency of small batches)."""
+    out = {n: BOUNDS[n] for n in names}
+    floor = max((r.serving_overhead_ms for r in rows if isinstance(r, ModelRow)), default=0.0)
+    if floor and "step_overhead_ms" in out:
+        lo, hi = out["step_overhead_ms"]
+        if floor >= hi:
+            raise HetserveError(
+                f"a serving overhead of {floor:g} ms per step is beyond the {hi:g} ms a step may cost; "
+                "the serving measurement is broken: profile again"
+            )
+        out["step_overhead_ms"] = (max(lo, floor), hi)
+    return out
+
+
+def _start(
+    defaults: CostFactors, gpu: GPUSpec, bounds: dict[str, tuple[float, float]], alt: bool
+) -> dict[str, float]:
     """A starting point strictly inside the bounds: the defaults, or a second one with small-shape
     GEMM inefficiency and partial overlap."""
     from ..costmodel.roofline import COLLECTIVE_EFFICIENCY
@@ -177,8 +197,7 @@ def _start(defaults: CostFactors, gpu: GPUSpec, names: list[str], alt: bool) -> 
         "collective": defaults.collective or COLLECTIVE_EFFICIENCY[gpu.fabric.kind],
     }
     out = {}
-    for n in names:
-        lo, hi = BOUNDS[n]
+    for n, (lo, hi) in bounds.items():
         out[n] = min(max(values[n], lo + (hi - lo) * 1e-3), hi - (hi - lo) * 1e-3)
     return out
 
@@ -214,6 +233,7 @@ def fit_gpu(
             f"({', '.join(names)}); give at least {need} (more batch sizes, prompt lengths or TP degrees)"
         )
     defaults = gpu.factors_for(run_dtype)
+    bounds = fit_bounds(rows, names)
     measured = np.log([m for r in rows for _, m in r.values])
     scale = np.array([SCALE[n] for n in names])
     algorithms = ("ring", "one-shot") if any(r.tp > 1 for r in rows) else (defaults.allreduce,)
@@ -221,7 +241,7 @@ def fit_gpu(
     best: tuple[float, CostFactors] | None = None
     for algorithm in algorithms:
         for alt in (False, True):
-            x0 = _start(defaults, gpu, names, alt)
+            x0 = _start(defaults, gpu, bounds, alt)
             origin = np.array([x0[n] for n in names])
 
             def factors_at(x, algorithm=algorithm) -> CostFactors:
@@ -239,7 +259,7 @@ def fit_gpu(
             result = least_squares(
                 residuals,
                 origin,
-                bounds=([BOUNDS[n][0] for n in names], [BOUNDS[n][1] for n in names]),
+                bounds=([bounds[n][0] for n in names], [bounds[n][1] for n in names]),
                 x_scale=scale,
                 max_nfev=max_evaluations,
                 xtol=1e-10,
@@ -249,7 +269,7 @@ def fit_gpu(
             if best is None or cost < best[0]:
                 best = (cost, factors_at(result.x))
     assert best is not None
-    factors = _tidy(best[1], names)
+    factors = _tidy(best[1], bounds)
     return Fit(factors, tuple(names), errors(rows, with_factors(gpu, run_dtype, factors)))
 
 
@@ -259,12 +279,11 @@ def with_factors(gpu: GPUSpec, run_dtype: RunDType, factors: CostFactors) -> GPU
     return gpu.model_copy(update={"efficiency_by_run_dtype": per_dtype})
 
 
-def _tidy(factors: CostFactors, names: list[str]) -> CostFactors:
+def _tidy(factors: CostFactors, bounds: dict[str, tuple[float, float]]) -> CostFactors:
     """Round fitted factors to 4 significant figures (the file stays readable; the rounding moves a
     prediction by < 0.05%)."""
     update = {}
-    for n in names:
-        lo, hi = BOUNDS[n]
+    for n, (lo, hi) in bounds.items():
         value = getattr(factors, n)
         update[n] = lo if value - lo < (hi - lo) * 1e-6 else float(f"{value:.4g}")
     return factors.model_copy(update=update)

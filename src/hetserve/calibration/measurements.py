@@ -64,10 +64,15 @@ class ModelRow:
     engine: str
     where: str
     run_dtype: RunDType = "fp16"  # the format the engine computed in (the CSV's dtype column)
+    #: Time per step of the serving runtime the measurement lacks: a profile's in-process engine steps
+    #: lack what ``serve --plan`` adds around each step (``ServedSteps``); 0 for a measured server.
+    serving_overhead_ms: float = 0.0
 
     @property
     def values(self) -> tuple[tuple[str, float], ...]:
-        return (("prefill", self.prefill_ms), ("decode", self.decode_ms))
+        """The step times as served: what the cost model predicts."""
+        extra = self.serving_overhead_ms
+        return (("prefill", self.prefill_ms + extra), ("decode", self.decode_ms + extra))
 
 
 Row = LayerRow | ModelRow
@@ -139,8 +144,11 @@ class _Reader:
         return tp
 
 
-def engine_rows(rows, device: GPUSpec, engine: str, where: str) -> list[ModelRow]:
-    """A profile's engine measurements (``EngineRow``s, from ``where``) as model rows on ``device``."""
+def engine_rows(
+    rows, device: GPUSpec, engine: str, where: str, serving_overhead_ms: float = 0.0
+) -> list[ModelRow]:
+    """A profile's engine measurements (``EngineRow``s, from ``where``) as model rows on ``device``, each
+    step lacking ``serving_overhead_ms`` of the serving runtime's time (the profile's ``serving``)."""
     out = []
     for i, e in enumerate(rows):
         at = f"{where} measurements.engine[{i}]"
@@ -161,6 +169,7 @@ def engine_rows(rows, device: GPUSpec, engine: str, where: str) -> list[ModelRow
                 engine,
                 at,
                 e.dtype,
+                serving_overhead_ms,
             )
         )
     return out

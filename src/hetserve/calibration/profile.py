@@ -11,7 +11,9 @@ is asked to serve in (``--dtypes``: fp32 and bf16 unless told otherwise; the fir
   all-reduce and a point-to-point tensor send (the primitive KV hand-offs and pipeline hops use) over
   a sweep of sizes, fitted to a latency plus bytes over bandwidth;
 - the real engine (``LLMEngine`` on SmolLM2-135M) over batch sizes and prompt lengths, in each format:
-  whole-batch prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits.
+  whole-batch prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits;
+- the serving runtime's time per step (serving_overhead.py; not with ``--quick``): one request at a time
+  through ``serve --plan`` with one worker against the engine in-process, added to every engine row.
 
 The device entry takes its peak FLOPS per format, bandwidth and fabric from the micro-benchmarks; its
 cost factors are then fitted to the engine rows of each format apart (per_dtype.py), so the simulator
@@ -45,6 +47,7 @@ from ..specs.calibration import (
 )
 from ..specs.gpus import CostFactors, GPUSpec
 from ..vocabulary import RunDType
+from .serving_overhead import measure_serving_overhead, serving_available
 
 MODEL = "smollm2-135m"
 #: torch's name of each format the engine serves in -> the cost model's.
@@ -339,6 +342,24 @@ def run_profile(
     if dev.type == "cpu":
         for torch_name in dtypes:
             engine += measure_engine(torch_name, threads, quick, log)
+    serving = None
+    if engine and quick:
+        log("  serving: not measured with --quick (the factors describe the engine in-process)")
+    elif engine and not serving_available():
+        log(
+            "  serving: not measured, `pip install hetserve[serve]` to (the factors describe the engine in-process)"
+        )
+    elif engine:
+        serving = measure_serving_overhead(MODEL, main, threads, log)
+    measurements = ProfileMeasurements(
+        gemm=gemm,
+        attention=attention,
+        copy_gb_per_s=copy,
+        allreduce=allreduce,
+        kv_handoff=p2p,
+        engine=engine,
+        serving=serving,
+    )
 
     memory_gb = _memory_gb(dev)
     label = name or ("this-cpu" if dev.type == "cpu" else f"this-{dev.type}")
@@ -393,7 +414,8 @@ def run_profile(
         f"measured in {', '.join(dtypes)} (main: {dtypes[0]})",
     )
     if engine:
-        model_rows = engine_rows(engine, device_spec, "hetserve", "profile")
+        # the engine's steps as served: each plus the serving runtime's time per step
+        model_rows = engine_rows(engine, device_spec, "hetserve", "profile", measurements.serving_overhead_ms)
         # every factor from the engine's own steps, per format: the micro-benchmarks' GEMM curve (the
         # starting point) leaves the engine's steps 18% off at the median on this kind of CPU, its own
         # fit ~8%
@@ -429,14 +451,7 @@ def run_profile(
         device=device_spec,
         engine="hetserve" if engine else "torch",
         threads=threads,
-        measurements=ProfileMeasurements(
-            gemm=gemm,
-            attention=attention,
-            copy_gb_per_s=copy,
-            allreduce=allreduce,
-            kv_handoff=p2p,
-            engine=engine,
-        ),
+        measurements=measurements,
         calibration=calibration,
     )
 

@@ -12,6 +12,7 @@ Version 1 files (before fits per format) load unchanged: their one factor set ti
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -166,6 +167,27 @@ class EngineRow(Strict):
     dtype: RunDType = Field(default="fp32", description="the format the engine ran in")
 
 
+class ServedSteps(Strict):
+    """Requests run one at a time through ``hetserve serve --plan`` (one worker) and through the engine
+    in-process, with the same prompts: the serving runtime's time per step is the difference."""
+
+    dtype: RunDType = Field(description="the format the worker and the engine ran in")
+    prompt: int = Field(ge=1, description="prompt tokens of each request")
+    output: int = Field(ge=2, description="output tokens of each request")
+    served_tpot_ms: list[float] = Field(
+        min_length=1, description="per request: (last token - first token) / (tokens - 1), at the client"
+    )
+    engine_step_ms: list[float] = Field(
+        min_length=1, description="per request: the mean in-process decode step"
+    )
+
+    @property
+    def overhead_ms(self) -> float:
+        """Time per step serving adds: the median served time per token minus the median in-process decode
+        step (none when the runtime measured faster: noise, not a negative cost)."""
+        return max(0.0, statistics.median(self.served_tpot_ms) - statistics.median(self.engine_step_ms))
+
+
 class ProfileMeasurements(Strict):
     gemm: list[GemmPoint] = []
     attention: list[AttentionPoint] = Field(default=[], description="in the main format only")
@@ -173,6 +195,17 @@ class ProfileMeasurements(Strict):
     allreduce: list[TransferPoint] = []
     kv_handoff: list[TransferPoint] = []
     engine: list[EngineRow] = []
+    serving: ServedSteps | None = Field(
+        default=None,
+        description="the serving runtime's time per step, added to every engine row before the fit (none: "
+        "not measured, as with --quick and in version 1 files; the factors then describe the engine "
+        "in-process)",
+    )
+
+    @property
+    def serving_overhead_ms(self) -> float:
+        """Time per step the serving runtime adds to the engine rows' steps (0 when not measured)."""
+        return self.serving.overhead_ms if self.serving is not None else 0.0
 
 
 class ProfileFile(Versioned):
