@@ -9,7 +9,7 @@ x the replicas with ``--scale`` x the rate (the same load per replica). Each run
 simulated seconds, in this process (one core); with ``--repeat k`` each case runs k times and the
 shortest wall time counts (a shared machine only ever makes a run slower). Reports wall time,
 simulated iterations, the instances the router examined per arrival (member reads plus heap
-comparisons; a scan reads every instance) and each case's time ratio to the base. Target: <= 12x the
+entries pushed and popped; a scan reads every instance) and each case's time ratio to the base. Target: <= 12x the
 time for 10x the rate and for 10x the instances.
 """
 

@@ -154,6 +154,22 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         return True
 
+    def take(self, count: int) -> list[int]:
+        """``count`` free blocks for the caller to hand out later (the growth of sequences advanced in
+        aggregate), taken exactly as ``grow`` would take them: clean blocks first, then the least recently
+        freed cached ones. The caller has checked that ``count`` blocks are free."""
+        clean = self._free_clean
+        if count <= len(clean):
+            taken = clean[-count:]
+            del clean[-count:]
+            taken.reverse()
+            refs = self.ref_counts
+            for block in taken:
+                refs[block] = 1
+            return taken
+        assert count <= self.num_free_blocks, "take() needs that many free blocks"
+        return [self._take_free_block() for _ in range(count)]
+
     def _take_free_block(self) -> int:
         if self._free_clean:
             block = self._free_clean.pop()
@@ -167,6 +183,16 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks. Its tail blocks go first, so they are also evicted first."""
         refs, hashes, clean, cached = self.ref_counts, self.block_hash, self._free_clean, self._free_cached
+        if not (self.enable_prefix_caching and seq.cacheable):
+            # blocks of a sequence outside the prefix cache are its own and hold nothing reusable
+            table = seq.block_table
+            for block in table:
+                refs[block] = 0
+            table.reverse()
+            clean.extend(table)
+            table.clear()
+            seq.num_registered_blocks = 0
+            return
         for block in reversed(seq.block_table):
             refs[block] -= 1
             if refs[block] == 0:

@@ -83,6 +83,7 @@ class InstanceState(Generic[L]):
         make_lane: type[L],
         *,
         prefix_caching: bool = True,
+        scheduler_type: type[Scheduler] = Scheduler,
     ):
         self.config = config
         self.name = config.name
@@ -100,7 +101,7 @@ class InstanceState(Generic[L]):
         self.lanes: list[L] = [
             make_lane(
                 i,
-                Scheduler(
+                scheduler_type(
                     SchedulerConfig(
                         max_batch_size=self.lane_seqs,
                         max_batch_tokens=config.max_batch_tokens,
@@ -209,21 +210,19 @@ class InstanceState(Generic[L]):
     ) -> list[Sequence]:
         """Advance ``lane``'s sequences after ``batch`` ran (``steps`` identical decode steps when more
         than one); the finished sequences."""
-        before: dict[int, int] = {}
+        produced = batch.group.seqs if batch.group else 0  # output tokens each step produces
         for it in batch.items:
             if it.seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while its batch ran
             if it.is_prefill:
                 self.pending_prompt -= it.num_tokens
             if it.samples:
-                before[it.seq.seq_id] = it.seq.num_output_tokens
+                produced += 1
         if steps > 1:
             finished = lane.scheduler.postprocess_decode_steps(batch, steps)
         else:
             finished = lane.scheduler.postprocess(batch, token_ids, stopped)
-        for it in batch.items:
-            if it.seq.seq_id in before:
-                self.pending_output -= it.seq.num_output_tokens - before[it.seq.seq_id]
+        self.pending_output -= produced * steps
         for seq in finished:
             self.pending_output -= seq.max_tokens - seq.num_output_tokens  # stopped early
             self.requests -= 1

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from heapq import heapify as _heapify
 from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Protocol
@@ -72,149 +73,147 @@ def _rank(c: Routable) -> tuple[float, float, int]:
 
 
 class _Heap:
-    """A binary min-heap of pool positions keyed by tuples, with each position's place kept so a key
-    can change or leave in O(log n). ``steps`` counts the entries compared."""
+    """A min-heap of pool positions keyed by tuples that end with the position (so no two are equal):
+    ``heapq`` entries with lazy removal. ``keys`` holds each position's current key; an entry is
+    current while it is that very object, and stale entries are dropped when they reach the top (or
+    all at once when they outnumber the current ones). ``steps`` counts entries pushed and popped
+    (each O(log n), in C)."""
 
     def __init__(self) -> None:
-        self.items: list[int] = []
+        self.entries: list[tuple] = []
         self.keys: dict[int, tuple] = {}
-        self.where: dict[int, int] = {}
         self.steps = 0
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.keys)
 
     def top(self) -> int | None:
-        return self.items[0] if self.items else None
+        entries, keys = self.entries, self.keys
+        while entries:
+            key = entries[0]
+            if keys.get(key[-1]) is key:
+                return key[-1]
+            _heappop(entries)
+            self.steps += 1
+        return None
 
     def set(self, pos: int, key: tuple) -> None:
-        old = self.keys.get(pos)
+        if self.keys.get(pos) == key:
+            return
         self.keys[pos] = key
-        if old is None:
-            self.items.append(pos)
-            self.where[pos] = len(self.items) - 1
-            self._up(len(self.items) - 1)
-        elif key < old:
-            self._up(self.where[pos])
-        elif key > old:
-            self._down(self.where[pos])
+        _heappush(self.entries, key)
+        self.steps += 1
+        if len(self.entries) > 2 * len(self.keys) + 16:
+            self.entries = list(self.keys.values())
+            _heapify(self.entries)
 
     def remove(self, pos: int) -> None:
-        if pos not in self.keys:
-            return
-        i = self.where.pop(pos)
-        del self.keys[pos]
-        last = self.items.pop()
-        if i < len(self.items):
-            self.items[i] = last
-            self.where[last] = i
-            self._up(i)
-            self._down(self.where[last])
+        self.keys.pop(pos, None)
 
-    def _swap(self, i: int, j: int) -> None:
-        a, b = self.items[i], self.items[j]
-        self.items[i], self.items[j] = b, a
-        self.where[a], self.where[b] = j, i
 
-    def _up(self, i: int) -> None:
-        items, keys = self.items, self.keys
-        while i > 0:
-            parent = (i - 1) // 2
-            self.steps += 1
-            if keys[items[i]] < keys[items[parent]]:
-                self._swap(i, parent)
-                i = parent
-            else:
-                return
-
-    def _down(self, i: int) -> None:
-        items, keys = self.items, self.keys
-        n = len(items)
-        while True:
-            left = 2 * i + 1
-            if left >= n:
-                return
-            small = left
-            right = left + 1
-            self.steps += 2 if right < n else 1
-            if right < n and keys[items[right]] < keys[items[left]]:
-                small = right
-            if keys[items[small]] < keys[items[i]]:
-                self._swap(i, small)
-                i = small
-            else:
-                return
+#: A falling member's fall rate is rounded up to a power of this (its rate class), so each class's heap
+#: orders its members' lower bounds with one rate that overstates none by more than this factor.
+RATE_STEP = 1.5
 
 
 class _Group:
-    """The members of a pool with the same ``downstream``, in three heaps: those whose own work is
-    fixed until their next change (``still``, keyed by it exactly), and those whose work falls with
-    time alone, keyed by a lower bound of it (``falling`` and ``floor``).
+    """The members of a pool with the same ``downstream``, in heaps: those whose own work is fixed
+    until their next change (``still``, keyed by it exactly), and those whose work falls with time
+    alone, keyed by a lower bound of it (``falling``, one heap per rate class, and ``floor``).
 
     A falling member read at time ``r`` with own work ``U`` and bound ``(J, rho, most)`` has own work at
     any later ``t`` of at least ``U - J - rate * (t - r)`` for any ``rate >= rho``, and at least
-    ``F = U - most``. With one ``rate`` for the group the first is ``K - rate * t``, ``K = U - J + rate
-    * r``: one heap ordered by ``K`` gives those bounds in order at any time. Once it falls below ``F``
-    (time ``switch``) the member moves to the ``floor`` heap, ordered by ``F``. Either bound is valid
-    at any time, so the moment of the move only decides how tight the bound is."""
+    ``F = U - most``. With one ``rate`` per class (``rho`` rounded up to a power of ``RATE_STEP``) the
+    first is ``K - rate * t``, ``K = U - J + rate * r``: a heap ordered by ``K`` gives its class's bounds
+    in order at any time. Once the bound falls below ``F`` (time ``switch``) the member moves to the
+    ``floor`` heap, ordered by ``F``. Either bound is valid at any time, so the moment of the move only
+    decides how tight the bound is."""
 
     def __init__(self, downstream: Pool | None):
         self.downstream = downstream
         self.still = _Heap()
-        self.falling = _Heap()
+        self.falling: dict[int, _Heap] = {}  # rate class -> heap
         self.floor = _Heap()
-        self.rate = 0.0
         self.reads: dict[int, tuple[float, float, float, float, int]] = {}  # pos -> (U, J, F, r, serial)
+        self.rate_class: dict[int, int] = {}  # pos -> its class while in a falling heap
         self.switch: list[tuple[float, int, int]] = []  # (time, pos, serial)
         self._serial = 0
 
-    def heaps(self) -> tuple[_Heap, _Heap, _Heap]:
-        return self.still, self.falling, self.floor
+    def heaps(self) -> list[_Heap]:
+        return [self.still, self.floor, *self.falling.values()]
+
+    @staticmethod
+    def rate(cls: int) -> float:
+        return RATE_STEP**cls
+
+    def _unfall(self, pos: int) -> None:
+        cls = self.rate_class.pop(pos, None)
+        if cls is not None:
+            self.falling[cls].remove(pos)
 
     def remove(self, pos: int) -> None:
-        for heap in self.heaps():
-            heap.remove(pos)
+        self.still.remove(pos)
+        self.floor.remove(pos)
+        self._unfall(pos)
         self.reads.pop(pos, None)
 
     def place(self, pos: int, key: tuple, bound: tuple[float, float, float], now: float) -> None:
         """Put a member just read at ``now`` (``key``: its own work, -speed, stamp, pos) in a heap."""
         jump, rho, most = bound
         if most <= 0.0:
-            self.falling.remove(pos)
+            self._unfall(pos)
             self.floor.remove(pos)
             self.reads.pop(pos, None)
             self.still.set(pos, key)
             return
         self.still.remove(pos)
         self._serial += 1
-        self.reads[pos] = (key[0], jump, key[0] - most, now, self._serial)
-        if rho > self.rate:  # re-base every bound on the new rate (rare: it grows by 1.5x or more)
-            self.rate = max(rho, 1.5 * self.rate)
-            falling = [p for p in self.falling.keys]
-            self.switch = []
-            for p in falling:
-                self.falling.remove(p)
-                self._put(p)
-        self._put(pos)
-
-    def _put(self, pos: int) -> None:
-        u, j, f, r, serial = self.reads[pos]
-        if not math.isfinite(r) or f >= u - j or self.rate <= 0.0:
-            self.falling.remove(pos)
+        u, f = key[0], key[0] - most
+        self.reads[pos] = (u, jump, f, now, self._serial)
+        if not math.isfinite(now) or f >= u - jump or rho <= 0.0:
+            self._unfall(pos)
             self.floor.set(pos, (f, pos))
             return
+        cls = math.ceil(math.log(rho, RATE_STEP) - 1e-12)
+        while self.rate(cls) < rho:  # rounding of the logarithm
+            cls += 1
+        old = self.rate_class.get(pos)
+        if old is not None and old != cls:
+            self.falling[old].remove(pos)
         self.floor.remove(pos)
-        self.falling.set(pos, (u - j + self.rate * r, pos))
-        _heappush(self.switch, (r + (u - j - f) / self.rate, pos, serial))
+        rate = self.rate(cls)
+        self.rate_class[pos] = cls
+        heap = self.falling.get(cls)
+        if heap is None:
+            heap = self.falling[cls] = _Heap()
+        heap.set(pos, (u - jump + rate * now, pos))
+        _heappush(self.switch, (now + (u - jump - f) / rate, pos, self._serial))
 
     def advance(self, now: float) -> None:
         """Move the falling members whose floor is now the tighter bound."""
         while self.switch and self.switch[0][0] <= now:
             _, pos, serial = _heappop(self.switch)
             read = self.reads.get(pos)
-            if read is not None and read[4] == serial and pos in self.falling.keys:
-                self.falling.remove(pos)
+            if read is not None and read[4] == serial and pos in self.rate_class:
+                self._unfall(pos)
                 self.floor.set(pos, (read[2], pos))
+
+    def least_bound(self, now: float) -> tuple[_Heap | None, float, float]:
+        """The heap whose top has the least lower bound at ``now``, that bound, and its magnitude."""
+        heap, lo, scale = None, math.inf, 0.0
+        for cls, h in self.falling.items():
+            top = h.top()
+            if top is not None:
+                k = h.keys[top][0]
+                rate = self.rate(cls)
+                if k - rate * now < lo:
+                    heap, lo, scale = h, k - rate * now, abs(k) + rate * abs(now)
+        top = self.floor.top()
+        if top is not None:
+            f = self.floor.keys[top][0]
+            if f < lo:
+                heap, lo, scale = self.floor, f, abs(f)
+        return heap, lo, scale
 
 
 class Pool(Seq):
@@ -226,7 +225,7 @@ class Pool(Seq):
     is re-read only when the lower bound of its work reaches the least work found: a heap gives those
     bounds in order (``_Group``). ``remove`` takes a failed instance out. Members are grouped by their
     ``downstream`` pool: a group's order does not depend on that pool's work, which is added when the
-    groups' best are compared. ``examined`` counts member reads plus heap comparisons.
+    groups' best are compared. ``examined`` counts member reads plus heap entries pushed and popped.
     """
 
     def __init__(self, members: Iterable[Indexable], clock: list[float] | None = None):
@@ -259,13 +258,13 @@ class Pool(Seq):
         return self._reads
 
     @property
-    def comparisons(self) -> int:
-        """Heap entries compared while keeping the index in order."""
+    def heap_operations(self) -> int:
+        """Heap entries pushed and popped while keeping the index in order."""
         return sum(h.steps for g in self._groups.values() for h in g.heaps())
 
     @property
     def examined(self) -> int:
-        return self.reads + self.comparisons
+        return self.reads + self.heap_operations
 
     # ---- changes -----------------------------------------------------------------------------------
     def mark(self, member: Indexable) -> None:
@@ -312,20 +311,14 @@ class Pool(Seq):
         pos = group.still.top()
         best = None if pos is None else group.still.keys[pos]
         read = []
-        falling, floor, rate = group.falling, group.floor, group.rate
-        while len(falling) or len(floor):
-            heap, lo, scale = None, math.inf, 0.0
-            if len(falling):  # the least lower bound of either heap
-                k = falling.keys[falling.top()][0]
-                heap, lo, scale = falling, k - rate * now, abs(k) + rate * abs(now)
-            if len(floor):
-                f = floor.keys[floor.top()][0]
-                if heap is None or f < lo:
-                    heap, lo, scale = floor, f, abs(f)
+        while True:
+            heap, lo, scale = group.least_bound(now)
+            if heap is None:
+                break
             if best is not None and lo > best[0] + 1e-9 * (1.0 + scale):  # rounding never hides one
                 break
             pos = heap.top()
-            heap.remove(pos)
+            group.remove(pos)
             m = self.members[pos]
             self._reads += 1
             key = (m.own_work(), -m.speed, m.last_chosen, pos)

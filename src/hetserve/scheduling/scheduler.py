@@ -73,17 +73,27 @@ class ScheduledSeq:
         return self.start + self.num_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class GroupStep:
+    """The sequences of a decode group (``decode_group``) in one step: each decodes one token."""
+
+    seqs: int
+    kv: int  # KV tokens they read: the sum of their positions + 1 (one new token attends to all)
+
+
 @dataclass
 class Batch:
     items: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    #: Decoding sequences advanced together, in addition to ``items`` (simulator only).
+    group: GroupStep | None = None
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + (self.group.seqs if self.group else 0)
 
     @property
     def num_tokens(self) -> int:
-        return sum(it.num_tokens for it in self.items)
+        return sum(it.num_tokens for it in self.items) + (self.group.seqs if self.group else 0)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -91,7 +101,9 @@ class Batch:
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(it.num_tokens for it in self.items if not it.is_prefill)
+        return sum(it.num_tokens for it in self.items if not it.is_prefill) + (
+            self.group.seqs if self.group else 0
+        )
 
 
 @dataclass

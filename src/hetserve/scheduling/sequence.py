@@ -47,6 +47,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     #: Leading blocks of ``block_table`` already published to the prefix cache.
     num_registered_blocks: int = 0
+    #: In a decode group (``decode_group.GroupScheduler``): the group's step count when the counters
+    #: above were last brought up to date (the group advances them in aggregate); -1 outside a group.
+    group_anchor: int = -1
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 from ..costmodel.roofline import ServerTimer
 from ..plan import Deployment, Instance
+from ..scheduling.decode_group import GroupScheduler
 from ..scheduling.instance import InstanceState
 from ..scheduling.instance import Lane as LaneBase
-from ..scheduling.scheduler import Batch
+from ..scheduling.scheduler import Batch, Scheduler
 
 
 @dataclass
@@ -132,13 +133,19 @@ class SimInstance(InstanceState[Lane]):
     """One instance of the plan on the simulator's clock: its chain's timers and hops, its lanes, and
     its servers' timelines."""
 
+    #: Decoding sequences advance as a group (the same decisions as ``Scheduler``, in O(1) per step);
+    #: models with sliding-window KV use ``Scheduler``.
+    scheduler_type: type[Scheduler] = GroupScheduler
+
     def __init__(self, inst: Instance, dep: Deployment, servers: dict[str, SimServer]):
         self.chain = dep.chain_timer(inst.name)
+        config = inst.scheduling()
         super().__init__(
-            inst.scheduling(),
+            config,
             self.chain.work_estimate(),
             inst.kv_capacity_tokens // inst.plan.block_size,
             Lane,
+            scheduler_type=self.scheduler_type if config.kv_window is None else Scheduler,
         )
         for lane in self.lanes:
             lane.instance = self

@@ -230,7 +230,7 @@ class Simulator:
         batch = lane.instance.schedule(lane)
         for seq in batch.preempted:
             self.rec.preemptions[seq.seq_id] += 1
-        if not batch.items:
+        if not batch.items and batch.group is None:
             lane.busy = False
             return
         lane.busy = True
@@ -252,6 +252,12 @@ class Simulator:
             if it.is_prefill and math.isnan(self.rec.prefill_start[it.seq.seq_id]):
                 self.rec.prefill_start[it.seq.seq_id] = t
         seqs = len(batch.items)
+        if batch.group is not None:  # decoding sequences advanced together: one token each
+            g = batch.group
+            new += g.seqs
+            seqs += g.seqs
+            pairs += g.kv
+            kv += g.kv
         used = sched.blocks.num_used_blocks / sched.blocks.num_blocks
         if used > self.peak_kv[inst.name]:
             self.peak_kv[inst.name] = used

@@ -81,9 +81,11 @@ class InProcessWorkers:
 
 def record(monkeypatch) -> dict:
     """Log, per instance and lane, every batch the shared layer schedules (a run of k decode steps
-    counts as k batches), and every routing decision (sequence id -> instance)."""
+    counts as k batches; the simulator's decode group counts as its members, each decoding one token;
+    the order within a step does not matter), and every routing decision (sequence id -> instance)."""
     log: dict = {"routes": {}, "batches": {}}
     schedule, complete, add = InstanceState.schedule, InstanceState.complete, InstanceState.add
+    work: dict[int, list] = {}  # id(batch) -> (seq_id, start, tokens) of everything it computes
 
     def logged_add(self, seq):
         log["routes"][seq.seq_id] = self.name
@@ -91,15 +93,22 @@ def record(monkeypatch) -> dict:
 
     def logged_schedule(self, lane):
         batch = schedule(self, lane)
-        if batch.items:
-            shape = tuple((it.seq.seq_id, it.start, it.num_tokens) for it in batch.items)
-            log["batches"].setdefault((self.name, lane.index), []).append(shape)
+        shape = [(it.seq.seq_id, it.start, it.num_tokens) for it in batch.items]
+        if batch.group is not None:
+            group = lane.scheduler
+            shape += [
+                (q.seq_id, q.num_computed_tokens + group.step - q.group_anchor, 1)
+                for q in group.members.values()
+            ]
+        if shape:
+            work[id(batch)] = shape
+            log["batches"].setdefault((self.name, lane.index), []).append(tuple(sorted(shape)))
         return batch
 
     def logged_complete(self, lane, batch, token_ids=None, stopped=frozenset(), steps=1):
         runs = log["batches"][(self.name, lane.index)]
         for k in range(1, steps):  # the simulator advanced k decode steps at once
-            runs.append(tuple((it.seq.seq_id, it.start + k, 1) for it in batch.items))
+            runs.append(tuple(sorted((sid, start + k, 1) for sid, start, _ in work[id(batch)])))
         return complete(self, lane, batch, token_ids, stopped, steps)
 
     monkeypatch.setattr(InstanceState, "add", logged_add)
