@@ -646,11 +646,14 @@ class Planner:
         return bool(gaps)
 
     def _chains_called_for(self, templates: list[Template]) -> bool:
-        """Shared-server chains are worth confirming when no single node holds the model or the cluster
-        spans zones (servers far apart)."""
+        """Shared-server chains are worth confirming when no single node holds the model, the cluster
+        spans zones (servers far apart), or the objective is what the whole cluster serves (throughput,
+        goodput, latency: a placement over every server competes there; for cost and power it is rarely
+        the cheapest)."""
         no_single_node = not any(len(t.stages) == 1 for t in templates)
         zones = {n.zone for n in self.cluster.nodes.values()}
-        return no_single_node or len(zones) > 1
+        whole_cluster = self.objective in ("throughput", "goodput", "latency")
+        return no_single_node or len(zones) > 1 or whole_cluster
 
     def _strategy_candidate(self, name: str, ref: Allocation | None) -> Candidate | None:
         """A plan from a chain-placement design (server chain composition, Helix's max-flow placement),

@@ -149,6 +149,11 @@ class InstanceState(Generic[L]):
         own = self.own_work()
         return own if self.downstream is None else own + self.downstream.least_work()
 
+    def work_view(self) -> tuple[float, tuple[float, float, float]]:
+        """``own_work()`` and ``work_drop_bound()`` together (``routing.Indexable``); a clock that
+        computes both from the same state does it in one pass."""
+        return self.own_work(), self.work_drop_bound()
+
     def work_drop_bound(self) -> tuple[float, float, float]:
         """How much ``own_work`` can fall with time alone (``routing.Indexable``): not at all here; a
         clock that advances several decode steps at once says how fast its runs end steps."""

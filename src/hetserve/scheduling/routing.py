@@ -54,6 +54,9 @@ class Indexable(Routable, Protocol):
     def own_work(self) -> float:
         """Outstanding work without ``downstream``'s."""
 
+    def work_view(self) -> tuple[float, tuple[float, float, float]]:
+        """``(own_work(), work_drop_bound())``."""
+
     def work_drop_bound(self) -> tuple[float, float, float]:
         """``(jump, rate, most)``: until the member next tells its pools of a change, its own work at
         clock time ``t`` is at least its current own work minus ``min(most, jump + rate * (t - now))``;
@@ -292,8 +295,8 @@ class Pool(Seq):
         """Read member ``pos`` at ``now`` into its group's heaps; its key."""
         m = self.members[pos]
         self._reads += 1
-        key = (m.own_work(), -m.speed, m.last_chosen, pos)
-        bound = m.work_drop_bound()
+        own, bound = m.work_view()
+        key = (own, -m.speed, m.last_chosen, pos)
         group = self._groups.get(id(m.downstream))
         if group is None:
             group = self._groups[id(m.downstream)] = _Group(m.downstream)
@@ -321,8 +324,9 @@ class Pool(Seq):
             group.remove(pos)
             m = self.members[pos]
             self._reads += 1
-            key = (m.own_work(), -m.speed, m.last_chosen, pos)
-            read.append((pos, key, m.work_drop_bound()))
+            own, bound = m.work_view()
+            key = (own, -m.speed, m.last_chosen, pos)
+            read.append((pos, key, bound))
             if best is None or key < best:
                 best = key
         for pos, key, bound in read:

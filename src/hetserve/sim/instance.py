@@ -169,13 +169,20 @@ class SimInstance(InstanceState[Lane]):
         ``shortest`` seconds (its shortest step, the first or the last): by time ``t`` at most one step
         plus ``(t - now) / shortest`` more, each ``n`` tokens of owed output fewer, and no more than the
         steps it has left."""
+        return self.work_view()[1]
+
+    def work_view(self) -> tuple[float, tuple[float, float, float]]:
+        """``own_work()`` and ``work_drop_bound()`` from one pass over the lanes."""
         now = self.clock[0]
         jump = rate = most = 0.0
+        produced = 0
         per_token = self.estimate.decode_s_per_token
         for ln in self.lanes:
             if not (ln.busy and ln.steps > 1):
                 continue
-            left = ln.steps - ln.steps_done_by(now)
+            done = ln.steps_done_by(now)
+            produced += done * ln.n
+            left = ln.steps - done
             if left <= 0:
                 continue  # the run's end is the next change (an event)
             shortest = min(ln.a + ln.b * ln.kv0, ln.a + ln.b * (ln.kv0 + ln.n * (ln.steps - 1)))
@@ -186,4 +193,8 @@ class SimInstance(InstanceState[Lane]):
                 rate += step / shortest
             else:
                 jump += step * left
-        return jump, rate, most
+        own = (
+            self.pending_prompt * self.estimate.prefill_s_per_token
+            + (self.pending_output - produced) * per_token
+        )
+        return own, (jump, rate, most)
