@@ -201,22 +201,28 @@ class _Group:
                 self._unfall(pos)
                 self.floor.set(pos, (read[2], pos))
 
-    def least_bound(self, now: float) -> tuple[_Heap | None, float, float]:
-        """The heap whose top has the least lower bound at ``now``, that bound, and its magnitude."""
-        heap, lo, scale = None, math.inf, 0.0
+    def bounds(self, now: float) -> dict[_Heap, tuple[float, float, float]]:
+        """Each non-empty falling or floor heap's top: (its lower bound at ``now``, the bound's
+        magnitude, the heap's rate)."""
+        out = {}
         for cls, h in self.falling.items():
             top = h.top()
             if top is not None:
-                k = h.keys[top][0]
-                rate = self.rate(cls)
-                if k - rate * now < lo:
-                    heap, lo, scale = h, k - rate * now, abs(k) + rate * abs(now)
+                k, rate = h.keys[top][0], self.rate(cls)
+                out[h] = (k - rate * now, abs(k) + rate * abs(now), rate)
         top = self.floor.top()
         if top is not None:
             f = self.floor.keys[top][0]
-            if f < lo:
-                heap, lo, scale = self.floor, f, abs(f)
-        return heap, lo, scale
+            out[self.floor] = (f, abs(f), 0.0)
+        return out
+
+    def top_bound(self, heap: _Heap, rate: float, now: float) -> tuple[float, float, float] | None:
+        """``bounds``' entry for one heap (None when it is empty)."""
+        top = heap.top()
+        if top is None:
+            return None
+        k = heap.keys[top][0]
+        return (k - rate * now, abs(k) + rate * abs(now), rate)
 
 
 class Pool(Seq):
@@ -314,14 +320,19 @@ class Pool(Seq):
         pos = group.still.top()
         best = None if pos is None else group.still.keys[pos]
         read = []
-        while True:
-            heap, lo, scale = group.least_bound(now)
-            if heap is None:
-                break
+        tops = group.bounds(now)  # only the heap a member leaves changes its entry
+        while tops:
+            heap = min(tops, key=lambda h: tops[h][0])
+            lo, scale, rate = tops[heap]
             if best is not None and lo > best[0] + 1e-9 * (1.0 + scale):  # rounding never hides one
                 break
             pos = heap.top()
             group.remove(pos)
+            entry = group.top_bound(heap, rate, now)
+            if entry is None:
+                del tops[heap]
+            else:
+                tops[heap] = entry
             m = self.members[pos]
             self._reads += 1
             own, bound = m.work_view()
