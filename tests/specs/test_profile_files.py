@@ -84,7 +84,8 @@ def test_a_profile_with_a_fit_per_format_round_trips_and_reaches_the_cluster(wri
     write_yaml(profile.model_dump(mode="json", exclude_none=True), str(out), "hetserve device profile")
     again = load_profile(out)
     assert again == profile
-    assert again.measurements.serving_overhead_ms == pytest.approx(58.0 - 47.2)  # the medians' difference
+    # the median of the pairs' differences: 10.8, 7.2, 14.1
+    assert again.measurements.serving_overhead_ms == pytest.approx(10.8)
     cluster = write("c.yaml", f"include: [{out}]\nnodes:\n  - {{name: box, gpu: this-cpu}}\n")
     gpu = Cluster.load(cluster).nodes["box"].gpu
     # the fitted factors replace the micro-benchmarks' in the device entry, per format
@@ -139,3 +140,13 @@ def test_a_cluster_file_sets_factors_for_one_format(write):
 def test_a_serving_runtime_measured_faster_than_the_engine_adds_nothing():
     noise = ServedSteps(dtype="bf16", prompt=128, output=32, served_tpot_ms=[50.0], engine_step_ms=[51.0])
     assert noise.overhead_ms == 0.0
+
+
+def test_serving_measurements_come_in_pairs(write):
+    unpaired = VERSION_1.replace(
+        "  copy_gb_per_s: 25.0\n",
+        "  copy_gb_per_s: 25.0\n  serving: {dtype: fp32, prompt: 128, output: 32, served_tpot_ms: [58.0, 57.5], "
+        "engine_step_ms: [47.2]}\n",
+    )
+    with pytest.raises(HetserveError, match=r"old.yaml: measurements.serving: .*they are pairs"):
+        load_profile(write("old.yaml", unpaired))

@@ -4,15 +4,17 @@
 processes: every step also pays the driver's loop, the messages to and from the worker and the API's
 streaming of each token. The in-process engine's steps (``LLMEngine.step``, the rows the profile fits)
 contain none of it, so factors fitted to them alone time a served plan too fast. The overhead is
-measured as a difference at one request at a time: the same prompts through ``serve --plan`` with one
-worker (each streamed token timed at the client, over 127.0.0.1) and through the engine in-process
-(each decode step timed), in one format; the median time per output token served minus the median
-decode step in-process. The runtime's messages carry token ids, not tensors, so the overhead does not
-depend on the format the worker computes in, and the profile adds it to every format's rows.
+measured as a difference at one request at a time, in one format: each prompt goes through ``serve
+--plan`` with one worker (each streamed token timed at the client, over 127.0.0.1) and then through the
+engine in-process (each decode step timed) before the next prompt, so a change in the machine's load
+during the measurement reaches both sides of a pair; the overhead is the median of the pairs'
+differences. The runtime's messages carry token ids, not tensors, so the overhead does not depend on
+the format the worker computes in, and the profile adds it to every format's rows.
 
-On the 2-core test machine (one torch thread, SmolLM2-135M, 127-token prompts, 32 output tokens, six
-requests each) it measured 10.8 ms per step in fp32 (58.4 ms served vs 47.6 ms in-process) and 8.8 ms
-in bf16 (63.2 vs 54.4), the requests of one run within +-2 ms of each other.
+On the 2-core test machine (one torch thread, SmolLM2-135M, 128-token prompts, 32 output tokens, six
+requests) two measurements with all served requests first gave 10.8 ms per step (58.4 ms per token
+served vs 47.6 ms per step in-process; 8.8 ms in bf16) and 15.7 ms (67.2 vs 51.5; the served times rose
+from 60 to 74 ms during that run while the machine's load changed): hence the pairs.
 """
 
 from __future__ import annotations
@@ -78,39 +80,34 @@ def _write_plan(work: Path, model: str, layers: int, run_dtype: RunDType) -> Pat
     return path
 
 
-def _served_tpot_ms(url: str, model: str, prompts: list[list[int]]) -> list[float]:
-    """Time per output token of each prompt served alone: (last token - first token) / (tokens - 1)."""
+def _served_tpot_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_TOKENS) -> float:
+    """Time per output token of a prompt served alone: (last token - first token) / (tokens - 1)."""
     import httpx
 
-    out = []
-    for ids in prompts:
-        body = {
-            "model": model,
-            "prompt": ids,
-            "max_tokens": OUTPUT_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        times, tokens = [], 0
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
-            if resp.status_code != 200:
-                raise HetserveError(f"profile: the one-worker server answered HTTP {resp.status_code}")
-            for line in resp.iter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                event = json.loads(line[5:])
-                now = time.perf_counter()
-                if any(choice.get("text") for choice in event.get("choices") or ()):
-                    times.append(now)
-                tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
-        if tokens < 2 or len(times) < 2:
-            raise HetserveError(
-                f"profile: the one-worker server streamed {tokens} token(s), expected {OUTPUT_TOKENS}"
-            )
-        out.append((times[-1] - times[0]) / (tokens - 1) * 1e3)
-    return out
+    body = {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": output,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    times, tokens = [], 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+        if resp.status_code != 200:
+            raise HetserveError(f"profile: the one-worker server answered HTTP {resp.status_code}")
+        for line in resp.iter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            now = time.perf_counter()
+            if any(choice.get("text") for choice in event.get("choices") or ()):
+                times.append(now)
+            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    if tokens < 2 or len(times) < 2:
+        raise HetserveError(f"profile: the one-worker server streamed {tokens} token(s), expected {output}")
+    return (times[-1] - times[0]) / (tokens - 1) * 1e3
 
 
 def _serve(plan: Path, threads: int):
@@ -170,58 +167,58 @@ def _stop(server) -> None:
         server.wait()
 
 
-def _engine_step_ms(model: str, torch_dtype: str, threads: int, prompts: list[list[int]]) -> list[float]:
-    """Mean decode step of each prompt run alone in the in-process engine."""
-    import torch
+def _engine_step_ms(engine, ids: list[int], output: int = OUTPUT_TOKENS) -> float:
+    """Mean decode step of a prompt run alone in the in-process ``engine``."""
+    from ..runtime import SamplingParams
 
-    from ..runtime import EngineConfig, LLMEngine, SamplingParams
-
-    torch.set_num_threads(threads)
-    engine = LLMEngine.from_model(model, EngineConfig(dtype=torch_dtype, max_batch_size=1))
-    engine.add_request(prompts[0][:8], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    engine.add_request(ids, SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True))
+    engine.step()  # the prefill and the first token
+    steps = []
     while engine.has_unfinished_requests():
+        start = time.perf_counter()
         engine.step()
-    out = []
-    for ids in prompts:
-        engine.add_request(ids, SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True))
-        engine.step()  # the prefill and the first token
-        steps = []
-        while engine.has_unfinished_requests():
-            start = time.perf_counter()
-            engine.step()
-            steps.append(time.perf_counter() - start)
-        out.append(statistics.mean(steps) * 1e3)
-    return out
+        steps.append(time.perf_counter() - start)
+    return statistics.mean(steps) * 1e3
 
 
 def measure_serving_overhead(model: str, run_dtype: RunDType, threads: int, log) -> ServedSteps:
     """One request at a time through ``serve --plan`` (one worker, ``threads`` torch threads) and through
-    the engine in-process, the same prompts in ``run_dtype``."""
+    the engine in-process, in pairs (a prompt served, then the same prompt in-process), in ``run_dtype``.
+    The idle side of a pair waits on its queues without using the CPU."""
+    import torch
+
+    from ..runtime import EngineConfig, LLMEngine
     from ..specs.models import load_model
 
     spec = load_model(model)
     rng = np.random.default_rng(1)
-    vocab = spec.vocab_size
-    prompts = [rng.integers(100, vocab - 1, size=PROMPT_TOKENS).tolist() for _ in range(REQUESTS)]
+    prompts = [rng.integers(100, spec.vocab_size - 1, size=PROMPT_TOKENS).tolist() for _ in range(REQUESTS)]
+    served, in_process = [], []
     with tempfile.TemporaryDirectory(prefix="hetserve-profile-") as work:
         server, url = _serve(_write_plan(Path(work), model, spec.num_layers, run_dtype), threads)
         try:
+            torch.set_num_threads(threads)
+            engine = LLMEngine.from_model(
+                model, EngineConfig(dtype=ENGINE_DTYPES[run_dtype], max_batch_size=1)
+            )
             _wait_healthy(server, url)
-            _served_tpot_ms(url, model, [prompts[0][:8]])  # warm-up
-            served = _served_tpot_ms(url, model, prompts)
+            _served_tpot_ms(url, model, prompts[0][:8], output=8)  # warm-up, both sides
+            _engine_step_ms(engine, prompts[0][:8], output=8)
+            for ids in prompts:
+                served.append(_served_tpot_ms(url, model, ids))
+                in_process.append(_engine_step_ms(engine, ids))
         finally:
             _stop(server)
-    engine = _engine_step_ms(model, ENGINE_DTYPES[run_dtype], threads, prompts)
     steps = ServedSteps(
         dtype=run_dtype,
         prompt=PROMPT_TOKENS,
         output=OUTPUT_TOKENS,
         served_tpot_ms=[round(t, 3) for t in served],
-        engine_step_ms=[round(t, 3) for t in engine],
+        engine_step_ms=[round(t, 3) for t in in_process],
     )
     log(
-        f"  serving ({run_dtype}, serve --plan with one worker, {REQUESTS} requests alone): "
-        f"{statistics.median(served):.1f} ms per token vs {statistics.median(engine):.1f} ms per step "
-        f"in-process: +{steps.overhead_ms:.1f} ms per step"
+        f"  serving ({run_dtype}, serve --plan with one worker, {REQUESTS} requests alone, each paired with "
+        f"the engine in-process): {statistics.median(served):.1f} ms per token vs "
+        f"{statistics.median(in_process):.1f} ms per step: +{steps.overhead_ms:.1f} ms per step"
     )
     return steps

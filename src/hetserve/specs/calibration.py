@@ -169,7 +169,8 @@ class EngineRow(Strict):
 
 class ServedSteps(Strict):
     """Requests run one at a time through ``hetserve serve --plan`` (one worker) and through the engine
-    in-process, with the same prompts: the serving runtime's time per step is the difference."""
+    in-process, in pairs (request i served, then run in-process, before request i + 1): the serving
+    runtime's time per step is the pairs' difference."""
 
     dtype: RunDType = Field(description="the format the worker and the engine ran in")
     prompt: int = Field(ge=1, description="prompt tokens of each request")
@@ -181,11 +182,21 @@ class ServedSteps(Strict):
         min_length=1, description="per request: the mean in-process decode step"
     )
 
+    @model_validator(mode="after")
+    def _paired(self) -> ServedSteps:
+        if len(self.served_tpot_ms) != len(self.engine_step_ms):
+            raise ValueError(
+                f"served_tpot_ms has {len(self.served_tpot_ms)} requests, engine_step_ms "
+                f"{len(self.engine_step_ms)}: they are pairs, one of each per request"
+            )
+        return self
+
     @property
     def overhead_ms(self) -> float:
-        """Time per step serving adds: the median served time per token minus the median in-process decode
-        step (none when the runtime measured faster: noise, not a negative cost)."""
-        return max(0.0, statistics.median(self.served_tpot_ms) - statistics.median(self.engine_step_ms))
+        """Time per step serving adds: the median of the pairs' differences (none when the runtime
+        measured faster: noise, not a negative cost)."""
+        pairs = zip(self.served_tpot_ms, self.engine_step_ms)
+        return max(0.0, statistics.median(served - engine for served, engine in pairs))
 
 
 class ProfileMeasurements(Strict):
