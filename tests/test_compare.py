@@ -321,13 +321,7 @@ def test_hexgen_beats_the_homogeneous_fleet_of_equal_cost_on_its_own_engine():
 #: strategies that beat hetserve's planner there (docs/baselines.md, "Where hetserve loses"): the least
 #: fraction of their objective hetserve still reaches, and why.
 EVERY_STRATEGY: dict[str, dict[str, tuple[float, str]]] = {
-    "llmpq-bloom176b": {
-        "chain": (
-            0.94,
-            "chain composition's two single-node chains (A100 TP4 and V100 TP4, JFFC over 20 job slots, "
-            "small steps) make 260 tok/s against the planner's two-stage A100 -> V100 pipeline's 253",
-        )
-    },
+    "llmpq-bloom176b": {},
     "llmpq-opt66b": {},
     "chain-bloom176b": {},
     "chain-bloom176b-latency": {},

@@ -5,22 +5,14 @@ from hypothesis import strategies as st
 
 from hetserve.scheduling import BlockManager, Scheduler, SchedulerConfig, Sequence
 from hetserve.scheduling.decode_group import GroupScheduler
+from tests.scheduling.test_simulation_paths import state
 
 
 def observed(s: Scheduler):
-    """Everything a clock observes of a scheduler (physical block ids may differ, their number not)."""
+    """What a clock observes of a scheduler (``state``), the group's members written up to date."""
     if isinstance(s, GroupScheduler):
         s.sync_all()
-    seqs = sorted(list(s.waiting) + list(s.running), key=lambda q: q.seq_id)
-    return (
-        [(q.seq_id, q.status, q.num_computed_tokens, q.num_output_tokens, len(q.block_table)) for q in seqs],
-        [q.seq_id for q in s.waiting],
-        [q.seq_id for q in s.running],
-        s.blocks.num_free_blocks,
-        sorted(s.blocks.ref_counts),
-        sorted(s.blocks.cached),
-        s.stats,
-    )
+    return state(s)
 
 
 def work(s: Scheduler, batch) -> list[tuple]:

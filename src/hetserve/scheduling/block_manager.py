@@ -138,20 +138,9 @@ class BlockManager:
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True
-        clean = self._free_clean
-        if need <= len(clean):  # the common case: take the clean blocks in one slice
-            taken = clean[-need:]
-            del clean[-need:]
-            taken.reverse()
-            refs = self.ref_counts
-            for block in taken:
-                refs[block] = 1
-            seq.block_table.extend(taken)
-            return True
-        if need > self.num_free_blocks:
+        if need > len(self._free_clean) and need > self.num_free_blocks:
             return False
-        for _ in range(need):
-            seq.block_table.append(self._take_free_block())
+        seq.block_table.extend(self.take(need))
         return True
 
     def take(self, count: int) -> list[int]:
@@ -159,7 +148,7 @@ class BlockManager:
         aggregate), taken exactly as ``grow`` would take them: clean blocks first, then the least recently
         freed cached ones. The caller has checked that ``count`` blocks are free."""
         clean = self._free_clean
-        if count <= len(clean):
+        if count <= len(clean):  # the common case: the clean blocks in one slice
             taken = clean[-count:]
             del clean[-count:]
             taken.reverse()

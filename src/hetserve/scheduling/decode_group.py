@@ -236,19 +236,7 @@ class GroupScheduler(Scheduler):
 
     # ---- after the step ----------------------------------------------------------------------------
     def postprocess(self, batch, token_ids=None, stopped=()):
-        finished: list[Sequence] = []
-        for item in batch.items:
-            seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            seq.num_computed_tokens = item.end
-            self.blocks.register_computed(seq)
-            if not item.samples:
-                continue
-            seq.append_token(None if token_ids is None else token_ids.get(seq.seq_id))
-            if seq.num_output_tokens >= seq.max_tokens or seq.seq_id in stopped:
-                seq.status = SequenceStatus.FINISHED
-                finished.append(seq)
+        finished = self._advance(batch, token_ids, stopped)
         if batch.group is not None:
             self._in_flight = False
             self.step += 1

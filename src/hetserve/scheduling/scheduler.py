@@ -259,6 +259,19 @@ class Scheduler:
         ids); ``stopped`` holds seq_ids the caller ends after this token (end-of-sequence, stop string).
         A sequence also finishes when it reaches ``max_tokens``.
         """
+        finished = self._advance(batch, token_ids, stopped)
+        for seq in finished:
+            self.blocks.free(seq)
+        if finished:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+            self.stats.finished += len(finished)
+        return finished
+
+    def _advance(
+        self, batch: Batch, token_ids: Mapping[int, int] | None, stopped: Collection[int]
+    ) -> list[Sequence]:
+        """Advance the counts of ``batch``'s items; the sequences that finished, in batch order, marked
+        finished and still holding their blocks."""
         finished: list[Sequence] = []
         for item in batch.items:
             seq = item.seq
@@ -271,11 +284,7 @@ class Scheduler:
             seq.append_token(None if token_ids is None else token_ids.get(seq.seq_id))
             if seq.num_output_tokens >= seq.max_tokens or seq.seq_id in stopped:
                 seq.status = SequenceStatus.FINISHED
-                self.blocks.free(seq)
                 finished.append(seq)
-        if finished:
-            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
-            self.stats.finished += len(finished)
         return finished
 
     # ---- runs of decode steps (simulation) -----------------------------------------------------
