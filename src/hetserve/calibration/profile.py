@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -137,12 +136,6 @@ def measure_copy(device, quick: bool) -> float:
     return 2 * src.numel() * 4 / t / 1e9
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _comm_worker(rank: int, port: int, sizes: list[int], repeats: int, threads: int, queue) -> None:
     import torch
     import torch.distributed as dist
@@ -187,10 +180,12 @@ def measure_comm(quick: bool, threads: int) -> tuple[list[TransferPoint], list[T
     """(all-reduce, point-to-point) times between two local processes."""
     import multiprocessing as mp
 
+    from ..runtime.cluster.launch import free_port
+
     sizes = [2**k for k in ((12, 16, 20, 22) if quick else (10, 12, 14, 16, 18, 20, 22, 24))]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_comm_worker, args=(r, port, sizes, 5 if quick else 9, threads, queue))
         for r in range(2)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,12 +54,6 @@ def serving_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_plan(work: Path, model: str, layers: int, run_dtype: RunDType) -> Path:
@@ -111,7 +104,9 @@ def _served_tpot_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_T
 
 
 def _serve(plan: Path, threads: int):
-    port = _free_port()
+    from ..runtime.cluster.launch import free_port
+
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
