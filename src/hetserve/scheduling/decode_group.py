@@ -177,7 +177,7 @@ class GroupScheduler(Scheduler):
         for seq in joining:
             self._join(seq)
         self.active = rest
-        return self._step(rest, wants, group=True)
+        return self._counted(self._step(rest, wants, group=True))
 
     def _schedule_prefill_first(self) -> Batch:
         plan = self._plan([s for s in self.active if not self._decodes(s)], decoders=False)
@@ -185,16 +185,15 @@ class GroupScheduler(Scheduler):
             return self._schedule_by_order()
         batch = self._step(*plan[1:], group=False)
         if batch.items:
-            return batch
+            return self._counted(batch)
         # nothing prefills or was admitted: every running sequence decodes, in the same step
-        self.stats.steps -= 1
         plan = self._plan(self.active, decoders=True)
         if plan is None:
             return self._schedule_by_order()
         for seq in plan[0]:
             self._join(seq)
         self.active = []
-        return self._step([], [], group=True, admit=False)
+        return self._counted(self._step([], [], group=True, admit=False))
 
     def _step(self, seqs: list[Sequence], wants: list[int], group: bool, admit: bool = True) -> Batch:
         """The step ``_plan`` covered: the group (when it runs), ``seqs`` computing ``wants``, and then
@@ -221,6 +220,10 @@ class GroupScheduler(Scheduler):
         if self._in_flight:
             n = len(self.members)
             batch.group = GroupStep(n, self._offset + n * self.step + n)
+        return batch
+
+    def _counted(self, batch: Batch) -> Batch:
+        """``batch``, counted in the stats as the step scheduled."""
         self.stats.steps += 1
         self.stats.prefill_tokens += batch.num_prefill_tokens
         self.stats.decode_tokens += batch.num_decode_tokens
