@@ -159,3 +159,33 @@ def test_a_decision_examines_a_number_of_instances_that_grows_like_log_n():
     assert small < 16
     assert large < 3 * small
     assert large < 256 / 8
+
+
+class Falling(InstanceState):
+    """An instance that says its work may fall by up to ``most`` seconds with time alone."""
+
+    most = 0.0
+
+    def work_drop_bound(self):
+        return (self.most / 2, 1.0, self.most)
+
+
+def test_a_pool_without_a_clock_orders_members_whose_work_may_fall():
+    """Without a clock (``now`` infinite) such members are keyed by their floor, which does not fall:
+    every decision picks what a scan picks and reads a few of the 16 members, not all of them (an
+    infinite time in a falling bound made every bound undefined, and every member was read)."""
+    insts = [
+        Falling(InstanceConfig(f"i{k}", "mixed", 1, 8, 256, None, "decode-first", 16), EST, 40, Lane)
+        for k in range(16)
+    ]
+    rng = random.Random(3)
+    pool = Pool(insts)
+    pool.least()  # the first decision reads every member
+    start = pool.reads
+    for r in range(200):
+        for inst in insts:
+            inst.most = rng.uniform(0.0, 0.05) * inst.own_work()
+        picked = pool.least()
+        assert picked is min(insts, key=_rank)
+        picked.add(Sequence(r, rng.randint(5, 200), rng.randint(1, 50)))
+    assert (pool.reads - start) / 200 < 8

@@ -204,24 +204,24 @@ class _Group:
     def bounds(self, now: float) -> dict[_Heap, tuple[float, float, float]]:
         """Each non-empty falling or floor heap's top: (its lower bound at ``now``, the bound's
         magnitude, the heap's rate)."""
+        heaps = [(h, self.rate(cls)) for cls, h in self.falling.items()] + [(self.floor, 0.0)]
         out = {}
-        for cls, h in self.falling.items():
-            top = h.top()
-            if top is not None:
-                k, rate = h.keys[top][0], self.rate(cls)
-                out[h] = (k - rate * now, abs(k) + rate * abs(now), rate)
-        top = self.floor.top()
-        if top is not None:
-            f = self.floor.keys[top][0]
-            out[self.floor] = (f, abs(f), 0.0)
+        for heap, rate in heaps:
+            entry = self.top_bound(heap, rate, now)
+            if entry is not None:
+                out[heap] = entry
         return out
 
-    def top_bound(self, heap: _Heap, rate: float, now: float) -> tuple[float, float, float] | None:
-        """``bounds``' entry for one heap (None when it is empty)."""
+    @staticmethod
+    def top_bound(heap: _Heap, rate: float, now: float) -> tuple[float, float, float] | None:
+        """``bounds``' entry for one heap (None when it is empty); the floor heap's bounds (rate 0)
+        do not fall."""
         top = heap.top()
         if top is None:
             return None
         k = heap.keys[top][0]
+        if rate == 0.0:  # also where ``now`` is infinite (a pool without a clock)
+            return (k, abs(k), 0.0)
         return (k - rate * now, abs(k) + rate * abs(now), rate)
 
 
