@@ -138,7 +138,11 @@ class InstanceState(Generic[L]):
 
     def own_work(self) -> float:
         """Seconds of work queued and running here."""
-        output = self.pending_output - self.output_in_flight()
+        return self.work_with(self.output_in_flight())
+
+    def work_with(self, in_flight: int) -> float:
+        """``own_work`` when steps in flight have produced ``in_flight`` output tokens."""
+        output = self.pending_output - in_flight
         return (
             self.pending_prompt * self.estimate.prefill_s_per_token
             + output * self.estimate.decode_s_per_token

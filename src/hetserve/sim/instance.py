@@ -193,8 +193,4 @@ class SimInstance(InstanceState[Lane]):
                 rate += step / shortest
             else:
                 jump += step * left
-        own = (
-            self.pending_prompt * self.estimate.prefill_s_per_token
-            + (self.pending_output - produced) * per_token
-        )
-        return own, (jump, rate, most)
+        return self.work_with(produced), (jump, rate, most)
