@@ -346,6 +346,16 @@ CASES = [
         ["instances[0].kv_share", "server 'a'", "less than or equal to 1"],
     ),
     (
+        "micro-batches-with-per-request-pipelining",
+        lambda d: d["instances"][0].update(micro_batches=2, pipelining="per-request"),
+        ["instances[0]", "micro_batches is 2 but pipelining is per-request", "set pipelining: lanes"],
+    ),
+    (
+        "unknown-pipelining",
+        _set("instances", 0, "pipelining", "lockstep"),
+        ["instances[0].pipelining", "'lanes'", "'per-request'"],
+    ),
+    (
         "expert-parallel-without-experts",
         _set("servers", 2, "expert_parallel", True),
         ["servers[2] (c).expert_parallel", "has no experts", "remove it"],

@@ -26,7 +26,7 @@ from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import list_mistakes, load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
-from .vocabulary import DTYPE_BYTES, SchedulePolicy, run_dtype_for_kv
+from .vocabulary import DTYPE_BYTES, Pipelining, SchedulePolicy, run_dtype_for_kv
 
 PLAN_VERSION = 1
 Role = Literal["prefill", "decode", "mixed"]
@@ -87,7 +87,16 @@ class InstancePlan(Strict):
     )
     policy: SchedulePolicy = "decode-first"
     micro_batches: int = Field(
-        default=1, ge=1, le=MAX_MICRO_BATCHES, description="batches in flight through the chain"
+        default=1,
+        ge=1,
+        le=MAX_MICRO_BATCHES,
+        description="batches in flight through the chain (pipelining: lanes)",
+    )
+    pipelining: Pipelining = Field(
+        default="lanes",
+        description="lanes: micro_batches batches move through the chain's stages together; per-request: "
+        "every request moves on its own and each server batches the steps waiting on it (Petals, Helix), "
+        "over one KV pool that admits a request when its whole length fits",
     )
     kv_share: float | dict[str, float] = Field(
         default=1.0,
@@ -101,6 +110,15 @@ class InstancePlan(Strict):
         other requests of its instance for one chunk's time, not its whole prefill."""
         if "chunk_size" not in self.model_fields_set and self.role != "decode":
             object.__setattr__(self, "chunk_size", min(DEFAULT_CHUNK_TOKENS, self.max_batch_tokens))
+        return self
+
+    @model_validator(mode="after")
+    def _lanes_or_requests(self) -> InstancePlan:
+        if self.pipelining == "per-request" and self.micro_batches > 1:
+            raise ValueError(
+                f"micro_batches is {self.micro_batches} but pipelining is per-request, where every "
+                "request is its own batch; remove micro_batches or set pipelining: lanes"
+            )
         return self
 
     @field_validator("kv_share")
@@ -206,6 +224,7 @@ class Instance:
             policy=p.policy,
             block_size=p.block_size,
             kv_window=self.kv_window,
+            per_request=p.pipelining == "per-request",
         )
 
 

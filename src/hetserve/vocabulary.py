@@ -40,6 +40,8 @@ TORCH_DTYPE_BYTES: dict[str, int] = {
 #: Which sequences a scheduler step serves first (plan files, CLI flags and the scheduler alike).
 SchedulePolicy = Literal["decode-first", "prefill-first"]
 SCHEDULE_POLICIES: tuple[SchedulePolicy, ...] = ("decode-first", "prefill-first")
+#: How an instance's chain pipelines requests (``InstancePlan.pipelining``).
+Pipelining = Literal["lanes", "per-request"]
 
 #: GB of paged KV cache an engine (``serve --model``) or each plan worker gets unless told otherwise.
 DEFAULT_KV_CACHE_GB = 0.5

@@ -9,9 +9,11 @@ from hetserve.plan import InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from hetserve.planner.engine_settings import (
     AS_WRITTEN,
     TOKEN_GRID,
+    grid,
     has_chains,
     lane_variant,
     refused,
+    request_variant,
     token_variants,
     with_setting,
 )
@@ -59,6 +61,26 @@ def test_a_lane_per_stage_only_for_chains_with_fewer_lanes_than_stages():
     assert lane_variant(AS_WRITTEN, plan_with(DECODE)) is None
 
 
+def test_per_request_pipelining_for_chains_in_lanes_and_back_to_lanes_from_it():
+    plan = plan_with(CHAIN, DECODE)
+    setting, single = request_variant(TOKEN_GRID[0], plan)
+    assert setting.per_request and setting.short == "128/256 +per-request"
+    chain, dec = single.instances
+    assert (chain.pipelining, chain.micro_batches, chain.max_batch_tokens) == ("per-request", 1, 256)
+    assert dec == DECODE  # one server: nothing to pipeline
+    assert request_variant(AS_WRITTEN, single) is None  # already per request
+    assert request_variant(AS_WRITTEN, plan_with(DECODE)) is None
+    # a strategy that wrote per-request chains still gets lanes tried
+    _, laned = lane_variant(AS_WRITTEN, single)
+    assert (laned.instances[0].pipelining, laned.instances[0].micro_batches) == ("lanes", 4)
+    # the grid: every step budget, one lane per stage, then per request, each with the best so far
+    names = [s.name for s, _ in grid(plan, lambda: TOKEN_GRID[1])]
+    assert names == [s.name for s in TOKEN_GRID] + [
+        f"{TOKEN_GRID[1].name}, one lane per stage",
+        f"{TOKEN_GRID[1].name}, per-request pipelining",
+    ]
+
+
 def fake_run(tok_s, too_long=0, slo=True):
     reasons = [DROP_TOO_LONG] * too_long + [DROP_UNFINISHED, ""]
     summary = SimpleNamespace(throughput_tok_s=tok_s, completed=10, slo_met=slo, cost_per_hour=1.0)
@@ -75,22 +97,32 @@ def test_the_comparison_keeps_the_fastest_setting_that_refuses_no_more_requests(
     """Throughput: the setting with the most tok/s wins, except one that drops more requests as too long
     than the plan as written (it would gain by serving only the short ones)."""
     plan = plan_with(CHAIN)
-    # tok/s by (max_batch_tokens, lanes) of the instance: the lane-per-stage variant is fastest but refuses
+    # tok/s by (max_batch_tokens, lanes, pipelining) of the instance: the lane-per-stage variant is fastest
+    # but refuses
     scores = {
-        (4096, 2): (100, 1),
-        (256, 2): (180, 1),
-        (2048, 2): (150, 0),
-        (8192, 2): (90, 0),
-        (256, 4): (400, 5),
+        (4096, 2, "lanes"): (100, 1),
+        (256, 2, "lanes"): (180, 1),
+        (2048, 2, "lanes"): (150, 0),
+        (8192, 2, "lanes"): (90, 0),
+        (256, 4, "lanes"): (400, 5),
+        (256, 1, "per-request"): (170, 1),
     }
     ev = Evaluator.__new__(Evaluator)
     ev.run = lambda dep, rate=None: fake_run(*scores[dep])
-    inst = lambda p: (p.instances[0].max_batch_tokens, p.instances[0].micro_batches)
+    inst = lambda p: (
+        p.instances[0].max_batch_tokens,
+        p.instances[0].micro_batches,
+        p.instances[0].pipelining,
+    )
     tuned = ev.tune(OBJECTIVES["throughput"], plan, inst)
     assert tuned.setting == TOKEN_GRID[0] and tuned.base.summary.throughput_tok_s == 180
-    assert tuned.tried == 5  # as written, three step budgets, and a lane per stage with the best of them
-    scores[(256, 4)] = (400, 1)
+    # as written, three step budgets, a lane per stage and per-request pipelining with the best of them
+    assert tuned.tried == 6
+    scores[(256, 4, "lanes")] = (400, 1)
     assert ev.tune(OBJECTIVES["throughput"], plan, inst).setting.lane_per_stage
+    scores[(256, 4, "lanes")] = (400, 5)
+    scores[(256, 1, "per-request")] = (190, 0)
+    assert ev.tune(OBJECTIVES["throughput"], plan, inst).setting.per_request
 
 
 def test_cost_keeps_the_plan_as_written_unless_a_setting_carries_the_load_it_did_not():

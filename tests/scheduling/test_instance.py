@@ -36,7 +36,7 @@ def test_lanes_split_the_batch_size_and_the_blocks_into_disjoint_ranges():
 
 def test_a_request_joins_the_least_loaded_lane_first_of_equals():
     inst = InstanceState(config(lanes=2), EST, 100, Lane)
-    lanes = [inst.add(Sequence(i, 10, 5)).index for i in range(3)]
+    lanes = [inst.add(Sequence(i, 10, 5))[0].index for i in range(3)]
     assert lanes == [0, 1, 0]
 
 
@@ -74,17 +74,17 @@ def test_completing_steps_retires_work_and_requests():
 
 def test_an_aborted_request_no_longer_counts():
     inst = InstanceState(config(lanes=2), EST, 100, Lane)
-    lane = inst.add(Sequence(0, 30, 3))
+    (lane,) = inst.add(Sequence(0, 30, 3))
     inst.add(Sequence(1, 20, 4))
-    inst.abort(lane, 0)
+    inst.abort(0)
     assert (inst.pending_prompt, inst.pending_output, inst.requests) == (20, 4, 1)
-    inst.abort(lane, 0)  # twice, or an unknown id: nothing changes
+    inst.abort(0)  # twice, or an unknown id: nothing changes
     assert inst.requests == 1
 
 
 def test_a_preempted_sequence_counts_its_tokens_as_prompt_again():
     inst = InstanceState(config(max_batch_tokens=80), EST, 5, Lane)  # 80 KV tokens
-    lane = inst.add(Sequence(0, 30, 40))
+    (lane,) = inst.add(Sequence(0, 30, 40))
     inst.add(Sequence(1, 30, 40))
     preempted = 0
     for _ in range(10):
@@ -133,6 +133,84 @@ def test_a_decode_instance_fits_whatever_its_kv_holds_whatever_its_token_budget(
     assert dec.fits(1000, 600) and not dec.fits(1000, 601)
     seq = Sequence(0, 1000, 50, num_transferred_tokens=1000)
     seq.num_output_tokens = 1
-    lane = dec.add(seq)
+    (lane,) = dec.add(seq)
     batch = dec.schedule(lane)
     assert [(it.start, it.num_tokens, it.is_prefill) for it in batch.items] == [(1000, 1, False)]
+
+
+# ---- per-request pipelining ------------------------------------------------------------------------
+
+
+def run_to_end(inst: InstanceState, limit: int = 10_000) -> tuple[list[int], int]:
+    """Step every lane with work until nothing is left; (finish order, preemptions)."""
+    order, preempted = [], 0
+    for _ in range(limit):
+        busy = [ln for ln in inst.lanes if ln.scheduler.has_unfinished()]
+        if not busy and not inst.queue:
+            return order, preempted
+        for lane in busy:
+            batch = inst.schedule(lane)
+            preempted += len(batch.preempted)
+            order += [s.seq_id for s in inst.complete(lane, batch)]
+        inst.admit_queued()
+    raise AssertionError("did not finish")
+
+
+def test_per_request_lanes_hold_one_sequence_each_over_one_shared_pool():
+    inst = InstanceState(config(per_request=True, lanes=2, max_batch_size=3), EST, 30, Lane)
+    assert len(inst.lanes) == 3  # one per request slot; `lanes` does not apply
+    pool = inst.lanes[0].scheduler.blocks
+    assert all(ln.scheduler.blocks is pool and ln.offset == 0 for ln in inst.lanes)
+    assert inst.capacity_tokens == 480 and inst.num_blocks == 30  # a request may use the whole pool
+    started = inst.add(Sequence(0, 400, 60))  # longer than any micro-batch lane's share would be
+    assert len(started) == 1 and started[0].scheduler.waiting[0].seq_id == 0
+    assert inst.fits(400, 80) and not inst.fits(400, 81)
+
+
+def test_per_request_admission_waits_for_room_for_the_whole_request_first_come_first_served():
+    inst = InstanceState(config(per_request=True, max_batch_size=4), EST, 20, Lane)  # 320 KV tokens
+    assert len(inst.add(Sequence(0, 100, 100))) == 1  # promises 13 blocks (199 tokens)
+    assert inst.add(Sequence(1, 100, 100)) == []  # 13 more would be 26 > 20: queued
+    assert inst.add(Sequence(2, 10, 5)) == []  # fits, but waits behind request 1
+    assert [s.seq_id for s in inst.queue] == [1, 2]
+    assert not inst.has_free_slot()  # 7 blocks unpromised: less than a 1,000-token prompt
+    order, preempted = run_to_end(inst)
+    assert order == [0, 2, 1]  # 1 and 2 start together once 0 has left; 2 is shorter
+    assert preempted == 0  # a promised request always finds its blocks
+    assert inst.promised == 0 and len(inst.idle) == 4
+    assert (inst.pending_prompt, inst.pending_output, inst.requests) == (0, 0, 0)
+
+
+def test_per_request_never_preempts_where_lanes_would():
+    """Six requests that together outgrow the pool: micro-batch lanes admit them on prompt room and then
+    preempt; per-request admission holds back whoever would not fit at full length."""
+    seqs = lambda: [Sequence(i, 60, 60) for i in range(6)]
+    laned = InstanceState(config(max_batch_size=6), EST, 24, Lane)  # 384 KV tokens, 119 per request
+    for s in seqs():
+        laned.add(s)
+    assert run_to_end(laned)[1] > 0
+    single = InstanceState(config(per_request=True, max_batch_size=6), EST, 24, Lane)
+    for s in seqs():
+        single.add(s)
+    order, preempted = run_to_end(single)
+    assert preempted == 0 and sorted(order) == list(range(6))
+
+
+def test_per_request_abort_of_a_queued_or_running_request():
+    inst = InstanceState(config(per_request=True, max_batch_size=1), EST, 100, Lane)
+    inst.add(Sequence(0, 30, 3))
+    inst.add(Sequence(1, 20, 4))  # no free lane: queued
+    inst.abort(1)
+    assert not inst.queue and inst.requests == 1
+    inst.abort(0)
+    assert inst.requests == 0 and inst.promised == 0 and len(inst.idle) == 1
+    assert (inst.pending_prompt, inst.pending_output) == (0, 0)
+    inst.add(Sequence(2, 20, 4))
+    assert inst.lane_of[2] is inst.lanes[0]
+
+
+def test_per_request_refuses_a_request_longer_than_the_pool_without_counting_it():
+    inst = InstanceState(config(per_request=True), EST, 4, Lane)  # 64 KV tokens
+    with pytest.raises(ValueError, match="KV slots"):
+        inst.add(Sequence(0, 60, 10))
+    assert inst.requests == 0 and not inst.queue

@@ -96,7 +96,7 @@ def random_changes(insts, pools, rng: random.Random, decisions: int, check) -> N
             elif kind < 0.65 and placed:  # an abort
                 sid = rng.choice(sorted(placed))
                 owner, lane = placed.pop(sid)
-                owner.abort(lane, sid)
+                owner.abort(sid)
             elif kind < 0.67 and len(entry) > 2 and inst in entry:  # a failure
                 entry.remove(inst)
         check()

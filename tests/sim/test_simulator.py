@@ -99,6 +99,43 @@ def test_pipeline_of_k_equal_stages_reaches_k_times_throughput(stages):
     assert full / one == pytest.approx(stages, rel=0.05)
 
 
+def _per_request(stages, batch, tokens=4096):
+    dep = _pipeline(stages, 1, batch)
+    spec = dep.spec.model_copy(deep=True)
+    spec.instances[0] = spec.instances[0].model_copy(
+        update={"pipelining": "per-request", "max_batch_size": batch, "max_batch_tokens": tokens}
+    )
+    return make_deployment(
+        [s.model_dump() for s in spec.servers], [spec.instances[0].model_dump(exclude_unset=True)]
+    )
+
+
+def test_per_request_pipelining_batches_the_steps_waiting_on_each_server():
+    """Each request moves through the stages on its own, a step per request; a server runs whatever waits
+    on it as one step, so 8 requests decoding together on 4 stages take far less than 8 times one request,
+    and less than the twice that 4 stages running one request's step at a time would give."""
+    dep = _per_request(4, 8)
+    prompt, out = 300, 40
+    alone = simulate(dep, requests([0.0], prompt, out), NO_SLO)
+    eight = simulate(dep, requests(np.zeros(8), prompt, out), NO_SLO)
+    assert eight.summary.completed == 8 and not eight.records.preemptions.any()
+    one_time = float(alone.records.finish[0])
+    assert one_time < float(np.max(eight.records.finish)) < 1.5 * one_time
+    # every request's steps were counted on their own: its prompt (one chunk) and a step per later token
+    assert eight.summary.iterations == 8 * (1 + out - 1)
+    # a single request is timed as the chain's stages one after another, hops included
+    lanes = simulate(_pipeline(4, 1, 1), requests([0.0], prompt, out), NO_SLO)
+    assert one_time == pytest.approx(float(lanes.records.finish[0]), rel=1e-9)
+
+
+def test_per_request_admits_no_more_requests_than_its_batch_size():
+    dep = _per_request(2, 3)
+    r = simulate(dep, requests(np.zeros(6), 200, 20), NO_SLO).records
+    order = np.argsort(r.prefill_start, kind="stable")
+    first, later = order[:3], order[3:]
+    assert np.max(r.prefill_start[first]) < np.min(r.finish[first]) <= np.min(r.prefill_start[later])
+
+
 def _pd(gbit):
     nodes = [{"name": "p", "gpu": "h100-sxm", "count": 1}, {"name": "d", "gpu": "a100-80gb", "count": 1}]
     servers = [

@@ -62,6 +62,8 @@ class InstanceAsk:
     policy: str
     micro_batches: int
     block_size: int
+    #: lanes or per-request (``InstancePlan.pipelining``)
+    pipelining: str = "lanes"
     #: fraction of each GPU's memory the engine may take (weights, activations and this instance's
     #: share of the KV room), the smallest over the stages: vLLM's --gpu-memory-utilization
     memory_utilisation: float = 0.9
@@ -220,6 +222,7 @@ def asks_from(dep: Deployment) -> list[InstanceAsk]:
             policy=p.policy,
             micro_batches=p.micro_batches,
             block_size=p.block_size,
+            pipelining=p.pipelining,
         )
         ask.memory_utilisation, ask.memory_static = memory_fractions(dep, ask)
         asks.append(ask)

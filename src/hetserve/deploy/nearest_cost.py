@@ -43,6 +43,7 @@ def plan_of_asks(dep: Deployment, asks: list[InstanceAsk]) -> PlanFile:
                 chunk_size=a.chunk_size,
                 policy=a.policy,
                 micro_batches=a.micro_batches,
+                pipelining=a.pipelining,
                 kv_share=share if len(set(share.values())) > 1 else next(iter(share.values())),
                 block_size=a.block_size,
             )

@@ -67,6 +67,8 @@ def export(
         notes = []
         if a.policy == "decode-first" and a.role == "mixed":
             notes.append("policy decode-first has no SGLang flag; SGLang admits waiting prompts first")
+        if a.pipelining == "per-request" and a.pp > 1:
+            notes.append("the plan pipelines per request; SGLang moves micro-batches through the pipeline")
         if a.micro_batches > 1 and a.pp > 1:
             notes.append(f"micro_batches {a.micro_batches}: SGLang sizes its pipeline micro-batches itself")
         out.notes[a.name] = notes

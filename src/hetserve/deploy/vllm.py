@@ -127,6 +127,10 @@ def export(
             notes.append(
                 f"vLLM keeps {a.pp} batches in flight (one per stage); the plan asks {a.micro_batches}"
             )
+        if a.pipelining == "per-request" and a.pp > 1:
+            notes.append(
+                "the plan pipelines per request; vLLM moves one batch per stage through the pipeline"
+            )
         if a.micro_batches > 1:
             notes.append(f"--max-num-seqs {max(1, a.max_batch_size // a.micro_batches)} per batch in flight")
         if a.policy == "prefill-first":

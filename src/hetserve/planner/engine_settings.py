@@ -1,15 +1,16 @@
 """The serving engine's settings a plan's instances run with, and the grid every plan is tuned over.
 
-Three knobs of a plan's instances are engine settings rather than placement: ``chunk_size`` (prompt
+Four knobs of a plan's instances are engine settings rather than placement: ``chunk_size`` (prompt
 tokens per step under chunked prefill), ``max_batch_tokens`` (tokens per step) and, for a chain,
-``micro_batches`` (lanes moving through its stages). Which values serve a plan best depends on the
-plan: a long chain of small GPUs whose lanes move in lockstep stalls every decode behind a 2,048-token
-chunk at every stage, while one large GPU amortises its weight reads over large steps. A comparison
-that gave every strategy one fixed setting would measure the setting, not the plan, so the same grid
-is searched for every strategy's plan with the same budget (``hetserve compare``), and by the planner
-for its own plans (``Planner``): the plan as its strategy wrote it, then each setting of
-``TOKEN_GRID`` on every instance that prefills, then, for plans with chains, one lane per stage with
-the best of those.
+``pipelining`` and ``micro_batches`` (lanes moving through its stages together, or every request on
+its own). Which values serve a plan best depends on the plan: a long chain of small GPUs whose lanes
+move in lockstep stalls every decode behind a 2,048-token chunk at every stage, while one large GPU
+amortises its weight reads over large steps. A comparison that gave every strategy one fixed setting
+would measure the setting, not the plan, so the same grid is searched for every strategy's plan with
+the same budget (``hetserve compare``), and by the planner for its own plans (``Planner``): the plan
+as its strategy wrote it, then each setting of ``TOKEN_GRID`` on every instance that prefills, then,
+for plans with chains, one lane per stage with the best of those, then per-request pipelining (the
+schedule of Petals and Helix) with the best so far.
 
 A setting is judged by simulation like the plan itself; one that refuses more requests as too long
 for a lane's KV share than the plan as written is not taken (``refused``), since a throughput figure
@@ -34,14 +35,18 @@ class EngineSetting:
     max_batch_tokens: int | None = None  # tokens per step of an instance that prefills
     lane_per_stage: bool = False  # a chain runs one micro-batch lane per stage
     source: str = ""
+    per_request: bool = False  # a chain pipelines every request on its own
 
     @property
     def short(self) -> str:
-        """A few characters for a table: ``as planned``, ``128/256``, ``128/256 +lanes``."""
+        """A few characters for a table: ``as planned``, ``128/256``, ``128/256 +lanes``,
+        ``128/256 +per-request``."""
         steps = (
             "as planned" if self.max_batch_tokens is None else f"{self.chunk_size}/{self.max_batch_tokens}"
         )
-        return steps + (" +lanes" if self.lane_per_stage else "")
+        return (
+            steps + (" +lanes" if self.lane_per_stage else "") + (" +per-request" if self.per_request else "")
+        )
 
 
 AS_WRITTEN = EngineSetting("as planned", source="the strategy's own settings")
@@ -85,13 +90,26 @@ def with_setting(plan: PlanFile, setting: EngineSetting) -> PlanFile:
             update["chunk_size"] = min(setting.chunk_size or tokens, tokens)
         if setting.lane_per_stage and len(inst.chain) > 1:
             update["micro_batches"] = min(len(inst.chain), MAX_MICRO_BATCHES)
+            update["pipelining"] = "lanes"
+        if setting.per_request and len(inst.chain) > 1:
+            update["micro_batches"] = 1
+            update["pipelining"] = "per-request"
         instances.append(inst.model_copy(update=update) if update else inst)
     return plan.model_copy(update={"instances": instances})
 
 
 def has_chains(plan: PlanFile) -> bool:
-    """Whether a lane per stage would change ``plan`` (an instance of several stages with fewer lanes)."""
-    return any(len(i.chain) > 1 and i.micro_batches < len(i.chain) for i in plan.instances)
+    """Whether a lane per stage would change ``plan`` (an instance of several stages with fewer lanes, or
+    pipelining per request)."""
+    return any(
+        len(i.chain) > 1 and (i.micro_batches < len(i.chain) or i.pipelining == "per-request")
+        for i in plan.instances
+    )
+
+
+def has_lanes(plan: PlanFile) -> bool:
+    """Whether pipelining per request would change ``plan`` (an instance of several stages in lanes)."""
+    return any(len(i.chain) > 1 and i.pipelining == "lanes" for i in plan.instances)
 
 
 def token_variants(plan: PlanFile) -> Iterator[tuple[EngineSetting, PlanFile]]:
@@ -109,14 +127,35 @@ def lane_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetting,
     return laned, with_setting(plan, laned)
 
 
+def request_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetting, PlanFile] | None:
+    """``setting``'s step budget with per-request pipelining, applied to ``plan`` as written; None when
+    it changes nothing."""
+    if not has_lanes(plan):
+        return None
+    steps = "" if setting.max_batch_tokens is None else setting.name.split(", one lane")[0] + ", "
+    single = EngineSetting(
+        steps + "per-request pipelining",
+        setting.chunk_size,
+        setting.max_batch_tokens,
+        source=setting.source or "Petals and Helix move each request through the chain on its own",
+        per_request=True,
+    )
+    return single, with_setting(plan, single)
+
+
 def grid(plan: PlanFile, best: Callable[[], EngineSetting]) -> Iterator[tuple[EngineSetting, PlanFile]]:
     """The settings to try on ``plan`` after the plan as written, in order: each step budget of
     ``TOKEN_GRID``, then one lane per stage with ``best()`` (the best setting so far, read once the step
-    budgets are tried) where that changes the plan. The one order the comparison and the planner share."""
+    budgets are tried) where that changes the plan, then per-request pipelining with the step budget of
+    ``best()`` (read again) where that changes the plan. The one order the comparison and the planner
+    share."""
     yield from token_variants(plan)
     laned = lane_variant(best(), plan)
     if laned is not None:
         yield laned
+    single = request_variant(best(), plan)
+    if single is not None:
+        yield single
 
 
 def refused(result) -> int:

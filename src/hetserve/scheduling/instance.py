@@ -1,9 +1,19 @@
 """One instance as both clocks run it: its micro-batch lanes and the figures the router reads.
 
 An instance is a chain of servers that serves requests. It runs the shared scheduler in one or more
-*lanes*: a lane is one batch in flight through the chain (``lanes`` micro-batches keep a pipeline's
-stages busy), with its own scheduler over an equal, disjoint share of the instance's KV blocks and an
-equal share of its ``max_batch_size``. The simulator (``hetserve.sim``) and the cluster driver
+*lanes*: a lane is one batch in flight through the chain. Two ways to pipeline (``InstanceConfig.
+per_request``):
+
+* micro-batch lanes (the default): ``lanes`` micro-batches keep a pipeline's stages busy, each with its
+  own scheduler over an equal, disjoint share of the instance's KV blocks and an equal share of its
+  ``max_batch_size``; a lane's sequences move through the stages together.
+* per-request: every request is a lane of its own and moves through the stages independently (the
+  schedule of Petals and Helix); the servers batch whatever steps wait on them. The lanes share one KV
+  pool. A request is admitted, first come first served, when a lane is free and the pool has room for
+  its whole length (prompt plus every output token) beyond what the requests already admitted may
+  still grow to, so an admitted request never has to be preempted.
+
+The simulator (``hetserve.sim``) and the cluster driver
 (``hetserve.runtime.cluster``) both subclass ``InstanceState``: they keep their own clock and transport
 and add their lane's in-flight state, while lane choice, admission counters and the router's view
 (``Routable``) are these.
@@ -15,6 +25,7 @@ step times). Pure Python: no torch, no numpy.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -53,6 +64,9 @@ class InstanceConfig:
     policy: Policy
     block_size: int
     kv_window: KVWindow | None = None  # the model's sliding-window layers: KV held per token
+    #: Each request its own lane through the chain, over one shared KV pool (``max_batch_size`` lanes;
+    #: ``lanes`` is not used).
+    per_request: bool = False
 
 
 @dataclass(eq=False)
@@ -89,15 +103,21 @@ class InstanceState(Generic[L]):
         self.name = config.name
         self.role = config.role
         self.estimate = estimate
-        lanes = max(1, config.lanes)
-        per_lane = max(1, num_blocks // lanes)
+        self.per_request = config.per_request
+        if self.per_request:  # one sequence per lane, one pool shared by all (block ids as they are)
+            lanes, per_lane = max(1, config.max_batch_size), max(1, num_blocks)
+            pool = BlockManager(per_lane, config.block_size, prefix_caching, config.kv_window)
+            scheduler_type = Scheduler  # a lane of one sequence has no decode group to advance
+        else:
+            lanes = max(1, config.lanes)
+            per_lane = max(1, num_blocks // lanes)
         #: KV slots one lane holds (a request must fit in one lane), and the longest sequence they hold.
         self.capacity_tokens = per_lane * config.block_size
         window = config.kv_window
         self.longest_sequence = (
             self.capacity_tokens if window is None else window.tokens_within(self.capacity_tokens)
         )
-        self.lane_seqs = max(1, config.max_batch_size // lanes)
+        self.lane_seqs = 1 if self.per_request else max(1, config.max_batch_size // lanes)
         self.lanes: list[L] = [
             make_lane(
                 i,
@@ -108,13 +128,22 @@ class InstanceState(Generic[L]):
                         chunk_size=config.chunk_size,
                         policy=config.policy,
                     ),
-                    BlockManager(per_lane, config.block_size, prefix_caching, config.kv_window),
+                    pool
+                    if self.per_request
+                    else BlockManager(per_lane, config.block_size, prefix_caching, config.kv_window),
                 ),
-                i * per_lane,
+                0 if self.per_request else i * per_lane,
             )
             for i in range(lanes)
         ]
-        self.num_blocks = per_lane * lanes
+        self.num_blocks = per_lane if self.per_request else per_lane * lanes
+        #: Per-request pipelining: requests waiting for a lane and for KV room (first come, first
+        #: served), the lanes without a request, and the blocks the admitted requests may grow to.
+        self.queue: deque[Sequence] = deque()
+        self.idle: list[L] = self.lanes[::-1] if self.per_request else []
+        self.promised = 0
+        #: The lane each admitted, unfinished sequence is on.
+        self.lane_of: dict[int, L] = {}
         #: Prompt tokens still to be computed, output tokens still owed, requests admitted and unfinished.
         self.pending_prompt = 0
         self.pending_output = 0
@@ -173,6 +202,8 @@ class InstanceState(Generic[L]):
         if self.requests >= self.config.max_batch_size:
             return False
         need = min(REF_PROMPT + 1, self.capacity_tokens)
+        if self.per_request:
+            return (self.num_blocks - self.promised) * self.config.block_size >= need
         return any(
             ln.scheduler.blocks.num_free_blocks * ln.scheduler.blocks.block_size >= need for ln in self.lanes
         )
@@ -191,15 +222,50 @@ class InstanceState(Generic[L]):
         return prompt + output <= self.fit_limit
 
     # ---- a request's life -------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> L:
-        """Queue ``seq`` on the least loaded lane (the first of equals)."""
-        lane = min(self.lanes, key=lambda ln: (ln.load, ln.index))
-        lane.scheduler.add(seq)
+    def add(self, seq: Sequence) -> list[L]:
+        """Queue ``seq``: on the least loaded lane (the first of equals), or, pipelining per request,
+        in the instance's queue. The lanes given a sequence (that may have a step to start)."""
+        if self.per_request:
+            if self.promise(seq) > self.num_blocks:
+                self.lanes[0].scheduler.add(seq)  # raises: longer than the whole pool holds
+            self.queue.append(seq)
+        else:
+            lane = min(self.lanes, key=lambda ln: (ln.load, ln.index))
+            lane.scheduler.add(seq)
+            self.lane_of[seq.seq_id] = lane
         self.pending_prompt += seq.prompt_len - seq.num_transferred_tokens
         self.pending_output += seq.max_tokens - seq.num_output_tokens
         self.requests += 1
+        started = self.admit_queued() if self.per_request else [lane]
         self.load_changed()
-        return lane
+        return started
+
+    def promise(self, seq: Sequence) -> int:
+        """Blocks ``seq`` holds at its longest."""
+        return self.lanes[0].scheduler.blocks.blocks_for(seq.max_total_tokens)
+
+    def admit_queued(self) -> list[L]:
+        """Pipelining per request: give queued sequences, in order, a free lane while the pool has room
+        for each one's whole length; the lanes given one."""
+        started: list[L] = []
+        while self.queue and self.idle:
+            need = self.promise(self.queue[0])
+            if self.promised + need > self.num_blocks:
+                break
+            seq = self.queue.popleft()
+            lane = self.idle.pop()
+            self.promised += need
+            lane.scheduler.add(seq)
+            self.lane_of[seq.seq_id] = lane
+            started.append(lane)
+        return started
+
+    def _release(self, seq: Sequence) -> None:
+        """``seq`` left its lane (finished or aborted)."""
+        lane = self.lane_of.pop(seq.seq_id, None)
+        if self.per_request and lane is not None:
+            self.promised -= self.promise(seq)
+            self.idle.append(lane)
 
     def schedule(self, lane: L) -> Batch:
         """The lane's next batch; a preempted sequence's tokens count as prompt to compute again."""
@@ -235,14 +301,22 @@ class InstanceState(Generic[L]):
         for seq in finished:
             self.pending_output -= seq.max_tokens - seq.num_output_tokens  # stopped early
             self.requests -= 1
+            self._release(seq)
         self.load_changed()
         return finished
 
-    def abort(self, lane: L, seq_id: int) -> None:
+    def abort(self, seq_id: int) -> None:
         """Remove a sequence that has not finished; its remaining work no longer counts."""
-        seq = lane.scheduler.abort(seq_id)
+        lane = self.lane_of.get(seq_id)
+        if lane is not None:
+            seq = lane.scheduler.abort(seq_id)
+        else:
+            seq = next((s for s in self.queue if s.seq_id == seq_id), None)
+            if seq is not None:
+                self.queue.remove(seq)
         if seq is None:
             return
+        self._release(seq)
         computed = max(seq.num_computed_tokens, seq.num_transferred_tokens)
         self.pending_prompt -= max(0, seq.prompt_len - computed)
         self.pending_output -= seq.max_tokens - seq.num_output_tokens

@@ -154,7 +154,7 @@ class SimInstance(InstanceState[Lane]):
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes a lane's step takes the pipeline's steady-state cycle,
         #: max(latency, m x slowest stage); servers shared with other instances queue stage by stage.
-        self.exclusive = not any(len(s.instances) > 1 for s in inst.servers)
+        self.exclusive = not self.per_request and not any(len(s.instances) > 1 for s in inst.servers)
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         self.clock = [0.0]  # the simulator's current time, shared
 

@@ -78,8 +78,9 @@ class Simulator:
             if deadline is not None and time.perf_counter() > deadline:  # (an instance takes milliseconds)
                 raise OutOfTime(f"setting up {len(dep.instances)} instances: out of wall-clock time")
             self.instances[name] = SimInstance(inst, dep, self.servers)
+        per_request = {i.name for i in self.instances.values() if i.per_request}
         for name, s in dep.servers.items():
-            if len(s.instances) > 1:
+            if len(s.instances) > 1 or per_request.intersection(s.instances):
                 users = [dep.instances[i] for i in s.instances]
                 srv = self.servers[name]
                 srv.timer = dep.cost_model.timer(s.shape)
@@ -211,11 +212,11 @@ class Simulator:
         self._enqueue(inst, seq, t)
 
     def _enqueue(self, inst: SimInstance, seq: Sequence, t: float) -> None:
-        lane = inst.add(seq)
-        if not lane.busy:
-            self._start_step(lane, t)
-        else:
-            self._cut_run(lane, t)
+        for lane in inst.add(seq):
+            if not lane.busy:
+                self._start_step(lane, t)
+            else:
+                self._cut_run(lane, t)
 
     def _attach_keys(self, seq: Sequence, i: int) -> None:
         if self.hashes is not None and self.hashes[i]:
@@ -367,6 +368,10 @@ class Simulator:
         lane.batch = None
         lane.busy = False
         self._start_step(lane, t)
+        if finished and inst.per_request:
+            for ln in inst.admit_queued():  # the pool has room again
+                if not ln.busy:
+                    self._start_step(ln, t)
         if finished and self.central:
             self._dispatch_central(t)
 

@@ -42,7 +42,7 @@ servers:
   - {{name: s1, node: t4-box, gpus: [1], layers: [12, 30], kv_dtype: fp32}}
 instances:
   - {{name: replica, role: mixed, chain: [fast], max_batch_size: 3, max_batch_tokens: 160}}
-  - {{name: pipeline, role: mixed, chain: [s0, s1], micro_batches: 2, max_batch_size: 4,
+  - {{name: pipeline, role: mixed, chain: [s0, s1], {lanes}, max_batch_size: 4,
      max_batch_tokens: 96, chunk_size: 48, policy: {policy}}}
 routing:
   policy: {routing}
@@ -178,7 +178,7 @@ def run_driver(dep, monkeypatch) -> tuple[dict, InProcessWorkers]:
 @pytest.mark.parametrize("routing,policy", [("least-work", "decode-first"), ("round-robin", "prefill-first")])
 def test_simulator_and_driver_route_and_batch_alike(tmp_path, monkeypatch, routing, policy):
     path = tmp_path / "plan.yaml"
-    path.write_text(PLAN.format(cluster=CLUSTER, routing=routing, policy=policy))
+    path.write_text(PLAN.format(cluster=CLUSTER, routing=routing, policy=policy, lanes="micro_batches: 2"))
     sim = run_simulator(load_plan(path), monkeypatch)
     monkeypatch.undo()
     served, workers = run_driver(load_plan(path), monkeypatch)
@@ -200,7 +200,9 @@ def test_the_driver_weighs_work_by_the_same_cost_model_as_the_simulator(tmp_path
     (not a count of queued requests): the L4 replica prefills faster than the two-T4 pipeline, so the
     same queued prompt weighs less there."""
     path = tmp_path / "plan.yaml"
-    path.write_text(PLAN.format(cluster=CLUSTER, routing="least-work", policy="decode-first"))
+    path.write_text(
+        PLAN.format(cluster=CLUSTER, routing="least-work", policy="decode-first", lanes="micro_batches: 2")
+    )
     dep = load_plan(path)
     topo = topology_from_plan(dep)
     for name in ("replica", "pipeline"):
@@ -212,3 +214,43 @@ def test_the_driver_weighs_work_by_the_same_cost_model_as_the_simulator(tmp_path
         )
     fast, slow = topo.instances["replica"].estimate, topo.instances["pipeline"].estimate
     assert fast.prefill_s_per_token < slow.prefill_s_per_token
+
+
+def per_sequence(batches: dict, instance: str) -> dict[int, list[tuple[int, int]]]:
+    """Every step each sequence of ``instance`` computed, in order: (start, tokens)."""
+    steps: dict[int, list[tuple[int, int]]] = {}
+    for (name, _), runs in batches.items():
+        if name == instance:
+            for batch in runs:
+                for sid, start, n in batch:
+                    steps.setdefault(sid, []).append((start, n))
+    return {sid: sorted(v) for sid, v in steps.items()}
+
+
+@pytest.mark.parametrize("policy", ["decode-first", "prefill-first"])
+def test_per_request_pipelining_runs_every_request_alike_in_both_clocks(tmp_path, monkeypatch, policy):
+    """Pipelining per request, each request is a lane of its own, admitted in order as lanes and KV room
+    free up; which lane a request gets depends on which request finished first, but each request's steps
+    (its prompt chunks, then one token per step) and its instance are the same in both clocks."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        PLAN.format(cluster=CLUSTER, routing="round-robin", policy=policy, lanes="pipelining: per-request")
+    )
+    sim = run_simulator(load_plan(path), monkeypatch)
+    monkeypatch.undo()
+    served, workers = run_driver(load_plan(path), monkeypatch)
+    assert served["routes"] == sim["routes"]
+    steps = per_sequence(sim["batches"], "pipeline")
+    assert steps == per_sequence(served["batches"], "pipeline")
+    assert len(steps) == 5  # round-robin: every other request
+    pipeline = [b for (name, _), runs in sim["batches"].items() if name == "pipeline" for b in runs]
+    assert all(len(batch) == 1 for batch in pipeline)  # one sequence per batch
+    for sid, seq_steps in steps.items():
+        prompt, output = REQUESTS[sid]
+        chunks = [n for start, n in seq_steps if start < prompt]
+        assert sum(chunks) == prompt and max(chunks) <= 48
+        assert len(seq_steps) - len(chunks) == output - 1
+    # at most max_batch_size (4) requests were in flight on the pipeline at once
+    lanes = {lane for name, lane in sim["batches"] if name == "pipeline"}
+    assert len(lanes) <= 4
+    assert len(workers.steps) == sum(len(b) for b in served["batches"].values())

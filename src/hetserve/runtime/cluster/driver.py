@@ -42,7 +42,6 @@ log = logging.getLogger("hetserve.driver")
 class _ClusterRequest:
     state: RequestState  # prompt, params, random stream, decoder, tokens and text so far
     instance: str | None = None
-    lane: int = 0
     install: tuple[int, str] | None = None  # (KV key, decode instance) waiting to be installed
     waiting_since: float | None = None  # when it was queued with no instance up (workers restarting)
 
@@ -280,7 +279,7 @@ class ClusterEngine:
     def _place(self, req: _ClusterRequest, inst: InstanceRunner, seq: Sequence) -> None:
         req.state.seq = seq
         req.instance = inst.name
-        req.lane = inst.add(seq).index
+        inst.add(seq)
         self._by_seq[seq.seq_id] = req
 
     # ---- dispatch ---------------------------------------------------------------------------------
@@ -288,6 +287,7 @@ class ClusterEngine:
         for inst in self.instances.values():
             if not inst.up:
                 continue
+            inst.admit_queued()
             for lane in inst.lanes:
                 if lane.flight is None and lane.scheduler.has_unfinished():
                     self._dispatch_lane(inst, lane)
@@ -417,7 +417,7 @@ class ClusterEngine:
         seq_id = req.state.seq.seq_id
         self._by_seq.pop(seq_id, None)
         if inst.up:
-            inst.abort(inst.lanes[req.lane], seq_id)
+            inst.abort(seq_id)
             if req.install is not None:
                 self.transport.send(KVDrop(req.install[0]), inst.spec.ranks)
 
