@@ -30,7 +30,9 @@ def single_engine() -> LLMEngine:
 
 def cluster_engine(tmp_path) -> tuple[ClusterEngine, InProcessWorkers]:
     path = tmp_path / "plan.yaml"
-    path.write_text(PLAN.format(cluster=CLUSTER, routing="round-robin", policy="decode-first"))
+    path.write_text(
+        PLAN.format(cluster=CLUSTER, routing="round-robin", policy="decode-first", lanes="micro_batches: 2")
+    )
     dep = load_plan(path)
     config = engine_config(dep)
     workers = InProcessWorkers(config.vocab_size)

@@ -260,6 +260,19 @@ class InstanceState(Generic[L]):
             started.append(lane)
         return started
 
+    def next_step_tokens(self, lane: L) -> int:
+        """Pipelining per request: the most tokens ``lane``'s next step computes (its request's next
+        prompt chunk, or one token), before a prefix-cache hit shortens a prompt."""
+        sched = lane.scheduler
+        seq = sched.running[0] if sched.running else sched.waiting[0] if sched.waiting else None
+        if seq is None:
+            return 0
+        pending = seq.num_tokens - max(seq.num_computed_tokens, seq.num_transferred_tokens)
+        if pending <= 1:
+            return 1
+        chunk = self.config.chunk_size or pending
+        return min(pending, chunk, self.config.max_batch_tokens)
+
     def _release(self, seq: Sequence) -> None:
         """``seq`` left its lane (finished or aborted)."""
         lane = self.lane_of.pop(seq.seq_id, None)

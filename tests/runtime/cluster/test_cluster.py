@@ -81,6 +81,24 @@ def test_uneven_pipeline_with_a_tp_stage(reference):
     assert run["in_flight"]["chain"] >= 2  # the lanes really overlap in the chain
 
 
+def test_per_request_pipelining(reference, tmp_path):
+    """The same pipeline with every request moving on its own: the same tokens, and the ready requests'
+    steps sent together (all six arrive at once, so their steps travel as one micro-batch: one per
+    token instead of one per request and token)."""
+    text = (PLANS / "smollm2-pipeline.yaml").read_text()
+    text = text.replace("../clusters/", f"{PLANS.parent / 'clusters'}/")
+    text = text.replace("micro_batches: 3", "pipelining: per-request")
+    plan = tmp_path / "per-request.yaml"
+    plan.write_text(text)
+    engine = start_cluster(str(plan), kv_cache_gb=KV_GB)
+    try:
+        assert generate(engine) == reference
+        steps, in_flight = engine.instance_steps["chain"], engine.instances["chain"].max_in_flight
+    finally:
+        engine.shutdown()
+    assert steps <= TOKENS and in_flight == 1
+
+
 def test_tensor_parallel_pair(reference):
     assert serve_plan("smollm2-tp2.yaml")["tokens"] == reference
 

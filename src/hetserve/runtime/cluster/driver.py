@@ -2,7 +2,9 @@
 
 Rank 0 holds the router, one scheduler per micro-batch lane of every instance (each lane owns a
 disjoint range of the instance's KV blocks, so lanes are independent batches in flight through the
-chain), sampling and stop conditions. Workers hold the weights and KV and run what they are sent.
+chain; pipelining per request, every request is a lane over one shared pool, and the ready requests'
+steps go together as one micro-batch while fewer than the chain's stages are in flight), sampling and
+stop conditions. Workers hold the weights and KV and run what they are sent.
 
 A step: route waiting requests; give every idle lane of every live instance its next batch (its KV
 hand-offs and installs first); wait for at least one lane's logits; sample, hand prefilled requests to
@@ -279,7 +281,9 @@ class ClusterEngine:
     def _place(self, req: _ClusterRequest, inst: InstanceRunner, seq: Sequence) -> None:
         req.state.seq = seq
         req.instance = inst.name
-        inst.add(seq)
+        started = inst.add(seq)
+        if inst.per_request:
+            inst.ready.extend(started)
         self._by_seq[seq.seq_id] = req
 
     # ---- dispatch ---------------------------------------------------------------------------------
@@ -287,17 +291,47 @@ class ClusterEngine:
         for inst in self.instances.values():
             if not inst.up:
                 continue
-            inst.admit_queued()
+            if inst.per_request:
+                inst.ready.extend(inst.admit_queued())
+                self._dispatch_requests(inst)
+                continue
             for lane in inst.lanes:
                 if lane.flight is None and lane.scheduler.has_unfinished():
-                    self._dispatch_lane(inst, lane)
+                    batch = inst.schedule(lane)
+                    if batch.items:
+                        self._send(inst, [(lane, batch)])
 
-    def _dispatch_lane(self, inst: InstanceRunner, lane: _Lane) -> None:
-        batch = inst.schedule(lane)
-        if not batch.items:
-            return
-        table = lambda seq: [b + lane.offset for b in seq.block_table]
-        for it in batch.items:
+    def _dispatch_requests(self, inst: InstanceRunner) -> None:
+        """Pipelining per request: while fewer micro-batches than stages are in the chain, send the next
+        step of every ready request, in the order they became ready, as one micro-batch of at most
+        ``max_batch_tokens`` tokens (at least one step). The workers run micro-batches one after another,
+        so the steps batched together are those that wait for the first stage, as the simulator's
+        servers batch the steps waiting on them."""
+        budget = inst.config.max_batch_tokens
+        while inst.ready and inst.in_flight < len(inst.spec.stages):
+            parts, tokens = [], 0
+            while inst.ready:
+                lane = inst.ready[0]
+                if lane.flight is not None or not lane.scheduler.has_unfinished():
+                    inst.ready.popleft()  # aborted, or already queued again
+                    continue
+                if parts and tokens + inst.next_step_tokens(lane) > budget:
+                    break
+                inst.ready.popleft()
+                batch = inst.schedule(lane)
+                if batch.items:
+                    parts.append((lane, batch))
+                    tokens += batch.num_tokens
+            if not parts:
+                return
+            self._send(inst, parts)
+
+    def _send(self, inst: InstanceRunner, parts: list[tuple[_Lane, object]]) -> None:
+        """Send the lanes' batches as one micro-batch through ``inst``'s chain (KV installs first)."""
+        items = [it for _, batch in parts for it in batch.items]
+        offset = parts[0][0].offset  # lanes sharing a micro-batch share one pool (offset 0)
+        table = lambda seq: [b + offset for b in seq.block_table]
+        for it in items:
             req = self._by_seq[it.seq.seq_id]
             if req.install is not None:
                 key, _ = req.install
@@ -307,9 +341,9 @@ class ClusterEngine:
                 else:  # preempted before it ran: it recomputes instead
                     self.transport.send(KVDrop(key), inst.spec.ranks)
         ids, positions, meta, rows = prepare_batch(
-            batch.items, inst.spec.block_size, "cpu", lane.offset, strided=inst.strided
+            items, inst.spec.block_size, "cpu", offset, strided=inst.strided
         )
-        sampling = [it for it in batch.items if it.samples]
+        sampling = [it for it in items if it.samples]
         handoffs = []
         if inst.spec.role == "prefill":
             for it in sampling:
@@ -324,10 +358,13 @@ class ClusterEngine:
         for _, h in handoffs:
             self.transport.send(h.recv, h.decoder.ranks)
         by_seq = {seq_id: (h.decoder.name, h.key) for seq_id, h in handoffs}
-        lane.flight = _Flight(lane, batch, sampling, by_seq, time.perf_counter())
-        inst.expect(lane.flight)
+        flight = _Flight(parts, sampling, by_seq, time.perf_counter())
+        for lane, _ in parts:
+            lane.flight = flight
+        inst.expect(flight)
         self.instance_steps[inst.name] += 1
-        inst.max_in_flight = max(inst.max_in_flight, sum(ln.flight is not None for ln in inst.lanes))
+        inst.in_flight += 1
+        inst.max_in_flight = max(inst.max_in_flight, inst.in_flight)
 
     # ---- results ----------------------------------------------------------------------------------
     def _handle(self, item, outputs: list) -> None:
@@ -338,10 +375,11 @@ class ClusterEngine:
             log.error("instance %s failed: %s", inst.name, logits)
             self._take_down(inst, outputs)
             return
-        lane = flight.lane
-        lane.flight = None
+        for lane, _ in flight.parts:
+            lane.flight = None
         if not inst.up:
             return
+        inst.in_flight -= 1
         for seq_id, (dec, key) in flight.handoffs.items():
             if seq_id not in self._by_seq:  # aborted while its prefill ran: free the staged KV
                 self.transport.send(KVDrop(key), self.instances[dec].spec.ranks)
@@ -353,7 +391,11 @@ class ClusterEngine:
             sample(logits[rows], [s.params for s in states], [s.generator for s in states]) if rows else []
         )
         deltas, stopped = accept_tokens(states, tokens, self.eos_token_ids)
-        inst.complete(lane, flight.batch, {s.seq.seq_id: t for s, t in zip(states, tokens)}, stopped)
+        token_ids = {s.seq.seq_id: t for s, t in zip(states, tokens)}
+        for lane, batch in flight.parts:
+            inst.complete(lane, batch, token_ids, stopped)
+            if inst.per_request and lane.scheduler.has_unfinished():
+                inst.ready.append(lane)
         for req, token, delta in zip(reqs, tokens, deltas):
             seq = req.state.seq
             handoff = flight.handoffs.get(seq.seq_id)

@@ -1,10 +1,12 @@
 """The driver's side of one instance: its micro-batch lanes (a scheduler each over a disjoint range of
-the instance's KV blocks), the batches in flight, and a thread that collects each batch's logits."""
+the instance's KV blocks, or one per request over a shared pool), the batches in flight, and a thread
+that collects each batch's logits."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from ...scheduling.instance import InstanceState, Lane
@@ -14,10 +16,10 @@ from .transport import Transport
 
 @dataclass
 class _Flight:
-    """One micro-batch on its way through a chain."""
+    """One micro-batch on its way through a chain: one lane's batch, or, pipelining per request, the
+    steps of several requests' lanes sent as one."""
 
-    lane: _Lane
-    batch: object
+    parts: list[tuple[_Lane, object]]  # (lane, its batch), in row order
     sampling: list  # the batch's items that sample a token, in row order
     handoffs: dict[int, tuple[str, int]]  # seq_id -> (decode instance, KV key)
     sent: float
@@ -52,6 +54,9 @@ class InstanceRunner(InstanceState[_Lane]):
         self.strided = False  # set when a worker keeps head-major KV (its attention needs block ids)
         self.up = True
         self.max_in_flight = 0  # most micro-batches seen in the chain at once
+        self.in_flight = 0  # micro-batches in the chain now
+        #: Pipelining per request: lanes with a step to run, in the order they became ready.
+        self.ready: deque[_Lane] = deque()
         self._expect: queue.Queue = queue.Queue()
         self._results = results
         self._transport = transport

@@ -52,10 +52,12 @@ def stop_instance(
     inst.up = False
     inst.stop()
     drops = []
-    for lane in inst.lanes:
-        for dec, key in lane.flight.handoffs.values() if lane.flight else ():
+    flights = {id(ln.flight): ln.flight for ln in inst.lanes if ln.flight is not None}  # lanes may share one
+    for flight in flights.values():
+        for dec, key in flight.handoffs.values():
             if instances[dec].up:
                 drops.append((KVDrop(key), instances[dec].spec.ranks))
+    for lane in inst.lanes:
         lane.flight = None
     return drops
 
