@@ -100,3 +100,84 @@ def test_helix_stops_at_its_node_budget_with_the_same_placement_every_time(monke
     (ranges, flow, notes), again = runs[0], runs[1]
     assert flow > 0 and (ranges, flow, notes) == again
     assert strategy.last.stopped_by == "nodes" and "after its 2 nodes" in notes
+    assert strategy.last.nodes <= 2
+
+
+def test_helix_milp_returns_the_same_placement_on_two_runs_at_its_full_budget():
+    """One thread and a fixed seed: the whole branch-and-bound (its nodes, gap and flows) repeats."""
+    runs = []
+    for _ in range(2):
+        ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput", time_limit=120.0)
+        strategy = Helix()
+        strategy.plan(ctx)
+        p = strategy.last
+        assert p.stopped_by != "time"
+        runs.append((p.ranges, p.flows, p.max_flow, p.gap, p.nodes, p.start_flow))
+    assert runs[0] == runs[1]
+
+
+def test_helix_milp_starts_from_the_petals_layout_and_ends_at_least_as_good(monkeypatch):
+    """The starting solution is handed to HiGHS, HiGHS takes it as its first incumbent (the improving
+    solutions it reports start there, where highspy reports them), and the placement's flow is at least
+    the start's."""
+    import highspy
+
+    handed, incumbents = [], []
+    reports = hasattr(highspy.Highs, "cbMipImprovingSolution")  # highspy's callbacks, in later versions
+
+    class Recording(highspy.Highs):
+        def __init__(self):
+            super().__init__()
+            if reports:
+                self.cbMipImprovingSolution.subscribe(
+                    lambda e: incumbents.append(e.data_out.objective_function_value)
+                )
+
+        def setSolution(self, *args):
+            handed.append(args)
+            return super().setSolution(*args)
+
+    monkeypatch.setattr(highspy, "Highs", Recording)
+    ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput")
+    strategy = Helix()
+    plan = strategy.plan(ctx)
+    p = strategy.last
+    assert p.start_flow is not None and p.start_flow > 0 and len(handed) == 1
+    # one zone, so no crossings: the objective is -flow plus 1e-6 per machine
+    if reports:
+        assert incumbents and incumbents[0] == pytest.approx(-p.start_flow, abs=1e-4)
+    assert p.max_flow >= p.start_flow * (1 - 1e-6)
+    assert p.nodes is not None and p.nodes <= 100
+    assert f"started from Petals' layout at {p.start_flow:.3f} req/s" in plan.notes
+
+
+def test_helix_petals_layout_holds_spans_the_milp_offers_and_forms_a_chain():
+    """Every machine of the starting layout holds a span the MILP offers (its grid, its shortest and
+    longest span), and the spans meet end to start from the first layer to the last."""
+    ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput")
+    strategy = Helix()
+    machines = strategy.machines(ctx)
+    L = ctx.model.num_layers
+    model = strategy._model(ctx, machines, (ctx.prompt + ctx.output) * ctx.model.hidden_size * 2.0)
+    counts = strategy._petals_layout(model, L)
+    assert counts and all(("y", t, s, e) in model.col for t, s, e in counts)
+    assert sum(counts.values()) <= len(machines)
+    reached, frontier = {0}, [0]
+    while frontier:
+        at = frontier.pop()
+        for _, s, e in counts:
+            if s == at and e not in reached:
+                reached.add(e)
+                frontier.append(e)
+    assert L in reached
+
+
+def test_helix_milp_starts_from_nothing_when_the_layout_carries_no_flow(monkeypatch):
+    """A starting layout with no chain from the first layer to the last is no start: the MILP runs from
+    nothing and still finds a flow, and the notes say so."""
+    monkeypatch.setattr(Helix, "_petals_layout", lambda self, model, L: {})
+    ctx = context(HELIX_NODES, model="llama-2-13b", objective="throughput")
+    strategy = Helix()
+    plan = strategy.plan(ctx)
+    assert strategy.last.start_flow is None and strategy.last.max_flow > 0
+    assert "started from no layout" in plan.notes

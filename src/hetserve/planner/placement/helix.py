@@ -3,10 +3,11 @@
 Helix sees the cluster as a flow network. Every machine (a node; its GPUs are one tensor-parallel
 group) holds one contiguous range of layers; a request enters at a machine holding layer 0, moves to
 a machine that starts where the previous one ended, and leaves at a machine holding the last layer.
-The placement maximises the flow (requests/s) from source to sink, as one MILP (SciPy HiGHS). Helix
-writes it per machine (a start layer, binaries for the layers held and for every edge); here identical
-machines (same GPU, node size and zone) are one class, which is exact for them and removes the
-symmetry branch-and-bound cannot prune:
+The placement maximises the flow (requests/s) from source to sink, as one MILP (HiGHS, through its
+own Python interface ``highspy``, which takes a starting solution). Helix writes it per machine (a
+start layer, binaries for the layers held and for every edge); here identical machines (same GPU, node
+size and zone) are one class, which is exact for them and removes the symmetry branch-and-bound cannot
+prune:
 
 - integers y[class, s, e]: how many machines of the class hold layers [s, e), at most the class's size,
   with e - s at most what fits in half of a GPU's memory at 16 bits (Helix's rule, the rest is KV cache)
@@ -18,6 +19,11 @@ symmetry branch-and-bound cannot prune:
   a request sends ((prompt + output) x hidden x 2 bytes), times the smaller zone's machine count;
 - objective: the flow into layer L, with tiny costs on machines and on crossings between zones.
 
+As Helix's MILP starts from a heuristic layout (``start_from_heuristic``), this one starts from Petals'
+placement rule applied to the same machines, with the largest flow that layout carries; branch-and-bound
+then explores at most ``MILP_NODES`` nodes, on one thread with a fixed seed, so the placement is the same
+on every run.
+
 The flow is then decomposed into source -> sink paths: each path is a chain (an instance), and
 requests are spread over the chains in proportion to their flows, which gives every machine the same
 share of next hops as Helix's per-hop weighted routing. A machine on several chains is shared: each
@@ -27,11 +33,13 @@ chain gets a KV share in proportion to its flow there. Plain 16-bit weights; col
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_array
+from scipy.sparse import coo_array, csc_array
 
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
@@ -43,15 +51,20 @@ from ..strategy import PlanWriter, Spot, Strategy, StrategyContext, lanes_holdin
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
 MILP_GAP = 0.01
-#: Branch-and-bound nodes the placement MILP may explore: a budget in work, so the placement (and every
-#: figure made from it) is the same on any machine and under any load. The time limit left to the
-#: strategy (80% of it) only guards a machine too slow to explore them; the notes say which one stopped it.
+#: Branch-and-bound nodes the placement MILP may explore (HiGHS's ``mip_max_nodes``): a budget in work,
+#: so the placement (and every figure made from it) is the same on any machine and under any load. The
+#: time limit left to the strategy (80% of it) only guards a machine too slow to explore them; the notes
+#: say which one stopped it.
 MILP_NODES = 100
 #: Most (class, start, end) choices before starts and ends move to a coarser layer grid.
 MAX_ARCS = 2500
 #: A machine holds at least this share of the layers it could hold (long spans keep the MILP small and
-#: its solutions made of few, long chains).
+#: its solutions made of few, long chains). Helix allows any length from one layer; with the Petals start
+#: and the same node budget, spans of any length leave helix-24's placement as it is and make
+#: helix-24-geo's worse (its grid coarsens to 2 layers; docs/baselines.md), so the floor stays.
 MIN_SPAN_SHARE = 0.5
+#: HiGHS's random seed: fixed, with one thread, so branch-and-bound takes the same path on every run.
+MILP_SEED = 0
 
 
 @dataclass
@@ -76,6 +89,91 @@ class HelixPlacement:
     step: int = 1  # layer granularity of starts and ends
     gap: float | None = None  # MILP optimality gap where it stopped
     stopped_by: str = "gap"  # what ended the MILP: "gap" (optimal within MILP_GAP), "nodes" or "time"
+    nodes: int | None = None  # branch-and-bound nodes explored
+    start_flow: float | None = None  # flow of the starting solution (None: the MILP started from nothing)
+
+
+@dataclass
+class _Milp:
+    """The placement MILP in HiGHS's column form: rows ``lo <= a x <= hi``, columns ``0 <= x <= upper``,
+    the machine counts ("y") integer, minimising ``cost . x``; ``col`` names the columns: ("y" | "g",
+    class, start, end) and ("h", layer, group, group)."""
+
+    col: dict[tuple, int]
+    classes: list[list[Machine]]  # identical machines, by class index
+    cuts: list[int]  # where spans may start and end
+    step: int
+    cost: np.ndarray
+    a: csc_array
+    lo: np.ndarray
+    hi: np.ndarray
+    upper: np.ndarray
+
+    def highs(self, fixed: dict[int, float] | None = None) -> highspy.Highs:
+        """A silent HiGHS holding the model; with ``fixed`` (column -> value), those columns fixed and
+        no column integer (an LP)."""
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = len(self.cost), len(self.lo)
+        lp.col_cost_ = self.cost
+        lower, upper = np.zeros(len(self.cost)), self.upper.copy()
+        for k, v in (fixed or {}).items():
+            lower[k] = upper[k] = v
+        lp.col_lower_, lp.col_upper_ = lower, upper
+        lp.row_lower_, lp.row_upper_ = self.lo, self.hi
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = len(self.cost), len(self.lo)
+        lp.a_matrix_.start_ = self.a.indptr
+        lp.a_matrix_.index_ = self.a.indices
+        lp.a_matrix_.value_ = self.a.data
+        if fixed is None:
+            kind = {True: highspy.HighsVarType.kInteger, False: highspy.HighsVarType.kContinuous}
+            integer = {k for key, k in self.col.items() if key[0] == "y"}
+            lp.integrality_ = [kind[k in integer] for k in range(len(self.cost))]
+        h = _silent_highs()
+        h.passModel(lp)
+        return h
+
+    def label(self, x: np.ndarray) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
+        """Machines' spans and flows from a solution: each (class, start, end) takes that many machines
+        of its class, in cluster-file order, sharing its flow evenly."""
+        ranges: dict[str, tuple[int, int]] = {}
+        server_flow: dict[str, float] = {}
+        ys = sorted(key for key in self.col if key[0] == "y")
+        for t, ms in enumerate(self.classes):
+            free = list(ms)
+            for key in (k for k in ys if k[1] == t):
+                n = round(x[self.col[key]])
+                _, _, s, e = key
+                g = x[self.col[("g", t, s, e)]]
+                for _ in range(n):
+                    mach = free.pop(0)
+                    ranges[mach.node] = (s, e)
+                    server_flow[mach.node] = g / n
+        return ranges, server_flow
+
+
+def _silent_highs() -> highspy.Highs:
+    """A HiGHS instance that logs nothing. highspy's constructor writes HiGHS's banner to the process's
+    standard output (once per process) before any option can be set, which would break ``--json``
+    output, so standard output goes to the null device while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+def _solution(x: np.ndarray) -> highspy.HighsSolution:
+    sol = highspy.HighsSolution()
+    sol.col_value = list(x)
+    sol.value_valid = True
+    return sol
 
 
 class Helix(Strategy):
@@ -146,6 +244,10 @@ class Helix(Strategy):
         ]
         stop = {"gap": "", "nodes": f" after its {MILP_NODES} nodes", "time": " at its time guard"}
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}{stop[placement.stopped_by]}"
+        if placement.start_flow is None:
+            gap += ", started from no layout"
+        else:
+            gap += f", started from Petals' layout at {placement.start_flow:.3f} req/s"
         used = {s.node for chain, _ in paths for s in chain}
         return write_chains(
             ctx,
@@ -160,26 +262,66 @@ class Helix(Strategy):
     def _solve(
         self, ctx, machines: list[Machine], per_request: float, time_limit: float
     ) -> HelixPlacement | None:
-        """Max-flow placement. Identical machines (same GPU, node size and zone) are one class, so the
-        MILP counts machines per (class, start, end) instead of labelling them (the labels are
-        symmetric); flow is conserved per (zone, vendor) at every layer boundary, may cross between
-        zones of one vendor, and crossings are bounded by the zones' links."""
+        """Max-flow placement: the MILP (``_model``), started from Petals' placement rule on the same
+        machines (``_start``), within its node budget."""
         L = ctx.model.num_layers
-        classes: dict[tuple, list[Machine]] = {}
+        model = self._model(ctx, machines, per_request)
+        start = self._start(model, L)
+        h = model.highs()
+        for option, value in (
+            ("mip_rel_gap", MILP_GAP),
+            ("mip_max_nodes", MILP_NODES),
+            ("threads", 1),
+            ("random_seed", MILP_SEED),
+            ("time_limit", time_limit),
+        ):
+            h.setOptionValue(option, value)
+        if start is not None:
+            h.setSolution(_solution(start[0]))
+        h.run()
+        stopped_by = {
+            highspy.HighsModelStatus.kOptimal: "gap",
+            highspy.HighsModelStatus.kSolutionLimit: "nodes",
+            highspy.HighsModelStatus.kTimeLimit: "time",
+        }.get(h.getModelStatus())
+        info = h.getInfo()
+        if stopped_by is None or info.primal_solution_status != highspy.kSolutionStatusFeasible:
+            return None
+        ranges, server_flow = model.label(np.asarray(h.getSolution().col_value))
+        flows = self._edges(ctx, ranges, server_flow, L)
+        return HelixPlacement(
+            ranges,
+            flows,
+            float(sum(f for (a, b), f in flows.items() if b == "sink")),
+            model.step,
+            float(info.mip_gap),
+            stopped_by,
+            int(info.mip_node_count),
+            None if start is None else start[1],
+        )
+
+    def _model(self, ctx, machines: list[Machine], per_request: float) -> _Milp:
+        """The MILP. Identical machines (same GPU, node size and zone) are one class, so it counts
+        machines per (class, start, end) instead of labelling them (the labels are symmetric); flow is
+        conserved per (zone, vendor) at every layer boundary, may cross between zones of one vendor, and
+        crossings are bounded by the zones' links."""
+        L = ctx.model.num_layers
+        by_kind: dict[tuple, list[Machine]] = {}
         for x in machines:
-            classes.setdefault(x.kind, []).append(x)
-        kinds = sorted(classes)
-        vendor = {k: ctx.vendor_of(classes[k][0].node) for k in kinds}
+            by_kind.setdefault(x.kind, []).append(x)
+        kinds = sorted(by_kind)
+        classes = [by_kind[k] for k in kinds]
+        vendor = {k: ctx.vendor_of(by_kind[k][0].node) for k in kinds}
         group = {k: (k[2], vendor[k]) for k in kinds}
         groups = sorted(set(group.values()))
         zone_nodes: dict[str, int] = {}
         for k in kinds:
-            zone_nodes[k[2]] = zone_nodes.get(k[2], 0) + len(classes[k])
-        step = self._grid(L, [classes[k][0].kmax for k in kinds])
+            zone_nodes[k[2]] = zone_nodes.get(k[2], 0) + len(by_kind[k])
+        step = self._grid(L, [ms[0].kmax for ms in classes])
         cuts = sorted(set(range(0, L, step)) | {L})
         col: dict[tuple, int] = {}
-        for t, kind in enumerate(kinds):
-            kmax = classes[kind][0].kmax
+        for t, ms in enumerate(classes):
+            kmax = ms[0].kmax
             kmin = self._shortest(kmax)
             for s in cuts[:-1]:
                 for e in cuts:
@@ -201,11 +343,11 @@ class Helix(Strategy):
             lo.append(lb), hi.append(ub)
 
         ys = [key for key in col if key[0] == "y"]
-        for t, kind in enumerate(kinds):  # machines per class
-            add([(key, 1) for key in ys if key[1] == t], 0, len(classes[kind]))
+        for t, ms in enumerate(classes):  # machines per class
+            add([(key, 1) for key in ys if key[1] == t], 0, len(ms))
         for key in ys:  # a server's throughput
             _, t, s, e = key
-            add([(("g", t, s, e), 1), (key, -classes[kinds[t]][0].caps[e - s - 1])], -np.inf, 0)
+            add([(("g", t, s, e), 1), (key, -classes[t][0].caps[e - s - 1])], -np.inf, 0)
         ending: dict[tuple, list] = {}
         starting: dict[tuple, list] = {}
         for _, t, s, e in ys:
@@ -224,70 +366,104 @@ class Helix(Strategy):
             if a[0] != b[0]:
                 zone_pairs.setdefault((a[0], b[0]), []).append((a, b))
         for (za, zb), members in zone_pairs.items():  # links between zones
-            na = next(classes[k][0].node for k in kinds if k[2] == za)
-            nb = next(classes[k][0].node for k in kinds if k[2] == zb)
+            na = next(by_kind[k][0].node for k in kinds if k[2] == za)
+            nb = next(by_kind[k][0].node for k in kinds if k[2] == zb)
             link = ctx.cluster.link(na, nb)
             add(
                 [(("h", r, a, b), 1) for r in cuts[1:-1] for a, b in members],
                 0,
                 link.bandwidth / per_request * min(zone_nodes[za], zone_nodes[zb]),
             )
-        c = np.zeros(nv)
+        cost = np.zeros(nv)
         for key in ys:
             _, t, s, e = key
             if e == L:
-                c[col[("g", t, s, e)]] = -1.0
-            c[col[key]] = 1e-6  # among equal flows, fewer machines
+                cost[col[("g", t, s, e)]] = -1.0
+            cost[col[key]] = 1e-6  # among equal flows, fewer machines
         for key, k in col.items():
             if key[0] == "h":
-                c[k] = 1e-3  # and fewer crossings between zones
-        integrality = np.zeros(nv)
-        ub = np.full(nv, np.inf)
+                cost[k] = 1e-3  # and fewer crossings between zones
+        upper = np.full(nv, np.inf)
         for key in ys:
-            integrality[col[key]] = 1
-            ub[col[key]] = len(classes[kinds[key[1]]])
+            upper[col[key]] = len(classes[key[1]])
         ij = np.array(list(entries), dtype=int).reshape(-1, 2)
-        a = coo_array((np.array(list(entries.values())), (ij[:, 0], ij[:, 1])), shape=(len(lo), nv)).tocsr()
-        res = milp(
-            c,
-            constraints=LinearConstraint(a, lo, hi),
-            integrality=integrality,
-            bounds=Bounds(np.zeros(nv), ub),
-            options={
-                "time_limit": time_limit,
-                "node_limit": MILP_NODES,
-                "disp": False,
-                "mip_rel_gap": MILP_GAP,
-            },
-        )
-        # 0: optimal within the gap, 1: the time guard, 4: the node budget (HiGHS status 16); each with
-        # the best placement found so far
-        if res.x is None or res.status not in (0, 1, 4):
+        a = coo_array((np.array(list(entries.values())), (ij[:, 0], ij[:, 1])), shape=(len(lo), nv))
+        return _Milp(col, classes, cuts, step, cost, a.tocsc(), np.array(lo), np.array(hi), upper)
+
+    def _start(self, model: _Milp, L: int) -> tuple[np.ndarray, float] | None:
+        """The MILP's starting solution and its flow: Helix starts its MILP from a heuristic layout
+        (``start_from_heuristic``; its example starts from its Petals layout, Helix-ASPLOS25
+        ``examples/simulation/step2_model_placement.py``). Here that layout is Petals' placement rule on
+        the MILP's own machines, spans and grid (``_petals_layout``), with the largest flow it carries:
+        the MILP with every machine count fixed to the layout's, an LP. None, and the MILP starts from
+        nothing, where that LP has no solution or the layout carries no flow (no chain of its spans meets
+        from the first layer to the last)."""
+        counts = self._petals_layout(model, L)
+        fixed = {k: float(counts.get(key[1:], 0)) for key, k in model.col.items() if key[0] == "y"}
+        h = model.highs(fixed)
+        h.setOptionValue("threads", 1)
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
-        x = res.x
-        # label machines: each (class, start, end) takes that many machines of its class
-        ranges: dict[str, tuple[int, int]] = {}
-        server_flow: dict[str, float] = {}
-        for t, kind in enumerate(kinds):
-            free = list(classes[kind])
-            for key in sorted(k for k in ys if k[1] == t):
-                n = round(x[col[key]])
-                _, _, s, e = key
-                g = x[col[("g", t, s, e)]]
-                for _ in range(n):
-                    mach = free.pop(0)
-                    ranges[mach.node] = (s, e)
-                    server_flow[mach.node] = g / n
-        flows = self._edges(ctx, ranges, server_flow, L)
-        gap = getattr(res, "mip_gap", None)
-        return HelixPlacement(
-            ranges,
-            flows,
-            float(sum(f for (a, b), f in flows.items() if b == "sink")),
-            step,
-            None if gap is None else float(gap),
-            {0: "gap", 1: "time", 4: "nodes"}[res.status],
+        x = np.asarray(h.getSolution().col_value, dtype=float)
+        for k, v in fixed.items():
+            x[k] = v
+        flow = float(sum(x[k] for key, k in model.col.items() if key[0] == "g" and key[3] == L))
+        if flow <= 1e-9:
+            return None
+        return x, flow
+
+    def _petals_layout(self, model: _Milp, L: int) -> dict[tuple[int, int, int], int]:
+        """Petals' placement rule (``baselines/petals.py``) on the MILP's machines: they join fastest
+        first (layers x requests/s at their longest span), each taking the span whose layers' current
+        throughputs, sorted, are lexicographically smallest (the weakest layers; a layer's throughput is
+        the sum of the requests/s of the machines holding it). Spans start or end at an existing boundary
+        (the first or last layer, or a placed span's end) and reach as far as the machine holds or, where
+        another boundary lies within that reach, to the farthest one, so that spans meet end to start;
+        only spans the MILP offers (its grid, its shortest span) are taken. Petals' periodic
+        rebalancing is left out. Returns machines per (class, start, end)."""
+        cuts = model.cuts
+        order = sorted(
+            ((t, x) for t, ms in enumerate(model.classes) for x in ms),
+            key=lambda tx: -tx[1].kmax * tx[1].caps[-1],
         )
+        tput = [0.0] * L
+        bounds = {0, L}
+        counts: dict[tuple[int, int, int], int] = {}
+        for t, x in order:
+            k = x.kmax
+            candidates = set()
+            for c in sorted(bounds):
+                if c < L:  # start at c
+                    inside = [b for b in bounds if c < b <= c + k]
+                    reach = max(e for e in cuts if e <= min(c + k, L))
+                    for e in ([max(inside)] if inside else []) + [reach]:
+                        if ("y", t, c, e) in model.col:
+                            candidates.add((c, e))
+                            break
+                if c > 0:  # end at c
+                    inside = [b for b in bounds if c - k <= b < c]
+                    reach = min(s for s in cuts if s >= max(c - k, 0))
+                    for s in ([min(inside)] if inside else []) + [reach]:
+                        if ("y", t, s, c) in model.col:
+                            candidates.add((s, c))
+                            break
+            if not candidates:
+                continue
+            s, e = min(
+                candidates,
+                key=lambda se: (
+                    sorted(tput[se[0] : se[1]]),
+                    -((se[0] in bounds) + (se[1] in bounds)),
+                    -(se[1] - se[0]),
+                    se,
+                ),
+            )
+            for layer in range(s, e):
+                tput[layer] += x.caps[e - s - 1]
+            bounds |= {s, e}
+            counts[(t, s, e)] = counts.get((t, s, e), 0) + 1
+        return counts
 
     @staticmethod
     def _shortest(kmax: int) -> int:
