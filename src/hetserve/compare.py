@@ -213,8 +213,11 @@ def planning_objective(strategy: str, objective: str) -> str:
 class Evaluator:
     """Simulates plans on one workload with one seed, the same way for every strategy."""
 
-    def __init__(self, workload, seed: int, duration: float):
-        self.workload, self.seed = workload, seed
+    #: The scenario's engine cap on sequences per batch (None: no cap).
+    max_seqs: int | None = None
+
+    def __init__(self, workload, seed: int, duration: float, max_seqs: int | None = None):
+        self.workload, self.seed, self.max_seqs = workload, seed, max_seqs
         self.base = workload.sample(seed=seed, duration_s=duration)
         if len(self.base) == 0:
             raise HetserveError(
@@ -290,7 +293,7 @@ class Evaluator:
         def best_setting():  # read when the lane variant is made: the best step budget by then
             return best.setting
 
-        for setting, candidate in grid(plan, best_setting):
+        for setting, candidate in grid(plan, best_setting, per_request=self.max_seqs is None):
             tried += 1
             try:
                 d = deploy(candidate)
@@ -435,7 +438,7 @@ def run_compare(
     duration = spec.duration_s or sc.workload.spec.duration_s
     if requests is not None:
         duration = requests / sc.workload.mean_rate
-    ev = Evaluator(sc.workload, seed, duration)
+    ev = Evaluator(sc.workload, seed, duration, spec.max_batch_size)
     objective = spec.objective
     sense = OBJECTIVES[objective].sense
     results: dict[str, dict] = {}

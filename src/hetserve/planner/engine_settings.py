@@ -143,17 +143,20 @@ def request_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetti
     return single, with_setting(plan, single)
 
 
-def grid(plan: PlanFile, best: Callable[[], EngineSetting]) -> Iterator[tuple[EngineSetting, PlanFile]]:
+def grid(
+    plan: PlanFile, best: Callable[[], EngineSetting], *, per_request: bool = True
+) -> Iterator[tuple[EngineSetting, PlanFile]]:
     """The settings to try on ``plan`` after the plan as written, in order: each step budget of
     ``TOKEN_GRID``, then one lane per stage with ``best()`` (the best setting so far, read once the step
     budgets are tried) where that changes the plan, then per-request pipelining with the step budget of
     ``best()`` (read again) where that changes the plan. The one order the comparison and the planner
-    share."""
+    share. Without ``per_request`` (an engine that caps the sequences of a batch: per-request servers
+    batch every step waiting on them, whatever that cap) the last is left out."""
     yield from token_variants(plan)
     laned = lane_variant(best(), plan)
     if laned is not None:
         yield laned
-    single = request_variant(best(), plan)
+    single = request_variant(best(), plan) if per_request else None
     if single is not None:
         yield single
 

@@ -490,7 +490,7 @@ class Planner:
             if cand.score > chosen.score:
                 chosen, setting_of = cand, setting
 
-        for setting, plan in grid(best.plan, lambda: setting_of):
+        for setting, plan in grid(best.plan, lambda: setting_of, per_request=self.max_seqs is None):
             confirm(setting, plan)
         return chosen, setting_of
 
