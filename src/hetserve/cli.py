@@ -117,6 +117,7 @@ def cmd_estimate(args) -> int:
         output=args.output,
         weight_bits=args.weight_bits,
         expert_parallel=args.expert_parallel,
+        dtype=args.dtype,
     )
     if args.json:
         print_json(est.as_dict())
@@ -124,7 +125,7 @@ def cmd_estimate(args) -> int:
         d = est.as_dict()
         key_values(
             f"{est.model} on {est.tp * est.pp} x {est.gpu} (TP {est.tp}, PP {est.pp}, "
-            f"{est.weight_bits}-bit weights), batch {est.batch}, {est.prompt} in / {est.output} out",
+            f"{est.weight_bits}-bit weights, {est.dtype}), batch {est.batch}, {est.prompt} in / {est.output} out",
             [
                 (k, d[k])
                 for k in (
@@ -387,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     e.add_argument("--output", type=int, default=128, help="output tokens per request")
     e.add_argument("--weight-bits", type=int, default=16, choices=[16, 8, 4, 3])
+    e.add_argument(
+        "--dtype",
+        default="fp16",
+        choices=["fp16", "bf16", "fp32"],
+        help="format the engine computes 16-bit layers and keeps KV in: its peak and the cost factors "
+        "fitted for it (hetserve profile --dtypes), weight and KV width (default: fp16)",
+    )
     e.add_argument(
         "--expert-parallel",
         action="store_true",

@@ -69,3 +69,21 @@ def test_a_plan_server_computes_in_its_kv_format():
         "fp16",
         "fp16",
     ]
+
+
+def test_estimate_times_and_sizes_a_run_format():
+    """``hetserve estimate --dtype``: a device profiled in bf16 is estimated with its bf16 factors; fp32
+    holds weights and KV at 4 bytes."""
+    from hetserve.costmodel.estimate import estimate
+    from hetserve.errors import HetserveError
+
+    device = L4.model_copy(update={"efficiency_by_run_dtype": {"bf16": SLOW_BF16}})
+    fp16 = estimate(SMOL, device, batch=4, dtype="fp16")
+    bf16 = estimate(SMOL, device, batch=4, dtype="bf16")
+    fp32 = estimate(SMOL, device, batch=4, dtype="fp32")
+    assert bf16.decode_ms_per_token > fp16.decode_ms_per_token + 7.0  # bf16's step cost and slow reads
+    assert fp32.weights_gb_per_gpu == pytest.approx(2 * fp16.weights_gb_per_gpu, rel=0.01)
+    assert fp32.kv_gb_per_gpu == pytest.approx(2 * fp16.kv_gb_per_gpu, rel=1e-9)
+    assert (fp16.dtype, bf16.dtype) == ("fp16", "bf16")
+    with pytest.raises(HetserveError, match="--dtype=int8"):
+        estimate(SMOL, device, dtype="int8")

@@ -8,6 +8,7 @@ from ..errors import HetserveError
 from ..specs.clusters import Link
 from ..specs.gpus import GPUSpec
 from ..specs.models import WEIGHT_BITS, ModelSpec
+from ..vocabulary import DTYPE_BYTES, RUN_DTYPES, RunDType
 from .links import p2p_time
 from .roofline import RooflineCostModel, ServerShape
 
@@ -25,6 +26,7 @@ class Estimate:
     prompt: int
     output: int
     weight_bits: int
+    dtype: str
     prefill_ms: float
     decode_ms_per_token: float
     e2e_ms: float
@@ -58,10 +60,15 @@ def estimate(
     output: int = 128,
     weight_bits: int = 16,
     expert_parallel: bool = False,
+    dtype: RunDType = "fp16",
 ) -> Estimate:
+    """``dtype``: the format the engine computes 16-bit layers and keeps KV in (its peak, cost factors,
+    weight and KV width)."""
     model.check_tp(tp, "--tp")
     if pp < 1 or pp > model.num_layers:
         raise HetserveError(f"--pp={pp} must be between 1 and the model's {model.num_layers} layers")
+    if dtype not in RUN_DTYPES:
+        raise HetserveError(f"--dtype={dtype} is not supported; use one of {list(RUN_DTYPES)}")
     if weight_bits not in WEIGHT_BITS:
         raise HetserveError(f"--weight-bits={weight_bits} is not supported; use one of {list(WEIGHT_BITS)}")
     if expert_parallel and (model.num_experts == 1 or tp < 2):
@@ -75,7 +82,16 @@ def estimate(
             raise HetserveError(f"{flag}={value} must be >= 1")
     cm = RooflineCostModel(model)
     stages = [
-        ServerShape(gpu, tp, (weight_bits,) * n, first=i == 0, last=i == pp - 1, ep=expert_parallel)
+        ServerShape(
+            gpu,
+            tp,
+            (weight_bits,) * n,
+            first=i == 0,
+            last=i == pp - 1,
+            ep=expert_parallel,
+            kv_dtype_bytes=float(DTYPE_BYTES[dtype]),
+            run_dtype=dtype,
+        )
         for i, n in enumerate(split_layers(model.num_layers, pp))
     ]
     hop = Link(gpu.fabric.gb_per_s * 1e9, gpu.fabric.latency_us * 1e-6)
@@ -123,6 +139,7 @@ def estimate(
         prompt=prompt,
         output=output,
         weight_bits=weight_bits,
+        dtype=dtype,
         prefill_ms=prefill * 1e3,
         decode_ms_per_token=step * 1e3,
         e2e_ms=e2e * 1e3,
