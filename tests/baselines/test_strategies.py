@@ -3,7 +3,7 @@ accept, and each baseline keeps the properties that define it (docs/baselines.md
 
 import pytest
 
-from hetserve.baselines import STRATEGIES, get_strategy
+from hetserve.baselines import STRATEGIES, get_strategy, hexgen
 from hetserve.errors import HetserveError
 from hetserve.planner.pools import pools_of
 from hetserve.planner.quality import removed_share, sensitivity
@@ -149,6 +149,44 @@ def test_hexgen_builds_asymmetric_pipelines_where_no_node_holds_the_model():
     )
     chains = [i for i in dep.instances.values() if len(i.servers) > 1]
     assert chains and all(len({s.node.name for s in i.servers}) > 1 for i in chains)
+
+
+HEXGEN_NODES = [
+    {"name": "a6000", "gpu": "rtx-a6000", "count": 2, "replicas": 2},
+    {"name": "r3090", "gpu": "rtx-3090", "count": 2, "replicas": 2},
+]
+
+
+def test_hexgen_search_budget_is_generations_not_time():
+    """The same plan whatever the time limit (the budget is HexGen's generations; the limit only guards)."""
+    short, _ = plan_of("hexgen", context(HEXGEN_NODES, model="llama-2-13b", time_limit=4.0))
+    long, _ = plan_of("hexgen", context(HEXGEN_NODES, model="llama-2-13b", time_limit=60.0))
+    assert short.servers == long.servers and short.instances == long.instances
+    assert f"({hexgen.GENERATIONS} generations," in short.notes
+
+
+def test_hexgen_simulates_on_its_periodic_generations_only(monkeypatch):
+    """HexGen's schedule: every offspring of a periodic generation is simulated (each grouping once), no
+    other; without a periodic generation, the ordinary fitness (the number of groups) decides."""
+    calls = []
+    real = hexgen.trial
+
+    def counted(ctx, plan, rate, *args, **kw):
+        calls.append(len(plan.instances))
+        return real(ctx, plan, rate, *args, **kw)
+
+    monkeypatch.setattr(hexgen, "trial", counted)
+    monkeypatch.setattr(hexgen, "GENERATIONS", 30)
+    monkeypatch.setattr(hexgen, "SIMULATE_FROM", 10)
+    monkeypatch.setattr(hexgen, "SIMULATE_EVERY", 10)
+    plan, _ = plan_of("hexgen", context(HEXGEN_NODES, model="llama-2-13b"))
+    assert 1 <= len(calls) <= 2 * hexgen.OFFSPRING  # generations 10 and 20
+    assert f"{len(calls)} groupings simulated" in plan.notes
+    calls.clear()
+    monkeypatch.setattr(hexgen, "SIMULATE_FROM", 30)  # no periodic generation: the most groups win
+    plan, dep = plan_of("hexgen", context(HEXGEN_NODES, model="llama-2-13b"))
+    assert not calls and "none simulated" in plan.notes
+    assert len(dep.instances) == 4  # one replica per unit: every unit holds the 13B model at 16 bits
 
 
 def test_llmpq_one_pipeline_over_every_gpu_with_mixed_bits_within_the_quality_budget():

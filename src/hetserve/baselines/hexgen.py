@@ -2,24 +2,34 @@
 
 HexGen's scheduler has two levels, and so does this strategy:
 
-1. **Grouping (evolutionary search, seeded).** The cluster's GPUs are cut into *units* (a node, or
-   half of a node with four or more GPUs). A genome assigns every unit to a replica group or leaves it
-   unused. The first genomes are one group per node, per zone, per vendor, all in one, every unit
-   alone; the rest are random. Mutations move a unit to another group (or a new one, or out), rejoin
-   a node's units, merge two groups, split one, or swap two units; tournament selection with elitism
-   keeps the best genomes, until the generations or the search time run out or the best stalls.
-   Fitness is what HexGen maximises: the request rate the whole fleet serves within the deadline,
-   i.e. the sum of the groups' analytic capacities (requests/s within the SLOs for goodput, without
-   them for throughput), since requests are dispatched to the groups in proportion to those
-   capacities; genomes over the budget drop units (a seeded choice) until they fit; for cost and
-   power, the cheapest grouping that carries the workload's rate.
+1. **Grouping (evolutionary search, seeded, on HexGen's schedule).** The cluster's GPUs are cut into
+   *units* (a node, or half of a node with four or more GPUs). A genome assigns every unit to a replica
+   group or leaves it unused. The search follows HexGen's released optimizer
+   (``experimental/optimizer/genetic_algorithm.py``): it starts from one genome, one group per zone
+   (HexGen: one group per sub-group of its fleet); each generation makes ``OFFSPRING`` mutated copies of
+   survivors drawn at random and keeps ``SURVIVORS`` of the offspring (the parents are dropped) by
+   tournaments of ``TOURNAMENT``, where a genome that leaves out a unit the budget could pay for loses to
+   one that does not (HexGen: every GPU in a group; as released, its validity check never passes, so its
+   survivors are offspring drawn at random: ours are ranked by fitness, as its code intends). Mutations
+   move a unit to another group (or a new one, or out), rejoin a node's units, merge two groups, split
+   one, or swap two units, and are drawn again (at most ``REDRAWS`` times) until every group holds a
+   pipeline in memory; genomes over the budget drop units (a seeded choice) until they fit. Fitness is
+   HexGen's two-speed one. On ordinary generations: none when a group holds no pipeline in memory, else
+   the number of groups, more is better (HexGen minimises 1 / the number of groups). On every
+   ``SIMULATE_EVERY``-th generation from ``SIMULATE_FROM``: each offspring's plan simulated (``trial``)
+   at its analytic rate, scored for the objective (HexGen: goodput from its simulator). The answer is the
+   best simulated genome. The budget is ``GENERATIONS`` generations, not time, so the plan is the same on
+   any machine; the time limit only cuts a search that overruns it (the plan's notes say so). For cost
+   and power, objectives HexGen does not have, the ordinary generations rank by the cheapest grouping
+   whose analytic capacity carries the workload's rate, and every unit may stay out.
 2. **Asymmetric parallelism per group.** A group's nodes are ordered by zone (so slow cross-zone links
    are crossed as few times as possible) and speed; every node's GPUs form one or more pipeline
    stages of one TP degree (each node may pick its own degree). Layers go to stages so that the slowest
    stage is as fast as possible, within each stage's memory at 16 bits (HexGen's cost model; the
    bottleneck split is found exactly by bisection on the stage time). Each TP combination (fewest
    stages first, at most ``MAX_TP_COMBOS``) is priced with the planner's capacity model over the real
-   links, and the best one is the group's pipeline.
+   links, and the best one is the group's pipeline. A group whose pipelines fit but serve nothing within
+   the SLOs stays a group, at rate 0 (HexGen refuses a group for memory only).
 
 16-bit weights only; every replica is a colocated (mixed) instance: no prefill/decode disaggregation.
 A group never spans vendors. Requests are routed to the replicas with weights equal to their capacities
@@ -29,23 +39,30 @@ A group never spans vendors. Requests are routed to the replicas with weights eq
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
 from ..costmodel.roofline import ServerShape
-from ..errors import HetserveError
+from ..errors import HetserveError, OutOfTime
 from ..plan import PlanFile, RoutingPlan
 from ..planner.evaluate import OBJECTIVES
 from ..planner.pools import tp_choices, weight_room
-from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot
+from ..planner.strategy import PlanWriter, Spot, Strategy, StrategyContext, estimate, spot, trial
 
-POPULATION = 24
-GENERATIONS = 200
-STALL = 40  # generations without a better genome before the search stops
+#: HexGen's released optimizer (``experimental/optimizer/genetic_algorithm.py``) runs 300 generations; each
+#: makes 10 offspring by mutation (``algorithms.varOr``, ``lambda_=10``, ``mutpb=1``) and keeps 3 of them
+#: by tournaments of 3 (``selValidTournament``). It simulates every offspring on every 10th generation from
+#: the 100th (20 generations); ours simulate on every 50th (4 generations, at most 40 trials), so that a
+#: scenario plans in seconds.
+GENERATIONS = 300
+OFFSPRING = 10
+SURVIVORS = 3
 TOURNAMENT = 3
-ELITE = 2
+SIMULATE_FROM = 100
+SIMULATE_EVERY = 50
+REDRAWS = 20
 MAX_TP_COMBOS = 24
-SEARCH_SHARE = 0.6  # of the time limit spent evolving
 
 
 @dataclass(frozen=True)
@@ -72,11 +89,12 @@ def units_of(ctx: StrategyContext) -> list[Unit]:
 
 
 class GroupPlanner:
-    """Best asymmetric pipeline for a set of units (cached by the set)."""
+    """Best asymmetric pipeline for a set of units, and whether any fits in memory (cached by the set)."""
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
         self.cache: dict[tuple, Group | None] = {}
+        self.fit_cache: dict[tuple, bool] = {}
         m = ctx.model
         self.layer_bytes = m.layer_weight_bytes(16)
         p, o = ctx.prompt, ctx.output
@@ -90,17 +108,47 @@ class GroupPlanner:
             self.batch * (ctxlen + 1) + self.batch / o * p,
         )
 
+    @staticmethod
+    def key(units: tuple[Unit, ...]) -> tuple:
+        return tuple(sorted((u.node, u.gpus) for u in units))
+
+    def fits(self, units: tuple[Unit, ...]) -> bool:
+        """Whether some pipeline over ``units`` fits in memory (HexGen refuses a group for memory only)."""
+        key = self.key(units)
+        if key not in self.fit_cache:
+            self.fit_cache[key] = (
+                self.cache[key] is not None
+                if key in self.cache
+                else next(self._pipelines(units), None) is not None
+            )
+        return self.fit_cache[key]
+
     def group(self, units: tuple[Unit, ...]) -> Group | None:
-        key = tuple(sorted((u.node, u.gpus) for u in units))
+        """The pipeline with the highest capacity for the objective among those that fit (None: none fits).
+        A pipeline that fits but serves nothing within the SLOs is still a group, at rate 0."""
+        key = self.key(units)
         if key not in self.cache:
-            self.cache[key] = self._plan(units)
+            objective = "throughput" if self.ctx.objective == "throughput" else "goodput"
+            nodes = self.ctx.cluster.nodes
+            best = None
+            for spots, est in self._pipelines(units):
+                rate = est.rate(objective)
+                if best is None or rate > best.rate:
+                    best = Group(
+                        spots,
+                        rate,
+                        sum(nodes[s.node].gpu.price_per_hour * s.tp for s in spots),
+                        sum(nodes[s.node].gpu.idle_watts * s.tp for s in spots),
+                    )
+            self.cache[key] = best
         return self.cache[key]
 
-    def _plan(self, units) -> Group | None:
+    def _pipelines(self, units):
+        """Every TP combination's pipeline over ``units`` that fits, with its estimate, fewest stages first."""
         ctx = self.ctx
         nodes = ctx.cluster.nodes
         if len({nodes[u.node].gpu.vendor for u in units}) > 1:
-            return None
+            return
         per_node: dict[str, list[int]] = {}
         for u in units:
             per_node.setdefault(u.node, []).extend(u.gpus)
@@ -108,7 +156,6 @@ class GroupPlanner:
         options = []
         for n in order:
             options.append(tp_choices(len(per_node[n]), ctx.model)[::-1][:3])
-        best = None
         combos = itertools.islice(itertools.product(*options), 20 * MAX_TP_COMBOS)
         # fewest stages (highest TP) first, so that every node's degree varies, not only the last nodes'
         combos = sorted(combos, key=lambda c: (sum(len(per_node[n]) // t for n, t in zip(order, c)), c[::-1]))
@@ -124,20 +171,9 @@ class GroupPlanner:
             if spans is None:
                 continue
             spots = [spot(n, g, a, b, 16) for (n, g), (a, b) in zip(stages, spans)]
-            rate = self._rate(spots)
-            if rate > 0 and (best is None or rate > best.rate):
-                best = Group(
-                    spots,
-                    rate,
-                    sum(nodes[s.node].gpu.price_per_hour * s.tp for s in spots),
-                    sum(nodes[s.node].gpu.idle_watts * s.tp for s in spots),
-                )
-        return best
-
-    def _rate(self, spots: list[Spot]) -> float:
-        """The pipeline's capacity (requests/s) for the objective: within the SLOs, except for throughput."""
-        objective = "throughput" if self.ctx.objective == "throughput" else "goodput"
-        return estimate(self.ctx, "mixed", spots, micro_batches=len(spots)).rate(objective)
+            est = estimate(ctx, "mixed", spots, micro_batches=len(spots))
+            if est.fits:
+                yield spots, est
 
     def _split(self, stages) -> list[tuple[int, int]] | None:
         """Contiguous layer counts minimising the slowest stage, within each stage's memory."""
@@ -196,34 +232,19 @@ class HexGen(Strategy):
         units = units_of(ctx)
         gp = GroupPlanner(ctx)
         rng = random.Random(ctx.seed)
-        deadline = ctx.elapsed() + max(2.0, ctx.time_limit * SEARCH_SHARE)
+        objective = OBJECTIVES[ctx.objective]
+        own = objective.sense == "max"  # HexGen's own objectives (goodput, throughput)
+        unit_price = [ctx.cluster.nodes[u.node].gpu.price_per_hour * len(u.gpus) for u in units]
 
-        def groups_of(genome):
+        def groups_of(genome) -> list[tuple[Unit, ...]]:
             out: dict[int, list[Unit]] = {}
             for u, g in zip(units, genome):
                 if g >= 0:
                     out.setdefault(g, []).append(u)
             return [tuple(v) for v in out.values()]
 
-        def fitness(genome) -> float:
-            gs = [gp.group(g) for g in groups_of(genome)]
-            good = [g for g in gs if g is not None]
-            rate = sum(g.rate for g in good)
-            # units in a group that yields nothing are paid for nothing: count them in the price
-            price = sum(
-                ctx.cluster.nodes[u.node].gpu.price_per_hour * len(u.gpus)
-                for u, g in zip(units, genome)
-                if g >= 0
-            )
-            idle = sum(g.idle_w for g in good)
-            if OBJECTIVES[ctx.objective].sense == "max":
-                over = max(0.0, price - ctx.budget) if ctx.budget is not None else 0.0
-                return rate - 1e-6 * price - (1e3 * (1 + over) if over > 0 else 0.0)
-            if rate < ctx.rate:
-                return -1e9 + rate
-            return -(price if ctx.objective == "cost" else idle)
-
-        unit_price = [ctx.cluster.nodes[u.node].gpu.price_per_hour * len(u.gpus) for u in units]
+        def price_of(genome) -> float:
+            return sum(p for p, g in zip(unit_price, genome) if g >= 0)
 
         def within_budget(genome):
             """Leave units out (seeded choice) until the genome's GPUs fit the budget."""
@@ -232,31 +253,119 @@ class HexGen(Strategy):
                 return g
             used = [i for i, x in enumerate(g) if x >= 0]
             rng.shuffle(used)
-            while used and sum(unit_price[i] for i, x in enumerate(g) if x >= 0) > ctx.budget + 1e-9:
+            while used and price_of(g) > ctx.budget + 1e-9:
                 g[used.pop()] = -1
             return g
 
-        population = [within_budget(self._seed_genome(units, rng, k, ctx)) for k in range(POPULATION)]
-        scored = sorted(((fitness(g), g) for g in population), key=lambda x: -x[0])
-        stall = 0
-        for _ in range(GENERATIONS):
-            if ctx.elapsed() > deadline or stall >= STALL:
+        def offspring_of(parent):
+            """A mutated copy of ``parent``, drawn again (at most ``REDRAWS`` times) until every group holds a
+            pipeline in memory, as HexGen redraws a mutation until its groups are valid (``is_group_valid``:
+            enough GPU memory for the model)."""
+            for _ in range(REDRAWS):
+                child = within_budget(self._mutate(parent, rng, units))
+                if all(gp.fits(g) for g in groups_of(child)):
+                    break
+            return child
+
+        def valid(genome) -> bool:
+            """HexGen's validity (every GPU is in a group), within the budget: no unit is left out that the
+            budget could still pay for. Cost and power do not ask for every GPU."""
+            if not own:
+                return True
+            room = math.inf if ctx.budget is None else ctx.budget - price_of(genome) + 1e-9
+            return all(g >= 0 or p > room for p, g in zip(unit_price, genome))
+
+        def cheap(genome) -> float:
+            """HexGen's fitness of an ordinary generation, higher is better: none when a group holds no
+            pipeline in memory (HexGen: 1e9 when a group's memory overflows), else the number of groups
+            (HexGen minimises 1 / the number of groups). For cost and power, which HexGen does not have:
+            the cheapest grouping whose analytic capacity carries the workload's rate."""
+            units_by_group = groups_of(genome)
+            if not units_by_group or not all(gp.fits(g) for g in units_by_group):
+                return -math.inf
+            if own:
+                return float(len(units_by_group))
+            gs = [gp.group(g) for g in units_by_group]
+            rate = sum(g.rate for g in gs)
+            if rate < ctx.rate:
+                return -1e9 + rate
+            return -(price_of(genome) if ctx.objective == "cost" else sum(g.idle_w for g in gs))
+
+        simulated_scores: dict[tuple, float] = {}
+
+        def simulated(genome) -> float:
+            """HexGen's fitness of a periodic generation: the genome's plan simulated (a trial of
+            ``TRIAL_REQUESTS`` requests at its analytic rate, 1.2x for throughput, the workload's rate for
+            cost and power), scored for the objective. The same grouping is simulated once."""
+            key = tuple(sorted(tuple(i for i, x in enumerate(genome) if x == g) for g in set(genome) - {-1}))
+            if key not in simulated_scores:
+                gs = [gp.group(g) for g in groups_of(genome)]
+                analytic = sum(g.rate for g in gs)
+                rate = (
+                    analytic * 1.2
+                    if ctx.objective == "throughput"
+                    else analytic
+                    if ctx.objective == "goodput"
+                    else ctx.rate
+                )
+                plan = self._write(ctx, gs)
+                simulated_scores[key] = objective.score(trial(ctx, plan, rate), rate)
+            return simulated_scores[key]
+
+        survivors = [within_budget(self._start(units, ctx))]
+        best_sim: tuple[float, list[int]] | None = None
+        best_cheap: tuple[float, list[int]] | None = None
+        generations, cut = 0, False
+        for gen in range(GENERATIONS):
+            if ctx.elapsed() > ctx.time_limit:
+                cut = True
                 break
-            top = scored[0][0]
-            nxt = [g for _, g in scored[:ELITE]]
-            while len(nxt) < POPULATION:
-                parent = max(rng.sample(scored, min(TOURNAMENT, len(scored))), key=lambda x: x[0])[1]
-                nxt.append(within_budget(self._mutate(parent, rng, units)))
-            scored = sorted(((fitness(g), g) for g in nxt), key=lambda x: -x[0])
-            stall = stall + 1 if scored[0][0] <= top + 1e-9 else 0
-        best = scored[0][1]
-        groups = [gp.group(g) for g in groups_of(best)]
-        groups = [g for g in groups if g is not None]
+            offspring = [offspring_of(rng.choice(survivors)) for _ in range(OFFSPRING)]
+            periodic = gen >= SIMULATE_FROM and gen % SIMULATE_EVERY == 0
+            scores, ok = [], []
+            try:
+                for g in offspring:
+                    f = cheap(g)
+                    if best_cheap is None or f > best_cheap[0]:
+                        best_cheap = (f, g)
+                    if periodic and f > -math.inf:  # HexGen simulates no genome over memory
+                        f = simulated(g)
+                        if best_sim is None or f > best_sim[0]:
+                            best_sim = (f, g)
+                    scores.append(f)
+                    ok.append(valid(g))
+            except OutOfTime:
+                cut = True
+                break
+            generations = gen + 1
+            survivors = []
+            for _ in range(SURVIVORS):  # tournaments among the offspring, valid aspirants first
+                aspirants = [rng.randrange(len(offspring)) for _ in range(TOURNAMENT)]
+                good = [i for i in aspirants if ok[i]]
+                pick = max(good, key=lambda i: scores[i]) if good else rng.randrange(len(offspring))
+                survivors.append(offspring[pick])
+        # the best simulated genome (every simulated genome fits); else the best by the ordinary fitness
+        chosen = (
+            best_sim[1] if best_sim else best_cheap[1] if best_cheap and best_cheap[0] > -math.inf else None
+        )
+        groups = [gp.group(g) for g in groups_of(chosen)] if chosen is not None else []
         if not groups:
             raise HetserveError(
                 f"hexgen: no group of GPUs in {ctx.cluster.name} holds {ctx.model.name} at 16 bits "
                 "(HexGen does not quantise); add GPUs or use a smaller model"
             )
+        how = (
+            f"search cut by the time limit after {generations} of {GENERATIONS} generations"
+            if cut
+            else f"{generations} generations"
+        )
+        how += f", {len(simulated_scores)} groupings simulated"
+        if best_sim is None:
+            how += "; none simulated, so the grouping with the most groups"
+        return self._write(ctx, groups, how)
+
+    @staticmethod
+    def _write(ctx: StrategyContext, groups: list[Group], how: str = "") -> PlanFile:
         groups = sorted(groups, key=lambda g: -g.rate)
         writer = PlanWriter(ctx, f"hexgen-{ctx.model.name}")
         weights = {}
@@ -272,25 +381,15 @@ class HexGen(Strategy):
         routing = RoutingPlan(policy="weighted", weights=weights) if len(groups) > 1 else RoutingPlan()
         return writer.plan(
             routing,
-            notes=f"HexGen baseline: {len(groups)} replicas, requests dispatched in "
+            notes=f"HexGen baseline ({how}): {len(groups)} replicas, requests dispatched in "
             f"proportion to their capacities: {desc}.",
         )
 
     @staticmethod
-    def _seed_genome(units: list[Unit], rng: random.Random, k: int, ctx: StrategyContext) -> list[int]:
-        """Initial genomes: one group per node, per zone, per vendor, everything in one group, every unit
-        alone, and random cuts."""
-        nodes = ctx.cluster.nodes
-        keys = {0: lambda u: u.node, 1: lambda u: nodes[u.node].zone, 2: lambda u: nodes[u.node].gpu.vendor}
-        if k in keys:
-            labels = sorted({str(keys[k](u)) for u in units})
-            return [labels.index(str(keys[k](u))) for u in units]
-        if k == 3:
-            return [0] * len(units)
-        if k == 4:
-            return list(range(len(units)))
-        groups = rng.randint(1, max(1, len(units)))
-        return [rng.randrange(groups) for _ in units]
+    def _start(units: list[Unit], ctx: StrategyContext) -> list[int]:
+        """HexGen's first genome: one group per zone (its fleet's sub-groups)."""
+        zones = sorted({ctx.cluster.nodes[u.node].zone for u in units}, key=str)
+        return [zones.index(ctx.cluster.nodes[u.node].zone) for u in units]
 
     @staticmethod
     def _mutate(genome: list[int], rng: random.Random, units: list[Unit]) -> list[int]:
