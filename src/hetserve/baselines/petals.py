@@ -32,7 +32,13 @@ from ..planner.placement.blocks import (
     holds_model,
     uniform_bits_for,
 )
-from ..planner.strategy import PlanWriter, Strategy, StrategyContext, lanes_holding_long_requests
+from ..planner.strategy import (
+    PlanWriter,
+    Strategy,
+    StrategyContext,
+    lanes_holding_long_requests,
+    per_request_engine,
+)
 
 #: Tokens of attention cache a Petals server reserves per block: its ``--attn_cache_tokens`` default,
 #: 32,768 for models whose attention shares KV heads (GQA/MQA) and 8,192 for the others (Petals 2.x,
@@ -102,7 +108,14 @@ class Petals(Strategy):
             spots = chain_spots(placed, servers, ch, bits)
             shares = [1.0 / users[n] for n in ch]
             lanes = lanes_holding_long_requests(ctx, spots, shares)
-            writer.instance(f"chain-{i}", "mixed", spots, micro_batches=lanes, kv_share=shares)
+            writer.instance(
+                f"chain-{i}",
+                "mixed",
+                spots,
+                micro_batches=lanes,
+                kv_share=shares,
+                per_request=per_request_engine(ctx),
+            )
         return writer.plan(
             RoutingPlan(),
             notes=f"Petals baseline: {len(placed)} block servers at {bits}-bit, {len(chains)} chains.",

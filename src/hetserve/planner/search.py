@@ -346,7 +346,7 @@ class Planner:
             leads += ranked[:1]  # the runner-up design: the settings can reorder two close designs
             for name in CHAIN_DESIGNS:
                 leads += [c for c in ranked if design(c) == name and c not in leads][:1]
-        tuned = [self._tuned(lead, candidates) for lead in leads]
+        tuned = self._tuned_all(leads, candidates)
         best, setting = max(tuned, key=lambda t: t[0].score)
         carrying = self._carrying(best, templates, pools)
         alloc = best.alloc
@@ -446,13 +446,29 @@ class Planner:
                 return
             candidates.append(cand)
 
+    def _tuned_all(self, leads: list[Candidate], candidates: list[Candidate]) -> list[tuple]:
+        """Each lead under the engine settings of the grid (``_tuned``), breadth first: every lead's
+        first setting, then every lead's second, and so on, so that the time limit cuts the last settings
+        of every lead rather than every setting of the last leads; (best candidate, its setting) per lead."""
+        steppers = [self._tuned(lead, candidates) for lead in leads]
+        results = [next(s) for s in steppers]
+        live = list(range(len(steppers)))
+        while live:
+            for i in list(live):
+                try:
+                    results[i] = next(steppers[i])
+                except StopIteration:
+                    live.remove(i)
+        return results
+
     def _tuned(self, best: Candidate, candidates: list[Candidate]):
         """The chosen plan under the engine settings of the grid (``engine_settings``: each step budget,
-        then one lane per stage with the best of them), each confirmed as the plan was, while
-        ``TUNE_SHARE`` of the limit lasts; (the best candidate, its setting). For goodput a setting is
-        searched only if it holds the SLOs at ``GOODPUT_STEP`` times the plan's rate. A setting that refuses
-        more requests as too long than the plan as written is not taken. Tried settings join
-        ``candidates`` (the plan's alternatives)."""
+        then one lane per stage and per-request pipelining with the best of them), each confirmed as the
+        plan was, while ``TUNE_SHARE`` of the limit lasts. A generator: it yields (the best candidate, its
+        setting) before the first setting and after each. For goodput a setting is searched only if it
+        holds the SLOs at ``GOODPUT_STEP`` times the plan's rate. A setting that refuses more requests as
+        too long than the plan as written is not taken. Tried settings join ``candidates`` (the plan's
+        alternatives)."""
         objective = OBJECTIVES[self.objective]
         most_refused = refused(best.run.result)
         chosen, setting_of = best, AS_WRITTEN
@@ -490,9 +506,10 @@ class Planner:
             if cand.score > chosen.score:
                 chosen, setting_of = cand, setting
 
+        yield chosen, setting_of
         for setting, plan in grid(best.plan, lambda: setting_of, per_request=self.max_seqs is None):
             confirm(setting, plan)
-        return chosen, setting_of
+            yield chosen, setting_of
 
     def _best(self, candidates: list[Candidate]) -> Candidate:
         """The candidate of highest score; for cost and power, when none carried the target rate within

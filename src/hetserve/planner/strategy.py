@@ -235,6 +235,13 @@ def memory_of(ctx: StrategyContext, s: Spot, role: str = "mixed", settings=None)
 MAX_CHAIN_LANES = 4
 
 
+def per_request_engine(ctx: StrategyContext) -> bool:
+    """Whether a strategy whose own engine moves each request through its chain on its own (Petals,
+    Helix) writes its chains that way: unless the scenario caps the sequences per batch (a server
+    pipelining per request batches every step waiting on it)."""
+    return ctx.max_seqs is None
+
+
 def lanes_holding_long_requests(ctx: StrategyContext, spots: list[Spot], shares: list[float]) -> int:
     """Lanes a chain over ``spots`` (each server giving it ``shares`` of its KV room) runs its requests
     in: one per server, at most ``MAX_CHAIN_LANES``, and no more than leave each lane room for a long
@@ -332,8 +339,12 @@ class PlanWriter:
         micro_batches: int = 1,
         kv_share: float | list[float] = 1.0,
         policy: str | None = None,
+        per_request: bool = False,
     ) -> str:
-        """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server."""
+        """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server.
+        ``per_request``: the chain pipelines every request on its own (``micro_batches`` is not used)."""
+        if per_request:
+            micro_batches = 1
         max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
         names = [self.server(s) for s in chain]
         # rounded down, so that the shares of a server still add up to <= 1
@@ -355,6 +366,7 @@ class PlanWriter:
                 micro_batches=int(micro_batches),
                 kv_share=share,
                 **({"policy": policy} if policy else {}),
+                **({"pipelining": "per-request"} if per_request and len(chain) > 1 else {}),
             )
         )
         return name

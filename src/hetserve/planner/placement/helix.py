@@ -45,8 +45,16 @@ from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
 from ..capacity import KV_HEADROOM
-from ..pools import tp_choices
-from ..strategy import PlanWriter, Spot, Strategy, StrategyContext, lanes_holding_long_requests, spot
+from ..pools import SETTINGS, tp_choices
+from ..strategy import (
+    PlanWriter,
+    Spot,
+    Strategy,
+    StrategyContext,
+    lanes_holding_long_requests,
+    per_request_engine,
+    spot,
+)
 
 #: Helix caps a machine's weights at half of its GPU memory (the rest is KV cache).
 WEIGHT_SHARE = 0.5
@@ -63,6 +71,10 @@ MAX_ARCS = 2500
 #: and the same node budget, spans of any length leave helix-24's placement as it is and make
 #: helix-24-geo's worse (its grid coarsens to 2 layers; docs/baselines.md), so the floor stays.
 MIN_SPAN_SHARE = 0.5
+#: Step budget of a machine pipelining per request: Helix's prototype schedules each node with budgets of
+#: 1-3 prompts and 300-480 decode tokens (Helix-ASPLOS25 artifact); here 128-token prompt chunks in steps
+#: of 256 tokens, the grid point nearest those (``planner.engine_settings.TOKEN_GRID``).
+HELIX_CHUNK_TOKENS, HELIX_STEP_TOKENS = 128, 256
 #: HiGHS's random seed: fixed, with one thread, so branch-and-bound takes the same path on every run.
 MILP_SEED = 0
 
@@ -520,7 +532,9 @@ def write_chains(
     """The plan of Helix-style chains: each (servers, flow) path an instance, requests weighted by the
     flows (every machine then sends each next hop its share of the flow, as Helix's per-hop weighted
     routing), a machine on several chains giving each a KV share in proportion to its flow there, and
-    each chain as many lanes as leave room for a long request (``lanes_holding_long_requests``)."""
+    each chain pipelining every request on its own with Helix's step budget as Helix's runtime does
+    (``per_request_engine``, ``HELIX_STEP_TOKENS``), or, where the scenario caps a batch's sequences, as
+    many lanes as leave room for a long request (``lanes_holding_long_requests``)."""
     through: dict[Spot, float] = {}
     for chain, f in paths:
         for s in chain:
@@ -530,7 +544,17 @@ def write_chains(
     for i, (chain, f) in enumerate(paths):
         shares = [f / through[s] for s in chain]
         lanes = lanes_holding_long_requests(ctx, chain, shares)
-        inst = writer.instance(f"chain-{i}", "mixed", chain, micro_batches=lanes, kv_share=shares)
+        per_request = per_request_engine(ctx)
+        settings = (SETTINGS["mixed"][0], HELIX_STEP_TOKENS, HELIX_CHUNK_TOKENS) if per_request else None
+        inst = writer.instance(
+            f"chain-{i}",
+            "mixed",
+            chain,
+            settings=settings,
+            micro_batches=lanes,
+            kv_share=shares,
+            per_request=per_request,
+        )
         weights[inst] = round(f, 6)
     return writer.plan(RoutingPlan(policy="weighted", weights=weights), notes=notes)
 
