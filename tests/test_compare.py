@@ -264,6 +264,7 @@ SLOW_SCENARIOS = {
     "helix-24-geo",
     "helix-24",
     "splitwise-70b",
+    "splitwise-70b-sweep",
 }
 
 
@@ -315,6 +316,24 @@ def test_hexgen_beats_the_homogeneous_fleet_of_equal_cost_on_its_own_engine():
     path = next(p for p in SCENARIOS if p.stem == "hexgen-70b")
     res = run_compare(path, ["hexgen", "homogeneous"], time_limit=8)["strategies"]
     assert res["hexgen"]["objective_value"] >= 1.5 * res["homogeneous"]["objective_value"], res
+
+
+@pytest.mark.slow
+def test_splitwise_splits_ten_machines_unevenly_and_beats_the_best_single_machine_type(tmp_path):
+    """splitwise-70b-sweep, Splitwise's iso-cost comparison at a budget of ten DGX-H100: its grid splits
+    the machines into pools at a ratio other than 1:1, and its plan sustains more within the SLOs than
+    the best single machine type at the same budget (Baseline-H100), the paper's direction (1.39x
+    measured: 155.8 against 111.9 req/s; asserted with a margin). The time limit leaves every one of
+    Splitwise's trial simulations to run, whatever the machine's speed."""
+    path = next(p for p in SCENARIOS if p.stem == "splitwise-70b-sweep")
+    report = run_compare(path, ["splitwise", "homogeneous"], tmp_path, time_limit=120)
+    res = report["strategies"]
+    dep = load_plan(tmp_path / "plans" / "splitwise.yaml")
+    roles = [i.role for i in dep.instances.values()]
+    assert len(roles) >= 10 and roles.count("prefill") != roles.count("decode"), roles
+    assert all(s.plan.tp == s.node.count == 8 for s in dep.servers.values())  # whole DGX machines
+    assert res["splitwise"]["cost_per_hour"] <= report["budget"] + 1e-6
+    assert res["splitwise"]["objective_value"] >= 1.2 * res["homogeneous"]["objective_value"], res
 
 
 #: Scenarios cheap enough to plan and simulate with every strategy in a test (a few seconds each), and the
