@@ -189,3 +189,91 @@ def test_a_pool_without_a_clock_orders_members_whose_work_may_fall():
         assert picked is min(insts, key=_rank)
         picked.add(Sequence(r, rng.randint(5, 200), rng.randint(1, 50)))
     assert (pool.reads - start) / 200 < 8
+
+
+def test_members_that_change_while_idle_ones_take_the_arrivals_are_not_read():
+    """Every busy instance runs a step before each decision (its work changes), while idle ones take
+    the arrivals: the least recently chosen idle instance wins, and a busy one (chosen more recently,
+    so it loses the tie even at no work) is not read at its changes. The pool picks what a scan picks
+    and reads about one member per decision; reading every changed member would be about seven."""
+    insts = [instance(f"i{k}", blocks=400, max_batch_size=16, max_batch_tokens=2048) for k in range(32)]
+    rng = random.Random(5)
+    pool = Pool(insts)
+    policy = LeastWork()
+    pool.least()  # the first decision reads a member
+    start, steps, decisions = pool.reads, 0, 300
+    for r in range(decisions):
+        for inst in [i for i in insts if i.requests]:
+            inst.complete(inst.lanes[0], inst.schedule(inst.lanes[0]))
+            steps += 1
+        expect = min(insts, key=_rank)
+        picked = policy.choose(pool)
+        assert picked is expect
+        picked.add(Sequence(r, rng.randint(10, 200), rng.randint(2, 12)))
+    assert steps / decisions > 5
+    assert (pool.reads - start) / decisions < 3  # a member and its group's offset
+
+
+class Draining:
+    """A pool member whose work falls steadily with the clock down to a floor (a run of decode steps)
+    and whose work, fall rate and floor change only when it tells its pools."""
+
+    def __init__(self, name: str, speed: float, clock: list[float]):
+        self.name, self.speed, self.clock = name, speed, clock
+        self.last_chosen, self.pools, self.downstream = -1, [], None
+        self.set(0.0, 0.0, 0.0)
+
+    def set(self, work: float, rate: float, floor: float) -> None:
+        self.t0, self.w0, self.rate, self.floor = self.clock[0], work, rate, min(floor, work)
+        for pool in self.pools:
+            pool.mark(self)
+
+    def own_work(self) -> float:
+        return max(self.floor, self.w0 - self.rate * (self.clock[0] - self.t0))
+
+    def outstanding_work(self) -> float:
+        return self.own_work()
+
+    def has_free_slot(self) -> bool:
+        return True
+
+    def work_drop_bound(self) -> tuple[float, float, float]:
+        return (0.0, self.rate, self.own_work() - self.floor)
+
+    def work_view(self) -> tuple[float, tuple[float, float, float]]:
+        return self.own_work(), self.work_drop_bound()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_pool_chooses_what_a_scan_chooses_while_work_drains_with_the_clock(seed):
+    """Members whose work falls with the clock (some to nothing, some to a floor, at several rates),
+    changed at random, chosen and given work, through phases with idle members (ties at no work, broken
+    by speed and recency without reading the busy) and without: the pool's choice is the scan's."""
+    rng = random.Random(seed)
+    clock = [0.0]
+    members = [Draining(f"m{k}", rng.choice([1.0, 1.0, 2.0]), clock) for k in range(24)]
+    pool = Pool(members, clock)
+    policy = LeastWork()
+    idle_ties = all_busy = 0
+    for r in range(800):
+        clock[0] += rng.expovariate(8.0 if (r // 200) % 2 else 30.0)
+        for m in rng.sample(members, 6):
+            work = m.own_work()
+            if work > 0.0:
+                m.set(
+                    work * rng.uniform(0.6, 1.1),
+                    rng.choice([0.0, 0.3, 1.0, 2.5]),
+                    rng.choice([0.0, 0.2 * work]),
+                )
+        idle = sum(m.own_work() == 0.0 for m in members)
+        idle_ties += idle > 1
+        all_busy += idle == 0
+        expect = min(members, key=_rank)
+        picked = policy.choose(pool)
+        assert picked is expect
+        picked.set(
+            picked.own_work() + rng.uniform(0.5, 4.0),
+            rng.choice([0.0, 0.5, 1.0, 3.0]),
+            rng.choice([0.0, 0.5]),
+        )
+    assert idle_ties > 100 and all_busy > 100
