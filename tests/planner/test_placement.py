@@ -181,3 +181,16 @@ def test_helix_milp_starts_from_nothing_when_the_layout_carries_no_flow(monkeypa
     plan = strategy.plan(ctx)
     assert strategy.last.start_flow is None and strategy.last.max_flow > 0
     assert "started from no layout" in plan.notes
+
+
+def test_highs_writes_nothing_to_standard_output(capfd):
+    """HiGHS prints some MIP messages from C++ even with its output off; they would break `--json`."""
+    import os
+
+    from hetserve.planner.placement.helix import _stdout_silenced
+
+    print("before", flush=True)
+    with _stdout_silenced():
+        os.write(1, b"from the solver\n")
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nafter\n"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import highspy
@@ -164,21 +165,35 @@ class _Milp:
         return ranges, server_flow
 
 
-def _silent_highs() -> highspy.Highs:
-    """A HiGHS instance that logs nothing. highspy's constructor writes HiGHS's banner to the process's
-    standard output (once per process) before any option can be set, which would break ``--json``
-    output, so standard output goes to the null device while it runs."""
+@contextmanager
+def _stdout_silenced():
+    """The process's standard output (file descriptor 1) goes to the null device meanwhile: HiGHS writes
+    its banner there from highspy's constructor (once per process, before any option can be set) and,
+    with ``output_flag`` off, still some messages of its MIP solver, which would break ``--json``
+    output."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
-            h = highspy.Highs()
+            yield
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _silent_highs() -> highspy.Highs:
+    """A HiGHS instance that logs nothing (``_stdout_silenced``)."""
+    with _stdout_silenced():
+        h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     return h
+
+
+def _run(h: highspy.Highs) -> None:
+    """Solve, with standard output silenced."""
+    with _stdout_silenced():
+        h.run()
 
 
 def _solution(x: np.ndarray) -> highspy.HighsSolution:
@@ -290,7 +305,7 @@ class Helix(Strategy):
             h.setOptionValue(option, value)
         if start is not None:
             h.setSolution(_solution(start[0]))
-        h.run()
+        _run(h)
         stopped_by = {
             highspy.HighsModelStatus.kOptimal: "gap",
             highspy.HighsModelStatus.kSolutionLimit: "nodes",
@@ -414,7 +429,7 @@ class Helix(Strategy):
         fixed = {k: float(counts.get(key[1:], 0)) for key, k in model.col.items() if key[0] == "y"}
         h = model.highs(fixed)
         h.setOptionValue("threads", 1)
-        h.run()
+        _run(h)
         if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         x = np.asarray(h.getSolution().col_value, dtype=float)
