@@ -281,9 +281,7 @@ class ClusterEngine:
     def _place(self, req: _ClusterRequest, inst: InstanceRunner, seq: Sequence) -> None:
         req.state.seq = seq
         req.instance = inst.name
-        started = inst.add(seq)
-        if inst.per_request:
-            inst.ready.extend(started)
+        inst.add(seq)  # pipelining per request, a lane it starts joins ``ready`` (admit_queued)
         self._by_seq[seq.seq_id] = req
 
     # ---- dispatch ---------------------------------------------------------------------------------
@@ -292,7 +290,7 @@ class ClusterEngine:
             if not inst.up:
                 continue
             if inst.per_request:
-                inst.ready.extend(inst.admit_queued())
+                inst.admit_queued()
                 self._dispatch_requests(inst)
                 continue
             for lane in inst.lanes:

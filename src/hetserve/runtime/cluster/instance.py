@@ -65,6 +65,12 @@ class InstanceRunner(InstanceState[_Lane]):
     def has_free_slot(self) -> bool:
         return self.up and super().has_free_slot()
 
+    def admit_queued(self) -> list[_Lane]:
+        """Admit as the shared layer does; the lanes given a request join ``ready``."""
+        started = super().admit_queued()
+        self.ready.extend(started)
+        return started
+
     def expect(self, flight: _Flight) -> None:
         self._expect.put(flight)
 
