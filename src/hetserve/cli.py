@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import clock
 from .errors import HetserveError, seed_value
 from .report.progress import progress as _progress
 from .report.tables import err_console, human_bytes, key_values, print_json, table
@@ -256,24 +257,27 @@ def cmd_plan(args) -> int:
         model = with_sensitivity(model, args.sensitivity)
     workload = Workload.load(args.workload)
     out = Path(args.out)
-    planner = Planner(
-        cluster,
-        model,
-        workload,
-        args.objective,
-        cluster_ref=str(Path(args.cluster).resolve()),
-        model_ref=args.model,
-        budget=args.budget,
-        quality=parse_quality(args.quality),
-        weight_bits=args.weight_bits,
-        headroom=args.headroom,
-        seed=args.seed,
-        time_limit=args.time_limit,
-        max_seqs=args.max_batch_size,
-        target=engine_target(args.target) if args.target else None,
-    )
-    with _progress("planning", 1.0, enabled=not args.json) as tick:
-        planner.progress = tick
+    with (
+        clock.counting_work_if(args.deterministic),
+        _progress("planning", 1.0, enabled=not args.json) as tick,
+    ):
+        planner = Planner(
+            cluster,
+            model,
+            workload,
+            args.objective,
+            cluster_ref=str(Path(args.cluster).resolve()),
+            model_ref=args.model,
+            budget=args.budget,
+            quality=parse_quality(args.quality),
+            weight_bits=args.weight_bits,
+            headroom=args.headroom,
+            seed=args.seed,
+            time_limit=args.time_limit,
+            max_seqs=args.max_batch_size,
+            target=engine_target(args.target) if args.target else None,
+            progress=tick,
+        )
         result = planner.run()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_plan(result.plan, out, cluster_path=args.cluster, calibration_path=args.calibration)
@@ -445,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--seed", type=seed_value, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds to search (default 60)")
+    pl.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="count the search's work instead of wall time, so that the same inputs give the same plan on "
+        "any machine and under any load; --time-limit is then in seconds of work as counted on the "
+        "reference machine (docs/planner.md, 'Time limit')",
+    )
     pl.add_argument(
         "--max-batch-size",
         type=int,

@@ -25,12 +25,14 @@ cluster files they refer to) and PNG plots: the objective per strategy, latency 
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from . import clock
 from .errors import HetserveError, allowed, seed_value, suggest
 
 if TYPE_CHECKING:
@@ -405,6 +407,22 @@ def ratio(a: float | None, b: float | None, sense: str) -> float | None:
     return b / a if a > 0 else None
 
 
+def _planned(sc: LoadedScenario, name: str, seed: int, time_limit: float | None, deterministic: bool):
+    """(context, plan, None) of strategy ``name`` on the scenario, its time limit counting work when
+    ``deterministic``; (context, None, the error) when it cannot plan or its plan is not deployable."""
+    from .baselines import get_strategy
+    from .plan import Deployment
+
+    with clock.counting_work_if(deterministic):
+        ctx = sc.context(name, seed, time_limit)
+        try:
+            plan = get_strategy(name).plan(ctx)
+            Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+        except HetserveError as exc:
+            return ctx, None, exc
+    return ctx, plan, None
+
+
 def run_compare(
     scenario_path: str | Path,
     strategies: list[str] | None = None,
@@ -415,16 +433,17 @@ def run_compare(
     time_limit: float | None = None,
     progress=None,
     calibration: str | None = None,
+    deterministic: bool = True,
 ) -> dict:
     """Plan with each strategy and simulate each plan on the scenario's workload (same requests).
 
     ``progress(name, i, n)`` is told of each strategy before it runs (the i-th of n). ``requests``
     overrides how many requests each simulation replays (scaling the scenario's duration);
-    ``time_limit`` overrides the planning seconds per strategy; ``calibration`` times every cluster with
-    a calibration file's factors. Returns the comparison as a dict:
-    ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
+    ``time_limit`` overrides the planning seconds per strategy, seconds of work as ``clock`` counts them
+    unless ``deterministic`` is False (then of wall time, so that the plans depend on the machine and its
+    load); ``calibration`` times every cluster with a calibration file's factors. Returns the comparison
+    as a dict: ``strategies`` maps each strategy to its metrics (with ``objective_value`` and ``objective_sense``).
     """
-    from .baselines import get_strategy
     from .plan import Deployment
     from .planner.evaluate import OBJECTIVES
 
@@ -447,16 +466,9 @@ def run_compare(
     for i, name in enumerate(names, 1):
         if progress:
             progress(name, i, len(names))
-        ctx = sc.context(name, seed, time_limit)
         t0 = time.perf_counter()
-
-        def deploy(plan, ctx=ctx, name=name):
-            return Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
-
-        try:
-            plan = get_strategy(name).plan(ctx)
-            deploy(plan)
-        except HetserveError as exc:
+        ctx, plan, exc = _planned(sc, name, seed, time_limit, deterministic)
+        if exc is not None:
             results[name] = {
                 "error": str(exc),
                 "objective_value": None,
@@ -469,6 +481,10 @@ def run_compare(
             continue
         planned = time.perf_counter() - t0
         t1 = time.perf_counter()
+
+        def deploy(plan, ctx=ctx, name=name):
+            return Deployment(plan, ctx.cluster, ctx.model, source=f"{name} plan")
+
         tuned = ev.tune(OBJECTIVES[objective], plan, deploy)
         plan, dep, base = tuned.plan, tuned.dep, tuned.base
         judged, feasible = _judge(OBJECTIVES[objective], tuned)
@@ -506,6 +522,7 @@ def run_compare(
         "quality": sc.quality,
         "max_batch_size": spec.max_batch_size,
         "seed": seed,
+        "time_limit_counts": "work" if deterministic else "wall time",
         "baseline": spec.baseline,
         "reference": spec.reference,
         "offered_rps": ev.rate,
@@ -596,6 +613,7 @@ def cmd_compare(args) -> int:
         time_limit=args.time_limit,
         progress=progress,
         calibration=args.calibration,
+        deterministic=args.deterministic,
     )
     if args.json:
         print_json(report["strategies"])
@@ -650,6 +668,13 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--seed", type=seed_value, default=0)
     c.add_argument("--requests", type=int, help="requests per simulation (default: the scenario's duration)")
     c.add_argument("--time-limit", type=float, help="planning seconds per strategy (default: the scenario's)")
+    c.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count each strategy's planning work instead of wall time, so that the comparison is the same "
+        "on any machine and under any load (default; --no-deterministic: wall time)",
+    )
     c.add_argument(
         "--calibration", metavar="FILE", help="calibration file (hetserve calibrate) applied to every cluster"
     )

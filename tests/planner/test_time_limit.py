@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from hetserve import clock
 from hetserve.errors import HetserveError, OutOfTime
 from hetserve.planner import Planner, search
 from hetserve.planner.build import MAX_HANDOFF_PAIRS, handoff_weights, place
@@ -131,3 +132,20 @@ def test_handoff_weights_split_each_prefill_and_stop_at_the_pair_cap():
     assert w["p0"] == {"d0": 1.0} and w["p1"] == {"d1": 1.0}  # each stays on its own node
     many = [(f"d{k}", "a", 1.0) for k in range(MAX_HANDOFF_PAIRS // 2 + 1)]
     assert handoff_weights(ctx.cluster, ctx.model, 500, pre, many) == {}
+
+
+def test_counting_work_the_plan_is_the_same_on_a_machine_fifty_times_slower(monkeypatch):
+    """``--deterministic``: every phase's deadline counts work, so a wall clock running 50x faster (a
+    slower or loaded machine) leaves the plan and its figures unchanged; a deadline still read from the
+    wall clock would cut the search short there."""
+
+    def plan():
+        with clock.counting_work():
+            result = planner(time_limit=3.0).run()
+        return result.plan.model_dump(), result.value
+
+    first = plan()
+    real = time.perf_counter
+    start = real()
+    monkeypatch.setattr(time, "perf_counter", lambda: start + 50 * (real() - start))
+    assert plan() == first

@@ -34,6 +34,7 @@ import math
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .. import clock
 from ..costmodel.roofline import ServerShape
 from ..errors import HetserveError
 from ..plan import PlanFile, RoutingPlan
@@ -291,8 +292,9 @@ class LLMPQ(Strategy):
             constraints=LinearConstraint(np.array(rows), lo, hi),
             integrality=integrality,
             bounds=Bounds(np.zeros(nv), ub),
-            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MIP_GAP},
+            options={**clock.milp_limits(time_limit), "disp": False, "mip_rel_gap": MIP_GAP},
         )
+        clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0)
         if res.x is None or res.status not in (0, 1):
             return None
         return float(res.fun) / 1e3, np.round(res.x[: S * B]).astype(int).reshape(S, B)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .. import clock
 from .evaluate import OBJECTIVES
 from .templates import Template
 
@@ -154,8 +155,9 @@ def solve(
         constraints=LinearConstraint(np.array(rows), lo, hi),
         integrality=integrality,
         bounds=Bounds(np.zeros(nv), ub),
-        options={"time_limit": time_limit, "disp": False},
+        options={**clock.milp_limits(time_limit), "disp": False},
     )
+    clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0)
     if res.x is None or res.status not in (0, 1):
         return None
     x = np.round(res.x[:n]).astype(int)

@@ -4,12 +4,12 @@ and route requests and KV hand-offs by the flows (a transport LP for prefill -> 
 from __future__ import annotations
 
 import heapq
-import time
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
+from .. import clock
 from ..errors import OutOfTime
 from ..plan import InstancePlan, PlanFile, RoutingPlan, ServerPlan
 from ..specs.clusters import Cluster
@@ -145,7 +145,6 @@ def handoff_weights(
     dcap = np.array([f for _, _, f in decode])
     scale = total_p / dcap.sum() if dcap.sum() > 0 else 1.0
     b_ub = dcap * max(scale, 1.0) * 1.0001
-    options = {} if time_limit is None else {"time_limit": max(time_limit, 0.01)}
     res = linprog(
         cost,
         A_ub=a_ub,
@@ -154,8 +153,9 @@ def handoff_weights(
         b_eq=b_eq,
         bounds=np.column_stack([np.zeros(P * D), upper]),
         method="highs",
-        options=options,
+        options=clock.lp_limits(time_limit),
     )
+    clock.charge_solve(iterations=getattr(res, "nit", 0) or 0)
     if res.status != 0:
         return {}
     x = res.x.reshape(P, D)
@@ -199,7 +199,7 @@ def build_plan(
     """The plan of ``alloc`` (``model_ref``: what its ``model:`` says; default the model's name). KV caches
     go from prefill to decode instances by the flows' weights where the allocation has both
     (``weighted_handoff`` False: to the least-loaded decode instance), streamed layer by layer behind the
-    prefill unless ``layerwise_kv`` is False (staged after it). Past ``deadline`` (a ``time.perf_counter()``
+    prefill unless ``layerwise_kv`` is False (staged after it). Past ``deadline`` (a ``clock.now()``
     value), ``OutOfTime`` is raised; it also bounds the hand-off LP's time."""
     placed = place(cluster, templates, alloc)
     servers, instances = [], []
@@ -209,7 +209,8 @@ def build_plan(
     flow_by_template = {id(templates[j]): alloc.flows.get(j, 0.0) for j in alloc.counts}
     pre_nodes, dec_nodes = [], []
     for n, (t, spots) in enumerate(placed):
-        if deadline is not None and n % 256 == 255 and time.perf_counter() > deadline:
+        clock.charge(clock.BUILD_INSTANCE_S)
+        if deadline is not None and n % 256 == 255 and clock.now() > deadline:
             raise OutOfTime(f"building a plan of {len(placed)} instances")
         prefix = instance_prefix(t)
         k = per_prefix.get(prefix, 0)
@@ -248,10 +249,10 @@ def build_plan(
             pre_nodes.append((base, spots[-1][0], share))
         elif t.role == "decode":
             dec_nodes.append((base, spots[0][0], share))
-    if deadline is not None and time.perf_counter() > deadline:
+    if deadline is not None and clock.now() > deadline:
         raise OutOfTime(f"building a plan of {len(placed)} instances")
     entry = {i.name: round(flows_by_instance[i.name], 6) for i in instances if i.role != "decode"}
-    left = None if deadline is None else deadline - time.perf_counter()
+    left = None if deadline is None else deadline - clock.now()
     hw = handoff_weights(cluster, model, prompt, pre_nodes, dec_nodes, left) if weighted_handoff else {}
     routing = RoutingPlan(
         policy=routing_policy,

@@ -6,13 +6,13 @@ judge plans with these functions and nothing else, so a plan is judged the same 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from .. import clock
 from ..errors import OutOfTime
 from ..plan import Deployment
 from ..sim import SimResult, simulate
@@ -174,12 +174,12 @@ def simulate_at_rate(
     """Simulate ``dep`` on ``workload``'s request mix arriving at ``rate`` (requests/s), about ``requests``
     requests over ``arrival_window_s`` (``judge_slo`` False: the SLOs do not decide the figure, e.g.
     throughput, and the window need not span their deadlines); drained for twice as long as it arrived
-    (at least ``MIN_DRAIN_S``). None when no request arrives. ``deadline`` (a ``time.perf_counter()``
+    (at least ``MIN_DRAIN_S``). None when no request arrives. ``deadline`` (a ``clock.now()``
     value): past it, ``OutOfTime`` is raised. ``window_s``: this arrival window instead (a steady-state
     check, ``steady_window_s``)."""
     rate = max(rate, 1e-3)
     duration = window_s or arrival_window_s(workload, rate, requests, judge_slo=judge_slo)
-    if deadline is not None and time.perf_counter() > deadline:
+    if deadline is not None and clock.now() > deadline:
         raise OutOfTime("no time left to sample the requests")
     reqs = workload.sample(seed=seed, duration_s=duration, rate=rate)
     if len(reqs) == 0:

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 from typing import Protocol
 
+from .. import clock
 from ..errors import HetserveError, OutOfTime
 from ..plan import Deployment
 from ..specs.clusters import Cluster
@@ -113,7 +114,8 @@ class Planner:
         max_seqs: int | None = None,
         target: PlanTarget | None = None,
     ):
-        self._t0 = time.perf_counter()  # the time limit covers reading the workload's lengths too
+        self._t0 = clock.now()  # the time limit covers reading the workload's lengths too
+        self._wall0 = time.perf_counter()  # the search's wall time, reported whatever the limit counts
         if objective not in OBJECTIVES:
             raise HetserveError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         if budget is not None and budget <= 0:
@@ -147,7 +149,8 @@ class Planner:
         self.headroom = headroom
         #: The rate cost and power plans must carry within the SLOs: the workload's, plus the headroom.
         self.target_rate = self.rate * (1 + headroom)
-        #: ``time.perf_counter()`` at which every phase stops: simulations raise ``OutOfTime`` past it.
+        #: ``clock.now()`` at which every phase stops: simulations raise ``OutOfTime`` past it. Counting
+        #: work (``clock.counting_work``), the limit is in reference seconds of work, not wall time.
         self.deadline = self._t0 + time_limit
         #: Whether a candidate has been confirmed (until then confirmations may fall back to quick ones).
         self._confirmed = False
@@ -159,10 +162,10 @@ class Planner:
         self.off_target: list[str] = []
 
     def _elapsed(self) -> float:
-        return time.perf_counter() - self._t0
+        return clock.now() - self._t0
 
     def _left(self) -> float:
-        return self.deadline - time.perf_counter()
+        return self.deadline - clock.now()
 
     def _milp_seconds(self) -> float:
         """Time for one MILP: a share of what is left, at most a sixth of the limit."""
@@ -404,7 +407,7 @@ class Planner:
             predicted,
             reasons,
             searched,
-            self._elapsed(),
+            time.perf_counter() - self._wall0,
             alts,
             carrying,
             objective.unit,
@@ -585,7 +588,7 @@ class Planner:
         if rate <= 0:
             return None
         window = self._steady_window(rate, self._wanted(best.dep))
-        deadline = time.perf_counter() + STEADY_SHARE * self.time_limit
+        deadline = clock.now() + STEADY_SHARE * self.time_limit
         self._tick(f"checking {rate:.3g} req/s over {window:.0f} s of arrivals")
         try:
             check = steady_rate(best.dep, self.workload, rate, window, seed=self.seed, deadline=deadline)
@@ -611,7 +614,7 @@ class Planner:
                 self.rate,
                 seed=self.seed,
                 requests=QUICK_REQUESTS,
-                deadline=max(self.deadline, time.perf_counter() + min(10.0, self.time_limit * 0.2)),
+                deadline=max(self.deadline, clock.now() + min(10.0, self.time_limit * 0.2)),
             )
         except OutOfTime:
             run = None

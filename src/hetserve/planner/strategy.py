@@ -14,11 +14,11 @@ the real links between the chosen nodes), ``PlanWriter`` that names servers and 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from .. import clock
 from ..costmodel.roofline import RooflineCostModel, ServerShape
 from ..errors import HetserveError, OutOfTime
 from ..plan import Deployment, InstancePlan, PlanFile, RoutingPlan, ServerPlan
@@ -60,8 +60,8 @@ class StrategyContext:
     seed: int = 0
     time_limit: float = 60.0  # seconds, for strategies that search
     max_seqs: int | None = None  # most sequences the engine runs in one batch (per micro-batch lane)
-    started: float = field(default_factory=time.perf_counter)
-    #: A ``time.perf_counter()`` value past which the strategy's trials raise ``OutOfTime`` (the planner
+    started: float = field(default_factory=clock.now)
+    #: A ``clock.now()`` value past which the strategy's trials raise ``OutOfTime`` (the planner
     #: sets it for the designs it confirms; None: a strategy keeps to ``time_limit`` by its own checks).
     deadline: float | None = None
 
@@ -144,7 +144,8 @@ class StrategyContext:
         return self.workload.long_request(self.seed, 99, LENGTH_SAMPLE)
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds since the context was made: of wall time, or of work when work is counted."""
+        return clock.now() - self.started
 
     def time_left(self) -> float:
         return self.time_limit - self.elapsed()
@@ -152,7 +153,7 @@ class StrategyContext:
     def check_time(self) -> None:
         """Raise ``OutOfTime`` once ``deadline`` (when one is set) has passed: the long loops of a
         placement call it, so that the planner's time limit holds for them too."""
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and clock.now() > self.deadline:
             raise OutOfTime("the strategy ran out of time")
 
     def bits_allowed(self, bits) -> bool:

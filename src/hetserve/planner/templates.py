@@ -16,9 +16,9 @@ fit that no single node holds, and what puts every small server of a cluster to 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 
+from .. import clock
 from ..costmodel.roofline import RooflineCostModel, ServerShape
 from ..specs.clusters import Cluster
 from ..specs.models import ModelSpec
@@ -90,7 +90,7 @@ class TemplateFactory:
         deadline: float | None = None,
     ):
         self.cluster, self.model = cluster, model
-        #: ``time.perf_counter()`` after which ``all`` makes no more templates (None: every one is made).
+        #: ``clock.now()`` after which ``all`` makes no more templates (None: every one is made).
         self.deadline = deadline
         self.cut_short = False
         #: Most sequences the engine runs in one batch (per micro-batch lane); None: the roles' settings.
@@ -356,6 +356,7 @@ class TemplateFactory:
         return ep if better else plain
 
     def _make(self, role: str, stages: list[Stage]) -> Template | None:
+        clock.charge(clock.TEMPLATE_S)
         m, cm = self.model, self.cm
         max_batch, max_tokens, _ = role_settings(role, len(stages), self.max_seqs)
         shapes = [
@@ -440,7 +441,7 @@ class TemplateFactory:
 
     def _past_deadline(self) -> bool:
         """Whether the deadline has passed (then ``cut_short`` says that some templates were not made)."""
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and clock.now() > self.deadline:
             self.cut_short = True
         return self.cut_short
 

@@ -157,11 +157,14 @@ class SimInstance(InstanceState[Lane]):
         self.exclusive = not self.per_request and not any(len(s.instances) > 1 for s in inst.servers)
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         self.clock = [0.0]  # the simulator's current time, shared
+        #: Lanes looked at by the router's reads of this instance's load (the simulator charges them).
+        self.lane_reads = 0
 
     # ---- the router's view ------------------------------------------------------------------------
     def output_in_flight(self) -> int:
         """Tokens that runs of decode steps part-way through have produced by now."""
         now = self.clock[0]
+        self.lane_reads += len(self.lanes)
         return sum(ln.steps_done_by(now) * ln.n for ln in self.lanes if ln.busy and ln.steps > 1)
 
     def work_drop_bound(self) -> tuple[float, float, float]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import clock
 from ..costmodel.links import kv_transfer_time
 from ..errors import OutOfTime
 from ..plan import Deployment
@@ -31,7 +31,7 @@ from .links import SharedLink
 from .metrics import DROP_TOO_LONG, DROP_UNFINISHED, Records, SimSummary, summarise
 
 ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
-#: Events between two looks at the clock when a simulation has a deadline.
+#: Events between two looks at the clock (work charged, and the deadline checked when there is one).
 DEADLINE_EVERY = 512
 
 
@@ -61,7 +61,7 @@ class Simulator:
         deadline: float | None = None,
     ):
         self.dep, self.req, self.slo = dep, requests, slo
-        #: ``time.perf_counter()`` after which ``run`` raises ``OutOfTime`` (None: no limit).
+        #: ``clock.now()`` value after which ``run`` raises ``OutOfTime`` (None: no limit).
         self.deadline = deadline
         n = len(requests)
         horizon = float(requests.arrival_s[-1]) if n else 0.0
@@ -75,9 +75,10 @@ class Simulator:
         }
         self.instances = {}
         for name, inst in dep.instances.items():  # a large plan takes a while to set up
-            if deadline is not None and time.perf_counter() > deadline:  # (an instance takes milliseconds)
-                raise OutOfTime(f"setting up {len(dep.instances)} instances: out of wall-clock time")
+            if deadline is not None and clock.now() > deadline:  # (an instance takes milliseconds)
+                raise OutOfTime(f"setting up {len(dep.instances)} instances: out of time")
             self.instances[name] = SimInstance(inst, dep, self.servers)
+            clock.charge(clock.SIM_INSTANCE_S)
         per_request = {i.name for i in self.instances.values() if i.per_request}
         for name, s in dep.servers.items():
             if len(s.instances) > 1 or per_request.intersection(s.instances):
@@ -120,6 +121,10 @@ class Simulator:
         self.links: dict[tuple[str, str], SharedLink] = {}
         self.central: list[int] = []  # request ids waiting for a free chain (JFFC)
         self.iterations = 0
+        self.items = 0  # sequences in the steps done
+        self.events = 0  # events handled (set when the run ends)
+        self.arrived = 0  # requests that have arrived
+        self._charged = (0, 0, 0)  # (arrived, items, router's lane reads) when work was last charged
         self.peak_kv = {name: 0.0 for name in self.instances}
         self.progress = progress
         self.hashes = requests.block_hashes
@@ -133,16 +138,13 @@ class Simulator:
         if len(self.req):
             self.push(float(self.req.arrival_s[0]), ARRIVAL, 0)
         now = 0.0
-        events = 0
+        events = next_look = 0
         while self.heap:
-            if (
-                self.deadline is not None
-                and events % DEADLINE_EVERY == 0
-                and time.perf_counter() > self.deadline
-            ):
-                raise OutOfTime(
-                    f"simulation stopped at {now:.1f} s of simulated time: out of wall-clock time"
-                )
+            if events == next_look:
+                self._charge(DEADLINE_EVERY if events else 0)
+                if self.deadline is not None and clock.now() > self.deadline:
+                    raise OutOfTime(f"simulation stopped at {now:.1f} s of simulated time: out of time")
+                next_look = events + DEADLINE_EVERY
             events += 1
             t, _, kind, payload = heapq.heappop(self.heap)
             if t > self.limit:
@@ -163,11 +165,28 @@ class Simulator:
                 self._on_transfer(payload[0], payload[1], t)
             else:
                 self._on_kv_ready(payload[0], payload[1], t)
+        self._charge(events - (next_look - DEADLINE_EVERY) if events else 0)
+        self.events = events
         return self._result(now)
+
+    def _charge(self, events: int) -> None:
+        """Charge the work done since the last charge (``clock``): ``events`` events, the requests that
+        arrived, the sequences of the steps done, and the lanes the router looked at."""
+        if not clock.counting():
+            return
+        reads = sum(i.lane_reads for i in self.instances.values())
+        arrived, items, read = self._charged
+        clock.charge(
+            events * clock.SIM_EVENT_S
+            + (self.arrived - arrived) * clock.SIM_REQUEST_S
+            + (self.items - items) * clock.SIM_ITEM_S
+            + (reads - read) * clock.SIM_LANE_READ_S
+        )
+        self._charged = (self.arrived, self.items, reads)
 
     # ---- arrivals and routing -----------------------------------------------------------------
     def _on_arrival(self, i: int, t: float) -> None:
-        nxt = i + 1
+        nxt = self.arrived = i + 1
         if nxt < len(self.req):
             self.push(float(self.req.arrival_s[nxt]), ARRIVAL, nxt)
         if self.progress is not None:
@@ -340,6 +359,7 @@ class Simulator:
 
     def _on_done(self, lane: Lane, t: float) -> None:
         self.iterations += lane.steps
+        self.items += len(lane.batch.items)
         inst = lane.instance
         if inst.exclusive:
             offset, total = lane.t0, t - lane.t0
@@ -481,8 +501,8 @@ def simulate(
     progress=None,
     deadline: float | None = None,
 ) -> SimResult:
-    """Replay ``requests`` against ``dep``; with a ``deadline`` (a ``time.perf_counter()`` value) a run
-    still going at that moment raises ``OutOfTime``."""
+    """Replay ``requests`` against ``dep``; with a ``deadline`` (a ``clock.now()`` value: wall time, or
+    work when work is counted) a run still going at that moment raises ``OutOfTime``."""
     return Simulator(
         dep, requests, slo, seed=seed, drain_s=drain_s, progress=progress, deadline=deadline
     ).run()

@@ -42,6 +42,7 @@ import highspy
 import numpy as np
 from scipy.sparse import coo_array, csc_array
 
+from ... import clock
 from ...costmodel.roofline import ServerShape
 from ...errors import HetserveError
 from ...plan import PlanFile, RoutingPlan
@@ -300,18 +301,19 @@ class Helix(Strategy):
             ("mip_max_nodes", MILP_NODES),
             ("threads", 1),
             ("random_seed", MILP_SEED),
-            ("time_limit", time_limit),
+            ("time_limit", clock.MILP_GUARD_S if clock.counting() else time_limit),
         ):
             h.setOptionValue(option, value)
         if start is not None:
             h.setSolution(_solution(start[0]))
         _run(h)
+        info = h.getInfo()
+        clock.charge_solve(nodes=info.mip_node_count, iterations=info.simplex_iteration_count)
         stopped_by = {
             highspy.HighsModelStatus.kOptimal: "gap",
             highspy.HighsModelStatus.kSolutionLimit: "nodes",
             highspy.HighsModelStatus.kTimeLimit: "time",
         }.get(h.getModelStatus())
-        info = h.getInfo()
         if stopped_by is None or info.primal_solution_status != highspy.kSolutionStatusFeasible:
             return None
         ranges, server_flow = model.label(np.asarray(h.getSolution().col_value))
@@ -430,6 +432,7 @@ class Helix(Strategy):
         h = model.highs(fixed)
         h.setOptionValue("threads", 1)
         _run(h)
+        clock.charge_solve(iterations=h.getInfo().simplex_iteration_count)
         if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         x = np.asarray(h.getSolution().col_value, dtype=float)
