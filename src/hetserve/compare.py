@@ -281,7 +281,7 @@ class Evaluator:
         (``GOODPUT_STEP``) and searches on only from settings that hold there. A setting that refuses more
         requests as too long than the plan as written is not taken. ``deploy(plan)`` makes the
         deployment (raising ``HetserveError`` for a setting the memory check rejects)."""
-        from .planner.engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, refused
+        from .planner.engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, per_request_allowed, refused
 
         dep = deploy(plan)
         base = self.run(dep)
@@ -295,7 +295,7 @@ class Evaluator:
         def best_setting():  # read when the lane variant is made: the best step budget by then
             return best.setting
 
-        for setting, candidate in grid(plan, best_setting, per_request=self.max_seqs is None):
+        for setting, candidate in grid(plan, best_setting, per_request=per_request_allowed(self.max_seqs)):
             tried += 1
             try:
                 d = deploy(candidate)

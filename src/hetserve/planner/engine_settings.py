@@ -143,6 +143,13 @@ def request_variant(setting: EngineSetting, plan: PlanFile) -> tuple[EngineSetti
     return single, with_setting(plan, single)
 
 
+def per_request_allowed(max_seqs: int | None) -> bool:
+    """Whether chains may pipeline per request under an engine that runs at most ``max_seqs`` sequences
+    in a batch (None: no cap): not under a cap, since a server pipelining per request batches every step
+    waiting on it, whatever the cap (HexGen's one-at-a-time engine in hexgen-70b)."""
+    return max_seqs is None
+
+
 def grid(
     plan: PlanFile, best: Callable[[], EngineSetting], *, per_request: bool = True
 ) -> Iterator[tuple[EngineSetting, PlanFile]]:
@@ -150,8 +157,7 @@ def grid(
     ``TOKEN_GRID``, then one lane per stage with ``best()`` (the best setting so far, read once the step
     budgets are tried) where that changes the plan, then per-request pipelining with the step budget of
     ``best()`` (read again) where that changes the plan. The one order the comparison and the planner
-    share. Without ``per_request`` (an engine that caps the sequences of a batch: per-request servers
-    batch every step waiting on them, whatever that cap) the last is left out."""
+    share. Without ``per_request`` (``per_request_allowed``) the last is left out."""
     yield from token_variants(plan)
     laned = lane_variant(best(), plan)
     if laned is not None:

@@ -26,7 +26,7 @@ from ..specs.workloads import SLO, Workload
 from .allocate import Allocation, solve
 from .build import PlacementError, build_plan
 from .candidate import Alternative, Analytic, Candidate, Carrying, PlanResult, Searched
-from .engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, refused
+from .engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, per_request_allowed, refused
 from .evaluate import (
     OBJECTIVES,
     Run,
@@ -510,7 +510,9 @@ class Planner:
                 chosen, setting_of = cand, setting
 
         yield chosen, setting_of
-        for setting, plan in grid(best.plan, lambda: setting_of, per_request=self.max_seqs is None):
+        for setting, plan in grid(
+            best.plan, lambda: setting_of, per_request=per_request_allowed(self.max_seqs)
+        ):
             confirm(setting, plan)
             yield chosen, setting_of
 

@@ -34,6 +34,7 @@ from .capacity import (
     mixed_capacity,
     prefill_capacity,
 )
+from .engine_settings import per_request_allowed
 from .evaluate import OBJECTIVES, Run, simulate_at_rate
 from .pools import SETTINGS, batch_limit
 from .quality import removed_share, sensitivity
@@ -238,9 +239,8 @@ MAX_CHAIN_LANES = 4
 
 def per_request_engine(ctx: StrategyContext) -> bool:
     """Whether a strategy whose own engine moves each request through its chain on its own (Petals,
-    Helix) writes its chains that way: unless the scenario caps the sequences per batch (a server
-    pipelining per request batches every step waiting on it)."""
-    return ctx.max_seqs is None
+    Helix) writes its chains that way (``engine_settings.per_request_allowed``)."""
+    return per_request_allowed(ctx.max_seqs)
 
 
 def lanes_holding_long_requests(ctx: StrategyContext, spots: list[Spot], shares: list[float]) -> int:
