@@ -25,10 +25,10 @@ from dataclasses import dataclass
 #: Reference seconds charged per simulator event (an arrival, a step's end, a transfer, ...), per request
 #: (its sequence, admission, records and summary), per sequence in a step (a step of a large batch updates
 #: every sequence in it) and per lane the router looks at when it reads an instance's load.
-SIM_EVENT_S = 2.7e-6
-SIM_REQUEST_S = 7e-5
-SIM_ITEM_S = 2e-6
-SIM_LANE_READ_S = 1.3e-6
+SIM_EVENT_S = 1.5e-6
+SIM_REQUEST_S = 7.4e-5
+SIM_ITEM_S = 2.25e-6
+SIM_LANE_READ_S = 1.5e-6
 #: Per instance a simulator sets up (its cost-model timers and KV pool).
 SIM_INSTANCE_S = 2e-3
 #: Per candidate instance the planner makes (its stages, precision and queueing capacity).
@@ -40,6 +40,10 @@ BUILD_INSTANCE_S = 2e-5
 SOLVE_S = 0.02
 SIMPLEX_ITERATION_S = 2.2e-4
 MILP_NODE_S = 0.002
+#: Simplex iterations a branch-and-bound node takes per constraint row (HiGHS on Helix's placement
+#: MILPs of helix-24 and helix-24-geo: 0.28 and 0.30), for solvers that do not report iterations and to
+#: size a node budget before the solve.
+NODE_ITERATIONS_PER_ROW = 0.3
 #: Wall-clock seconds a MILP may take when work is counted: a guard against a solve that never ends,
 #: far above what its node limit takes (reaching it would make the result depend on the machine).
 MILP_GUARD_S = 600.0
@@ -98,13 +102,22 @@ def counting_work_if(deterministic: bool) -> Iterator[WorkClock | None]:
         yield clock
 
 
-def milp_limits(seconds: float) -> dict:
-    """The options that limit one HiGHS solve (scipy's ``milp``/``linprog``) to ``seconds``: that time
-    on the wall clock, or, counting work, the branch-and-bound nodes ``seconds`` of work buy."""
+def node_seconds(rows: int) -> float:
+    """Reference seconds one branch-and-bound node of a MILP with ``rows`` constraints takes."""
+    return MILP_NODE_S + SIMPLEX_ITERATION_S * NODE_ITERATIONS_PER_ROW * max(rows, 0)
+
+
+def milp_nodes(seconds: float, rows: int = 0) -> int:
+    """Branch-and-bound nodes ``seconds`` of work buy for a MILP of ``rows`` constraints (at least 1)."""
+    return max(1, math.floor(max(seconds - SOLVE_S, 0.0) / node_seconds(rows)))
+
+
+def milp_limits(seconds: float, rows: int = 0) -> dict:
+    """The options that limit one HiGHS solve (scipy's ``milp``) to ``seconds``: that time on the wall
+    clock, or, counting work, the branch-and-bound nodes ``seconds`` of work buy (``milp_nodes``)."""
     if not counting():
         return {"time_limit": max(seconds, 0.01)}
-    nodes = max(1, math.floor(max(seconds - SOLVE_S, 0.0) / MILP_NODE_S))
-    return {"time_limit": MILP_GUARD_S, "node_limit": nodes}
+    return {"time_limit": MILP_GUARD_S, "node_limit": milp_nodes(seconds, rows)}
 
 
 def lp_limits(seconds: float | None) -> dict:
@@ -115,6 +128,11 @@ def lp_limits(seconds: float | None) -> dict:
     return {} if seconds is None else {"time_limit": max(seconds, 0.01)}
 
 
-def charge_solve(nodes: int = 0, iterations: int = 0) -> None:
-    """Charge one solve: its simplex ``iterations`` and branch-and-bound ``nodes``."""
-    charge(SOLVE_S + SIMPLEX_ITERATION_S * max(iterations, 0) + MILP_NODE_S * max(nodes, 0))
+def charge_solve(nodes: int = 0, iterations: int | None = None, rows: int = 0) -> None:
+    """Charge one solve: its simplex ``iterations`` and branch-and-bound ``nodes``; where the solver does
+    not report iterations (scipy's ``milp``), each node is charged as one of ``rows`` constraints."""
+    nodes = max(nodes, 0)
+    if iterations is None:
+        charge(SOLVE_S + nodes * node_seconds(rows))
+    else:
+        charge(SOLVE_S + SIMPLEX_ITERATION_S * max(iterations, 0) + MILP_NODE_S * nodes)

@@ -292,9 +292,9 @@ class LLMPQ(Strategy):
             constraints=LinearConstraint(np.array(rows), lo, hi),
             integrality=integrality,
             bounds=Bounds(np.zeros(nv), ub),
-            options={**clock.milp_limits(time_limit), "disp": False, "mip_rel_gap": MIP_GAP},
+            options={**clock.milp_limits(time_limit, len(rows)), "disp": False, "mip_rel_gap": MIP_GAP},
         )
-        clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0)
+        clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0, rows=len(rows))
         if res.x is None or res.status not in (0, 1):
             return None
         return float(res.fun) / 1e3, np.round(res.x[: S * B]).astype(int).reshape(S, B)

@@ -155,9 +155,9 @@ def solve(
         constraints=LinearConstraint(np.array(rows), lo, hi),
         integrality=integrality,
         bounds=Bounds(np.zeros(nv), ub),
-        options={**clock.milp_limits(time_limit), "disp": False},
+        options={**clock.milp_limits(time_limit, len(rows)), "disp": False},
     )
-    clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0)
+    clock.charge_solve(nodes=getattr(res, "mip_node_count", 0) or 0, rows=len(rows))
     if res.x is None or res.status not in (0, 1):
         return None
     x = np.round(res.x[:n]).astype(int)

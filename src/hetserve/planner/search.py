@@ -68,7 +68,7 @@ CHAIN_DESIGNS = ("chain", "helix")
 CONFIRM_REQUESTS = 1200
 CONFIRM_PER_INSTANCE = 15
 #: Geometric bisections of the goodput search once it has bracketed the SLO boundary (goodput objective).
-GOODPUT_BISECTIONS = 2
+GOODPUT_BISECTIONS = 3
 #: Allocations (best simulated first) also confirmed with weighted routing (goodput: the best only).
 WEIGHTED_LEADS = 2
 #: Cost and power: allocations made again for a higher analytic rate when the cheapest failed in simulation.

@@ -22,7 +22,9 @@ prune:
 As Helix's MILP starts from a heuristic layout (``start_from_heuristic``), this one starts from Petals'
 placement rule applied to the same machines, with the largest flow that layout carries; branch-and-bound
 then explores at most ``MILP_NODES`` nodes, on one thread with a fixed seed, so the placement is the same
-on every run.
+on every run. Counting work (``hetserve.clock``), it explores no more nodes than its share of the time
+limit buys (in the planner, a quarter of what is left), so that a short search is cut the same way on
+any machine.
 
 The flow is then decomposed into source -> sink paths: each path is a chain (an instance), and
 requests are spread over the chains in proportion to their flows, which gives every machine the same
@@ -270,7 +272,7 @@ class Helix(Strategy):
             ([spot(n, gpus[n], *placement.ranges[n]) for n in path], f)
             for path, f in decompose(placement.flows)
         ]
-        stop = {"gap": "", "nodes": f" after its {MILP_NODES} nodes", "time": " at its time guard"}
+        stop = {"gap": "", "nodes": f" after its {placement.nodes} nodes", "time": " at its time guard"}
         gap = "" if placement.gap is None else f", MILP gap {placement.gap:.0%}{stop[placement.stopped_by]}"
         if placement.start_flow is None:
             gap += ", started from no layout"
@@ -296,9 +298,12 @@ class Helix(Strategy):
         model = self._model(ctx, machines, per_request)
         start = self._start(model, L)
         h = model.highs()
+        nodes = MILP_NODES
+        if clock.counting():  # the nodes its allowance buys, as a guard: MILP_NODES decides where it can
+            nodes = min(MILP_NODES, clock.milp_nodes(time_limit, h.getNumRow()))
         for option, value in (
             ("mip_rel_gap", MILP_GAP),
-            ("mip_max_nodes", MILP_NODES),
+            ("mip_max_nodes", nodes),
             ("threads", 1),
             ("random_seed", MILP_SEED),
             ("time_limit", clock.MILP_GUARD_S if clock.counting() else time_limit),
