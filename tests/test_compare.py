@@ -245,16 +245,21 @@ PLANNER_LOSES: dict[str, tuple[str, float, str]] = {
         "hexgen",
         0.95,
         "one sequence per batch: HexGen's search (300 generations on its schedule) reaches 0.642 req/s "
-        "with four replicas, mostly TP2 chains, and hetserve 0.647: a tie within one bisection step (2%)",
+        "with four replicas, mostly TP2 chains, and hetserve 0.642 with 8 s of work (0.661 with the "
+        "scenario's 20 s): a tie within one bisection step",
     ),
     "helix-24": (
         "helix",
         0.92,
-        "Helix's placement pipelining per request with 128/256 steps makes 486 tok/s; with the 8 s "
-        "planning limit of this test hetserve's plan is its own A100 + T4 pipeline, 451 (0.93x); with "
-        "the scenario's 25 s it confirms Helix's placement and ties (docs/baselines.md)",
+        "Helix's placement pipelining per request with 128/256 steps makes 486 tok/s; with the 8 s of "
+        "work of this test hetserve's plan is its own A100 + T4 pipeline, 451 (0.93x); with the "
+        "scenario's 20 s it confirms Helix's placement and ties (docs/baselines.md)",
     ),
 }
+#: Strategies a scenario's comparison also checks hetserve against, besides its baseline and reference:
+#: those that once beat it there (pd-hetero's all-H100 split: 192.0 against 178.6 req/s before the
+#: planner's goodput search told rates apart to within 9%).
+ALSO_AGAINST: dict[str, list[str]] = {"splitwise-70b-sweep": ["pd-hetero"]}
 #: Scenarios whose comparison takes more than a few seconds: run by CI, left out of ``-m "not slow"``.
 SLOW_SCENARIOS = {
     "hexgen-70b-batched",
@@ -280,13 +285,15 @@ SLOW_SCENARIOS = {
     ],
 )
 def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(path):
+    """With 8 s of work each (the same plans on any machine and under any load)."""
     sc = LoadedScenario(path).spec
-    report = run_compare(path, [sc.baseline, sc.reference, "hetserve"], time_limit=8)
+    others = [sc.baseline, sc.reference, *ALSO_AGAINST.get(path.stem, [])]
+    report = run_compare(path, [*others, "hetserve"], time_limit=8)
     res = report["strategies"]
     ours = res["hetserve"]
     assert "error" not in ours and ours["feasible"], ours
     lost_to, share, why = PLANNER_LOSES.get(path.stem, (None, 1.0, ""))
-    for name in (sc.baseline, sc.reference):
+    for name in others:
         other = res[name]
         if other.get("objective_value") is None:  # failed or infeasible: nothing to beat
             continue
