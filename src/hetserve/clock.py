@@ -39,11 +39,12 @@ BUILD_INSTANCE_S = 2e-5
 #: branch-and-bound node explored.
 SOLVE_S = 0.02
 SIMPLEX_ITERATION_S = 2.2e-4
-MILP_NODE_S = 0.002
-#: Simplex iterations a branch-and-bound node takes per constraint row (HiGHS on Helix's placement
-#: MILPs of helix-24 and helix-24-geo: 0.28 and 0.30), for solvers that do not report iterations and to
-#: size a node budget before the solve.
-NODE_ITERATIONS_PER_ROW = 0.3
+MILP_NODE_S = 1e-4
+#: What a branch-and-bound node costs with its LP, for solvers that do not report iterations and to size a
+#: node budget before the solve: NODE_S_PER_ROW x rows ** NODE_ROWS_EXPONENT, fitted to HiGHS on LLM-PQ's
+#: MILP of 26 rows (0.5 ms a node) and Helix's of 1,062 and 1,761 rows (70 and 99 ms a node).
+NODE_S_PER_ROW = 7.5e-6
+NODE_ROWS_EXPONENT = 1.29
 #: Wall-clock seconds a MILP may take when work is counted: a guard against a solve that never ends,
 #: far above what its node limit takes (reaching it would make the result depend on the machine).
 MILP_GUARD_S = 600.0
@@ -104,7 +105,7 @@ def counting_work_if(deterministic: bool) -> Iterator[WorkClock | None]:
 
 def node_seconds(rows: int) -> float:
     """Reference seconds one branch-and-bound node of a MILP with ``rows`` constraints takes."""
-    return MILP_NODE_S + SIMPLEX_ITERATION_S * NODE_ITERATIONS_PER_ROW * max(rows, 0)
+    return MILP_NODE_S + NODE_S_PER_ROW * max(rows, 0) ** NODE_ROWS_EXPONENT
 
 
 def milp_nodes(seconds: float, rows: int = 0) -> int:
