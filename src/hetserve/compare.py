@@ -84,7 +84,11 @@ def scenario_schema():
         duration_s: float | None = Field(
             default=None, gt=0, description="seconds of arrivals at the offered rate"
         )
-        time_limit_s: float = Field(default=30.0, gt=0, description="planning seconds per strategy")
+        time_limit_s: float = Field(
+            default=30.0,
+            gt=0,
+            description="planning seconds per strategy (of work, unless --no-deterministic)",
+        )
         max_batch_size: int | None = Field(
             default=None,
             ge=1,
