@@ -124,7 +124,8 @@ class Simulator:
         self.items = 0  # sequences in the steps done
         self.events = 0  # events handled (set when the run ends)
         self.arrived = 0  # requests that have arrived
-        self._charged = (0, 0, 0)  # (arrived, items, router's lane reads) when work was last charged
+        #: (events, arrived, items, router's lane reads) when work was last charged
+        self._charged = (0, 0, 0, 0)
         self.peak_kv = {name: 0.0 for name in self.instances}
         self.progress = progress
         self.hashes = requests.block_hashes
@@ -141,10 +142,10 @@ class Simulator:
         events = next_look = 0
         while self.heap:
             if events == next_look:
-                self._charge(DEADLINE_EVERY if events else 0)
+                self._charge(events)
                 if self.deadline is not None and clock.now() > self.deadline:
                     raise OutOfTime(f"simulation stopped at {now:.1f} s of simulated time: out of time")
-                next_look = events + DEADLINE_EVERY
+                next_look += DEADLINE_EVERY
             events += 1
             t, _, kind, payload = heapq.heappop(self.heap)
             if t > self.limit:
@@ -165,24 +166,25 @@ class Simulator:
                 self._on_transfer(payload[0], payload[1], t)
             else:
                 self._on_kv_ready(payload[0], payload[1], t)
-        self._charge(events - (next_look - DEADLINE_EVERY) if events else 0)
+        self._charge(events)
         self.events = events
         return self._result(now)
 
     def _charge(self, events: int) -> None:
-        """Charge the work done since the last charge (``clock``): ``events`` events, the requests that
-        arrived, the sequences of the steps done, and the lanes the router looked at."""
+        """Charge the work done since the last charge (``clock``), ``events`` events having been handled
+        so far: the events, the requests that arrived, the sequences of the steps done, and the lanes the
+        router looked at."""
         if not clock.counting():
             return
         reads = sum(i.lane_reads for i in self.instances.values())
-        arrived, items, read = self._charged
+        handled, arrived, items, read = self._charged
         clock.charge(
-            events * clock.SIM_EVENT_S
+            (events - handled) * clock.SIM_EVENT_S
             + (self.arrived - arrived) * clock.SIM_REQUEST_S
             + (self.items - items) * clock.SIM_ITEM_S
             + (reads - read) * clock.SIM_LANE_READ_S
         )
-        self._charged = (self.arrived, self.items, reads)
+        self._charged = (events, self.arrived, self.items, reads)
 
     # ---- arrivals and routing -----------------------------------------------------------------
     def _on_arrival(self, i: int, t: float) -> None:

@@ -298,15 +298,14 @@ class Helix(Strategy):
         model = self._model(ctx, machines, per_request)
         start = self._start(model, L)
         h = model.highs()
-        nodes = MILP_NODES
-        if clock.counting():  # the nodes its allowance buys, as a guard: MILP_NODES decides where it can
-            nodes = min(MILP_NODES, clock.milp_nodes(time_limit, h.getNumRow()))
+        # counting work, the nodes its allowance buys cap MILP_NODES, and time is only a guard
+        limits = clock.milp_limits(time_limit, h.getNumRow())
         for option, value in (
             ("mip_rel_gap", MILP_GAP),
-            ("mip_max_nodes", nodes),
+            ("mip_max_nodes", min(MILP_NODES, limits.get("node_limit", MILP_NODES))),
             ("threads", 1),
             ("random_seed", MILP_SEED),
-            ("time_limit", clock.MILP_GUARD_S if clock.counting() else time_limit),
+            ("time_limit", limits["time_limit"]),
         ):
             h.setOptionValue(option, value)
         if start is not None:
