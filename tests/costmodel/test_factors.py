@@ -60,6 +60,29 @@ def test_step_and_layer_overheads_add_exactly():
     assert extra == pytest.approx(100e-6 * MODEL.num_layers, rel=1e-9)
 
 
+def test_a_pipeline_pays_the_step_overhead_once():
+    """The engine's time per step (scheduling, the serving loop) is paid once per step of a chain, by its
+    first server; every stage pays its layers' overhead."""
+    from hetserve.costmodel.chain import ChainTimer
+
+    def chain(**factors):
+        gpu = A100.model_copy(update={"efficiency": A100.efficiency.model_copy(update=factors)})
+        cuts = [(0, 10), (10, 21), (21, MODEL.num_layers)]
+        timers = [
+            ServerTimer(
+                ServerShape(gpu, 1, (16,) * (b - a), first=a == 0, last=b == MODEL.num_layers), MODEL
+            )
+            for a, b in cuts
+        ]
+        return ChainTimer(timers, [0.0, 0.0], [0.0, 0.0])
+
+    shape = (4, 4, 4 * 512, 4 * 512)
+    extra = chain(step_overhead_ms=3.0).step_time(*shape) - chain().step_time(*shape)
+    assert extra == pytest.approx(3e-3, rel=1e-9)
+    extra = chain(layer_overhead_us=120.0).step_time(*shape) - chain().step_time(*shape)
+    assert extra == pytest.approx(100e-6 * MODEL.num_layers, rel=1e-9)
+
+
 def test_attention_compute_only_moves_long_prefills():
     slow = timer(attention_compute=0.05)
     assert decode(slow, 1, 64) == pytest.approx(decode(timer(), 1, 64), rel=1e-3)

@@ -99,6 +99,25 @@ def test_pipeline_of_k_equal_stages_reaches_k_times_throughput(stages):
     assert full / one == pytest.approx(stages, rel=0.05)
 
 
+def test_a_lone_request_in_a_pipeline_of_lanes_takes_the_chains_latency():
+    """A request alone in a 4-stage pipeline with 4 lanes is timed like one in a pipeline of one lane (the
+    runtime sends a lane's batch into the chain as soon as it has one): its steps take the chain's
+    latency, not the 4 x slowest stage of four lanes in flight."""
+    prompt, out = 300, 40
+    alone = simulate(_pipeline(4, 4, 1), requests([0.0], prompt, out), NO_SLO).records
+    one_lane = simulate(_pipeline(4, 1, 1), requests([0.0], prompt, out), NO_SLO).records
+    assert float(alone.finish[0]) == pytest.approx(float(one_lane.finish[0]), rel=1e-9)
+    # four requests on the four lanes at once: their decode steps take the cycle of four lanes in flight,
+    # 4 x the slowest stage (the last, with the LM head), longer than the latency
+    dep = _pipeline(4, 4, 1)
+    four = simulate(dep, requests(np.zeros(4), prompt, out), NO_SLO).records
+    chain = dep.chain_timer("i")
+    step = chain.cycle_time(1, 1, prompt + 20, prompt + 20, busy=4)
+    assert step > 1.02 * chain.step_time(1, 1, prompt + 20, prompt + 20)
+    tpot = (four.finish - four.first_token) / (out - 1)
+    assert tpot == pytest.approx(np.full(4, step), rel=0.02)
+
+
 def _per_request(stages, batch, tokens=4096):
     dep = _pipeline(stages, 1, batch)
     spec = dep.spec.model_copy(deep=True)

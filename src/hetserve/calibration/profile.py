@@ -215,21 +215,27 @@ def fit_line(points: list[TransferPoint]) -> tuple[float, float]:
     return max(float(intercept), 0.0), max(float(slope), 1e-15)
 
 
-def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow]:
-    import torch
-
-    from ..runtime import EngineConfig, LLMEngine, SamplingParams
-
-    torch.set_num_threads(threads)
+def engine_shapes(quick: bool, tp: int = 1) -> tuple[list[tuple[int, int]], int]:
+    """The (batch, prompt) shapes the engine is timed at and the output length of each request. A
+    tensor-parallel engine is timed at the corners of the grid: its rows inform the collectives only."""
     batches = (1, 2, 4) if quick else (1, 2, 4, 8)
     prompts = (16, 64, 128) if quick else (16, 64, 256)
     output = 8 if quick else 32
+    if tp > 1:
+        return list(itertools.product((batches[0], batches[-1]), (prompts[0], prompts[-1]))), output
     shapes = list(itertools.product(batches, prompts))
     if not quick:
         shapes += [(1, 512), (1, 1024)]  # long prompts alone: the quadratic attention term
-    engine = LLMEngine.from_model(
-        MODEL, EngineConfig(dtype=dtype, max_batch_size=max(batches), max_batch_tokens=16 * 512 + 64)
-    )
+    return shapes, output
+
+
+def time_engine(
+    engine, shapes, output: int, tp: int, dtype: RunDType, log=lambda msg: None
+) -> list[EngineRow]:
+    """Whole-batch prefill and mean decode step of ``engine`` at each (batch, prompt) of ``shapes``
+    (twice each, the median kept; the same random prompts on every tensor-parallel rank)."""
+    from ..runtime import SamplingParams
+
     rng = np.random.default_rng(0)
     vocab = engine.model.config.vocab_size
     rows = []
@@ -251,18 +257,91 @@ def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow
         rows.append(
             EngineRow(
                 model=MODEL,
-                tp=1,
+                tp=tp,
                 batch=batch,
                 prompt=prompt,
                 output=output,
                 prefill_ms=statistics.median(prefill) * 1e3,
                 decode_ms=statistics.median(decode) * 1e3,
-                dtype=TORCH_DTYPES[dtype],
+                dtype=dtype,
             )
         )
         log(
-            f"  engine {rows[-1].dtype} batch {batch:>2} x {prompt:>4} tokens: prefill "
-            f"{rows[-1].prefill_ms:7.1f} ms, decode step {rows[-1].decode_ms:6.1f} ms"
+            f"  engine {dtype}{f' TP {tp}' if tp > 1 else ''} batch {batch:>2} x {prompt:>4} tokens: "
+            f"prefill {rows[-1].prefill_ms:7.1f} ms, decode step {rows[-1].decode_ms:6.1f} ms"
+        )
+    return rows
+
+
+def _engine_config(shapes) -> dict:
+    """Engine limits that let each shape's whole batch prefill in one step."""
+    batch = max(b for b, _ in shapes)
+    return dict(max_batch_size=batch, max_batch_tokens=batch * max(p for _, p in shapes) + 64)
+
+
+def measure_engine(dtype: str, threads: int, quick: bool, log) -> list[EngineRow]:
+    import torch
+
+    from ..runtime import EngineConfig, LLMEngine
+
+    torch.set_num_threads(threads)
+    shapes, output = engine_shapes(quick)
+    engine = LLMEngine.from_model(MODEL, EngineConfig(dtype=dtype, **_engine_config(shapes)))
+    return time_engine(engine, shapes, output, 1, TORCH_DTYPES[dtype], log)
+
+
+def _tp_engine_worker(rank: int, port: int, dtype: str, threads: int, quick: bool, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime import EngineConfig, LLMEngine
+    from ..runtime.model.source import load_model as load_weights
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=_timeout()
+    )
+    try:
+        shapes, output = engine_shapes(quick, tp=2)
+        model, _ = load_weights(MODEL, dtype=dtype, tp_rank=rank, tp_size=2, tokenizer=False)
+        engine = LLMEngine(model, None, EngineConfig(**_engine_config(shapes)))
+        rows = time_engine(engine, shapes, output, 2, TORCH_DTYPES[dtype])
+        if rank == 0:
+            queue.put([r.model_dump() for r in rows])
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_engine_tp(dtype: str, threads: int, quick: bool, log) -> list[EngineRow]:
+    """The engine split over two processes (tensor parallel 2, gloo over 127.0.0.1 as the runtime's
+    workers all-reduce): its steps carry the all-reduces as a served TP step meets them, between layers
+    of real work, which a sweep of back-to-back all-reduces does not (on the 2-core test machine an
+    all-reduce inside a TP 2 decode step took ~1.8 ms, one alone after a barrier ~0.45 ms)."""
+    import multiprocessing as mp
+
+    from ..runtime.cluster.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_tp_engine_worker, args=(r, port, dtype, threads, quick, queue)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        rows = [EngineRow.model_validate(r) for r in queue.get(timeout=900)]
+    except Exception as exc:  # noqa: BLE001 - a worker that died leaves the queue empty
+        raise HetserveError(f"profile: the two-process engine (TP 2) failed ({exc})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for r in rows:
+        log(
+            f"  engine {r.dtype} TP 2 batch {r.batch:>2} x {r.prompt:>4} tokens: prefill "
+            f"{r.prefill_ms:7.1f} ms, decode step {r.decode_ms:6.1f} ms"
         )
     return rows
 
@@ -337,6 +416,7 @@ def run_profile(
     if dev.type == "cpu":
         for torch_name in dtypes:
             engine += measure_engine(torch_name, threads, quick, log)
+        engine += measure_engine_tp(dtypes[0], threads, quick, log)
     serving = None
     if engine and quick:
         log("  serving: not measured with --quick (the factors describe the engine in-process)")
@@ -415,6 +495,11 @@ def run_profile(
         # starting point) leaves the engine's steps 18% off at the median on this kind of CPU, its own
         # fit ~8%
         defaults = device_spec.model_copy(update={"efficiency": CostFactors(), "efficiency_by_run_dtype": {}})
+        device_spec = with_collectives(device_spec, [r for r in model_rows if r.run_dtype == main])
+        log(
+            f"  all-reduce inside a TP 2 step: {device_spec.efficiency.allreduce_latency_us:.0f} us per "
+            f"latency step ({device_spec.efficiency.allreduce})"
+        )
         calibration = calibrate_gpu(
             model_rows, device_spec, engine="hetserve", source="profile", main=main, baseline=defaults
         )
@@ -448,6 +533,28 @@ def run_profile(
         threads=threads,
         measurements=measurements,
         calibration=calibration,
+    )
+
+
+COLLECTIVE_FACTORS = ("allreduce", "allreduce_latency_us", "collective")
+
+
+def with_collectives(device: GPUSpec, rows) -> GPUSpec:
+    """``device`` with the collective factors (``COLLECTIVE_FACTORS``) fitted to the main format's engine
+    rows, tensor-parallel ones among them, in every format: a collective moves activations between
+    processes the same way whatever the format computes in, and only the main format is timed split."""
+    from .fit import fit_gpu
+
+    fitted = fit_gpu(rows, device, source="profile (the main format's engine rows)").factors
+    update = {name: getattr(fitted, name) for name in COLLECTIVE_FACTORS}
+    return device.model_copy(
+        update={
+            "efficiency": device.efficiency.model_copy(update=update),
+            "efficiency_by_run_dtype": {
+                run: factors.model_copy(update=update)
+                for run, factors in device.efficiency_by_run_dtype.items()
+            },
+        }
     )
 
 

@@ -39,17 +39,22 @@ class ChainTimer:
             t += lat + per_byte * new_tokens
         return t
 
-    def cycle_time(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> float:
-        """Time between one lane's steps: its latency, or with m lanes in flight m x the slowest stage."""
+    def cycle_time(
+        self, new_tokens: float, seqs: float, pairs: float, kv_read: float, busy: int | None = None
+    ) -> float:
+        """Time between one lane's steps: its latency, or with m lanes in flight m x the slowest stage.
+        ``busy``: the lanes in flight (default: all of them); a lane alone takes the chain's latency."""
         latency = self.step_time(new_tokens, seqs, pairs, kv_read)
-        if self.lanes == 1:
+        lanes = self.lanes if busy is None else min(max(1, busy), self.lanes)
+        if lanes == 1:
             return latency
         slowest = max(timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers)
-        return max(latency, self.lanes * slowest)
+        return max(latency, lanes * slowest)
 
-    def decode_affine(self, batch: float, kv: float) -> tuple[float, float]:
+    def decode_affine(self, batch: float, kv: float, busy: int | None = None) -> tuple[float, float]:
         """``(a, b)``: a lane's decode step of ``batch`` sequences takes ``a + b * kv`` (the cycle term
-        that dominates at ``kv``)."""
+        that dominates at ``kv``) with ``busy`` lanes in flight (default: all)."""
+        lanes = self.lanes if busy is None else min(max(1, busy), self.lanes)
         a = b = 0.0
         stages = []
         for timer in self.timers:
@@ -59,19 +64,22 @@ class ChainTimer:
             stages.append((ta, tb))
         for lat, per_byte in zip(self.hop_latency, self.hop_byte_time):
             a += lat + per_byte * batch
-        if self.lanes > 1:
+        if lanes > 1:
             sa, sb = max(stages, key=lambda ab: ab[0] + ab[1] * kv)
-            sa, sb = sa * self.lanes, sb * self.lanes
+            sa, sb = sa * lanes, sb * lanes
             if sa + sb * kv > a + b * kv:
                 return sa, sb
         return a, b
 
-    def stage_shares(self, new_tokens: float, seqs: float, pairs: float, kv_read: float) -> list[float]:
-        """Each server's busy share of a lane's cycle (a single server alone: [1.0])."""
-        if len(self.timers) == 1 and self.lanes == 1:
+    def stage_shares(
+        self, new_tokens: float, seqs: float, pairs: float, kv_read: float, busy: int | None = None
+    ) -> list[float]:
+        """Each server's busy share of a lane's cycle with ``busy`` lanes in flight (a single server
+        alone: [1.0])."""
+        if len(self.timers) == 1 and (self.lanes == 1 or busy == 1):
             return [1.0]
         times = [timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers]
-        cycle = self.cycle_time(new_tokens, seqs, pairs, kv_read)
+        cycle = self.cycle_time(new_tokens, seqs, pairs, kv_read, busy)
         return [x / cycle for x in times]
 
     def hop_time(self, i: int, new_tokens: float) -> float:

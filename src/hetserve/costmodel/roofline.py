@@ -212,7 +212,11 @@ class ServerTimer:
             self._compile_ep(peak, bw)
         self._attn_flop = m.attention_flops_per_pair / tp / (peak * k.attention_compute_or_default)
         self._layers = s.num_layers
-        self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + k.step_overhead_ms * 1e-3
+        # the engine's time per step (scheduling, input preparation, the serving runtime) is paid once
+        # per step of a chain: by the server that starts it (holding the embedding), not by every stage
+        self._overhead = k.layer_overhead_us * 1e-6 * s.num_layers + (
+            k.step_overhead_ms * 1e-3 if s.first else 0.0
+        )
         self._ar_bytes_per_token = m.hidden_size * s.run_bytes  # activations, per all-reduce
         self._allreduce = k.allreduce
         self._link = collective_link(g, k)

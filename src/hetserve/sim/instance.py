@@ -152,13 +152,19 @@ class SimInstance(InstanceState[Lane]):
         self.plan = inst.plan
         self.servers = [servers[s.name] for s in inst.servers]
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
-        #: can be advanced together. With m lanes a lane's step takes the pipeline's steady-state cycle,
-        #: max(latency, m x slowest stage); servers shared with other instances queue stage by stage.
+        #: can be advanced together. With m lanes in flight a lane's step takes the pipeline's cycle,
+        #: max(latency, m x slowest stage) (a lone lane: the latency); servers shared with other
+        #: instances queue stage by stage.
         self.exclusive = not self.per_request and not any(len(s.instances) > 1 for s in inst.servers)
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         self.clock = [0.0]  # the simulator's current time, shared
         #: Lanes looked at by the router's reads of this instance's load (the simulator charges them).
         self.lane_reads = 0
+
+    def busy_lanes(self) -> int:
+        """Lanes with a step in flight."""
+        self.lane_reads += len(self.lanes)
+        return sum(1 for ln in self.lanes if ln.busy)
 
     # ---- the router's view ------------------------------------------------------------------------
     def output_in_flight(self) -> int:

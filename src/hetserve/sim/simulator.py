@@ -291,10 +291,13 @@ class Simulator:
             return
         # Servers of its own: the step's time is known now. A pure-decode batch runs as many steps as
         # nothing could change; an arrival to this lane cuts the run short (_cut_run).
-        lane.shares = inst.chain.stage_shares(new, seqs, pairs, kv)
+        # with several lanes, as many share the chain's servers as are in flight now (this one among
+        # them): a lone lane's step takes the chain's latency, all of them busy the steady cycle
+        busy = inst.busy_lanes() if inst.chain.lanes > 1 else 1
+        lane.shares = inst.chain.stage_shares(new, seqs, pairs, kv, busy)
         steps = sched.decode_steps_available(batch) if new == seqs else 1
         if steps > 1:
-            lane.a, lane.b = inst.chain.decode_affine(seqs, kv)
+            lane.a, lane.b = inst.chain.decode_affine(seqs, kv, busy)
             lane.kv0, lane.n, lane.steps = kv, seqs, steps
             if window is not None and growth > 0:
                 # a run's KV reads grow by `growth` per step, not one per sequence: the same times
@@ -302,7 +305,7 @@ class Simulator:
                 scale = growth / seqs
                 lane.b, lane.kv0 = lane.b * scale, kv / scale
         else:
-            lane.duration = inst.chain.cycle_time(new, seqs, pairs, kv)
+            lane.duration = inst.chain.cycle_time(new, seqs, pairs, kv, busy)
         self.push(t + lane.total(lane.steps), DONE, (lane, lane.version))
         if steps > 1:
             inst.load_changed()  # its work now falls as the run's steps end (work_valid_until)

@@ -138,7 +138,10 @@ class CostFactors(Strict):
         default=20.0, ge=0, le=1e5, description="fixed time per layer and step (launches, norms, small ops)"
     )
     step_overhead_ms: float = Field(
-        default=0.0, ge=0, le=1e4, description="fixed time per engine step (scheduler, input preparation)"
+        default=0.0,
+        ge=0,
+        le=1e4,
+        description="fixed time per engine step (scheduler, input preparation), once per step of a pipeline",
     )
     allreduce: AllReduceAlgorithm = Field(
         default="ring", description="tensor-parallel all-reduce: ring, one-shot (NVSwitch-style) or auto"
