@@ -69,9 +69,7 @@ def test_a_pipeline_pays_the_step_overhead_once():
         gpu = A100.model_copy(update={"efficiency": A100.efficiency.model_copy(update=factors)})
         cuts = [(0, 10), (10, 21), (21, MODEL.num_layers)]
         timers = [
-            ServerTimer(
-                ServerShape(gpu, 1, (16,) * (b - a), first=a == 0, last=b == MODEL.num_layers), MODEL
-            )
+            ServerTimer(ServerShape(gpu, 1, (16,) * (b - a), first=a == 0, last=b == MODEL.num_layers), MODEL)
             for a, b in cuts
         ]
         return ChainTimer(timers, [0.0, 0.0], [0.0, 0.0])
