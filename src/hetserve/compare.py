@@ -279,12 +279,13 @@ class Evaluator:
 
     def tune(self, objective: Objective, plan: PlanFile, deploy) -> Tuned:
         """``plan`` at the best engine setting of the grid (``planner.engine_settings.grid``), the same
-        search for every strategy: the plan as written, each step budget, then one lane per stage with the
-        best of those (plans with chains). Throughput, cost, power and latency compare the base
-        simulations; goodput searches the plan as written, probes each setting once just above that rate
-        (``GOODPUT_STEP``) and searches on only from settings that hold there. A setting that refuses more
-        requests as too long than the plan as written is not taken. ``deploy(plan)`` makes the
-        deployment (raising ``HetserveError`` for a setting the memory check rejects)."""
+        search for every strategy: the plan as written, each step budget, then one lane per stage with
+        each of them and per-request pipelining with the best (plans with chains). Throughput, cost,
+        power and latency compare the base simulations; goodput searches the plan as written, probes
+        each setting once just above that rate (``GOODPUT_STEP``) and searches on only from settings
+        that hold there. A setting that refuses more requests as too long than the plan as written is
+        not taken. ``deploy(plan)`` makes the deployment (raising ``HetserveError`` for a setting the
+        memory check rejects)."""
         from .planner.engine_settings import AS_WRITTEN, GOODPUT_STEP, grid, per_request_allowed, refused
 
         dep = deploy(plan)

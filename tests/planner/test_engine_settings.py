@@ -73,12 +73,16 @@ def test_per_request_pipelining_for_chains_in_lanes_and_back_to_lanes_from_it():
     # a strategy that wrote per-request chains still gets lanes tried
     _, laned = lane_variant(AS_WRITTEN, single)
     assert (laned.instances[0].pipelining, laned.instances[0].micro_batches) == ("lanes", 4)
-    # the grid: every step budget, one lane per stage, then per request, each with the best so far
+    # the grid: every step budget, one lane per stage with each of them (the plan's own first), then per
+    # request with the best so far
     names = [s.name for s, _ in grid(plan, lambda: TOKEN_GRID[1])]
     assert names == [s.name for s in TOKEN_GRID] + [
-        f"{TOKEN_GRID[1].name}, one lane per stage",
+        "one lane per stage",
+        *(f"{s.name}, one lane per stage" for s in TOKEN_GRID),
         f"{TOKEN_GRID[1].name}, per-request pipelining",
     ]
+    # a plan without chains: the step budgets only
+    assert [s.name for s, _ in grid(plan_with(DECODE), lambda: AS_WRITTEN)] == [s.name for s in TOKEN_GRID]
 
 
 def fake_run(tok_s, too_long=0, slo=True):
@@ -105,6 +109,9 @@ def test_the_comparison_keeps_the_fastest_setting_that_refuses_no_more_requests(
         (2048, 2, "lanes"): (150, 0),
         (8192, 2, "lanes"): (90, 0),
         (256, 4, "lanes"): (400, 5),
+        (4096, 4, "lanes"): (120, 1),
+        (2048, 4, "lanes"): (160, 1),
+        (8192, 4, "lanes"): (80, 1),
         (256, 1, "per-request"): (170, 1),
     }
     ev = Evaluator.__new__(Evaluator)
@@ -116,13 +123,20 @@ def test_the_comparison_keeps_the_fastest_setting_that_refuses_no_more_requests(
     )
     tuned = ev.tune(OBJECTIVES["throughput"], plan, inst)
     assert tuned.setting == TOKEN_GRID[0] and tuned.base.summary.throughput_tok_s == 180
-    # as written, three step budgets, a lane per stage and per-request pipelining with the best of them
-    assert tuned.tried == 6
+    # as written, three step budgets, a lane per stage with each of the four, and per-request
+    # pipelining with the best of them
+    assert tuned.tried == 9
     scores[(256, 4, "lanes")] = (400, 1)
     assert ev.tune(OBJECTIVES["throughput"], plan, inst).setting.lane_per_stage
     scores[(256, 4, "lanes")] = (400, 5)
     scores[(256, 1, "per-request")] = (190, 0)
     assert ev.tune(OBJECTIVES["throughput"], plan, inst).setting.per_request
+    # lanes do best with a step budget that is not the best without them
+    scores[(256, 1, "per-request")] = (170, 1)
+    scores[(8192, 4, "lanes")] = (250, 0)
+    scores[(8192, 1, "per-request")] = (200, 0)  # per request with that budget: tried, not better
+    tuned = ev.tune(OBJECTIVES["throughput"], plan, inst)
+    assert tuned.setting.lane_per_stage and tuned.setting.max_batch_tokens == 8192
 
 
 def test_cost_keeps_the_plan_as_written_unless_a_setting_carries_the_load_it_did_not():

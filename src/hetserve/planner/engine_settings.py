@@ -9,8 +9,10 @@ amortises its weight reads over large steps. A comparison that gave every strate
 would measure the setting, not the plan, so the same grid is searched for every strategy's plan with
 the same budget (``hetserve compare``), and by the planner for its own plans (``Planner``): the plan
 as its strategy wrote it, then each setting of ``TOKEN_GRID`` on every instance that prefills, then,
-for plans with chains, one lane per stage with the best of those, then per-request pipelining (the
-schedule of Petals and Helix) with the best so far.
+for plans with chains, one lane per stage with each of those step budgets (which budget suits lanes is
+not the one that suits the plan as written: a chain of small GPUs pipelining per request may do best
+with large steps and in lanes with small ones), then per-request pipelining (the schedule of Petals and
+Helix) with the best so far.
 
 A setting is judged by simulation like the plan itself; one that refuses more requests as too long
 for a lane's KV share than the plan as written is not taken (``refused``), since a throughput figure
@@ -154,13 +156,16 @@ def grid(
     plan: PlanFile, best: Callable[[], EngineSetting], *, per_request: bool = True
 ) -> Iterator[tuple[EngineSetting, PlanFile]]:
     """The settings to try on ``plan`` after the plan as written, in order: each step budget of
-    ``TOKEN_GRID``, then one lane per stage with ``best()`` (the best setting so far, read once the step
-    budgets are tried) where that changes the plan, then per-request pipelining with the step budget of
-    ``best()`` (read again) where that changes the plan. The one order the comparison and the planner
-    share. Without ``per_request`` (``per_request_allowed``) the last is left out."""
+    ``TOKEN_GRID``, then one lane per stage with the plan's own step budget and with each of
+    ``TOKEN_GRID`` where that changes the plan, then per-request pipelining with the step budget of
+    ``best()`` (the best setting so far, read once the others are tried) where that changes the plan.
+    The one order the comparison and the planner share. Without ``per_request``
+    (``per_request_allowed``) the last is left out."""
     yield from token_variants(plan)
-    laned = lane_variant(best(), plan)
-    if laned is not None:
+    for setting in (AS_WRITTEN, *TOKEN_GRID):
+        laned = lane_variant(setting, plan)
+        if laned is None:
+            break  # no chain to put in lanes: none of them changes the plan
         yield laned
     single = request_variant(best(), plan) if per_request else None
     if single is not None:
