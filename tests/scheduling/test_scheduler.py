@@ -30,6 +30,21 @@ def drain(s: Scheduler, limit: int = 10_000):
     raise AssertionError("scheduler did not finish its work")
 
 
+def test_step_tokens_is_the_next_steps_size_under_the_chunking_rule():
+    """What a step of one sequence computes with a whole step's budget, as ``schedule`` chunks it: the
+    size pipelining per request merges steps by."""
+    chunked, whole = make(max_batch_tokens=64, chunk_size=16), make(max_batch_tokens=64)
+    seq = Sequence(0, 100, 3, token_ids=list(range(100)))
+    assert chunked.step_tokens(seq) == 16 and whole.step_tokens(seq) == 64
+    short = Sequence(1, 10, 3, token_ids=list(range(10)))
+    assert chunked.step_tokens(short) == 10 and whole.step_tokens(short) == 10
+    short.num_transferred_tokens = 10  # its KV was handed over: one token to decode
+    assert chunked.step_tokens(short) == 1
+    chunked.add(seq)
+    first = chunked.schedule().items[0].num_tokens
+    assert first == 16 and chunked.step_tokens(seq) == 16  # as schedule() chunked it, and the next chunk
+
+
 def test_whole_prompt_then_one_token_per_step():
     s = make()
     a = Sequence(0, 10, 3, token_ids=list(range(10)))

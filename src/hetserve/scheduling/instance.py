@@ -265,13 +265,7 @@ class InstanceState(Generic[L]):
         prompt chunk, or one token), before a prefix-cache hit shortens a prompt."""
         sched = lane.scheduler
         seq = sched.running[0] if sched.running else sched.waiting[0] if sched.waiting else None
-        if seq is None:
-            return 0
-        pending = seq.num_tokens - max(seq.num_computed_tokens, seq.num_transferred_tokens)
-        if pending <= 1:
-            return 1
-        chunk = self.config.chunk_size or pending
-        return min(pending, chunk, self.config.max_batch_tokens)
+        return 0 if seq is None else sched.step_tokens(seq)
 
     def _release(self, seq: Sequence) -> None:
         """``seq`` left its lane (finished or aborted)."""

@@ -178,6 +178,13 @@ class Scheduler:
         self.stats.decode_tokens += batch.num_decode_tokens
         return batch
 
+    def step_tokens(self, seq: Sequence) -> int:
+        """The most tokens ``seq``'s next step computes given a whole step's budget: one to decode, else
+        its next prompt chunk (before a prefix-cache hit shortens it); KV handed over counts as
+        computed."""
+        pending = seq.num_tokens - max(seq.num_computed_tokens, seq.num_transferred_tokens)
+        return 1 if pending <= 1 else self._chunk(pending, self.config.max_batch_tokens)
+
     def _chunk(self, pending: int, budget: int) -> int:
         if self.config.chunk_size is None:
             if pending <= self.config.max_batch_tokens:
