@@ -176,31 +176,37 @@ def _timeout():
     return timedelta(seconds=120)
 
 
-def measure_comm(quick: bool, threads: int) -> tuple[list[TransferPoint], list[TransferPoint]]:
-    """(all-reduce, point-to-point) times between two local processes."""
+def two_processes(target, args: tuple, timeout: float, what: str):
+    """Run ``target(rank, port, *args, queue)`` in two spawned processes that meet over gloo on
+    127.0.0.1 (``port``); what rank 0 puts on the queue."""
     import multiprocessing as mp
 
     from ..runtime.cluster.launch import free_port
 
-    sizes = [2**k for k in ((12, 16, 20, 22) if quick else (10, 12, 14, 16, 18, 20, 22, 24))]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(target=_comm_worker, args=(r, port, sizes, 5 if quick else 9, threads, queue))
-        for r in range(2)
-    ]
+    procs = [ctx.Process(target=target, args=(rank, port, *args, queue)) for rank in range(2)]
     for p in procs:
         p.start()
     try:
-        results = queue.get(timeout=300)
+        return queue.get(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - a worker that died leaves the queue empty
-        raise HetserveError(f"profile: the two-process communication test failed ({exc})") from None
+        raise HetserveError(f"profile: {what} failed ({exc})") from None
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def measure_comm(quick: bool, threads: int) -> tuple[list[TransferPoint], list[TransferPoint]]:
+    """(all-reduce, point-to-point) times between two local processes."""
+
+    sizes = [2**k for k in ((12, 16, 20, 22) if quick else (10, 12, 14, 16, 18, 20, 22, 24))]
+    results = two_processes(
+        _comm_worker, (sizes, 5 if quick else 9, threads), 300, "the two-process communication test"
+    )
     ar = [TransferPoint(bytes=b, ms=t * 1e3) for b, t in results["allreduce"]]
     # the p2p clock spans the message and a 4-byte ack back: the ack costs one latency
     p2p = [TransferPoint(bytes=b, ms=t * 1e3) for b, t in results["p2p"]]
@@ -317,27 +323,8 @@ def measure_engine_tp(dtype: str, threads: int, quick: bool, log) -> list[Engine
     workers all-reduce): its steps carry the all-reduces as a served TP step meets them, between layers
     of real work, which a sweep of back-to-back all-reduces does not (on the 2-core test machine an
     all-reduce inside a TP 2 decode step took ~1.8 ms, one alone after a barrier ~0.45 ms)."""
-    import multiprocessing as mp
-
-    from ..runtime.cluster.launch import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_tp_engine_worker, args=(r, port, dtype, threads, quick, queue)) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        rows = [EngineRow.model_validate(r) for r in queue.get(timeout=900)]
-    except Exception as exc:  # noqa: BLE001 - a worker that died leaves the queue empty
-        raise HetserveError(f"profile: the two-process engine (TP 2) failed ({exc})") from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    found = two_processes(_tp_engine_worker, (dtype, threads, quick), 900, "the two-process engine (TP 2)")
+    rows = [EngineRow.model_validate(r) for r in found]
     for r in rows:
         log(
             f"  engine {r.dtype} TP 2 batch {r.batch:>2} x {r.prompt:>4} tokens: prefill "
