@@ -66,13 +66,18 @@ def test_plan_json_and_a_plan_the_simulator_runs(objective, run_cli, files, tmp_
     ):
         assert key in d, key
     assert d["objective"] == objective and 0 < d["gpus_used"] <= 8 and d["reasons"]
-    # the first reason says what was chosen over what, quoting simulated figures of the alternatives
+    # the first reason says what was chosen over what, quoting simulated figures of the alternatives:
+    # the plan's own figure is the one reported; beside the others' (the search's short windows) it is
+    # set at its figure in those windows, which is the alternatives' entry for it
     chose = d["reasons"][0]
     assert chose.startswith("Chose ") and "runner-up" not in chose
-    quoted = re.findall(r"simulated ([0-9.e+-]+)|design ([0-9.e+-]+)|this plan ([0-9.e+-]+)", chose)
+    assert re.search(r"this plan ([0-9.e+-]+)", chose)[1] == f"{d['objective_value']:.4g}", chose
+    quoted = re.findall(r"simulated ([0-9.e+-]+)|design ([0-9.e+-]+)|([0-9.e+-]+) \S+ in the search's", chose)
     simulated = {f"{a['value']:.4g}" for a in d["alternatives"]}
     assert quoted or len(d["alternatives"]) == 1, chose
     assert all(v in simulated for group in quoted for v in group if v), (chose, simulated)
+    if d["steady_window_s"] is not None and objective == "goodput":
+        assert "over a steady window" in chose, chose
     dep = load_plan(d["plan"])  # the written plan is valid on its own
     assert dep.gpus_used() == d["gpus_used"]
     assert dep.spec.predicted["objective"] == objective

@@ -19,6 +19,9 @@ class Candidate:
     dep: Deployment
     run: Run  # its confirming simulation (for goodput, at the highest rate found within the SLOs)
     score: float
+    #: The confirming simulation of the search's short windows, when a steady-window check replaced
+    #: ``run`` (the chosen goodput plan): the figure to set beside the other candidates'.
+    searched: Run | None = None
 
     @property
     def summary(self) -> SimSummary:
@@ -47,7 +50,8 @@ class Searched:
 
 @dataclass(frozen=True)
 class Alternative:
-    """A candidate the search simulated, with its objective figure."""
+    """A candidate the search simulated, with its objective figure in the search's short windows (the
+    chosen plan's too, whose reported figure may be a steady window's)."""
 
     label: str
     value: float

@@ -59,9 +59,15 @@ def explain_choice(
         comp.append(f"the best {design_of(o).split(' (')[0]} plan simulated {value(o)} {unit}")
     if same:
         comp.append(f"another allocation of this design {value(max(same, key=lambda c: c.score))} {unit}")
-    vs = f"; against it {', '.join(comp)}" if comp else ""
+    if best.searched is None:
+        figure = f"this plan {value(best)} {unit}" + (f"; against it {', '.join(comp)}" if comp else "")
+    else:  # its figure is a steady window's; the others' are the search's short windows'
+        searched = f"{objective.value(best.searched):.4g} {unit} in the search's short windows"
+        figure = f"this plan {value(best)} {unit} over a steady window ({searched}" + (
+            f", where {', '.join(comp)})" if comp else ")"
+        )
     out.append(
-        f"Chose {design} ({roles_in_words(best)}): this plan {value(best)} {unit}{vs}; "
+        f"Chose {design} ({roles_in_words(best)}): {figure}; "
         f"requests are routed {ROUTING_WORDS.get(best.label.split('/')[1], best.label.split('/')[1])}."
     )
     memory = memory_in_words(best)

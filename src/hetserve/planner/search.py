@@ -394,7 +394,9 @@ class Planner:
         plan = best.plan.model_copy(update={"predicted": figures, "notes": " ".join(reasons)})
         searched = Searched(len(templates), len(allocs), len(candidates), len(pools))
         alts = [
-            Alternative(c.label, objective.value(c.run), c.dep.gpus_used(), c.summary.cost_per_hour)
+            Alternative(
+                c.label, objective.value(c.searched or c.run), c.dep.gpus_used(), c.summary.cost_per_hour
+            )
             for c in candidates
         ]
         return PlanResult(
@@ -558,7 +560,7 @@ class Planner:
             if self.objective == "goodput" and check.run is not None:
                 # the figures reported are the steady run's, and the goodput is the rate its requests
                 # arrived at (as the search reports it), so the verdict and the objective agree
-                best.run = check.run
+                best.searched, best.run = best.run, check.run
                 sustained = check.run.offered_rps
         window = check.window_s if check is not None else None
         carrying = Carrying(self.rate, self.target_rate, self.headroom, sustained, lower_bound, [], window)
