@@ -202,7 +202,6 @@ def two_processes(target, args: tuple, timeout: float, what: str):
 
 def measure_comm(quick: bool, threads: int) -> tuple[list[TransferPoint], list[TransferPoint]]:
     """(all-reduce, point-to-point) times between two local processes."""
-
     sizes = [2**k for k in ((12, 16, 20, 22) if quick else (10, 12, 14, 16, 18, 20, 22, 24))]
     results = two_processes(
         _comm_worker, (sizes, 5 if quick else 9, threads), 300, "the two-process communication test"
@@ -272,11 +271,16 @@ def time_engine(
                 dtype=dtype,
             )
         )
-        log(
-            f"  engine {dtype}{f' TP {tp}' if tp > 1 else ''} batch {batch:>2} x {prompt:>4} tokens: "
-            f"prefill {rows[-1].prefill_ms:7.1f} ms, decode step {rows[-1].decode_ms:6.1f} ms"
-        )
+        log(engine_row_line(rows[-1]))
     return rows
+
+
+def engine_row_line(row: EngineRow) -> str:
+    """One engine measurement as the profile's log shows it."""
+    return (
+        f"  engine {row.dtype}{f' TP {row.tp}' if row.tp > 1 else ''} batch {row.batch:>2} x "
+        f"{row.prompt:>4} tokens: prefill {row.prefill_ms:7.1f} ms, decode step {row.decode_ms:6.1f} ms"
+    )
 
 
 def _engine_config(shapes) -> dict:
@@ -325,11 +329,8 @@ def measure_engine_tp(dtype: str, threads: int, quick: bool, log) -> list[Engine
     all-reduce inside a TP 2 decode step took ~1.8 ms, one alone after a barrier ~0.45 ms)."""
     found = two_processes(_tp_engine_worker, (dtype, threads, quick), 900, "the two-process engine (TP 2)")
     rows = [EngineRow.model_validate(r) for r in found]
-    for r in rows:
-        log(
-            f"  engine {r.dtype} TP 2 batch {r.batch:>2} x {r.prompt:>4} tokens: prefill "
-            f"{r.prefill_ms:7.1f} ms, decode step {r.decode_ms:6.1f} ms"
-        )
+    for r in rows:  # timed in other processes: logged here
+        log(engine_row_line(r))
     return rows
 
 

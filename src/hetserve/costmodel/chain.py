@@ -39,13 +39,17 @@ class ChainTimer:
             t += lat + per_byte * new_tokens
         return t
 
+    def _in_flight(self, busy: int | None) -> int:
+        """Lanes in flight: ``busy`` (at least one, at most the chain's lanes), or all of them."""
+        return self.lanes if busy is None else min(max(1, busy), self.lanes)
+
     def cycle_time(
         self, new_tokens: float, seqs: float, pairs: float, kv_read: float, busy: int | None = None
     ) -> float:
         """Time between one lane's steps: its latency, or with m lanes in flight m x the slowest stage.
         ``busy``: the lanes in flight (default: all of them); a lane alone takes the chain's latency."""
         latency = self.step_time(new_tokens, seqs, pairs, kv_read)
-        lanes = self.lanes if busy is None else min(max(1, busy), self.lanes)
+        lanes = self._in_flight(busy)
         if lanes == 1:
             return latency
         slowest = max(timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers)
@@ -54,7 +58,7 @@ class ChainTimer:
     def decode_affine(self, batch: float, kv: float, busy: int | None = None) -> tuple[float, float]:
         """``(a, b)``: a lane's decode step of ``batch`` sequences takes ``a + b * kv`` (the cycle term
         that dominates at ``kv``) with ``busy`` lanes in flight (default: all)."""
-        lanes = self.lanes if busy is None else min(max(1, busy), self.lanes)
+        lanes = self._in_flight(busy)
         a = b = 0.0
         stages = []
         for timer in self.timers:
@@ -76,7 +80,7 @@ class ChainTimer:
     ) -> list[float]:
         """Each server's busy share of a lane's cycle with ``busy`` lanes in flight (a single server
         alone: [1.0])."""
-        if len(self.timers) == 1 and (self.lanes == 1 or busy == 1):
+        if len(self.timers) == 1 and self._in_flight(busy) == 1:
             return [1.0]
         times = [timer.time(new_tokens, seqs, pairs, kv_read) for timer in self.timers]
         cycle = self.cycle_time(new_tokens, seqs, pairs, kv_read, busy)

@@ -9,10 +9,10 @@ amortises its weight reads over large steps. A comparison that gave every strate
 would measure the setting, not the plan, so the same grid is searched for every strategy's plan with
 the same budget (``hetserve compare``), and by the planner for its own plans (``Planner``): the plan
 as its strategy wrote it, then each setting of ``TOKEN_GRID`` on every instance that prefills, then,
-for plans with chains, one lane per stage with each of those step budgets (which budget suits lanes is
-not the one that suits the plan as written: a chain of small GPUs pipelining per request may do best
-with large steps and in lanes with small ones), then per-request pipelining (the schedule of Petals and
-Helix) with the best so far.
+for plans with chains, one lane per stage with each of those step budgets (the budget that suits lanes
+need not be the one that suits the plan as written: chain composition on chain-bloom176b-latency does
+best with 2,048/8,192 without lanes and with 128/256 in lanes), then per-request pipelining (the
+schedule of Petals and Helix) with the best so far.
 
 A setting is judged by simulation like the plan itself; one that refuses more requests as too long
 for a lane's KV share than the plan as written is not taken (``refused``), since a throughput figure
