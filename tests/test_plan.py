@@ -351,6 +351,32 @@ CASES = [
         ["instances[0]", "micro_batches is 2 but pipelining is per-request", "set pipelining: lanes"],
     ),
     (
+        "kv-pool-with-lanes",
+        _set("instances", 0, "kv_pool", "server"),
+        [
+            "instances[0]",
+            "kv_pool is server but pipelining is lanes",
+            "set pipelining: per-request or kv_pool: own",
+        ],
+    ),
+    (
+        "kv-pool-on-a-prefill-instance",
+        lambda d: (
+            _pd({})(d),
+            d["instances"][0].update(pipelining="per-request", kv_pool="server"),
+        ),
+        ["instances[0]", "kv_pool is server but the role is prefill", "set kv_pool: own"],
+    ),
+    (
+        "kv-pool-sharers-with-two-block-sizes",
+        lambda d: (
+            _over_shared(d),
+            [i.update(kv_share=0.5, pipelining="per-request", kv_pool="server") for i in d["instances"]],
+            d["instances"][1].update(block_size=32),
+        ),
+        ["server 'z'", "['i1', 'i2']", "block sizes [16, 32]", "the same block_size"],
+    ),
+    (
         "unknown-pipelining",
         _set("instances", 0, "pipelining", "lockstep"),
         ["instances[0].pipelining", "'lanes'", "'per-request'"],
@@ -466,6 +492,35 @@ def test_kv_share_per_server(plan):
         d["instances"][0]["kv_share"] = {"a": 0.5, "b": 0.5, "c": 0.5}
 
     assert "names ['c'], not on its chain" in load_error(plan(stranger, name="stranger.yaml"))
+
+
+def test_instances_pooling_a_server_share_its_shares_room(plan):
+    """kv_pool: server: the pool on z is both instances' shares of it together, and either may hold all
+    of it (its other server permitting); with its own share each holds its part only."""
+
+    def pooled(kind):
+        def edit(d):
+            _over_shared(d)
+            d["instances"][0].update(kv_share={"x": 1.0, "z": 0.3}, pipelining="per-request", kv_pool=kind)
+            d["instances"][1].update(kv_share={"y": 1.0, "z": 0.5}, pipelining="per-request", kv_pool=kind)
+
+        return edit
+
+    own = load_plan(plan(pooled("own"), name="own.yaml"))
+    dep = load_plan(plan(pooled("server"), name="pooled.yaml"))
+
+    def room(srv):  # a server's whole KV room in tokens
+        mem = dep.cost_model.memory(srv.shape, 8192, 256)
+        return mem.kv_room / mem.kv_bytes_per_token
+
+    z = dep.servers["z"]
+    assert z.kv_pool_tokens == pytest.approx(0.8 * room(z), abs=1)
+    for name, head in (("i1", "x"), ("i2", "y")):
+        inst = dep.instances[name]
+        assert inst.kv_capacity_tokens == min(dep.servers[head].kv_pool_tokens, z.kv_pool_tokens)
+        assert dep.kv_pools()[name] == ((head, dep.servers[head].kv_pool_tokens), ("z", z.kv_pool_tokens))
+    assert dep.instances["i1"].kv_capacity_tokens > own.instances["i1"].kv_capacity_tokens
+    assert own.kv_pools() == {} and own.servers["z"].kv_pool_tokens == 0
 
 
 def test_kv_capacity_is_the_smallest_server(plan):

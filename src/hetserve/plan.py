@@ -26,7 +26,7 @@ from .specs.clusters import Cluster, Link, Node
 from .specs.gpus import Strict
 from .specs.loading import list_mistakes, load_yaml_model, validate
 from .specs.models import WEIGHT_BITS, ModelSpec, load_model
-from .vocabulary import DTYPE_BYTES, Pipelining, SchedulePolicy, run_dtype_for_kv
+from .vocabulary import DTYPE_BYTES, KVPoolKind, Pipelining, SchedulePolicy, run_dtype_for_kv
 
 PLAN_VERSION = 1
 Role = Literal["prefill", "decode", "mixed"]
@@ -102,6 +102,13 @@ class InstancePlan(Strict):
         default=1.0,
         description="share of each server's KV room: one for every server of the chain, or per server",
     )
+    kv_pool: KVPoolKind = Field(
+        default="own",
+        description="own: the instance holds its kv_share of each server's KV room; server (pipelining: "
+        "per-request): one pool per server, the kv_shares of every instance through it with kv_pool: server "
+        "together, from which a request is admitted when every server of its chain has room for its whole "
+        "length (Helix's and Petals' one cache per machine)",
+    )
     block_size: int = Field(default=16, ge=1, le=MAX_BLOCK_SIZE)
 
     @model_validator(mode="after")
@@ -118,6 +125,16 @@ class InstancePlan(Strict):
             raise ValueError(
                 f"micro_batches is {self.micro_batches} but pipelining is per-request, where every "
                 "request is its own batch; remove micro_batches or set pipelining: lanes"
+            )
+        if self.kv_pool == "server" and self.pipelining != "per-request":
+            raise ValueError(
+                "kv_pool is server but pipelining is lanes, whose lanes split the instance's own KV; "
+                "set pipelining: per-request or kv_pool: own"
+            )
+        if self.kv_pool == "server" and self.role != "mixed":
+            raise ValueError(
+                f"kv_pool is server but the role is {self.role}: KV handed between prefill and decode "
+                "instances goes to blocks of the instance's own cache; set kv_pool: own"
             )
         return self
 
@@ -184,6 +201,8 @@ class Server:
     node: Node
     shape: ServerShape
     instances: list[str] = field(default_factory=list)
+    #: KV tokens of the pool its ``kv_pool: server`` instances share (0: none of them pools)
+    kv_pool_tokens: int = 0
 
     @property
     def name(self) -> str:
@@ -210,6 +229,11 @@ class Instance:
     def role(self) -> str:
         return self.plan.role
 
+    @property
+    def pooled(self) -> bool:
+        """Whether the instance draws on its servers' shared KV pools (``kv_pool: server``)."""
+        return self.plan.kv_pool == "server"
+
     def scheduling(self) -> InstanceConfig:
         """The settings the shared instance layer (``scheduling.instance``) runs this instance with, in
         the simulator and in the cluster driver alike."""
@@ -225,6 +249,7 @@ class Instance:
             block_size=p.block_size,
             kv_window=self.kv_window,
             per_request=p.pipelining == "per-request",
+            kv_pool=self.pooled,
         )
 
 
@@ -446,7 +471,25 @@ class Deployment:
                         f"GPU, but a {srv.node.gpu.name} has {mem.usable / gb:.1f} GB usable; give it fewer layers, "
                         "more GPUs (tp) or fewer weight bits"
                     )
-                caps.append(int(mem.kv_room * inst.plan.share_on(srv.name) / mem.kv_bytes_per_token))
+                if inst.pooled:
+                    sharers = [
+                        self.instances[n].plan
+                        for n in srv.instances
+                        if n in self.instances and self.instances[n].pooled
+                    ]
+                    sizes = {u.block_size for u in sharers}
+                    if len(sizes) > 1:
+                        raise self._err(
+                            f"server '{srv.name}': the instances sharing its KV pool "
+                            f"({[u.name for u in sharers]}) have block sizes {sorted(sizes)}; one pool "
+                            "has one block size: give them the same block_size"
+                        )
+                    pooled = sum(u.share_on(srv.name) for u in sharers)
+                    srv.kv_pool_tokens = int(mem.kv_room * pooled / mem.kv_bytes_per_token)
+                    caps.append(srv.kv_pool_tokens)
+                else:
+                    caps.append(int(mem.kv_room * inst.plan.share_on(srv.name) / mem.kv_bytes_per_token))
+            # the most the instance holds: its tightest server's share, or pool
             inst.kv_capacity_tokens = min(caps)
             longest = inst.plan.block_size
             if inst.kv_capacity_tokens < longest:
@@ -513,6 +556,15 @@ class Deployment:
 
     def cost_per_hour(self) -> float:
         return sum(s.node.gpu.price_per_hour * s.num_gpus for s in self.servers.values())
+
+    def kv_pools(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Per instance with ``kv_pool: server``: the servers of its chain and the KV tokens of each
+        one's shared pool (``scheduling.instance.share_kv_pools``)."""
+        return {
+            name: tuple((s.name, s.kv_pool_tokens) for s in inst.servers)
+            for name, inst in self.instances.items()
+            if inst.pooled
+        }
 
     def chain_timer(self, instance: str) -> ChainTimer:
         """The cost model of ``instance``'s chain: its servers' timers and the hops between them (a

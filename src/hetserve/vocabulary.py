@@ -42,6 +42,8 @@ SchedulePolicy = Literal["decode-first", "prefill-first"]
 SCHEDULE_POLICIES: tuple[SchedulePolicy, ...] = ("decode-first", "prefill-first")
 #: How an instance's chain pipelines requests (``InstancePlan.pipelining``).
 Pipelining = Literal["lanes", "per-request"]
+#: Whose KV room an instance holds on each server (``InstancePlan.kv_pool``).
+KVPoolKind = Literal["own", "server"]
 
 #: GB of paged KV cache an engine (``serve --model``) or each plan worker gets unless told otherwise.
 DEFAULT_KV_CACHE_GB = 0.5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hetserve.scheduling import Sequence
-from hetserve.scheduling.instance import InstanceConfig, InstanceState, Lane, WorkEstimate
+from hetserve.scheduling.instance import InstanceConfig, InstanceState, Lane, WorkEstimate, share_kv_pools
 from hetserve.scheduling.routing import Pool
 
 EST = WorkEstimate(prefill_s_per_token=0.001, decode_s_per_token=0.01, speed=2.0)
@@ -214,3 +214,41 @@ def test_per_request_refuses_a_request_longer_than_the_pool_without_counting_it(
     with pytest.raises(ValueError, match="KV slots"):
         inst.add(Sequence(0, 60, 10))
     assert inst.requests == 0 and not inst.queue
+
+
+def _pooled(pool_tokens: int, own_blocks: int = 100) -> tuple[InstanceState, InstanceState]:
+    """Two instances pipelining per request whose chains share one server's KV pool."""
+    a = InstanceState(config(name="a", per_request=True, max_batch_size=4), EST, own_blocks, Lane)
+    b = InstanceState(config(name="b", per_request=True, max_batch_size=4), EST, own_blocks, Lane)
+    share_kv_pools({"a": a, "b": b}, {"a": (("s", pool_tokens),), "b": (("s", pool_tokens),)})
+    return a, b
+
+
+def test_instances_sharing_a_server_admit_from_its_one_pool():
+    a, b = _pooled(320)  # 20 blocks on the shared server; each instance has 100 of its own
+    pool = a.kv_pools[0]
+    assert b.kv_pools == [pool] and a.pool_neighbours == [b] and b.pool_neighbours == [a]
+    assert len(a.add(Sequence(0, 100, 100))) == 1  # 13 blocks: 208 of the pool's 320 tokens
+    assert pool.promised == 208 and a.has_free_slot() is False  # 112 left: short of a reference prompt
+    assert b.add(Sequence(1, 100, 100)) == []  # room in b's own blocks, not in the pool: queued
+    assert len(b.add(Sequence(2, 5, 2))) == 0  # fits the pool, but waits behind request 1 (FCFS)
+    order, _ = run_to_end(a)  # a's request leaves and frees the pool ...
+    assert order == [0] and pool.promised == 0
+    started = b.admit_queued()  # ... so the neighbour admits what waited
+    assert [ln.scheduler.waiting[0].seq_id for ln in started] == [1, 2]
+    assert pool.promised == 208 + 16
+
+
+def test_a_pooled_instance_uses_the_room_an_idle_neighbour_leaves():
+    """Where each instance would hold half the server, a busy one may take the whole pool."""
+    a, _ = _pooled(640)
+    started = [len(a.add(Sequence(i, 100, 100))) for i in range(4)]
+    assert started == [1, 1, 1, 0]  # three of 208 tokens fit in 640; half (320) would hold one
+    a.abort(0)
+    assert a.kv_pools[0].promised == 2 * 208 and len(a.admit_queued()) == 1
+
+
+def test_only_an_instance_pipelining_per_request_joins_a_pool():
+    inst = InstanceState(config(lanes=2), EST, 30, Lane)
+    with pytest.raises(ValueError, match="per request"):
+        share_kv_pools({"a": inst}, {"a": (("s", 320),)})

@@ -391,3 +391,60 @@ def test_sliding_window_layers_let_an_instance_hold_more_long_requests():
     burst = slice(0, 24)
     assert win.records.finish[burst].max() < 0.7 * plain.records.finish[burst].max()
     assert win.summary.preemptions <= plain.summary.preemptions
+
+
+def _two_chains_through_a(kv_pool, routing):
+    """Chains a -> b1 and a -> b2 pipelining per request, each with 1% of a's KV room and 2% of its own
+    second server's (about 2,450 tokens each on a, 4,900 on b1 and b2)."""
+    servers = [
+        {"name": "a", "node": "n", "gpus": [0], "layers": [0, 16]},
+        {"name": "b1", "node": "n", "gpus": [1], "layers": [16, 32]},
+        {"name": "b2", "node": "n", "gpus": [2], "layers": [16, 32]},
+    ]
+    inst = [
+        {
+            "name": f"c{i}",
+            "role": "mixed",
+            "chain": ["a", f"b{i}"],
+            "kv_share": {"a": 0.01, f"b{i}": 0.02},
+            "pipelining": "per-request",
+            "kv_pool": kv_pool,
+        }
+        for i in (1, 2)
+    ]
+    return make_deployment(servers, inst, routing=routing)
+
+
+def test_a_busy_chain_uses_the_kv_an_idle_chain_leaves_on_a_pooled_server():
+    """Every request goes to c1. With its own share of a it holds two 1,200-token requests at a time;
+    drawing on a's one pool (both chains' shares), four, and it serves the same requests in about half
+    the time."""
+    only_c1 = {"policy": "weighted", "weights": {"c1": 1, "c2": 0}}
+    own, pooled = (_two_chains_through_a(p, only_c1) for p in ("own", "server"))
+    assert pooled.servers["a"].kv_pool_tokens == pytest.approx(
+        2 * own.instances["c1"].kv_capacity_tokens, abs=2
+    )
+    reqs = lambda: requests(np.zeros(40), 1000, 200)
+    r_own, r_pooled = simulate(own, reqs(), NO_SLO), simulate(pooled, reqs(), NO_SLO)
+    assert r_own.summary.completed == r_pooled.summary.completed == 40
+    in_flight = lambda r: max(
+        int(np.sum((r.records.prefill_start <= t) & (r.records.finish > t))) for t in r.records.prefill_start
+    )
+    assert (in_flight(r_own), in_flight(r_pooled)) == (2, 4)
+    assert r_pooled.summary.makespan_s < 0.6 * r_own.summary.makespan_s
+
+
+def test_a_request_waiting_for_pool_room_starts_when_another_chain_frees_it():
+    """Round robin: c1 gets the short requests 0, 2, 4 and c2 the long ones 1, 3, 5. The pool on a
+    holds four at once, so 5 waits; it starts the moment c1's request 4 leaves, not when one of c2's
+    own requests does (as with c2's own share of a, which holds one long request at a time)."""
+    out = np.array([40, 400, 40, 400, 40, 400])
+    pooled = simulate(
+        _two_chains_through_a("server", {"policy": "round-robin"}), requests(np.zeros(6), 1000, out), NO_SLO
+    )
+    r = pooled.records
+    assert r.prefill_start[5] == r.finish[4] < min(r.finish[1], r.finish[3])
+    own = simulate(
+        _two_chains_through_a("own", {"policy": "round-robin"}), requests(np.zeros(6), 1000, out), NO_SLO
+    )
+    assert own.records.prefill_start[5] == own.records.finish[3]  # its own share holds one at a time

@@ -14,9 +14,9 @@ be shorter than what the server could hold. Servers join fastest first; NF4 (4-b
 GPU default, where the quality budget allows 4 bits, else the widest width it allows at which the swarm
 holds the model (16 bits in a lossless scenario); one server per node (its GPUs as a TP group). Chains:
 repeated Dijkstra, each time adding the found chain's load to its servers' costs (a loaded server is
-slower for the next client), until no new chain appears; a server on several chains splits its KV cache
-evenly among them. Requests go to the chain with the
-least outstanding work (a client picks the currently fastest route).
+slower for the next client), until no new chain appears; a server on several chains keeps one
+attention cache for all of them (``kv_pool: server``), as a Petals server keeps one for every session.
+Requests go to the chain with the least outstanding work (a client picks the currently fastest route).
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class Petals(Strategy):
                 micro_batches=lanes,
                 kv_share=shares,
                 per_request=per_request_engine(ctx),
+                pooled_kv=True,
             )
         return writer.plan(
             RoutingPlan(),

@@ -12,7 +12,8 @@ as its strategy wrote it, then each setting of ``TOKEN_GRID`` on every instance 
 for plans with chains, one lane per stage with each of those step budgets (the budget that suits lanes
 need not be the one that suits the plan as written: chain composition on chain-bloom176b-latency does
 best with 2,048/8,192 without lanes and with 128/256 in lanes), then per-request pipelining (the
-schedule of Petals and Helix) with the best so far.
+schedule of Petals and Helix, every server's KV one pool shared by the chains through it) with the best
+so far.
 
 A setting is judged by simulation like the plan itself; one that refuses more requests as too long
 for a lane's KV share than the plan as written is not taken (``refused``), since a throughput figure
@@ -93,9 +94,11 @@ def with_setting(plan: PlanFile, setting: EngineSetting) -> PlanFile:
         if setting.lane_per_stage and len(inst.chain) > 1:
             update["micro_batches"] = min(len(inst.chain), MAX_MICRO_BATCHES)
             update["pipelining"] = "lanes"
+            update["kv_pool"] = "own"
         if setting.per_request and len(inst.chain) > 1:
             update["micro_batches"] = 1
             update["pipelining"] = "per-request"
+            update["kv_pool"] = "server"
         instances.append(inst.model_copy(update=update) if update else inst)
     return plan.model_copy(update={"instances": instances})
 

@@ -341,9 +341,11 @@ class PlanWriter:
         kv_share: float | list[float] = 1.0,
         policy: str | None = None,
         per_request: bool = False,
+        pooled_kv: bool = False,
     ) -> str:
         """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server.
-        ``per_request``: the chain pipelines every request on its own (``micro_batches`` is not used)."""
+        ``per_request``: the chain pipelines every request on its own (``micro_batches`` is not used);
+        ``pooled_kv``: then its shares join each server's one KV pool (``kv_pool: server``)."""
         if per_request:
             micro_batches = 1
         max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
@@ -368,6 +370,7 @@ class PlanWriter:
                 kv_share=share,
                 **({"policy": policy} if policy else {}),
                 **({"pipelining": "per-request"} if per_request and len(chain) > 1 else {}),
+                **({"kv_pool": "server"} if pooled_kv and per_request and len(chain) > 1 else {}),
             )
         )
         return name

@@ -42,6 +42,9 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # content hash -> block id
         self._free_clean: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields block 0 first
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # oldest-freed first
+        #: When a list: every block freed outside the prefix cache is appended (for an owner that tells
+        #: the cache's holders, e.g. workers whose blocks come from a shared pool).
+        self.released: list[int] | None = None
 
     # ---- capacity -----------------------------------------------------------------------------
     @property
@@ -177,6 +180,8 @@ class BlockManager:
             table = seq.block_table
             for block in table:
                 refs[block] = 0
+            if self.released is not None:
+                self.released.extend(table)
             table.reverse()
             clean.extend(table)
             table.clear()

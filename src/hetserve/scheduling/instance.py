@@ -11,7 +11,9 @@ per_request``):
   schedule of Petals and Helix); the servers batch whatever steps wait on them. The lanes share one KV
   pool. A request is admitted, first come first served, when a lane is free and the pool has room for
   its whole length (prompt plus every output token) beyond what the requests already admitted may
-  still grow to, so an admitted request never has to be preempted.
+  still grow to, so an admitted request never has to be preempted. Instances through one server may
+  share its KV room (``KVPool``, a plan's ``kv_pool: server``): a request is then admitted when every
+  pool on its chain has room for it too, and a request that leaves frees room for the others.
 
 The simulator (``hetserve.sim``) and the cluster driver
 (``hetserve.runtime.cluster``) both subclass ``InstanceState``: they keep their own clock and transport
@@ -67,6 +69,34 @@ class InstanceConfig:
     #: Each request its own lane through the chain, over one shared KV pool (``max_batch_size`` lanes;
     #: ``lanes`` is not used).
     per_request: bool = False
+    #: Per-request pipelining over its servers' shared KV pools (``join``); no prefix caching then: a
+    #: block's KV leaves the server's pool when its request does.
+    kv_pool: bool = False
+
+
+class KVPool:
+    """One server's KV room shared by the instances through it that pipeline per request: token slots,
+    and the slots their admitted requests may grow to."""
+
+    def __init__(self, server: str, tokens: int):
+        self.server = server
+        self.tokens = tokens
+        self.promised = 0
+        self.members: list[InstanceState] = []
+
+    def room(self) -> int:
+        return self.tokens - self.promised
+
+
+def share_kv_pools(
+    instances: dict[str, InstanceState], pooled: dict[str, tuple[tuple[str, int], ...]]
+) -> dict[str, KVPool]:
+    """Give every instance in ``pooled`` (name -> its servers' (name, pool tokens)) the pools of its
+    servers, one ``KVPool`` per server for all of them; the pools by server."""
+    pools: dict[str, KVPool] = {}
+    for name, servers in pooled.items():
+        instances[name].join([pools.setdefault(s, KVPool(s, t)) for s, t in servers])
+    return pools
 
 
 @dataclass(eq=False)
@@ -105,6 +135,7 @@ class InstanceState(Generic[L]):
         self.estimate = estimate
         self.per_request = config.per_request
         if self.per_request:  # one sequence per lane, one pool shared by all (block ids as they are)
+            prefix_caching = prefix_caching and not config.kv_pool
             lanes, per_lane = max(1, config.max_batch_size), max(1, num_blocks)
             pool = BlockManager(per_lane, config.block_size, prefix_caching, config.kv_window)
             scheduler_type = Scheduler  # a lane of one sequence has no decode group to advance
@@ -142,6 +173,9 @@ class InstanceState(Generic[L]):
         self.queue: deque[Sequence] = deque()
         self.idle: list[L] = self.lanes[::-1] if self.per_request else []
         self.promised = 0
+        #: Servers' KV pools this instance shares with others (``join``), and those others.
+        self.kv_pools: list[KVPool] = []
+        self.pool_neighbours: list[InstanceState] = []
         #: The lane each admitted, unfinished sequence is on.
         self.lane_of: dict[int, L] = {}
         #: Prompt tokens still to be computed, output tokens still owed, requests admitted and unfinished.
@@ -154,6 +188,35 @@ class InstanceState(Generic[L]):
         #: Routing pools this instance is in (told of every change of its load) and the tie-break stamp.
         self.pools: list[Pool | ScanPool] = []
         self.last_chosen = -1
+
+    def join(self, pools: list[KVPool]) -> None:
+        """Draw on ``pools`` (per-request pipelining) beside this instance's own blocks."""
+        if not self.per_request:
+            raise ValueError(
+                f"instance '{self.name}': only an instance pipelining per request shares KV pools"
+            )
+        self.kv_pools = pools
+        for pool in pools:
+            for other in pool.members:
+                if other not in self.pool_neighbours:
+                    self.pool_neighbours.append(other)
+                    other.pool_neighbours.append(self)
+            pool.members.append(self)
+
+    def leave_pools(self) -> None:
+        """Give back what this instance's admitted requests were promised in the shared pools, and
+        leave them (an instance taken down; its requests are served elsewhere)."""
+        tokens = self.promised * self.config.block_size
+        for pool in self.kv_pools:
+            pool.promised -= tokens
+            pool.members.remove(self)
+        for other in self.pool_neighbours:
+            other.pool_neighbours.remove(self)
+        self.kv_pools, self.pool_neighbours, self.promised = [], [], 0
+
+    def pools_hold(self, tokens: int) -> bool:
+        """Whether every shared pool on this instance's chain has room for ``tokens`` more."""
+        return all(pool.room() >= tokens for pool in self.kv_pools)
 
     # ---- the router's view (Routable) -------------------------------------------------------------
     @property
@@ -203,7 +266,9 @@ class InstanceState(Generic[L]):
             return False
         need = min(REF_PROMPT + 1, self.capacity_tokens)
         if self.per_request:
-            return (self.num_blocks - self.promised) * self.config.block_size >= need
+            return (self.num_blocks - self.promised) * self.config.block_size >= need and self.pools_hold(
+                need
+            )
         return any(
             ln.scheduler.blocks.num_free_blocks * ln.scheduler.blocks.block_size >= need for ln in self.lanes
         )
@@ -245,16 +310,19 @@ class InstanceState(Generic[L]):
         return self.lanes[0].scheduler.blocks.blocks_for(seq.max_total_tokens)
 
     def admit_queued(self) -> list[L]:
-        """Pipelining per request: give queued sequences, in order, a free lane while the pool has room
-        for each one's whole length; the lanes given one."""
+        """Pipelining per request: give queued sequences, in order, a free lane while the pool (and
+        every shared pool on the chain) has room for each one's whole length; the lanes given one."""
         started: list[L] = []
         while self.queue and self.idle:
             need = self.promise(self.queue[0])
-            if self.promised + need > self.num_blocks:
+            tokens = need * self.config.block_size
+            if self.promised + need > self.num_blocks or not self.pools_hold(tokens):
                 break
             seq = self.queue.popleft()
             lane = self.idle.pop()
             self.promised += need
+            for pool in self.kv_pools:
+                pool.promised += tokens
             lane.scheduler.add(seq)
             self.lane_of[seq.seq_id] = lane
             started.append(lane)
@@ -271,7 +339,10 @@ class InstanceState(Generic[L]):
         """``seq`` left its lane (finished or aborted)."""
         lane = self.lane_of.pop(seq.seq_id, None)
         if self.per_request and lane is not None:
-            self.promised -= self.promise(seq)
+            need = self.promise(seq)
+            self.promised -= need
+            for pool in self.kv_pools:
+                pool.promised -= need * self.config.block_size
             self.idle.append(lane)
 
     def schedule(self, lane: L) -> Batch:

@@ -23,6 +23,7 @@ from .. import clock
 from ..costmodel.links import kv_transfer_time
 from ..errors import OutOfTime
 from ..plan import Deployment
+from ..scheduling.instance import share_kv_pools
 from ..scheduling.routing import make_policy, make_pool
 from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
@@ -79,6 +80,7 @@ class Simulator:
                 raise OutOfTime(f"setting up {len(dep.instances)} instances: out of time")
             self.instances[name] = SimInstance(inst, dep, self.servers)
             clock.charge(clock.SIM_INSTANCE_S)
+        share_kv_pools(self.instances, dep.kv_pools())
         per_request = {i.name for i in self.instances.values() if i.per_request}
         for name, s in dep.servers.items():
             if len(s.instances) > 1 or per_request.intersection(s.instances):
@@ -394,9 +396,10 @@ class Simulator:
         lane.busy = False
         self._start_step(lane, t)
         if finished and inst.per_request:
-            for ln in inst.admit_queued():  # the pool has room again
-                if not ln.busy:
-                    self._start_step(ln, t)
+            for owner in (inst, *inst.pool_neighbours):  # the pools have room again
+                for ln in owner.admit_queued():
+                    if not ln.busy:
+                        self._start_step(ln, t)
         if finished and self.central:
             self._dispatch_central(t)
 

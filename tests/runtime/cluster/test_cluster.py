@@ -129,6 +129,32 @@ def test_shared_server_serves_both_chains(reference):
     assert run["steps"]["chain-a"] > 0 and run["steps"]["chain-b"] > 0
 
 
+def test_chains_pooling_a_servers_kv_take_turns_in_it(reference, tmp_path):
+    """Both chains pipelining per request over one KV pool per server (kv_pool: server), made so small
+    that the shared head server holds two requests at a time: the six requests, three per chain, queue for
+    its room and
+    reuse each other's physical blocks, and every request still gets the single-process engine's tokens
+    (a block handed to two requests at once, or read after another request wrote it, would change them)."""
+    text = (PLANS / "smollm2-shared.yaml").read_text()
+    text = text.replace("../clusters/", f"{PLANS.parent / 'clusters'}/")
+    text = text.replace("max_batch_size: 4}", "max_batch_size: 4, pipelining: per-request, kv_pool: server}")
+    text = text.replace("policy: jffc", "policy: round-robin")  # both chains get requests
+    plan = tmp_path / "pooled.yaml"
+    plan.write_text(text)
+    engine = start_cluster(str(plan), kv_cache_gb=0.003)  # 8 blocks of 16 tokens on each server
+    try:
+        head = engine._kv_pools["head"]
+        assert head.tokens == 8 * 16 and head.members == [
+            engine.instances["chain-a"],
+            engine.instances["chain-b"],
+        ]
+        assert generate(engine) == reference
+        assert head.promised == 0
+        assert engine.instance_steps["chain-a"] > 0 and engine.instance_steps["chain-b"] > 0
+    finally:
+        engine.shutdown()
+
+
 def test_bf16_decode_agreement():
     """fp32 prefill, bf16 decode: the first token is the prefill's; report how many tokens agree (greedy
     decoding diverges for good once one token differs, so the rate is mostly how long they stay equal)."""

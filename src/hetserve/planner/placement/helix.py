@@ -553,8 +553,9 @@ def write_chains(
 ) -> PlanFile:
     """The plan of Helix-style chains: each (servers, flow) path an instance, requests weighted by the
     flows (every machine then sends each next hop its share of the flow, as Helix's per-hop weighted
-    routing), a machine on several chains giving each a KV share in proportion to its flow there, and
-    each chain pipelining every request on its own with Helix's step budget as Helix's runtime does
+    routing), a machine on several chains keeping one KV pool for them (``kv_pool: server``; each
+    chain's share, in proportion to its flow there, adds to the pool), and each chain pipelining every
+    request on its own with Helix's step budget as Helix's runtime does
     (``per_request_engine``, ``HELIX_STEP_TOKENS``), or, where the scenario caps a batch's sequences, as
     many lanes as leave room for a long request (``lanes_holding_long_requests``)."""
     through: dict[Spot, float] = {}
@@ -576,6 +577,7 @@ def write_chains(
             micro_batches=lanes,
             kv_share=shares,
             per_request=per_request,
+            pooled_kv=True,
         )
         weights[inst] = round(f, 6)
     return writer.plan(RoutingPlan(policy="weighted", weights=weights), notes=notes)

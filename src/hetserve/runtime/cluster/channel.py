@@ -103,6 +103,15 @@ class KVDrop:
 
 
 @dataclass
+class KVFree:
+    """An instance pooling this worker's KV (``kv_pool: server``) no longer holds these of its blocks
+    (None: any), so their physical blocks go back to the pool."""
+
+    instance: str
+    blocks: list[int] | None
+
+
+@dataclass
 class Ping:
     """Nothing to do: the driver is alive (a worker that hears nothing for the group timeout leaves)."""
 
@@ -127,6 +136,7 @@ _TYPES: dict[str, type] = {
         KVRecv,
         KVInstall,
         KVDrop,
+        KVFree,
         Ping,
         Regroup,
         Shutdown,

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from ...scheduling import Sequence
+from ...scheduling.instance import KVPool
 from ...scheduling.routing import make_policy
 from ..model_runner import prepare_batch
 from ..request import RequestOutput, RequestState, accept_tokens
 from ..sampling import SamplingParams, sample
 from ..serving import ClusterStats, EngineLoad, InstanceStats, WorkerStats
-from .channel import KVDrop, KVInstall, Shutdown, Step
+from .channel import KVDrop, KVFree, KVInstall, Shutdown, Step
 from .handoff import KVHandoffs
 from .instance import InstanceRunner, _Flight, _Lane
 from .recovery import Recovery, stop_instance, struck_instances
@@ -69,7 +70,7 @@ class ClusterEngine:
         transport: Transport | None = None,
         launcher=None,
     ):
-        from .sizing import instance_blocks
+        from .sizing import instance_blocks, pool_blocks
 
         self.topo, self.config, self.tokenizer = topo, config, tokenizer
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -80,6 +81,12 @@ class ClusterEngine:
             raise ValueError("a ClusterEngine needs a transport (start_cluster makes one)")
         self.transport: Transport = transport
         self._blocks, self._prefix_caching = blocks, prefix_caching
+        #: One KV pool per server whose instances pool it (``kv_pool: server``), in tokens.
+        block = {s: i.block_size for i in topo.instances.values() if i.scheduling.kv_pool for s in i.servers}
+        self._kv_pools = {
+            server: KVPool(server, n * block[server])
+            for server, n in pool_blocks(topo, config, kv_cache_gb).items()
+        }
         self.instances = {name: self._runner(name) for name in topo.instances}
         self._index_instances()
         self.router = make_policy(topo.routing_policy, topo.routing_weights, seed)
@@ -105,7 +112,15 @@ class ClusterEngine:
             self.transport,
         )
         runner.strided = any(self.topo.workers[r].kv_layout == "head-major" for r in spec.ranks)
+        if spec.scheduling.kv_pool:
+            runner.join([self._kv_pools[s] for s in spec.servers])
         return runner
+
+    def _free_released(self, inst: InstanceRunner) -> None:
+        """Tell the workers of an instance pooling their KV which of its blocks its requests gave back."""
+        blocks = inst.take_released()
+        if blocks:
+            self.transport.send(KVFree(inst.name, blocks), inst.spec.ranks)
 
     def _index_instances(self) -> None:
         self.entry = [i for i in self.instances.values() if i.spec.role != "decode"]
@@ -394,6 +409,7 @@ class ClusterEngine:
             inst.complete(lane, batch, token_ids, stopped)
             if inst.per_request and lane.scheduler.has_unfinished():
                 inst.ready.append(lane)
+        self._free_released(inst)
         for req, token, delta in zip(reqs, tokens, deltas):
             seq = req.state.seq
             handoff = flight.handoffs.get(seq.seq_id)
@@ -429,6 +445,9 @@ class ClusterEngine:
             return
         for command, ranks in stop_instance(inst, self.instances):
             self.transport.send(command, ranks)
+        if inst.kv_pools:  # its requests are served elsewhere: what they held in the pools is free
+            inst.leave_pools()
+            self.transport.send(KVFree(inst.name, None), inst.spec.ranks)
         orphans = [r for r in self._requests.values() if r.instance == inst.name]
         for req in orphans:
             if req.state.seq is not None:
@@ -458,6 +477,7 @@ class ClusterEngine:
         self._by_seq.pop(seq_id, None)
         if inst.up:
             inst.abort(seq_id)
+            self._free_released(inst)
             if req.install is not None:
                 self.transport.send(KVDrop(req.install[0]), inst.spec.ranks)
 

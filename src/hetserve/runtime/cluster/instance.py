@@ -51,6 +51,10 @@ class InstanceRunner(InstanceState[_Lane]):
             prefix_caching=prefix_caching and spec.role != "decode",
         )
         self.spec, self.vocab = spec, vocab
+        #: Pooling its servers' KV: the blocks its requests gave back, for the workers (``KVFree``).
+        self._released: list[int] | None = None
+        if spec.scheduling.kv_pool:
+            self._released = self.lanes[0].scheduler.blocks.released = []
         self.strided = False  # set when a worker keeps head-major KV (its attention needs block ids)
         self.up = True
         self.max_in_flight = 0  # most micro-batches seen in the chain at once
@@ -70,6 +74,14 @@ class InstanceRunner(InstanceState[_Lane]):
         started = super().admit_queued()
         self.ready.extend(started)
         return started
+
+    def take_released(self) -> list[int]:
+        """Blocks given back since the last call (pooling its servers' KV; else none)."""
+        if not self._released:
+            return []
+        out = self._released[:]
+        self._released.clear()
+        return out
 
     def expect(self, flight: _Flight) -> None:
         self._expect.put(flight)

@@ -32,6 +32,7 @@ from .channel import (
     ChannelError,
     CommandCodec,
     KVDrop,
+    KVFree,
     KVInstall,
     KVRecv,
     Ping,
@@ -43,6 +44,7 @@ from .channel import (
     recv_tensor,
     send_tensor,
 )
+from .kv_pool import PooledBlocks
 from .mesh import SECRET_ENV, Mesh, Rendezvous
 from .topology import InstanceSpec, Topology, WorkerSpec
 
@@ -85,7 +87,7 @@ class Worker:
         from ..kvcache import allocate_kv_caches, token_major_view
         from ..model.source import load_model, parse_dtype
         from ..quant import quantize_model
-        from .sizing import instance_blocks
+        from .sizing import instance_blocks, pool_blocks
 
         self.topo, self.rank, self.device = topo, rank, device
         self.spec: WorkerSpec = topo.workers[rank]
@@ -112,17 +114,28 @@ class Worker:
         self.instances: dict[str, InstanceSpec] = {i.name: i for i in topo.instances_of(rank)}
         self.caches: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.views: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        allocate = lambda blocks, block_size: allocate_kv_caches(
+            len(self.model.layers),
+            blocks,
+            block_size,
+            self.kv_heads[1] - self.kv_heads[0],
+            c.head_dim,
+            self.dtype,
+            device,
+            s.kv_layout,
+        )
+        #: The instances pooling this server's KV share one cache (``kv_pool``).
+        self.pool: PooledBlocks | None = None
+        pooled = [i for i in self.instances.values() if i.scheduling.kv_pool]
+        if pooled:
+            self.pool = PooledBlocks(pool_blocks(topo, c, kv_cache_gb)[s.server], pooled[0].block_size)
+            shared = allocate(self.pool.num_blocks, self.pool.block_size)
         for name, inst in self.instances.items():
-            caches = allocate_kv_caches(
-                len(self.model.layers),
-                num_blocks[name],
-                inst.block_size,
-                self.kv_heads[1] - self.kv_heads[0],
-                c.head_dim,
-                self.dtype,
-                device,
-                s.kv_layout,
-            )
+            if inst.scheduling.kv_pool:
+                self.pool.add(name, num_blocks[name])
+                caches = shared
+            else:
+                caches = allocate(num_blocks[name], inst.block_size)
             self.caches[name] = caches
             self.views[name] = [
                 (token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout)) for k, v in caches
@@ -184,6 +197,8 @@ class Worker:
                         self.install(command)
                     elif isinstance(command, KVDrop):
                         self.staged.pop(command.key, None)
+                    elif isinstance(command, KVFree):
+                        self.pool.release(command.instance, command.blocks)
             except RuntimeError as exc:  # gloo: a peer's connection closed or timed out
                 raise PeerLost(f"{type(command).__name__} of rank {self.rank}: {exc}") from None
 
@@ -193,7 +208,10 @@ class Worker:
     def step(self, cmd: Step) -> None:
         inst = self.instances[cmd.instance]
         k = self._stage(inst)
-        meta = _meta_to(cmd.meta, self.device)
+        meta = cmd.meta
+        if inst.scheduling.kv_pool:  # the instance's block ids name blocks of the shared pool
+            meta = self.pool.translate(inst.name, meta)
+        meta = _meta_to(meta, self.device)
         positions = cmd.positions.to(self.device)
         if k == 0:
             x = cmd.ids.to(self.device)
