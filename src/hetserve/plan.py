@@ -557,6 +557,13 @@ class Deployment:
     def cost_per_hour(self) -> float:
         return sum(s.node.gpu.price_per_hour * s.num_gpus for s in self.servers.values())
 
+    @property
+    def request_overhead_s(self) -> float:
+        """What serving a request costs before its first step (the API, tokeniser and hand-over to the
+        engine, ``CostFactors.request_overhead_ms``): one serving stack runs the whole plan, so the
+        largest of its servers' figures."""
+        return max(s.shape.factors.request_overhead_ms for s in self.servers.values()) * 1e-3
+
     def kv_pools(self) -> dict[str, tuple[tuple[str, int], ...]]:
         """Per instance with ``kv_pool: server``: the servers of its chain and the KV tokens of each
         one's shared pool (``scheduling.instance.share_kv_pools``)."""

@@ -7,10 +7,12 @@ from hetserve.specs.models import load_model
 from hetserve.specs.workloads import SLO, Requests
 
 
-def make_cluster(nodes, network=None):
+def make_cluster(nodes, network=None, gpus=None):
     spec = {"nodes": nodes}
     if network:
         spec["network"] = network
+    if gpus:
+        spec["gpus"] = gpus
     return Cluster(ClusterFile.model_validate(spec), source="test-cluster")
 
 

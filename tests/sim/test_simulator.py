@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from hetserve.costmodel.roofline import BatchShape
+from hetserve.plan import deployment_from_dict
 from hetserve.sim import simulate
 from hetserve.specs.clusters import MAX_GBIT_PER_S
-from tests.sim.conftest import NO_SLO, make_deployment, poisson, requests
+from hetserve.specs.models import load_model
+from tests.sim.conftest import NO_SLO, make_cluster, make_deployment, poisson, requests
 
 
 def service_time(dep, prompt, outputs=1):
@@ -448,3 +450,22 @@ def test_a_request_waiting_for_pool_room_starts_when_another_chain_frees_it():
         _two_chains_through_a("own", {"policy": "round-robin"}), requests(np.zeros(6), 1000, out), NO_SLO
     )
     assert own.records.prefill_start[5] == own.records.finish[3]  # its own share holds one at a time
+
+
+def test_a_request_reaches_the_router_the_serving_stacks_request_time_after_it_arrives():
+    """request_overhead_ms delays every request's routing by that much and counts in its TTFT and E2E;
+    the steps themselves are unchanged."""
+    server = [{"name": "s", "node": "n", "gpus": [0], "layers": [0, 32]}]
+    inst = [{"name": "i", "role": "mixed", "chain": ["s"]}]
+    plain = make_deployment(server, inst)
+    cluster = make_cluster(
+        [{"name": "n", "gpu": "a100-80gb", "count": 1}],
+        gpus={"a100-80gb": {"efficiency": {"request_overhead_ms": 40.0}}},
+    )
+    plan = {"name": "test", "model": "llama-2-7b", "cluster": "-", "servers": server, "instances": inst}
+    slowed = deployment_from_dict(plan, cluster, load_model("llama-2-7b"))
+    assert (plain.request_overhead_s, slowed.request_overhead_s) == (0.0, 0.04)
+    reqs = lambda: requests([0.0, 5.0], 500, 20)
+    a, b = simulate(plain, reqs(), NO_SLO).records, simulate(slowed, reqs(), NO_SLO).records
+    assert b.ttft() == pytest.approx(a.ttft() + 0.04, rel=1e-9)
+    assert b.finish - b.first_token == pytest.approx(a.finish - a.first_token, rel=1e-9)

@@ -150,3 +150,23 @@ def test_serving_measurements_come_in_pairs(write):
     )
     with pytest.raises(HetserveError, match=r"old.yaml: measurements.serving: .*they are pairs"):
         load_profile(write("old.yaml", unpaired))
+
+
+def test_a_request_pays_its_first_token_difference_less_the_time_per_step():
+    """Served first tokens 30-45 ms after the in-process first step, steps 10 ms apart: 25 ms per
+    request beyond its first step's overhead (the medians); not measured (an older profile): none."""
+    steps = ServedSteps(
+        dtype="fp32",
+        prompt=128,
+        output=32,
+        served_tpot_ms=[60.0, 61.0, 59.0],
+        engine_step_ms=[50.0, 51.0, 49.0],
+        served_ttft_ms=[330.0, 345.0, 335.0],
+        engine_first_step_ms=[300.0, 300.0, 300.0],
+    )
+    assert steps.overhead_ms == pytest.approx(10.0)
+    assert steps.request_overhead_ms == pytest.approx(25.0)
+    older = steps.model_copy(update={"served_ttft_ms": [], "engine_first_step_ms": []})
+    assert older.request_overhead_ms == 0.0
+    with pytest.raises(ValueError, match="they are pairs"):
+        ServedSteps.model_validate({**steps.model_dump(), "engine_first_step_ms": [300.0]})

@@ -12,8 +12,10 @@ is asked to serve in (``--dtypes``: fp32 and bf16 unless told otherwise; the fir
   a sweep of sizes, fitted to a latency plus bytes over bandwidth;
 - the real engine (``LLMEngine`` on SmolLM2-135M) over batch sizes and prompt lengths, in each format:
   whole-batch prefill and mean decode step, the full-model rows ``hetserve calibrate`` fits;
-- the serving runtime's time per step (serving_overhead.py; not with ``--quick``): one request at a time
-  through ``serve --plan`` with one worker against the engine in-process, added to every engine row.
+- the serving runtime's time per step and per request (serving_overhead.py; not with ``--quick``): one
+  request at a time through ``serve --plan`` with one worker against the engine in-process; the time
+  per step is added to every engine row, the time per request is every format's
+  ``request_overhead_ms``.
 
 The device entry takes its peak FLOPS per format, bandwidth and fabric from the micro-benchmarks; its
 cost factors are then fitted to the engine rows of each format apart (per_dtype.py), so the simulator
@@ -484,6 +486,8 @@ def run_profile(
         # fit ~8%
         defaults = device_spec.model_copy(update={"efficiency": CostFactors(), "efficiency_by_run_dtype": {}})
         device_spec = with_collectives(device_spec, [r for r in model_rows if r.run_dtype == main])
+        if serving is not None:
+            device_spec = with_factors(device_spec, request_overhead_ms=round(serving.request_overhead_ms, 3))
         log(
             f"  all-reduce inside a TP 2 step: {device_spec.efficiency.allreduce_latency_us:.0f} us per "
             f"latency step ({device_spec.efficiency.allreduce})"
@@ -534,7 +538,11 @@ def with_collectives(device: GPUSpec, rows) -> GPUSpec:
     from .fit import fit_gpu
 
     fitted = fit_gpu(rows, device, source="profile (the main format's engine rows)").factors
-    update = {name: getattr(fitted, name) for name in COLLECTIVE_FACTORS}
+    return with_factors(device, **{name: getattr(fitted, name) for name in COLLECTIVE_FACTORS})
+
+
+def with_factors(device: GPUSpec, **update) -> GPUSpec:
+    """``device`` with the factors ``update`` names set in every format."""
     return device.model_copy(
         update={
             "efficiency": device.efficiency.model_copy(update=update),

@@ -11,6 +11,11 @@ during the measurement reaches both sides of a pair; the overhead is the median 
 differences. The runtime's messages carry token ids, not tensors, so the overhead does not depend on
 the format the worker computes in, and the profile adds it to every format's rows.
 
+A request also pays the serving stack once before its first step (the API's parsing and tokenising,
+the hand-over to the driver and the worker): the same pairs give it, as the difference of the first
+token at the client and the first step in-process, less the time per step that first step pays like
+every other (``ServedSteps.request_overhead_ms``, every format's ``request_overhead_ms``).
+
 On the 2-core test machine (one torch thread, SmolLM2-135M, 128-token prompts, 32 output tokens, six
 requests) two measurements with all served requests first gave 10.8 ms per step (58.4 ms per token
 served vs 47.6 ms per step in-process; 8.8 ms in bf16) and 15.7 ms (67.2 vs 51.5; the served times rose
@@ -73,8 +78,9 @@ def _write_plan(work: Path, model: str, layers: int, run_dtype: RunDType) -> Pat
     return path
 
 
-def _served_tpot_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_TOKENS) -> float:
-    """Time per output token of a prompt served alone: (last token - first token) / (tokens - 1)."""
+def _served_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_TOKENS) -> tuple[float, float]:
+    """A prompt served alone: its time to first token (from sending it), and its time per output token,
+    (last token - first token) / (tokens - 1)."""
     import httpx
 
     body = {
@@ -87,6 +93,7 @@ def _served_tpot_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_T
         "stream_options": {"include_usage": True},
     }
     times, tokens = [], 0
+    sent = time.perf_counter()
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
         if resp.status_code != 200:
             raise HetserveError(f"profile: the one-worker server answered HTTP {resp.status_code}")
@@ -100,7 +107,7 @@ def _served_tpot_ms(url: str, model: str, ids: list[int], output: int = OUTPUT_T
             tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
     if tokens < 2 or len(times) < 2:
         raise HetserveError(f"profile: the one-worker server streamed {tokens} token(s), expected {output}")
-    return (times[-1] - times[0]) / (tokens - 1) * 1e3
+    return (times[0] - sent) * 1e3, (times[-1] - times[0]) / (tokens - 1) * 1e3
 
 
 def _serve(plan: Path, threads: int):
@@ -162,18 +169,21 @@ def _stop(server) -> None:
         server.wait()
 
 
-def _engine_step_ms(engine, ids: list[int], output: int = OUTPUT_TOKENS) -> float:
-    """Mean decode step of a prompt run alone in the in-process ``engine``."""
+def _engine_ms(engine, ids: list[int], output: int = OUTPUT_TOKENS) -> tuple[float, float]:
+    """A prompt run alone in the in-process ``engine``: its first step (the prefill and the first token),
+    and its mean decode step."""
     from ..runtime import SamplingParams
 
+    start = time.perf_counter()
     engine.add_request(ids, SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True))
-    engine.step()  # the prefill and the first token
+    engine.step()
+    first = time.perf_counter() - start
     steps = []
     while engine.has_unfinished_requests():
         start = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - start)
-    return statistics.mean(steps) * 1e3
+    return first * 1e3, statistics.mean(steps) * 1e3
 
 
 def measure_serving_overhead(model: str, run_dtype: RunDType, threads: int, log) -> ServedSteps:
@@ -188,7 +198,7 @@ def measure_serving_overhead(model: str, run_dtype: RunDType, threads: int, log)
     spec = load_model(model)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(100, spec.vocab_size - 1, size=PROMPT_TOKENS).tolist() for _ in range(REQUESTS)]
-    served, in_process = [], []
+    served, in_process, served_first, first_step = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="hetserve-profile-") as work:
         server, url = _serve(_write_plan(Path(work), model, spec.num_layers, run_dtype), threads)
         try:
@@ -197,11 +207,15 @@ def measure_serving_overhead(model: str, run_dtype: RunDType, threads: int, log)
                 model, EngineConfig(dtype=ENGINE_DTYPES[run_dtype], max_batch_size=1)
             )
             _wait_healthy(server, url)
-            _served_tpot_ms(url, model, prompts[0][:8], output=8)  # warm-up, both sides
-            _engine_step_ms(engine, prompts[0][:8], output=8)
+            _served_ms(url, model, prompts[0][:8], output=8)  # warm-up, both sides
+            _engine_ms(engine, prompts[0][:8], output=8)
             for ids in prompts:
-                served.append(_served_tpot_ms(url, model, ids))
-                in_process.append(_engine_step_ms(engine, ids))
+                ttft, tpot = _served_ms(url, model, ids)
+                first, step = _engine_ms(engine, ids)
+                served.append(tpot)
+                in_process.append(step)
+                served_first.append(ttft)
+                first_step.append(first)
         finally:
             _stop(server)
     steps = ServedSteps(
@@ -210,10 +224,14 @@ def measure_serving_overhead(model: str, run_dtype: RunDType, threads: int, log)
         output=OUTPUT_TOKENS,
         served_tpot_ms=[round(t, 3) for t in served],
         engine_step_ms=[round(t, 3) for t in in_process],
+        served_ttft_ms=[round(t, 3) for t in served_first],
+        engine_first_step_ms=[round(t, 3) for t in first_step],
     )
     log(
         f"  serving ({run_dtype}, serve --plan with one worker, {REQUESTS} requests alone, each paired with "
         f"the engine in-process): {statistics.median(served):.1f} ms per token vs "
-        f"{statistics.median(in_process):.1f} ms per step: +{steps.overhead_ms:.1f} ms per step"
+        f"{statistics.median(in_process):.1f} ms per step: +{steps.overhead_ms:.1f} ms per step; first token "
+        f"{statistics.median(served_first):.1f} ms vs a first step of {statistics.median(first_step):.1f} ms: "
+        f"+{steps.request_overhead_ms:.1f} ms per request beyond a step's"
     )
     return steps

@@ -1,7 +1,8 @@
 """The discrete-event simulator: replay requests against a deployment.
 
 Events are processed in time order from one heap. Kinds:
-- ARRIVAL: a request is routed to a prefill/mixed instance (or waits in the router's queue under JFFC);
+- ARRIVAL: a request is routed to a prefill/mixed instance (or waits in the router's queue under JFFC),
+  the serving stack's per-request time after it arrives;
 - STAGE: a lane's batch reaches stage ``s`` of its chain and queues on that server (FIFO, or waits
   for the next batched step of a server shared by several instances);
 - SERVED: a shared server's batched step ends (each batch in it moves to its next stage), or its next
@@ -62,6 +63,9 @@ class Simulator:
         deadline: float | None = None,
     ):
         self.dep, self.req, self.slo = dep, requests, slo
+        #: Seconds from a request's arrival to the router's seeing it (the serving stack's per-request
+        #: cost); its TTFT counts from the arrival.
+        self.request_overhead = dep.request_overhead_s
         #: ``clock.now()`` value after which ``run`` raises ``OutOfTime`` (None: no limit).
         self.deadline = deadline
         n = len(requests)
@@ -139,7 +143,7 @@ class Simulator:
 
     def run(self) -> SimResult:
         if len(self.req):
-            self.push(float(self.req.arrival_s[0]), ARRIVAL, 0)
+            self.push(float(self.req.arrival_s[0]) + self.request_overhead, ARRIVAL, 0)
         now = 0.0
         events = next_look = 0
         while self.heap:
@@ -192,7 +196,7 @@ class Simulator:
     def _on_arrival(self, i: int, t: float) -> None:
         nxt = self.arrived = i + 1
         if nxt < len(self.req):
-            self.push(float(self.req.arrival_s[nxt]), ARRIVAL, nxt)
+            self.push(float(self.req.arrival_s[nxt]) + self.request_overhead, ARRIVAL, nxt)
         if self.progress is not None:
             self.progress(1)
         p, o = int(self.rec.prompt[i]), int(self.rec.output[i])

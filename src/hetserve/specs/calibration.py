@@ -181,6 +181,12 @@ class ServedSteps(Strict):
     engine_step_ms: list[float] = Field(
         min_length=1, description="per request: the mean in-process decode step"
     )
+    served_ttft_ms: list[float] = Field(
+        default=[], description="per request: from sending it to its first token, at the client"
+    )
+    engine_first_step_ms: list[float] = Field(
+        default=[], description="per request: its first in-process step (the prefill and the first token)"
+    )
 
     @model_validator(mode="after")
     def _paired(self) -> ServedSteps:
@@ -189,7 +195,22 @@ class ServedSteps(Strict):
                 f"served_tpot_ms has {len(self.served_tpot_ms)} requests, engine_step_ms "
                 f"{len(self.engine_step_ms)}: they are pairs, one of each per request"
             )
+        if len(self.served_ttft_ms) != len(self.engine_first_step_ms):
+            raise ValueError(
+                f"served_ttft_ms has {len(self.served_ttft_ms)} requests, engine_first_step_ms "
+                f"{len(self.engine_first_step_ms)}: they are pairs, one of each per request"
+            )
         return self
+
+    @property
+    def request_overhead_ms(self) -> float:
+        """Time per request serving adds before its first step: the median of the pairs' first-token
+        differences less the time per step (which its first step pays as every step does); none when not
+        measured (profiles written before it) or measured faster."""
+        if not self.served_ttft_ms:
+            return 0.0
+        pairs = zip(self.served_ttft_ms, self.engine_first_step_ms)
+        return max(0.0, statistics.median(served - engine for served, engine in pairs) - self.overhead_ms)
 
     @property
     def overhead_ms(self) -> float:

@@ -143,6 +143,13 @@ class CostFactors(Strict):
         le=1e4,
         description="fixed time per engine step (scheduler, input preparation), once per step of a pipeline",
     )
+    request_overhead_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1e4,
+        description="fixed time per request before its first step (the serving stack's API, tokeniser and "
+        "hand-over to the engine), beyond the steps' own overhead",
+    )
     allreduce: AllReduceAlgorithm = Field(
         default="ring", description="tensor-parallel all-reduce: ring, one-shot (NVSwitch-style) or auto"
     )
