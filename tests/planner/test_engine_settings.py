@@ -67,12 +67,18 @@ def test_per_request_pipelining_for_chains_in_lanes_and_back_to_lanes_from_it():
     assert setting.per_request and setting.short == "128/256 +per-request"
     chain, dec = single.instances
     assert (chain.pipelining, chain.micro_batches, chain.max_batch_tokens) == ("per-request", 1, 256)
+    assert chain.kv_pool == "server"  # the chains through a server share its KV, as Helix's and Petals'
     assert dec == DECODE  # one server: nothing to pipeline
+    # a prefill chain pipelines per request over its own share: its KV is handed over in its own blocks
+    prefill = CHAIN.model_copy(update={"name": "pre", "role": "prefill"})
+    (pre,) = request_variant(AS_WRITTEN, plan_with(prefill))[1].instances
+    assert (pre.pipelining, pre.kv_pool) == ("per-request", "own")
     assert request_variant(AS_WRITTEN, single) is None  # already per request
     assert request_variant(AS_WRITTEN, plan_with(DECODE)) is None
     # a strategy that wrote per-request chains still gets lanes tried
     _, laned = lane_variant(AS_WRITTEN, single)
     assert (laned.instances[0].pipelining, laned.instances[0].micro_batches) == ("lanes", 4)
+    assert laned.instances[0].kv_pool == "own"
     # the grid: every step budget, one lane per stage with each of them (the plan's own first), then per
     # request with the best so far
     names = [s.name for s, _ in grid(plan, lambda: TOKEN_GRID[1])]

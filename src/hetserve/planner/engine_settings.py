@@ -98,7 +98,8 @@ def with_setting(plan: PlanFile, setting: EngineSetting) -> PlanFile:
         if setting.per_request and len(inst.chain) > 1:
             update["micro_batches"] = 1
             update["pipelining"] = "per-request"
-            update["kv_pool"] = "server"
+            # a prefill or decode instance hands KV over in blocks of its own cache
+            update["kv_pool"] = "server" if inst.role == "mixed" else "own"
         instances.append(inst.model_copy(update=update) if update else inst)
     return plan.model_copy(update={"instances": instances})
 
