@@ -251,7 +251,7 @@ PLANNER_LOSES: dict[str, tuple[str, float, str]] = {
     "helix-24": (
         "helix",
         0.92,
-        "Helix's placement pipelining per request with 128/256 steps makes 486 tok/s; with the 8 s of "
+        "Helix's placement pipelining per request with 128/256 steps makes 483 tok/s; with the 8 s of "
         "work of this test hetserve's plan is its own A100 + T4 pipeline, 451 (0.93x); with the "
         "scenario's 20 s it confirms Helix's placement and ties (docs/baselines.md)",
     ),
