@@ -90,13 +90,12 @@ class KVPool:
 
 def share_kv_pools(
     instances: dict[str, InstanceState], pooled: dict[str, tuple[tuple[str, int], ...]]
-) -> dict[str, KVPool]:
+) -> None:
     """Give every instance in ``pooled`` (name -> its servers' (name, pool tokens)) the pools of its
-    servers, one ``KVPool`` per server for all of them; the pools by server."""
+    servers, one ``KVPool`` per server for all of them."""
     pools: dict[str, KVPool] = {}
     for name, servers in pooled.items():
         instances[name].join([pools.setdefault(s, KVPool(s, t)) for s, t in servers])
-    return pools
 
 
 @dataclass(eq=False)

@@ -82,10 +82,9 @@ class ClusterEngine:
         self.transport: Transport = transport
         self._blocks, self._prefix_caching = blocks, prefix_caching
         #: One KV pool per server whose instances pool it (``kv_pool: server``), in tokens.
-        block = {s: i.block_size for i in topo.instances.values() if i.scheduling.kv_pool for s in i.servers}
         self._kv_pools = {
-            server: KVPool(server, n * block[server])
-            for server, n in pool_blocks(topo, config, kv_cache_gb).items()
+            server: KVPool(server, size.blocks * size.block_size)
+            for server, size in pool_blocks(topo, config, kv_cache_gb).items()
         }
         self.instances = {name: self._runner(name) for name in topo.instances}
         self._index_instances()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ...vocabulary import TORCH_DTYPE_BYTES
 from .topology import Topology
 
@@ -29,9 +31,16 @@ def _block_bytes(w, config, block_size: int) -> int:
     )
 
 
-def pool_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, int]:
-    """Blocks of each server's shared KV pool (``kv_pool: server``): ``kv_cache_gb`` x the shares of the
-    instances pooling it, as its tightest worker holds them. Servers nobody pools are left out."""
+class PoolSize(NamedTuple):
+    """A server's shared KV pool: its blocks and their size in tokens."""
+
+    blocks: int
+    block_size: int
+
+
+def pool_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, PoolSize]:
+    """Each server's shared KV pool (``kv_pool: server``): ``kv_cache_gb`` x the shares of the instances
+    pooling it, as its tightest worker holds them. Servers nobody pools are left out."""
     shares: dict[str, float] = {}
     block: dict[str, int] = {}
     for inst in topo.instances.values():
@@ -40,9 +49,12 @@ def pool_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, int]:
                 shares[server] = shares.get(server, 0.0) + share
                 block[server] = inst.block_size  # one block size per pool (the plan checks it)
     return {
-        server: min(
-            int(kv_cache_gb * share * 2**30) // _block_bytes(topo.workers[r], config, block[server])
-            for r in topo.servers[server]
+        server: PoolSize(
+            min(
+                int(kv_cache_gb * share * 2**30) // _block_bytes(topo.workers[r], config, block[server])
+                for r in topo.servers[server]
+            ),
+            block[server],
         )
         for server, share in shares.items()
     }
@@ -56,7 +68,7 @@ def instance_blocks(topo: Topology, config, kv_cache_gb: float) -> dict[str, int
     out = {}
     for inst in topo.instances.values():
         if inst.scheduling.kv_pool:
-            out[inst.name] = min(pools[s] for s in inst.servers)
+            out[inst.name] = min(pools[s].blocks for s in inst.servers)
         else:
             share = dict(zip(inst.servers, inst.kv_shares))
             out[inst.name] = min(

@@ -126,10 +126,10 @@ class Worker:
         )
         #: The instances pooling this server's KV share one cache (``kv_pool``).
         self.pool: PooledBlocks | None = None
-        pooled = [i for i in self.instances.values() if i.scheduling.kv_pool]
-        if pooled:
-            self.pool = PooledBlocks(pool_blocks(topo, c, kv_cache_gb)[s.server], pooled[0].block_size)
-            shared = allocate(self.pool.num_blocks, self.pool.block_size)
+        size = pool_blocks(topo, c, kv_cache_gb).get(s.server)
+        if size is not None:
+            self.pool = PooledBlocks(size.blocks, size.block_size)
+            shared = allocate(size.blocks, size.block_size)
         for name, inst in self.instances.items():
             if inst.scheduling.kv_pool:
                 self.pool.add(name, num_blocks[name])
