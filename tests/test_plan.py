@@ -377,6 +377,31 @@ CASES = [
         ["server 'z'", "['i1', 'i2']", "block sizes [16, 32]", "the same block_size"],
     ),
     (
+        "span-outside-the-servers-layers",
+        lambda d: (d["servers"][0].update(layers=[0, 20]), d["instances"][0].update(spans={"a": [0, 22]})),
+        ["instances[0] (pipe).spans.a", "[0, 22) is not a part of the layers [0, 20)", "within them"],
+    ),
+    (
+        "span-of-a-server-not-on-the-chain",
+        _set("instances", 0, "spans", {"c": [0, 16]}),
+        ["instances[0] (pipe).spans", "names ['c'], not on its chain ['a', 'b']"],
+    ),
+    (
+        "spans-on-a-prefill-instance",
+        lambda d: (_pd({})(d), d["instances"][0].update(spans={"a": [0, 16]})),
+        ["instances[0]", "spans are given but the role is prefill", "make the instance mixed"],
+    ),
+    (
+        "chain-passing-a-server-twice",
+        _set("instances", 0, "chain", ["a", "b", "a"]),
+        ["instances[0] (pipe).chain", "server a appears twice", "passes a server once"],
+    ),
+    (
+        "span-leaving-a-gap",
+        lambda d: (d["servers"][0].update(layers=[0, 20]), d["instances"][0].update(spans={"a": [0, 14]})),
+        ["instances[0] (pipe).chain", "layers 14..15 are not covered"],
+    ),
+    (
         "unknown-pipelining",
         _set("instances", 0, "pipelining", "lockstep"),
         ["instances[0].pipelining", "'lanes'", "'per-request'"],
@@ -521,6 +546,27 @@ def test_instances_pooling_a_server_share_its_shares_room(plan):
         assert dep.kv_pools()[name] == ((head, dep.servers[head].kv_pool_tokens), ("z", z.kv_pool_tokens))
     assert dep.instances["i1"].kv_capacity_tokens > own.instances["i1"].kv_capacity_tokens
     assert own.kv_pools() == {} and own.servers["z"].kv_pool_tokens == 0
+
+
+def test_a_chain_through_part_of_a_server_is_timed_by_that_part(plan):
+    """Partial inference: server a holds layers 0-19 and b 16-31, so the chain runs a's first 16 layers
+    only; its first stage is timed as 16 layers (as a server holding exactly those), not a's 20."""
+
+    def overlapping(d):
+        d["servers"][0]["layers"] = [0, 20]
+        d["instances"][0]["spans"] = {"a": [0, 16]}
+
+    dep = load_plan(plan(overlapping, name="partial.yaml"))
+    exact = load_plan(plan(name="exact.yaml"))  # a holds exactly layers 0-15
+    inst = dep.instances["pipe"]
+    assert inst.layers == [(0, 16), (16, 32)]
+    assert inst.stage_fraction(0) == pytest.approx(0.8) and inst.stage_fraction(1) == 1.0
+    step = (512.0, 8.0, 8 * 300.0, 8 * 600.0)
+    part = dep.chain_timer("pipe").timers[0].time(*step)
+    assert part == pytest.approx(exact.chain_timer("pipe").timers[0].time(*step))
+    assert part < dep.cost_model.timer(dep.servers["a"].shape).time(*step)
+    # the memory check still counts all 20 layers a holds: it has less KV room than the exact server
+    assert inst.kv_capacity_tokens < exact.instances["pipe"].kv_capacity_tokens
 
 
 def test_kv_capacity_is_the_smallest_server(plan):

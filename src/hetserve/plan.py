@@ -10,7 +10,7 @@ everything resolved (GPU specs, cost-model shapes, links, KV capacities). docs/p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -110,6 +110,12 @@ class InstancePlan(Strict):
         "length (Helix's and Petals' one cache per machine)",
     )
     block_size: int = Field(default=16, ge=1, le=MAX_BLOCK_SIZE)
+    spans: dict[str, tuple[int, int]] = Field(
+        default_factory=dict,
+        description="partial inference: the [start, end) layers a server of the chain computes for this "
+        "instance, where that is a part of the layers it holds (a Petals client's route through "
+        "servers whose ranges overlap); a server not named computes all its layers",
+    )
 
     @model_validator(mode="after")
     def _default_chunk(self) -> InstancePlan:
@@ -135,6 +141,11 @@ class InstancePlan(Strict):
             raise ValueError(
                 f"kv_pool is server but the role is {self.role}: KV handed between prefill and decode "
                 "instances goes to blocks of the instance's own cache; set kv_pool: own"
+            )
+        if self.spans and self.role != "mixed":
+            raise ValueError(
+                f"spans are given but the role is {self.role}: KV handed between prefill and decode "
+                "instances covers every layer of each server; remove spans or make the instance mixed"
             )
         return self
 
@@ -220,10 +231,32 @@ class Instance:
     kv_capacity_tokens: int  # KV slots (scheduling.kv_window): tokens, for a model without windows
     hops: list[Link]  # link from servers[i] to servers[i+1]
     kv_window: KVWindow | None = None  # the model's sliding-window layers, if any
+    #: The [start, end) layers each server computes for this instance: its whole range, or its ``spans``
+    layers: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.plan.name
+
+    def stage_shape(self, k: int) -> ServerShape:
+        """The cost-model shape of what stage ``k`` computes for this instance: its server's shape, or
+        the part of it in ``spans`` (those layers' bits; the embedding and the head only where the part
+        starts at the first layer or ends at the last)."""
+        srv = self.servers[k]
+        start, end = self.layers[k] if self.layers else srv.plan.layers
+        held = srv.plan.layers
+        if (start, end) == tuple(held):
+            return srv.shape
+        bits = srv.shape.layer_bits[start - held[0] : end - held[0]]
+        return replace(srv.shape, layer_bits=bits, first=start == 0, last=srv.shape.last and end == held[1])
+
+    def stage_fraction(self, k: int) -> float:
+        """The share of its server's layers stage ``k`` computes for this instance."""
+        srv = self.servers[k]
+        if not self.layers:
+            return 1.0
+        start, end = self.layers[k]
+        return (end - start) / (srv.plan.layers[1] - srv.plan.layers[0])
 
     @property
     def role(self) -> str:
@@ -367,12 +400,29 @@ class Deployment:
         if inst.name in self.instances:
             raise self._err(f"{where}.name: instance name '{inst.name}' is used twice")
         chain: list[Server] = []
+        layers: list[tuple[int, int]] = []
+        stray = [n for n in inst.spans if n not in inst.chain]
+        if stray:
+            raise self._err(
+                f"{where}.spans: names {stray}, not on its chain {inst.chain}; give spans only for "
+                "servers of the chain"
+            )
+        if len(set(inst.chain)) != len(inst.chain):
+            twice = sorted({n for n in inst.chain if inst.chain.count(n) > 1})
+            raise self._err(f"{where}.chain: server {twice[0]} appears twice; a chain passes a server once")
         expect = 0
         for j, sname in enumerate(inst.chain):
             srv = self.servers.get(sname)
             if srv is None:
                 raise self._err(f"{where}.chain[{j}]: unknown server '{sname}'{suggest(sname, self.servers)}")
-            start, end = srv.plan.layers
+            start, end = held = srv.plan.layers
+            if sname in inst.spans:
+                start, end = inst.spans[sname]
+                if not held[0] <= start < end <= held[1]:
+                    raise self._err(
+                        f"{where}.spans.{sname}: [{start}, {end}) is not a part of the layers "
+                        f"[{held[0]}, {held[1]}) the server holds; give a non-empty range within them"
+                    )
             if start != expect:
                 what = "covered twice" if start < expect else "not covered"
                 lo, hi = sorted((start, expect))
@@ -388,6 +438,7 @@ class Deployment:
                     "hand KV between vendors with prefill and decode instances instead"
                 )
             chain.append(srv)
+            layers.append((start, end))
         if expect != m.num_layers:
             raise self._err(
                 f"{where}.chain: layers {expect}..{m.num_layers - 1} are not covered; a chain "
@@ -405,7 +456,7 @@ class Deployment:
             srv.instances.append(inst.name)
             shares[srv.name] += inst.share_on(srv.name)
         hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
-        self.instances[inst.name] = Instance(inst, chain, 0, hops, m.kv_window)
+        self.instances[inst.name] = Instance(inst, chain, 0, hops, m.kv_window, layers)
 
     def _build(self) -> None:
         spec = self.spec
@@ -579,7 +630,7 @@ class Deployment:
         inst = self.instances[instance]
         act_bytes = self.model.hidden_size * 2.0
         return ChainTimer(
-            [self.cost_model.timer(s.shape) for s in inst.servers],
+            [self.cost_model.timer(inst.stage_shape(k)) for k in range(len(inst.servers))],
             [h.latency for h in inst.hops],
             [act_bytes / h.bandwidth for h in inst.hops],
             inst.plan.micro_batches,

@@ -201,15 +201,15 @@ def asks_from(dep: Deployment) -> list[InstanceAsk]:
                 server=srv.name,
                 node=srv.node.name,
                 gpus=tuple(srv.plan.gpus),
-                layers=tuple(srv.plan.layers),
-                bits=srv.plan.layer_bits(),
+                layers=tuple(span),  # the layers it computes for this instance (``spans``)
+                bits=srv.plan.layer_bits()[span[0] - srv.plan.layers[0] : span[1] - srv.plan.layers[0]],
                 kv_dtype=srv.plan.kv_dtype,
                 kv_layout=srv.plan.kv_layout,
                 gpu=srv.node.gpu,
                 kv_share=inst.plan.share_on(srv.name),
                 expert_parallel=srv.plan.expert_parallel,
             )
-            for srv in inst.servers
+            for srv, span in zip(inst.servers, inst.layers, strict=True)
         ]
         p = inst.plan
         ask = InstanceAsk(

@@ -47,15 +47,19 @@ class SimServer:
     def take_step(self) -> tuple[list, tuple[float, float, float, float]]:
         """The waiting batches the next step runs (in arrival order, within the token budget; at least
         one) and the shape of the merged step."""
-        taken, new, seqs, pairs, kv = [], 0.0, 0.0, 0.0, 0.0
+        taken, tokens, new, seqs, pairs, kv = [], 0.0, 0.0, 0.0, 0.0, 0.0
         while self.waiting:
             lane, stage = self.waiting[0]
             n, q, p, k = lane.shape
-            if taken and new + n > self.token_budget:
+            if taken and tokens + n > self.token_budget:
                 break
             self.waiting.popleft()
             taken.append((lane, stage))
-            new, seqs, pairs, kv = new + n, seqs + q, pairs + p, kv + k
+            # a step through part of the server's layers (``spans``) does that part of the work per
+            # token; the server still reads the weights of every layer once per merged step
+            f = lane.instance.fractions[stage]
+            tokens += n
+            new, seqs, pairs, kv = new + n * f, seqs + q * f, pairs + p * f, kv + k * f
         return taken, (new, seqs, pairs, kv)
 
     def occupy(self, start: float, duration: float) -> None:
@@ -151,6 +155,9 @@ class SimInstance(InstanceState[Lane]):
             lane.instance = self
         self.plan = inst.plan
         self.servers = [servers[s.name] for s in inst.servers]
+        #: The share of each server's layers this instance's steps run through (below 1 where ``spans``
+        #: gives a server's part): a shared server's merged step counts a step's work by it.
+        self.fractions = [inst.stage_fraction(k) for k in range(len(inst.servers))]
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes in flight a lane's step takes the pipeline's cycle,
         #: max(latency, m x slowest stage) (a lone lane: the latency); servers shared with other

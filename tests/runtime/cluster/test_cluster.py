@@ -155,6 +155,32 @@ def test_chains_pooling_a_servers_kv_take_turns_in_it(reference, tmp_path):
         engine.shutdown()
 
 
+def test_chains_through_parts_of_overlapping_servers(reference, tmp_path):
+    """Partial inference (``spans``): the head server holds layers 0-19 and one tail 15-29, so chain-a
+    runs the head's first 15 layers only and chain-b all 20; both give the single engine's tokens (a
+    stage running a layer twice, or skipping one, would change them)."""
+    text = (PLANS / "smollm2-shared.yaml").read_text()
+    text = text.replace("../clusters/", f"{PLANS.parent / 'clusters'}/")
+    text = text.replace("layers: [0, 15]", "layers: [0, 20]")
+    text = text.replace(
+        "name: tail-b, node: t4-box, gpus: [0], layers: [15, 30]",
+        "name: tail-b, node: t4-box, gpus: [0], layers: [20, 30]",
+    )
+    text = text.replace(
+        "kv_share: {head: 0.5, tail-a: 1.0},", "kv_share: {head: 0.5, tail-a: 1.0}, spans: {head: [0, 15]},"
+    )
+    text = text.replace("policy: jffc", "policy: round-robin")  # both chains get requests
+    assert text.count("[0, 20]") == 1 and "spans" in text and "[20, 30]" in text
+    plan = tmp_path / "partial.yaml"
+    plan.write_text(text)
+    engine = start_cluster(str(plan), kv_cache_gb=KV_GB)
+    try:
+        assert generate(engine) == reference
+        assert engine.instance_steps["chain-a"] > 0 and engine.instance_steps["chain-b"] > 0
+    finally:
+        engine.shutdown()
+
+
 def test_bf16_decode_agreement():
     """fp32 prefill, bf16 decode: the first token is the prefill's; report how many tokens agree (greedy
     decoding diverges for good once one token differs, so the rate is mostly how long they stay equal)."""

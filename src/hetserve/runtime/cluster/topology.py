@@ -39,6 +39,9 @@ class InstanceSpec:
     scheduling: InstanceConfig
     #: Per-token costs and speed from the plan's cost model (least-work routing and JFFC read them).
     estimate: WorkEstimate
+    #: Per server in the chain: the [start, end) model layers it computes for this instance (its whole
+    #: range, or the part the plan's ``spans`` gives)
+    layers: tuple[tuple[int, int], ...] = ()
 
     @property
     def role(self) -> str:  # mixed | prefill | decode
@@ -133,6 +136,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
             tuple(p.share_on(s.name) for s in inst.servers),
             inst.scheduling(),
             dep.chain_timer(p.name).work_estimate(),
+            tuple(tuple(span) for span in inst.layers),
         )
     r = dep.spec.routing
     return Topology(

@@ -205,6 +205,13 @@ class Worker:
     def _stage(self, inst: InstanceSpec) -> int:
         return next(i for i, ranks in enumerate(inst.stages) if self.rank in ranks)
 
+    def _part(self, inst: InstanceSpec, k: int) -> tuple[int, int] | None:
+        """The layers of this worker's slice that stage ``k`` of ``inst`` runs (None: all of them)."""
+        if not inst.layers or tuple(inst.layers[k]) == tuple(self.spec.layers):
+            return None
+        first = self.spec.layers[0]
+        return inst.layers[k][0] - first, inst.layers[k][1] - first
+
     def step(self, cmd: Step) -> None:
         inst = self.instances[cmd.instance]
         k = self._stage(inst)
@@ -226,7 +233,9 @@ class Worker:
                 self.device,
             ).to(self.dtype)
         stream = self._kv_streamer(cmd) if cmd.kv_out else None
-        h = self.model(x, positions, meta, self.views[cmd.instance], after_layer=stream)
+        h = self.model(
+            x, positions, meta, self.views[cmd.instance], after_layer=stream, part=self._part(inst, k)
+        )
         if self.spec.tp_rank != 0:
             return
         if k == len(inst.stages) - 1:

@@ -265,6 +265,7 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         kv_caches: Sequence[tuple[Tensor, Tensor]],
         after_layer: Callable[[int], None] | None = None,
+        part: tuple[int, int] | None = None,
     ) -> Tensor:
         """x: token ids [T] on the first slice, else hidden states [T, hidden] from the slice before.
 
@@ -272,17 +273,23 @@ class LlamaModel(nn.Module):
         ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer, optionally followed by the layer's
         dense decode copy (see ``paged_attention``). ``after_layer(i)`` runs once
         layer ``i`` of the slice has written its KV (a prefill worker streams it out from there).
+        ``part``: run only the slice's layers [lo, hi) (partial inference: a chain that uses part of
+        this slice); the embedding only where ``lo`` is the model's first layer, the final norm only where
+        ``hi`` is its last. ``kv_caches`` still has one entry per layer of the slice.
         """
-        h = self.embed_tokens(x) if self.is_first else x
+        n = len(self.layers)
+        lo, hi = part if part is not None else (0, n)
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"part [{lo}, {hi}) is not within this slice's {n} layers")
+        if len(kv_caches) != n:
+            raise ValueError(f"{len(kv_caches)} KV caches for a slice of {n} layers")
+        h = self.embed_tokens(x) if self.is_first and lo == 0 else x
         cos, sin = self.rotary(positions, h.dtype)
-        if after_layer is None:
-            for layer, cache in zip(self.layers, kv_caches, strict=True):
-                h = layer(h, cos, sin, meta, cache)
-        else:
-            for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-                h = layer(h, cos, sin, meta, cache)
+        for i in range(lo, hi):
+            h = self.layers[i](h, cos, sin, meta, kv_caches[i])
+            if after_layer is not None:
                 after_layer(i)
-        return self.norm(h) if self.is_last else h
+        return self.norm(h) if self.is_last and hi == n else h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits [N, vocab] for the given rows of final hidden states (last slice only)."""
