@@ -700,6 +700,9 @@ def save_plan(
     import os
 
     data = spec.model_dump(mode="json", exclude_defaults=False)
+    for inst in data["instances"]:  # written only where a chain runs part of a server
+        if not inst["spans"]:
+            del inst["spans"]
     target = Path(path).resolve().parent
     if cluster_path is not None:
         data["cluster"] = os.path.relpath(Path(cluster_path).resolve(), target)

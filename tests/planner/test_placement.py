@@ -4,7 +4,7 @@ composition, each a plan the loader accepts with the properties that define it."
 import pytest
 
 from hetserve.plan import Deployment
-from hetserve.planner.placement.blocks import block_servers
+from hetserve.planner.placement.blocks import block_servers, blocks_that_fit, chain_parts, fastest_chain
 from hetserve.planner.placement.chain import ChainComposition
 from hetserve.planner.placement.helix import Helix, decompose
 from tests.contexts import WORKLOAD, context, helix_machines, plan_of
@@ -70,6 +70,48 @@ def test_chain_composition_allocates_cache_to_composed_chains_that_share_servers
     assert chains[0] == ("big", "mid") and ("big", "a10-1") in chains
 
 
+def test_gbp_cr_shifts_a_chains_last_server_back_and_keeps_an_unfinished_chain():
+    """GBP-CR as its paper has it: the server that completes a chain ends at the last block with all the
+    blocks it can hold (overlapping the server before it, not trimmed to the blocks left), and the servers
+    of an unfinished chain stay placed; GCA's chains then run part of the shifted server."""
+    nodes = [
+        {"name": "a10", "gpu": "a10", "count": 1, "replicas": 3},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 2},
+    ]
+    ctx = context(nodes, model="llama-2-13b")
+    L = ctx.model.num_layers
+    servers = {s.node: s for s in block_servers(ctx, 16)}
+    placed = ChainComposition().gbp_cr(ctx, servers, 16, 4, 0.0)
+    tokens = 4 * (ctx.prompt + ctx.output)
+    assert set(placed) == set(servers)  # every server placed, the unfinished chain's too
+    ends = [n for n, (_, e) in placed.items() if e == L]
+    assert len(ends) == 2
+    for n in ends:
+        start, end = placed[n]
+        full = blocks_that_fit(ctx, servers[n], 16, tokens, first=start == 0, last=True)
+        assert end - start == min(full, L)  # its whole span, shifted back
+    alloc = ChainComposition().gca(ctx, servers, placed, 16, 4)
+    assert alloc
+    overlapping = 0
+    for ch, _, _ in alloc:
+        parts = chain_parts(placed, ch)
+        assert parts[0][0] == 0 and parts[-1][1] == L
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # every layer once, in order
+        overlapping += sum(part != placed[n] for n, part in zip(ch, parts))
+    assert overlapping > 0  # a chain runs part of a shifted-back server
+
+
+def test_fastest_chain_takes_part_of_a_server_only_with_partial_inference():
+    ctx = context([{"name": "a10", "gpu": "a10", "count": 1, "replicas": 3}], model="llama-2-13b")
+    servers = {s.node: s for s in block_servers(ctx, 16)}
+    placed = {"a10-0": (0, 25), "a10-1": (15, 40), "a10-2": (25, 40)}
+    assert fastest_chain(ctx, placed, servers) == ["a10-0", "a10-2"]
+    without = {n: r for n, r in placed.items() if n != "a10-2"}
+    assert fastest_chain(ctx, without, servers) is None
+    assert fastest_chain(ctx, without, servers, partial=True) == ["a10-0", "a10-1"]
+    assert chain_parts(without, ["a10-0", "a10-1"]) == [(0, 25), (25, 40)]
+
+
 def test_chain_plans_jffc_over_chains_with_slots():
     nodes = [
         {"name": "a10", "gpu": "a10", "count": 1, "replicas": 2},
@@ -83,6 +125,9 @@ def test_chain_plans_jffc_over_chains_with_slots():
     for inst in dep.instances.values():  # a chain's slots are its batch; its KV holds a long request
         assert inst.plan.max_batch_size >= 1 and len(inst.servers) > 1
         assert inst.kv_capacity_tokens >= ctx.long_request
+        for srv, (start, end) in zip(inst.servers, inst.layers):  # spans: the part of a server it runs
+            assert srv.plan.layers[0] <= start < end == srv.plan.layers[1]
+            assert (srv.name in inst.plan.spans) == (start != srv.plan.layers[0])
 
 
 def test_helix_stops_at_its_node_budget_with_the_same_placement_every_time(monkeypatch):

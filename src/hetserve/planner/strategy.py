@@ -342,10 +342,13 @@ class PlanWriter:
         policy: str | None = None,
         per_request: bool = False,
         pooled_kv: bool = False,
+        parts: list[tuple[int, int]] | None = None,
     ) -> str:
         """Write an instance; ``kv_share`` is one share for every server of ``chain`` or one per server.
         ``per_request``: the chain pipelines every request on its own (``micro_batches`` is not used);
-        ``pooled_kv``: then its shares join each server's one KV pool (``kv_pool: server``)."""
+        ``pooled_kv``: then its shares join each server's one KV pool (``kv_pool: server``); ``parts``:
+        per server of ``chain``, the layers it computes for this instance (``spans`` where that is part
+        of the layers the server holds)."""
         if per_request:
             micro_batches = 1
         max_batch, max_tokens, chunk = self.ctx.settings(role, micro_batches, settings)
@@ -358,6 +361,9 @@ class PlanWriter:
             share = dict(zip(names, shares)) if len(set(shares)) > 1 else min(shares[0], 1.0)
         elif kv_share < 1.0:
             share = rounded(kv_share)
+        spans = {
+            n: (a, b) for n, s, (a, b) in zip(names, chain, parts or [], strict=False) if (a, b) != (s.start, s.end)
+        }
         self.instances.append(
             InstancePlan(
                 name=name,
@@ -368,6 +374,7 @@ class PlanWriter:
                 chunk_size=chunk,
                 micro_batches=int(micro_batches),
                 kv_share=share,
+                spans=spans,
                 **({"policy": policy} if policy else {}),
                 **({"pipelining": "per-request"} if per_request and len(chain) > 1 else {}),
                 **({"kv_pool": "server"} if pooled_kv and per_request and len(chain) > 1 else {}),

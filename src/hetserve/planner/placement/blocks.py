@@ -2,8 +2,9 @@
 
 Each node runs one *block server*: its GPUs as one tensor-parallel group holding a contiguous range of
 blocks at one bit-width, beside a KV-cache reservation. Placed servers form an interval graph: a server
-ending at block e may hand a request to any server starting at e; a *chain* is a path from block 0 to
-the last block. This module sizes servers (blocks that fit beside a cache reservation, time per block)
+ending at block e may hand a request to any server starting at e (or, with partial inference, to any
+server holding block e, which runs the rest of its range); a *chain* is a path from block 0 to the last
+block. This module sizes servers (blocks that fit beside a cache reservation, time per block)
 and finds chains (the fastest path by Dijkstra, optionally with per-server extra costs).
 """
 
@@ -89,45 +90,65 @@ def fastest_chain(
     servers: dict[str, BlockServer],
     extra: dict[str, float] | None = None,
     usable: set[str] | None = None,
+    partial: bool = False,
 ) -> list[str] | None:
     """Dijkstra from block 0 to the last block over servers whose ranges meet end to start; a server
-    costs its blocks' decode time per token plus ``extra``; a hop costs the link's latency."""
+    costs the decode time per token of the blocks it runs plus ``extra``; a hop costs the link's latency.
+    ``partial``: a server may also take over part-way through its range (partial inference), from the
+    block where the server before it ends: it runs the rest of its range (``chain_parts``)."""
     L = ctx.model.num_layers
     extra = extra or {}
+    live = {n: r for n, r in placed.items() if usable is None or n in usable}
     starts: dict[int, list[str]] = {}
-    for n, (s, _end) in placed.items():
-        if usable is None or n in usable:
-            starts.setdefault(s, []).append(n)
-    heap = []
+    for n, (s, _end) in live.items():
+        starts.setdefault(s, []).append(n)
+
+    def entering(e: int) -> list[str]:
+        """Servers that can take a request at block ``e``."""
+        if not partial:
+            return starts.get(e, [])
+        return [n for n, (s, end) in live.items() if s <= e < end]
+
+    def cost(n: str, e: int) -> float:
+        return servers[n].block_time * (live[n][1] - e) + extra.get(n, 0.0)
+
+    heap = [(cost(n, 0), n, None) for n in entering(0)]
+    heapq.heapify(heap)
     dist: dict[str, float] = {}
     prev: dict[str, str | None] = {}
-    for n in starts.get(0, []):
-        d = servers[n].block_time * (placed[n][1] - placed[n][0]) + extra.get(n, 0.0)
-        heap.append((d, n, None))
-    heapq.heapify(heap)
     while heap:
         ctx.check_time()
         d, n, p = heapq.heappop(heap)
         if n in dist:
             continue
         dist[n], prev[n] = d, p
-        e = placed[n][1]
+        e = live[n][1]
         if e == L:
             chain = [n]
             while prev[chain[-1]] is not None:
                 chain.append(prev[chain[-1]])
             return chain[::-1]
-        for nxt in starts.get(e, []):
+        for nxt in entering(e):
             if nxt not in dist:
                 hop = ctx.cluster.link(n, nxt).latency
-                cost = servers[nxt].block_time * (placed[nxt][1] - placed[nxt][0]) + extra.get(nxt, 0.0)
-                heapq.heappush(heap, (d + hop + cost, nxt, n))
+                heapq.heappush(heap, (d + hop + cost(nxt, e), nxt, n))
     return None
+
+
+def chain_parts(placed: dict[str, tuple[int, int]], chain: list[str]) -> list[tuple[int, int]]:
+    """The blocks each server of ``chain`` runs: from where the server before it ends (block 0 for the
+    first) to the end of its own range."""
+    out, pos = [], 0
+    for n in chain:
+        out.append((pos, placed[n][1]))
+        pos = placed[n][1]
+    return out
 
 
 def chain_spots(
     placed: dict[str, tuple[int, int]], servers: dict[str, BlockServer], chain: list[str], bits: int
 ) -> list[Spot]:
+    """The servers of ``chain`` as placed (the whole range each holds)."""
     return [spot(n, servers[n].gpus, *placed[n], bits) for n in chain]
 
 

@@ -5,14 +5,16 @@ JFFC dispatch.
   concurrent jobs in each block it holds, so it holds m_j(c) = memory / (block bytes + c x cache per
   job per block) blocks. Servers are taken in order of amortised time per block (compute per block plus
   a job's communication with the server over m_j(c)) and laid end to end: each takes
-  the next m_j(c) blocks of the chain being built (the last one of a chain only the blocks left); a
-  complete chain starts the next one. Servers stop being added once the complete chains can carry the
-  load (their job slots over their service times exceed the arrival rate at 70% utilisation); servers of
-  an unfinished chain are left out. A chain's service time for its ``c`` jobs comes from the cost model
+  the next m_j(c) blocks of the chain being built; the one that reaches the last block is shifted back
+  to end there with all its m_j(c) blocks, overlapping the server before it. A complete chain starts the
+  next one. Servers stop being added once the complete chains can carry the load (their job slots over
+  their service times exceed the arrival rate at 70% utilisation); the servers of an unfinished chain
+  stay placed. A chain's service time for its ``c`` jobs comes from the cost model
   with the jobs batched together (their prompts, then their tokens in steps of ``c``), so concurrent
   jobs slow each other down as they do on a real server.
 - **GCA** (greedy cache allocation). Over all chains the placed servers compose (any server ending at
-  block e may hand to any server starting at e), repeatedly take the fastest chain (Dijkstra on
+  block e may hand to any server holding block e, which runs the rest of its range: partial inference,
+  the plan's ``spans``), repeatedly take the fastest chain (Dijkstra on
   per-token service time plus link latencies) whose servers all have cache left, give it as many job
   slots as its scarcest server has left, and subtract them
   from every server on it. A job slot is the cache of a request of the workload's mean length; a chain
@@ -45,6 +47,7 @@ from .blocks import (
     BlockServer,
     block_servers,
     blocks_that_fit,
+    chain_parts,
     chain_spots,
     fastest_chain,
     uniform_bits_for,
@@ -59,6 +62,10 @@ TARGET_UTILISATION = 0.7
 #: GBP-CR's stopping rules tried: that target, or 0 (place every server: less queueing, a lower mean
 #: response time).
 UTILISATION_TARGETS = (TARGET_UTILISATION, 0.0)
+#: Where the server that completes a chain sits: shifted back to end at the last block with every block
+#: it holds (GBP-CR in the paper), or trimmed to the blocks left (more cache for its job slots, fewer
+#: chains for GCA to compose); both are tried.
+SHIFT_BACK = (True, False)
 
 
 def erlang_c_wait(lam: float, mu: float, n: int) -> float:
@@ -96,9 +103,9 @@ class ChainComposition(Strategy):
         for bits in [b for b in ctx.uniform_bit_choices() if b <= widest]:
             servers = {s.node: s for s in block_servers(ctx, bits)}
             for c in range(1, MAX_RESERVATION + 1):
-                seen: list[dict] = []  # the stopping rules may place the same servers
-                for target in UTILISATION_TARGETS:
-                    placed = self.gbp_cr(ctx, servers, bits, c, target)
+                seen: list[dict] = []  # the stopping and end rules may place the same servers
+                for target, shift in ((t, b) for t in UTILISATION_TARGETS for b in SHIFT_BACK):
+                    placed = self.gbp_cr(ctx, servers, bits, c, target, shift)
                     if not placed or placed in seen:
                         continue
                     seen.append(placed)
@@ -132,6 +139,7 @@ class ChainComposition(Strategy):
                 f"chain-{i}",
                 "mixed",
                 chain_spots(placed, servers, ch, bits),
+                parts=chain_parts(placed, ch),
                 settings=(slots, max_tokens, chunk),
                 micro_batches=self._lanes(ctx, ch, slots),
                 kv_share=share,
@@ -161,8 +169,8 @@ class ChainComposition(Strategy):
         per_lane = jobs / lanes
         context = ctx.prompt + ctx.output / 2
         stages, trip = [], 0.0
-        for a, n in enumerate(ch):
-            span = placed[n][1] - placed[n][0]
+        for a, (n, (lo, hi)) in enumerate(zip(ch, chain_parts(placed, ch))):
+            span = hi - lo
             srv = servers[n]
             stages.append(
                 span
@@ -191,7 +199,7 @@ class ChainComposition(Strategy):
         return srv.block_time + (ctx.output + 1) * hop / k
 
     def gbp_cr(
-        self, ctx, servers: dict[str, BlockServer], bits: int, c: int, target: float
+        self, ctx, servers: dict[str, BlockServer], bits: int, c: int, target: float, shift: bool = True
     ) -> dict[str, tuple[int, int]]:
         L = ctx.model.num_layers
         tokens = c * (ctx.prompt + ctx.output)
@@ -210,7 +218,9 @@ class ChainComposition(Strategy):
             if k < 1:
                 continue
             end = min(pos + k, L)
-            placed[srv.node] = (pos, end)
+            # the server that ends a chain is shifted back to end at the last block with all k blocks,
+            # overlapping the server before it (chains then run part of it), or trimmed to the rest
+            placed[srv.node] = (max(0, L - k), L) if end == L and shift else (pos, end)
             chain.append(srv.node)
             pos = end
             if pos == L:
@@ -222,8 +232,7 @@ class ChainComposition(Strategy):
                     >= ctx.rate
                 ):
                     break
-        for n in chain:  # an unfinished chain serves nobody
-            del placed[n]
+        # the servers of an unfinished chain stay placed: GCA may compose them with the others' blocks
         return placed
 
     # ---- GCA ----------------------------------------------------------------------------------------
@@ -255,7 +264,7 @@ class ChainComposition(Strategy):
         while True:
             ctx.check_time()
             usable = {n for n in placed if n not in banned and left[n] >= least}
-            ch = fastest_chain(ctx, placed, servers, usable=usable)
+            ch = fastest_chain(ctx, placed, servers, usable=usable, partial=True)
             if ch is None:
                 return out
             if any(ch == other for other, _, _ in out):  # a chain is allocated once
