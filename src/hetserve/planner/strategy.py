@@ -362,7 +362,9 @@ class PlanWriter:
         elif kv_share < 1.0:
             share = rounded(kv_share)
         spans = {
-            n: (a, b) for n, s, (a, b) in zip(names, chain, parts or [], strict=False) if (a, b) != (s.start, s.end)
+            n: (a, b)
+            for n, s, (a, b) in zip(names, chain, parts or [], strict=False)
+            if (a, b) != (s.start, s.end)
         }
         self.instances.append(
             InstancePlan(
