@@ -266,6 +266,34 @@ def test_petals_chains_share_block_servers_within_their_kv_room():
     assert plan.routing.policy == "least-work"
 
 
+def test_petals_servers_hold_every_block_that_fits_and_chains_run_parts_of_them():
+    """Petals' span choice: a server takes as many blocks as fit beside its attention cache, at any
+    start (not trimmed to meet another span); spans overlap and a chain runs part of a server."""
+    from hetserve.baselines.petals import attn_cache_tokens
+    from hetserve.planner.placement.blocks import block_servers, blocks_that_fit
+
+    nodes = [
+        {"name": "a10", "gpu": "a10", "count": 1, "replicas": 2},
+        {"name": "t4", "gpu": "t4", "count": 1, "replicas": 3},
+    ]
+    ctx = context(nodes, model="llama-2-13b", quality=0.0)
+    plan, dep = plan_of("petals", ctx)
+    L = ctx.model.num_layers
+    blocks = {b.node: b for b in block_servers(ctx, 16)}
+    cache = attn_cache_tokens(ctx.model)
+    for srv in dep.servers.values():
+        start, end = srv.plan.layers
+        fits = blocks_that_fit(ctx, blocks[srv.node.name], 16, cache, first=start == 0, last=end == L)
+        assert end - start == min(fits, L - start) if end == L else end - start == fits
+    parts = [
+        (srv.name, span)
+        for inst in dep.instances.values()
+        for srv, span in zip(inst.servers, inst.layers)
+        if span != tuple(srv.plan.layers)
+    ]
+    assert parts, "some chain runs part of a server whose span overlaps another"
+
+
 def test_petals_reserves_its_default_attention_cache_per_model():
     """Petals' server default: 32,768 cache tokens per block when KV heads are shared, 8,192 otherwise."""
     from hetserve.baselines.petals import attn_cache_tokens

@@ -8,9 +8,9 @@ its span length). After everyone has joined, servers move when moving raises the
 throughput by more than 10%, in at most two passes (Petals' periodic rebalancing). Clients route each request along the
 fastest chain by Dijkstra (compute per token plus link latency).
 
-In a plan a chain must cover every block exactly once, so spans here start or end where another span
-does (or at the first or last block) and are trimmed to meet another boundary within reach: a span may
-be shorter than what the server could hold. Servers join fastest first; NF4 (4-bit) blocks, Petals'
+A server's span is every block it holds, at any start; spans overlap, and a chain runs the part of a
+server from where the server before it ends (partial inference: the plan's ``spans``). Servers join
+fastest first; NF4 (4-bit) blocks, Petals'
 GPU default, where the quality budget allows 4 bits, else the widest width it allows at which the swarm
 holds the model (16 bits in a lossless scenario); one server per node (its GPUs as a TP group). Chains:
 repeated Dijkstra, each time adding the found chain's load to its servers' costs (a loaded server is
@@ -27,6 +27,7 @@ from ..planner.placement.blocks import (
     BlockServer,
     block_servers,
     blocks_that_fit,
+    chain_parts,
     chain_spots,
     fastest_chain,
     holds_model,
@@ -114,6 +115,7 @@ class Petals(Strategy):
                 spots,
                 micro_batches=lanes,
                 kv_share=shares,
+                parts=chain_parts(placed, ch),
                 per_request=per_request_engine(ctx),
                 pooled_kv=True,
             )
@@ -140,40 +142,27 @@ class Petals(Strategy):
         return min(self._throughputs(placed, servers, L))
 
     def _choose(self, ctx, srv: BlockServer, bits: int, placed, servers):
-        """The span covering the weakest blocks. Spans start or end at an existing boundary (or the first
-        or last block) and are trimmed to end (or start) at another one when it lies within reach, so that
-        chains meet end to start."""
+        """The span covering the weakest blocks: every block the server holds beside its cache, at the
+        start whose blocks' throughputs, sorted, are lexicographically smallest (Petals'
+        ``_choose_best_start``; ties to the earliest start). Spans may overlap: a chain runs part of a
+        server (partial inference)."""
         L = ctx.model.num_layers
-        cuts = sorted({0, L} | {x for span in placed.values() for x in span})
         tput = self._throughputs(placed, servers, L)
         cache = attn_cache_tokens(ctx.model)
         fit = lambda first, last: blocks_that_fit(ctx, srv, bits, cache, first=first, last=last)
-        candidates = set()
-        for c in cuts:
-            if c < L:  # start at c, end at the farthest boundary in reach
-                k = fit(c == 0, False)
-                if c + k >= L and fit(c == 0, True) >= L - c:
-                    candidates.add((c, L))
-                else:
-                    inside = [x for x in cuts if c < x <= c + k and x < L]
-                    if inside:
-                        candidates.add((c, inside[-1]))
-                    elif k >= 1:
-                        candidates.add((c, min(c + k, L - 1)))
-            if c > 0:  # end at c, start at the earliest boundary in reach
-                k = fit(False, c == L)
-                if c - k <= 0 and fit(True, c == L) >= c:
-                    candidates.add((0, c))
-                else:
-                    inside = [x for x in cuts if c - k <= x < c and x > 0]
-                    if inside:
-                        candidates.add((inside[0], c))
-                    elif k >= 1:
-                        candidates.add((max(c - k, 1), c))
+        candidates = []
+        for start in range(L):
+            k = fit(start == 0, False)
+            if k < 1:
+                continue
+            if start + k < L:
+                candidates.append((start, start + k))
+            elif fit(start == 0, True) >= L - start:  # the span to the end holds the head too
+                candidates.append((start, L))
+                break  # later starts hold fewer blocks
         best = None
         for span in candidates:
-            aligned = (span[0] in cuts) + (span[1] in cuts)
-            key = (sorted(tput[span[0] : span[1]]), -aligned, -(span[1] - span[0]), span)
+            key = (sorted(tput[span[0] : span[1]]), span)
             if best is None or key < best[0]:
                 best = (key, span)
         return best[1] if best else None
@@ -184,12 +173,11 @@ class Petals(Strategy):
         chains: list[list[str]] = []
         seen = set()
         for _ in range(MAX_CHAINS):
-            ch = fastest_chain(ctx, placed, servers, extra=load)
+            ch = fastest_chain(ctx, placed, servers, extra=load, partial=True)
             if ch is None or tuple(ch) in seen:
                 break
             seen.add(tuple(ch))
             chains.append(ch)
-            for n in ch:
-                span = placed[n]
-                load[n] = load.get(n, 0.0) + servers[n].block_time * (span[1] - span[0])
+            for n, (lo, hi) in zip(ch, chain_parts(placed, ch)):
+                load[n] = load.get(n, 0.0) + servers[n].block_time * (hi - lo)
         return chains
