@@ -230,9 +230,9 @@ class Instance:
     servers: list[Server]
     kv_capacity_tokens: int  # KV slots (scheduling.kv_window): tokens, for a model without windows
     hops: list[Link]  # link from servers[i] to servers[i+1]
-    kv_window: KVWindow | None = None  # the model's sliding-window layers, if any
     #: The [start, end) layers each server computes for this instance: its whole range, or its ``spans``
-    layers: list[tuple[int, int]] = field(default_factory=list)
+    layers: list[tuple[int, int]]
+    kv_window: KVWindow | None = None  # the model's sliding-window layers, if any
 
     @property
     def name(self) -> str:
@@ -243,7 +243,7 @@ class Instance:
         the part of it in ``spans`` (those layers' bits; the embedding and the head only where the part
         starts at the first layer or ends at the last)."""
         srv = self.servers[k]
-        start, end = self.layers[k] if self.layers else srv.plan.layers
+        start, end = self.layers[k]
         held = srv.plan.layers
         if (start, end) == tuple(held):
             return srv.shape
@@ -252,11 +252,9 @@ class Instance:
 
     def stage_fraction(self, k: int) -> float:
         """The share of its server's layers stage ``k`` computes for this instance."""
-        srv = self.servers[k]
-        if not self.layers:
-            return 1.0
         start, end = self.layers[k]
-        return (end - start) / (srv.plan.layers[1] - srv.plan.layers[0])
+        held = self.servers[k].plan.layers
+        return (end - start) / (held[1] - held[0])
 
     @property
     def role(self) -> str:
@@ -456,7 +454,7 @@ class Deployment:
             srv.instances.append(inst.name)
             shares[srv.name] += inst.share_on(srv.name)
         hops = [self.cluster.link(a.node.name, b.node.name) for a, b in zip(chain, chain[1:])]
-        self.instances[inst.name] = Instance(inst, chain, 0, hops, m.kv_window, layers)
+        self.instances[inst.name] = Instance(inst, chain, 0, hops, layers, m.kv_window)
 
     def _build(self) -> None:
         spec = self.spec

@@ -202,14 +202,14 @@ def asks_from(dep: Deployment) -> list[InstanceAsk]:
                 node=srv.node.name,
                 gpus=tuple(srv.plan.gpus),
                 layers=tuple(span),  # the layers it computes for this instance (``spans``)
-                bits=srv.plan.layer_bits()[span[0] - srv.plan.layers[0] : span[1] - srv.plan.layers[0]],
+                bits=inst.stage_shape(k).layer_bits,
                 kv_dtype=srv.plan.kv_dtype,
                 kv_layout=srv.plan.kv_layout,
                 gpu=srv.node.gpu,
                 kv_share=inst.plan.share_on(srv.name),
                 expert_parallel=srv.plan.expert_parallel,
             )
-            for srv, span in zip(inst.servers, inst.layers, strict=True)
+            for k, (srv, span) in enumerate(zip(inst.servers, inst.layers, strict=True))
         ]
         p = inst.plan
         ask = InstanceAsk(

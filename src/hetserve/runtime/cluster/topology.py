@@ -41,7 +41,7 @@ class InstanceSpec:
     estimate: WorkEstimate
     #: Per server in the chain: the [start, end) model layers it computes for this instance (its whole
     #: range, or the part the plan's ``spans`` gives)
-    layers: tuple[tuple[int, int], ...] = ()
+    layers: tuple[tuple[int, int], ...]
 
     @property
     def role(self) -> str:  # mixed | prefill | decode

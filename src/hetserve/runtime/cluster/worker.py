@@ -207,7 +207,7 @@ class Worker:
 
     def _part(self, inst: InstanceSpec, k: int) -> tuple[int, int] | None:
         """The layers of this worker's slice that stage ``k`` of ``inst`` runs (None: all of them)."""
-        if not inst.layers or tuple(inst.layers[k]) == tuple(self.spec.layers):
+        if tuple(inst.layers[k]) == tuple(self.spec.layers):
             return None
         first = self.spec.layers[0]
         return inst.layers[k][0] - first, inst.layers[k][1] - first
