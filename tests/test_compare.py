@@ -248,14 +248,12 @@ PLANNER_LOSES: dict[str, tuple[str, float, str]] = {
         "with four replicas, mostly TP2 chains, and hetserve 0.642, with 8 s of work as with the "
         "scenario's 20 s: a tie",
     ),
-    "helix-24": (
-        "helix",
-        0.92,
-        "Helix's placement pipelining per request with 128/256 steps makes 483 tok/s; with the 8 s of "
-        "work of this test hetserve's plan is its own A100 + T4 pipeline, 451 (0.93x); with the "
-        "scenario's 20 s it confirms Helix's placement and ties (docs/baselines.md)",
-    ),
 }
+#: Scenarios whose comparison gets more than the test's 8 s of work per strategy, and why: on helix-24 the
+#: planner needs the scenario's 20 s to confirm Helix's placement beside its own allocations (its MILP
+#: and a replay of the workload over 23 machines); with 8 s its plan is its own A100 + T4 pipeline,
+#: 463 tok/s against Helix's 483 (0.96x), and with 20 s it is Helix's placement: a tie (docs/baselines.md).
+WORK_SECONDS: dict[str, float] = {"helix-24": 20}
 #: Strategies a scenario's comparison also checks hetserve against, besides its baseline and reference:
 #: those that once beat it there (pd-hetero's all-H100 split on splitwise-70b-sweep: 192.0 against 178.6
 #: req/s before the planner's goodput search told rates apart to within 9%; pd-hetero on splitwise-70b:
@@ -286,10 +284,11 @@ SLOW_SCENARIOS = {
     ],
 )
 def test_hetserve_is_at_least_as_good_as_the_scenarios_baseline_and_reference(path):
-    """With 8 s of work each (the same plans on any machine and under any load)."""
+    """With 8 s of work each (``WORK_SECONDS``: more where the scenario needs it), so the same plans on
+    any machine and under any load."""
     sc = LoadedScenario(path).spec
     others = [sc.baseline, sc.reference, *ALSO_AGAINST.get(path.stem, [])]
-    report = run_compare(path, [*others, "hetserve"], time_limit=8)
+    report = run_compare(path, [*others, "hetserve"], time_limit=WORK_SECONDS.get(path.stem, 8))
     res = report["strategies"]
     ours = res["hetserve"]
     assert "error" not in ours and ours["feasible"], ours
