@@ -7,7 +7,8 @@ Profiles the CPU once (`hetserve profile`, one torch thread as every serve worke
 --profile), then for each plan in examples/serve/ (replicas, pipeline, TP 2, P/D, P/D bf16, shared
 servers, mixed): runs `hetserve serve --plan` and replays benchmarks/plans/serve-load.yaml with
 `hetserve bench`, and runs `hetserve simulate` of the same plan on the profiled device (a copy of the
-plan whose cluster has the same nodes with `gpu: this-cpu` and the measured process-to-process link)
+plan whose cluster has the same nodes with `gpu: this-cpu`, all on one host whose cores every worker
+shares, and the measured process-to-process link)
 with the same workload, seed, duration and rate: the same requests at the same arrival times. Prints
 per plan and metric the simulated and measured figures and their ratio (simulated / measured).
 
@@ -56,14 +57,19 @@ def hetserve(*argv: str) -> str:
 
 
 def sim_plan(plan: Path, profile: Path, work: Path) -> Path:
-    """A copy of ``plan`` whose cluster is its own with every node's GPU the profiled device, and the
-    network between nodes the measured process-to-process link."""
+    """A copy of ``plan`` whose cluster is its own with every node's GPU the profiled device, every node
+    on one host (this machine: its cores shared by every worker, each with the profile's threads), and
+    the network between nodes the measured process-to-process link."""
     spec = yaml.safe_load(plan.read_text())
     cluster = yaml.safe_load((plan.parent / spec["cluster"]).read_text())
     prof = yaml.safe_load(profile.read_text())
     device = prof["device"]
+    cluster["hosts"] = [
+        {"name": "this-machine", "cores": os.cpu_count() or 1, "threads_per_device": prof.get("threads", 1)}
+    ]
     for node in cluster["nodes"]:
         node["gpu"] = device["name"]
+        node["host"] = "this-machine"
     cluster["include"] = [str(profile.resolve())]
     fabric = device["fabric"]
     cluster["network"] = {"gbit_per_s": fabric["gb_per_s"] * 8, "latency_ms": fabric["latency_us"] / 1e3}

@@ -125,3 +125,38 @@ nodes: [{name: n, gpu: my-npu, count: 2}]
 def test_cluster_schema_rejects_unknown_keys():
     with pytest.raises(ValidationError, match="netwrok"):
         ClusterFile.model_validate({"nodes": [{"name": "a", "gpu": "t4"}], "netwrok": {}})
+
+
+def test_nodes_name_the_host_whose_cores_their_devices_share(write):
+    c = _cluster(
+        """
+hosts: [{name: lab, cores: 2, threads_per_device: 1}]
+nodes:
+  - {name: cpu, gpu: l4, count: 3, host: lab, replicas: 2}
+  - {name: gpu, gpu: a100-80gb, count: 8}
+""",
+        write,
+    )
+    assert c.nodes["cpu-0"].host.name == "lab" and c.nodes["cpu-1"].host.cores == 2
+    assert c.nodes["gpu"].host is None
+
+
+@pytest.mark.parametrize(
+    "hosts, host, message",
+    [
+        (
+            "[{name: lab, cores: 2}]",
+            "lap",
+            "nodes[0].host: unknown host 'lap' (did you mean 'lab'?); known: lab",
+        ),
+        ("[]", "lab", "nodes[0].host: unknown host 'lab'; list it under 'hosts:'"),
+        ("[{name: lab, cores: 2}, {name: lab, cores: 4}]", "lab", "hosts[1].name: host 'lab' appears twice"),
+    ],
+)
+def test_a_wrong_host_is_named_with_its_fix(write, hosts, host, message):
+    import re
+
+    from hetserve.errors import HetserveError
+
+    with pytest.raises(HetserveError, match=re.escape(message)):
+        _cluster(f"hosts: {hosts}\nnodes:\n  - {{name: a, gpu: l4, host: {host}}}\n", write)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -181,6 +182,12 @@ def cmd_profile(args) -> int:
         f"{d.fabric.latency_us:.0f} us; {profile.engine} {fits}"
     )
     print(f"wrote: {args.out} (use it in a cluster file: include: [{args.out}], then gpu: {d.name})")
+    if args.device.startswith("cpu"):  # CPU workers share this machine's cores: the simulator needs that
+        print(
+            f"workers on this machine share its {os.cpu_count() or 1} cores: add hosts: [{{name: this-machine, "
+            f"cores: {os.cpu_count() or 1}, threads_per_device: {profile.threads}}}] and host: this-machine "
+            "to its nodes (docs/files.md)"
+        )
     return 0
 
 

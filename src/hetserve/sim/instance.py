@@ -39,6 +39,9 @@ class SimServer:
     token_budget: int = 0
     waiting: deque = field(default_factory=deque)
     running: bool = False
+    # a server whose devices share a host's cores (``sim.hosts``): the host and the cores a step asks for
+    host: str | None = None
+    host_cores: float = 0.0
 
     @property
     def batching(self) -> bool:
@@ -158,11 +161,21 @@ class SimInstance(InstanceState[Lane]):
         #: The share of each server's layers this instance's steps run through (below 1 where ``spans``
         #: gives a server's part): a shared server's merged step counts a step's work by it.
         self.fractions = [inst.stage_fraction(k) for k in range(len(inst.servers))]
+        #: Per stage, the host whose cores its devices share and the cores it asks for (None: a device
+        #: of its own, such as a GPU); a hosted instance's steps are timed by ``sim.hosts``.
+        self.hosts = [
+            (s.node.host.name, s.num_gpus * s.node.host.threads_per_device) if s.node.host else None
+            for s in inst.servers
+        ]
+        self.hosted = any(self.hosts)
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes in flight a lane's step takes the pipeline's cycle,
         #: max(latency, m x slowest stage) (a lone lane: the latency); servers shared with other
-        #: instances queue stage by stage.
-        self.exclusive = not self.per_request and not any(len(s.instances) > 1 for s in inst.servers)
+        #: instances, and servers sharing a host's cores, queue stage by stage (each stage's time then
+        #: depends on what the other lanes and the host's other devices do meanwhile).
+        self.exclusive = (
+            not self.per_request and not self.hosted and not any(len(s.instances) > 1 for s in inst.servers)
+        )
         self.kv_bytes_per_token = dep.model.kv_bytes_per_token(inst.servers[-1].shape.kv_dtype_bytes)
         self.clock = [0.0]  # the simulator's current time, shared
         #: Lanes looked at by the router's reads of this instance's load (the simulator charges them).

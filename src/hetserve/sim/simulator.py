@@ -9,7 +9,9 @@ Events are processed in time order from one heap. Kinds:
   step starts with every batch waiting on it;
 - DONE: a lane's step (or a run of decode steps) ends; the shared scheduler advances its sequences;
 - XFER: a KV transfer on a link may have completed (stale versions are ignored);
-- KV_READY: a transferred KV cache (plus the first token's state) arrives at a decode instance.
+- KV_READY: a transferred KV cache (plus the first token's state) arrives at a decode instance;
+- HOSTED: a step of a server whose devices share a host's cores (``sim.hosts``) ends, unless it was
+  re-timed since (stale versions are ignored).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from ..scheduling.instance import share_kv_pools
 from ..scheduling.routing import make_policy, make_pool
 from ..scheduling.sequence import Sequence
 from ..specs.workloads import SLO, Requests
+from .hosts import CoreSharing, HostedStep
 from .instance import Lane, SimInstance, SimServer
 from .links import SharedLink
 from .metrics import DROP_TOO_LONG, DROP_UNFINISHED, Records, SimSummary, summarise
 
-ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED = range(6)
+ARRIVAL, STAGE, DONE, XFER, KV_READY, SERVED, HOSTED = range(7)
 #: Events between two looks at the clock (work charged, and the deadline checked when there is one).
 DEADLINE_EVERY = 512
 
@@ -74,10 +77,19 @@ class Simulator:
         self.bin_width = max(self.limit / util_bins, 1e-3)
         self.servers = {
             name: SimServer(
-                name, s.num_gpus, s.node.gpu.idle_watts, s.node.gpu.tdp_w, bin_width=self.bin_width
+                name,
+                s.num_gpus,
+                s.node.gpu.idle_watts,
+                s.node.gpu.tdp_w,
+                bin_width=self.bin_width,
+                host=s.node.host.name if s.node.host else None,
+                host_cores=s.num_gpus * s.node.host.threads_per_device if s.node.host else 0.0,
             )
             for name, s in dep.servers.items()
         }
+        hosts = {s.node.host.name: s.node.host for s in dep.servers.values() if s.node.host}
+        #: Devices that share a machine's cores (CPU workers): their steps are timed by processor sharing.
+        self.sharing = CoreSharing(hosts, self._schedule_hosted) if hosts else None
         self.instances = {}
         for name, inst in dep.instances.items():  # a large plan takes a while to set up
             if deadline is not None and clock.now() > deadline:  # (an instance takes milliseconds)
@@ -170,6 +182,10 @@ class Simulator:
                 self._on_arrival(payload, t)
             elif kind == XFER:
                 self._on_transfer(payload[0], payload[1], t)
+            elif kind == HOSTED:
+                step, version = payload
+                if version == step.version:
+                    self._on_hosted_done(step, t)
             else:
                 self._on_kv_ready(payload[0], payload[1], t)
         self._charge(events)
@@ -336,8 +352,14 @@ class Simulator:
             if not srv.running:
                 self._start_soon(srv, t)
             return
-        start = t if t > srv.free_at else srv.free_at
         dt = inst.chain.timers[s].time(*lane.shape)
+        if srv.host is not None:  # its devices share a host's cores: one step at a time, in order
+            if srv.running:
+                srv.waiting.append((lane, s))
+            else:
+                self._start_hosted(srv, [(lane, s)], dt, t)
+            return
+        start = t if t > srv.free_at else srv.free_at
         srv.occupy(start, dt)
         self._leave_stage(lane, s, start + dt)
 
@@ -365,8 +387,34 @@ class Simulator:
             return
         taken, shape = srv.take_step()
         dt = srv.timer.time(*shape)
+        if srv.host is not None:
+            self._start_hosted(srv, taken, dt, t)
+            return
         srv.occupy(t, dt)
         self.push(t + dt, SERVED, (srv, taken))
+
+    def _start_hosted(self, srv: SimServer, taken: list, work: float, t: float) -> None:
+        """A step of ``work`` seconds (on an idle host) starts on ``srv``, whose devices share a host's
+        cores: it and the host's other running steps are timed by ``sim.hosts``."""
+        srv.running = True
+        self.sharing.start(HostedStep(srv, taken, work, t), t)
+
+    def _schedule_hosted(self, step: HostedStep, t: float) -> None:
+        self.push(t, HOSTED, (step, step.version))
+
+    def _on_hosted_done(self, step: HostedStep, t: float) -> None:
+        self.sharing.end(step, t)
+        srv = step.server
+        srv.occupy(step.start, t - step.start)
+        if srv.batching:
+            self._on_served(srv, step.taken, t)
+            return
+        srv.running = False
+        for lane, s in step.taken:
+            self._leave_stage(lane, s, t)
+        if srv.waiting:
+            lane, s = srv.waiting.popleft()
+            self._enter_stage(lane, s, t)
 
     def _on_done(self, lane: Lane, t: float) -> None:
         self.iterations += lane.steps

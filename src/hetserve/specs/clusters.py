@@ -9,6 +9,9 @@ A cluster file (YAML)::
     nodes:
       - {name: h100, gpu: h100-sxm, count: 8, zone: east}
       - {name: t4, gpu: t4, count: 4, zone: west, replicas: 3}   # t4-0, t4-1, t4-2
+      - {name: cpu, gpu: this-cpu, count: 2, host: lab}          # two workers on lab's cores
+    hosts:                     # optional: devices that are worker processes on one machine's cores
+      - {name: lab, cores: 2, threads_per_device: 1}
     network:
       gbit_per_s: 100          # default between nodes
       latency_ms: 0.1
@@ -59,6 +62,21 @@ class NodeSpec(Strict):
     replicas: int = Field(
         default=1, ge=1, le=MAX_NODES, description="identical nodes named NAME-0 .. NAME-(N-1)"
     )
+    host: str | None = Field(
+        default=None, description="a host under `hosts:` whose CPU cores this node's devices share"
+    )
+
+
+class HostSpec(Strict):
+    """A machine whose CPU cores several devices share: each device is a worker process that computes
+    with ``threads_per_device`` cores (``hetserve serve --threads``) while it runs a step. When its
+    devices ask for more cores than it has, every step on it slows in proportion (the simulator's
+    processor sharing, docs/simulate.md). GPUs do not share their compute this way: a cluster of GPUs
+    names no hosts."""
+
+    name: str = Field(min_length=1)
+    cores: int = Field(ge=1, le=4096, description="CPU cores the host's devices share")
+    threads_per_device: int = Field(default=1, ge=1, le=4096, description="cores a busy device uses")
 
 
 class LinkOverride(Strict):
@@ -91,6 +109,7 @@ class ClusterFile(Strict):
     )
     gpus: dict[str, GPUOverride] = {}
     nodes: list[NodeSpec] = Field(min_length=1)
+    hosts: list[HostSpec] = []
     network: NetworkSpec = NetworkSpec()
 
     @model_validator(mode="after")
@@ -111,6 +130,7 @@ class Node:
     count: int
     zone: str
     fabric: Fabric
+    host: HostSpec | None = None  # the machine whose cores the node's devices share (CPU devices)
 
     @property
     def intra_link(self) -> Link:
@@ -134,7 +154,15 @@ class Cluster:
         nodes: list[Node] = []
         mistakes: list[str] = []  # every mistake in the file, reported together
         listed = False  # the known GPU names are listed once
+        hosts: dict[str, HostSpec] = {}
+        for j, h in enumerate(spec.hosts):
+            if h.name in hosts:
+                mistakes.append(f"hosts[{j}].name: host '{h.name}' appears twice; names must be unique")
+            hosts[h.name] = h
         for i, n in enumerate(spec.nodes):
+            if n.host is not None and n.host not in hosts:
+                known = f"; known: {allowed(hosts)}" if hosts else "; list it under 'hosts:'"
+                mistakes.append(f"nodes[{i}].host: unknown host '{n.host}'{suggest(n.host, hosts)}{known}")
             if n.gpu not in self.gpus:
                 known = "" if listed else f"; known: {allowed(self.gpus)} (or define it under 'gpus:')"
                 listed = True
@@ -143,7 +171,8 @@ class Cluster:
             gpu = self.gpus[n.gpu]
             names = [n.name] if n.replicas == 1 else [f"{n.name}-{r}" for r in range(n.replicas)]
             for name in names:
-                nodes.append(Node(name, gpu, n.count, n.zone, n.fabric or gpu.fabric))
+                host = hosts.get(n.host) if n.host is not None else None
+                nodes.append(Node(name, gpu, n.count, n.zone, n.fabric or gpu.fabric, host))
         seen: set[str] = set()
         for node in nodes:
             if node.name in seen:
