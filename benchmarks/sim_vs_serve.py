@@ -1,7 +1,7 @@
 """The simulator against real serving on this machine: every example serve plan, the same requests.
 
     python benchmarks/sim_vs_serve.py [--plans NAME ...] [--duration 120] [--rate 0.25] [--seed 0]
-                                      [--profile PROFILE.yaml] [--quick] [--json]
+                                      [--profile PROFILE.yaml] [--quick] [--measured REPORT.json] [--json]
 
 Profiles the CPU once (`hetserve profile`, one torch thread as every serve worker uses; or reuses
 --profile), then for each plan in examples/serve/ (replicas, pipeline, TP 2, P/D, P/D bf16, shared
@@ -11,6 +11,8 @@ plan whose cluster has the same nodes with `gpu: this-cpu`, all on one host whos
 shares, and the measured process-to-process link)
 with the same workload, seed, duration and rate: the same requests at the same arrival times. Prints
 per plan and metric the simulated and measured figures and their ratio (simulated / measured).
+``--measured REPORT.json`` takes the measured figures of an earlier report (same workload, duration,
+rate and seed) instead of serving again: the simulated side alone is run, e.g. with another profile.
 
 JSON: {"profile": {...}, "plans": [{"plan": NAME, "metrics": {METRIC: {"simulated": x, "measured": y,
 "ratio": x / y}}}]}
@@ -90,8 +92,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", type=Path, help="reuse this profile instead of measuring")
     ap.add_argument("--quick", action="store_true", help="profile with --quick")
+    ap.add_argument(
+        "--measured", type=Path, help="the measured figures of this earlier --json report (no serving)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    earlier = {}
+    if args.measured is not None:
+        prior = json.loads(args.measured.read_text())
+        earlier = {
+            p["plan"]: {
+                "completed": p.get("completed"),
+                **{m: v["measured"] for m, v in p["metrics"].items()},
+            }
+            for p in prior["plans"]
+        }
+        missing = [name for name in args.plans if name not in earlier]
+        if missing:
+            sys.exit(f"--measured {args.measured}: no measured figures for {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="sim-vs-serve-"))
     profile = args.profile
     if profile is None:
@@ -101,7 +119,7 @@ def main() -> None:
     results = []
     for name in args.plans:
         plan = ROOT / "examples" / "serve" / f"smollm2-{name}.yaml"
-        measured = run_plan(plan, args, WORKLOAD, KV_CACHE_GB)
+        measured = earlier[name] if earlier else run_plan(plan, args, WORKLOAD, KV_CACHE_GB)
         simulated = json.loads(
             hetserve(
                 "simulate",
@@ -143,6 +161,7 @@ def main() -> None:
                 },
             },
         },
+        "measured_from": str(args.measured) if args.measured else None,
         "cores": os.cpu_count(),
         "load_after": os.getloadavg()[0],
         "plans": results,
