@@ -183,9 +183,10 @@ def cmd_profile(args) -> int:
     )
     print(f"wrote: {args.out} (use it in a cluster file: include: [{args.out}], then gpu: {d.name})")
     if args.device.startswith("cpu"):  # CPU workers share this machine's cores: the simulator needs that
+        cores = os.cpu_count() or 1
         print(
-            f"workers on this machine share its {os.cpu_count() or 1} cores: add hosts: [{{name: this-machine, "
-            f"cores: {os.cpu_count() or 1}, threads_per_device: {profile.threads}}}] and host: this-machine "
+            f"workers on this machine share its {cores} cores: add hosts: [{{name: this-machine, "
+            f"cores: {cores}, threads_per_device: {profile.threads}}}] and host: this-machine "
             "to its nodes (docs/files.md)"
         )
     return 0

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..specs.clusters import HostSpec
+
+if TYPE_CHECKING:
+    from .instance import SimServer
 
 
 @dataclass(eq=False)
 class HostedStep:
     """A step of a server on a host: the (lane, stage) batches it runs and the work it has left."""
 
-    server: object  # SimServer
+    server: SimServer
     taken: list
     left: float  # seconds on an idle host
     start: float

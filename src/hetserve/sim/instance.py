@@ -161,13 +161,8 @@ class SimInstance(InstanceState[Lane]):
         #: The share of each server's layers this instance's steps run through (below 1 where ``spans``
         #: gives a server's part): a shared server's merged step counts a step's work by it.
         self.fractions = [inst.stage_fraction(k) for k in range(len(inst.servers))]
-        #: Per stage, the host whose cores its devices share and the cores it asks for (None: a device
-        #: of its own, such as a GPU); a hosted instance's steps are timed by ``sim.hosts``.
-        self.hosts = [
-            (s.node.host.name, s.num_gpus * s.node.host.threads_per_device) if s.node.host else None
-            for s in inst.servers
-        ]
-        self.hosted = any(self.hosts)
+        #: A server of its chain shares a host's cores (``sim.hosts``): its steps are timed there.
+        self.hosted = any(srv.host is not None for srv in self.servers)
         #: Servers nobody else uses: a step's time is known when it starts, and runs of decode steps
         #: can be advanced together. With m lanes in flight a lane's step takes the pipeline's cycle,
         #: max(latency, m x slowest stage) (a lone lane: the latency); servers shared with other

@@ -170,8 +170,8 @@ class Cluster:
                 continue
             gpu = self.gpus[n.gpu]
             names = [n.name] if n.replicas == 1 else [f"{n.name}-{r}" for r in range(n.replicas)]
+            host = hosts.get(n.host)
             for name in names:
-                host = hosts.get(n.host) if n.host is not None else None
                 nodes.append(Node(name, gpu, n.count, n.zone, n.fabric or gpu.fabric, host))
         seen: set[str] = set()
         for node in nodes:
