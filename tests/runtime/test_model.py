@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from hetserve.runtime.model.attention import AttentionMetadata, PrefillSpan
+from hetserve.runtime.model.attention import AttentionMetadata, PrefillSpan, StepSegments
 from hetserve.runtime.model.config import LlamaConfig, RopeScaling
 from hetserve.runtime.model.llama import LlamaModel, rope_inv_freq
 from hetserve.runtime.model.loading import load_gguf, load_hf_directory, unpermute_rope_rows
@@ -150,6 +150,65 @@ def test_chunked_prefill_gives_the_same_logits_as_one_pass():
     torch.testing.assert_close(torch.cat(pieces), one_pass, atol=1e-5, rtol=1e-5)
     for a, b in zip(whole.kv_caches, chunked.kv_caches):  # and the cache holds the same KV
         torch.testing.assert_close(a[0][:5], b[0][:5], atol=1e-5, rtol=1e-5)
+
+
+def test_steps_run_as_one_give_each_step_its_own_logits_and_kv():
+    """Two instances' steps (their own KV caches, decodes and chunks mixed) run as one forward with
+    ``StepSegments`` give every row the logits, and every cache the KV, of running them apart."""
+    model = tiny_model(seed=4)
+    gen = random.Random(3)
+
+    def instance(lengths, seed):
+        runner = ModelRunner(model, num_blocks=32, block_size=4)
+        seqs = [
+            Sequence(i, n, 8, token_ids=[gen.randrange(3, 300) for _ in range(n)])
+            for i, n in enumerate(lengths)
+        ]
+        scattered_tables(seqs, 32, 4, seed)
+        return runner, seqs
+
+    apart_a, seqs_a = instance((11, 6), seed=1)
+    apart_b, seqs_b = instance((9,), seed=2)
+    together_a, together_b = (ModelRunner(model, num_blocks=32, block_size=4) for _ in range(2))
+    (a1, a2), (b1,) = seqs_a, seqs_b
+    schedule = [
+        (
+            [ScheduledSeq(a1, 0, 11, True, True), ScheduledSeq(a2, 0, 4, False, True)],
+            [ScheduledSeq(b1, 0, 9, True, True)],
+        ),
+        (
+            [ScheduledSeq(a1, 11, 1, True, False), ScheduledSeq(a2, 4, 2, True, True)],
+            [ScheduledSeq(b1, 9, 1, True, False)],
+        ),
+    ]
+    for k, (items_a, items_b) in enumerate(schedule):
+        if k:
+            for s in (a1, b1):
+                s.append_token(40 + k)
+        expected = [step_logits(apart_a, items_a), step_logits(apart_b, items_b)]
+        ids_a, pos_a, meta_a, _ = together_a.prepare(items_a)
+        ids_b, pos_b, meta_b, _ = together_b.prepare(items_b)
+        n = len(ids_a)
+        segments = StepSegments((0, n, n + len(ids_b)), (meta_a, meta_b))
+        caches = [(ca, cb) for ca, cb in zip(together_a.kv_caches, together_b.kv_caches)]
+        with torch.inference_mode():
+            h = model(torch.cat([ids_a, ids_b]), torch.cat([pos_a, pos_b]), segments, caches)
+            logits = model.compute_logits(h)
+        for items, rows, want in (
+            (items_a, logits[:n], expected[0]),
+            (items_b, logits[n:], expected[1]),
+        ):
+            order = [it for it in items if it.num_tokens == 1] + [it for it in items if it.num_tokens > 1]
+            row, got = 0, {}
+            for it in order:
+                got[id(it)] = rows[row : row + it.num_tokens]
+                row += it.num_tokens
+            for it, w in zip(items, want):
+                torch.testing.assert_close(got[id(it)], w, atol=1e-5, rtol=1e-5)
+    for apart, together in ((apart_a, together_a), (apart_b, together_b)):
+        for (k1, v1), (k2, v2) in zip(apart.kv_caches, together.kv_caches):
+            torch.testing.assert_close(k1, k2)
+            torch.testing.assert_close(v1, v2)
 
 
 def test_layer_slices_chain_to_the_whole_model():

@@ -129,6 +129,42 @@ def test_shared_server_serves_both_chains(reference):
     assert run["steps"]["chain-a"] > 0 and run["steps"]["chain-b"] > 0
 
 
+def test_a_shared_last_server_batches_the_steps_waiting_on_it(reference, tmp_path, monkeypatch):
+    """Two chains of two lanes each end on one shared server. Their four micro-batches queue there (it
+    has twice the others' work), and it runs those waiting together, each attending to its own
+    instance's KV, then returns each chain's logits under that chain's tag: every request still gets the
+    single engine's tokens."""
+    monkeypatch.setenv("HETSERVE_LOG", "DEBUG")  # the workers log each step they run with others
+    clusters = PLANS.parent / "clusters"
+    plan = tmp_path / "shared-tail.yaml"
+    chain = "role: mixed, micro_batches: 2, max_batch_size: 4"
+    plan.write_text(
+        f"""version: 1
+name: shared-tail
+model: smollm2-135m
+cluster: {clusters}/smollm2-lab.yaml
+servers:
+  - {{name: head-a, node: l4-box, gpus: [0], layers: [0, 10], kv_dtype: fp32}}
+  - {{name: head-b, node: l4-box, gpus: [1], layers: [0, 10], kv_dtype: fp32}}
+  - {{name: tail, node: t4-box, gpus: [0], layers: [10, 30], kv_dtype: fp32}}
+instances:
+  - {{name: chain-a, chain: [head-a, tail], kv_share: {{head-a: 1.0, tail: 0.5}}, {chain}}}
+  - {{name: chain-b, chain: [head-b, tail], kv_share: {{head-b: 1.0, tail: 0.5}}, {chain}}}
+routing:
+  policy: round-robin
+"""
+    )
+    engine = start_cluster(str(plan), kv_cache_gb=KV_GB)
+    try:
+        assert generate(engine) == reference
+        tail = engine.topo.servers["tail"][0]
+        log = (engine.recovery.launcher.logs / f"rank{tail}.log").read_text()
+        assert engine.instance_steps["chain-a"] > 0 and engine.instance_steps["chain-b"] > 0
+    finally:
+        engine.shutdown()
+    assert "steps as one" in log
+
+
 def test_chains_pooling_a_servers_kv_take_turns_in_it(reference, tmp_path):
     """Both chains pipelining per request over one KV pool per server (kv_pool: server), made so small
     that the shared head server holds two requests at a time: the six requests, three per chain, queue for

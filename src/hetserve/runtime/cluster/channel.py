@@ -13,9 +13,9 @@ Commands (driver -> worker) have a fixed format, no pickle: a frame is two messa
   header is parsed.
 
 Tensors between workers (activations, KV) and logits back to the driver are sent raw, both ends
-knowing the shape from the command. Each kind of traffic (and each KV hand-off) has its own tag, so
-streams between the same two ranks never interleave. Tensors on an accelerator are staged through host
-memory (gloo moves CPU tensors).
+knowing the shape from the command. Each kind of traffic (and each instance's logits, and each KV
+hand-off) has its own tag, so streams between the same two ranks never interleave. Tensors on an
+accelerator are staged through host memory (gloo moves CPU tensors).
 """
 
 from __future__ import annotations
@@ -37,17 +37,26 @@ from torch import Tensor
 from ..kvcache import KVRoute, KVShard
 from ..model.attention import AttentionMetadata, PrefillSpan
 
-TAG_COMMAND, TAG_HIDDEN, TAG_LOGITS = 1, 2, 4
+TAG_COMMAND, TAG_HIDDEN = 1, 2
 DRIVER = 0
 MAX_HEADER_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = 8 << 30
 MAC_BYTES = 32
 
 
+_LOGITS_TAGS, _KV_TAGS = 16, 1 << 20
+
+
+def logits_tag(instance_index: int) -> int:
+    """Each instance's logits have a tag of their own: instances whose last stage is the same worker
+    return theirs to the driver's collecting thread of each, which receive independently."""
+    return _LOGITS_TAGS + instance_index
+
+
 def kv_tag(key: int) -> int:
     """Each hand-off's KV has a tag of its own: one prefill step streams several requests' layers
     interleaved, and the decode side posts its receives per request."""
-    return 1000 + key
+    return _KV_TAGS + key
 
 
 class ChannelError(RuntimeError):

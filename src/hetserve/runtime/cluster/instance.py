@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ...scheduling.instance import InstanceState, Lane
+from .channel import logits_tag
 from .topology import InstanceSpec
 from .transport import Transport
 
@@ -94,7 +95,9 @@ class InstanceRunner(InstanceState[_Lane]):
                 return
             n = len(flight.sampling)
             try:
-                logits = self._transport.recv_logits((n, self.vocab) if n else (1,), self.spec.last)
+                logits = self._transport.recv_logits(
+                    (n, self.vocab) if n else (1,), self.spec.last, logits_tag(self.spec.index)
+                )
             except Exception as exc:  # noqa: BLE001 - a worker of this instance died
                 self._results.put((self, flight, exc))
                 return

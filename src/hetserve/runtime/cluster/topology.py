@@ -42,6 +42,8 @@ class InstanceSpec:
     #: Per server in the chain: the [start, end) model layers it computes for this instance (its whole
     #: range, or the part the plan's ``spans`` gives)
     layers: tuple[tuple[int, int], ...]
+    #: Its place among the plan's instances (the tag its logits return under, ``channel.logits_tag``).
+    index: int
 
     @property
     def role(self) -> str:  # mixed | prefill | decode
@@ -126,7 +128,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
         servers[p.name] = ranks
         rank += p.tp
     instances = {}
-    for inst in dep.instances.values():
+    for index, inst in enumerate(dep.instances.values()):
         p = inst.plan
         stages = tuple(servers[s.name] for s in inst.servers)
         instances[p.name] = InstanceSpec(
@@ -137,6 +139,7 @@ def topology_from_plan(dep: Deployment, dtype: str | None = None) -> Topology:
             inst.scheduling(),
             dep.chain_timer(p.name).work_estimate(),
             tuple(tuple(span) for span in inst.layers),
+            index,
         )
     r = dep.spec.routing
     return Topology(

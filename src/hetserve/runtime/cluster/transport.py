@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .channel import TAG_COMMAND, TAG_LOGITS, CommandCodec, Ping, Sends, recv_tensor
+from .channel import TAG_COMMAND, CommandCodec, Ping, Sends, recv_tensor
 
 log = logging.getLogger("hetserve.driver")
 
@@ -25,8 +25,9 @@ class Transport(Protocol):
     def send(self, command: Any, ranks: Iterable[int]) -> None:
         """Send ``command`` to every rank in ``ranks`` without waiting for it to arrive."""
 
-    def recv_logits(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
-        """Block until rank ``src`` returns the next micro-batch's logits (float32, ``shape``)."""
+    def recv_logits(self, shape: tuple[int, ...], src: int, tag: int) -> torch.Tensor:
+        """Block until rank ``src`` returns the next micro-batch's logits (float32, ``shape``) under
+        ``tag`` (its instance's, ``channel.logits_tag``)."""
 
     def flush(self) -> None:
         """Forget sends that have completed."""
@@ -69,8 +70,8 @@ class ProcessGroupTransport:
                         break
                 self._last_sent[r] = now
 
-    def recv_logits(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
-        return recv_tensor(self.mesh, shape, torch.float32, src, TAG_LOGITS)
+    def recv_logits(self, shape: tuple[int, ...], src: int, tag: int) -> torch.Tensor:
+        return recv_tensor(self.mesh, shape, torch.float32, src, tag)
 
     def flush(self) -> None:
         """Nothing to do: the sends' thread lets each go once it completed."""

@@ -23,27 +23,27 @@ from torch import Tensor
 
 from ...errors import HetserveError
 from ...vocabulary import DEFAULT_KV_CACHE_GB
+from ..model.attention import StepSegments
 from .channel import (
     DRIVER,
     MAC_BYTES,
     TAG_COMMAND,
     TAG_HIDDEN,
-    TAG_LOGITS,
     ChannelError,
     CommandCodec,
     KVDrop,
     KVFree,
     KVInstall,
     KVRecv,
-    Ping,
     Regroup,
     Sends,
     Shutdown,
     Step,
     kv_tag,
-    recv_tensor,
+    logits_tag,
     send_tensor,
 )
+from .inbox import Arrival, Inbox, joining
 from .kv_pool import PooledBlocks
 from .mesh import SECRET_ENV, Mesh, Rendezvous
 from .topology import InstanceSpec, Topology, WorkerSpec
@@ -140,6 +140,12 @@ class Worker:
             self.views[name] = [
                 (token_major_view(k, s.kv_layout), token_major_view(v, s.kv_layout)) for k, v in caches
             ]
+        #: Whether it runs the steps waiting on it together (as the simulator's servers on several chains,
+        #: or on a chain pipelining per request, do), and how many tokens such a step may hold.
+        self.batching = len(self.instances) > 1 or any(
+            i.scheduling.per_request for i in self.instances.values()
+        )
+        self.token_budget = max(i.scheduling.max_batch_tokens for i in self.instances.values())
         self.staged: dict[int, _Staged] = {}
         self.sending = Sends()  # activations and KV still leaving
 
@@ -178,19 +184,22 @@ class Worker:
     def serve(self) -> None:
         """Run commands until ``Shutdown``; raises ``DriverGone``, ``PeerLost`` or ``ChannelError``."""
         codec = CommandCodec(self.mesh.rv.command_key)
+        inbox = Inbox(lambda: self._recv_command(codec), self._post_input)
         while True:
-            command = self._recv_command(codec)
+            arrival = inbox.next()
+            command = arrival.command
+            if command is None:  # receiving failed: the driver is gone, or a frame was refused
+                raise arrival.error
             if isinstance(command, Shutdown):
                 return
-            if isinstance(command, Ping):
-                continue
             if isinstance(command, Regroup):
                 self.regroup(command.generation)
+                inbox.resume()
                 continue
             try:
                 with torch.inference_mode():
                     if isinstance(command, Step):
-                        self.step(command)
+                        self.run(self._steps_from(arrival, inbox))
                     elif isinstance(command, KVRecv):
                         self.post_kv_receives(command)
                     elif isinstance(command, KVInstall):
@@ -212,40 +221,102 @@ class Worker:
         first = self.spec.layers[0]
         return inst.layers[k][0] - first, inst.layers[k][1] - first
 
-    def step(self, cmd: Step) -> None:
+    # ---- steps --------------------------------------------------------------------------------
+    def _post_input(self, cmd: Step) -> tuple[Tensor, object] | None:
+        """Post the receive of ``cmd``'s hidden states from the stage before (None on a first stage)."""
         inst = self.instances[cmd.instance]
         k = self._stage(inst)
-        meta = cmd.meta
-        if inst.scheduling.kv_pool:  # the instance's block ids name blocks of the shared pool
-            meta = self.pool.translate(inst.name, meta)
-        meta = _meta_to(meta, self.device)
-        positions = cmd.positions.to(self.device)
         if k == 0:
-            x = cmd.ids.to(self.device)
+            return None
+        prev = self.topo.workers[inst.stages[k - 1][0]]
+        buf = torch.empty((cmd.ids.numel(), self.model.config.hidden_size), dtype=_dtype(prev.dtype))
+        return buf, self.mesh.recv(buf, prev.rank, TAG_HIDDEN)
+
+    def _joins(self, a: Step, b: Step) -> bool:
+        """Whether ``b`` can run in one step with ``a`` here: the same layers of this worker's slice,
+        from token ids (first stages) or from hidden states (later ones) alike."""
+        if a.instance == b.instance:
+            return True
+        ia, ib = self.instances[a.instance], self.instances[b.instance]
+        ka, kb = self._stage(ia), self._stage(ib)
+        return (ka == 0) == (kb == 0) and self._part(ia, ka) == self._part(ib, kb)
+
+    def _steps_from(self, head: Arrival, inbox: Inbox) -> list[Arrival]:
+        """The steps to run together, starting with ``head``: on a worker that batches (as the
+        simulator's servers do: one on several instances' chains, or on a chain pipelining per
+        request), ``head`` and the steps right behind it whose inputs have already arrived, within the
+        token budget. TP rank 0 decides, and tells the server's other ranks how many."""
+        if not self.batching:
+            return [head]
+        if self.spec.tp_rank != 0:
+            count = torch.zeros(1, dtype=torch.int64)
+            self.mesh.tp.broadcast(count, 0).wait()
+            return [head, *inbox.take(int(count) - 1)]
+        head.ready.wait()
+        run = [head, *joining(head, inbox.waiting(), self.token_budget, self._joins)]
+        if self.spec.tp_size > 1:
+            self.mesh.tp.broadcast(torch.tensor([len(run)], dtype=torch.int64), 0).wait()
+        inbox.take(len(run) - 1)  # the steps just chosen, at the front of the inbox
+        return run
+
+    def run(self, run: list[Arrival]) -> None:
+        """One forward over the rows of every step of ``run`` (each attends to its own instance's
+        KV), then each step's output to where it goes next, in order."""
+        for a in run:
+            a.ready.wait()
+            if a.error is not None:
+                raise RuntimeError(f"receiving a step's input: {a.error}")
+        steps = [a.command for a in run]
+        inst = self.instances[steps[0].instance]
+        k = self._stage(inst)
+        inputs = [cmd.ids if a.hidden is None else a.hidden for a, cmd in zip(run, steps)]
+        x = (inputs[0] if len(run) == 1 else torch.cat(inputs)).to(self.device)
+        if k > 0:
+            x = x.to(self.dtype)
+        positions = torch.cat([cmd.positions for cmd in steps]).to(self.device)
+        metas = [self._meta(cmd) for cmd in steps]
+        bounds = [0]
+        for cmd in steps:
+            bounds.append(bounds[-1] + cmd.ids.numel())
+        if len(run) == 1:
+            meta, caches = metas[0], self.views[inst.name]
         else:
-            prev = self.topo.workers[inst.stages[k - 1][0]]
-            x = recv_tensor(
-                self.mesh,
-                (cmd.ids.numel(), self.model.config.hidden_size),
-                _dtype(prev.dtype),
-                prev.rank,
-                TAG_HIDDEN,
-                self.device,
-            ).to(self.dtype)
-        stream = self._kv_streamer(cmd) if cmd.kv_out else None
-        h = self.model(
-            x, positions, meta, self.views[cmd.instance], after_layer=stream, part=self._part(inst, k)
-        )
+            log.debug("rank %d runs %d steps as one (%d tokens)", self.rank, len(run), bounds[-1])
+            meta = StepSegments(tuple(bounds), tuple(metas))
+            caches = [tuple(self.views[c.instance][i] for c in steps) for i in range(len(self.model.layers))]
+        streams = [self._kv_streamer(cmd) for cmd in steps if cmd.kv_out]
+
+        def after_layer(i: int) -> None:
+            for stream in streams:
+                stream(i)
+
+        stream = after_layer if streams else None
+        h = self.model(x, positions, meta, caches, after_layer=stream, part=self._part(inst, k))
         if self.spec.tp_rank != 0:
             return
-        if k == len(inst.stages) - 1:
-            # logits of the sampling rows, or a one-element "done" when the step samples nothing
-            out = self.model.compute_logits(h[cmd.sample_rows]) if cmd.sample_rows else torch.zeros(1)
-            work, _ = send_tensor(self.mesh, out, DRIVER, TAG_LOGITS)
-            work.wait()
+        if k < len(inst.stages) - 1:
+            for cmd, lo, hi in zip(steps, bounds, bounds[1:]):
+                nxt = self.instances[cmd.instance]
+                for dst in nxt.stages[self._stage(nxt) + 1]:
+                    self.sending.add(*send_tensor(self.mesh, h[lo:hi], dst, TAG_HIDDEN))
             return
-        for dst in inst.stages[k + 1]:
-            self.sending.add(*send_tensor(self.mesh, h, dst, TAG_HIDDEN))
+        # the last stage (of every step: they run the same layers): the logits of each step's sampling
+        # rows, computed at once, or a one-element "done" for a step that samples nothing
+        rows = [lo + r for cmd, lo in zip(steps, bounds) for r in cmd.sample_rows]
+        logits = self.model.compute_logits(h[rows]) if rows else None
+        first = 0
+        for cmd in steps:
+            n = len(cmd.sample_rows)
+            out = logits[first : first + n] if n else torch.zeros(1)
+            first += n
+            work, _ = send_tensor(self.mesh, out, DRIVER, logits_tag(self.instances[cmd.instance].index))
+            work.wait()
+
+    def _meta(self, cmd: Step):
+        meta = cmd.meta
+        if self.instances[cmd.instance].scheduling.kv_pool:  # block ids name blocks of the shared pool
+            meta = self.pool.translate(cmd.instance, meta)
+        return _meta_to(meta, self.device)
 
     # ---- KV hand-off ----------------------------------------------------------------------------
     def _kv_streamer(self, cmd: Step):

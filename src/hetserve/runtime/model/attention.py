@@ -56,6 +56,30 @@ class AttentionMetadata:
     decode_kv_index: Tensor | None = None  # [D * kv_heads] long
 
 
+@dataclass
+class StepSegments:
+    """Several steps run as one (a server batching the steps that wait on it): rows
+    ``[bounds[i], bounds[i + 1])`` are step ``i``'s, whose attention reads and writes, with ``metas[i]``,
+    its own KV cache (each layer's cache argument is then one cache tuple per step). Everything but
+    attention runs over all rows at once, so the server reads its weights once for all the steps."""
+
+    bounds: tuple[int, ...]
+    metas: tuple[AttentionMetadata, ...]
+
+
+def segmented_attention(
+    q: Tensor, k: Tensor, v: Tensor, caches: tuple[tuple[Tensor, ...], ...], segments: StepSegments
+) -> Tensor:
+    """``paged_attention`` of each step of ``segments`` over its rows and its cache, rows in order."""
+    b = segments.bounds
+    return torch.cat(
+        [
+            paged_attention(q[lo:hi], k[lo:hi], v[lo:hi], c[0], c[1], m, c[2] if len(c) > 2 else None)
+            for lo, hi, m, c in zip(b, b[1:], segments.metas, caches)
+        ]
+    )
+
+
 def causal_mask(q_len: int, context_len: int, device: torch.device | str = "cpu") -> Tensor:
     """[q_len, context_len] mask for queries that are the last ``q_len`` of ``context_len`` tokens."""
     query_pos = torch.arange(context_len - q_len, context_len, device=device)

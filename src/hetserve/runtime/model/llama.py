@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, StepSegments, paged_attention, segmented_attention
 from .config import LlamaConfig
 from .linear import project, project_halves
 from .tp import TPShard, tp_shards
@@ -112,9 +112,12 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # queries and keys rotated together
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(
-            q, k, v, kv_cache[0], kv_cache[1], meta, kv_cache[2] if len(kv_cache) > 2 else None
-        )
+        if isinstance(meta, StepSegments):  # kv_cache: one cache tuple per step
+            o = segmented_attention(q, k, v, kv_cache, meta)
+        else:
+            o = paged_attention(
+                q, k, v, kv_cache[0], kv_cache[1], meta, kv_cache[2] if len(kv_cache) > 2 else None
+            )
         return project(self.o_proj, o.reshape(t, -1))
 
 
@@ -262,8 +265,8 @@ class LlamaModel(nn.Module):
         self,
         x: Tensor,
         positions: Tensor,
-        meta: AttentionMetadata,
-        kv_caches: Sequence[tuple[Tensor, Tensor]],
+        meta: AttentionMetadata | StepSegments,
+        kv_caches: Sequence[tuple[Tensor, ...]],
         after_layer: Callable[[int], None] | None = None,
         part: tuple[int, int] | None = None,
     ) -> Tensor:
@@ -271,7 +274,8 @@ class LlamaModel(nn.Module):
 
         Returns hidden states [T, hidden] (after the final norm on the last slice).
         ``kv_caches[i]`` is the (K, V) cache of this slice's i-th layer, optionally followed by the layer's
-        dense decode copy (see ``paged_attention``). ``after_layer(i)`` runs once
+        dense decode copy (see ``paged_attention``); with ``StepSegments`` (several steps run as one), one
+        such tuple per step. ``after_layer(i)`` runs once
         layer ``i`` of the slice has written its KV (a prefill worker streams it out from there).
         ``part``: run only the slice's layers [lo, hi) (partial inference: a chain that uses part of
         this slice); the embedding only where ``lo`` is the model's first layer, the final norm only where
