@@ -211,6 +211,49 @@ def test_steps_run_as_one_give_each_step_its_own_logits_and_kv():
             torch.testing.assert_close(v1, v2)
 
 
+@pytest.mark.parametrize("first_slice", [True, False], ids=["from-token-ids", "from-hidden-states"])
+def test_steps_through_different_parts_of_a_slice_run_as_one(first_slice):
+    """Partial inference: steps that each run their own part of a slice (some ending at the model's last
+    layer, which then takes the final norm) run as one forward with ``StepSegments.parts`` and give
+    each step's rows, and each step's cache, what running it alone through its part gives."""
+    config = tiny_config(num_layers=4)
+    model = tiny_model(config, seed=5, layer_start=0 if first_slice else 1)
+    n = len(model.layers)
+    parts = [(0, n), (0, n - 1), (0, 1)] if first_slice else [(0, n), (1, n), (0, 2)]
+    gen = random.Random(7)
+    lengths = (5, 3, 4)
+    shape = (8, 4, config.num_kv_heads, config.head_dim)
+
+    def caches():
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(n)]
+
+    if first_slice:
+        inputs = [torch.tensor([gen.randrange(3, 300) for _ in range(t)]) for t in lengths]
+    else:
+        inputs = [
+            torch.randn(t, config.hidden_size, generator=torch.Generator().manual_seed(t)) for t in lengths
+        ]
+    metas = [
+        AttentionMetadata(torch.arange(t) + 4 * j, prefills=(PrefillSpan(0, t, t),))
+        for j, t in enumerate(lengths)
+    ]
+    alone, together = [caches() for _ in lengths], [caches() for _ in lengths]
+    with torch.inference_mode():
+        expected = [
+            model(x, torch.arange(len(x)), m, c, part=p) for x, m, c, p in zip(inputs, metas, alone, parts)
+        ]
+        bounds = (0, 5, 8, 12)
+        segments = StepSegments(bounds, tuple(metas), tuple(parts))
+        layer_caches = [tuple(c[i] for c in together) for i in range(n)]
+        positions = torch.cat([torch.arange(t) for t in lengths])
+        h = model(torch.cat(inputs), positions, segments, layer_caches)
+    for j, want in enumerate(expected):
+        torch.testing.assert_close(h[bounds[j] : bounds[j + 1]], want, atol=1e-5, rtol=1e-5)
+        for (k1, v1), (k2, v2) in zip(alone[j], together[j]):
+            torch.testing.assert_close(k1, k2)
+            torch.testing.assert_close(v1, v2)
+
+
 def test_layer_slices_chain_to_the_whole_model():
     """Two slices [0, 1) and [1, 2) fed one into the other equal the full model (pipeline stages)."""
     full = tiny_model(tiny_config(tie_word_embeddings=True), seed=3)

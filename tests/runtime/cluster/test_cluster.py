@@ -129,12 +129,16 @@ def test_shared_server_serves_both_chains(reference):
     assert run["steps"]["chain-a"] > 0 and run["steps"]["chain-b"] > 0
 
 
-@pytest.mark.parametrize("tail_gpus", [[0], [0, 1]], ids=["tp1", "tp2"])
-def test_a_shared_last_server_batches_the_steps_waiting_on_it(reference, tmp_path, monkeypatch, tail_gpus):
+@pytest.mark.parametrize("variant", ["tp1", "tp2", "spans"])
+def test_a_shared_last_server_batches_the_steps_waiting_on_it(reference, tmp_path, monkeypatch, variant):
     """Two chains of two lanes each end on one shared server. Their four micro-batches queue there (it
     has twice the others' work), and it runs those waiting together, each attending to its own
     instance's KV, then returns each chain's logits under that chain's tag: every request still gets the
-    single engine's tokens. With TP 2 the server's rank 0 tells rank 1 which steps run together."""
+    single engine's tokens. With TP 2 the server's rank 0 tells rank 1 which steps run together; with
+    spans chain-b runs only the tail's layers 15-29, so the steps run together go through different
+    parts of the tail's slice."""
+    tail_gpus = [0, 1] if variant == "tp2" else [0]
+    head_b_end, spans = (15, ", spans: {tail: [15, 30]}") if variant == "spans" else (10, "")
     monkeypatch.setenv("HETSERVE_LOG", "DEBUG")  # the workers log each step they run with others
     clusters = PLANS.parent / "clusters"
     plan = tmp_path / "shared-tail.yaml"
@@ -146,11 +150,11 @@ model: smollm2-135m
 cluster: {clusters}/smollm2-lab.yaml
 servers:
   - {{name: head-a, node: l4-box, gpus: [0], layers: [0, 10], kv_dtype: fp32}}
-  - {{name: head-b, node: l4-box, gpus: [1], layers: [0, 10], kv_dtype: fp32}}
+  - {{name: head-b, node: l4-box, gpus: [1], layers: [0, {head_b_end}], kv_dtype: fp32}}
   - {{name: tail, node: t4-box, gpus: {tail_gpus}, layers: [10, 30], kv_dtype: fp32}}
 instances:
   - {{name: chain-a, chain: [head-a, tail], kv_share: {{head-a: 1.0, tail: 0.5}}, {chain}}}
-  - {{name: chain-b, chain: [head-b, tail], kv_share: {{head-b: 1.0, tail: 0.5}}, {chain}}}
+  - {{name: chain-b, chain: [head-b, tail], kv_share: {{head-b: 1.0, tail: 0.5}}, {chain}{spans}}}
 routing:
   policy: round-robin
 """
@@ -164,6 +168,8 @@ routing:
     finally:
         engine.shutdown()
     assert log.count("steps as one") >= len(tail_gpus)  # (every rank of the server logs each)
+    if variant == "spans":
+        assert ", 2 parts of its layers" in log
 
 
 def test_chains_pooling_a_servers_kv_take_turns_in_it(reference, tmp_path):

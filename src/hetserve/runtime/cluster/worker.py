@@ -233,13 +233,16 @@ class Worker:
         return buf, self.mesh.recv(buf, prev.rank, TAG_HIDDEN)
 
     def _joins(self, a: Step, b: Step) -> bool:
-        """Whether ``b`` can run in one step with ``a`` here: the same layers of this worker's slice,
-        from token ids (first stages) or from hidden states (later ones) alike."""
+        """Whether ``b`` can run in one step with ``a`` here: both from token ids (first stages) or
+        both from hidden states (later ones); through different parts of this worker's slice (partial
+        inference) only where neither streams KV out after each layer."""
         if a.instance == b.instance:
             return True
         ia, ib = self.instances[a.instance], self.instances[b.instance]
         ka, kb = self._stage(ia), self._stage(ib)
-        return (ka == 0) == (kb == 0) and self._part(ia, ka) == self._part(ib, kb)
+        if (ka == 0) != (kb == 0):
+            return False
+        return self._part(ia, ka) == self._part(ib, kb) or not (a.kv_out or b.kv_out)
 
     def _steps_from(self, head: Arrival, inbox: Inbox) -> list[Arrival]:
         """The steps to run together, starting with ``head``: on a worker that batches (as the
@@ -267,23 +270,33 @@ class Worker:
             if a.error is not None:
                 raise RuntimeError(f"receiving a step's input: {a.error}")
         steps = [a.command for a in run]
-        inst = self.instances[steps[0].instance]
-        k = self._stage(inst)
+        stages = [self._stage(self.instances[cmd.instance]) for cmd in steps]
         inputs = [cmd.ids if a.hidden is None else a.hidden for a, cmd in zip(run, steps)]
         x = (inputs[0] if len(run) == 1 else torch.cat(inputs)).to(self.device)
-        if k > 0:
+        if stages[0] > 0:
             x = x.to(self.dtype)
         positions = torch.cat([cmd.positions for cmd in steps]).to(self.device)
         metas = [self._meta(cmd) for cmd in steps]
         bounds = [0]
         for cmd in steps:
             bounds.append(bounds[-1] + cmd.ids.numel())
+        parts = [self._part(self.instances[cmd.instance], k) for cmd, k in zip(steps, stages)]
+        part = parts[0]
         if len(run) == 1:
-            meta, caches = metas[0], self.views[inst.name]
+            meta, caches = metas[0], self.views[steps[0].instance]
         else:
-            log.debug("rank %d runs %d steps as one (%d tokens)", self.rank, len(run), bounds[-1])
+            log.debug(
+                "rank %d runs %d steps as one (%d tokens, %d parts of its layers)",
+                self.rank,
+                len(run),
+                bounds[-1],
+                len(set(parts)),
+            )
             meta = StepSegments(tuple(bounds), tuple(metas))
             caches = [tuple(self.views[c.instance][i] for c in steps) for i in range(len(self.model.layers))]
+            if len(set(parts)) > 1:  # through different parts of this slice
+                whole = (0, len(self.model.layers))
+                meta.parts, part = tuple(p or whole for p in parts), None
         streams = [self._kv_streamer(cmd) for cmd in steps if cmd.kv_out]
 
         def after_layer(i: int) -> None:
@@ -291,25 +304,30 @@ class Worker:
                 stream(i)
 
         stream = after_layer if streams else None
-        h = self.model(x, positions, meta, caches, after_layer=stream, part=self._part(inst, k))
+        h = self.model(x, positions, meta, caches, after_layer=stream, part=part)
         if self.spec.tp_rank != 0:
             return
-        if k < len(inst.stages) - 1:
-            for cmd, lo, hi in zip(steps, bounds, bounds[1:]):
-                nxt = self.instances[cmd.instance]
-                for dst in nxt.stages[self._stage(nxt) + 1]:
-                    self.sending.add(*send_tensor(self.mesh, h[lo:hi], dst, TAG_HIDDEN))
-            return
-        # the last stage (of every step: they run the same layers): the logits of each step's sampling
-        # rows, computed at once, or a one-element "done" for a step that samples nothing
-        rows = [lo + r for cmd, lo in zip(steps, bounds) for r in cmd.sample_rows]
+        # each step's output, in order: hidden states to its chain's next stage, or (a step at its
+        # chain's last stage) the logits of its sampling rows (computed at once for all such steps), or
+        # a one-element "done" for a step that samples nothing
+        ending = [
+            (cmd, lo)
+            for cmd, k, lo in zip(steps, stages, bounds)
+            if k == len(self.instances[cmd.instance].stages) - 1
+        ]
+        rows = [lo + r for cmd, lo in ending for r in cmd.sample_rows]
         logits = self.model.compute_logits(h[rows]) if rows else None
         first = 0
-        for cmd in steps:
+        for cmd, k, lo, hi in zip(steps, stages, bounds, bounds[1:]):
+            inst = self.instances[cmd.instance]
+            if k < len(inst.stages) - 1:
+                for dst in inst.stages[k + 1]:
+                    self.sending.add(*send_tensor(self.mesh, h[lo:hi], dst, TAG_HIDDEN))
+                continue
             n = len(cmd.sample_rows)
             out = logits[first : first + n] if n else torch.zeros(1)
             first += n
-            work, _ = send_tensor(self.mesh, out, DRIVER, logits_tag(self.instances[cmd.instance].index))
+            work, _ = send_tensor(self.mesh, out, DRIVER, logits_tag(inst.index))
             work.wait()
 
     def _meta(self, cmd: Step):

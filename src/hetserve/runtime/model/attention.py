@@ -65,6 +65,18 @@ class StepSegments:
 
     bounds: tuple[int, ...]
     metas: tuple[AttentionMetadata, ...]
+    #: The ``[lo, hi)`` layers of the slice each step runs, where they differ (partial inference: chains
+    #: through different parts of one server); None where every step runs the same layers.
+    parts: tuple[tuple[int, int], ...] | None = None
+
+    def subset(self, steps: list[int]) -> tuple[StepSegments, Tensor]:
+        """The segments of ``steps`` alone, rows renumbered from 0, and the rows they had here."""
+        b = self.bounds
+        rows = torch.cat([torch.arange(b[j], b[j + 1]) for j in steps])
+        bounds = [0]
+        for j in steps:
+            bounds.append(bounds[-1] + b[j + 1] - b[j])
+        return StepSegments(tuple(bounds), tuple(self.metas[j] for j in steps)), rows
 
 
 def segmented_attention(

@@ -282,6 +282,8 @@ class LlamaModel(nn.Module):
         ``hi`` is its last. ``kv_caches`` still has one entry per layer of the slice.
         """
         n = len(self.layers)
+        if isinstance(meta, StepSegments) and meta.parts is not None:
+            return self._forward_parts(x, positions, meta, kv_caches, after_layer)
         lo, hi = part if part is not None else (0, n)
         if not 0 <= lo < hi <= n:
             raise ValueError(f"part [{lo}, {hi}) is not within this slice's {n} layers")
@@ -294,6 +296,54 @@ class LlamaModel(nn.Module):
             if after_layer is not None:
                 after_layer(i)
         return self.norm(h) if self.is_last and hi == n else h
+
+    def _forward_parts(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        steps: StepSegments,
+        kv_caches: Sequence[tuple[Tensor, ...]],
+        after_layer: Callable[[int], None] | None,
+    ) -> Tensor:
+        """Several steps run as one where each runs its own part of the slice (``steps.parts``): each
+        layer runs over the rows of the steps whose part holds it (all rows at once where every step's
+        does); the embedding where every part starts at the model's first layer (the inputs are then
+        token ids), the final norm on the rows of the steps whose part ends at its last."""
+        n = len(self.layers)
+        parts = steps.parts
+        if any(not 0 <= lo < hi <= n for lo, hi in parts):
+            raise ValueError(f"parts {parts} are not all within this slice's {n} layers")
+        embed = x.dtype == torch.long
+        if embed and not (self.is_first and all(lo == 0 for lo, _ in parts)):
+            raise ValueError("token ids as input, but not every part starts at the model's first layer")
+        h = self.embed_tokens(x) if embed else x
+        cos, sin = self.rotary(positions, h.dtype)
+        everyone = list(range(len(parts)))
+        subsets: dict[tuple[int, ...], tuple[StepSegments, Tensor]] = {}
+        for i in range(min(lo for lo, _ in parts), max(hi for _, hi in parts)):
+            active = tuple(j for j in everyone if parts[j][0] <= i < parts[j][1])
+            if not active:
+                continue
+            caches = tuple(kv_caches[i][j] for j in active)
+            if len(active) == len(parts):
+                h = self.layers[i](h, cos, sin, steps, caches)
+            else:
+                if active not in subsets:
+                    subsets[active] = steps.subset(list(active))
+                sub, rows = subsets[active]
+                rows = rows.to(h.device)
+                h = h.index_copy(0, rows, self.layers[i](h[rows], cos[rows], sin[rows], sub, caches))
+            if after_layer is not None:
+                after_layer(i)
+        if self.is_last:
+            ending = [j for j in everyone if parts[j][1] == n]
+            if len(ending) == len(parts):
+                h = self.norm(h)
+            elif ending:
+                _, rows = steps.subset(ending)
+                rows = rows.to(h.device)
+                h = h.index_copy(0, rows, self.norm(h[rows]))
+        return h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits [N, vocab] for the given rows of final hidden states (last slice only)."""
