@@ -270,7 +270,9 @@ class Worker:
             if a.error is not None:
                 raise RuntimeError(f"receiving a step's input: {a.error}")
         steps = [a.command for a in run]
-        stages = [self._stage(self.instances[cmd.instance]) for cmd in steps]
+        insts = [self.instances[cmd.instance] for cmd in steps]
+        stages = [self._stage(inst) for inst in insts]
+        ends = [k == len(inst.stages) - 1 for inst, k in zip(insts, stages)]  # its chain's last stage
         inputs = [cmd.ids if a.hidden is None else a.hidden for a, cmd in zip(run, steps)]
         x = (inputs[0] if len(run) == 1 else torch.cat(inputs)).to(self.device)
         if stages[0] > 0:
@@ -280,7 +282,7 @@ class Worker:
         bounds = [0]
         for cmd in steps:
             bounds.append(bounds[-1] + cmd.ids.numel())
-        parts = [self._part(self.instances[cmd.instance], k) for cmd, k in zip(steps, stages)]
+        parts = [self._part(inst, k) for inst, k in zip(insts, stages)]
         part = parts[0]
         if len(run) == 1:
             meta, caches = metas[0], self.views[steps[0].instance]
@@ -310,17 +312,11 @@ class Worker:
         # each step's output, in order: hidden states to its chain's next stage, or (a step at its
         # chain's last stage) the logits of its sampling rows (computed at once for all such steps), or
         # a one-element "done" for a step that samples nothing
-        ending = [
-            (cmd, lo)
-            for cmd, k, lo in zip(steps, stages, bounds)
-            if k == len(self.instances[cmd.instance].stages) - 1
-        ]
-        rows = [lo + r for cmd, lo in ending for r in cmd.sample_rows]
+        rows = [lo + r for cmd, lo, end in zip(steps, bounds, ends) if end for r in cmd.sample_rows]
         logits = self.model.compute_logits(h[rows]) if rows else None
         first = 0
-        for cmd, k, lo, hi in zip(steps, stages, bounds, bounds[1:]):
-            inst = self.instances[cmd.instance]
-            if k < len(inst.stages) - 1:
+        for cmd, inst, k, end, lo, hi in zip(steps, insts, stages, ends, bounds, bounds[1:]):
+            if not end:
                 for dst in inst.stages[k + 1]:
                     self.sending.add(*send_tensor(self.mesh, h[lo:hi], dst, TAG_HIDDEN))
                 continue

@@ -329,9 +329,9 @@ class LlamaModel(nn.Module):
                 h = self.layers[i](h, cos, sin, steps, caches)
             else:
                 if active not in subsets:
-                    subsets[active] = steps.subset(list(active))
+                    sub, rows = steps.subset(list(active))
+                    subsets[active] = sub, rows.to(h.device)
                 sub, rows = subsets[active]
-                rows = rows.to(h.device)
                 h = h.index_copy(0, rows, self.layers[i](h[rows], cos[rows], sin[rows], sub, caches))
             if after_layer is not None:
                 after_layer(i)
